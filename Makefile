@@ -1,0 +1,26 @@
+# The two set-up commands of the README: `make demo` (main job) and `make test` (tests).
+# Each creates .venv and installs what it needs on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint bench clean
+
+setup:
+	@bash .ci/venv.sh $(VENV) test,examples
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(PY) -m qbackend demo
+
+test: setup
+	$(PY) -m ruff check qbackend tests benchmarks examples
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check qbackend tests benchmarks examples
+
+bench: setup
+	$(PY) -m qbackend bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,121 @@
+"""`Scheme`: which numeric format a weight is stored in (pure description, no tensors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Kind = Literal["nf4", "fp4", "int"]
+Granularity = Literal["tensor", "channel", "block"]
+
+BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class FormatError(ValueError):
+    """Bad input for a quantized format; the message names the tensor and what to do."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A quantized storage format.
+
+    kind: "nf4" / "fp4" (4-bit codebooks, absmax per block, bitsandbytes-compatible) or "int".
+    bits: 4 or 8 (codebooks are always 4).
+    symmetric: int only; absmax scaling (True) or scale + zero-point (False).
+    granularity: "tensor", "channel" (one scale per index of ``axis``) or "block".
+        Codebook blocks run over the row-major flattened weight (as bitsandbytes); int blocks
+        ("groups") run along the last (reduction) axis of each row, with a shorter tail group.
+    blocksize: elements per block/group.
+    axis: the channel axis for per-channel scales (0: output channels of a linear weight).
+    nested: quantize the per-block fp32 constants again (QLoRA "double quantization": 8-bit
+        dynamic map in blocks of ``nested_blocksize``, fp32 second-level absmax, fp32 offset).
+    """
+
+    kind: Kind = "nf4"
+    bits: int = 4
+    symmetric: bool = True
+    granularity: Granularity = "block"
+    blocksize: int = 64
+    axis: int = 0
+    nested: bool = False
+    nested_blocksize: int = 256
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("nf4", "fp4", "int"):
+            raise FormatError(f"unknown format kind {self.kind!r}; supported: 'nf4', 'fp4', 'int'")
+        if self.kind in ("nf4", "fp4"):
+            if self.bits != 4:
+                raise FormatError(f"{self.kind} is a 4-bit format; got bits={self.bits} (use bits=4)")
+            if self.granularity != "block":
+                raise FormatError(f"{self.kind} is block-wise only; got granularity={self.granularity!r}")
+            if not self.symmetric:
+                raise FormatError(f"{self.kind} is symmetric (absmax); symmetric=False is for kind='int'")
+            if self.blocksize not in BNB_BLOCKSIZES:
+                raise FormatError(
+                    f"{self.kind} block size {self.blocksize} is not supported; supported: {BNB_BLOCKSIZES}"
+                )
+        else:
+            if self.bits not in (4, 8):
+                raise FormatError(f"int formats support bits 4 or 8; got bits={self.bits}")
+            if self.granularity not in ("tensor", "channel", "block"):
+                raise FormatError(
+                    f"unknown granularity {self.granularity!r}; supported: 'tensor', 'channel', 'block'"
+                )
+            if self.granularity == "block" and (self.blocksize < 2 or self.blocksize % 2):
+                raise FormatError(f"int group size must be an even number >= 2; got {self.blocksize}")
+        if self.nested:
+            if self.granularity != "block":
+                raise FormatError("nested constants need granularity='block' (there is one scale per block)")
+            if self.kind == "int" and not self.symmetric:
+                raise FormatError("nested constants are supported for symmetric formats only")
+            if self.nested_blocksize not in BNB_BLOCKSIZES:
+                raise FormatError(
+                    f"nested block size {self.nested_blocksize} is not supported; supported: {BNB_BLOCKSIZES}"
+                )
+
+    @property
+    def name(self) -> str:
+        """Short human-readable name, e.g. ``nf4-b64-nested`` or ``int4-affine-g128``."""
+        if self.kind in ("nf4", "fp4"):
+            base = f"{self.kind}-b{self.blocksize}"
+        else:
+            sym = "sym" if self.symmetric else "affine"
+            gran = {"tensor": "tensor", "channel": f"ch{self.axis}", "block": f"g{self.blocksize}"}
+            base = f"int{self.bits}-{sym}-{gran[self.granularity]}"
+        return base + ("-nested" if self.nested else "")
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer code (int formats)."""
+        if self.symmetric:
+            return -(2 ** (self.bits - 1) - 1)
+        return 0
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code (int formats)."""
+        if self.symmetric:
+            return 2 ** (self.bits - 1) - 1
+        return 2**self.bits - 1
+
+
+def check_weight(w: torch.Tensor, name: str) -> None:
+    """Raise a `FormatError` naming ``name`` if ``w`` cannot be quantized (dtype, empty, NaN/Inf)."""
+    if not isinstance(w, torch.Tensor):
+        raise FormatError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in SUPPORTED_DTYPES:
+        raise FormatError(
+            f"{name}: dtype {w.dtype} is not supported; supported: float32, float16, bfloat16 "
+            "(convert the weight first, e.g. w.float())"
+        )
+    if w.numel() == 0:
+        raise FormatError(f"{name}: cannot quantize an empty tensor (shape {tuple(w.shape)})")
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise FormatError(
+            f"{name}: contains {bad} NaN/Inf value(s) (shape {tuple(w.shape)}); "
+            "fix or exclude this layer before quantizing"
+        )
