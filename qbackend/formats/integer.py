@@ -32,6 +32,7 @@ def _grouped(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, int]:
 
 def scale_shape(shape: tuple[int, ...], scheme: Scheme) -> tuple[int, ...]:
     """Shape of the scale (and zero-point) tensor for a weight of ``shape``."""
+    shape = tuple(shape) or (1,)  # a 0-d weight is quantized as one element
     if scheme.granularity == "tensor":
         return (1,)
     if scheme.granularity == "channel":
@@ -49,6 +50,8 @@ def int_quantize(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.T
     Codes come back in the weight's original element order, flattened: int8 values for symmetric,
     uint8 values for affine.
     """
+    if w.dim() == 0:
+        w = w.reshape(1)  # a 0-d weight is quantized as one element (codes are flat anyway)
     units, pad = _grouped(w, scheme)
     sshape = scale_shape(tuple(w.shape), scheme)
     if scheme.symmetric:
@@ -86,10 +89,11 @@ def int_decode(
     codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, shape: tuple[int, ...], scheme: Scheme
 ) -> torch.Tensor:
     """fp32 weight of ``shape`` from flat codes (int8 symmetric / uint8 affine) and constants."""
-    x = codes.reshape(shape).float()
+    work = tuple(shape) or (1,)
+    x = codes.reshape(work).float()
     if zero_point is not None:
-        x = x - _broadcast(zero_point.float(), shape, scheme)
-    return x * _broadcast(scale.float(), shape, scheme)
+        x = x - _broadcast(zero_point.float(), work, scheme)
+    return (x * _broadcast(scale.float(), work, scheme)).reshape(shape)
 
 
 def _broadcast(c: torch.Tensor, shape: tuple[int, ...], scheme: Scheme) -> torch.Tensor:

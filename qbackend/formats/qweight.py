@@ -9,13 +9,14 @@ through ``state_dict`` and safetensors unchanged; converts to/from bitsandbytes'
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .blockwise import blockwise_absmax_codes, blockwise_decode
-from .codebooks import nearest_code
-from .integer import int_decode, int_quantize
+from .blockwise import blockwise_absmax_packed, blockwise_decode
+from .integer import int_decode, int_quantize, scale_shape
 from .nested import NestedConstants, nest_constants
 from .packing import pack_4bit, unpack_4bit
 from .scheme import FormatError, Scheme, check_weight
@@ -63,8 +64,6 @@ class QuantizedWeight:
         if self.nested is not None:
             c = self.nested.decode()
             if self.scheme.kind == "int":
-                from .integer import scale_shape
-
                 c = c.reshape(scale_shape(self.shape, self.scheme))
             return c
         assert self.scale is not None
@@ -122,7 +121,7 @@ class QuantizedWeight:
         return replace(self, codes=mv(self.codes), scale=mv(self.scale), zero_point=mv(self.zero_point), nested=nested)  # type: ignore[arg-type]
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """Flat dict of tensors (for state_dict / safetensors); metadata rides as JSON bytes."""
+        """Flat dict of tensors (for state_dict / safetensors); metadata rides as JSON bytes in ``meta``."""
         meta = {
             "version": FORMAT_VERSION,
             "scheme": asdict(self.scheme),
@@ -141,74 +140,249 @@ class QuantizedWeight:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], name: str = "weight") -> QuantizedWeight:
-        """Inverse of :meth:`to_tensors`; a clear `FormatError` naming ``name`` on bad input."""
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], name: str = "weight") -> QuantizedWeight:
+        """Inverse of :meth:`to_tensors`; a clear `FormatError` naming ``name`` (and the entry) on bad input."""
+        meta = _read_meta(tensors, name)
         try:
-            meta = json.loads(bytes(tensors["meta"].tolist()).decode())
-        except KeyError:
-            raise FormatError(f"{name}: not a qbackend quantized weight (no 'meta' entry)") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FormatError(f"{name}: corrupt quantized-weight metadata ({e})") from None
-        if meta.get("version") != FORMAT_VERSION:
-            raise FormatError(
-                f"{name}: quantized-weight format version {meta.get('version')!r} is not supported "
-                f"(this qbackend reads version {FORMAT_VERSION}); re-quantize with this version"
-            )
-        scheme = Scheme(**meta["scheme"])
+            scheme = Scheme(**meta["scheme"])
+        except TypeError as e:
+            raise FormatError(f"{name}.meta: corrupt quantized-weight metadata (scheme: {e})") from None
+        except FormatError as e:
+            raise FormatError(f"{name}.meta: {e}") from None
+        for key in _required_keys(scheme):
+            if key not in tensors:
+                raise FormatError(f"{name}.{key}: missing (required by {scheme.name}); the checkpoint is incomplete")
+        for key in tensors:
+            if key not in _required_keys(scheme) and key != "meta":
+                raise FormatError(f"{name}.{key}: unexpected entry for {scheme.name}")
+        for key in _required_keys(scheme):
+            if not isinstance(tensors[key], torch.Tensor):
+                raise FormatError(f"{name}.{key}: expected a tensor, got {type(tensors[key]).__name__}")
         nested = None
         if scheme.nested:
-            try:
-                nested = NestedConstants(
-                    tensors["nested_codes"], tensors["nested_absmax"],
-                    tensors["nested_offset"].reshape(()), scheme.nested_blocksize,
-                )  # fmt: skip
-            except KeyError as e:
-                raise FormatError(f"{name}: nested format but {e.args[0]!r} is missing") from None
+            nested = NestedConstants(
+                tensors["nested_codes"].reshape(-1), tensors["nested_absmax"].reshape(-1),
+                tensors["nested_offset"].reshape(()), scheme.nested_blocksize,
+            )  # fmt: skip
         qw = cls(
             scheme=scheme,
             shape=tuple(meta["shape"]),
             dtype=_DTYPES[meta["dtype"]],
-            codes=tensors["codes"],
+            codes=tensors["codes"].reshape(-1),
             scale=tensors.get("scale"),
             zero_point=tensors.get("zero_point"),
             nested=nested,
         )
         qw.validate(name)
+        # Constants come back in the shapes the decoder indexes with (a file may store them flat).
+        cshape = qw._constant_shape()
+        if qw.scale is not None:
+            qw.scale = qw.scale.reshape(cshape)
+        if qw.zero_point is not None:
+            qw.zero_point = qw.zero_point.reshape(cshape)
         return qw
 
-    def validate(self, name: str = "weight") -> None:
-        """Check that codes and constants have the sizes the scheme and shape require."""
-        s = self.scheme
-        want_codes = (self.numel + 1) // 2 if s.bits == 4 else self.numel
-        if self.codes.numel() != want_codes:
-            raise FormatError(
-                f"{name}: {self.codes.numel()} code bytes for shape {self.shape} in {s.name}; expected {want_codes}"
-            )
-        if (self.scale is None) == (self.nested is None):
-            raise FormatError(f"{name}: needs exactly one of plain or nested constants")
-        n_const = self.block_constants().numel()
-        if s.kind in ("nf4", "fp4"):
-            want = -(-self.numel // s.blocksize)
-        else:
-            from .integer import scale_shape
+    def _constant_shape(self) -> tuple[int, ...]:
+        if self.scheme.kind in ("nf4", "fp4"):
+            return (-(-self.numel // self.scheme.blocksize),)
+        return scale_shape(self.shape, self.scheme)
 
-            want = 1
-            for d in scale_shape(self.shape, s):
-                want *= d
-        if n_const != want:
-            raise FormatError(f"{name}: {n_const} block constants for shape {self.shape} in {s.name}; expected {want}")
+    def validate(self, name: str = "weight") -> None:
+        """Check dtypes and sizes of codes and constants against the scheme and shape.
+
+        Raises a `FormatError` naming the offending entry, e.g. ``layer.weight.scale``.
+        """
+        s = self.scheme
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in self.shape):
+            raise FormatError(f"{name}.meta: bad shape {self.shape!r}")
+        if self.dtype not in _DTYPES.values():
+            raise FormatError(f"{name}.meta: dtype {self.dtype} is not supported; supported: {', '.join(_DTYPES)}")
+        want_codes = (self.numel + 1) // 2 if s.bits == 4 else self.numel
+        code_dtype = torch.int8 if (s.bits == 8 and s.symmetric and s.kind == "int") else torch.uint8
+        _check(name, "codes", self.codes, code_dtype, want_codes, f"for shape {self.shape} in {s.name}")
+        if (self.scale is None) == (self.nested is None):
+            raise FormatError(f"{name}: needs exactly one of plain ('scale') or nested ('nested_*') constants")
+        n_const = 1
+        for d in self._constant_shape():
+            n_const *= d
+        if self.scale is not None:
+            _check(name, "scale", self.scale, torch.float32, n_const, f"(constants) for shape {self.shape} in {s.name}")
+        if self.nested is not None:
+            nb = self.nested.blocksize
+            if nb != s.nested_blocksize:
+                raise FormatError(f"{name}: nested block size {nb} differs from the scheme's {s.nested_blocksize}")
+            _check(name, "nested_codes", self.nested.codes, torch.uint8, n_const, f"for shape {self.shape} in {s.name}")
+            _check(name, "nested_absmax", self.nested.absmax2, torch.float32, -(-n_const // nb), f"in {s.name}")
+            _check(name, "nested_offset", self.nested.offset, torch.float32, 1, "")
+        if s.kind == "int" and not s.symmetric:
+            if self.zero_point is None:
+                raise FormatError(f"{name}.zero_point: missing (required by {s.name})")
+            _check(name, "zero_point", self.zero_point, torch.uint8, n_const, f"for shape {self.shape} in {s.name}")
+        elif self.zero_point is not None:
+            raise FormatError(f"{name}.zero_point: unexpected for {s.name}")
+
+    # ---- state_dict / safetensors --------------------------------------------------------------
+    def to_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """:meth:`to_tensors` with every key prefixed (``prefix`` usually ends with ``'.'``)."""
+        return {prefix + k: v for k, v in self.to_tensors().items()}
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> QuantizedWeight:
+        """Read the entries written by :meth:`to_state_dict` (other keys of ``state_dict`` are ignored)."""
+        tensors = {k: state_dict[prefix + k] for k in _ALL_KEYS if prefix + k in state_dict}
+        return cls.from_tensors(tensors, name=prefix.rstrip(".") or "weight")
+
+
+_ALL_KEYS = ("meta", "codes", "scale", "zero_point", "nested_codes", "nested_absmax", "nested_offset")
+
+
+def _required_keys(scheme: Scheme) -> tuple[str, ...]:
+    keys: tuple[str, ...] = ("codes",)
+    keys += ("nested_codes", "nested_absmax", "nested_offset") if scheme.nested else ("scale",)
+    if scheme.kind == "int" and not scheme.symmetric:
+        keys += ("zero_point",)
+    return keys
+
+
+def _read_meta(tensors: Mapping[str, torch.Tensor], name: str) -> dict:
+    raw = tensors.get("meta")
+    if raw is None:
+        raise FormatError(f"{name}.meta: missing; not a qbackend quantized weight")
+    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
+        raise FormatError(f"{name}.meta: corrupt quantized-weight metadata (expected uint8 JSON bytes)")
+    try:
+        meta = json.loads(bytes(raw.reshape(-1).tolist()).decode())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{name}.meta: corrupt quantized-weight metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise FormatError(f"{name}.meta: corrupt quantized-weight metadata (not a JSON object)")
+    if meta.get("version") != FORMAT_VERSION:
+        raise FormatError(
+            f"{name}.meta: quantized-weight format version {meta.get('version')!r} is not supported "
+            f"(this qbackend reads version {FORMAT_VERSION}); re-quantize with this version"
+        )
+    if not isinstance(meta.get("scheme"), dict):
+        raise FormatError(f"{name}.meta: corrupt quantized-weight metadata (no scheme)")
+    shape = meta.get("shape")
+    if not isinstance(shape, list) or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
+        raise FormatError(f"{name}.meta: corrupt quantized-weight metadata (bad shape {shape!r})")
+    if meta.get("dtype") not in _DTYPES:
+        raise FormatError(
+            f"{name}.meta: dtype {meta.get('dtype')!r} is not supported; supported: {', '.join(_DTYPES)}"
+        )
+    return meta
+
+
+def _check(name: str, key: str, t: torch.Tensor, dtype: torch.dtype, numel: int, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise FormatError(f"{name}.{key}: expected a tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise FormatError(f"{name}.{key}: dtype {t.dtype}, expected {dtype}")
+    if t.numel() != numel:
+        raise FormatError(f"{name}.{key}: {t.numel()} elements {what}; expected {numel}".replace("  ", " "))
+
+
+def save_safetensors(
+    weights: Mapping[str, QuantizedWeight], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Write quantized weights to a safetensors file (keys ``{name}.codes``, ``{name}.meta``, ...)."""
+    from safetensors.torch import save_file
+
+    flat: dict[str, torch.Tensor] = {}
+    for wname, qw in weights.items():
+        # safetensors refuses views sharing storage and non-contiguous tensors: store compact copies.
+        flat.update({k: v.detach().cpu().contiguous() for k, v in qw.to_state_dict(wname + ".").items()})
+    save_file(flat, str(path), metadata=metadata)
+
+
+def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, QuantizedWeight]:
+    """Read every quantized weight of a file written by :func:`save_safetensors`, keyed by name."""
+    from safetensors.torch import load_file
+
+    flat = load_file(str(path), device=str(device))
+    names = sorted(k[: -len(".meta")] for k in flat if k.endswith(".meta"))
+    return {n: QuantizedWeight.from_state_dict(flat, n + ".") for n in names}
+
+
+class QuantizedWeightModule(torch.nn.Module):
+    """A `QuantizedWeight` held as buffers, so it travels with ``state_dict()``/``load_state_dict()``,
+    ``.to(device)`` and safetensors like any module state.
+
+    Loading accepts any sizes (the codes of a different weight replace the current ones) and
+    validates them: a corrupt entry raises a `FormatError` naming it. Dtype casts such as
+    ``.half()`` leave the buffers alone (codes and fp32 constants must keep their dtypes).
+    """
+
+    def __init__(self, qweight: QuantizedWeight | None = None) -> None:
+        super().__init__()
+        if qweight is not None:
+            self.set(qweight)
+
+    def set(self, qweight: QuantizedWeight) -> None:
+        """Replace the held weight."""
+        for k in list(self._buffers):
+            del self._buffers[k]
+        for k, t in qweight.to_tensors().items():
+            self.register_buffer(k, t)
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        """The held weight (tensors shared with the buffers)."""
+        return QuantizedWeight.from_tensors({k: v for k, v in self._buffers.items() if v is not None}, "qweight")
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.qweight.dequantize(dtype)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:  # noqa: ANN001 - torch's signature
+        present = {k: state_dict[prefix + k] for k in _ALL_KEYS if prefix + k in state_dict}
+        for k in state_dict:
+            if k.startswith(prefix) and "." not in k[len(prefix) :] and k[len(prefix) :] not in _ALL_KEYS:
+                unexpected_keys.append(k)
+        if not present:
+            missing_keys.extend(prefix + k for k in self._buffers)
+            return
+        qw = QuantizedWeight.from_tensors(present, name=prefix.rstrip(".") or "weight")
+        old = self._buffers.get("codes")
+        self.set(qw.to(old.device) if old is not None else qw)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
+        dtypes = {n: b.dtype for n, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for n, dt in dtypes.items():  # device moves apply; dtype casts do not
+            b = self._buffers[n]
+            if b is not None and b.dtype != dt:
+                self._buffers[n] = b.to(dt)
+        return self
+
+    def extra_repr(self) -> str:
+        try:
+            qw = self.qweight
+        except FormatError:
+            return "invalid"
+        return f"shape={qw.shape}, format={qw.scheme.name}, bits_per_param={qw.bits_per_param():.3f}"
 
 
 def quantize(w: torch.Tensor, scheme: Scheme, name: str = "weight") -> QuantizedWeight:
-    """Quantize ``w`` to ``scheme``. ``name`` appears in every error message."""
-    check_weight(w, name)
+    """Quantize ``w`` (fp32/fp16/bf16, any shape) to ``scheme``. ``name`` appears in every error message.
+
+    NF4/FP4 results are bit-identical to ``bitsandbytes.functional.quantize_4bit`` (codes, absmax and,
+    when nested, the nested constants of ``compress_statistics=True``).
+    """
+    codebook = scheme.kind in ("nf4", "fp4")
+    # The codebook path sees NaN/Inf in its block maxima, which saves a full pass over the weight.
+    check_weight(w, name, check_finite=not codebook)
     if scheme.kind == "int" and scheme.granularity == "channel" and w.dim() == 0:
         raise FormatError(f"{name}: per-channel quantization needs at least one dimension")
     w = w.detach()
-    if scheme.kind in ("nf4", "fp4"):
-        codes, absmax = blockwise_absmax_codes(w, scheme.blocksize, scheme.kind)
-        packed = pack_4bit(codes, pad_code=int(nearest_code(torch.zeros(1), scheme.kind)))
-        scale, zp = absmax, None
+    if codebook:
+        try:
+            packed, scale = blockwise_absmax_packed(w, scheme.blocksize, scheme.kind)
+        except FormatError:
+            check_weight(w, name)  # raises the full message, naming the tensor
+            raise
+        zp = None
     else:
         q, scale, zp = int_quantize(w, scheme)
         if scheme.bits == 4:

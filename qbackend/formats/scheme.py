@@ -44,6 +44,14 @@ class Scheme:
     nested_blocksize: int = 256
 
     def __post_init__(self) -> None:
+        # Metadata read back from a file can hold anything: check types before values.
+        for field in ("bits", "blocksize", "axis", "nested_blocksize"):
+            v = getattr(self, field)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise FormatError(f"Scheme.{field} must be an int; got {v!r}")
+        for field in ("symmetric", "nested"):
+            if not isinstance(getattr(self, field), bool):
+                raise FormatError(f"Scheme.{field} must be a bool; got {getattr(self, field)!r}")
         if self.kind not in ("nf4", "fp4", "int"):
             raise FormatError(f"unknown format kind {self.kind!r}; supported: 'nf4', 'fp4', 'int'")
         if self.kind in ("nf4", "fp4"):
@@ -102,8 +110,12 @@ class Scheme:
         return 2**self.bits - 1
 
 
-def check_weight(w: torch.Tensor, name: str) -> None:
-    """Raise a `FormatError` naming ``name`` if ``w`` cannot be quantized (dtype, empty, NaN/Inf)."""
+def check_weight(w: torch.Tensor, name: str, check_finite: bool = True) -> None:
+    """Raise a `FormatError` naming ``name`` if ``w`` cannot be quantized (dtype, empty, NaN/Inf).
+
+    ``check_finite=False`` skips the full NaN/Inf scan for callers that detect non-finite values
+    more cheaply themselves (the codebook path sees them in the block maxima).
+    """
     if not isinstance(w, torch.Tensor):
         raise FormatError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in SUPPORTED_DTYPES:
@@ -113,7 +125,7 @@ def check_weight(w: torch.Tensor, name: str) -> None:
         )
     if w.numel() == 0:
         raise FormatError(f"{name}: cannot quantize an empty tensor (shape {tuple(w.shape)})")
-    if not bool(torch.isfinite(w).all()):
+    if check_finite and not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise FormatError(
             f"{name}: contains {bad} NaN/Inf value(s) (shape {tuple(w.shape)}); "

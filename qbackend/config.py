@@ -1,0 +1,225 @@
+"""`QuantConfig`: everything the backend's passes need to know, in one frozen (hashable) dataclass.
+
+>>> QuantConfig.preset("int8")
+>>> QuantConfig.from_options({"preset": "int4", "blocksize": 64, "exclude": ["lm_head"]})
+>>> torch.compile(model, backend="qbackend", options={"preset": "int8", "exclude": ["lm_head"]})
+
+Later features (SmoothQuant, QAT) add their own fields here with defaults that switch them off;
+``from_options`` and :meth:`QuantConfig.fingerprint` pick new fields up automatically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+from .formats import FormatError, Scheme
+from .qat.config import QATConfig, QATConfigError
+
+Format = Literal["nf4", "fp4", "int4", "int8"]
+FORMATS: tuple[str, ...] = ("nf4", "fp4", "int4", "int8")
+ON_WEIGHT_CHANGE: tuple[str, ...] = ("requantize", "error")
+
+#: preset name -> field values. "nf4" is the default (QLoRA storage: blocks of 64, nested constants).
+PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "nf4": MappingProxyType({"format": "nf4"}),
+        "fp4": MappingProxyType({"format": "fp4"}),
+        "int4": MappingProxyType({"format": "int4"}),
+        "int4-g64": MappingProxyType({"format": "int4", "blocksize": 64}),
+        "int8": MappingProxyType({"format": "int8"}),
+    }
+)
+
+# Per-format defaults for the fields left as None.
+_DEFAULT_BLOCKSIZE = {"nf4": 64, "fp4": 64, "int4": 128}
+_DEFAULT_NESTED = {"nf4": True, "fp4": True, "int4": False, "int8": False}
+_DEFAULT_SYMMETRIC = {"nf4": True, "fp4": True, "int4": False, "int8": True}
+
+
+class ConfigError(ValueError):
+    """A bad qbackend option; the message lists what is valid."""
+
+
+Pattern = str | re.Pattern
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the backend quantizes a model.
+
+    format: "nf4" (default), "fp4", "int4" or "int8" (per output channel, symmetric).
+    blocksize: elements per block (nf4/fp4, default 64) or per group along K (int4, default 128);
+        must stay None for int8 (per-channel).
+    nested: re-quantize the per-block constants to 8 bit (default True for nf4/fp4, False otherwise).
+    symmetric: int4 only (default False: affine, scale + zero point).
+    include: layer names or regexes to quantize (empty: all). A pattern matches a layer when it equals
+        its module name (e.g. ``encoder.layer.0.output.dense``), is a dotted suffix of it (``lm_head``
+        matches ``model.lm_head``), or is a regex that fully matches it.
+    exclude: the same, for layers that stay float (wins over ``include``).
+    min_params: layers with fewer weight elements stay float (too small to gain; reported).
+    on_weight_change: a weight changed in place after compiling is re-quantized on the next call
+        ("requantize") or raises naming the layer ("error").
+    inductor: Inductor config patches for the rest of the graph (``torch._inductor.config`` names).
+    qat: quantization-aware training (:class:`qbackend.qat.QATConfig`; True for its defaults, or a
+        dict of its fields): when grad is enabled, linear layers get fake quantization instead of
+        the quantized op. None (default): off.
+    """
+
+    format: Format = "nf4"
+    blocksize: int | None = None
+    nested: bool | None = None
+    symmetric: bool | None = None
+    include: tuple[Pattern, ...] = ()
+    exclude: tuple[Pattern, ...] = ()
+    min_params: int = 16384
+    on_weight_change: Literal["requantize", "error"] = "requantize"
+    inductor: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    qat: QATConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"unknown format {self.format!r}; valid: {', '.join(FORMATS)}")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, (str, re.Pattern)):  # a single pattern is a common slip: accept it
+                value = (value,)
+            value = tuple(value)
+            for p in value:
+                if not isinstance(p, (str, re.Pattern)):
+                    raise ConfigError(f"{name} entries must be str or re.Pattern; got {type(p).__name__}")
+                if isinstance(p, str):
+                    try:
+                        re.compile(p)
+                    except re.error as e:
+                        raise ConfigError(f"{name} pattern {p!r} is not a valid regex: {e}") from None
+            object.__setattr__(self, name, value)
+        if not isinstance(self.min_params, int) or self.min_params < 0:
+            raise ConfigError(f"min_params must be an int >= 0; got {self.min_params!r}")
+        if self.on_weight_change not in ON_WEIGHT_CHANGE:
+            raise ConfigError(
+                f"on_weight_change must be one of {', '.join(ON_WEIGHT_CHANGE)}; got {self.on_weight_change!r}"
+            )
+        if not isinstance(self.inductor, Mapping):
+            raise ConfigError(f"inductor must be a dict of Inductor config patches; got {type(self.inductor).__name__}")
+        object.__setattr__(self, "inductor", MappingProxyType(dict(self.inductor)))
+        try:
+            object.__setattr__(self, "qat", QATConfig.from_value(self.qat))
+        except QATConfigError as e:
+            raise ConfigError(str(e)) from None
+        if self.format == "int8" and self.blocksize is not None:
+            raise ConfigError("int8 is per output channel; blocksize must be None (use format='int4' for groups)")
+        if self.format == "int8" and self.symmetric is False:
+            raise ConfigError("int8 weights are symmetric per channel; symmetric=False is not supported")
+        if self.format in ("nf4", "fp4") and self.symmetric is False:
+            raise ConfigError(f"{self.format} is symmetric (absmax); symmetric=False is for format='int4'")
+        try:
+            self.scheme  # noqa: B018  (validate the format fields now, not at compile time)
+        except FormatError as e:
+            raise ConfigError(str(e)) from None
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> QuantConfig:
+        """A preset ("nf4", "fp4", "int4", "int4-g64", "int8"), optionally with fields overridden."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        return cls.from_options({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_options(cls, options: QuantConfig | str | Mapping[str, Any] | None) -> QuantConfig:
+        """Accepts None (defaults), a QuantConfig, a preset name or a dict of field names (plus "preset")."""
+        if options is None:
+            return cls()
+        if isinstance(options, QuantConfig):
+            return options
+        if isinstance(options, str):
+            return cls.preset(options)
+        if not isinstance(options, Mapping):
+            raise ConfigError(
+                f"qbackend options must be None, a QuantConfig, a preset name or a dict; got {type(options).__name__}"
+            )
+        opts = dict(options)
+        base: dict[str, Any] = {}
+        if "preset" in opts:
+            name = opts.pop("preset")
+            if name not in PRESETS:
+                raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+            base = dict(PRESETS[name])
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in opts if k not in valid]
+        if unknown:
+            hint = _inductor_hint(unknown)
+            raise ConfigError(
+                f"unknown qbackend option(s) {', '.join(map(repr, unknown))}; valid: preset, {', '.join(valid)}{hint}"
+            )
+        return cls(**{**base, **opts})
+
+    def replace(self, **changes: Any) -> QuantConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- derived -----------------------------------------------------------------------------
+    @property
+    def scheme(self) -> Scheme:
+        """The storage `Scheme` every quantized layer gets."""
+        fmt = self.format
+        nested = _DEFAULT_NESTED[fmt] if self.nested is None else self.nested
+        if fmt in ("nf4", "fp4"):
+            return Scheme(fmt, 4, blocksize=self.blocksize or _DEFAULT_BLOCKSIZE[fmt], nested=nested)
+        if fmt == "int4":
+            sym = _DEFAULT_SYMMETRIC[fmt] if self.symmetric is None else self.symmetric
+            return Scheme("int", 4, symmetric=sym, granularity="block", blocksize=self.blocksize or 128, nested=nested)
+        return Scheme("int", 8, symmetric=True, granularity="channel", axis=0, nested=nested)
+
+    def selects(self, layer: str) -> tuple[bool, str]:
+        """Whether ``layer`` (a module name) passes include/exclude: ``(ok, reason if not)``."""
+        for p in self.exclude:
+            if _matches(p, layer):
+                return False, f"excluded by {_pattern_text(p)!r}"
+        if self.include and not any(_matches(p, layer) for p in self.include):
+            return False, "not in include list"
+        return True, ""
+
+    def fingerprint(self) -> str:
+        """A stable text of every field (for cache keys and logs)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, tuple):
+                v = [_pattern_text(p) for p in v]
+            elif isinstance(v, Mapping):
+                v = {k: repr(v[k]) for k in sorted(v)}
+            elif isinstance(v, QATConfig):
+                v = dataclasses.asdict(v)
+            out[f.name] = v
+        return json.dumps(out, sort_keys=True)
+
+    def __hash__(self) -> int:  # the inductor mapping is not hashable by itself
+        return hash(self.fingerprint())
+
+
+def _pattern_text(p: Pattern) -> str:
+    return p.pattern if isinstance(p, re.Pattern) else p
+
+
+def _matches(p: Pattern, layer: str) -> bool:
+    if isinstance(p, str) and (layer == p or layer.endswith("." + p)):
+        return True
+    rx = p if isinstance(p, re.Pattern) else re.compile(p)
+    return rx.fullmatch(layer) is not None
+
+
+def _inductor_hint(keys: list[str]) -> str:
+    try:
+        import torch._inductor.config as ic
+
+        if any(hasattr(ic, k.split(".")[0]) for k in keys):
+            return " (Inductor settings go in options={'inductor': {...}})"
+    except ImportError:  # pragma: no cover
+        pass
+    return ""

@@ -1,0 +1,287 @@
+"""CPU implementations of the quantized linear ops (same signatures as :mod:`qbackend.kernels.reference`).
+
+Strategy by the number of rows M of the flattened input (measured on a 2-core AVX-512 machine,
+see ``benchmarks/bench_cpu_linear.py``):
+
+* M <= ``FUSED_MAX_M``: fused C++ kernel that decodes the packed weight once per tile of up to 8
+  rows of x and never materialises it (GEMV / small-M; memory-bound, reads 4/8-bit codes only).
+* larger M: dequantize W in panels of rows into a reused fp32 buffer (C++, exact) and multiply
+  each panel with torch's fp32 GEMM (MKL); the panel stays in cache.
+* shapes the fast kernels do not cover (K % 8 != 0, int4 groups that are not powers of two):
+  generic exact C++ dequantization + GEMM. Without the C++ library: pure torch (the reference).
+
+All paths compute in fp32 and return x's dtype. The ``*_grad_input`` functions compute
+``grad_y @ W`` with the same panel scheme, so no full float weight is ever held.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+from . import _build
+
+# Fused kernel up to this many rows; above, panel dequantization + GEMM wins (measured crossover).
+FUSED_MAX_M = 16
+FUSED_MAX_M_INT8 = 16
+# Rows of W per dequantized panel: 128 x 4096 fp32 = 2 MiB, about one core's L2.
+PANEL_ELEMS = 128 * 4096
+# Flat block indices are int32 inside the kernel.
+_MAX_BLOCKS = 2**31 - 64
+
+_force_portable = False  # tests flip this to exercise the portable C++ loops
+
+
+def lib() -> ctypes.CDLL | None:
+    """The loaded C++ library, or None (then every op runs the pure-torch reference)."""
+    return _build.load()
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _x2d(x: Tensor, k: int) -> Tensor:
+    """x as contiguous fp32 [M, K]."""
+    return x.reshape(-1, k).to(torch.float32).contiguous()
+
+
+def _bias32(bias: Tensor | None) -> Tensor | None:
+    return None if bias is None else bias.to(torch.float32).contiguous()
+
+
+def _out(y: Tensor, x: Tensor, n: int) -> Tensor:
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+def _panel_rows(k: int, n: int) -> int:
+    return max(8, min(n, PANEL_ELEMS // max(k, 1) // 8 * 8))
+
+
+def _panel_linear(x2: Tensor, n: int, k: int, bias: Tensor | None, dequant) -> Tensor:
+    """y = x2 @ W^T (+ bias) with W dequantized panel by panel into one reused buffer."""
+    m = x2.shape[0]
+    p = _panel_rows(k, n)
+    buf = torch.empty(p, k, dtype=torch.float32)
+    yt = torch.empty(n, m, dtype=torch.float32)  # y^T: each panel's result is a contiguous slab
+    xt = x2.t()
+    for n0 in range(0, n, p):
+        n1 = min(n, n0 + p)
+        w = buf[: n1 - n0]
+        dequant(n0, n1, w)
+        torch.mm(w, xt, out=yt[n0:n1])
+    y = yt.t()
+    if bias is not None:
+        y = y + bias
+    return y.contiguous()
+
+
+def _panel_grad(g2: Tensor, n: int, k: int, dequant) -> Tensor:
+    """grad_x = g2 @ W ([M, N] -> [M, K]) accumulated over panels of rows of W."""
+    m = g2.shape[0]
+    p = _panel_rows(k, n)
+    buf = torch.empty(p, k, dtype=torch.float32)
+    gx = torch.zeros(m, k, dtype=torch.float32)
+    for n0 in range(0, n, p):
+        n1 = min(n, n0 + p)
+        w = buf[: n1 - n0]
+        dequant(n0, n1, w)
+        gx.addmm_(g2[:, n0:n1], w)
+    return gx
+
+
+# ---- 4-bit (codebook and int4) -----------------------------------------------------------------
+
+
+def _qw4_codebook(codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table, n, k, bs, nbs):
+    keep = [t.contiguous() if t is not None else None
+            for t in (codes, absmax, nested_codes, nested_absmax, table, nested_table)]  # fmt: skip
+    c, a, nc, na, tb, nt = keep
+    q = _build.QW4(
+        codes=_ptr(c), absmax=_ptr(a), ncodes=_ptr(nc), nabsmax=_ptr(na), ntable=_ptr(nt), table=_ptr(tb),
+        scale=None, zp=None, noffset=0.0 if nested_offset is None else float(nested_offset.reshape(-1)[0]),
+        kind=0, N=n, K=k, bs=bs, nbs=nbs, G=0,
+    )  # fmt: skip
+    return q, keep
+
+
+def _qw4_int4(codes, scale, zero_point, n, k, g):
+    keep = [t.contiguous() if t is not None else None for t in (codes, scale, zero_point)]
+    c, s, z = keep
+    q = _build.QW4(codes=_ptr(c), absmax=None, ncodes=None, nabsmax=None, ntable=None, table=None,
+                   scale=_ptr(s), zp=_ptr(z), noffset=0.0, kind=1, N=n, K=k, bs=g, nbs=0, G=-(-k // g))  # fmt: skip
+    return q, keep
+
+
+def _linear4(L, q, x: Tensor, bias: Tensor | None, n: int, k: int) -> Tensor:
+    x2 = _x2d(x, k)
+    m = x2.shape[0]
+    b = _bias32(bias)
+    nt = torch.get_num_threads()
+    if m == 0:
+        return _out(x2.new_empty(0, n), x, n)
+    fast = bool(L.qb4_fast_ok(ctypes.byref(q))) and not _force_portable
+    if m <= FUSED_MAX_M and (fast or _force_portable):
+        y = torch.empty(m, n, dtype=torch.float32)
+        L.qb4_linear(ctypes.byref(q), x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt, int(_force_portable))
+        return _out(y, x, n)
+
+    def dq(n0: int, n1: int, w: Tensor) -> None:
+        L.qb4_dequant(ctypes.byref(q), n0, n1, w.data_ptr(), nt, int(_force_portable))
+
+    return _out(_panel_linear(x2, n, k, b, dq), x, n)
+
+
+def _grad4(L, q, g: Tensor, n: int, k: int) -> Tensor:
+    g2 = _x2d(g, n)
+    nt = torch.get_num_threads()
+
+    def dq(n0: int, n1: int, w: Tensor) -> None:
+        L.qb4_dequant(ctypes.byref(q), n0, n1, w.data_ptr(), nt, int(_force_portable))
+
+    gx = _panel_grad(g2, n, k, dq) if g2.shape[0] else g2.new_zeros(0, k)
+    return gx.reshape(*g.shape[:-1], k).to(g.dtype)
+
+
+def _blocks_ok(n: int, k: int, bs: int) -> bool:
+    return -(-n * k // bs) < _MAX_BLOCKS and n * k < 2**62
+
+
+def codebook4_linear(
+    x: Tensor, codes: Tensor, absmax: Tensor | None, nested_codes: Tensor | None, nested_absmax: Tensor | None,
+    nested_offset: Tensor | None, table: Tensor, nested_table: Tensor | None, bias: Tensor | None,
+    out_features: int, in_features: int, blocksize: int, nested_blocksize: int,
+) -> Tensor:  # fmt: skip
+    """CPU ``codebook4_linear`` (see module docstring for the strategy)."""
+    L = lib()
+    if L is None or not _blocks_ok(out_features, in_features, blocksize):
+        return ref.codebook4_linear(x, codes, absmax, nested_codes, nested_absmax, nested_offset, table,
+                                    nested_table, bias, out_features, in_features, blocksize, nested_blocksize)  # fmt: skip
+    q, _keep = _qw4_codebook(codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
+                             out_features, in_features, blocksize, nested_blocksize)  # fmt: skip
+    return _linear4(L, q, x, bias, out_features, in_features)
+
+
+def codebook4_linear_grad_input(
+    grad_y: Tensor, codes: Tensor, absmax: Tensor | None, nested_codes: Tensor | None,
+    nested_absmax: Tensor | None, nested_offset: Tensor | None, table: Tensor, nested_table: Tensor | None,
+    out_features: int, in_features: int, blocksize: int, nested_blocksize: int,
+) -> Tensor:  # fmt: skip
+    """CPU ``grad_y @ W`` for an NF4/FP4 weight, dequantized panel by panel."""
+    L = lib()
+    if L is None or not _blocks_ok(out_features, in_features, blocksize):
+        from ..ops import ref_codebook4_linear_grad_input
+
+        return ref_codebook4_linear_grad_input(grad_y, codes, absmax, nested_codes, nested_absmax, nested_offset,
+                                               table, nested_table, out_features, in_features, blocksize,
+                                               nested_blocksize)  # fmt: skip
+    q, _keep = _qw4_codebook(codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
+                             out_features, in_features, blocksize, nested_blocksize)  # fmt: skip
+    return _grad4(L, q, grad_y, out_features, in_features)
+
+
+def int4_linear(
+    x: Tensor, codes: Tensor, scale: Tensor, zero_point: Tensor | None, bias: Tensor | None,
+    out_features: int, in_features: int, groupsize: int,
+) -> Tensor:  # fmt: skip
+    """CPU ``int4_linear``."""
+    L = lib()
+    if L is None:
+        return ref.int4_linear(x, codes, scale, zero_point, bias, out_features, in_features, groupsize)
+    q, _keep = _qw4_int4(codes, scale, zero_point, out_features, in_features, groupsize)
+    return _linear4(L, q, x, bias, out_features, in_features)
+
+
+def int4_linear_grad_input(
+    grad_y: Tensor, codes: Tensor, scale: Tensor, zero_point: Tensor | None,
+    out_features: int, in_features: int, groupsize: int,
+) -> Tensor:  # fmt: skip
+    """CPU ``grad_y @ W`` for an int4 weight."""
+    L = lib()
+    if L is None:
+        from ..ops import ref_int4_linear_grad_input
+
+        return ref_int4_linear_grad_input(grad_y, codes, scale, zero_point, out_features, in_features, groupsize)
+    q, _keep = _qw4_int4(codes, scale, zero_point, out_features, in_features, groupsize)
+    return _grad4(L, q, grad_y, out_features, in_features)
+
+
+# ---- int8 --------------------------------------------------------------------------------------
+
+
+def _int8_y(L, x2: Tensor, codes: Tensor, scale: Tensor, b: Tensor | None, n: int, k: int) -> Tensor:
+    """fp32 [M, N] = x2 @ (codes * scale)^T (+ b)."""
+    m = x2.shape[0]
+    nt = torch.get_num_threads()
+    if m <= FUSED_MAX_M_INT8 or _force_portable:
+        y = torch.empty(m, n, dtype=torch.float32)
+        L.qb8_linear(codes.data_ptr(), scale.data_ptr(), n, k, x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt,
+                     int(_force_portable))  # fmt: skip
+        return y
+
+    def dq(n0: int, n1: int, w: Tensor) -> None:
+        L.qb8_dequant(codes.data_ptr(), scale.data_ptr(), k, n0, n1, w.data_ptr(), nt)
+
+    return _panel_linear(x2, n, k, b, dq)
+
+
+def int8_linear(
+    x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, out_features: int, in_features: int
+) -> Tensor:
+    """CPU ``int8_linear``."""
+    L = lib()
+    if L is None:
+        return ref.int8_linear(x, codes, scale, bias, out_features, in_features)
+    x2 = _x2d(x, in_features)
+    if x2.shape[0] == 0:
+        return _out(x2.new_empty(0, out_features), x, out_features)
+    y = _int8_y(L, x2, codes.contiguous(), scale.contiguous(), _bias32(bias), out_features, in_features)
+    return _out(y, x, out_features)
+
+
+def int8_linear_grad_input(grad_y: Tensor, codes: Tensor, scale: Tensor, out_features: int, in_features: int):
+    """CPU ``grad_y @ W`` for an int8 per-channel weight."""
+    L = lib()
+    if L is None:
+        from ..ops import ref_int8_linear_grad_input
+
+        return ref_int8_linear_grad_input(grad_y, codes, scale, out_features, in_features)
+    codes, scale = codes.contiguous(), scale.contiguous()
+    g2 = _x2d(grad_y, out_features)
+    nt = torch.get_num_threads()
+
+    def dq(n0: int, n1: int, w: Tensor) -> None:
+        L.qb8_dequant(codes.data_ptr(), scale.data_ptr(), in_features, n0, n1, w.data_ptr(), nt)
+
+    gx = _panel_grad(g2, out_features, in_features, dq) if g2.shape[0] else g2.new_zeros(0, in_features)
+    return gx.reshape(*grad_y.shape[:-1], in_features).to(grad_y.dtype)
+
+
+def w8a8_linear(
+    x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, act_scale: Tensor | None,
+    out_features: int, in_features: int,
+) -> Tensor:  # fmt: skip
+    """CPU ``w8a8_linear``: activations rounded to int8 exactly as the reference, then the int8 kernel.
+
+    The integer products are summed in fp32 rather than int32 (exact up to 2^24 per partial sum;
+    beyond that a float-reordering-sized error), which on CPU is far faster than an integer GEMM.
+    """
+    L = lib()
+    if L is None:
+        return ref.w8a8_linear(x, codes, scale, bias, act_scale, out_features, in_features)
+    xf = _x2d(x, in_features)
+    if act_scale is None:
+        s_x = xf.abs().amax(dim=1, keepdim=True) / 127.0
+    else:
+        s_x = act_scale.float().reshape(1, 1).expand(xf.shape[0], 1)
+    safe = torch.where(s_x > 0, s_x, torch.ones_like(s_x))
+    xq = torch.clamp(torch.round(xf / safe), -127, 127).contiguous()
+    ones = torch.ones_like(scale, dtype=torch.float32)
+    acc = _int8_y(L, xq, codes.contiguous(), ones, None, out_features, in_features)
+    y = acc * s_x * scale.float().view(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], out_features).to(x.dtype)

@@ -1,0 +1,167 @@
+"""Build (once per machine, cached) and load the C++ CPU kernels in ``qlinear.cpp``.
+
+The library is plain C ABI loaded with ctypes, so it compiles in about a second with ``g++`` and
+does not depend on torch's C++ headers or ABI. ISA flags are chosen from the CPU we run on
+(never ``-march=native``): the cached file name holds the variant and a hash of the source, flags
+and compiler, so a cache directory shared by different machines never hands out an illegal
+instruction. If anything fails, :func:`load` returns None and the ops use a pure-torch path (one
+warning per process).
+
+Environment: ``QBACKEND_CPU_KERNELS=0`` disables the C++ kernels; ``QBACKEND_CACHE_DIR`` moves the
+cache (default: torch's extension build root, ``~/.cache/torch_extensions``); ``CXX`` picks the
+compiler (default ``g++``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ABI_VERSION = 3
+_SRC = Path(__file__).with_name("qlinear.cpp")
+
+# Explicit ISA flags instead of -march=native: the binary then runs on every CPU of that class.
+_VARIANTS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", "-mbmi2"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "generic": [],
+}
+# -ffp-contract=off keeps the decode arithmetic exactly the reference's (no implicit FMA fusion).
+_BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+
+
+class QW4(ctypes.Structure):
+    """Mirror of ``struct QW4`` in qlinear.cpp."""
+
+    _fields_ = [
+        ("codes", ctypes.c_void_p),
+        ("absmax", ctypes.c_void_p),
+        ("ncodes", ctypes.c_void_p),
+        ("nabsmax", ctypes.c_void_p),
+        ("ntable", ctypes.c_void_p),
+        ("table", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("zp", ctypes.c_void_p),
+        ("noffset", ctypes.c_float),
+        ("kind", ctypes.c_int32),
+        ("N", ctypes.c_int64),
+        ("K", ctypes.c_int64),
+        ("bs", ctypes.c_int64),
+        ("nbs", ctypes.c_int64),
+        ("G", ctypes.c_int64),
+    ]
+
+
+def cpu_variant() -> str:
+    """The ISA variant this CPU runs: "avx512", "avx2" or "generic"."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "bmi2", "f16c"} <= flags:
+        return "avx512"
+    if {"avx2", "fma", "f16c"} <= flags:
+        return "avx2"
+    return "generic"
+
+
+def _cache_dir() -> Path:
+    d = os.environ.get("QBACKEND_CACHE_DIR")
+    if d:
+        return Path(d)
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root()) / "qbackend"
+
+
+def _compiler() -> str | None:
+    for c in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if c and shutil.which(c):
+            return c
+    return None
+
+
+def library_path(variant: str) -> tuple[Path, list[str], str]:
+    """(cached .so path, compile command, compiler) for ``variant``; raises RuntimeError if no compiler."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
+    flags = _BASE_FLAGS + _VARIANTS[variant]
+    h = hashlib.sha256()
+    for part in (_SRC.read_bytes(), " ".join(flags).encode(), str(version).encode(), str(ABI_VERSION).encode()):
+        h.update(part)
+    path = _cache_dir() / f"qlinear_{variant}_{h.hexdigest()[:16]}.so"
+    return path, [cxx, *flags], cxx
+
+
+def _compile(path: Path, cmd: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Build to a private temp file and rename atomically: concurrent processes may race here.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([*cmd, str(_SRC), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"compiling {_SRC.name} failed:\n{res.stderr[-4000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    qw = ctypes.POINTER(QW4)
+    lib.qb_abi_version.restype = I
+    lib.qb_has_avx512.restype = I
+    lib.qb_set_nr.argtypes = [I]
+    lib.qb4_fast_ok.argtypes = [qw]
+    lib.qb4_fast_ok.restype = I
+    lib.qb4_linear.argtypes = [qw, P, I64, P, P, I, I]
+    lib.qb4_linear.restype = I
+    lib.qb4_dequant.argtypes = [qw, I64, I64, P, I, I]
+    lib.qb4_dequant.restype = None
+    lib.qb8_linear.argtypes = [P, P, I64, I64, P, I64, P, P, I, I]
+    lib.qb8_linear.restype = I
+    lib.qb8_dequant.argtypes = [P, P, I64, I64, I64, P, I]
+    lib.qb8_dequant.restype = None
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library (built on first use, then cached on disk), or None if unavailable."""
+    if os.environ.get("QBACKEND_CPU_KERNELS", "1") == "0":
+        log.info("qbackend: C++ CPU kernels disabled by QBACKEND_CPU_KERNELS=0")
+        return None
+    variant = cpu_variant()
+    try:
+        path, cmd, _ = library_path(variant)
+        if not path.exists():
+            log.info("qbackend: compiling CPU kernels (%s) -> %s", variant, path)
+            _compile(path, cmd)
+        lib = ctypes.CDLL(str(path))
+        _declare(lib)
+        if lib.qb_abi_version() != ABI_VERSION:
+            raise RuntimeError(f"stale kernel library {path} (ABI {lib.qb_abi_version()} != {ABI_VERSION})")
+        return lib
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.warning(
+            "qbackend: C++ CPU kernels unavailable (%s); using the slower pure-torch path", str(e).splitlines()[0]
+        )
+        log.debug("qbackend: kernel build failure details", exc_info=True)
+        return None

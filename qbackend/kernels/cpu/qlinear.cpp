@@ -1,0 +1,600 @@
+// qbackend CPU kernels for 4-bit (NF4/FP4 codebook, int4) and int8 weight-only linears.
+//
+// Plain C ABI (loaded with ctypes, no libtorch headers): it builds in about a second on any
+// machine with g++ and does not depend on torch's C++ ABI. OpenMP comes from the libgomp that
+// torch already loaded (same soname), so this shares torch's thread pool instead of adding one.
+//
+// Layout: 4-bit codes are bitsandbytes' flat layout (element i of the row-major [N, K] weight in
+// the high nibble of byte i/2 when i is even). Codebook blocks run over the flattened weight
+// (they may straddle rows); int4 groups run along K within a row.
+//
+// Fast 4-bit path (AVX-512, needs K % 8 == 0, power-of-two block/group size or one group per
+// row): 64 code bytes (128 weights) are loaded at once; the 8 nibbles of each dword lane are
+// brought to the low bits with shifts and decoded with a 16-entry vpermps LUT (vpermps reads only
+// the low 4 index bits, so no masking is needed). The 8 resulting vectors hold weights
+// {8i + t}, so x is re-laid out once per call to match (xp), instead of re-interleaving weights.
+// Each 8-weight lane lies in one block (block sizes are multiples of 8 and K % 8 == 0), so the
+// block constants form one per-lane scale vector per 128 weights: a permutexvar of a small
+// per-row buffer, which is where nested constants are decoded on the fly.
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define QB_AVX512 1
+#else
+#define QB_AVX512 0
+#endif
+
+extern "C" {
+
+// Mirrors qbackend.kernels.cpu._QW4 (ctypes.Structure); keep the two in sync.
+struct QW4 {
+    const uint8_t* codes;    // (N*K+1)/2 packed bytes
+    const float* absmax;     // codebook, plain constants: [ceil(N*K/bs)], else null
+    const uint8_t* ncodes;   // codebook, nested: 8-bit codes of the centred constants
+    const float* nabsmax;    // codebook, nested: fp32 absmax per nested block
+    const float* ntable;     // codebook, nested: 256-entry dynamic map
+    const float* table;      // codebook: 16-entry code table; null for int4
+    const float* scale;      // int4: [N, G]
+    const uint8_t* zp;       // int4 affine: [N, G]; null for symmetric (zero point 8)
+    float noffset;           // codebook, nested: offset
+    int32_t kind;            // 0 codebook, 1 int4
+    int64_t N, K, bs, nbs, G;
+};
+
+int qb_abi_version() { return 3; }
+int qb_has_avx512() { return QB_AVX512; }
+int qb4_fast_ok(const QW4* q);
+
+}  // extern "C"
+
+namespace {
+
+inline int ilog2(int64_t v) {
+    int l = 0;
+    while ((int64_t(1) << l) < v) ++l;
+    return l;
+}
+
+inline bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+
+inline float nested_const(const QW4& q, int64_t blk) {
+    // Same operation order as the reference (table * absmax2, then + offset; no FMA contraction).
+    float t = q.ntable[q.ncodes[blk]] * q.nabsmax[blk / q.nbs];
+    return t + q.noffset;
+}
+
+inline float block_const(const QW4& q, int64_t blk) {
+    return q.absmax ? q.absmax[blk] : nested_const(q, blk);
+}
+
+// Per-row constants: s[j] (scale) and z[j] (int4: zero point as float) for the blocks/groups that
+// row n touches, j relative to `first`; `off` is the row's first element's offset in its block.
+struct RowConsts {
+    int64_t first = 0;
+    int64_t off = 0;
+    int64_t count = 0;
+};
+
+inline RowConsts fill_row_consts(const QW4& q, int64_t n, float* s, float* z) {
+    RowConsts r;
+    if (q.kind == 0) {
+        const int64_t e0 = n * q.K;
+        r.first = e0 / q.bs;
+        r.off = e0 - r.first * q.bs;
+        r.count = (e0 + q.K - 1) / q.bs - r.first + 1;
+        int64_t j = 0;
+#if QB_AVX512
+        if (!q.absmax && is_pow2(q.nbs)) {
+            // De-nest 16 block constants at a time: gather from the 256-entry map and from absmax2.
+            const int lnb = ilog2(q.nbs);
+            const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            const __m512 off = _mm512_set1_ps(q.noffset);
+            for (; j + 16 <= r.count; j += 16) {
+                const int64_t b = r.first + j;
+                __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q.ncodes + b)));
+                __m512 t = _mm512_i32gather_ps(c, q.ntable, 4);
+                // Block indices fit in int32: the Python side routes weights with >= 2^31 blocks elsewhere.
+                __m512i bi = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32((int32_t)b), iota), lnb);
+                __m512 a2 = _mm512_i32gather_ps(bi, q.nabsmax, 4);
+                _mm512_storeu_ps(s + j, _mm512_add_ps(_mm512_mul_ps(t, a2), off));
+            }
+        } else if (q.absmax) {
+            std::memcpy(s, q.absmax + r.first, sizeof(float) * r.count);
+            j = r.count;
+        }
+#endif
+        for (; j < r.count; ++j) s[j] = block_const(q, r.first + j);
+    } else {
+        r.count = q.G;
+        const float* sr = q.scale + n * q.G;
+        std::memcpy(s, sr, sizeof(float) * q.G);
+        if (q.zp) {
+            const uint8_t* zr = q.zp + n * q.G;
+            for (int64_t j = 0; j < q.G; ++j) z[j] = (float)zr[j];
+        } else {
+            for (int64_t j = 0; j < q.G; ++j) z[j] = 8.0f;
+        }
+    }
+    // Zero padding: the 16-wide permutexvar window may read past the last block.
+    for (int64_t j = r.count; j < r.count + 17; ++j) {
+        s[j] = 0.0f;
+        z[j] = 0.0f;
+    }
+    return r;
+}
+
+inline int shift_of(const QW4& q) {
+    // Power-of-two blocks/groups use shifts; one int4 group per row maps every lane to group 0.
+    if (q.kind == 1 && q.G == 1) return 30;
+    return ilog2(q.bs);
+}
+
+inline float lut_value(const QW4& q, int code, bool affine) {
+    if (q.kind == 0) return q.table[code];
+    return affine ? (float)code : (float)(code - 8);
+}
+
+inline int nibble(const uint8_t* codes, int64_t e) {
+    const uint8_t b = codes[e >> 1];
+    return (e & 1) ? (b & 0xF) : (b >> 4);
+}
+
+// Generic dequantization of rows [n0, n1) into out[(n-n0)*K + k] (any shape). Exact: one rounding
+// per element, as the reference (table[c] * absmax, (q - zp) * scale).
+void dequant4_rows_scalar(const QW4& q, int64_t n0, int64_t n1, float* out, float* s, float* z) {
+    for (int64_t n = n0; n < n1; ++n) {
+        float* o = out + (n - n0) * q.K;
+        if (q.kind == 0) {
+            const int64_t e0 = n * q.K;
+            int64_t blk = -1;
+            float sc = 0.0f;
+            for (int64_t k = 0; k < q.K; ++k) {
+                const int64_t e = e0 + k;
+                const int64_t b = e / q.bs;
+                if (b != blk) {
+                    blk = b;
+                    sc = block_const(q, b);
+                }
+                o[k] = q.table[nibble(q.codes, e)] * sc;
+            }
+        } else {
+            fill_row_consts(q, n, s, z);
+            const int64_t e0 = n * q.K;
+            for (int64_t k = 0; k < q.K; ++k) {
+                const int64_t g = k / q.bs;
+                o[k] = ((float)nibble(q.codes, e0 + k) - z[g]) * s[g];  // z holds the zero point (8 if symmetric)
+            }
+        }
+    }
+}
+
+#if QB_AVX512
+
+const int kShifts[8] = {4, 0, 12, 8, 20, 16, 28, 24};
+
+inline __m512 lut_vec(const QW4& q, bool affine) {
+    alignas(64) float l[16];
+    for (int c = 0; c < 16; ++c) l[c] = lut_value(q, c, affine);
+    return _mm512_load_ps(l);
+}
+
+// Fast dequantization of rows [n0, n1) (needs K % 8 == 0 and power-of-two blocks/groups or G == 1):
+// 16 code bytes -> 32 weights per step, re-interleaved to natural order.
+void dequant4_rows_avx512(const QW4& q, int64_t n0, int64_t n1, float* out, float* s, float* z) {
+    const int64_t K = q.K;
+    const bool affine = q.kind == 1 && q.zp;
+    const __m512 lut = lut_vec(q, affine);
+    const int lb = shift_of(q);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i ilo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i ihi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const int64_t K32 = K / 32 * 32;
+    for (int64_t n = n0; n < n1; ++n) {
+        const RowConsts r = fill_row_consts(q, n, s, z);
+        const uint8_t* cr = q.codes + n * K / 2;
+        float* o = out + (n - n0) * K;
+        for (int64_t k = 0; k < K32; k += 32) {
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(cr + k / 2)));
+            __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+            __m512 lo = _mm512_permutexvar_ps(v, lut);
+            __m512 w[2] = {_mm512_permutex2var_ps(hi, ilo, lo), _mm512_permutex2var_ps(hi, ihi, lo)};
+            for (int h = 0; h < 2; ++h) {
+                const int64_t p = r.off + k + 16 * h;
+                const int64_t base = p >> lb;
+                const __m512i idx =
+                    _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32((int32_t)(p - (base << lb))), iota), lb);
+                __m512 sv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(s + base));
+                __m512 wv = w[h];
+                if (affine) wv = _mm512_sub_ps(wv, _mm512_permutexvar_ps(idx, _mm512_loadu_ps(z + base)));
+                _mm512_storeu_ps(o + k + 16 * h, _mm512_mul_ps(wv, sv));
+            }
+        }
+        for (int64_t k = K32; k < K; ++k) {
+            const int64_t j = (r.off + k) >> lb;
+            const float c = lut_value(q, nibble(q.codes, n * K + k), affine);
+            o[k] = (affine ? c - z[j] : c) * s[j];
+        }
+    }
+}
+
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// Fused decode + dot for MT rows of x against rows [n0, n1) of W (the GEMV / small-M kernel).
+// xp: x re-laid out per 128-chunk as [M][C][t=8][16] with xp[..][t][i] = x[128c + 8i + t];
+// xs (affine int4): per-lane sums of x, [M][C][16]. y is [M, N] fp32.
+template <int MT, bool AFF>
+void gemm4_tile(const QW4& q, const float* x, const float* xp, const float* xs, int64_t m0, const float* bias,
+                float* y, int64_t n0, int64_t n1, float* s, float* z) {
+    const int64_t K = q.K, N = q.N, C = K / 128, Kc = C * 128;
+    const __m512 lut = lut_vec(q, AFF);
+    const int lb = shift_of(q);
+    const __m512i lane8 = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
+    float* zb = z;  // affine: -zp * s per block, built from s and z below
+    for (int64_t n = n0; n < n1; ++n) {
+        const RowConsts r = fill_row_consts(q, n, s, z);
+        if (AFF) {
+            for (int64_t j = 0; j < r.count + 16; ++j) zb[j] = -z[j] * s[j];
+        }
+        const uint8_t* cr = q.codes + n * K / 2;
+        __m512 acc[MT];
+        for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < C; ++c) {
+            const __m512i raw = _mm512_loadu_si512((const void*)(cr + 64 * c));
+            const int64_t p = r.off + 128 * c;
+            const int64_t base = p >> lb;
+            const __m512i idx =
+                _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32((int32_t)(p - (base << lb))), lane8), lb);
+            const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(s + base));
+            __m512 bv;
+            if (AFF) bv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(zb + base));
+            __m512 w[8];
+            w[0] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 4), lut);
+            w[1] = _mm512_permutexvar_ps(raw, lut);
+            w[2] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 12), lut);
+            w[3] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 8), lut);
+            w[4] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 20), lut);
+            w[5] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 16), lut);
+            w[6] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 28), lut);
+            w[7] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 24), lut);
+            for (int m = 0; m < MT; ++m) {
+                const float* xc = xp + ((m0 + m) * C + c) * 128;
+                // Two independent chains to halve the FMA latency chain.
+                __m512 a0 = _mm512_mul_ps(w[0], _mm512_load_ps(xc));
+                __m512 a1 = _mm512_mul_ps(w[1], _mm512_load_ps(xc + 16));
+                a0 = _mm512_fmadd_ps(w[2], _mm512_load_ps(xc + 32), a0);
+                a1 = _mm512_fmadd_ps(w[3], _mm512_load_ps(xc + 48), a1);
+                a0 = _mm512_fmadd_ps(w[4], _mm512_load_ps(xc + 64), a0);
+                a1 = _mm512_fmadd_ps(w[5], _mm512_load_ps(xc + 80), a1);
+                a0 = _mm512_fmadd_ps(w[6], _mm512_load_ps(xc + 96), a0);
+                a1 = _mm512_fmadd_ps(w[7], _mm512_load_ps(xc + 112), a1);
+                acc[m] = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), sv, acc[m]);
+                if (AFF) acc[m] = _mm512_fmadd_ps(_mm512_load_ps(xs + ((m0 + m) * C + c) * 16), bv, acc[m]);
+            }
+        }
+        for (int m = 0; m < MT; ++m) {
+            float t = hsum(acc[m]);
+            const float* xr = x + (m0 + m) * K;
+            for (int64_t k = Kc; k < K; ++k) {
+                const int64_t j = (r.off + k) >> lb;
+                const float c = lut_value(q, nibble(q.codes, n * K + k), AFF);
+                t += (AFF ? c * s[j] + zb[j] : c * s[j]) * xr[k];  // zb = -zp * s here
+            }
+            if (bias) t += bias[n];
+            y[(m0 + m) * N + n] = t;
+        }
+    }
+}
+
+// Small-M kernel: NR rows of W x MT rows of x per register tile. Decoded weights are scaled
+// (w = q*s, or q*s - zp*s for affine int4) and each x vector load feeds NR FMAs, which halves or
+// quarters the L1/L2 traffic for x that bounds the one-row-at-a-time loop once M > 1.
+template <int NR, int MT, bool AFF>
+void gemm4_block(const QW4& q, const float* x, const float* xp, int64_t m0, const float* bias, float* y, int64_t n0,
+                 int64_t n1, float* s, float* z, size_t cl) {
+    const int64_t K = q.K, N = q.N, C = K / 128, Kc = C * 128;
+    const __m512 lut = lut_vec(q, AFF);
+    const int lb = shift_of(q);
+    const __m512i lane8 = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
+    for (int64_t n = n0; n < n1; n += NR) {
+        RowConsts rc[NR];
+        const uint8_t* cr[NR];
+        float* sr[NR];
+        float* zr[NR];
+        for (int r = 0; r < NR; ++r) {
+            sr[r] = s + r * cl;
+            zr[r] = z + r * cl;
+            rc[r] = fill_row_consts(q, n + r, sr[r], zr[r]);
+            if (AFF)
+                for (size_t j = 0; j < (size_t)rc[r].count + 16; ++j) zr[r][j] = -zr[r][j] * sr[r][j];
+            cr[r] = q.codes + (n + r) * K / 2;
+        }
+        __m512 acc[NR][MT];
+        for (int r = 0; r < NR; ++r)
+            for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < C; ++c) {
+            __m512 sv[NR], bv[NR];
+            __m512i raw[NR];
+            for (int r = 0; r < NR; ++r) {
+                raw[r] = _mm512_loadu_si512((const void*)(cr[r] + 64 * c));
+                const int64_t p = rc[r].off + 128 * c;
+                const int64_t base = p >> lb;
+                const __m512i idx =
+                    _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32((int32_t)(p - (base << lb))), lane8), lb);
+                sv[r] = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sr[r] + base));
+                if (AFF) bv[r] = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(zr[r] + base));
+            }
+#define QB_STEP(T, SH)                                                                              \
+    {                                                                                               \
+        __m512 wt[NR];                                                                              \
+        for (int r = 0; r < NR; ++r) {                                                              \
+            const __m512 d = _mm512_permutexvar_ps(_mm512_srli_epi32(raw[r], SH), lut);             \
+            wt[r] = AFF ? _mm512_fmadd_ps(d, sv[r], bv[r]) : _mm512_mul_ps(d, sv[r]);               \
+        }                                                                                           \
+        for (int m = 0; m < MT; ++m) {                                                              \
+            const __m512 xv = _mm512_load_ps(xp + ((m0 + m) * C + c) * 128 + 16 * (T));            \
+            for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(wt[r], xv, acc[r][m]);         \
+        }                                                                                           \
+    }
+            QB_STEP(0, 4) QB_STEP(1, 0) QB_STEP(2, 12) QB_STEP(3, 8)
+            QB_STEP(4, 20) QB_STEP(5, 16) QB_STEP(6, 28) QB_STEP(7, 24)
+#undef QB_STEP
+        }
+        for (int r = 0; r < NR; ++r) {
+            for (int m = 0; m < MT; ++m) {
+                float t = hsum(acc[r][m]);
+                const float* xr = x + (m0 + m) * K;
+                for (int64_t k = Kc; k < K; ++k) {
+                    const int64_t j = (rc[r].off + k) >> lb;
+                    const float cv = lut_value(q, nibble(q.codes, (n + r) * K + k), AFF);
+                    t += (AFF ? cv * sr[r][j] + zr[r][j] : cv * sr[r][j]) * xr[k];
+                }
+                if (bias) t += bias[n + r];
+                y[(m0 + m) * N + n + r] = t;
+            }
+        }
+    }
+}
+
+int g_nr = 2;  // rows of W per small-M register tile (tuning knob, see qb_set_nr)
+
+template <int NR, bool AFF>
+void gemm4_blocks(const QW4& q, const float* x, const float* xp, int64_t M, const float* bias, float* y, int64_t n0,
+                  int64_t n1, float* s, float* z, size_t cl) {
+    for (int64_t m = 0; m < M; m += 8) {
+        switch (std::min<int64_t>(8, M - m)) {
+#define QB_CASE(MT) case MT: gemm4_block<NR, MT, AFF>(q, x, xp, m, bias, y, n0, n1, s, z, cl); break;
+            QB_CASE(1) QB_CASE(2) QB_CASE(3) QB_CASE(4) QB_CASE(5) QB_CASE(6) QB_CASE(7) QB_CASE(8)
+#undef QB_CASE
+            default: break;
+        }
+    }
+}
+
+template <bool AFF>
+void gemm4_rows(const QW4& q, const float* x, const float* xp, const float* xs, int64_t M, const float* bias,
+                float* y, int64_t n0, int64_t n1, float* s, float* z, size_t cl) {
+    if (M == 1) {
+        // GEMV: unscaled per-chunk sums, one scale FMA per 128 weights (cheapest per weight).
+        gemm4_tile<1, AFF>(q, x, xp, xs, 0, bias, y, n0, n1, s, z);
+        return;
+    }
+    const int nr = g_nr;
+    const int64_t nfull = n0 + (n1 - n0) / nr * nr;
+    if (nr == 4) gemm4_blocks<4, AFF>(q, x, xp, M, bias, y, n0, nfull, s, z, cl);
+    else if (nr == 2) gemm4_blocks<2, AFF>(q, x, xp, M, bias, y, n0, nfull, s, z, cl);
+    else gemm4_blocks<1, AFF>(q, x, xp, M, bias, y, n0, nfull, s, z, cl);
+    if (nfull < n1) gemm4_blocks<1, AFF>(q, x, xp, M, bias, y, nfull, n1, s, z, cl);
+}
+
+// int8: 16 codes per vpmovsxbd, converted and FMA'd; the per-channel scale is applied once per row.
+template <int MT>
+void gemm8_tile(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t m0,
+                const float* bias, float* y, int64_t n0, int64_t n1) {
+    const int64_t K64 = K / 64 * 64;
+    for (int64_t n = n0; n < n1; ++n) {
+        const int8_t* cr = codes + n * K;
+        __m512 acc[MT][2];
+        for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K64; k += 64) {
+            __m512 w[4];
+            for (int u = 0; u < 4; ++u)
+                w[u] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(cr + k + 16 * u))));
+            for (int m = 0; m < MT; ++m) {
+                const float* xr = x + (m0 + m) * K + k;
+                acc[m][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xr), acc[m][0]);
+                acc[m][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr + 16), acc[m][1]);
+                acc[m][0] = _mm512_fmadd_ps(w[2], _mm512_loadu_ps(xr + 32), acc[m][0]);
+                acc[m][1] = _mm512_fmadd_ps(w[3], _mm512_loadu_ps(xr + 48), acc[m][1]);
+            }
+        }
+        for (int64_t k = K64; k < K; k += 16) {
+            const __mmask16 mk = (K - k) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, cr + k)));
+            for (int m = 0; m < MT; ++m)
+                acc[m][0] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mk, x + (m0 + m) * K + k), acc[m][0]);
+        }
+        for (int m = 0; m < MT; ++m) {
+            float t = hsum(_mm512_add_ps(acc[m][0], acc[m][1])) * scale[n];
+            if (bias) t += bias[n];
+            y[(m0 + m) * N + n] = t;
+        }
+    }
+}
+
+void gemm8_rows(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t M,
+                const float* bias, float* y, int64_t n0, int64_t n1) {
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) gemm8_tile<8>(codes, scale, N, K, x, m, bias, y, n0, n1);
+    switch (M - m) {
+        case 7: gemm8_tile<7>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
+        case 6: gemm8_tile<6>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
+        case 5: gemm8_tile<5>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
+        case 4: gemm8_tile<4>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
+        case 3: gemm8_tile<3>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
+        case 2: gemm8_tile<2>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
+        case 1: gemm8_tile<1>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
+        default: break;
+    }
+}
+
+#endif  // QB_AVX512
+
+// Portable fallbacks (any x86/ARM with g++): decode a row into a buffer, then plain dot products.
+void gemm4_rows_portable(const QW4& q, const float* x, int64_t M, const float* bias, float* y, int64_t n0,
+                         int64_t n1, float* s, float* z, float* wrow) {
+    for (int64_t n = n0; n < n1; ++n) {
+        dequant4_rows_scalar(q, n, n + 1, wrow, s, z);
+        for (int64_t m = 0; m < M; ++m) {
+            const float* xr = x + m * q.K;
+            float t = 0.0f;
+            for (int64_t k = 0; k < q.K; ++k) t += wrow[k] * xr[k];
+            y[m * q.N + n] = t + (bias ? bias[n] : 0.0f);
+        }
+    }
+}
+
+bool fast4_ok(const QW4& q) {
+    if (q.K % 8 != 0) return false;
+    if (q.kind == 0) return is_pow2(q.bs) && q.bs >= 8;
+    return q.G == 1 || (is_pow2(q.bs) && q.bs >= 8);
+}
+
+size_t const_buf_len(const QW4& q) {
+    // Blocks one row can touch, plus the zero padding for the 16-wide window.
+    const int64_t per_row = q.kind == 0 ? (q.K + q.bs - 1) / q.bs + 1 : q.G;
+    return (size_t)per_row + 40;
+}
+
+// Per-thread scratch, grown as needed and reused across calls (no allocation per row block).
+float* scratch(int slot, size_t n) {
+    thread_local std::vector<float> bufs[3];
+    if (bufs[slot].size() < n) bufs[slot].resize(n);
+    return bufs[slot].data();
+}
+
+template <typename F>
+void parallel_rows(int64_t N, int64_t grain, int nthreads, F&& body) {
+    // Dynamic scheduling over small row blocks: the cores are often shared (CI, other jobs), and a
+    // static split makes every call wait for the slowest, possibly descheduled, thread.
+    const int64_t nblk = (N + grain - 1) / grain;
+    const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, nblk));
+    if (nt == 1) {
+        body(0, N);
+        return;
+    }
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t b = 0; b < nblk; ++b) body(b * grain, std::min(N, (b + 1) * grain));
+}
+
+}  // namespace
+
+extern "C" {
+
+// y[M, N] = x[M, K] @ W^T (+ bias), x and y fp32 contiguous. Returns 0, or 1 if the shape needs
+// the generic path (caller falls back).
+int qb4_linear(const QW4* qp, const float* x, int64_t M, const float* bias, float* y, int nthreads, int force_portable) {
+    const QW4& q = *qp;
+    const size_t cl = const_buf_len(q);
+#if QB_AVX512
+    if (!force_portable && fast4_ok(q)) {
+        const int64_t K = q.K, C = K / 128;
+        const bool affine = q.kind == 1 && q.zp != nullptr;
+        // Re-lay x out once per call (M*K floats) to match the decoded lane order.
+        float* xp = (float*)std::aligned_alloc(64, sizeof(float) * (size_t)std::max<int64_t>(16, M * C * 128));
+        float* xs = (affine && M == 1) ? (float*)std::aligned_alloc(64, sizeof(float) * (size_t)std::max<int64_t>(16, M * C * 16)) : nullptr;
+        for (int64_t m = 0; m < M; ++m) {
+            for (int64_t c = 0; c < C; ++c) {
+                const float* src = x + m * K + 128 * c;
+                float* dst = xp + (m * C + c) * 128;
+                for (int t = 0; t < 8; ++t)
+                    for (int i = 0; i < 16; ++i) dst[t * 16 + i] = src[8 * i + t];
+                if (xs) {
+                    float* d2 = xs + (m * C + c) * 16;
+                    for (int i = 0; i < 16; ++i) {
+                        float a = 0.0f;
+                        for (int t = 0; t < 8; ++t) a += src[8 * i + t];
+                        d2[i] = a;
+                    }
+                }
+            }
+        }
+        parallel_rows(q.N, 16, nthreads, [&](int64_t n0, int64_t n1) {
+            float* s = scratch(0, 4 * cl);
+            float* z = scratch(1, 4 * cl);
+            if (affine) gemm4_rows<true>(q, x, xp, xs, M, bias, y, n0, n1, s, z, cl);
+            else gemm4_rows<false>(q, x, xp, xs, M, bias, y, n0, n1, s, z, cl);
+        });
+        std::free(xp);
+        if (xs) std::free(xs);
+        return 0;
+    }
+#endif
+    parallel_rows(q.N, 16, nthreads, [&](int64_t n0, int64_t n1) {
+        gemm4_rows_portable(q, x, M, bias, y, n0, n1, scratch(0, cl), scratch(1, cl), scratch(2, (size_t)q.K));
+    });
+    (void)force_portable;
+    return 0;
+}
+
+void qb_set_nr(int nr) { g_nr = nr; }
+
+int qb4_fast_ok(const QW4* q) { return QB_AVX512 && fast4_ok(*q); }
+
+// out[(n - n0) * K + k] = W[n, k] in fp32 for n in [n0, n1); exact (matches the reference bit for bit).
+void qb4_dequant(const QW4* qp, int64_t n0, int64_t n1, float* out, int nthreads, int force_portable) {
+    const QW4& q = *qp;
+    const size_t cl = const_buf_len(q);
+    parallel_rows(n1 - n0, 8, nthreads, [&](int64_t a, int64_t b) {
+        float* s = scratch(0, cl);
+        float* z = scratch(1, cl);
+#if QB_AVX512
+        if (!force_portable && fast4_ok(q)) {
+            dequant4_rows_avx512(q, n0 + a, n0 + b, out + a * q.K, s, z);
+            return;
+        }
+#endif
+        dequant4_rows_scalar(q, n0 + a, n0 + b, out + a * q.K, s, z);
+    });
+    (void)force_portable;
+}
+
+int qb8_linear(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t M,
+               const float* bias, float* y, int nthreads, int force_portable) {
+#if QB_AVX512
+    if (!force_portable) {
+        parallel_rows(N, 16, nthreads, [&](int64_t n0, int64_t n1) { gemm8_rows(codes, scale, N, K, x, M, bias, y, n0, n1); });
+        return 0;
+    }
+#endif
+    parallel_rows(N, 16, nthreads, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+            const int8_t* cr = codes + n * K;
+            for (int64_t m = 0; m < M; ++m) {
+                const float* xr = x + m * K;
+                float t = 0.0f;
+                for (int64_t k = 0; k < K; ++k) t += (float)cr[k] * xr[k];
+                y[m * N + n] = t * scale[n] + (bias ? bias[n] : 0.0f);
+            }
+        }
+    });
+    (void)force_portable;
+    return 0;
+}
+
+void qb8_dequant(const int8_t* codes, const float* scale, int64_t K, int64_t n0, int64_t n1, float* out, int nthreads) {
+    parallel_rows(n1 - n0, 8, nthreads, [&](int64_t a, int64_t b) {
+        for (int64_t n = n0 + a; n < n0 + b; ++n) {
+            const int8_t* cr = codes + n * K;
+            float* o = out + (n - n0) * K;
+            const float sc = scale[n];
+            for (int64_t k = 0; k < K; ++k) o[k] = (float)cr[k] * sc;
+        }
+    });
+}
+
+}  // extern "C"

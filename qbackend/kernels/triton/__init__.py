@@ -1,0 +1,60 @@
+"""Triton kernels for quantized linear layers (CUDA; CPU tensors run through the Triton interpreter).
+
+Forward functions have exactly the signatures and semantics of :mod:`qbackend.kernels.reference`
+(weights in the canonical bitsandbytes flat layout, no re-layout needed)::
+
+    codebook4_linear(x, codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
+                     bias, out_features, in_features, blocksize, nested_blocksize)
+    int4_linear(x, codes, scale, zero_point, bias, out_features, in_features, groupsize)
+    int8_linear(x, codes, scale, bias, out_features, in_features)
+    w8a8_linear(x, codes, scale, bias, act_scale, out_features, in_features)
+
+Grad-input functions of the weight-only ops (for QLoRA-style training through a frozen quantized
+weight). Signature rule: ``(grad_y, *the forward's weight tensors without x and bias,
+out_features, in_features, *the forward's remaining ints)``::
+
+    codebook4_linear_grad_input(grad_y, codes, absmax, nested_codes, nested_absmax, nested_offset, table,
+                                nested_table, out_features, in_features, blocksize, nested_blocksize)
+    int4_linear_grad_input(grad_y, codes, scale, zero_point, out_features, in_features, groupsize)
+    int8_linear_grad_input(grad_y, codes, scale, out_features, in_features)
+
+``grad_y`` is [..., N] (any leading shape); the result is grad_x = grad_y @ W, [..., K], in
+grad_y's dtype, accumulated in fp32 (reference: ``grad_y.float() @ decode(...)``, cast back). W is
+decoded tile by tile inside the kernel; no dequantized weight is materialised. W8A8 has no
+grad-input kernel (its weights are not trained through).
+
+Also exported: :func:`quantize_activations` (the per-token int8 activation quantizer of
+``w8a8_linear``) and :mod:`.autotune` (configs, cache, ``override_config``).
+
+Kernel variants (see ``_kernels.py``): GEMV for M == 1 (split-K, ``tl.sum``, fp32 atomics), split-K
+``tl.dot`` for M <= 64 (M padded to 16), a tiled GEMM with grouped program order above; every one
+specialised per format, block size, nesting, zero point and alignment (K % blocksize == 0 and even K:
+one constant load per row and K tile; otherwise per-element flat indices, blocks may straddle rows).
+Activations fp16/bf16/fp32 (fp32 dots use IEEE precision, 16-bit dots round the decoded weight to the
+activation dtype). bf16 is not exercised under the interpreter, which computes bf16 wrongly: there
+the tensor-core path runs in fp32.
+"""
+
+from . import autotune
+from .linear import (
+    codebook4_linear,
+    codebook4_linear_grad_input,
+    int4_linear,
+    int4_linear_grad_input,
+    int8_linear,
+    int8_linear_grad_input,
+    quantize_activations,
+    w8a8_linear,
+)
+
+__all__ = [
+    "autotune",
+    "codebook4_linear",
+    "codebook4_linear_grad_input",
+    "int4_linear",
+    "int4_linear_grad_input",
+    "int8_linear",
+    "int8_linear_grad_input",
+    "quantize_activations",
+    "w8a8_linear",
+]

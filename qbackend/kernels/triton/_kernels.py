@@ -1,0 +1,470 @@
+"""The @triton.jit kernels (no launch logic here).
+
+This module is loaded twice when needed: once normally (compiled kernels for CUDA tensors) and once
+with ``TRITON_INTERPRET=1`` for CPU tensors (see ``_runtime.kernels_for``), so it must stay free of
+module state.
+
+Compile-time specialisation (every constexpr below gives its own compiled kernel):
+
+* ``FMT``: 0 = 4-bit codebook (NF4/FP4: ``table[code] * absmax[block]``), 1 = int4 per group along K
+  (``(code - zp) * scale``), 2 = int8 per output channel (scale applied after the reduction).
+* ``BS``: codebook block size / int4 group size; ``NBS``: nested block size; ``NESTED``: the block
+  constants are 8-bit codes decoded in the kernel as ``ntab[q] * nabs[i // NBS] + offset``.
+* ``PAIRS``: K is even, so each row of the flat nibble stream starts on a byte boundary: one byte
+  load gives the codes of columns (2j, 2j+1), which multiply the even/odd activations. Otherwise the
+  generic path computes the flat element index ``e = n*K + k`` and picks its nibble.
+* ``ALIGNED``: every K tile lies inside one constant block per row, so the block constants are
+  loaded once per row and tile instead of per element.
+
+All arithmetic is fp32 after the loads (the interpreter computes bf16 wrongly, and the reference is
+fp32). Tensor-core paths cast the decoded tile to ``DOT_DTYPE`` right before ``tl.dot``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------
+# helpers. Only core builtins and our own jit functions are used (no tl.zeros / tl.sum / tl.max /
+# tl.cdiv, which are @jit functions of triton's standard library): an interpreted copy of this
+# module then works even when triton itself was imported without TRITON_INTERPRET.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@triton.jit
+def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped program order: GROUP_M row tiles share their weight column tiles while in L2."""
+    num_m = _cdiv(M, BLOCK_M)
+    num_n = _cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+    return pid_m, pid_n
+
+
+@triton.jit
+def _const_idx(n, k, K, G, FMT: tl.constexpr, BS: tl.constexpr):
+    """Index of the block constant of element (n, k)."""
+    if FMT == 0:
+        idx = (n * K + k) // BS  # codebook blocks run over the flattened weight (may straddle rows)
+    else:
+        idx = n * G + k // BS  # int4 groups run along K inside a row
+    return idx
+
+
+@triton.jit
+def _block_consts(
+    idx, cmask, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, ntab_ptr,
+    NESTED: tl.constexpr, NBS: tl.constexpr, HAS_ZP: tl.constexpr,
+):  # fmt: skip
+    """fp32 scale (and zero point) of block ``idx``; nested constants are decoded right here."""
+    if NESTED:
+        q = tl.load(ncode_ptr + idx, mask=cmask, other=0).to(tl.int32)
+        a2 = tl.load(nabs_ptr + idx // NBS, mask=cmask, other=0.0).to(tl.float32)
+        s = tl.load(ntab_ptr + q).to(tl.float32) * a2 + tl.load(noff_ptr).to(tl.float32)
+    else:
+        s = tl.load(s_ptr + idx, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_ZP:
+        zp = tl.load(zp_ptr + idx, mask=cmask, other=0).to(tl.float32)
+    else:
+        zp = s  # placeholder, unused (symmetric int4 subtracts the constant 8)
+    return s, zp
+
+
+@triton.jit
+def _decode(code, s, zp, tab_ptr, FMT: tl.constexpr, HAS_ZP: tl.constexpr):
+    """fp32 weight of 4-bit ``code`` (int32 0..15) given its block constants."""
+    if FMT == 0:
+        w = tl.load(tab_ptr + code) * s
+    else:
+        if HAS_ZP:
+            w = (code.to(tl.float32) - zp) * s
+        else:
+            w = (code - 8).to(tl.float32) * s
+    return w
+
+
+@triton.jit
+def _decode_pairs(
+    codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+    n, kp, k0, nmask, mask, K, KH, G,
+    FMT: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
+    NESTED: tl.constexpr, HAS_ZP: tl.constexpr,
+):  # fmt: skip
+    """Weights of columns (2*kp, 2*kp+1) of rows ``n`` (K even, KH = K // 2 bytes per row).
+
+    Shapes broadcast from n and kp. ``k0`` is the tile's first column (aligned constants).
+    """
+    b = tl.load(codes_ptr + n * KH + kp, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
+    hi = b >> 4  # first element of the pair sits in the high nibble (bitsandbytes order)
+    lo = b & 15
+    if ALIGNED:
+        idx = _const_idx(n, k0, K, G, FMT, BS)
+        s, zp = _block_consts(idx, nmask, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, ntab_ptr, NESTED, NBS, HAS_ZP)
+    else:
+        # BS is even, so both elements of a pair share a block.
+        idx = _const_idx(n, 2 * kp, K, G, FMT, BS)
+        s, zp = _block_consts(idx, mask, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, ntab_ptr, NESTED, NBS, HAS_ZP)
+    return _decode(hi, s, zp, tab_ptr, FMT, HAS_ZP), _decode(lo, s, zp, tab_ptr, FMT, HAS_ZP)
+
+
+@triton.jit
+def _decode_elems(
+    codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+    n, k, k0, nmask, mask, K, G,
+    FMT: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
+    NESTED: tl.constexpr, HAS_ZP: tl.constexpr,
+):  # fmt: skip
+    """Weights of elements (n, k) for any K: the flat index picks byte and nibble."""
+    e = n * K + k
+    b = tl.load(codes_ptr + (e >> 1), mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
+    code = (b >> (4 - 4 * (e & 1))) & 15
+    if ALIGNED:
+        idx = _const_idx(n, k0, K, G, FMT, BS)
+        s, zp = _block_consts(idx, nmask, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, ntab_ptr, NESTED, NBS, HAS_ZP)
+    else:
+        idx = _const_idx(n, k, K, G, FMT, BS)
+        s, zp = _block_consts(idx, mask, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, ntab_ptr, NESTED, NBS, HAS_ZP)
+    return _decode(code, s, zp, tab_ptr, FMT, HAS_ZP)
+
+
+# ---------------------------------------------------------------------------------------------
+# weight-only forward: GEMV (M = 1 typically; one program per (N tile, K split, row)), no tl.dot
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def wo_gemv_kernel(
+    x_ptr, out_ptr, bias_ptr,
+    codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+    N, K, KH, G, stride_xm, stride_om, K_SPLIT, KP_SPLIT,
+    FMT: tl.constexpr, PAIRS: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
+    NESTED: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    n = offs_n
+    if IDX64:
+        n = n.to(tl.int64)
+    x_row = x_ptr + m * stride_xm
+    acc = tl.full([BLOCK_N], 0, tl.float32)
+    if PAIRS:
+        # Loop in byte units (KH, KP_SPLIT are 16-divisible for aligned shapes -> 128-bit loads).
+        kp_lo = pid_k * KP_SPLIT
+        kp_hi = tl.minimum(kp_lo + KP_SPLIT, KH)
+        for kp0 in range(kp_lo, kp_hi, BLOCK_K // 2):
+            kp = kp0 + tl.arange(0, BLOCK_K // 2)
+            k_mask = kp < kp_hi
+            offs_k = 2 * kp0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_row + offs_k, mask=offs_k < 2 * kp_hi, other=0.0, eviction_policy="evict_last")
+            # Contiguous load, then de-interleave in registers: even columns meet high nibbles.
+            xe, xo = tl.split(tl.reshape(xv.to(tl.float32), [BLOCK_K // 2, 2]))
+            w_hi, w_lo = _decode_pairs(
+                codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+                n[:, None], kp[None, :], 2 * kp0, n_mask[:, None], n_mask[:, None] & k_mask[None, :], K, KH, G,
+                FMT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+            )  # fmt: skip
+            acc += tl.reduce(w_hi * xe[None, :] + w_lo * xo[None, :], 1, _add)
+    else:
+        k_lo = pid_k * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_hi
+            xv = tl.load(x_row + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            mask = n_mask[:, None] & k_mask[None, :]
+            if FMT == 2:
+                w = tl.load(
+                    codes_ptr + n[:, None] * K + offs_k[None, :], mask=mask, other=0, eviction_policy="evict_first"
+                ).to(tl.float32)
+            else:
+                w = _decode_elems(
+                    codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+                    n[:, None], offs_k[None, :], k0, n_mask[:, None], mask, K, G,
+                    FMT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+                )  # fmt: skip
+            acc += tl.reduce(w * xv[None, :], 1, _add)
+    if FMT == 2:
+        # Per-channel scale is constant along K: one multiply per output instead of per weight.
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, b, 0.0)  # only the first K split adds the bias
+    out_ptrs = out_ptr + m * stride_om + offs_n
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=n_mask, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# weight-only forward with tl.dot: small M (M padded to BLOCK_M >= 16, split-K) and large M
+# (grouped tile order, SPLIT_K = 1). Same kernel; the launcher picks the specialisation.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def wo_dot_kernel(
+    x_ptr, out_ptr, bias_ptr,
+    codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+    M, N, K, KH, G, stride_xm, stride_om, K_SPLIT, KP_SPLIT,
+    FMT: tl.constexpr, PAIRS: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
+    NESTED: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    IDX64: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    n = offs_n
+    if IDX64:
+        n = n.to(tl.int64)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.full([BLOCK_M, BLOCK_N], 0, tl.float32)
+    if PAIRS:
+        # Two half-depth dots (even columns x high nibbles, odd x low): the weight tile needs no
+        # nibble interleave; the activation tile is loaded contiguously and split in registers.
+        kp_lo = pid_k * KP_SPLIT
+        kp_hi = tl.minimum(kp_lo + KP_SPLIT, KH)
+        for kp0 in range(kp_lo, kp_hi, BLOCK_K // 2):
+            kp = kp0 + tl.arange(0, BLOCK_K // 2)
+            k_mask = kp < kp_hi
+            offs_k = 2 * kp0 + tl.arange(0, BLOCK_K)
+            a = tl.load(
+                x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < 2 * kp_hi)[None, :], other=0.0,
+                eviction_policy="evict_last",
+            )  # fmt: skip
+            xe, xo = tl.split(tl.reshape(a.to(DOT_DTYPE), [BLOCK_M, BLOCK_K // 2, 2]))
+            w_hi, w_lo = _decode_pairs(
+                codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+                n[None, :], kp[:, None], 2 * kp0, n_mask[None, :], k_mask[:, None] & n_mask[None, :], K, KH, G,
+                FMT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+            )  # fmt: skip
+            acc += tl.dot(xe, w_hi.to(DOT_DTYPE), input_precision=DOT_PREC)
+            acc += tl.dot(xo, w_lo.to(DOT_DTYPE), input_precision=DOT_PREC)
+    else:
+        k_lo = pid_k * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_hi
+            a = tl.load(
+                x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+                eviction_policy="evict_last",
+            )  # fmt: skip
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            if FMT == 2:
+                w = tl.load(codes_ptr + n[None, :] * K + offs_k[:, None], mask=w_mask, other=0)
+            else:
+                w = _decode_elems(
+                    codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+                    n[None, :], offs_k[:, None], k0, n_mask[None, :], w_mask, K, G,
+                    FMT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+                )  # fmt: skip
+            acc += tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PREC)
+    if FMT == 2:
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, b, 0.0)[None, :]  # only the first K split adds the bias
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=o_mask, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# weight-only backward: grad_x[M, K] = grad_y[M, N] @ W[N, K], W decoded tile by tile (the
+# reduction runs over N; SPLIT over N with fp32 atomics for small M)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def wo_grad_kernel(
+    g_ptr, out_ptr,
+    codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+    M, N, K, KH, G, stride_gm, stride_om, N_SPLIT,
+    FMT: tl.constexpr, PAIRS: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
+    NESTED: tl.constexpr, HAS_ZP: tl.constexpr, ATOMIC: tl.constexpr,
+    IDX64: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_k = _tile_ids(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
+    o_rows = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om
+    n_lo = pid_s * N_SPLIT
+    n_hi = tl.minimum(n_lo + N_SPLIT, N)
+    k0 = pid_k * BLOCK_K
+    if PAIRS:
+        kp = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        k_mask = kp < KH
+        acc_e = tl.full([BLOCK_M, BLOCK_K // 2], 0, tl.float32)
+        acc_o = tl.full([BLOCK_M, BLOCK_K // 2], 0, tl.float32)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < n_hi
+            g = tl.load(g_rows + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+            n = offs_n
+            if IDX64:
+                n = n.to(tl.int64)
+            w_hi, w_lo = _decode_pairs(
+                codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+                n[:, None], kp[None, :], k0, n_mask[:, None], n_mask[:, None] & k_mask[None, :], K, KH, G,
+                FMT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+            )  # fmt: skip
+            g = g.to(DOT_DTYPE)
+            acc_e += tl.dot(g, w_hi.to(DOT_DTYPE), input_precision=DOT_PREC)
+            acc_o += tl.dot(g, w_lo.to(DOT_DTYPE), input_precision=DOT_PREC)
+        # Re-interleave even/odd columns so the store is contiguous.
+        acc = tl.reshape(tl.join(acc_e, acc_o), [BLOCK_M, BLOCK_K])
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        o_mask = m_mask[:, None] & (offs_k < K)[None, :]
+        if ATOMIC:
+            tl.atomic_add(o_rows + offs_k[None, :], acc, mask=o_mask, sem="relaxed")
+        else:
+            tl.store(o_rows + offs_k[None, :], acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        acc = tl.full([BLOCK_M, BLOCK_K], 0, tl.float32)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < n_hi
+            g = tl.load(g_rows + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+            n = offs_n
+            if IDX64:
+                n = n.to(tl.int64)
+            w_mask = n_mask[:, None] & k_mask[None, :]
+            if FMT == 2:
+                # The per-channel scale runs along the reduction axis here: apply it before the dot.
+                q = tl.load(codes_ptr + n[:, None] * K + offs_k[None, :], mask=w_mask, other=0).to(tl.float32)
+                w = q * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            else:
+                w = _decode_elems(
+                    codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+                    n[:, None], offs_k[None, :], k0, n_mask[:, None], w_mask, K, G,
+                    FMT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+                )  # fmt: skip
+            acc += tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PREC)
+        o_mask = m_mask[:, None] & k_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(o_rows + offs_k[None, :], acc, mask=o_mask, sem="relaxed")
+        else:
+            tl.store(o_rows + offs_k[None, :], acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# W8A8: per-token (or static) activation quantization, then int8 x int8 -> int32 GEMM
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_half_even(v):
+    """torch.round semantics (ties to even) without libdevice (the interpreter lacks extern calls)."""
+    f = tl.floor(v)
+    d = v - f  # exact for |v| < 2**23
+    r = tl.where(d > 0.5, f + 1.0, f)
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where((d == 0.5) & odd, f + 1.0, r)
+
+
+@triton.jit
+def act_quant_kernel(
+    x_ptr, q_ptr, sx_ptr, act_scale_ptr, K, stride_xm, stride_qm,
+    STATIC: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One program per token: s = amax/127 (or the static scale), q = clamp(round(x / s), -127, 127)."""
+    m = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + m * stride_xm
+    if STATIC:
+        s = tl.load(act_scale_ptr).to(tl.float32)
+    else:
+        amax = tl.full([BLOCK_K], 0, tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        # div_rn: IEEE division like torch, so the codes match the reference bit for bit.
+        s = tl.math.div_rn(tl.reduce(amax, 0, _max), 127.0)
+    safe = tl.where(s > 0, s, 1.0)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs < K
+        v = tl.load(x_row + offs, mask=k_mask, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(v, safe)), -127.0), 127.0)
+        tl.store(q_ptr + m * stride_qm + offs, q.to(tl.int8), mask=k_mask)
+    tl.store(sx_ptr + m, s)
+
+
+@triton.jit
+def w8a8_kernel(
+    xq_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_qm, stride_om, K_SPLIT,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    n = offs_n
+    if IDX64:
+        n = n.to(tl.int64)
+    a_rows = xq_ptr + offs_m.to(tl.int64)[:, None] * stride_qm
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    acc = tl.full([BLOCK_M, BLOCK_N], 0, tl.int32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_hi
+        a = tl.load(a_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
+        b = tl.load(
+            w_ptr + n[None, :] * K + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0,
+            eviction_policy="evict_first",
+        )  # fmt: skip
+        acc += tl.dot(a, b)  # int8 x int8 -> exact int32
+    sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
+    sw = tl.load(sw_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y += tl.where(pid_k == 0, b, 0.0)[None, :]  # only the first K split adds the bias
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, y, mask=o_mask, sem="relaxed")
+    else:
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=o_mask)

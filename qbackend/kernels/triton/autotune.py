@@ -1,0 +1,320 @@
+"""Kernel configurations: heuristics, autotuning and a per-GPU on-disk cache of the chosen configs.
+
+``triton.autotune`` is not used: its key cannot hold our (M bucket, format, block size) key directly,
+it cannot be bypassed per call under the interpreter, and it keeps no cache across processes.
+
+* Key: (variant, format, block size, nested, zero point, activation dtype, M bucket, N, K).
+* Off under the interpreter, while a CUDA graph is being captured, and when
+  ``QBACKEND_TRITON_AUTOTUNE=0``: a fixed heuristic config is used (nothing is cached then).
+* Cache: ``$QBACKEND_TRITON_CACHE_DIR`` (default ``~/.cache/qbackend/triton``), one JSON file per
+  GPU model, compute capability and Triton version.
+* Tests (and benchmarks) can pin a config with :func:`override_config`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+# Variant names (the launcher picks one by M).
+GEMV = "wo_gemv"  # weight-only, M == 1: split-K, no tl.dot
+WO_SMALL = "wo_small"  # weight-only, 2 <= M <= 64: tl.dot, M padded to 16, split-K
+WO_LARGE = "wo_large"  # weight-only, M > 64: tiled GEMM, grouped program order
+GRAD_SMALL = "wo_grad_small"  # grad_x, M <= 64: split over N
+GRAD_LARGE = "wo_grad_large"
+W8A8_SMALL = "w8a8_small"
+W8A8_LARGE = "w8a8_large"
+VARIANTS = (GEMV, WO_SMALL, WO_LARGE, GRAD_SMALL, GRAD_LARGE, W8A8_SMALL, W8A8_LARGE)
+
+SMALL_M_MAX = 64
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters. ``split`` divides the reduction axis (K, or N for grads)."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 64
+    split: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def m_bucket(m: int) -> int:
+    """Power-of-two bucket of M (1, 2, 4, ... 4096); configs are tuned once per bucket."""
+    if m <= 1:
+        return 1
+    return min(1 << (m - 1).bit_length(), 4096)
+
+
+def block_m_for(m: int) -> int:
+    """Smallest tile height that holds M rows, at least 16 (tl.dot's minimum), at most 64."""
+    return max(16, min(64, 1 << max(m - 1, 1).bit_length()))
+
+
+# ---------------------------------------------------------------------------------------------
+# overrides (tests, benchmarks)
+# ---------------------------------------------------------------------------------------------
+
+_overrides: dict[str, KernelConfig] = {}
+
+
+@contextlib.contextmanager
+def override_config(variant: str, cfg: KernelConfig) -> Iterator[None]:
+    """Use ``cfg`` for every launch of ``variant`` inside the block (no autotuning, no cache)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
+    old = _overrides.get(variant)
+    _overrides[variant] = cfg
+    try:
+        yield
+    finally:
+        if old is None:
+            _overrides.pop(variant, None)
+        else:
+            _overrides[variant] = old
+
+
+# ---------------------------------------------------------------------------------------------
+# fixed configs: the interpreter's (tiny tiles, so tests exercise masking and splits) and the GPU
+# heuristic used when autotuning is off
+# ---------------------------------------------------------------------------------------------
+
+
+def interpreter_config(variant: str, m: int) -> KernelConfig:
+    """One fixed small config per variant: the interpreter cannot autotune and is slow."""
+    if variant == GEMV:
+        return KernelConfig(block_m=1, block_n=32, block_k=32, split=2)
+    if variant in (WO_SMALL, GRAD_SMALL, W8A8_SMALL):
+        return KernelConfig(block_m=block_m_for(m), block_n=32, block_k=32, split=2, group_m=1)
+    return KernelConfig(block_m=32, block_n=32, block_k=32, split=1, group_m=2)
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sm_counts:
+        _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sm_counts[idx]
+
+
+def split_for(tiles: int, depth: int, block: int, sms: int, max_split: int = 32) -> int:
+    """Split the reduction until the grid has about 4 programs per SM, keeping >= 2 tiles per split."""
+    split = 1
+    while tiles * split < 4 * sms and split * 2 <= max_split and depth // (block * split * 2) >= 2:
+        split *= 2
+    return split
+
+
+def heuristic_config(variant: str, m: int, n: int, k: int, bk_cap: int, sms: int) -> KernelConfig:
+    """A reasonable untuned config for an [M, K] x [K, N] problem (grads: output [M, K], reduction N).
+
+    ``bk_cap`` bounds ``block_k`` so that K tiles stay inside one constant block (aligned path).
+    """
+    cap = lambda b: max(16, min(b, bk_cap))
+    cdiv = lambda a, b: -(-a // b)
+    if variant == GEMV:
+        bn, bk = 64, cap(128)
+        return KernelConfig(1, bn, bk, split_for(cdiv(n, bn), k, bk, sms), 1, 4, 2)
+    if variant == WO_SMALL:
+        bm, bn, bk = block_m_for(m), 64, cap(64)
+        return KernelConfig(bm, bn, bk, split_for(cdiv(n, bn) * cdiv(m, bm), k, bk, sms), 1, 4, 3)
+    if variant == GRAD_SMALL:
+        bm, bn, bk = block_m_for(m), 64, cap(64)  # output tile along K, reduction steps along N
+        return KernelConfig(bm, bn, bk, split_for(cdiv(k, bk) * cdiv(m, bm), n, bn, sms), 1, 4, 3)
+    if variant == W8A8_SMALL:
+        bm, bn, bk = block_m_for(m), 64, 128
+        return KernelConfig(bm, bn, bk, split_for(cdiv(n, bn) * cdiv(m, bm), k, bk, sms), 1, 4, 3)
+    if variant == W8A8_LARGE:
+        return KernelConfig(128, 128, 128, 1, 8, 8, 3)
+    if variant == GRAD_LARGE:
+        return KernelConfig(128, 64, cap(64), 1, 8, 4, 3)
+    return KernelConfig(128, 128, cap(64), 1, 8, 8, 3)
+
+
+def candidate_configs(variant: str, m: int, n: int, k: int, bk_cap: int, sms: int) -> list[KernelConfig]:
+    """The autotuner's search space, pruned to what the shape and the aligned path allow."""
+    cdiv = lambda a, b: -(-a // b)
+    bks = sorted({max(16, min(b, bk_cap)) for b in (32, 64, 128, 256)})
+    out: list[KernelConfig] = []
+    if variant == GEMV:
+        for bn in (32, 64, 128):
+            for bk in bks:
+                base = split_for(cdiv(n, bn), k, bk, sms)
+                for split in sorted({max(1, base // 2), base, base * 2}):
+                    for nw in (2, 4):
+                        out.append(KernelConfig(1, bn, bk, split, 1, nw, 2))
+    elif variant in (WO_SMALL, W8A8_SMALL):
+        bm = block_m_for(m)
+        kbs = [b for b in bks if b >= 32] if variant == WO_SMALL else [64, 128, 256]
+        for bn in (32, 64, 128):
+            for bk in kbs:
+                base = split_for(cdiv(n, bn) * cdiv(m, bm), k, bk, sms)
+                for split in sorted({max(1, base // 2), base, base * 2}):
+                    for ns in (2, 4):
+                        out.append(KernelConfig(bm, bn, bk, split, 1, 4, ns))
+    elif variant == GRAD_SMALL:
+        bm = block_m_for(m)
+        for bk in [b for b in bks if b >= 32]:
+            for bn in (32, 64, 128):
+                base = split_for(cdiv(k, bk) * cdiv(m, bm), n, bn, sms)
+                for split in sorted({max(1, base // 2), base, base * 2}):
+                    for ns in (2, 4):
+                        out.append(KernelConfig(bm, bn, bk, split, 1, 4, ns))
+    elif variant == GRAD_LARGE:
+        for bm, bn, nw in ((64, 64, 4), (128, 64, 4), (128, 32, 4), (128, 64, 8)):
+            for bk in [b for b in bks if 32 <= b <= 128]:
+                for ns in (3, 4):
+                    out.append(KernelConfig(bm, bn, bk, 1, 8, nw, ns))
+    else:
+        kbs = [b for b in bks if 32 <= b <= 64] if variant == WO_LARGE else [64, 128]
+        for bm, bn, nw in ((64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8), (128, 256, 8), (64, 256, 4)):
+            for bk in kbs:
+                for ns in (3, 4):
+                    out.append(KernelConfig(bm, bn, bk, 1, 8, nw, ns))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# on-disk cache
+# ---------------------------------------------------------------------------------------------
+
+_CACHE_VERSION = 1
+_mem: dict[str, dict[str, KernelConfig]] = {}
+_cache_lock = threading.Lock()
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("QBACKEND_TRITON_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("QBACKEND_TRITON_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "qbackend" / "triton"
+
+
+def cache_file(device: torch.device) -> Path:
+    """One file per GPU model, compute capability and Triton version (configs do not transfer)."""
+    import triton
+
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    name = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(idx)).strip("_")
+    major, minor = torch.cuda.get_device_capability(idx)
+    return cache_dir() / f"{name}-sm{major}{minor}-triton{triton.__version__}.json"
+
+
+def _load(path: Path) -> dict[str, KernelConfig]:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != _CACHE_VERSION:
+            return {}
+        return {k: KernelConfig(**v) for k, v in data.get("configs", {}).items()}
+    except (OSError, ValueError, TypeError):
+        return {}  # a missing or corrupt cache only costs a re-tune
+
+
+def _store(path: Path, key: str, cfg: KernelConfig) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = _load(path)  # another process may have added entries since we read it
+        merged[key] = cfg
+        payload = {"version": _CACHE_VERSION, "configs": {k: asdict(v) for k, v in sorted(merged.items())}}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)  # atomic: readers never see a half-written file
+    except OSError:
+        pass  # read-only home etc.: keep the in-memory choice
+
+
+def make_key(variant: str, fmt: str, bs: int, nested: bool, has_zp: bool, dtype: torch.dtype, m: int, n: int, k: int) -> str:
+    dt = str(dtype).removeprefix("torch.")
+    return f"{variant}|{fmt}|bs{bs}|nest{int(nested)}|zp{int(has_zp)}|{dt}|M{m_bucket(m)}|N{n}|K{k}"
+
+
+def select_config(
+    variant: str,
+    key: str,
+    device: torch.device,
+    interpreted: bool,
+    m: int,
+    default: Callable[[], KernelConfig],
+    candidates: Callable[[], list[KernelConfig]],
+    bench: Callable[[KernelConfig], object],
+) -> KernelConfig:
+    """Config for one launch: override > interpreter fixed > cached > tuned now > heuristic."""
+    if variant in _overrides:
+        return _overrides[variant]
+    if interpreted:
+        return interpreter_config(variant, m)
+    if not autotune_enabled() or torch.cuda.is_current_stream_capturing():
+        # Never benchmark inside a graph capture: the launches would be recorded, not run.
+        return default()
+    path = cache_file(device)
+    with _cache_lock:
+        table = _mem.get(str(path))
+        if table is None:
+            table = _mem[str(path)] = _load(path)
+        hit = table.get(key)
+    if hit is not None:
+        return hit
+    best = tune(candidates(), bench) or default()
+    with _cache_lock:
+        table[key] = best
+        _store(path, key, best)
+    return best
+
+
+def tune(cands: list[KernelConfig], bench: Callable[[KernelConfig], object]) -> KernelConfig | None:
+    """The fastest config by median time (L2 flushed by do_bench); configs that fail are skipped."""
+    from triton.testing import do_bench
+
+    best: tuple[float, KernelConfig] | None = None
+    for cfg in dict.fromkeys(cands):  # dedupe, keep order
+        try:
+            t = do_bench(lambda c=cfg: bench(c), warmup=5, rep=25, return_mode="median")
+        except Exception:  # noqa: BLE001 - e.g. out of shared memory for this tile: just not a candidate
+            continue
+        if best is None or t < best[0]:
+            best = (t, cfg)
+    return None if best is None else best[1]
+
+
+def clear_memory_cache() -> None:
+    with _cache_lock:
+        _mem.clear()
+
+
+__all__ = [
+    "GEMV",
+    "GRAD_LARGE",
+    "GRAD_SMALL",
+    "KernelConfig",
+    "VARIANTS",
+    "W8A8_LARGE",
+    "W8A8_SMALL",
+    "WO_LARGE",
+    "WO_SMALL",
+    "autotune_enabled",
+    "cache_file",
+    "candidate_configs",
+    "heuristic_config",
+    "interpreter_config",
+    "make_key",
+    "m_bucket",
+    "override_config",
+    "select_config",
+]

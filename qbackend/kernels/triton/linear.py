@@ -1,0 +1,478 @@
+"""Launchers: the public functions with the reference signatures, and their grad-input kernels.
+
+See the package docstring for the contract. Every function flattens ``x`` to [M, K], picks a kernel
+variant by M (GEMV for M == 1, split-K tl.dot for M <= 64, tiled GEMM above), picks a config
+(see :mod:`.autotune`) and launches. No host synchronisation happens on the launch path (nested
+offset and scales are read by the kernel), so the functions can be captured in CUDA graphs once
+their configs are tuned (capturing before that uses the heuristic config).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import autotune as at
+from ._runtime import kernels_for
+
+CB4, INT4, INT8 = 0, 1, 2  # the kernels' FMT constexpr
+_FMT_NAME = {CB4: "cb4", INT4: "int4", INT8: "int8"}
+_IDX32_LIMIT = 2**31 - 1
+
+
+@dataclass
+class _Weight:
+    """The weight operands of one weight-only call, as the kernels take them."""
+
+    fmt: int
+    n: int
+    k: int
+    codes: torch.Tensor
+    scale: torch.Tensor | None = None  # absmax (codebook, plain) / per-group or per-channel scale
+    zp: torch.Tensor | None = None
+    ncodes: torch.Tensor | None = None
+    nabs: torch.Tensor | None = None
+    noff: torch.Tensor | None = None
+    table: torch.Tensor | None = None
+    ntable: torch.Tensor | None = None
+    bs: int = 0  # codebook block size / int4 group size (0 for int8)
+    nbs: int = 256
+
+    @property
+    def nested(self) -> bool:
+        return self.ncodes is not None
+
+    @property
+    def groups(self) -> int:
+        """int4: constants per row (the tail group may be shorter); 0 otherwise."""
+        return triton.cdiv(self.k, self.bs) if self.fmt == INT4 else 0
+
+    @property
+    def idx64(self) -> bool:
+        return self.n * self.k > _IDX32_LIMIT
+
+    def ptr_args(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.codes, self.scale, self.zp, self.ncodes, self.nabs, self.noff, self.table, self.ntable)
+
+    def aligned(self, block_k: int) -> bool:
+        """Does every K tile of width ``block_k`` (starting at a multiple of it) sit in one block per row?"""
+        if self.fmt == CB4:
+            return self.k % self.bs == 0 and self.bs % block_k == 0
+        if self.fmt == INT4:
+            return self.bs % block_k == 0
+        return False
+
+    def bk_cap(self, min_block: int) -> int:
+        """Largest K tile that keeps the aligned path (256 = no constraint when it is unavailable)."""
+        if self.fmt == INT8 or (self.fmt == CB4 and self.k % self.bs):
+            return 256
+        p = self.bs & -self.bs  # largest power of two dividing the block size
+        return p if p >= min_block else 256
+
+    def key_parts(self) -> tuple[str, int, bool, bool]:
+        return _FMT_NAME[self.fmt], self.bs, self.nested, self.zp is not None
+
+
+def _fail(msg: str) -> None:
+    raise ValueError(f"qbackend triton kernels: {msg}")
+
+
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.reshape(-1).contiguous()
+
+
+def _rows(x: torch.Tensor, k: int, what: str = "x") -> torch.Tensor:
+    """[..., K] -> [M, K] with unit stride along K (a view whenever possible)."""
+    if x.dim() == 0 or x.shape[-1] != k:
+        _fail(f"{what} has shape {tuple(x.shape)}; expected [..., {k}]")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        _fail(f"{what} dtype {x.dtype} is not supported (float32, float16, bfloat16)")
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] > 0 and (x2.stride(1) != 1 or x2.stride(0) < k):
+        x2 = x2.contiguous()
+    return x2
+
+
+def _dot_dtype(dtype: torch.dtype, interpreted: bool) -> tuple[tl.dtype, str]:
+    """Tensor-core operand dtype and fp32 precision. The interpreter gets bf16 dots wrong: fp32 there."""
+    if dtype == torch.float16:
+        return tl.float16, "tf32"
+    if dtype == torch.bfloat16 and not interpreted:
+        return tl.bfloat16, "tf32"
+    return tl.float32, "ieee"  # fp32 activations: match the fp32 reference, no tf32 rounding
+
+
+def _split(depth: int, split: int, block: int) -> tuple[int, int]:
+    """(elements per split, multiple of ``block``; number of non-empty splits)."""
+    per = triton.cdiv(triton.cdiv(depth, max(split, 1)), block) * block
+    return per, triton.cdiv(depth, per)
+
+
+def _sms(device: torch.device, interpreted: bool) -> int:
+    return 1 if interpreted else at.sm_count(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# weight-only forward
+# ---------------------------------------------------------------------------------------------
+
+
+def _wo_forward(x: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    x2 = _rows(x, w.k)
+    m = x2.shape[0]
+    lead = x.shape[:-1]
+    if bias is not None:
+        if bias.numel() != w.n:
+            _fail(f"bias has {bias.numel()} elements; expected {w.n}")
+        bias = _flat(bias)
+    if m == 0:
+        return x.new_zeros(*lead, w.n)
+    kern, interp = kernels_for(x.device)
+    variant = at.GEMV if m == 1 else at.WO_SMALL if m <= at.SMALL_M_MAX else at.WO_LARGE
+    dot_dtype, prec = _dot_dtype(x.dtype, interp)
+
+    def launch(cfg: at.KernelConfig) -> torch.Tensor:
+        return _launch_wo_forward(kern, variant, cfg, x2, w, bias, dot_dtype, prec)
+
+    sms = _sms(x.device, interp)
+    min_bk = 16 if variant == at.GEMV else 32
+    cfg = at.select_config(
+        variant, at.make_key(variant, *w.key_parts(), x.dtype, m, w.n, w.k), x.device, interp, m,
+        default=lambda: at.heuristic_config(variant, m, w.n, w.k, w.bk_cap(min_bk), sms),
+        candidates=lambda: at.candidate_configs(variant, m, w.n, w.k, w.bk_cap(min_bk), sms),
+        bench=launch,
+    )  # fmt: skip
+    return launch(cfg).reshape(*lead, w.n)
+
+
+def _launch_wo_forward(
+    kern, variant: str, cfg: at.KernelConfig, x2: torch.Tensor, w: _Weight, bias: torch.Tensor | None,
+    dot_dtype: tl.dtype, prec: str,
+) -> torch.Tensor:  # fmt: skip
+    m, k = x2.shape
+    n = w.n
+    bk = cfg.block_k
+    # Even K: one 16-byte-vectorisable byte load per column pair; odd K: per-element nibble pick.
+    pairs = w.fmt != INT8 and k % 2 == 0
+    k_split, split = _split(k, cfg.split, bk)
+    atomic = split > 1
+    if atomic:
+        out = torch.zeros((m, n), dtype=torch.float32, device=x2.device)
+    else:
+        out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    common = dict(
+        FMT=w.fmt, PAIRS=pairs, ALIGNED=w.aligned(bk), BS=max(w.bs, 1), NBS=w.nbs, NESTED=w.nested,
+        HAS_ZP=w.zp is not None, HAS_BIAS=bias is not None, ATOMIC=atomic, IDX64=w.idx64,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if variant == at.GEMV:
+        grid = (triton.cdiv(n, cfg.block_n), split, m)
+        kern.wo_gemv_kernel[grid](
+            x2, out, bias, *w.ptr_args(), n, k, k // 2, w.groups, x2.stride(0), out.stride(0), k_split, k_split // 2,
+            BLOCK_N=cfg.block_n, BLOCK_K=bk, **common,
+        )  # fmt: skip
+    else:
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+        kern.wo_dot_kernel[grid](
+            x2, out, bias, *w.ptr_args(), m, n, k, k // 2, w.groups, x2.stride(0), out.stride(0), k_split, k_split // 2,
+            DOT_DTYPE=dot_dtype, DOT_PREC=prec,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m, **common,
+        )  # fmt: skip
+    return out.to(x2.dtype) if atomic and x2.dtype != torch.float32 else out
+
+
+# ---------------------------------------------------------------------------------------------
+# weight-only grad_input: grad_x = grad_y @ W
+# ---------------------------------------------------------------------------------------------
+
+
+def _wo_grad(grad_y: torch.Tensor, w: _Weight) -> torch.Tensor:
+    g2 = _rows(grad_y, w.n, "grad_y")
+    m = g2.shape[0]
+    lead = grad_y.shape[:-1]
+    if m == 0:
+        return grad_y.new_zeros(*lead, w.k)
+    kern, interp = kernels_for(grad_y.device)
+    variant = at.GRAD_SMALL if m <= at.SMALL_M_MAX else at.GRAD_LARGE
+    dot_dtype, prec = _dot_dtype(grad_y.dtype, interp)
+
+    def launch(cfg: at.KernelConfig) -> torch.Tensor:
+        return _launch_wo_grad(kern, cfg, g2, w, dot_dtype, prec)
+
+    sms = _sms(grad_y.device, interp)
+    cfg = at.select_config(
+        variant, at.make_key(variant, *w.key_parts(), grad_y.dtype, m, w.n, w.k), grad_y.device, interp, m,
+        default=lambda: at.heuristic_config(variant, m, w.n, w.k, w.bk_cap(32), sms),
+        candidates=lambda: at.candidate_configs(variant, m, w.n, w.k, w.bk_cap(32), sms),
+        bench=launch,
+    )  # fmt: skip
+    return launch(cfg).reshape(*lead, w.k)
+
+
+def _launch_wo_grad(
+    kern, cfg: at.KernelConfig, g2: torch.Tensor, w: _Weight, dot_dtype: tl.dtype, prec: str
+) -> torch.Tensor:
+    m, n = g2.shape
+    k = w.k
+    bk = cfg.block_k  # output tile along K
+    n_split, split = _split(n, cfg.split, cfg.block_n)
+    atomic = split > 1
+    if atomic:
+        out = torch.zeros((m, k), dtype=torch.float32, device=g2.device)
+    else:
+        out = torch.empty((m, k), dtype=g2.dtype, device=g2.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(k, bk), split)
+    kern.wo_grad_kernel[grid](
+        g2, out, *w.ptr_args(), m, n, k, k // 2, w.groups, g2.stride(0), out.stride(0), n_split,
+        FMT=w.fmt, PAIRS=w.fmt != INT8 and k % 2 == 0, ALIGNED=w.aligned(bk), BS=max(w.bs, 1), NBS=w.nbs,
+        NESTED=w.nested, HAS_ZP=w.zp is not None, ATOMIC=atomic, IDX64=w.idx64,
+        DOT_DTYPE=dot_dtype, DOT_PREC=prec,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out.to(g2.dtype) if atomic and g2.dtype != torch.float32 else out
+
+
+# ---------------------------------------------------------------------------------------------
+# operand checks (shape only: no device->host reads)
+# ---------------------------------------------------------------------------------------------
+
+
+def _codebook_weight(
+    codes: torch.Tensor, absmax: torch.Tensor | None, nested_codes: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None, nested_offset: torch.Tensor | None, table: torch.Tensor,
+    nested_table: torch.Tensor | None, out_features: int, in_features: int, blocksize: int, nested_blocksize: int,
+) -> _Weight:  # fmt: skip
+    numel = out_features * in_features
+    if codes.dtype != torch.uint8 or codes.numel() != (numel + 1) // 2:
+        _fail(f"codes must be uint8 with {(numel + 1) // 2} bytes for [{out_features}, {in_features}]")
+    if blocksize < 2 or blocksize % 2:
+        _fail(f"blocksize must be even, got {blocksize}")
+    nblocks = triton.cdiv(numel, blocksize)
+    if table.numel() != 16:
+        _fail(f"table must have 16 entries, got {table.numel()}")
+    if nested_codes is not None:
+        if nested_absmax is None or nested_offset is None or nested_table is None:
+            _fail("nested constants need nested_codes, nested_absmax, nested_offset and nested_table")
+        if nested_codes.numel() != nblocks or nested_absmax.numel() < triton.cdiv(nblocks, nested_blocksize):
+            _fail(f"nested constants do not cover {nblocks} blocks of {blocksize}")
+        if nested_table.numel() != 256 or nested_offset.numel() != 1:
+            _fail("nested_table must have 256 entries and nested_offset one")
+        return _Weight(
+            CB4, out_features, in_features, _flat(codes), ncodes=_flat(nested_codes), nabs=_flat(nested_absmax),
+            noff=_flat(nested_offset), table=_flat(table), ntable=_flat(nested_table), bs=blocksize,
+            nbs=nested_blocksize,
+        )  # fmt: skip
+    if absmax is None or absmax.numel() < nblocks:
+        _fail(f"absmax must hold {nblocks} block constants")
+    return _Weight(CB4, out_features, in_features, _flat(codes), scale=_flat(absmax), table=_flat(table), bs=blocksize)
+
+
+def _int4_weight(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, out_features: int, in_features: int,
+    groupsize: int,
+) -> _Weight:  # fmt: skip
+    numel = out_features * in_features
+    if codes.dtype != torch.uint8 or codes.numel() != (numel + 1) // 2:
+        _fail(f"int4 codes must be uint8 with {(numel + 1) // 2} bytes for [{out_features}, {in_features}]")
+    if groupsize < 2 or groupsize % 2:
+        _fail(f"int4 group size must be even, got {groupsize}")
+    groups = triton.cdiv(in_features, groupsize)
+    if scale.numel() != out_features * groups:
+        _fail(f"scale has {scale.numel()} elements; expected [{out_features}, {groups}]")
+    if zero_point is not None and zero_point.numel() != out_features * groups:
+        _fail(f"zero_point has {zero_point.numel()} elements; expected [{out_features}, {groups}]")
+    return _Weight(INT4, out_features, in_features, _flat(codes), scale=_flat(scale), zp=_flat(zero_point), bs=groupsize)
+
+
+def _int8_weight(codes: torch.Tensor, scale: torch.Tensor, out_features: int, in_features: int) -> _Weight:
+    if codes.dtype not in (torch.int8, torch.uint8) or codes.numel() != out_features * in_features:
+        _fail(f"int8 codes must be int8 with {out_features * in_features} elements")
+    if scale.numel() != out_features:
+        _fail(f"scale has {scale.numel()} elements; expected {out_features} (one per output channel)")
+    return _Weight(INT8, out_features, in_features, _flat(codes), scale=_flat(scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# public functions (reference signatures)
+# ---------------------------------------------------------------------------------------------
+
+
+def codebook4_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor | None,
+    nested_codes: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_offset: torch.Tensor | None,
+    table: torch.Tensor,
+    nested_table: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    nested_blocksize: int,
+) -> torch.Tensor:
+    """y = x @ W^T + b for an NF4/FP4 weight (plain or nested constants), decoded in the kernel."""
+    w = _codebook_weight(
+        codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
+        out_features, in_features, blocksize, nested_blocksize,
+    )  # fmt: skip
+    return _wo_forward(x, w, bias)
+
+
+def codebook4_linear_grad_input(
+    grad_y: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor | None,
+    nested_codes: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_offset: torch.Tensor | None,
+    table: torch.Tensor,
+    nested_table: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    nested_blocksize: int,
+) -> torch.Tensor:
+    """grad_x = grad_y @ W ([..., N] -> [..., K], grad_y's dtype, fp32 accumulation)."""
+    w = _codebook_weight(
+        codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
+        out_features, in_features, blocksize, nested_blocksize,
+    )  # fmt: skip
+    return _wo_grad(grad_y, w)
+
+
+def int4_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    groupsize: int,
+) -> torch.Tensor:
+    """y = x @ W^T + b for int4 codes (zero point 8 when ``zero_point`` is None), one scale per group."""
+    return _wo_forward(x, _int4_weight(codes, scale, zero_point, out_features, in_features, groupsize), bias)
+
+
+def int4_linear_grad_input(
+    grad_y: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    groupsize: int,
+) -> torch.Tensor:
+    """grad_x = grad_y @ W for an int4 weight."""
+    return _wo_grad(grad_y, _int4_weight(codes, scale, zero_point, out_features, in_features, groupsize))
+
+
+def int8_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """y = x @ W^T + b for int8 codes with one scale per output channel (applied after the reduction)."""
+    return _wo_forward(x, _int8_weight(codes, scale, out_features, in_features), bias)
+
+
+def int8_linear_grad_input(
+    grad_y: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """grad_x = grad_y @ W for an int8 per-channel weight."""
+    return _wo_grad(grad_y, _int8_weight(codes, scale, out_features, in_features))
+
+
+# ---------------------------------------------------------------------------------------------
+# W8A8
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_activations(
+    x: torch.Tensor, act_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 [M, K] codes and fp32 [M] scales of ``x`` ([..., K]): per token, or with a static scale.
+
+    Same arithmetic as reference.w8a8_linear (IEEE division, round half to even, clamp to +-127).
+    """
+    x2 = _rows(x, x.shape[-1] if x.dim() else 0)
+    m, k = x2.shape
+    xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    sx = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return xq, sx
+    if act_scale is not None and act_scale.numel() != 1:
+        _fail(f"act_scale must be a single (per-tensor) scale, got {act_scale.numel()} elements")
+    kern, interp = kernels_for(x.device)
+    block = 32 if interp else min(triton.next_power_of_2(k), 2048)
+    kern.act_quant_kernel[(m,)](
+        x2, xq, sx, _flat(act_scale), k, x2.stride(0), xq.stride(0),
+        STATIC=act_scale is not None, BLOCK_K=block, num_warps=4 if block >= 512 else 1,
+    )  # fmt: skip
+    return xq, sx
+
+
+def w8a8_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """int8 activations x int8 weights -> int32 (tl.dot), rescaled by s_x[m] * s_w[n], bias fused."""
+    n, k = out_features, in_features
+    if codes.dtype != torch.int8 or codes.numel() != n * k:
+        _fail(f"w8a8 codes must be int8 with {n * k} elements")
+    if scale.numel() != n:
+        _fail(f"scale has {scale.numel()} elements; expected {n}")
+    if bias is not None and bias.numel() != n:
+        _fail(f"bias has {bias.numel()} elements; expected {n}")
+    x2 = _rows(x, k)
+    m = x2.shape[0]
+    lead = x.shape[:-1]
+    if m == 0:
+        return x.new_zeros(*lead, n)
+    xq, sx = quantize_activations(x2, act_scale)
+    codes, scale, bias = _flat(codes), _flat(scale), _flat(bias)
+    kern, interp = kernels_for(x.device)
+    variant = at.W8A8_SMALL if m <= at.SMALL_M_MAX else at.W8A8_LARGE
+
+    def launch(cfg: at.KernelConfig) -> torch.Tensor:
+        k_split, split = _split(k, cfg.split, cfg.block_k)
+        atomic = split > 1
+        if atomic:
+            out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+        else:
+            out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+        kern.w8a8_kernel[grid](
+            xq, sx, codes, scale, bias, out, m, n, k, xq.stride(0), out.stride(0), k_split,
+            HAS_BIAS=bias is not None, ATOMIC=atomic, IDX64=n * k > _IDX32_LIMIT,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        return out.to(x.dtype) if atomic and x.dtype != torch.float32 else out
+
+    sms = _sms(x.device, interp)
+    cfg = at.select_config(
+        variant, at.make_key(variant, "w8a8", 0, False, False, x.dtype, m, n, k), x.device, interp, m,
+        default=lambda: at.heuristic_config(variant, m, n, k, 256, sms),
+        candidates=lambda: at.candidate_configs(variant, m, n, k, 256, sms),
+        bench=launch,
+    )  # fmt: skip
+    return launch(cfg).reshape(*lead, n)

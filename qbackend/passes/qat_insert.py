@@ -1,0 +1,211 @@
+"""QAT pass: fake quantization on linear weights (and inputs) while training; their deployment otherwise.
+
+Runs between :func:`select_layers` and :func:`lower_linears` on the linear layers the backend's
+finder found. A layer is a QAT layer when its weight was prepared (``qbackend.qat.prepare``: its
+state and format win) or, unprepared, when ``config.qat`` is set and the backend selected it.
+
+* Grad enabled: every lowerable site of a QAT layer becomes
+  ``linear(fq_act(x), fake_quant_weight(W, ratio), bias)`` (custom ops, exact format numerics,
+  straight-through gradients); a static input scale is observed in the same graph. Learnable
+  ratios and observer buffers are attributes of the GraphModule that ARE the user's tensors, so AOT
+  autograd lifts them as graph inputs: gradients reach ``ratio.grad``, observer updates land in the
+  model's buffers, and nothing is baked into the compiled code.
+* Grad disabled: QAT layers whose deployment needs QAT information (prepared state or input
+  quantization) are lowered here to the quantized op on the deployed weight
+  (``qbackend.qat.deployed_weight``), with the same input fake quantization; stateless weight-only
+  QAT layers are left to :func:`lower_linears`, whose quantization is the same function.
+
+Invariant: for every rewritten site the graph computes exactly what the eager QAT reference
+(``LinearQAT.forward`` / its deployment) computes, bit for bit in the weights; sites of other layers
+and all other nodes are unchanged; the graph lints; running the pass again changes nothing (a
+rewritten site no longer matches a float linear on a parameter).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+import torch.fx as fx
+
+from ..config import QuantConfig
+from ..formats import Scheme
+from ..qat.config import QATConfig
+from ..qat.deploy import DeployedLinear, get_deployed
+from ..qat.fake_quant import ACT_QMAX, scheme_key
+from ..qat.state import LinearQAT, state_of
+from ..report import LayerReport, Report
+from .find_linears import LinearSite
+from .lower_linears import BUFFER_PREFIX, LAYER_META, Lowered, LoweringResult
+from .select_layers import LayerPlan
+
+log = logging.getLogger("qbackend")
+aten = torch.ops.aten
+_PREFIX = BUFFER_PREFIX + "qat_"
+
+
+def insert_qat(gm: fx.GraphModule, plans: list[LayerPlan], config: QuantConfig) -> tuple[LoweringResult, list[LayerPlan]]:
+    """Rewrite the QAT layers of ``gm`` (in place); returns their result and the plans left to lower."""
+    result = LoweringResult(Report(graphs=1))
+    if config.qat is None and not any(state_of(p.param.tensor) is not None for p in plans):
+        return result, plans
+    training = torch.is_grad_enabled()
+    rest: list[LayerPlan] = []
+    for plan in plans:
+        state = state_of(plan.param.tensor)
+        scheme = state.scheme if state is not None else plan.scheme if config.qat is not None else None
+        sites = [s for s in plan.sites if s.skip_reason is None]
+        if scheme is None or not sites:
+            rest.append(plan)
+            continue
+        qat = state.config if state is not None else _stateless(config.qat, plan.name)
+        if not training and state is None and qat.activations == "none":
+            rest.append(plan)  # deploying == the backend's own lowering of this scheme
+            continue
+        row = _row(plan, scheme)
+        result.report.layers.append(row)
+        attrs = _state_attrs(gm, plan.name, state)
+        if training:
+            for site in sites:
+                _fake_quant_site(gm.graph, site, scheme, qat, attrs)
+            row.reason = "QAT: fake-quantized (grad enabled)"
+        else:
+            entry = get_deployed(plan.param.tensor, scheme, state, plan.transposed, plan.name)
+            kw_nodes = _register(gm, plan.name, entry)
+            for site in sites:
+                _deploy_site(gm.graph, site, entry, qat, kw_nodes, attrs)
+            result.lowered.append(Lowered(entry, plan.param))  # type: ignore[arg-type]
+            row.quantized, row.bits_per_param, row.bytes_after = True, entry.bits_per_param, entry.nbytes
+        result.nodes += len(sites)
+    if result.nodes:
+        gm.graph.lint()
+        gm.recompile()
+    return result, rest
+
+
+# ---- per-site rewrites ---------------------------------------------------------------------------
+
+
+def _fake_quant_site(graph: fx.Graph, site: LinearSite, scheme: Scheme, qat: QATConfig, attrs: dict) -> None:
+    node = site.node
+    with graph.inserting_before(node):
+        w = graph.call_function(aten.t.default, (site.weight,)) if site.transposed else site.weight
+        wq = graph.call_function(
+            torch.ops.qbackend.qat_fake_quant_weight.default,
+            (w, attrs.get("weight_ratio"), scheme_key(scheme), float(qat.min_ratio)),
+        )
+        x = _act(graph, site.x, qat, attrs, observe=True)
+    # Rewritten in place (not replaced): later sites may hold this node as their input.
+    _become(graph, site, aten.linear.default, (x, wq, site.bias))
+
+
+def _deploy_site(
+    graph: fx.Graph, site: LinearSite, entry: DeployedLinear, qat: QATConfig, kw_nodes: list, attrs: dict
+) -> None:
+    with graph.inserting_before(site.node):
+        x = _act(graph, site.x, qat, attrs, observe=False)
+    _become(graph, site, entry.kw.op, (x, *kw_nodes, site.bias, *entry.kw.statics))
+
+
+def _act(graph: fx.Graph, x: fx.Node, qat: QATConfig, attrs: dict, observe: bool) -> fx.Node:
+    """The (fake-)quantized input node for ``qat.activations``."""
+    fq = torch.ops.qbackend.qat_fake_quant_act.default
+    if qat.activations == "dynamic":
+        return graph.call_function(fq, (x, None))
+    if qat.activations != "static" or "act_absmax" not in attrs:
+        return x
+    if observe:
+        xd = graph.call_function(aten.detach.default, (x,))
+        scale = graph.call_function(
+            torch.ops.qbackend.qat_observe_absmax.default,
+            (xd, attrs["act_absmax"], attrs["act_observed"], attrs["observing"], float(qat.observer_momentum)),
+        )
+    else:
+        scale = graph.call_function(aten.div.Tensor, (attrs["act_absmax"], ACT_QMAX))
+    return graph.call_function(fq, (x, scale))
+
+
+def _become(graph: fx.Graph, site: LinearSite, target, args: tuple) -> None:
+    node = site.node
+    node.op, node.target, node.args, node.kwargs = "call_function", target, args, {}
+    node.meta[LAYER_META] = (site.param.fqn, site.transposed)
+    for n in site.consumed:  # the matmul under a fused add, then the weight's transpose
+        if not n.users:
+            graph.erase_node(n)
+
+
+# ---- graph attributes: the user's QAT state and the deployed kernel tensors ------------------------
+
+
+def _state_attrs(gm: fx.GraphModule, layer: str, state: LinearQAT | None) -> dict[str, fx.Node]:
+    """get_attr nodes for the layer's state tensors (the model's own Parameter/buffers, not copies)."""
+    if state is None:
+        return {}
+    out = {}
+    for name in ("weight_ratio", "act_absmax", "act_observed", "observing"):
+        t = getattr(state, name, None)
+        if isinstance(t, torch.Tensor):
+            out[name] = _attr(gm, f"{layer}_{name}", t)
+    return out
+
+
+def _register(gm: fx.GraphModule, layer: str, entry: DeployedLinear) -> list[fx.Node | None]:
+    return [None if t is None else _attr(gm, f"{layer}_{n}", t) for t, n in zip(entry.kw.tensors, entry.kw.names)]
+
+
+def _attr(gm: fx.GraphModule, name: str, t: torch.Tensor) -> fx.Node:
+    base = _PREFIX + re.sub(r"\W", "_", name)
+    name, i = base, 0
+    while hasattr(gm, name) and getattr(gm, name) is not t:
+        i += 1
+        name = f"{base}_{i}"
+    if not hasattr(gm, name):
+        if isinstance(t, torch.nn.Parameter):
+            gm.register_parameter(name, t)
+        else:
+            gm.register_buffer(name, t)
+        # Dynamo graphs map every parameter/buffer to a source (AOT autograd asserts it).
+        if hasattr(gm, "_param_name_to_source"):
+            from torch._dynamo.source import ConstantSource
+
+            gm._param_name_to_source[name] = ConstantSource(name)
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first):
+        return gm.graph.get_attr(name)
+
+
+# ---- policy and report ---------------------------------------------------------------------------
+
+_warned: set[str] = set()
+
+
+def _stateless(qat: QATConfig | None, layer: str) -> QATConfig:
+    """The QAT an unprepared layer gets: the stateless part of ``qat`` (no ratios, no static observer)."""
+    assert qat is not None
+    if qat.stateful and layer not in _warned:
+        _warned.add(layer)
+        log.warning(
+            "qbackend: layer %s has no QAT state (learnable scales / static activations need "
+            "qbackend.qat.prepare(model, options) before compiling); it gets stateless fake quantization",
+            layer,
+        )
+    activations = "none" if qat.activations == "static" else qat.activations
+    return QATConfig(learnable_scales=False, activations=activations, observer_momentum=qat.observer_momentum)
+
+
+def _row(plan: LayerPlan, scheme: Scheme) -> LayerReport:
+    w = plan.param.tensor
+    shape = (w.shape[1], w.shape[0]) if plan.transposed else (w.shape[0], w.shape[1])
+    return LayerReport(
+        name=plan.name,
+        param=plan.param.fqn,
+        shape=(int(shape[0]), int(shape[1])),
+        forms=tuple(s.form for s in plan.sites),
+        quantized=False,
+        format=scheme.name,
+        bits_per_param=float(w.element_size() * 8),
+        bytes_before=w.numel() * w.element_size(),
+        bytes_after=w.numel() * w.element_size(),
+        transposed=plan.transposed,
+    )

@@ -1,0 +1,141 @@
+"""Quantized weights, made once per (parameter, format, orientation) and shared.
+
+Every compile of the same model (no_grad and grad graphs, recompiles for new shapes, graph-break
+subgraphs, ``qbackend.explain``) gets the same `QuantEntry` for a parameter, so its quantized
+tensors exist once in memory and an in-place re-quantization updates every compiled graph. Entries
+are held weakly: they live as long as a compiled graph (or the caller) uses them and the parameter
+exists. Nothing here keeps a float copy of a weight.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..formats import QuantizedWeight, Scheme, quantize
+from ..kernels import KernelWeight, prepare_weight
+
+_entries: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> {(scheme, transposed): weakref(QuantEntry)}
+
+
+@dataclass(eq=False)
+class QuantEntry:
+    """A parameter's quantized form and the version of the parameter it was made from.
+
+    kw.tensors are updated IN PLACE by :meth:`refresh`, so graphs that registered them see new values.
+    """
+
+    name: str
+    scheme: Scheme
+    transposed: bool
+    kw: KernelWeight
+    storage_bits: int
+    numel: int
+    version: int
+    data_ptr: int
+    rel_error: float | None = None
+
+    @property
+    def bits_per_param(self) -> float:
+        return self.storage_bits / self.numel
+
+    @property
+    def nbytes(self) -> int:
+        return (self.storage_bits + 7) // 8
+
+    def is_stale(self, param: torch.Tensor) -> bool:
+        """Cheap per-call check: the parameter was written in place (or its storage swapped) since quantizing."""
+        return _version(param) != self.version or param.data_ptr() != self.data_ptr
+
+    def refresh(self, param: torch.Tensor) -> None:
+        """Re-quantize from the parameter's current value into the existing tensors (same shapes)."""
+        qw = _quantize(param, self.scheme, self.transposed, self.name)
+        kw = prepare_weight(qw)
+        for old, new, tname in zip(self.kw.tensors, kw.tensors, kw.names, strict=True):
+            if old is None or new is None:
+                if old is not new:
+                    raise RuntimeError(f"{self.name}: re-quantized {tname} changed presence; recompile the model")
+                continue
+            if old is new:  # a shared code table
+                continue
+            if old.shape != new.shape or old.dtype != new.dtype:
+                raise RuntimeError(
+                    f"{self.name}: re-quantized {tname} has shape {tuple(new.shape)} {new.dtype}, was "
+                    f"{tuple(old.shape)} {old.dtype}; recompile the model (torch._dynamo.reset())"
+                )
+            with torch.no_grad():
+                old.copy_(new)
+        self.version, self.data_ptr = _version(param), param.data_ptr()
+        self.rel_error = None
+
+    def relative_error(self, param: torch.Tensor) -> float:
+        """||W - dequant(W_q)|| / ||W|| (Frobenius); measured once (temporary fp32 copies), then remembered."""
+        if self.rel_error is None:
+            self.rel_error = _rel_error(effective_weight(param, self.transposed), dequantize_kernel_weight(self.kw))
+        return self.rel_error
+
+
+def get_entry(
+    param: torch.Tensor, scheme: Scheme, transposed: bool, name: str, measure_error: bool = False
+) -> QuantEntry:
+    """The shared entry for ``param`` in ``scheme`` (quantizing now if none is alive or it is stale).
+
+    ``measure_error``: also record the relative weight error (one dequantization; for reports).
+
+    Raises `qbackend.formats.FormatError` (bad values, e.g. NaN, naming ``name``) or
+    `qbackend.kernels.UnsupportedWeight`.
+    """
+    per_param = _entries.get(param)
+    if per_param is None:
+        per_param = {}
+        _entries[param] = per_param
+    key = (scheme, transposed)
+    ref = per_param.get(key)
+    entry = ref() if ref is not None else None
+    if entry is not None:
+        if entry.is_stale(param):
+            entry.refresh(param)
+        return entry
+    qw = _quantize(param, scheme, transposed, name)
+    kw = prepare_weight(qw)
+    entry = QuantEntry(name, scheme, transposed, kw, qw.storage_bits(), qw.numel, _version(param), param.data_ptr())
+    if measure_error:
+        entry.rel_error = _rel_error(effective_weight(param, transposed), qw.dequantize(torch.float32))
+    per_param[key] = weakref.ref(entry)
+    return entry
+
+
+def effective_weight(param: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The linear's ``[out, in]`` weight: the parameter, or its transpose when stored ``[in, out]``."""
+    return param.detach().t() if transposed else param.detach()
+
+
+def _quantize(param: torch.Tensor, scheme: Scheme, transposed: bool, name: str) -> QuantizedWeight:
+    w = effective_weight(param, transposed)
+    if transposed:
+        w = w.contiguous()  # a temporary: freed once quantized
+    return quantize(w, scheme, name=name)
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter; data_ptr still catches swaps
+        return -1
+
+
+def _rel_error(w: torch.Tensor, deq: torch.Tensor) -> float:
+    w = w.float()
+    err = float((w - deq.to(w.device)).norm())
+    denom = float(w.norm())
+    return err / denom if denom > 0 else err
+
+
+def dequantize_kernel_weight(kw: KernelWeight) -> torch.Tensor:
+    """fp32 [N, K] weight of a KernelWeight: the op applied to the identity (exact, no extra decoder)."""
+    k = kw.in_features
+    eye = torch.eye(k, dtype=torch.float32, device=next(t for t in kw.tensors if t is not None).device)
+    return kw.op(eye, *kw.tensors, None, *kw.statics).t()

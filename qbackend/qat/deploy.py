@@ -1,0 +1,110 @@
+"""Deployment of QAT layers: the quantized weight QAT trained for, and its kernel tensors.
+
+``deployed_weight`` is THE definition of what a QAT layer deploys: the weight clipped by its learned
+ratios, quantized by the ordinary format code. The fake-quant forward is that same function
+dequantized, so prepare and convert agree bit for bit.
+
+`DeployedLinear` entries back the no-grad graphs the QAT pass lowers: one per (parameter, scheme,
+orientation), shared by every compile, re-quantized IN PLACE when the weight or its ratios change
+(checked before every call), so a graph never runs on stale weights.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..formats import QuantizedWeight, Scheme, quantize
+from ..kernels import KernelWeight, prepare_weight
+from .fake_quant import clip_weight
+from .state import LinearQAT
+
+
+def deployed_weight(
+    param: torch.Tensor, scheme: Scheme, state: LinearQAT | None = None, transposed: bool = False, name: str = "weight"
+) -> QuantizedWeight:
+    """The quantized form of a (QAT) linear weight: ``quantize(clip(W), scheme)``.
+
+    ``transposed``: the parameter is stored ``[in, out]`` and the linear's weight is its transpose.
+    """
+    w = param.detach()
+    if transposed:
+        w = w.t().contiguous()
+    ratio = None if state is None else state.weight_ratio
+    min_ratio = 0.05 if state is None else state.config.min_ratio
+    return quantize(clip_weight(w, scheme, ratio, min_ratio), scheme, name=name)
+
+
+def _version(t: torch.Tensor | None) -> int:
+    if t is None:
+        return 0
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return -1
+
+
+@dataclass(eq=False)
+class DeployedLinear:
+    """Kernel tensors of one deployed QAT weight and the versions of what they were made from.
+
+    Same interface as the backend's ``weight_cache.QuantEntry`` (``name``, ``scheme``, ``kw``,
+    ``is_stale(param)``, ``refresh(param)``, sizes), so the backend's per-call guard covers it.
+    """
+
+    name: str
+    scheme: Scheme
+    transposed: bool
+    state: LinearQAT | None
+    kw: KernelWeight
+    storage_bits: int
+    numel: int
+    stamp: tuple[int, int, int]
+
+    @property
+    def bits_per_param(self) -> float:
+        return self.storage_bits / self.numel
+
+    @property
+    def nbytes(self) -> int:
+        return (self.storage_bits + 7) // 8
+
+    def _stamp_of(self, param: torch.Tensor) -> tuple[int, int, int]:
+        ratio = None if self.state is None else self.state.weight_ratio
+        return (_version(param), param.data_ptr(), _version(ratio))
+
+    def is_stale(self, param: torch.Tensor) -> bool:
+        """The weight or its learned ratios changed (in place, or storage swapped) since quantizing."""
+        return self._stamp_of(param) != self.stamp
+
+    def refresh(self, param: torch.Tensor) -> None:
+        """Re-quantize into the existing tensors (compiled graphs hold them)."""
+        kw = prepare_weight(deployed_weight(param, self.scheme, self.state, self.transposed, self.name))
+        with torch.no_grad():
+            for old, new in zip(self.kw.tensors, kw.tensors, strict=True):
+                if old is not None and new is not None and old is not new:
+                    old.copy_(new)
+        self.stamp = self._stamp_of(param)
+
+
+_entries: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> {(scheme, transposed): weakref(entry)}
+
+
+def get_deployed(
+    param: torch.Tensor, scheme: Scheme, state: LinearQAT | None, transposed: bool, name: str
+) -> DeployedLinear:
+    """The shared, up-to-date deployment entry of ``param`` (quantized now if none is alive)."""
+    per_param = _entries.setdefault(param, {})
+    ref = per_param.get((scheme, transposed))
+    entry = ref() if ref is not None else None
+    if entry is None:
+        qw = deployed_weight(param, scheme, state, transposed, name)
+        entry = DeployedLinear(name, scheme, transposed, state, prepare_weight(qw), qw.storage_bits(), qw.numel, (0, 0, 0))
+        entry.stamp = entry._stamp_of(param)
+        per_param[(scheme, transposed)] = weakref.ref(entry)
+    elif entry.is_stale(param):
+        entry.refresh(param)
+    return entry

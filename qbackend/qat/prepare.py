@@ -1,0 +1,109 @@
+"""``prepare`` (attach QAT state to a model) and ``convert`` (deploy it on the quantized ops).
+
+>>> opts = {"preset": "nf4", "qat": QATConfig(learnable_scales=True)}
+>>> qbackend.qat.prepare(model, opts)                    # adds <layer>.qat modules, in place
+>>> cmodel = torch.compile(model, backend="qbackend", options=opts)
+>>> ...train cmodel with any optimizer over model.parameters()...
+>>> with torch.no_grad(): cmodel(x)                      # inference: the real quantized ops
+>>> qbackend.convert(model)                              # or: swap to QuantizedLinear, float weights freed
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import config as _config
+from ..kernels import prepare_weight
+from ..passes.select_layers import decide_layer
+from ..quantize_module import QuantizedLinear
+from .config import QATConfig
+from .deploy import deployed_weight
+from .fake_quant import fake_quantize_activation
+from .state import STATE_ATTR, LinearQAT, state_of
+
+STATE_NAME = "qat"
+
+
+def qat_config(options: Any = None) -> _config.QuantConfig:
+    """The backend config for QAT: ``options`` as for ``torch.compile`` (or a bare `QATConfig`), QAT on."""
+    if isinstance(options, QATConfig):
+        return _config.QuantConfig(qat=options)
+    cfg = _config.QuantConfig.from_options(options)
+    return cfg if cfg.qat is not None else cfg.replace(qat=QATConfig())
+
+
+def prepare(model: nn.Module, options: Any = None) -> list[str]:
+    """Attach QAT state (`LinearQAT`, as ``<layer>.qat``) to the linear layers the backend would quantize.
+
+    ``options``: the same options given to ``torch.compile(..., backend="qbackend", options=...)``
+    (format, include/exclude, min_params, ``qat=QATConfig(...)``), or a `QATConfig`. In place and
+    idempotent (a prepared layer is left as it is); tied weights share one state. Create the
+    optimizer after preparing (learnable ratios are new parameters). Returns the prepared layer names.
+    """
+    cfg = qat_config(options)
+    prepared = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            continue
+        w = mod.weight
+        if state_of(w) is not None:
+            continue
+        scheme, _why = decide_layer(name, w.numel(), cfg)
+        if scheme is None:
+            continue
+        state = LinearQAT(scheme, cfg.qat, tuple(w.shape)).to(w.device)
+        state.train(mod.training)
+        mod.register_module(STATE_NAME, state)
+        setattr(w, STATE_ATTR, state)
+        prepared.append(name)
+    return prepared
+
+
+def qat_layers(model: nn.Module) -> dict[str, LinearQAT]:
+    """Module name -> QAT state of every prepared layer of ``model``."""
+    return {name: m.qat for name, m in model.named_modules() if isinstance(getattr(m, STATE_NAME, None), LinearQAT)}
+
+
+class QATQuantizedLinear(QuantizedLinear):
+    """A deployed QAT layer whose input is also quantized (int8 per token, or static per tensor)."""
+
+    def __init__(self, kw: Any, bias: torch.Tensor | None, scheme: Any, activations: str, act_scale=None) -> None:
+        super().__init__(kw, bias, scheme)
+        self.activations = activations
+        if activations == "static":
+            self.register_buffer("act_scale", act_scale.detach().float().reshape(()).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.act_scale if self.activations == "static" else None
+        return super().forward(fake_quantize_activation(x, scale))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", activations={self.activations}"
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Deploy every prepared layer of ``model`` in place: ``nn.Linear`` + ``.qat`` -> `QuantizedLinear`.
+
+    The deployed weight is exactly what the QAT forward fake-quantized (``deployed_weight``); the
+    float weight and the QAT state are dropped. Returns ``model`` (the new module if ``model``
+    itself is a prepared ``nn.Linear``).
+    """
+    for name, mod in list(model.named_modules()):
+        state = getattr(mod, STATE_NAME, None)
+        if not (isinstance(mod, nn.Linear) and isinstance(state, LinearQAT)):
+            continue
+        kw = prepare_weight(deployed_weight(mod.weight, state.scheme, state, name=name))
+        bias = None if mod.bias is None else mod.bias.detach()
+        if state.activations == "none":
+            new: nn.Module = QuantizedLinear(kw, bias, state.scheme)
+        else:
+            scale = state.static_scale() if state.activations == "static" else None
+            new = QATQuantizedLinear(kw, bias, state.scheme, state.activations, scale)
+        if not name:
+            return new
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model

@@ -1,0 +1,155 @@
+"""`CalibrationResult`: per-layer activation statistics, saved as safetensors + a JSON sidecar."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CalibrationError(ValueError):
+    """Calibration could not produce usable statistics; the message says what to fix."""
+
+
+@dataclass
+class LayerStats:
+    """What calibration saw at one linear layer's input.
+
+    absmax: fp32 [in_features], max |x_j| over every token seen (running max).
+    tokens: rows (tokens) seen.
+    samples: fp32 [<= sample_tokens, in_features], a uniform sample of the input rows (for the alpha
+        search), or None when calibration kept no samples.
+    """
+
+    absmax: torch.Tensor
+    tokens: int
+    samples: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return int(self.absmax.numel())
+
+
+@dataclass
+class CalibrationResult:
+    """Per-layer statistics keyed by layer name (the weight's module path without ``.weight``).
+
+    Pass it to the backend: ``torch.compile(model, backend="qbackend", options={"preset": "w8a8",
+    "calibration": result})``. ``never_reached`` lists linear modules of the model no batch reached
+    (they are compiled without smoothing, and reported).
+    """
+
+    layers: dict[str, LayerStats]
+    num_batches: int
+    never_reached: tuple[str, ...] = ()
+    sample_tokens: int = 0
+    meta: dict[str, str] = field(default_factory=dict)
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
+
+    def get(self, layer: str) -> LayerStats | None:
+        return self.layers.get(layer)
+
+    def fingerprint(self) -> str:
+        """sha256 over every statistic (for cache keys and logs)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for name in sorted(self.layers):
+                st = self.layers[name]
+                h.update(name.encode())
+                h.update(st.absmax.detach().cpu().float().contiguous().numpy().tobytes())
+                if st.samples is not None:
+                    h.update(st.samples.detach().cpu().float().contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint())
+
+    def summary(self) -> str:
+        return (
+            f"CalibrationResult({len(self.layers)} layers, {self.num_batches} batches, "
+            f"{max((s.tokens for s in self.layers.values()), default=0)} tokens/layer, "
+            f"sample_tokens={self.sample_tokens}, never reached: {list(self.never_reached) or 'none'})"
+        )
+
+    # ---- save / load -------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
+        """Write ``<stem>.safetensors`` (tensors) and ``<stem>.json`` (everything else); returns both paths."""
+        from safetensors.torch import save_file
+
+        st_path, js_path = _paths(path)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, st in self.layers.items():
+            tensors[f"{name}::absmax"] = st.absmax.detach().cpu().float().contiguous().clone()
+            if st.samples is not None:
+                tensors[f"{name}::samples"] = st.samples.detach().cpu().float().contiguous().clone()
+        doc = {
+            "format": "qbackend.smoothquant.calibration",
+            "version": FORMAT_VERSION,
+            "num_batches": self.num_batches,
+            "sample_tokens": self.sample_tokens,
+            "never_reached": list(self.never_reached),
+            "layers": {n: {"tokens": s.tokens, "in_features": s.in_features} for n, s in self.layers.items()},
+            "meta": self.meta,
+        }
+        st_path.parent.mkdir(parents=True, exist_ok=True)
+        # Write both to temporary names first so a crash never leaves a half-written pair.
+        save_file(tensors, str(st_path) + ".tmp")
+        Path(str(js_path) + ".tmp").write_text(json.dumps(doc, indent=1))
+        os.replace(str(st_path) + ".tmp", st_path)
+        os.replace(str(js_path) + ".tmp", js_path)
+        return st_path, js_path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationResult:
+        """Read a result written by :meth:`save` (give either file or the common stem)."""
+        from safetensors.torch import load_file
+
+        st_path, js_path = _paths(path)
+        for p in (st_path, js_path):
+            if not p.exists():
+                raise CalibrationError(f"calibration file {p} does not exist (save() writes {st_path.name} and "
+                                       f"{js_path.name} side by side)")  # fmt: skip
+        try:
+            doc = json.loads(js_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"{js_path} is not valid JSON ({e}); re-run calibration") from None
+        if doc.get("format") != "qbackend.smoothquant.calibration" or doc.get("version") != FORMAT_VERSION:
+            raise CalibrationError(
+                f"{js_path}: not a qbackend calibration file of version {FORMAT_VERSION} "
+                f"(format={doc.get('format')!r}, version={doc.get('version')!r}); re-run calibration"
+            )
+        tensors = load_file(str(st_path))
+        layers: dict[str, LayerStats] = {}
+        for name, info in doc["layers"].items():
+            absmax = tensors.get(f"{name}::absmax")
+            if absmax is None or absmax.numel() != info["in_features"]:
+                raise CalibrationError(f"{st_path}: statistics of layer {name!r} are missing or have the wrong size")
+            if not bool(torch.isfinite(absmax).all()):
+                raise CalibrationError(f"{st_path}: layer {name!r} has NaN/Inf statistics; re-run calibration")
+            layers[name] = LayerStats(absmax, int(info["tokens"]), tensors.get(f"{name}::samples"))
+        return cls(layers, int(doc["num_batches"]), tuple(doc.get("never_reached", ())), int(doc["sample_tokens"]),
+                   dict(doc.get("meta", {})))  # fmt: skip
+
+
+def default_meta() -> dict[str, str]:
+    from .. import __version__
+
+    return {
+        "qbackend": __version__,
+        "torch": torch.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    return Path(str(stem) + ".safetensors"), Path(str(stem) + ".json")
