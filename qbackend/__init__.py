@@ -3,6 +3,7 @@
 >>> model = torch.compile(model, backend="qbackend", options={"preset": "int8"})
 >>> print(qbackend.explain(model_eager, example_input))
 >>> qbackend.quantize_(model, "nf4")   # free the float weights of the linear layers
+>>> cal = qbackend.calibrate(model, batches)  # SmoothQuant W8A8: options={"preset": "w8a8", "calibration": cal}
 """
 
 __version__ = "0.1.0"
@@ -11,5 +12,16 @@ from .config import QuantConfig  # noqa: E402
 from .explain import explain  # noqa: E402
 from .quantize_module import QuantizedLinear, quantize_  # noqa: E402
 from .report import LayerReport, Report  # noqa: E402
+from .smoothquant import CalibrationResult, calibrate  # noqa: E402
 
-__all__ = ["LayerReport", "QuantConfig", "QuantizedLinear", "Report", "__version__", "explain", "quantize_"]
+__all__ = [
+    "CalibrationResult",
+    "LayerReport",
+    "QuantConfig",
+    "QuantizedLinear",
+    "Report",
+    "__version__",
+    "calibrate",
+    "explain",
+    "quantize_",
+]

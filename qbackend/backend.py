@@ -26,6 +26,7 @@ from .passes import LoweringResult, find_linears, graph_params, lower_linears, s
 from .passes.qat_insert import insert_qat
 
 log = logging.getLogger("qbackend")
+_warned_frozen_grad = False
 
 
 class StaleWeightError(RuntimeError):
@@ -34,6 +35,10 @@ class StaleWeightError(RuntimeError):
 
 def run_passes(gm: fx.GraphModule, config: QuantConfig, measure_error: bool = False) -> LoweringResult:
     """The pass pipeline on a Dynamo graph (in place): find -> select -> lower."""
+    if config.smoothquant is not None:  # W8A8 (issue 5): find -> select -> SmoothQuant fold -> W8A8 lowering
+        from .smoothquant.pipeline import run_w8a8
+
+        return run_w8a8(gm, config, measure_error=measure_error)
     sites = find_linears(gm)
     plans = select_layers(sites, config)
     # Issue 5 (SmoothQuant) folds scales into `plans` here.
@@ -55,7 +60,9 @@ def qbackend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | None 
     result = run_passes(gm, config, measure_error=log.isEnabledFor(logging.DEBUG))
     _log(result, gm)
     compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
-    return guard_weights(compiled, result, config, _frozen_params(gm, result))
+    compiled = guard_weights(compiled, result, config, _frozen_params(gm, result))
+    # SmoothQuant folded parameters into constants: a later in-place change raises (issue 5).
+    return getattr(result, "guard_folded", lambda fn: fn)(compiled)
 
 
 def inductor_patches(mode: str | None, config: QuantConfig) -> dict[str, Any]:
@@ -137,7 +144,9 @@ def _log(result: LoweringResult, gm: fx.GraphModule) -> None:
         log.debug("qbackend: no linear layers in this graph")
         return
     log.info("qbackend: %s", report.summary())
-    if torch.is_grad_enabled() and any(lw.param.tensor.requires_grad for lw in result.lowered):
+    global _warned_frozen_grad
+    if not _warned_frozen_grad and torch.is_grad_enabled() and any(lw.param.tensor.requires_grad for lw in result.lowered):
+        _warned_frozen_grad = True  # once per process: grad-enabled inference is a legitimate use
         log.warning(
             "qbackend: grad is enabled; quantized weights are frozen and get no gradient "
             "(gradients flow to the inputs). Exclude layers you train."

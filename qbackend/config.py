@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from .formats import FormatError, Scheme
 from .qat.config import QATConfig, QATConfigError
+from .smoothquant.config import SmoothQuantConfig, SmoothQuantConfigError, backend_options
 
 Format = Literal["nf4", "fp4", "int4", "int8"]
 FORMATS: tuple[str, ...] = ("nf4", "fp4", "int4", "int8")
@@ -33,6 +34,8 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
         "int4": MappingProxyType({"format": "int4"}),
         "int4-g64": MappingProxyType({"format": "int4", "blocksize": 64}),
         "int8": MappingProxyType({"format": "int8"}),
+        # SmoothQuant W8A8 (issue 5): int8 weights per channel x int8 activations per token.
+        "w8a8": MappingProxyType({"format": "int8", "smoothquant": True}),
     }
 )
 
@@ -69,6 +72,10 @@ class QuantConfig:
     qat: quantization-aware training (:class:`qbackend.qat.QATConfig`; True for its defaults, or a
         dict of its fields): when grad is enabled, linear layers get fake quantization instead of
         the quantized op. None (default): off.
+    smoothquant: W8A8 with SmoothQuant (:class:`qbackend.smoothquant.SmoothQuantConfig`; True for its
+        defaults, or a dict of its fields; set by preset "w8a8"). None (default): weight-only.
+    calibration: a :class:`qbackend.smoothquant.CalibrationResult` (``qbackend.calibrate(...)``) or the
+        path it was saved to; without one, W8A8 is naive (no smoothing scales).
     """
 
     format: Format = "nf4"
@@ -81,6 +88,8 @@ class QuantConfig:
     on_weight_change: Literal["requantize", "error"] = "requantize"
     inductor: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     qat: QATConfig | None = None
+    smoothquant: SmoothQuantConfig | None = None
+    calibration: Any = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -112,6 +121,12 @@ class QuantConfig:
             object.__setattr__(self, "qat", QATConfig.from_value(self.qat))
         except QATConfigError as e:
             raise ConfigError(str(e)) from None
+        try:
+            sq, cal = backend_options(self.smoothquant, self.calibration, self.format)
+        except SmoothQuantConfigError as e:
+            raise ConfigError(str(e)) from None
+        object.__setattr__(self, "smoothquant", sq)
+        object.__setattr__(self, "calibration", cal)
         if self.format == "int8" and self.blocksize is not None:
             raise ConfigError("int8 is per output channel; blocksize must be None (use format='int4' for groups)")
         if self.format == "int8" and self.symmetric is False:
@@ -196,6 +211,8 @@ class QuantConfig:
                 v = {k: repr(v[k]) for k in sorted(v)}
             elif isinstance(v, QATConfig):
                 v = dataclasses.asdict(v)
+            elif hasattr(v, "fingerprint"):  # SmoothQuantConfig, CalibrationResult
+                v = v.fingerprint()
             out[f.name] = v
         return json.dumps(out, sort_keys=True)
 

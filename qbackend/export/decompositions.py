@@ -4,11 +4,13 @@ Each function computes exactly what :mod:`qbackend.kernels.reference` computes, 
 lower in every torch-mlir output type (linalg-on-tensors, tosa, stablehlo; see
 shared/notes/torch-compile.md):
 
-* packed weights stay integer constants; nibbles are unpacked on int32 with
+* packed weights stay integer constants; nibbles are unpacked with
   ``bitwise_right_shift(q, full((), 4))`` and ``bitwise_and(q, 15)``. Not ``q >> 4`` (fails
-  tosa/stablehlo), not ``torch.div(..., rounding_mode="floor")`` (segfaults the importer), and not
-  on uint8 (tosa rejects a ui8 shift constant). Masking after the shift makes the result right
-  whether a backend sign- or zero-extends the bytes.
+  tosa/stablehlo), not ``torch.div(..., rounding_mode="floor")`` (segfaults the importer). The
+  bytes are shifted as they are (uint8), except for tosa, which rejects a ui8 shift constant: there
+  they are widened to int32 first (stablehlo would constant-fold that widening into a 4x larger
+  copy of the codes, so it is not done everywhere). Masking after the shift makes the result right
+  whether a backend shifts arithmetically or logically, and whether it sign- or zero-extends.
 * code tables are gathered by integer index; integer zero points are subtracted in int32;
 * W8A8 is a real ``torch._int_mm`` (int8 x int8 -> int32), rescaled in fp32 afterwards.
 
@@ -17,6 +19,7 @@ Grad-input ops are not listed: an export is an inference graph.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -24,13 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _unpack_nibbles(codes: Tensor, numel: int) -> Tensor:
+def _unpack_nibbles(codes: Tensor, numel: int, work_dtype: torch.dtype) -> Tensor:
     """int32 [numel] 4-bit codes; the first element of each byte is in its high nibble."""
-    q = codes.reshape(-1).to(torch.int32)
-    four = torch.full((), 4, dtype=torch.int32, device=codes.device)
+    q = codes.reshape(-1)
+    if q.dtype != work_dtype:
+        q = q.to(work_dtype)
+    four = torch.full((), 4, dtype=work_dtype, device=codes.device)
     hi = torch.bitwise_and(torch.bitwise_right_shift(q, four), 15)
     lo = torch.bitwise_and(q, 15)
-    return torch.stack([hi, lo], dim=-1).reshape(-1)[:numel]
+    return torch.stack([hi, lo], dim=-1).reshape(-1)[:numel].to(torch.int32)
 
 
 def _scale_blocks(values: Tensor, scales: Tensor, blocksize: int) -> Tensor:
@@ -50,6 +55,7 @@ def _finish(x: Tensor, y: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def codebook4_linear(
+    work_dtype: torch.dtype,
     x: Tensor,
     codes: Tensor,
     absmax: Tensor | None,
@@ -69,12 +75,13 @@ def codebook4_linear(
         centred = nested_table[nested_codes.reshape(-1).to(torch.int64)]
         absmax = _scale_blocks(centred, nested_absmax, nested_blocksize) + nested_offset.reshape(())
     assert absmax is not None
-    idx = _unpack_nibbles(codes, out_features * in_features).to(torch.int64)
+    idx = _unpack_nibbles(codes, out_features * in_features, work_dtype).to(torch.int64)
     w = _scale_blocks(table[idx], absmax, blocksize).reshape(out_features, in_features)
     return _finish(x, torch.matmul(x.float(), w.t()), bias)
 
 
 def int4_linear(
+    work_dtype: torch.dtype,
     x: Tensor,
     codes: Tensor,
     scale: Tensor,
@@ -86,7 +93,7 @@ def int4_linear(
 ) -> Tensor:
     n, k = out_features, in_features
     groups = -(-k // groupsize)
-    q = _unpack_nibbles(codes, n * k).reshape(n, k)
+    q = _unpack_nibbles(codes, n * k, work_dtype).reshape(n, k)
     if groups * groupsize != k:
         q = F.pad(q, (0, groups * groupsize - k))
     q = q.reshape(n, groups, groupsize)
@@ -130,14 +137,18 @@ def w8a8_linear(
     return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
 
-def decomposition_table() -> dict[torch._ops.OperatorBase, Callable[..., Tensor]]:
-    """``{torch.ops.qbackend.<op>.default: aten implementation}`` for ``ExportedProgram.run_decompositions``."""
+def decomposition_table(output_type: str = "linalg-on-tensors") -> dict[torch._ops.OperatorBase, Callable[..., Tensor]]:
+    """``{torch.ops.qbackend.<op>.default: aten implementation}`` for ``ExportedProgram.run_decompositions``.
+
+    ``output_type``: the torch-mlir output type the graph is for (only tosa changes anything).
+    """
     import qbackend.kernels.ops  # noqa: F401  (registers torch.ops.qbackend.*)
 
+    work = torch.int32 if output_type == "tosa" else torch.uint8
     ops = torch.ops.qbackend
     return {
-        ops.codebook4_linear.default: codebook4_linear,
-        ops.int4_linear.default: int4_linear,
+        ops.codebook4_linear.default: functools.partial(codebook4_linear, work),
+        ops.int4_linear.default: functools.partial(int4_linear, work),
         ops.int8_linear.default: int8_linear,
         ops.w8a8_linear.default: w8a8_linear,
     }

@@ -137,7 +137,7 @@ def export_mlir(
     from ..serialization.source import quantized_module
 
     module, _ = quantized_module(model, options or None)
-    program = _export_program(module, example_inputs, dynamic_shapes)
+    program = _export_program(module, example_inputs, dynamic_shapes, output_type)
     with tempfile.TemporaryDirectory(prefix="qbackend-mlir-") as d:
         pt2 = Path(d) / "program.pt2"
         torch.export.save(program, pt2)
@@ -146,7 +146,7 @@ def export_mlir(
         return MLIRModule(out.read_text(), output_type, func_name)
 
 
-def _export_program(module: torch.nn.Module, example_inputs: Sequence[Any], dynamic_shapes: Any):
+def _export_program(module: torch.nn.Module, example_inputs: Sequence[Any], dynamic_shapes: Any, output_type: str):
     from .decompositions import decomposition_table
 
     was_training = module.training
@@ -154,7 +154,7 @@ def _export_program(module: torch.nn.Module, example_inputs: Sequence[Any], dyna
     try:
         with torch.no_grad():
             program = torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
-            program = program.run_decompositions(decomposition_table())
+            program = program.run_decompositions(decomposition_table(output_type))
     except Exception as e:
         raise MLIRExportError(f"torch.export could not trace the model: {type(e).__name__}: {e}") from e
     finally:

@@ -7,7 +7,10 @@ midpoints) so the codes and constants are bit-identical.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -44,6 +47,24 @@ def blockwise_absmax_codes(x: torch.Tensor, blocksize: int, table: str) -> tuple
     scaled = parts_scaled[0] if len(parts_scaled) == 1 else torch.cat(parts_scaled)
     absmax = parts_absmax[0] if len(parts_absmax) == 1 else torch.cat(parts_absmax)
     return nearest_code(scaled, table), absmax
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run the enclosed torch ops on one intra-op thread (restored after).
+
+    For passes over small tensors (block constants: 1/64 of a weight): an OpenMP fork/join per op
+    costs more than the op, and on a shared machine each join waits for a descheduled thread.
+    """
+    prev = torch.get_num_threads()
+    if prev == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 # ---- fast path: block-wise 4-bit quantization straight to packed bytes --------------------------
@@ -93,7 +114,7 @@ def _codebook_bin_tables(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 class _Buffers:
-    """Reusable per-chunk scratch tensors (one set per call)."""
+    """Reusable per-chunk scratch tensors (one set per worker)."""
 
     def __init__(self, n: int) -> None:
         self.v = torch.empty(n, dtype=torch.float32)
@@ -104,9 +125,9 @@ class _Buffers:
 
 
 def _codes_to_packed(
-    v: torch.Tensor, out: torch.Tensor, lut: torch.Tensor, thr: torch.Tensor, buf: _Buffers
+    v: torch.Tensor, out: torch.Tensor, lut: torch.Tensor, thr: torch.Tensor, remap: torch.Tensor | None, buf: _Buffers
 ) -> None:
-    """Write the packed sorted-index codes of ``v`` (= y * S, even length) into uint8 ``out``."""
+    """Write the packed codes of ``v`` (= y * S, even length) into uint8 ``out``."""
     n = v.numel()
     bins, d, code8 = buf.bins[:n], buf.d[:n], buf.code8[:n]
     bins.copy_(v)  # float -> int32 truncates toward zero
@@ -125,40 +146,38 @@ def _codes_to_packed(
     h = buf.half[: n // 2]
     torch.bitwise_right_shift(pairs, 8, out=h)
     torch.add(h, pairs, alpha=16, out=h)
-    out.copy_(h)
+    if remap is None:
+        out.copy_(h)
+    else:  # sorted-index order -> code order, a byte (two codes) at a time
+        h.bitwise_and_(255)
+        idx = buf.bins[: n // 2]
+        idx.copy_(h)
+        torch.index_select(remap, 0, idx, out=out)
 
 
-def blockwise_absmax_packed(x: torch.Tensor, blocksize: int, table: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fast equivalent of ``pack_4bit(codes)`` for ``codes, absmax = blockwise_absmax_codes(...)``.
+def _quantize_rows(
+    body: torch.Tensor,
+    r_start: int,
+    r_end: int,
+    rows: int,
+    absmax: torch.Tensor,
+    packed: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    threads: int | None,
+) -> None:
+    """Quantize blocks [r_start, r_end) of ``body`` ([nblocks, blocksize]) into ``absmax``/``packed``.
 
-    Returns (packed uint8 ``[(n + 1) // 2]``, fp32 absmax per block), bit-identical to the simple
-    path and to bitsandbytes. CPU only; other devices take the simple path. Raises `FormatError` if
-    ``x`` holds NaN/Inf (seen in the block maxima, before any code is computed).
+    ``threads``: when set, run this worker's ops single-threaded and restore that count after.
     """
-    if x.device.type != "cpu" or blocksize % 2:
-        from .packing import pack_4bit
-
-        codes, absmax = blockwise_absmax_codes(x, blocksize, table)
-        if not bool(torch.isfinite(absmax).all()):
-            raise FormatError(_NON_FINITE)
-        return pack_4bit(codes, pad_code=int(nearest_code(torch.zeros(1), table))), absmax
-    lut, thr, remap = _codebook_bin_tables(table)
-    flat = x.reshape(-1)
-    if flat.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        flat = flat.float()
-    widen = flat.dtype != torch.float32
-    n = flat.numel()
-    rem = n % blocksize
-    full = n - rem
-    nblocks = full // blocksize
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
-    rows = max(1, _CHUNK_ELEMS // blocksize)
-    buf = _Buffers(min(rows, nblocks) * blocksize if nblocks else blocksize)
-    absmax = torch.empty(nblocks + (1 if rem else 0), dtype=torch.float32)
-    if nblocks:
-        body = flat[:full].view(nblocks, blocksize)
-        for r0 in range(0, nblocks, rows):
-            r1 = min(nblocks, r0 + rows)
+    if threads is not None:
+        torch.set_num_threads(1)
+    try:
+        lut, thr, remap = tables
+        blocksize = body.shape[1]
+        widen = body.dtype != torch.float32
+        buf = _Buffers(min(rows, r_end - r_start) * blocksize)
+        for r0 in range(r_start, r_end, rows):
+            r1 = min(r_end, r0 + rows)
             c = (r1 - r0) * blocksize
             v = buf.v[:c].view(r1 - r0, blocksize)
             d = buf.d[:c].view(r1 - r0, blocksize)
@@ -173,22 +192,71 @@ def blockwise_absmax_packed(x: torch.Tensor, blocksize: int, table: str) -> tupl
                 raise FormatError(_NON_FINITE)
             inv = 1.0 / am.clamp(min=1e-38)  # reciprocal then multiply, as bitsandbytes
             torch.mul(src, inv[:, None], out=v)
-            v = buf.v[:c]
-            v.mul_(_BIN_SCALE)  # exact; clamping to [-1, 1] cannot change a code, so it is skipped
-            _codes_to_packed(v, packed[r0 * blocksize // 2 : r1 * blocksize // 2], lut, thr, buf)
-    if rem:
-        tail = flat[full:].float()
-        am = tail.abs().amax().clamp(min=1e-38)  # bitsandbytes stores the clamped tail absmax
-        if not bool(torch.isfinite(am)):
+            flat_v = buf.v[:c]
+            flat_v.mul_(_BIN_SCALE)  # exact; clamping to [-1, 1] cannot change a code, so it is skipped
+            _codes_to_packed(flat_v, packed[r0 * blocksize // 2 : r1 * blocksize // 2], lut, thr, remap, buf)
+    finally:
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+
+def blockwise_absmax_packed(x: torch.Tensor, blocksize: int, table: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast equivalent of ``pack_4bit(codes)`` for ``codes, absmax = blockwise_absmax_codes(...)``.
+
+    Returns (packed uint8 ``[(n + 1) // 2]``, fp32 absmax per block), bit-identical to the simple
+    path and to bitsandbytes. CPU only; other devices take the simple path. Raises `FormatError` if
+    ``x`` holds NaN/Inf (seen in the block maxima, before any code is computed).
+
+    Large inputs are split into one contiguous range of chunks per intra-op thread, each run by a
+    worker thread whose ops are single-threaded: the chunks are too small to amortise an OpenMP
+    fork/join per op, and on a busy machine every such join waits for the slowest thread.
+    """
+    if x.device.type != "cpu" or blocksize % 2:
+        from .packing import pack_4bit
+
+        codes, absmax = blockwise_absmax_codes(x, blocksize, table)
+        if not bool(torch.isfinite(absmax).all()):
             raise FormatError(_NON_FINITE)
-        absmax[nblocks] = am
-        v = buf.v[: rem + rem % 2]
-        v.zero_()  # an odd count pairs the last code with the code of 0.0, as bitsandbytes
-        torch.div(tail, am, out=v[:rem])  # the tail block divides (bitsandbytes)
-        v.mul_(_BIN_SCALE)
-        _codes_to_packed(v, packed[full // 2 :], lut, thr, buf)
-    if remap is not None:
-        packed = torch.index_select(remap, 0, packed.to(torch.int32))
+        return pack_4bit(codes, pad_code=int(nearest_code(torch.zeros(1), table))), absmax
+    tables = _codebook_bin_tables(table)
+    flat = x.reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        flat = flat.float()
+    n = flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    nblocks = full // blocksize
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    absmax = torch.empty(nblocks + (1 if rem else 0), dtype=torch.float32)
+    if nblocks:
+        body = flat[:full].view(nblocks, blocksize)
+        rows = max(1, _CHUNK_ELEMS // blocksize)
+        nchunks = -(-nblocks // rows)
+        workers = min(torch.get_num_threads(), nchunks)
+        if workers <= 1:
+            _quantize_rows(body, 0, nblocks, rows, absmax, packed, tables, None)
+        else:
+            threads = torch.get_num_threads()
+            per = -(-nchunks // workers) * rows
+            ranges = [(r, min(nblocks, r + per)) for r in range(0, nblocks, per)]
+            with ThreadPoolExecutor(len(ranges)) as ex:
+                args = (rows, absmax, packed, tables, threads)
+                futures = [ex.submit(_quantize_rows, body, a, b, *args) for a, b in ranges]
+                for f in futures:
+                    f.result()  # re-raises a worker's FormatError
+    if rem:
+        with single_threaded():
+            tail = flat[full:].float()
+            am = tail.abs().amax().clamp(min=1e-38)  # bitsandbytes stores the clamped tail absmax
+            if not bool(torch.isfinite(am)):
+                raise FormatError(_NON_FINITE)
+            absmax[nblocks] = am
+            buf = _Buffers(rem + rem % 2)
+            v = buf.v
+            v.zero_()  # an odd count pairs the last code with the code of 0.0, as bitsandbytes
+            torch.div(tail, am, out=v[:rem])  # the tail block divides (bitsandbytes)
+            v.mul_(_BIN_SCALE)
+            _codes_to_packed(v, packed[full // 2 :], *tables, buf)
     return packed, absmax
 
 
@@ -197,8 +265,9 @@ def blockwise_dynamic_codes(x: torch.Tensor, blocksize: int) -> tuple[torch.Tens
 
     bitsandbytes (0.50) normalises by ``x * (1 / absmax)``, maps the result to one of 65536 uniform
     bins (``trunc(((v + 1) * 0.5) * 65535 + 0.5)``) and looks the code up in a table built from
-    the map's midpoints. We reproduce that table and arithmetic in fp32, so codes are identical.
-    An all-zero block stores absmax 0 and code 0.
+    the map's midpoints. We reproduce that table and arithmetic in fp32, so codes are identical,
+    including its degenerate cases: ``1 / absmax`` is inf for an all-zero block and for a subnormal
+    absmax, and a resulting NaN (0 * inf) gets code 0, +-inf the code of +-1.
     """
     flat = x.reshape(-1).float()
     n = flat.numel()
@@ -206,11 +275,10 @@ def blockwise_dynamic_codes(x: torch.Tensor, blocksize: int) -> tuple[torch.Tens
     padded = torch.nn.functional.pad(flat, (0, pad)) if pad else flat
     blocks = padded.view(-1, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # 0/0 blocks -> code 0 below
-    v = torch.clamp(blocks * inv[:, None], -1.0, 1.0)
+    v = blocks * (1.0 / absmax)[:, None]
+    v = torch.nan_to_num(v, nan=-1.0, posinf=1.0, neginf=-1.0).clamp_(-1.0, 1.0)  # NaN -> bin 0 -> code 0
     bins = (((v + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int64)
     codes = _dynamic_bin_table(flat.device)[bins]
-    codes = torch.where((absmax == 0)[:, None], torch.zeros_like(codes), codes)
     return codes.view(-1)[:n], absmax
 
 

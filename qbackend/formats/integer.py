@@ -63,7 +63,8 @@ def int_quantize(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.T
     else:
         lo = units.amin(dim=1).clamp(max=0)
         hi = units.amax(dim=1).clamp(min=0)
-        scale = (hi - lo) / scheme.qmax
+        # hi/q - lo/q rather than (hi - lo)/q: the difference overflows for weights near the fp32 max.
+        scale = hi / scheme.qmax - lo / scheme.qmax
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         zpf = torch.clamp(torch.round(-lo / safe), 0, scheme.qmax)
         q = torch.clamp(torch.round(units / safe[:, None]) + zpf[:, None], 0, scheme.qmax).to(torch.uint8)

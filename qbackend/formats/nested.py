@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .blockwise import blockwise_decode, blockwise_dynamic_codes
+from .blockwise import blockwise_decode, blockwise_dynamic_codes, single_threaded
+from .scheme import FormatError
 
 
 @dataclass
@@ -33,8 +34,29 @@ class NestedConstants:
 
 
 def nest_constants(absmax: torch.Tensor, blocksize: int = 256) -> NestedConstants:
-    """Quantize fp32 block constants ``absmax`` to the nested 8-bit form."""
+    """Quantize fp32 block constants ``absmax`` to the nested 8-bit form.
+
+    The offset is ``absmax.mean()`` in fp32 exactly as bitsandbytes computes it, on the caller's
+    intra-op threads: torch's parallel sum rounds differently with a different thread count (from
+    262144 constants on), so matching bitsandbytes bit for bit means matching its thread count.
+    """
     absmax = absmax.float().reshape(-1)
     offset = absmax.mean()
-    codes, absmax2 = blockwise_dynamic_codes(absmax - offset, blocksize)
-    return NestedConstants(codes=codes, absmax2=absmax2, offset=offset, blocksize=blocksize)
+    with single_threaded():  # the remaining passes are small: threads cost more than they give
+        return _nest(absmax, offset, blocksize)
+
+
+def _nest(absmax: torch.Tensor, offset: torch.Tensor, blocksize: int) -> NestedConstants:
+    if not bool(torch.isfinite(offset)):
+        # Constants near the fp32 maximum overflow the fp32 sum (bitsandbytes then stores an inf
+        # offset and NaN constants); a float64 mean keeps such weights usable.
+        offset = absmax.double().mean().float()
+    centred = absmax - offset
+    codes, absmax2 = blockwise_dynamic_codes(centred, blocksize)
+    nc = NestedConstants(codes=codes, absmax2=absmax2, offset=offset, blocksize=blocksize)
+    if not bool(torch.isfinite(nc.decode()).all()):
+        raise FormatError(
+            f"block constants up to {float(absmax.abs().max()):.3g} overflow fp32 when decoded from the nested "
+            "form; store this weight with nested=False"
+        )
+    return nc

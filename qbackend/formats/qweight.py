@@ -392,7 +392,10 @@ def quantize(w: torch.Tensor, scheme: Scheme, name: str = "weight") -> Quantized
             packed = q
     nested = None
     if scheme.nested:
-        nested = nest_constants(scale, scheme.nested_blocksize)
+        try:
+            nested = nest_constants(scale, scheme.nested_blocksize)
+        except FormatError as e:
+            raise FormatError(f"{name}: {e}") from None
         scale = None
     return QuantizedWeight(scheme, tuple(w.shape), w.dtype, packed, scale, zp, nested)
 

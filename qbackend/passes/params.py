@@ -68,7 +68,8 @@ def graph_params(gm: fx.GraphModule) -> dict[fx.Node, ParamRef]:
 def source_fqn(source: object) -> str:
     """Dotted module path of a Dynamo source, e.g. ``L['self']._modules['a']._parameters['weight']`` -> ``a.weight``.
 
-    The root local (the compiled module or function argument) is dropped; a global's name is kept.
+    The root argument (the compiled module, or a module passed to the compiled function) is dropped;
+    the name of a global or closure variable holding the module is kept.
     """
     parts: list[str] = []
     s = source
@@ -85,6 +86,10 @@ def source_fqn(source: object) -> str:
             s = s.base
         elif isinstance(s, dsrc.GlobalSource):
             parts.append(s.global_name)
+            break
+        elif isinstance(s, dsrc.LocalSource) and not s.is_input and s.local_name != "fn":
+            # a module held by a closure: keep its name ("fn" is torch.compile's own wrapper of the module)
+            parts.append(s.local_name)
             break
         elif isinstance(s, dsrc.ChainedSource):
             s = s.base

@@ -100,11 +100,14 @@ class FoldReport:
 
     weights: site node -> the site's folded weight in the parameter's layout (sites not listed
         read their parameter unchanged). replaced: (reader node, original input) -> new input node.
+    sources: the parameters whose values were folded into constants (a later in-place change of one
+    makes the constants stale: the backend checks them).
     """
 
     groups: list[GroupFold] = field(default_factory=list)
     weights: dict[fx.Node, torch.Tensor] = field(default_factory=dict)
     replaced: dict[tuple[fx.Node, fx.Node], fx.Node] = field(default_factory=dict)
+    sources: list[ParamRef] = field(default_factory=list)
 
     def by_kind(self, *kinds: str) -> list[GroupFold]:
         return [g for g in self.groups if g.kind in kinds]
@@ -456,6 +459,7 @@ class _State:
             else:
                 node.kwargs = {**node.kwargs, "weight": const}
         report.replaced = dict(self.replaced)
+        report.sources = list({id(self.params[p].tensor): self.params[p] for p, _ in self.current}.values())
         self.gm.graph.lint()
         self.gm.recompile()
 

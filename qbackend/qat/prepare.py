@@ -22,7 +22,7 @@ from ..quantize_module import QuantizedLinear
 from .config import QATConfig
 from .deploy import deployed_weight
 from .fake_quant import fake_quantize_activation
-from .state import STATE_ATTR, LinearQAT, state_of
+from .state import LinearQAT, state_of
 
 STATE_NAME = "qat"
 
@@ -57,7 +57,7 @@ def prepare(model: nn.Module, options: Any = None) -> list[str]:
         state = LinearQAT(scheme, cfg.qat, tuple(w.shape)).to(w.device)
         state.train(mod.training)
         mod.register_module(STATE_NAME, state)
-        setattr(w, STATE_ATTR, state)
+        state.bind(w)
         prepared.append(name)
     return prepared
 

@@ -48,6 +48,21 @@ class LinearQAT(nn.Module):
     def activations(self) -> str:
         return self.config.activations
 
+    def bind(self, weight: torch.Tensor) -> None:
+        """Link ``weight`` (the layer's parameter) to this state, both ways.
+
+        The back reference is a plain attribute (not a registered parameter): it lets ``deepcopy``
+        and pickling re-link the copied weight to the copied state (see ``__setstate__``).
+        """
+        object.__setattr__(self, "_weight", weight)
+        setattr(weight, STATE_ATTR, self)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        w = self.__dict__.get("_weight")
+        if isinstance(w, torch.Tensor):
+            setattr(w, STATE_ATTR, self)
+
     def train(self, mode: bool = True) -> LinearQAT:
         super().train(mode)
         # A tensor flag, read by the compiled graph at run time: switching train/eval needs no recompile.

@@ -70,7 +70,9 @@ class SmoothQuantConfig:
         if self.outlier_threshold is not None and not (
             isinstance(self.outlier_threshold, (int, float)) and self.outlier_threshold > 0
         ):
-            raise SmoothQuantConfigError(f"outlier_threshold must be a number > 0 or None; got {self.outlier_threshold!r}")
+            raise SmoothQuantConfigError(
+                f"outlier_threshold must be a number > 0 or None; got {self.outlier_threshold!r}"
+            )
         if self.unfoldable not in UNFOLDABLE:
             raise SmoothQuantConfigError(f"unfoldable must be one of {', '.join(UNFOLDABLE)}; got {self.unfoldable!r}")
 
@@ -104,3 +106,32 @@ class SmoothQuantConfig:
 def _check_alpha(name: str, a: object) -> None:
     if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= float(a) <= 1.0:
         raise SmoothQuantConfigError(f"{name} must be a number in [0, 1]; got {a!r}")
+
+
+def backend_options(smoothquant: Any, calibration: Any, weight_format: str) -> tuple[SmoothQuantConfig | None, Any]:
+    """Validate the W8A8 fields of ``QuantConfig``: ``(SmoothQuantConfig or None, CalibrationResult or None)``.
+
+    smoothquant: None (off), True (defaults), a dict of fields or a config. calibration: a
+    ``CalibrationResult`` or the path it was saved to.
+    """
+    from .result import CalibrationResult
+
+    if smoothquant is None or smoothquant is False:
+        if calibration is not None:
+            raise SmoothQuantConfigError(
+                "'calibration' is used by the W8A8 preset: add preset='w8a8' (or smoothquant=True / {...})"
+            )
+        return None, None
+    sq = SmoothQuantConfig() if smoothquant is True else SmoothQuantConfig.from_options(smoothquant)
+    if weight_format != "int8":
+        raise SmoothQuantConfigError(f"W8A8 uses int8 weights; format must be 'int8', got {weight_format!r} "
+                                     "(use preset='w8a8')")  # fmt: skip
+    if calibration is not None and not isinstance(calibration, CalibrationResult):
+        if isinstance(calibration, (str, bytes)) or hasattr(calibration, "__fspath__"):
+            calibration = CalibrationResult.load(calibration)  # type: ignore[arg-type]
+        else:
+            raise SmoothQuantConfigError(
+                f"calibration must be a CalibrationResult (qbackend.calibrate(...)) or the path it was saved to; "
+                f"got {type(calibration).__name__}"
+            )
+    return sq, calibration

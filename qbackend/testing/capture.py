@@ -49,14 +49,19 @@ def capture_graphs(
     the caller's grad mode; outputs are computed eagerly by the captured graphs.
     """
     graphs: list[CapturedGraph] = []
+    graphargs: list[tuple[fx.Node, Any]] = []
 
     def recorder(gm: fx.GraphModule, example_inputs: list[Any]):
         graphs.append(CapturedGraph(gm, list(example_inputs)))
+        graphargs.extend((n, n.meta["grapharg"]) for n in gm.graph.find_nodes(op="placeholder") if "grapharg" in n.meta)
         return gm.forward
 
     if reset:
         torch._dynamo.reset()
     torch.compile(fn, backend=recorder, dynamic=dynamic)(*args, **kwargs)
+    # Dynamo drops meta["grapharg"] once compiled; a backend sees it, so passes under test must too.
+    for node, grapharg in graphargs:
+        node.meta["grapharg"] = grapharg
     return graphs
 
 

@@ -72,12 +72,14 @@ def relative_error(reference: Sequence[torch.Tensor], outputs: Sequence[torch.Te
     return worst
 
 
-def error_bound(report: Report, factor: float = 2.0, floor: float = 1e-5) -> float:
-    """The stated bound for :func:`assert_close_to_float`: ``factor * sum of the quantized layers' weight errors``.
+def error_bound(report: Report, factor: float = 3.0, floor: float = 1e-5) -> float:
+    """A stated bound for :func:`assert_close_to_float`: ``factor * sum of the quantized layers' weight errors``.
 
-    First-order perturbation: an output's relative error is at most the sum of the relative errors of
-    the weights on its path times their condition factors (about 1 for these models); ``factor``
-    covers the rest. Needs the report's ``rel_error`` (``measure_error=True``).
+    First order, an output's relative error is the sum over the layers on its path of their relative
+    weight errors times condition factors; for well-conditioned models (no outlier channels) those
+    are about 1 and ``factor`` covers the rest. Outlier activation channels can amplify a layer's error
+    well beyond its average weight error (what SmoothQuant addresses): state a bound for those.
+    Needs the report's ``rel_error`` (``measure_error=True``).
     """
     errs = [r.rel_error for r in report.quantized]
     if any(e is None for e in errs):

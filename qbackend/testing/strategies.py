@@ -37,7 +37,7 @@ FORMS: dict[str, bool] = {
     "conv1d": True,  # torch.addmm(b, x2d, w) with w [in, out] (GPT-2's Conv1D)
 }
 _NEEDS_BIAS = {"addmm", "conv1d"}
-WIDTHS = (5, 16, 33, 48, 64, 72, 100, 130)
+WIDTHS = (16, 33, 48, 64, 72, 100, 130)
 ACTIVATIONS = ("relu", "gelu", "none")
 
 
@@ -138,12 +138,11 @@ class GeneratedModel(nn.Module):
         return y + b if b is not None else y
 
 
-@dataclass
 class ModelCase:
     """A generated model and its example input (``inputs`` is the argument tuple)."""
 
-    model: GeneratedModel
-    inputs: tuple[torch.Tensor, ...]
+    def __init__(self, model: GeneratedModel, inputs: tuple[torch.Tensor, ...]) -> None:
+        self.model, self.inputs = model, inputs
 
     @property
     def spec(self) -> ModelSpec:
@@ -155,9 +154,17 @@ class ModelCase:
 
 @st.composite
 def model_specs(
-    draw: st.DrawFn, max_layers: int = 4, forms: tuple[str, ...] = tuple(FORMS), max_batch_dims: int = 3
+    draw: st.DrawFn,
+    max_layers: int = 4,
+    forms: tuple[str, ...] = tuple(FORMS),
+    max_batch_dims: int = 3,
+    outliers: bool = True,
 ) -> ModelSpec:
-    """A `ModelSpec`: 1..max_layers layers in the given forms, ties where shapes allow."""
+    """A `ModelSpec`: 1..max_layers layers in the given forms, ties where shapes allow.
+
+    ``outliers``: some weight input channels and input channels are scaled up (up to 28x / 20x).
+    """
+    n_outliers = 2 if outliers else 0
     n = draw(st.integers(1, max_layers))
     width = draw(st.sampled_from(WIDTHS))
     layers: list[LayerSpec] = []
@@ -174,15 +181,15 @@ def model_specs(
         else:
             form = draw(st.sampled_from(forms))
             out = draw(st.sampled_from(WIDTHS))
-            cols = tuple(draw(st.lists(st.integers(0, width - 1), max_size=2, unique=True)))
+            cols = tuple(draw(st.lists(st.integers(0, width - 1), max_size=n_outliers, unique=True)))
         bias = True if form in _NEEDS_BIAS else draw(st.booleans())
         act = draw(st.sampled_from(ACTIVATIONS))
         layers.append(LayerSpec(form, width, out, bias, tie, cols, act))
         width = out
     batch = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=max_batch_dims)))
     in0 = layers[0].in_features
-    outliers = tuple(draw(st.lists(st.integers(0, in0 - 1), max_size=2, unique=True)))
-    return ModelSpec(tuple(layers), batch, outliers, draw(st.integers(0, 2**16)))
+    x_outliers = tuple(draw(st.lists(st.integers(0, in0 - 1), max_size=n_outliers, unique=True)))
+    return ModelSpec(tuple(layers), batch, x_outliers, draw(st.integers(0, 2**16)))
 
 
 @st.composite

@@ -24,9 +24,10 @@ from torch import Tensor
 from .. import reference as ref
 from . import _build
 
-# Fused kernel up to this many rows; above, panel dequantization + GEMM wins (measured crossover).
-FUSED_MAX_M = 16
-FUSED_MAX_M_INT8 = 16
+# Fused kernel up to this many rows; above, panel dequantization + GEMM (measured: about equal at
+# M = 48..64 on one core; the panel path keeps MKL's blocking for prefill-sized M).
+FUSED_MAX_M = 32
+FUSED_MAX_M_INT8 = 32
 # Rows of W per dequantized panel: 128 x 4096 fp32 = 2 MiB, about one core's L2.
 PANEL_ELEMS = 128 * 4096
 # Flat block indices are int32 inside the kernel.
@@ -158,8 +159,8 @@ def codebook4_linear(
     """CPU ``codebook4_linear`` (see module docstring for the strategy)."""
     L = lib()
     if L is None or not _blocks_ok(out_features, in_features, blocksize):
-        return ref.codebook4_linear(x, codes, absmax, nested_codes, nested_absmax, nested_offset, table,
-                                    nested_table, bias, out_features, in_features, blocksize, nested_blocksize)  # fmt: skip
+        return ref.codebook4_linear(x, codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
+                                    bias, out_features, in_features, blocksize, nested_blocksize)  # fmt: skip
     q, _keep = _qw4_codebook(codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
                              out_features, in_features, blocksize, nested_blocksize)  # fmt: skip
     return _linear4(L, q, x, bias, out_features, in_features)

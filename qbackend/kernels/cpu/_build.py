@@ -125,20 +125,20 @@ def _compile(path: Path, cmd: list[str]) -> None:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     qw = ctypes.POINTER(QW4)
-    lib.qb_abi_version.restype = I
-    lib.qb_has_avx512.restype = I
-    lib.qb_set_nr.argtypes = [I]
+    lib.qb_abi_version.restype = INT
+    lib.qb_has_avx512.restype = INT
+    lib.qb_set_nr.argtypes = [INT]
     lib.qb4_fast_ok.argtypes = [qw]
-    lib.qb4_fast_ok.restype = I
-    lib.qb4_linear.argtypes = [qw, P, I64, P, P, I, I]
-    lib.qb4_linear.restype = I
-    lib.qb4_dequant.argtypes = [qw, I64, I64, P, I, I]
+    lib.qb4_fast_ok.restype = INT
+    lib.qb4_linear.argtypes = [qw, P, I64, P, P, INT, INT]
+    lib.qb4_linear.restype = INT
+    lib.qb4_dequant.argtypes = [qw, I64, I64, P, INT, INT]
     lib.qb4_dequant.restype = None
-    lib.qb8_linear.argtypes = [P, P, I64, I64, P, I64, P, P, I, I]
-    lib.qb8_linear.restype = I
-    lib.qb8_dequant.argtypes = [P, P, I64, I64, I64, P, I]
+    lib.qb8_linear.argtypes = [P, P, I64, I64, P, I64, P, P, INT, INT]
+    lib.qb8_linear.restype = INT
+    lib.qb8_dequant.argtypes = [P, P, I64, I64, I64, P, INT]
     lib.qb8_dequant.restype = None
 
 

@@ -426,20 +426,69 @@ void gemm8_tile(const int8_t* codes, const float* scale, int64_t N, int64_t K, c
     }
 }
 
+// int8 small-M tile: NR rows of W x MT rows of x; each x load feeds NR FMAs. The per-channel scale
+// is applied once per output.
+template <int NR, int MT>
+void gemm8_block(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t m0,
+                 const float* bias, float* y, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n += NR) {
+        __m512 acc[NR][MT];
+        for (int r = 0; r < NR; ++r)
+            for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
+        const int64_t K16 = K / 16 * 16;
+        for (int64_t k = 0; k < K16; k += 16) {
+            __m512 w[NR];
+            for (int r = 0; r < NR; ++r)
+                w[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(codes + (n + r) * K + k))));
+            for (int m = 0; m < MT; ++m) {
+                const __m512 xv = _mm512_loadu_ps(x + (m0 + m) * K + k);
+                for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(w[r], xv, acc[r][m]);
+            }
+        }
+        if (K16 < K) {
+            const __mmask16 mk = (__mmask16)((1u << (K - K16)) - 1);
+            __m512 w[NR];
+            for (int r = 0; r < NR; ++r)
+                w[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, codes + (n + r) * K + K16)));
+            for (int m = 0; m < MT; ++m) {
+                const __m512 xv = _mm512_maskz_loadu_ps(mk, x + (m0 + m) * K + K16);
+                for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(w[r], xv, acc[r][m]);
+            }
+        }
+        for (int r = 0; r < NR; ++r)
+            for (int m = 0; m < MT; ++m) {
+                float t = hsum(acc[r][m]) * scale[n + r];
+                if (bias) t += bias[n + r];
+                y[(m0 + m) * N + n + r] = t;
+            }
+    }
+}
+
+#ifndef QB8_NR
+#define QB8_NR 4
+#endif
+template <int NR>
+void gemm8_blocks(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t M,
+                  const float* bias, float* y, int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; m += 8) {
+        switch (std::min<int64_t>(8, M - m)) {
+#define QB_CASE(MT) case MT: gemm8_block<NR, MT>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
+            QB_CASE(1) QB_CASE(2) QB_CASE(3) QB_CASE(4) QB_CASE(5) QB_CASE(6) QB_CASE(7) QB_CASE(8)
+#undef QB_CASE
+            default: break;
+        }
+    }
+}
+
 void gemm8_rows(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t M,
                 const float* bias, float* y, int64_t n0, int64_t n1) {
-    int64_t m = 0;
-    for (; m + 8 <= M; m += 8) gemm8_tile<8>(codes, scale, N, K, x, m, bias, y, n0, n1);
-    switch (M - m) {
-        case 7: gemm8_tile<7>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
-        case 6: gemm8_tile<6>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
-        case 5: gemm8_tile<5>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
-        case 4: gemm8_tile<4>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
-        case 3: gemm8_tile<3>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
-        case 2: gemm8_tile<2>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
-        case 1: gemm8_tile<1>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
-        default: break;
+    if (M == 1) {
+        gemm8_tile<1>(codes, scale, N, K, x, 0, bias, y, n0, n1);
+        return;
     }
+    const int64_t nfull = n0 + (n1 - n0) / QB8_NR * QB8_NR;
+    gemm8_blocks<QB8_NR>(codes, scale, N, K, x, M, bias, y, n0, nfull);
+    if (nfull < n1) gemm8_blocks<1>(codes, scale, N, K, x, M, bias, y, nfull, n1);
 }
 
 #endif  // QB_AVX512

@@ -19,6 +19,7 @@ from . import _kernels
 
 _lock = threading.Lock()
 _interpreted: ModuleType | None = None
+_compiled: ModuleType | None = None
 
 
 def _is_interpreted(mod: ModuleType) -> bool:
@@ -32,27 +33,38 @@ def interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def _load_copy(interpret: bool, suffix: str) -> ModuleType:
+    """A fresh copy of ``_kernels`` decorated with the interpreter switched on or off."""
+    spec = importlib.util.spec_from_file_location(_kernels.__name__ + suffix, _kernels.__file__)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return mod
+
+
 def _load_interpreted() -> ModuleType:
     global _interpreted
     with _lock:
         if _interpreted is None:
-            if _is_interpreted(_kernels):
-                _interpreted = _kernels
-            else:
-                spec = importlib.util.spec_from_file_location(_kernels.__name__ + "_interpreted", _kernels.__file__)
-                assert spec is not None and spec.loader is not None
-                mod = importlib.util.module_from_spec(spec)
-                old = os.environ.get("TRITON_INTERPRET")
-                os.environ["TRITON_INTERPRET"] = "1"
-                try:
-                    spec.loader.exec_module(mod)
-                finally:
-                    if old is None:
-                        del os.environ["TRITON_INTERPRET"]
-                    else:
-                        os.environ["TRITON_INTERPRET"] = old
-                _interpreted = mod
+            _interpreted = _kernels if _is_interpreted(_kernels) else _load_copy(True, "_interpreted")
         return _interpreted
+
+
+def compiled_kernels() -> ModuleType:
+    """The kernels as JITFunctions (for ahead-of-time compilation), even in an interpreter process."""
+    global _compiled
+    with _lock:
+        if _compiled is None:
+            _compiled = _load_copy(False, "_compiled") if _is_interpreted(_kernels) else _kernels
+        return _compiled
 
 
 def kernels_for(device: torch.device) -> tuple[ModuleType, bool]:

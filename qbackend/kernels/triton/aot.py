@@ -26,7 +26,7 @@ from typing import Any
 import triton
 import triton.language as tl
 
-from . import _kernels as K
+from ._runtime import compiled_kernels
 
 _PTR = {"x": "*fp16", "out": "*fp16", "f32": "*fp32", "u8": "*u8", "i8": "*i8"}
 
@@ -87,6 +87,7 @@ def specs(quick: bool = False) -> Iterator[Spec]:
         ("int4zp-g128", 1, False, True, 128),
         ("int8", 2, False, False, 1),
     ]
+    K = compiled_kernels()
     dtypes = ["bf16"] if quick else ["bf16", "fp16", "fp32"]
     for fname, fmt, nested, zp, bs in formats:
         for dt in dtypes:
@@ -120,8 +121,8 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                                 "DOT_PREC": prec, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                         num_warps=nw, num_stages=ns, expect=[] if dt == "fp32" else [r"HGMMA|HMMA"],
                     )  # fmt: skip
-                gsizes = {"M": "i32", "N": "i32", "K": "i32", "KH": "i32", "G": "i32", "stride_gm": "i32", "stride_om": "i32",
-                          "N_SPLIT": "i32"}  # fmt: skip
+                gsizes = {"M": "i32", "N": "i32", "K": "i32", "KH": "i32", "G": "i32", "stride_gm": "i32",
+                          "stride_om": "i32", "N_SPLIT": "i32"}  # fmt: skip
                 yield Spec(
                     f"grad-{tag}", K.wo_grad_kernel,
                     _wo_types(fmt, nested, zp, False, ptr, ptr, True) | gsizes,
@@ -137,7 +138,10 @@ def specs(quick: bool = False) -> Iterator[Spec]:
              "stride_qm": "i32"},
             {"STATIC": False, "BLOCK_K": 1024}, num_warps=4,
         )  # fmt: skip
-        for vname, bm, bn, bk, atomic, nw, ns in (("small", 16, 64, 128, True, 4, 3), ("large", 128, 128, 128, False, 8, 3)):
+        for vname, bm, bn, bk, atomic, nw, ns in (
+            ("small", 16, 64, 128, True, 4, 3),
+            ("large", 128, 128, 128, False, 8, 3),
+        ):
             yield Spec(
                 f"w8a8-{vname}-{dt}", K.w8a8_kernel,
                 {"xq_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*i8", "sw_ptr": "*fp32", "bias_ptr": "*fp32",
@@ -181,7 +185,10 @@ def compile_spec(spec: Spec, arch: int = 90) -> Report:
     try:
         src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=_attrs(fn, spec.types))
         ck = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+            src,
+            target=GPUTarget("cuda", arch, 32),
+            # FMA fusion on, as the launchers ask for (Triton 3.10 turns the default off).
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages, "enable_fp_fusion": True},
         )
     except Exception as e:  # noqa: BLE001 - report every failure, keep compiling the rest
         msg = str(e).strip().splitlines()
@@ -244,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         status = "ok " if r.ok else "FAIL"
         extra = f"missing {r.missing}" if r.missing else r.error
         print(
-            f"{status} {r.name:34s} {r.seconds:5.1f}s regs {r.n_regs:4d} spill {r.n_spills:3d} smem {r.shared:6d} {extra}",
+            f"{status} {r.name:34s} {r.seconds:5.1f}s regs {r.n_regs:4d} spill {r.n_spills:3d} "
+            f"smem {r.shared:6d} {extra}",
             flush=True,
         )
     print(f"{fails} failure(s)")

@@ -240,7 +240,9 @@ def _store(path: Path, key: str, cfg: KernelConfig) -> None:
         pass  # read-only home etc.: keep the in-memory choice
 
 
-def make_key(variant: str, fmt: str, bs: int, nested: bool, has_zp: bool, dtype: torch.dtype, m: int, n: int, k: int) -> str:
+def make_key(
+    variant: str, fmt: str, bs: int, nested: bool, has_zp: bool, dtype: torch.dtype, m: int, n: int, k: int
+) -> str:
     dt = str(dtype).removeprefix("torch.")
     return f"{variant}|{fmt}|bs{bs}|nest{int(nested)}|zp{int(has_zp)}|{dt}|M{m_bucket(m)}|N{n}|K{k}"
 
@@ -255,14 +257,14 @@ def select_config(
     candidates: Callable[[], list[KernelConfig]],
     bench: Callable[[KernelConfig], object],
 ) -> KernelConfig:
-    """Config for one launch: override > interpreter fixed > cached > tuned now > heuristic."""
+    """Config for one launch: override > interpreter's fixed one > cached > tuned now > heuristic.
+
+    Tuning runs each candidate on the real operands (outputs are fresh allocations, so this is safe).
+    """
     if variant in _overrides:
         return _overrides[variant]
     if interpreted:
         return interpreter_config(variant, m)
-    if not autotune_enabled() or torch.cuda.is_current_stream_capturing():
-        # Never benchmark inside a graph capture: the launches would be recorded, not run.
-        return default()
     path = cache_file(device)
     with _cache_lock:
         table = _mem.get(str(path))
@@ -271,6 +273,9 @@ def select_config(
         hit = table.get(key)
     if hit is not None:
         return hit
+    if not autotune_enabled() or torch.cuda.is_current_stream_capturing():
+        # Never benchmark inside a graph capture: the launches would be recorded, not run.
+        return default()
     best = tune(candidates(), bench) or default()
     with _cache_lock:
         table[key] = best

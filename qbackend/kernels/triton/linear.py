@@ -166,7 +166,7 @@ def _launch_wo_forward(
     common = dict(
         FMT=w.fmt, PAIRS=pairs, ALIGNED=w.aligned(bk), BS=max(w.bs, 1), NBS=w.nbs, NESTED=w.nested,
         HAS_ZP=w.zp is not None, HAS_BIAS=bias is not None, ATOMIC=atomic, IDX64=w.idx64,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
     )  # fmt: skip
     if variant == at.GEMV:
         grid = (triton.cdiv(n, cfg.block_n), split, m)
@@ -231,7 +231,7 @@ def _launch_wo_grad(
         NESTED=w.nested, HAS_ZP=w.zp is not None, ATOMIC=atomic, IDX64=w.idx64,
         DOT_DTYPE=dot_dtype, DOT_PREC=prec,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
     )  # fmt: skip
     return out.to(g2.dtype) if atomic and g2.dtype != torch.float32 else out
 
@@ -285,7 +285,9 @@ def _int4_weight(
         _fail(f"scale has {scale.numel()} elements; expected [{out_features}, {groups}]")
     if zero_point is not None and zero_point.numel() != out_features * groups:
         _fail(f"zero_point has {zero_point.numel()} elements; expected [{out_features}, {groups}]")
-    return _Weight(INT4, out_features, in_features, _flat(codes), scale=_flat(scale), zp=_flat(zero_point), bs=groupsize)
+    return _Weight(
+        INT4, out_features, in_features, _flat(codes), scale=_flat(scale), zp=_flat(zero_point), bs=groupsize
+    )
 
 
 def _int8_weight(codes: torch.Tensor, scale: torch.Tensor, out_features: int, in_features: int) -> _Weight:
@@ -401,9 +403,7 @@ def int8_linear_grad_input(
 # ---------------------------------------------------------------------------------------------
 
 
-def quantize_activations(
-    x: torch.Tensor, act_scale: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations(x: torch.Tensor, act_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 [M, K] codes and fp32 [M] scales of ``x`` ([..., K]): per token, or with a static scale.
 
     Same arithmetic as reference.w8a8_linear (IEEE division, round half to even, clamp to +-127).
@@ -420,7 +420,7 @@ def quantize_activations(
     block = 32 if interp else min(triton.next_power_of_2(k), 2048)
     kern.act_quant_kernel[(m,)](
         x2, xq, sx, _flat(act_scale), k, x2.stride(0), xq.stride(0),
-        STATIC=act_scale is not None, BLOCK_K=block, num_warps=4 if block >= 512 else 1,
+        STATIC=act_scale is not None, BLOCK_K=block, num_warps=4 if block >= 512 else 1, enable_fp_fusion=True,
     )  # fmt: skip
     return xq, sx
 
@@ -464,7 +464,7 @@ def w8a8_linear(
             xq, sx, codes, scale, bias, out, m, n, k, xq.stride(0), out.stride(0), k_split,
             HAS_BIAS=bias is not None, ATOMIC=atomic, IDX64=n * k > _IDX32_LIMIT,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
         )  # fmt: skip
         return out.to(x.dtype) if atomic and x.dtype != torch.float32 else out
 

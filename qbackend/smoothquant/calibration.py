@@ -177,7 +177,8 @@ def calibrate(
     _ACTIVE = recorder
     try:
         with torch.no_grad():
-            for i, batch in enumerate(tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress)):
+            bar = tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress)
+            for i, batch in enumerate(bar):
                 recorder.batch = i
                 try:
                     _call(compiled, batch)

@@ -1,0 +1,155 @@
+"""CPU speed of qbackend's quantized linear ops on a 4096x4096 layer, as a ratio to fp32 ``F.linear``.
+
+Everything runs in one process with torch's default thread count; the methods are timed in
+interleaved rounds (so a burst of load from other processes hits all of them alike) and each
+figure is the median over all timed calls. Also measured where they import: bf16 ``F.linear``,
+bitsandbytes (``gemv_4bit`` at M=1, ``dequantize_4bit`` + ``F.linear`` otherwise) and torchao
+int8/int4 weight-only.
+
+    python benchmarks/bench_cpu_linear.py              # M in 1, 8, 64
+    python benchmarks/bench_cpu_linear.py --quick      # fewer calls, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from qbackend.formats import Scheme, quantize
+from qbackend.kernels import prepare_weight, quantized_linear
+
+FORMATS = {
+    "NF4+nested (b64)": Scheme("nf4", blocksize=64, nested=True),
+    "NF4 (b64)": Scheme("nf4", blocksize=64),
+    "INT4 g64 affine": Scheme("int", bits=4, symmetric=False, blocksize=64),
+    "INT4 g128 affine": Scheme("int", bits=4, symmetric=False, blocksize=128),
+    "INT8 per-channel": Scheme("int", bits=8, granularity="channel"),
+}
+
+
+def _bnb_methods(w: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            import bitsandbytes.functional as bf
+
+            qw, st = bf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"# bitsandbytes unavailable: {e!r}"[:200], file=sys.stderr)
+        return {}
+
+    def bnb(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return bf.gemv_4bit(x, qw.t(), state=st)
+        return F.linear(x, bf.dequantize_4bit(qw, st))
+
+    return {"bitsandbytes NF4+nested (gemv_4bit / dequant+linear)": bnb}
+
+
+def _torchao_methods(w: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except Exception as e:  # noqa: BLE001
+        print(f"# torchao unavailable: {e!r}"[:200], file=sys.stderr)
+        return out
+    for name, cfg, dtype in [
+        ("torchao int8 weight-only", lambda: Int8WeightOnlyConfig(), torch.float32),
+        ("torchao int4 weight-only g128 (bf16)", lambda: Int4WeightOnlyConfig(group_size=128,
+                                                                              int4_packing_format="tile_packed_to_4d"),
+         torch.bfloat16),
+    ]:  # fmt: skip
+        try:
+            m = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=dtype)
+            with torch.no_grad():
+                m.weight.copy_(w)
+            with contextlib.redirect_stderr(io.StringIO()):
+                quantize_(m, cfg())
+                m(torch.randn(1, w.shape[1], dtype=dtype))
+            out[name] = lambda x, m=m, dtype=dtype: m(x.to(dtype))
+        except Exception as e:  # noqa: BLE001
+            print(f"# {name}: not runnable on this CPU ({type(e).__name__}: {e})"[:200], file=sys.stderr)
+    return out
+
+
+def _time_calls(fn: Callable[[], object], n: int) -> list[float]:
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def bench(ms: list[int], rounds: int, calls: int, extras: bool) -> list[dict]:
+    torch.manual_seed(0)
+    n = k = 4096
+    w = torch.randn(n, k) * 0.02
+    w16 = w.bfloat16()
+    methods: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "fp32 F.linear": lambda x: F.linear(x, w),
+        "bf16 F.linear": lambda x: F.linear(x.bfloat16(), w16),
+    }
+    for name, scheme in FORMATS.items():
+        kw = prepare_weight(quantize(w, scheme))
+        methods[f"qbackend {name}"] = lambda x, kw=kw: quantized_linear(x, kw)
+    if extras:
+        methods.update(_bnb_methods(w))
+        methods.update(_torchao_methods(w))
+    rows = []
+    with torch.inference_mode():
+        for m in ms:
+            x = torch.randn(m, k)
+            n_calls = max(3, calls // max(1, m // 8))  # fewer calls where each is long
+            times: dict[str, list[float]] = {name: [] for name in methods}
+            for fn in methods.values():  # warm-up (builds the C++ library on the first call)
+                for _ in range(2):
+                    fn(x)
+            slow = set()
+            for r in range(rounds):
+                for name, fn in methods.items():
+                    if name in slow:
+                        continue
+                    ts = _time_calls(lambda fn=fn: fn(x), n_calls)
+                    times[name] += ts
+                    if r == 0 and statistics.median(ts) > 20 * statistics.median(times["fp32 F.linear"]):
+                        slow.add(name)  # e.g. torchao's int8 CPU path: a few calls are enough
+            base = statistics.median(times["fp32 F.linear"])
+            for name, ts in times.items():
+                med = statistics.median(ts)
+                rows.append({"M": m, "method": name, "median_ms": med * 1e3, "min_ms": min(ts) * 1e3,
+                             "ratio": base / med, "calls": len(ts)})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ms", default="1,8,64", help="comma-separated batch sizes M")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--calls", type=int, default=40, help="timed calls per method per round (fewer for big M)")
+    p.add_argument("--quick", action="store_true", help="2 rounds of 8 calls")
+    p.add_argument("--no-extras", action="store_true", help="skip bitsandbytes and torchao")
+    a = p.parse_args()
+    if a.quick:
+        a.rounds, a.calls = 2, 8
+    ms = [int(v) for v in a.ms.split(",")]
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"capability {torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
+    rows = bench(ms, a.rounds, a.calls, not a.no_extras)
+    print("\n| M | method | median ms | min ms | ratio to fp32 F.linear |")
+    print("|---:|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['M']} | {r['method']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['ratio']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""GPU speed of qbackend's Triton quantized linears against bf16 cuBLAS, in one process.
+
+For each weight shape (K_in x N_out) and batch M, times ``F.linear`` in bf16 (cuBLAS) and our
+kernels: NF4 + nested constants (block 64, nested 256), INT4 symmetric g128, INT8 per channel and
+W8A8 (per-token dynamic activations). Side by side, where they import: bitsandbytes NF4+DQ
+(``matmul_4bit``, which runs ``gemv_4bit`` for a single token) and torchao int4 weight-only.
+
+Timing: ``triton.testing.do_bench`` (median; it clears a 256 MiB buffer before every run, so the
+weights come from HBM, not L2), and with CUDA graphs: one graph replaying the call over several
+weight copies whose total size is >= 4x the L2 cache (rotation instead of a flush), time per call.
+Bandwidth = bytes the call must read or write (weights and constants, activations, output) / time,
+also as a fraction of the device-to-device copy bandwidth measured in the same run.
+
+    python benchmarks/bench_gpu_linear.py                 # the full grid
+    python benchmarks/bench_gpu_linear.py --quick         # 8192^2, M in {1, 16}
+    python benchmarks/bench_gpu_linear.py --out results.json
+
+Without a CUDA GPU it prints why and exits with status 0 having measured nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # (K_in, N_out)
+MS = [1, 16, 64, 4096]
+FORMATS = ["bf16", "nf4-nested", "int4", "int8", "w8a8", "bnb-nf4-dq", "torchao-int4"]
+
+
+@dataclass
+class Row:
+    shape: str
+    m: int
+    fmt: str
+    us: float | None  # eager (do_bench, L2 flushed)
+    us_graph: float | None  # CUDA graph, weights rotated past L2
+    speedup: float | None  # bf16 eager time / this eager time
+    speedup_graph: float | None
+    gbps: float | None  # bytes / eager time
+    bw_frac: float | None  # of measured copy bandwidth
+    rel_err: float | None  # vs bf16 F.linear on the dequantized weight
+    note: str = ""
+
+
+def _copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), the practical HBM ceiling."""
+    from triton.testing import do_bench
+
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    return 2 * n / (ms * 1e-3)
+
+
+def _graph_time_us(calls: list[Callable[[], object]], inner: int = 20) -> float:
+    """Per-call time of a CUDA graph that runs every call ``inner`` times, in rotation."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:  # warm up (compilation, config choice) outside the capture
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(inner):
+            for c in calls:
+                c()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (inner * len(calls)))
+    return sorted(times)[len(times) // 2]
+
+
+def _bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class Case:
+    """One format at one shape: a call per weight copy, the bytes one call moves, a reference output."""
+
+    def __init__(self, fmt: str, k: int, n: int, copies: int) -> None:
+        self.fmt, self.k, self.n = fmt, k, n
+        self.weights: list[tuple] = []
+        self.w_bytes = 0
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        for i in range(copies):
+            wi = w if i == 0 else w.roll(i, dims=1)  # distinct memory, same statistics
+            self.weights.append(self._make(wi))
+        self.dequant = self._dequant(self.weights[0])
+
+    # -- per format ------------------------------------------------------------------------------
+    def _make(self, w: torch.Tensor) -> tuple:
+        from qbackend.formats import Scheme, quantize
+        from qbackend.formats.codebooks import code_table
+
+        f = self.fmt
+        if f == "bf16":
+            self.w_bytes = _bytes(w)
+            return (w.contiguous(),)
+        if f == "nf4-nested":
+            q = quantize(w, Scheme("nf4", blocksize=64, nested=True, nested_blocksize=256))
+            nc = q.nested
+            self.w_bytes = _bytes(q.codes) + _bytes(nc.codes) + _bytes(nc.absmax2) + 4
+            return (q.codes, None, nc.codes, nc.absmax2, nc.offset, code_table("nf4", "cuda"),
+                    code_table("dynamic", "cuda"))  # fmt: skip
+        if f == "int4":
+            q = quantize(w, Scheme("int", bits=4, symmetric=True, blocksize=128))
+            self.w_bytes = _bytes(q.codes) + _bytes(q.scale)
+            return (q.codes, q.scale, None)
+        if f in ("int8", "w8a8"):
+            q = quantize(w, Scheme("int", bits=8, granularity="channel"))
+            self.w_bytes = _bytes(q.codes) + _bytes(q.scale)
+            return (q.codes, q.scale)
+        if f == "bnb-nf4-dq":
+            import bitsandbytes.functional as bf
+
+            packed, state = bf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+            self.w_bytes = _bytes(packed) + _bytes(state.absmax) + _bytes(state.state2.absmax) + 4
+            return (packed, state)
+        if f == "torchao-int4":
+            return (self._torchao(w),)
+        raise ValueError(f)
+
+    def _torchao(self, w: torch.Tensor) -> torch.nn.Module:
+        import torchao.quantization as tq
+
+        lin = torch.nn.Linear(self.k, self.n, bias=False, device="cuda", dtype=torch.bfloat16)
+        lin.weight.data.copy_(w)
+        if hasattr(tq, "Int4WeightOnlyConfig"):
+            tq.quantize_(lin, tq.Int4WeightOnlyConfig(group_size=128))
+        else:
+            tq.quantize_(lin, tq.int4_weight_only(group_size=128))
+        self.w_bytes = self.n * self.k // 2 + self.n * (self.k // 128) * 4  # codes + bf16 scale/zero per group
+        return lin
+
+    def _dequant(self, ops: tuple) -> torch.Tensor | None:
+        from qbackend.kernels import reference as R
+
+        f, n, k = self.fmt, self.n, self.k
+        if f == "bf16":
+            return ops[0].float()
+        if f == "nf4-nested":
+            return R.decode_codebook4(*ops, n, k, 64, 256)
+        if f == "int4":
+            return R.decode_int4(*ops, n, k, 128)
+        if f in ("int8", "w8a8"):
+            return ops[0].view(n, k).float() * ops[1].view(-1, 1)
+        if f == "bnb-nf4-dq":
+            import bitsandbytes.functional as bf
+
+            return bf.dequantize_4bit(ops[0], ops[1]).float()
+        return None
+
+    def call(self, i: int, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        from qbackend.kernels import triton as T
+
+        ops, f, n, k = self.weights[i], self.fmt, self.n, self.k
+        if f == "bf16":
+            return lambda: F.linear(x, ops[0])
+        if f == "nf4-nested":
+            return lambda: T.codebook4_linear(x, *ops, None, n, k, 64, 256)
+        if f == "int4":
+            return lambda: T.int4_linear(x, *ops, None, n, k, 128)
+        if f == "int8":
+            return lambda: T.int8_linear(x, *ops, None, n, k)
+        if f == "w8a8":
+            return lambda: T.w8a8_linear(x, *ops, None, None, n, k)
+        if f == "bnb-nf4-dq":
+            import bitsandbytes as bnb
+
+            packed, state = ops
+            # matmul_4bit dispatches a single token (no grad) to gemv_4bit, else dequantize + matmul.
+            return lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state)
+        if f == "torchao-int4":
+            return lambda: ops[0](x)
+        raise ValueError(f)
+
+
+def _l2_bytes() -> int:
+    try:
+        return int(torch.cuda.get_device_properties(0).L2_cache_size)
+    except AttributeError:
+        return 50 << 20
+
+
+def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], graphs: bool) -> list[Row]:
+    from triton.testing import do_bench
+
+    bw = _copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name(0)}; copy bandwidth {bw / 1e9:.0f} GB/s (read+write)", flush=True)
+    rows: list[Row] = []
+    for k, n in shapes:
+        shape = f"{k}x{n}"
+        # Enough weight copies that one graph replay streams >= 4x L2 of the smallest (4-bit) weights.
+        copies = max(1, math.ceil(4 * _l2_bytes() / (n * k * 0.5)))
+        cases: dict[str, Case | str] = {}
+        for f in formats:
+            try:
+                cases[f] = Case(f, k, n, copies if graphs else 1)
+            except Exception as e:  # noqa: BLE001 - an optional library missing or failing: report, go on
+                cases[f] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            base_us = base_graph = None
+            ref = F.linear(x.float(), cases["bf16"].dequant) if isinstance(cases.get("bf16"), Case) else None
+            for f in formats:
+                c = cases[f]
+                if isinstance(c, str):
+                    rows.append(Row(shape, m, f, None, None, None, None, None, None, None, c))
+                    continue
+                try:
+                    fn = c.call(0, x)
+                    y = fn()
+                    err = None
+                    if c.dequant is not None:
+                        r = F.linear(x.float(), c.dequant)
+                        err = ((y.float() - r).norm() / r.norm()).item()
+                    us = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+                    usg = _graph_time_us([c.call(i, x) for i in range(len(c.weights))]) if graphs else None
+                except Exception as e:  # noqa: BLE001
+                    rows.append(Row(shape, m, f, None, None, None, None, None, None, None, f"failed: {e!r}"[:120]))
+                    continue
+                if f == "bf16":
+                    base_us, base_graph = us, usg
+                moved = c.w_bytes + _bytes(x) + m * n * 2
+                gbps = moved / (us * 1e-6) / 1e9
+                note = ""
+                if ref is not None and f == "bf16":
+                    note = f"bf16 vs fp32: {((y.float() - ref).norm() / ref.norm()):.1e}"
+                rows.append(Row(
+                    shape, m, f, us, usg,
+                    None if base_us is None else base_us / us,
+                    None if (base_graph is None or usg is None) else base_graph / usg,
+                    gbps, gbps * 1e9 / bw, err, note,
+                ))  # fmt: skip
+                r = rows[-1]
+                pct = None if r.bw_frac is None else 100 * r.bw_frac
+                print(
+                    f"{shape:>12} M={m:<5} {f:<13} {_f(r.us, 8, 1)} us {_f(r.speedup, 6, 2)}x | graph "
+                    f"{_f(r.us_graph, 8, 1)} us {_f(r.speedup_graph, 6, 2)}x | {_f(r.gbps, 6, 0)} GB/s "
+                    f"({_f(pct, 3, 0)}%) err {_f(r.rel_err, 8, 1, 'e')} {r.note}",
+                    flush=True,
+                )
+        del cases
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _f(v: float | None, w: int, p: int, kind: str = "f") -> str:
+    return "-".rjust(w) if v is None else f"{v:{w}.{p}{kind}}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="8192^2 only, M in {1, 16}")
+    ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma list from {FORMATS}")
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
+    ap.add_argument("--out", default="", help="write all rows as JSON here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu_linear: no CUDA GPU is available on this machine; nothing was measured.")
+        return 0
+    shapes = [(8192, 8192)] if args.quick else SHAPES
+    ms = [1, 16] if args.quick else [int(v) for v in args.ms.split(",")]
+    formats = [f for f in args.formats.split(",") if f]
+    if "bf16" not in formats:
+        formats.insert(0, "bf16")  # every ratio is to bf16 F.linear in this same run
+    import triton
+
+    print(f"torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
+    rows = run(shapes, ms, formats, graphs=not args.no_graphs)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump([asdict(r) for r in rows], fh, indent=1)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""``qbackend demo``: the README's main job on the real all-MiniLM-L6-v2 model.
+
+Quantizes the model's linear layers (``qbackend.quantize_``, then ``torch.compile(backend="qbackend")``)
+and compares with fp32 eager and fp32 Inductor: model size, bits per parameter of the linear
+weights, latency at batch 1 and 32, and the cosine of the sentence embeddings to fp32 on
+``EVALUATION_SENTENCES``. Each compile takes ~20-40 s on 2 cores; the default run does 6.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_PRESETS: tuple[str, ...] = ("nf4", "int8")
+WEIGHT_ONLY_PRESETS: tuple[str, ...] = ("nf4", "fp4", "int4", "int4-g64", "int8")
+BATCHES: tuple[int, ...] = (1, 32)
+
+
+@dataclass
+class DemoOptions:
+    presets: tuple[str, ...] = DEFAULT_PRESETS
+    batches: tuple[int, ...] = BATCHES
+    compile: bool = True  # False: quantized layers run eagerly and there is no Inductor row (fast)
+    time_budget_s: float = 2.0  # per latency measurement, after the warm-up call
+
+
+@dataclass
+class DemoRow:
+    name: str  # "fp32 eager", "fp32 Inductor", "qbackend nf4"
+    size_mb: float  # all tensors the model holds
+    linear_mb: float  # the linear layers' weights (codes and constants when quantized)
+    linear_bits_per_param: float
+    latency_ms: dict[int, float] = field(default_factory=dict)  # batch -> median ms per call
+    speedup: dict[int, float] = field(default_factory=dict)  # batch -> fp32 eager time / this time
+    quality: dict[str, float] = field(default_factory=dict)  # cosine_mean, cosine_min, similarity_corr
+    compile_s: float = 0.0
+
+
+@dataclass
+class DemoResult:
+    model: str
+    params: int
+    sentences: int
+    threads: int
+    rows: list[DemoRow]
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Step = Callable[[str], contextlib.AbstractContextManager]
+
+
+@contextlib.contextmanager
+def _no_progress(_: str) -> Iterator[None]:
+    yield
+
+
+def run_demo(options: DemoOptions | None = None, step: Step = _no_progress) -> DemoResult:
+    """Run the comparison; ``step(description)`` wraps each stage (the CLI shows it as progress)."""
+    from .minilm import EVALUATION_SENTENCES, load_minilm
+
+    opts = options or DemoOptions()
+    t0 = time.perf_counter()
+    with step("loading all-MiniLM-L6-v2"):
+        ml = load_minilm()
+    base = ml.model
+    batches = {b: ml.tokenize(_sentences(EVALUATION_SENTENCES, b)) for b in opts.batches}
+    quality_batch = ml.tokenize(EVALUATION_SENTENCES)
+    variants: list[tuple[str, Callable[[], nn.Module]]] = [("fp32 eager", lambda: base)]
+    if opts.compile:
+        variants.append(("fp32 Inductor", lambda: torch.compile(base, dynamic=False)))
+    for preset in opts.presets:
+        variants.append((f"qbackend {preset}", _quantized(base, preset, opts.compile)))
+
+    rows: list[DemoRow] = []
+    reference = None
+    for name, make in variants:
+        with step(f"{name}: preparing"):
+            model = make()
+        size, lin_bytes, lin_numel = _sizes(model)
+        row = DemoRow(name, size / 1e6, lin_bytes / 1e6, 8 * lin_bytes / max(lin_numel, 1))
+        for b, batch in batches.items():
+            with step(f"{name}: {'compiling + ' if 'eager' not in name and opts.compile else ''}"
+                      f"warm-up, batch {b}"):  # fmt: skip
+                t = time.perf_counter()
+                _embed(model, batch)
+                row.compile_s += time.perf_counter() - t
+            with step(f"{name}: timing batch {b}"):
+                row.latency_ms[b] = _median_ms(lambda m=model, batch=batch: _embed(m, batch), opts.time_budget_s)
+        with step(f"{name}: embeddings of {len(EVALUATION_SENTENCES)} sentences"):
+            emb = _embed(model, quality_batch)
+        if reference is None:
+            reference = emb
+        from .minilm import embedding_quality
+
+        row.quality = embedding_quality(reference, emb)
+        rows.append(row)
+        torch._dynamo.reset()  # free the compiled graphs of this variant before the next
+    for r in rows:
+        r.speedup = {b: rows[0].latency_ms[b] / r.latency_ms[b] for b in r.latency_ms}
+    params = sum(p.numel() for p in base.parameters())
+    return DemoResult("all-MiniLM-L6-v2", params, len(EVALUATION_SENTENCES), torch.get_num_threads(), rows,
+                      time.perf_counter() - t0)  # fmt: skip
+
+
+def _sentences(pool: tuple[str, ...], n: int) -> list[str]:
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def _quantized(base: nn.Module, preset: str, compile_: bool) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        from .serialization.source import quantized_module
+
+        if preset not in WEIGHT_ONLY_PRESETS:
+            raise ValueError(f"the demo runs weight-only presets ({', '.join(WEIGHT_ONLY_PRESETS)}); got {preset!r}")
+        model, _ = quantized_module(base, {"preset": preset})  # shares the float embeddings/norms with base
+        return torch.compile(model, backend="qbackend", dynamic=False) if compile_ else model
+
+    return make
+
+
+def _embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    from .minilm import pooled_embeddings
+
+    with torch.no_grad():
+        return pooled_embeddings(model, batch)
+
+
+def _median_ms(fn: Callable[[], Any], budget_s: float, min_runs: int = 3, max_runs: int = 50) -> float:
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (len(times) < max_runs and time.perf_counter() - start < budget_s):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def _sizes(model: nn.Module) -> tuple[int, int, int]:
+    """(bytes of all tensors, bytes of the linear weights, elements of the linear weights); shared tensors once."""
+    from .quantize_module import QuantizedLinear
+
+    model = getattr(model, "_orig_mod", model)
+    seen: set[int] = set()
+
+    def nbytes(ts: Any) -> int:
+        total = 0
+        for t in ts:
+            if t is None or t.untyped_storage().data_ptr() in seen:
+                continue
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+        return total
+
+    lin_bytes = lin_numel = 0
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            lin_bytes += nbytes(m.buffers(recurse=False))
+            lin_numel += m.in_features * m.out_features
+        elif isinstance(m, nn.Linear):
+            lin_bytes += nbytes([m.weight])
+            lin_numel += m.weight.numel()
+    rest = nbytes([*model.parameters(), *model.buffers()])
+    return lin_bytes + rest, lin_bytes, lin_numel
+
+
+def render(result: DemoResult) -> Any:
+    """A rich Table of the result."""
+    from rich.table import Table
+
+    t = Table(
+        title=f"qbackend demo: {result.model} ({result.params / 1e6:.1f}M params), CPU, {result.threads} threads",
+        caption=f"latency: median per call (embeddings of a batch of sentences); cosine: vs fp32 on "
+        f"{result.sentences} evaluation sentences; total {result.seconds:.0f} s",
+        title_justify="left",
+    )
+    t.add_column("model")
+    t.add_column("size MB", justify="right")
+    t.add_column("linear weights MB", justify="right")
+    t.add_column("bits/param (linears)", justify="right")
+    batches = sorted(result.rows[0].latency_ms) if result.rows else []
+    for b in batches:
+        t.add_column(f"batch {b} ms (speed-up)", justify="right")
+    t.add_column("cosine mean / min", justify="right")
+    for r in result.rows:
+        cells = [r.name, f"{r.size_mb:.1f}", f"{r.linear_mb:.2f}", f"{r.linear_bits_per_param:.2f}"]
+        cells += [f"{r.latency_ms[b]:.1f} ({r.speedup[b]:.2f}x)" for b in batches]
+        q = r.quality
+        cells.append(f"{q['cosine_mean']:.4f} / {q['cosine_min']:.4f}")
+        t.add_row(*cells)
+    return t

@@ -1,0 +1,208 @@
+"""``qbackend.load``: rebuild a quantized model from a qbackend checkpoint or a bitsandbytes 4-bit one.
+
+Nothing is re-quantized and no float weight of a quantized layer is made: the skeleton is built
+on the meta device (or given by the caller), its quantized layers are swapped for `QuantizedLinear`
+built straight from the stored codes and constants, and every other tensor is assigned from the file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .manifest import CheckpointError, digest, parse_manifest
+
+ModelSource = nn.Module | Callable[[], nn.Module] | None
+
+
+def load(path: str | os.PathLike, model: ModelSource = None, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a checkpoint written by :func:`qbackend.save`, or a bitsandbytes/QLoRA 4-bit checkpoint.
+
+    path: a ``.safetensors`` file, or a directory holding one (or HF-style shards and config.json).
+    model: where the weights go.
+        * None: rebuilt from the checkpoint (transformers models: from their stored config; a
+          bitsandbytes checkpoint directory: from its config.json);
+        * a callable (a class or factory taking no arguments): called under ``torch.device("meta")``,
+          so no float weight is ever allocated;
+        * a module: used as is and modified in place (its quantized layers are swapped; their float
+          weights are dropped).
+    device: where the loaded tensors go.
+
+    Returns the model in eval mode. Raises `CheckpointError` naming the file and the problem
+    (not a checkpoint, truncated, corrupt, newer format, does not fit the model).
+    """
+    files, config_json = _resolve(Path(path))
+    tensors, metadata = _read(files, device)
+    if metadata is not None and "qbackend" in metadata:
+        manifest = parse_manifest(metadata, str(files[0]))
+        _verify(tensors, manifest, files[0])
+        skeleton = _skeleton(model, manifest["model"], config_json, files[0])
+        return _assemble_qbackend(skeleton, tensors, manifest, str(files[0]))
+    from .bnb import is_bnb_checkpoint, load_bnb
+
+    if is_bnb_checkpoint(tensors):
+        info = {"transformers_from_config_json": config_json} if config_json else {}
+        skeleton = _skeleton(model, info, config_json, files[0])
+        return load_bnb(skeleton, tensors, str(files[0]))
+    raise CheckpointError(
+        f"{files[0]}: not a qbackend checkpoint (no 'qbackend' entry in its metadata) "
+        "and not a bitsandbytes 4-bit checkpoint"
+    )
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+
+def _resolve(path: Path) -> tuple[list[Path], dict[str, Any] | None]:
+    """The safetensors file(s) to read and the directory's config.json (if any)."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    config = None
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: directory holds no .safetensors file")
+        cfg = path / "config.json"
+        if cfg.exists():
+            try:
+                config = json.loads(cfg.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{cfg}: corrupt JSON ({e})") from None
+        return files, config
+    return [path], None
+
+
+def _read(files: list[Path], device: str | torch.device) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    from safetensors import SafetensorError, safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    metadata = None
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as st:
+                if metadata is None:
+                    metadata = st.metadata()
+                for k in st.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                    tensors[k] = st.get_tensor(k)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            size = f.stat().st_size if f.exists() else 0
+            raise CheckpointError(
+                f"{f}: not a readable safetensors file ({size} bytes; truncated or corrupt?): {e}"
+            ) from None
+    return tensors, metadata
+
+
+def _verify(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path) -> None:
+    want = manifest["tensors"]
+    missing = [n for n in want if n not in tensors]
+    if missing:
+        raise CheckpointError(f"{path}: corrupt checkpoint: {len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
+    for name, info in want.items():
+        if digest(tensors[name]) != info.get("digest"):
+            raise CheckpointError(f"{path}: corrupt checkpoint: tensor {name!r} does not match its checksum")
+
+
+# ---- the model -----------------------------------------------------------------------------------
+
+
+def _skeleton(model: ModelSource, info: dict[str, Any], config_json: dict | None, path: Path) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    if model is not None:
+        if not callable(model):
+            raise TypeError(f"model must be an nn.Module, a callable returning one, or None; got {type(model)}")
+        with torch.device("meta"):
+            built = model()
+        if not isinstance(built, nn.Module):
+            raise TypeError(f"the model factory returned {type(built).__name__}, not an nn.Module")
+        return built
+    cls_name = info.get("transformers_class")
+    cfg = info.get("transformers_config")
+    if cls_name is None and config_json:
+        archs = config_json.get("architectures") or []
+        cls_name, cfg = (archs[0] if archs else None), config_json
+    if cls_name is None or cfg is None:
+        saved = info.get("class", "a model")
+        raise CheckpointError(
+            f"{path}: holds {saved}, which cannot be rebuilt from the file alone; "
+            "pass model= (the module, or a function that builds it)"
+        )
+    return _build_transformers(cls_name, cfg, path)
+
+
+def _build_transformers(cls_name: str, cfg: dict[str, Any], path: Path) -> nn.Module:
+    try:
+        transformers = importlib.import_module("transformers")
+    except ImportError:
+        raise CheckpointError(f"{path}: rebuilding {cls_name} needs transformers (pip install transformers)") from None
+    cls = getattr(transformers, cls_name, None)
+    if cls is None:
+        raise CheckpointError(f"{path}: transformers has no class {cls_name!r}; pass model= to build it yourself")
+    config = cls.config_class.from_dict(cfg)
+    with torch.device("meta"):
+        return cls(config)
+
+
+def set_tensor(root: nn.Module, name: str, value: torch.Tensor, kind: str, path: str) -> None:
+    """Put ``value`` at ``name`` (a parameter or buffer path) of ``root``, replacing what is there."""
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = root.get_submodule(owner_name)
+    except AttributeError:
+        raise CheckpointError(f"{path}: the checkpoint has {name!r}; the model has no module {owner_name!r}") from None
+    old = owner._parameters.get(attr) if attr in owner._parameters else owner._buffers.get(attr)
+    if attr not in owner._parameters and attr not in owner._buffers:
+        raise CheckpointError(f"{path}: the checkpoint has {name!r} but the model has no such parameter or buffer")
+    if old is not None and tuple(old.shape) != tuple(value.shape):
+        raise CheckpointError(
+            f"{path}: {name!r} has shape {tuple(value.shape)} in the checkpoint but {tuple(old.shape)} in the model"
+        )
+    if attr in owner._parameters:
+        requires_grad = old.requires_grad if old is not None else False
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point())
+    else:
+        owner._buffers[attr] = value
+
+
+def check_materialised(model: nn.Module, path: str) -> None:
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+        raise CheckpointError(
+            f"{path}: the checkpoint does not hold {', '.join(repr(n) for n in left[:3])}{more}, "
+            "which the model needs; is this the right model for it?"
+        )
+
+
+def _assemble_qbackend(model: nn.Module, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: str):
+    from .layers import build_quantized_linear
+
+    layers = manifest["layers"]
+    for name, rec in layers.items():
+        layer = build_quantized_linear(name, rec, tensors, manifest["aliases"], path)
+        _swap(model, name, layer, path)
+    inside = tuple(f"{n}." for n in layers)
+    for stored, info in manifest["tensors"].items():
+        for name, kind in info["uses"]:
+            if name.startswith(inside):  # set by build_quantized_linear
+                continue
+            set_tensor(model, name, tensors[stored], kind, path)
+    check_materialised(model, path)
+    return model.eval()
+
+
+def _swap(model: nn.Module, name: str, layer: nn.Module, path: str) -> None:
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name)
+        getattr(parent, child)
+    except AttributeError:
+        raise CheckpointError(f"{path}: quantized layer {name!r} has no counterpart in the model") from None
+    setattr(parent, child, layer)

@@ -1,0 +1,434 @@
+"""Triton kernels (qbackend.kernels.triton) against the reference ops (qbackend.kernels.reference).
+
+Without CUDA every kernel runs on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 is set
+here before anything imports triton; the kernels also load an interpreted copy of themselves if
+triton was imported earlier without it). With CUDA the same tests run the compiled GPU path, and the
+``gpu`` group adds bf16, larger shapes, autotuning and CUDA graphs.
+
+Shapes are tiny on purpose (the interpreter is slow); tile sizes under the interpreter are 32, so
+N, K = 33..96 cover partial tiles, several K splits and straddling/odd-K blocks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_CUDA = torch.cuda.is_available()
+if not _CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton` in this process
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from qbackend.formats import Scheme, quantize  # noqa: E402
+from qbackend.formats.codebooks import code_table  # noqa: E402
+from qbackend.kernels import reference as R  # noqa: E402
+from qbackend.kernels import triton as T  # noqa: E402
+from qbackend.kernels.triton import autotune as at  # noqa: E402
+
+DEVICE = torch.device("cuda" if _CUDA else "cpu")
+DTYPES = [torch.float32, torch.float16]
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+gpu = pytest.mark.skipif(not _CUDA, reason="needs a CUDA device")
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """Same shape/dtype, finite, and max error within fp32-reordering (or 16-bit rounding) of max |ref|."""
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert out.dtype == (dtype or ref.dtype), (out.dtype, ref.dtype)
+    o, r = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(o).all()
+    scale = max(r.abs().max().item(), 1e-6)
+    err = (o - r).abs().max().item() / scale
+    assert err <= TOL[out.dtype], f"relative max error {err:.3g} > {TOL[out.dtype]}"
+
+
+def _x(lead: tuple[int, ...], k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*lead, k, generator=g).to(dtype).to(DEVICE)
+
+
+def _cb4(n: int, k: int, kind: str, bs: int, nested: bool, seed: int = 0) -> tuple:
+    """(codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table) on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    qw = quantize(torch.randn(n, k, generator=g), Scheme(kind, blocksize=bs, nested=nested, nested_blocksize=32))
+    qw = qw.to(DEVICE)
+    nc = qw.nested
+    return (
+        qw.codes, qw.scale, nc.codes if nc else None, nc.absmax2 if nc else None, nc.offset if nc else None,
+        code_table(kind, DEVICE), code_table("dynamic", DEVICE) if nc else None,
+    )  # fmt: skip
+
+
+def _int4(n: int, k: int, g: int, sym: bool, seed: int = 0) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    qw = quantize(torch.randn(n, k, generator=gen), Scheme("int", bits=4, symmetric=sym, blocksize=g)).to(DEVICE)
+    return qw.codes, qw.scale, qw.zero_point
+
+
+def _int8(n: int, k: int, seed: int = 0) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    qw = quantize(torch.randn(n, k, generator=gen), Scheme("int", bits=8, granularity="channel")).to(DEVICE)
+    return qw.codes, qw.scale
+
+
+def _bias(n: int, on: bool, seed: int = 7) -> torch.Tensor | None:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(DEVICE) if on else None
+
+
+# (N, K, blocksize, kind, nested): K % bs == 0 (aligned fast path), straddling blocks with even K,
+# odd K (generic flat-index path), K == bs with N not a tile multiple.
+CB4_CASES = [
+    (40, 64, 32, "nf4", True),
+    (33, 96, 64, "fp4", True),
+    (24, 75, 32, "nf4", False),
+    (17, 64, 64, "fp4", False),
+]
+MS = [1, 3, 17, 80]  # GEMV, small-M split-K dot, small-M with BLOCK_M 32, large-M tiled GEMM
+
+
+# ---------------------------------------------------------------------------------------------
+# NF4 / FP4
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("case", CB4_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_codebook4_linear(case: tuple, m: int, dtype: torch.dtype) -> None:
+    n, k, bs, kind, nested = case
+    w = _cb4(n, k, kind, bs, nested)
+    x = _x((m,), k, dtype, seed=m)
+    b = _bias(n, on=(m + n) % 2 == 0)
+    args = (*w, b, n, k, bs, 32)
+    _check(T.codebook4_linear(x, *args), R.codebook4_linear(x, *args))
+
+
+@pytest.mark.parametrize("m", [1, 17, 80])
+@pytest.mark.parametrize("case", CB4_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_codebook4_grad_input(case: tuple, m: int) -> None:
+    n, k, bs, kind, nested = case
+    w = _cb4(n, k, kind, bs, nested)
+    gy = _x((m,), n, torch.float32, seed=m + 1)
+    ref = gy.float() @ R.decode_codebook4(*w, n, k, bs, 32)
+    _check(T.codebook4_linear_grad_input(gy, *w, n, k, bs, 32), ref)
+
+
+def test_codebook4_grad_input_fp16_3d() -> None:
+    n, k, bs = 33, 96, 64
+    w = _cb4(n, k, "nf4", bs, True)
+    gy = _x((2, 5), n, torch.float16, seed=3)
+    ref = (gy.float() @ R.decode_codebook4(*w, n, k, bs, 32)).half()
+    _check(T.codebook4_linear_grad_input(gy, *w, n, k, bs, 32), ref)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    n=st.integers(1, 64),
+    k=st.integers(1, 80),
+    m=st.integers(1, 20),
+    bs=st.sampled_from([32, 64]),
+    kind=st.sampled_from(["nf4", "fp4"]),
+    nested=st.booleans(),
+    bias=st.booleans(),
+)
+def test_codebook4_linear_hypothesis(n: int, k: int, m: int, bs: int, kind: str, nested: bool, bias: bool) -> None:
+    w = _cb4(n, k, kind, bs, nested, seed=n * 1000 + k)
+    x = _x((m,), k, torch.float32, seed=m)
+    args = (*w, _bias(n, bias), n, k, bs, 32)
+    _check(T.codebook4_linear(x, *args), R.codebook4_linear(x, *args))
+
+
+# ---------------------------------------------------------------------------------------------
+# INT4 (groups along K; symmetric: zero point 8)
+# ---------------------------------------------------------------------------------------------
+
+# (N, K, groupsize, symmetric): aligned groups; group not a power of two (per-pair constant
+# gather); odd K; a shorter tail group (70 % 64) on the aligned path.
+INT4_CASES = [(40, 64, 32, True), (33, 96, 48, False), (24, 75, 16, False), (20, 70, 64, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("case", INT4_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_int4_linear(case: tuple, m: int, dtype: torch.dtype) -> None:
+    n, k, g, sym = case
+    codes, scale, zp = _int4(n, k, g, sym)
+    x = _x((m,), k, dtype, seed=m)
+    args = (codes, scale, zp, _bias(n, on=m % 2 == 1), n, k, g)
+    _check(T.int4_linear(x, *args), R.int4_linear(x, *args))
+
+
+@pytest.mark.parametrize("m", [1, 80])
+@pytest.mark.parametrize("case", INT4_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_int4_grad_input(case: tuple, m: int) -> None:
+    n, k, g, sym = case
+    codes, scale, zp = _int4(n, k, g, sym)
+    gy = _x((m,), n, torch.float32, seed=m)
+    ref = gy @ R.decode_int4(codes, scale, zp, n, k, g)
+    _check(T.int4_linear_grad_input(gy, codes, scale, zp, n, k, g), ref)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    n=st.integers(1, 48),
+    k=st.integers(1, 80),
+    m=st.integers(1, 20),
+    g=st.sampled_from([2, 16, 32, 48, 64]),
+    sym=st.booleans(),
+)
+def test_int4_linear_hypothesis(n: int, k: int, m: int, g: int, sym: bool) -> None:
+    codes, scale, zp = _int4(n, k, g, sym, seed=n + k)
+    x = _x((m,), k, torch.float32, seed=m)
+    args = (codes, scale, zp, _bias(n, True), n, k, g)
+    _check(T.int4_linear(x, *args), R.int4_linear(x, *args))
+
+
+# ---------------------------------------------------------------------------------------------
+# INT8 per channel
+# ---------------------------------------------------------------------------------------------
+
+INT8_CASES = [(40, 64), (33, 75)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_int8_linear(case: tuple, m: int, dtype: torch.dtype) -> None:
+    n, k = case
+    codes, scale = _int8(n, k)
+    x = _x((m,), k, dtype, seed=m)
+    args = (codes, scale, _bias(n, on=m != 3), n, k)
+    _check(T.int8_linear(x, *args), R.int8_linear(x, *args))
+
+
+@pytest.mark.parametrize("m", [1, 80])
+@pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_int8_grad_input(case: tuple, m: int) -> None:
+    n, k = case
+    codes, scale = _int8(n, k)
+    gy = _x((m,), n, torch.float32, seed=m)
+    ref = gy @ (codes.view(n, k).float() * scale.view(-1, 1))
+    _check(T.int8_linear_grad_input(gy, codes, scale, n, k), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# W8A8
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("case", [(40, 64), (33, 75)], ids=lambda c: "-".join(map(str, c)))
+def test_w8a8_linear(case: tuple, m: int, static: bool) -> None:
+    n, k = case
+    codes, scale = _int8(n, k)
+    dtype = torch.float16 if m == 17 else torch.float32
+    x = _x((m,), k, dtype, seed=m)
+    act = torch.tensor(0.03, device=DEVICE) if static else None
+    args = (codes, scale, _bias(n, on=m != 1), act, n, k)
+    _check(T.w8a8_linear(x, *args), R.w8a8_linear(x, *args))
+
+
+def test_quantize_activations_bit_exact() -> None:
+    """Codes and scales equal the reference's (IEEE division, ties to even), incl. exact .5 ties."""
+    x = _x((5,), 67, torch.float32, seed=1)
+    x[0, :4] = torch.tensor([1.27, -1.27, 0.5 * 1.27 / 127 * 5, 0.0])  # amax 1.27 -> s 0.01; ties at k+0.5
+    x[1] = 0.0  # all-zero token: scale 0, codes 0
+    xq, sx = T.quantize_activations(x)
+    s_ref = x.abs().amax(dim=1) / 127.0
+    safe = torch.where(s_ref > 0, s_ref, torch.ones_like(s_ref))
+    q_ref = torch.clamp(torch.round(x / safe[:, None]), -127, 127).to(torch.int8)
+    assert torch.equal(sx.cpu(), s_ref.cpu())
+    assert torch.equal(xq.cpu(), q_ref.cpu())
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes, paths, errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_3d_inputs_and_bias_all_ops() -> None:
+    n, k = 33, 64
+    x = _x((2, 3), k, torch.float32, seed=11)
+    b = _bias(n, True)
+    w = _cb4(n, k, "nf4", 32, True)
+    _check(T.codebook4_linear(x, *w, b, n, k, 32, 32), R.codebook4_linear(x, *w, b, n, k, 32, 32))
+    c4, s4, z4 = _int4(n, k, 32, False)
+    _check(T.int4_linear(x, c4, s4, z4, b, n, k, 32), R.int4_linear(x, c4, s4, z4, b, n, k, 32))
+    c8, s8 = _int8(n, k)
+    _check(T.int8_linear(x, c8, s8, b, n, k), R.int8_linear(x, c8, s8, b, n, k))
+    _check(T.w8a8_linear(x, c8, s8, b, None, n, k), R.w8a8_linear(x, c8, s8, b, None, n, k))
+    # A non-contiguous input (every other token) goes through the same kernels.
+    xs = _x((6,), k, torch.float32, seed=12)[::2]
+    _check(T.int8_linear(xs, c8, s8, b, n, k), R.int8_linear(xs, c8, s8, b, n, k))
+
+
+@pytest.mark.parametrize(
+    "variant,cfg,m",
+    [
+        (at.GEMV, at.KernelConfig(block_m=1, block_n=16, block_k=16, split=1), 1),  # direct store, no atomics
+        (at.GEMV, at.KernelConfig(block_m=1, block_n=32, block_k=64, split=4), 1),  # BK > bs: per-pair constants
+        (at.WO_SMALL, at.KernelConfig(block_m=16, block_n=16, block_k=32, split=1, group_m=1), 5),
+        (at.WO_LARGE, at.KernelConfig(block_m=16, block_n=32, block_k=32, split=3, group_m=3), 70),  # atomics
+    ],
+    ids=["gemv-nosplit", "gemv-bk64", "small-nosplit", "large-split"],
+)
+def test_config_paths(variant: str, cfg: at.KernelConfig, m: int) -> None:
+    """Specialisations the fixed interpreter configs do not reach (split 1, BK > block size, ...)."""
+    n, k, bs = 40, 64, 32
+    w = _cb4(n, k, "nf4", bs, True)
+    x = _x((m,), k, torch.float16, seed=m)
+    args = (*w, _bias(n, True), n, k, bs, 32)
+    with at.override_config(variant, cfg):
+        _check(T.codebook4_linear(x, *args), R.codebook4_linear(x, *args))
+
+
+def test_grad_config_paths() -> None:
+    n, k, g = 40, 64, 32
+    codes, scale, zp = _int4(n, k, g, True)
+    gy = _x((3,), n, torch.float16, seed=2)
+    ref = (gy.float() @ R.decode_int4(codes, scale, zp, n, k, g)).half()
+    with at.override_config(at.GRAD_SMALL, at.KernelConfig(block_m=16, block_n=16, block_k=64, split=1)):
+        _check(T.int4_linear_grad_input(gy, codes, scale, zp, n, k, g), ref)
+
+
+def test_empty_input() -> None:
+    n, k = 8, 64
+    c8, s8 = _int8(n, k)
+    x = torch.empty(0, k, device=DEVICE)
+    assert T.int8_linear(x, c8, s8, None, n, k).shape == (0, n)
+    assert T.w8a8_linear(x, c8, s8, None, None, n, k).shape == (0, n)
+    assert T.int8_linear_grad_input(torch.empty(0, n, device=DEVICE), c8, s8, n, k).shape == (0, k)
+
+
+def test_bad_operands_raise() -> None:
+    n, k = 8, 64
+    w = _cb4(n, k, "nf4", 32, False)
+    with pytest.raises(ValueError, match="expected"):
+        T.codebook4_linear(_x((2,), k + 1, torch.float32, 0), *w, None, n, k, 32, 256)
+    with pytest.raises(ValueError, match="codes"):
+        T.codebook4_linear(_x((2,), k, torch.float32, 0), *w, None, n + 1, k, 32, 256)
+    c8, s8 = _int8(n, k)
+    with pytest.raises(ValueError, match="scale"):
+        T.int8_linear(_x((2,), k, torch.float32, 0), c8, s8[:-1], None, n, k)
+
+
+def test_cpu_tensors_use_an_interpreted_copy() -> None:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from qbackend.kernels.triton._runtime import kernels_for
+
+    mod, interpreted = kernels_for(torch.device("cpu"))
+    assert interpreted and isinstance(mod.wo_gemv_kernel, InterpretedFunction)
+
+
+# ---------------------------------------------------------------------------------------------
+# configs and the on-disk cache (pure Python)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_config_cache_roundtrip(tmp_path) -> None:
+    path = tmp_path / "gpu.json"
+    a = at.KernelConfig(16, 64, 64, 4, 1, 4, 3)
+    b = at.KernelConfig(128, 128, 64, 1, 8, 8, 3)
+    at._store(path, "k1", a)
+    at._store(path, "k2", b)
+    assert at._load(path) == {"k1": a, "k2": b}
+    path.write_text("{not json")
+    assert at._load(path) == {}  # a corrupt cache is ignored, not fatal
+
+
+def test_heuristics_and_candidates_respect_caps() -> None:
+    for variant in at.VARIANTS:
+        for m in (1, 16, 64, 4096):
+            for bk_cap in (32, 64, 256):
+                cfgs = [at.heuristic_config(variant, m, 8192, 8192, bk_cap, 132)]
+                cfgs += at.candidate_configs(variant, m, 8192, 8192, bk_cap, 132)
+                assert cfgs
+                for c in cfgs:
+                    assert c.split >= 1 and c.block_m >= 1 and c.block_n >= 16
+                    if not variant.startswith("w8a8"):
+                        assert c.block_k <= max(bk_cap, 16), (variant, c)
+                    if variant != at.GEMV:
+                        assert c.block_m >= 16 and c.block_k >= 32  # tl.dot minimums (int8: K >= 32)
+    assert at.m_bucket(1) == 1 and at.m_bucket(3) == 4 and at.m_bucket(17) == 32 and at.m_bucket(10**6) == 4096
+    key = at.make_key(at.GEMV, "cb4", 64, True, False, torch.bfloat16, 1, 8192, 8192)
+    assert key == "wo_gemv|cb4|bs64|nest1|zp0|bfloat16|M1|N8192|K8192"
+
+
+def test_kernels_compile_for_sm90() -> None:
+    """Lower a few specialisations all the way to a cubin for H100 (no GPU needed; ptxas is bundled)."""
+    pytest.importorskip("triton.backends.nvidia")
+    from qbackend.kernels.triton import aot
+
+    wanted = {"gemv-nf4n-b64-bf16-al", "dot-small-nf4n-b64-bf16-al", "w8a8-small-bf16"}
+    reports = [aot.compile_spec(s) for s in aot.specs(quick=True) if s.name in wanted]
+    assert len(reports) == len(wanted)
+    bad = [(r.name, r.error or r.missing) for r in reports if not r.ok]
+    assert not bad, bad
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: bf16, larger shapes, autotuning with the on-disk cache, CUDA graphs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 300])
+def test_gpu_bf16_all_formats(m: int) -> None:
+    n, k = 512, 1024
+    x = _x((m,), k, torch.bfloat16, seed=m)
+    b = _bias(n, True)
+    w = _cb4(n, k, "nf4", 64, True)
+    _check(T.codebook4_linear(x, *w, b, n, k, 64, 32), R.codebook4_linear(x, *w, b, n, k, 64, 32))
+    c4, s4, z4 = _int4(n, k, 128, True)
+    _check(T.int4_linear(x, c4, s4, z4, b, n, k, 128), R.int4_linear(x, c4, s4, z4, b, n, k, 128))
+    c8, s8 = _int8(n, k)
+    _check(T.int8_linear(x, c8, s8, b, n, k), R.int8_linear(x, c8, s8, b, n, k))
+    _check(T.w8a8_linear(x, c8, s8, b, None, n, k), R.w8a8_linear(x, c8, s8, b, None, n, k))
+    gy = _x((m,), n, torch.bfloat16, seed=5)
+    ref = (gy.float() @ R.decode_codebook4(*w, n, k, 64, 32)).bfloat16()
+    _check(T.codebook4_linear_grad_input(gy, *w, n, k, 64, 32), ref)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_autotune_writes_cache(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("QBACKEND_TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("QBACKEND_TRITON_AUTOTUNE", "1")
+    at.clear_memory_cache()
+    n, k = 256, 512
+    w = _cb4(n, k, "nf4", 64, True)
+    x = _x((1,), k, torch.float16, seed=0)
+    y = T.codebook4_linear(x, *w, None, n, k, 64, 32)
+    _check(y, R.codebook4_linear(x, *w, None, n, k, 64, 32))
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and "wo_gemv|cb4|bs64" in files[0].read_text()
+    at.clear_memory_cache()
+    _check(T.codebook4_linear(x, *w, None, n, k, 64, 32), y)  # served from the file
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cuda_graph_replay() -> None:
+    n, k = 256, 512
+    w = _cb4(n, k, "nf4", 64, True)
+    x = _x((1,), k, torch.bfloat16, seed=0)
+    T.codebook4_linear(x, *w, None, n, k, 64, 32)  # tune outside the capture
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        T.codebook4_linear(x, *w, None, n, k, 64, 32)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = T.codebook4_linear(x, *w, None, n, k, 64, 32)
+    x.copy_(_x((1,), k, torch.bfloat16, seed=1))
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(y, R.codebook4_linear(x, *w, None, n, k, 64, 32))
