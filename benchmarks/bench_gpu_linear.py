@@ -8,8 +8,8 @@ W8A8 (per-token dynamic activations). Side by side, where they import: bitsandby
 Timing: ``triton.testing.do_bench`` (median; it clears a 256 MiB buffer before every run, so the
 weights come from HBM, not L2), and with CUDA graphs: one graph replaying the call over several
 weight copies whose total size is >= 4x the L2 cache (rotation instead of a flush), time per call.
-Bandwidth = bytes the call must read or write (weights and constants, activations, output) / time,
-also as a fraction of the device-to-device copy bandwidth measured in the same run.
+Bandwidth = bytes the call must read (weights with their constants, activations) / eager time, also
+as a fraction of the device-to-device copy bandwidth (read + write) measured in the same run.
 
     python benchmarks/bench_gpu_linear.py                 # the full grid
     python benchmarks/bench_gpu_linear.py --quick         # 8192^2, M in {1, 16}
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +36,12 @@ SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # (K_in, N_
 MS = [1, 16, 64, 4096]
 FORMATS = ["bf16", "nf4-nested", "int4", "int8", "w8a8", "bnb-nf4-dq", "torchao-int4"]
 
+# --dry-run-cpu swaps these: CPU tensors through the Triton interpreter, fp32 (the interpreter gets
+# bf16 wrong), tiny shapes, errors only and no timing at all. It checks this script's plumbing.
+DEV = "cuda"
+ACT = torch.bfloat16
+DRY = False
+
 
 @dataclass
 class Row:
@@ -45,7 +52,7 @@ class Row:
     us_graph: float | None  # CUDA graph, weights rotated past L2
     speedup: float | None  # bf16 eager time / this eager time
     speedup_graph: float | None
-    gbps: float | None  # bytes / eager time
+    gbps: float | None  # bytes read / eager time
     bw_frac: float | None  # of measured copy bandwidth
     rel_err: float | None  # vs bf16 F.linear on the dequantized weight
     note: str = ""
@@ -99,7 +106,7 @@ class Case:
         self.fmt, self.k, self.n = fmt, k, n
         self.weights: list[tuple] = []
         self.w_bytes = 0
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        w = torch.randn(n, k, device=DEV, dtype=ACT) * 0.02
         for i in range(copies):
             wi = w if i == 0 else w.roll(i, dims=1)  # distinct memory, same statistics
             self.weights.append(self._make(wi))
@@ -118,8 +125,8 @@ class Case:
             q = quantize(w, Scheme("nf4", blocksize=64, nested=True, nested_blocksize=256))
             nc = q.nested
             self.w_bytes = _bytes(q.codes) + _bytes(nc.codes) + _bytes(nc.absmax2) + 4
-            return (q.codes, None, nc.codes, nc.absmax2, nc.offset, code_table("nf4", "cuda"),
-                    code_table("dynamic", "cuda"))  # fmt: skip
+            return (q.codes, None, nc.codes, nc.absmax2, nc.offset, code_table("nf4", DEV),
+                    code_table("dynamic", DEV))  # fmt: skip
         if f == "int4":
             q = quantize(w, Scheme("int", bits=4, symmetric=True, blocksize=128))
             self.w_bytes = _bytes(q.codes) + _bytes(q.scale)
@@ -141,7 +148,7 @@ class Case:
     def _torchao(self, w: torch.Tensor) -> torch.nn.Module:
         import torchao.quantization as tq
 
-        lin = torch.nn.Linear(self.k, self.n, bias=False, device="cuda", dtype=torch.bfloat16)
+        lin = torch.nn.Linear(self.k, self.n, bias=False, device=DEV, dtype=ACT)
         lin.weight.data.copy_(w)
         if hasattr(tq, "Int4WeightOnlyConfig"):
             tq.quantize_(lin, tq.Int4WeightOnlyConfig(group_size=128))
@@ -203,21 +210,25 @@ def _l2_bytes() -> int:
 def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], graphs: bool) -> list[Row]:
     from triton.testing import do_bench
 
-    bw = _copy_bandwidth()
-    print(f"device: {torch.cuda.get_device_name(0)}; copy bandwidth {bw / 1e9:.0f} GB/s (read+write)", flush=True)
+    bw = None
+    if DRY:
+        print("dry run on CPU through the Triton interpreter: correctness only, no timings", flush=True)
+    else:
+        bw = _copy_bandwidth()
+        print(f"device: {torch.cuda.get_device_name(0)}; copy bandwidth {bw / 1e9:.0f} GB/s (read+write)", flush=True)
     rows: list[Row] = []
     for k, n in shapes:
         shape = f"{k}x{n}"
         # Enough weight copies that one graph replay streams >= 4x L2 of the smallest (4-bit) weights.
-        copies = max(1, math.ceil(4 * _l2_bytes() / (n * k * 0.5)))
+        copies = max(1, math.ceil(4 * _l2_bytes() / (n * k * 0.5))) if graphs else 1
         cases: dict[str, Case | str] = {}
         for f in formats:
             try:
-                cases[f] = Case(f, k, n, copies if graphs else 1)
+                cases[f] = Case(f, k, n, copies)
             except Exception as e:  # noqa: BLE001 - an optional library missing or failing: report, go on
                 cases[f] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
         for m in ms:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, k, device=DEV, dtype=ACT)
             base_us = base_graph = None
             ref = F.linear(x.float(), cases["bf16"].dequant) if isinstance(cases.get("bf16"), Case) else None
             for f in formats:
@@ -232,23 +243,28 @@ def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], graphs
                     if c.dequant is not None:
                         r = F.linear(x.float(), c.dequant)
                         err = ((y.float() - r).norm() / r.norm()).item()
-                    us = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
-                    usg = _graph_time_us([c.call(i, x) for i in range(len(c.weights))]) if graphs else None
+                    us = usg = None
+                    if not DRY:
+                        us = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+                    if graphs and not DRY:
+                        usg = _graph_time_us([c.call(i, x) for i in range(len(c.weights))])
                 except Exception as e:  # noqa: BLE001
                     rows.append(Row(shape, m, f, None, None, None, None, None, None, None, f"failed: {e!r}"[:120]))
                     continue
                 if f == "bf16":
                     base_us, base_graph = us, usg
-                moved = c.w_bytes + _bytes(x) + m * n * 2
-                gbps = moved / (us * 1e-6) / 1e9
+                # Bytes the call must read (weights with their constants, activations) per the issue's
+                # definition; the output write is left out (tiny at small M).
+                moved = c.w_bytes + _bytes(x)
+                gbps = None if us is None else moved / (us * 1e-6) / 1e9
                 note = ""
                 if ref is not None and f == "bf16":
                     note = f"bf16 vs fp32: {((y.float() - ref).norm() / ref.norm()):.1e}"
                 rows.append(Row(
                     shape, m, f, us, usg,
-                    None if base_us is None else base_us / us,
+                    None if (base_us is None or us is None) else base_us / us,
                     None if (base_graph is None or usg is None) else base_graph / usg,
-                    gbps, gbps * 1e9 / bw, err, note,
+                    gbps, None if (gbps is None or bw is None) else gbps * 1e9 / bw, err, note,
                 ))  # fmt: skip
                 r = rows[-1]
                 pct = None if r.bw_frac is None else 100 * r.bw_frac
@@ -259,7 +275,8 @@ def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], graphs
                     flush=True,
                 )
         del cases
-        torch.cuda.empty_cache()
+        if not DRY:
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -274,7 +291,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
     ap.add_argument("--out", default="", help="write all rows as JSON here")
+    ap.add_argument("--no-autotune", action="store_true", help="heuristic configs (no tuning on first use)")
+    ap.add_argument("--dry-run-cpu", action="store_true", help="check the plumbing on CPU (interpreter), no timings")
     args = ap.parse_args(argv)
+    if args.dry_run_cpu:
+        global DEV, ACT, DRY
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        DEV, ACT, DRY = "cpu", torch.float32, True
+        rows = run([(96, 64), (75, 40)], [1, 3, 80], [f for f in args.formats.split(",") if f], graphs=False)
+        bad = [r for r in rows if r.rel_err is not None and r.fmt not in ("w8a8", "bf16") and r.rel_err > 1e-4]
+        print(f"dry run: {len(rows)} rows, {len(bad)} with an error above 1e-4 (W8A8 excluded: activation rounding)")
+        return 1 if bad else 0
     if not torch.cuda.is_available():
         print("bench_gpu_linear: no CUDA GPU is available on this machine; nothing was measured.")
         return 0
@@ -283,9 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     formats = [f for f in args.formats.split(",") if f]
     if "bf16" not in formats:
         formats.insert(0, "bf16")  # every ratio is to bf16 F.linear in this same run
+    if args.no_autotune:
+        os.environ["QBACKEND_TRITON_AUTOTUNE"] = "0"
     import triton
 
+    from qbackend.kernels.triton import autotune
+
     print(f"torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
+    state = "on" if autotune.autotune_enabled() else "off"
+    print(f"autotune {state}; config cache {autotune.cache_file(torch.device('cuda'))}")
     rows = run(shapes, ms, formats, graphs=not args.no_graphs)
     if args.out:
         with open(args.out, "w") as fh:

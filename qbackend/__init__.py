@@ -4,12 +4,16 @@
 >>> print(qbackend.explain(model_eager, example_input))
 >>> qbackend.quantize_(model, "nf4")   # free the float weights of the linear layers
 >>> cal = qbackend.calibrate(model, batches)  # SmoothQuant W8A8: options={"preset": "w8a8", "calibration": cal}
+>>> qbackend.qat.prepare(model, {"qat": QATConfig()}); ...train...; qbackend.convert(model)  # QAT
 """
 
 __version__ = "0.1.0"
 
+from . import qat  # noqa: E402
 from .config import QuantConfig  # noqa: E402
 from .explain import explain  # noqa: E402
+from .qat import QATConfig  # noqa: E402
+from .qat.api import convert  # noqa: E402
 from .quantize_module import QuantizedLinear, quantize_  # noqa: E402
 from .report import LayerReport, Report  # noqa: E402
 from .smoothquant import CalibrationResult, calibrate  # noqa: E402
@@ -17,11 +21,14 @@ from .smoothquant import CalibrationResult, calibrate  # noqa: E402
 __all__ = [
     "CalibrationResult",
     "LayerReport",
+    "QATConfig",
     "QuantConfig",
     "QuantizedLinear",
     "Report",
     "__version__",
     "calibrate",
+    "convert",
     "explain",
+    "qat",
     "quantize_",
 ]

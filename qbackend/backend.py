@@ -60,7 +60,9 @@ def qbackend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | None 
     result = run_passes(gm, config, measure_error=log.isEnabledFor(logging.DEBUG))
     _log(result, gm)
     compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
-    compiled = guard_weights(compiled, result, config, _frozen_params(gm, result))
+    # Inductor freezing (inference only) copies the quantized buffers into constants too: no refresh then.
+    freezing = bool(patches.get("freezing", torch._inductor.config.freezing)) and not torch.is_grad_enabled()
+    compiled = guard_weights(compiled, result, config, _frozen_params(gm, result), freezing=freezing)
     # SmoothQuant folded parameters into constants: a later in-place change raises (issue 5).
     return getattr(result, "guard_folded", lambda fn: fn)(compiled)
 
@@ -79,12 +81,14 @@ def guard_weights(
     result: LoweringResult,
     config: QuantConfig,
     frozen: list[tuple[str, torch.Tensor, int]] = (),  # type: ignore[assignment]
+    freezing: bool = False,
 ) -> Callable:
     """Wrap ``compiled`` (called as ``compiled(*args)``) with a per-call check of the quantized weights' versions.
 
     Parameters that are graph inputs are read from the call's arguments (no reference kept);
     ``get_attr`` parameters (Inductor freezing) are referenced (they are the user's own tensors).
     ``frozen``: float parameters Inductor froze into constants: a change raises (cannot be refreshed).
+    ``freezing``: Inductor froze the quantized buffers too: a changed quantized weight raises as well.
     """
     from_args = [(lw.param.input_index, lw.entry) for lw in result.lowered if lw.param.input_index is not None]
     held = [(lw.param.tensor, lw.entry) for lw in result.lowered if lw.param.input_index is None]
@@ -93,6 +97,11 @@ def guard_weights(
         return compiled
 
     def changed(entry, param: torch.Tensor) -> None:
+        if freezing:
+            raise StaleWeightError(
+                f"qbackend: weight of layer {entry.name!r} was changed in place after compiling, but Inductor "
+                "freezing baked the quantized weight into the compiled code; recompile (torch._dynamo.reset())"
+            )
         if not requantize:
             raise StaleWeightError(
                 f"qbackend: weight of layer {entry.name!r} was changed in place after compiling "
@@ -145,7 +154,8 @@ def _log(result: LoweringResult, gm: fx.GraphModule) -> None:
         return
     log.info("qbackend: %s", report.summary())
     global _warned_frozen_grad
-    if not _warned_frozen_grad and torch.is_grad_enabled() and any(lw.param.tensor.requires_grad for lw in result.lowered):
+    trains = any(lw.param.tensor.requires_grad for lw in result.lowered)
+    if not _warned_frozen_grad and torch.is_grad_enabled() and trains:
         _warned_frozen_grad = True  # once per process: grad-enabled inference is a legitimate use
         log.warning(
             "qbackend: grad is enabled; quantized weights are frozen and get no gradient "

@@ -33,7 +33,7 @@ from qbackend.formats import (
     unpack_4bit,
 )
 from qbackend.formats._strategies import DTYPES, PATTERNS, make_weight, weights
-from qbackend.formats.blockwise import blockwise_absmax_codes, blockwise_absmax_packed
+from qbackend.formats.blockwise import blockwise_absmax_codes, blockwise_absmax_packed, blockwise_decode
 from qbackend.formats.codebooks import nearest_code
 from qbackend.formats.integer import scale_shape
 
@@ -147,7 +147,9 @@ def int_schemes(draw: st.DrawFn) -> Scheme:
     gran = draw(st.sampled_from(("tensor", "channel", "block")))
     if gran == "block":
         nested = symmetric and draw(st.booleans())
-        return Scheme("int", bits, symmetric, "block", blocksize=draw(st.sampled_from((2, 8, 32, 64, 128))), nested=nested)
+        return Scheme(
+            "int", bits, symmetric, "block", blocksize=draw(st.sampled_from((2, 8, 32, 64, 128))), nested=nested
+        )
     if gran == "channel":
         return Scheme("int", bits, symmetric, "channel", axis=draw(st.sampled_from((0, -1))))
     return Scheme("int", bits, symmetric, "tensor")
@@ -556,3 +558,13 @@ def test_bits_per_param_other_formats(scheme, shape, bits):
     qw = quantize(torch.randn(shape), scheme)
     assert math.isclose(qw.bits_per_param(), bits)
     assert qw.nbytes() == math.ceil(qw.storage_bits() / 8)
+
+
+@settings(max_examples=40)
+@given(data=st.data(), table=st.sampled_from(CODEBOOKS), bs=st.sampled_from(BNB_BLOCKSIZES), nested=st.booleans())
+def test_dequantize_from_packed_bytes_equals_unpacked_decode(data, table, bs, nested):
+    w = data.draw(weights(blocksize=bs, table=table))
+    qw = _q(w, Scheme(table, blocksize=bs, nested=nested))
+    ref = blockwise_decode(unpack_4bit(qw.codes, qw.numel), qw.block_constants(), bs, table, qw.numel)
+    got = qw.dequantize(torch.float32).reshape(-1)
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))

@@ -50,7 +50,9 @@ def test_non_finite_in_a_later_chunk_of_a_large_weight():
 @pytest.mark.parametrize("scheme", SCHEMES[:4], ids=IDS[:4])
 def test_unsupported_dtype_lists_supported(dtype, scheme):
     w = torch.zeros(8, 64, dtype=dtype)
-    with pytest.raises(FormatError, match=rf"^lin\.weight: dtype {dtype} is not supported; supported: float32, float16, bfloat16"):
+    with pytest.raises(
+        FormatError, match=rf"^lin\.weight: dtype {dtype} is not supported; supported: float32, float16, bfloat16"
+    ):
         quantize(w, scheme, name="lin.weight")
 
 

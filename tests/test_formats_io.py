@@ -140,8 +140,8 @@ def test_module_load_corrupt_entry_names_it():
 
 
 # ---- corrupt / incomplete checkpoints -------------------------------------------------------------------
-def _tensors(scheme=Scheme("nf4", nested=True)) -> dict[str, torch.Tensor]:
-    return dict(_weight(scheme).to_tensors())
+def _tensors(scheme: Scheme | None = None) -> dict[str, torch.Tensor]:
+    return dict(_weight(scheme or Scheme("nf4", nested=True)).to_tensors())
 
 
 def _meta(meta: dict) -> torch.Tensor:
@@ -182,7 +182,9 @@ def test_wrong_version(version):
     meta = _orig_meta()
     meta["version"] = version
     t["meta"] = _meta(meta)
-    with pytest.raises(FormatError, match=rf"layer\.weight\.meta: quantized-weight format version .* not supported .*{FORMAT_VERSION}"):
+    with pytest.raises(
+        FormatError, match=rf"layer\.weight\.meta: quantized-weight format version .* not supported .*{FORMAT_VERSION}"
+    ):
         _load(t)
 
 
@@ -195,8 +197,14 @@ def test_wrong_version(version):
         (lambda m: m.update(scheme=None), r"meta: corrupt quantized-weight metadata \(no scheme\)"),
         (lambda m: m.update(shape=[48, -80]), r"meta: corrupt .*bad shape"),
         (lambda m: m.update(shape="48x80"), r"meta: corrupt .*bad shape"),
-        (lambda m: m.update(dtype="float64"), r"meta: dtype 'float64' is not supported; supported: float32, float16, bfloat16"),
-        (lambda m: m.update(shape=[48, 81]), r"layer\.weight\.codes: 1920 elements for shape \(48, 81\).*expected 1944"),
+        (
+            lambda m: m.update(dtype="float64"),
+            r"meta: dtype 'float64' is not supported; supported: float32, float16, bfloat16",
+        ),
+        (
+            lambda m: m.update(shape=[48, 81]),
+            r"layer\.weight\.codes: 1920 elements for shape \(48, 81\).*expected 1944",
+        ),
     ],
 )
 def test_bad_meta_fields(edit, message):
@@ -236,11 +244,26 @@ def test_missing_tensor_is_named(scheme, key):
         (Scheme("nf4"), "scale", lambda t: t.half(), r"scale: dtype torch.float16, expected torch.float32"),
         (Scheme("nf4"), "codes", lambda t: t.int(), r"codes: dtype torch.int32, expected torch.uint8"),
         (Scheme("nf4", nested=True), "nested_codes", lambda t: t[:5], r"nested_codes: 5 elements .* expected 60"),
-        (Scheme("nf4", nested=True), "nested_absmax", lambda t: torch.cat([t, t]), r"nested_absmax: 2 elements .* expected 1"),
+        (
+            Scheme("nf4", nested=True),
+            "nested_absmax",
+            lambda t: torch.cat([t, t]),
+            r"nested_absmax: 2 elements .* expected 1",
+        ),
         (Scheme("nf4", nested=True), "nested_offset", lambda t: t.double(), r"nested_offset: dtype torch.float64"),
-        (Scheme("int", 8, True, "channel"), "codes", lambda t: t.view(torch.uint8), r"codes: dtype torch.uint8, expected torch.int8"),
+        (
+            Scheme("int", 8, True, "channel"),
+            "codes",
+            lambda t: t.view(torch.uint8),
+            r"codes: dtype torch.uint8, expected torch.int8",
+        ),
         (Scheme("int", 8, True, "channel"), "scale", lambda t: t[:-2], r"scale: 46 elements .* expected 48"),
-        (Scheme("int", 4, False, "block", blocksize=64), "zero_point", lambda t: t[:1], r"zero_point: 2 elements .* expected 96"),
+        (
+            Scheme("int", 4, False, "block", blocksize=64),
+            "zero_point",
+            lambda t: t[:1],
+            r"zero_point: 2 elements .* expected 96",
+        ),
     ],
     ids=str,
 )

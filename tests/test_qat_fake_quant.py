@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 
 from qbackend.formats import Scheme, quantize
 from qbackend.kernels import reference as ref
+from qbackend.qat.config import QATConfig
 from qbackend.qat.deploy import deployed_weight
 from qbackend.qat.fake_quant import clip_weight, fake_quantize_activation, fake_quantize_weight, observe_absmax
 from qbackend.qat.state import LinearQAT
-from qbackend.qat.config import QATConfig
 from qbackend.qat.units import num_units, to_units, unit_range
 
 SCHEMES = [

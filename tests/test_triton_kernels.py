@@ -18,6 +18,10 @@ import torch
 _CUDA = torch.cuda.is_available()
 if not _CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton` in this process
+else:
+    # Heuristic configs for the correctness grid (tuning compiles ~12 configs per shape); the
+    # autotuner has its own GPU test below.
+    os.environ.setdefault("QBACKEND_TRITON_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -360,6 +364,33 @@ def test_heuristics_and_candidates_respect_caps() -> None:
     assert key == "wo_gemv|cb4|bs64|nest1|zp0|bfloat16|M1|N8192|K8192"
 
 
+def test_launch_shrinks_configs_that_do_not_fit() -> None:
+    """OutOfResources (too much shared memory) at launch -> fewer stages, then narrower tiles."""
+    from triton.runtime.errors import OutOfResources
+
+    tried: list[at.KernelConfig] = []
+
+    def launch(cfg: at.KernelConfig) -> str:
+        tried.append(cfg)
+        if cfg.num_stages > 1 or cfg.block_n > 64:
+            raise OutOfResources(300000, 232448, "shared memory")
+        return "ok"
+
+    start = at.KernelConfig(128, 256, 64, 1, 8, 8, 3)
+    assert at.launch_fitting("k", torch.device("cpu"), start, launch) == "ok"
+    assert [(c.num_stages, c.block_n) for c in tried] == [
+        (3, 256),
+        (2, 256),
+        (1, 256),
+        (2, 128),
+        (1, 128),
+        (2, 64),
+        (1, 64),
+    ]
+    with pytest.raises(OutOfResources):
+        at.launch_fitting("k", torch.device("cpu"), start, lambda c: launch(at.KernelConfig(1, 512, 1, 1, 1, 1, 9)))
+
+
 def test_kernels_compile_for_sm90() -> None:
     """Lower a few specialisations all the way to a cubin for H100 (no GPU needed; ptxas is bundled)."""
     pytest.importorskip("triton.backends.nvidia")
@@ -377,10 +408,19 @@ def test_kernels_compile_for_sm90() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def tmp_config_cache(tmp_path, monkeypatch):
+    """Keep GPU tests from writing tuned configs into the user's cache."""
+    monkeypatch.setenv("QBACKEND_TRITON_CACHE_DIR", str(tmp_path))
+    at.clear_memory_cache()
+    yield tmp_path
+    at.clear_memory_cache()
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("m", [1, 16, 64, 300])
-def test_gpu_bf16_all_formats(m: int) -> None:
+def test_gpu_bf16_all_formats(m: int, tmp_config_cache) -> None:
     n, k = 512, 1024
     x = _x((m,), k, torch.bfloat16, seed=m)
     b = _bias(n, True)
@@ -398,10 +438,9 @@ def test_gpu_bf16_all_formats(m: int) -> None:
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_autotune_writes_cache(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("QBACKEND_TRITON_CACHE_DIR", str(tmp_path))
+def test_gpu_autotune_writes_cache(tmp_config_cache, monkeypatch) -> None:
+    tmp_path = tmp_config_cache
     monkeypatch.setenv("QBACKEND_TRITON_AUTOTUNE", "1")
-    at.clear_memory_cache()
     n, k = 256, 512
     w = _cb4(n, k, "nf4", 64, True)
     x = _x((1,), k, torch.float16, seed=0)
@@ -415,7 +454,7 @@ def test_gpu_autotune_writes_cache(tmp_path, monkeypatch) -> None:
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_cuda_graph_replay() -> None:
+def test_gpu_cuda_graph_replay(tmp_config_cache) -> None:
     n, k = 256, 512
     w = _cb4(n, k, "nf4", 64, True)
     x = _x((1,), k, torch.bfloat16, seed=0)

@@ -76,6 +76,10 @@ class MLIRModule:
 
         ctx = ir.Context()
         torch_d.register_dialect(ctx)
+        if self.output_type == "stablehlo":  # not among the dialects a context loads by default
+            from torch_mlir._mlir_libs import _stablehlo
+
+            _stablehlo.register_dialect(ctx)
         with ctx:
             return ir.Module.parse(self.text)
 
@@ -131,9 +135,9 @@ def export_mlir(
     Packed 4-bit and int8 weights stay integer constants; decoding is explicit integer ops in the
     module; W8A8 layers are int8 x int8 -> int32 matmuls. Needs the ``mlir`` extra (torch-mlir).
     """
-    _require_torch_mlir()
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
+    _require_torch_mlir()
     from ..serialization.source import quantized_module
 
     module, _ = quantized_module(model, options or None)

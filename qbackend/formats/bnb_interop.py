@@ -277,9 +277,7 @@ def to_bnb_state_dict(qw: QuantizedWeight, prefix: str = "") -> dict[str, torch.
         out[base + ".quant_map"] = code_table(s.kind, dev).clone()
         out[base + ".nested_absmax"] = qw.nested.absmax2
         out[base + ".nested_quant_map"] = code_table("dynamic", dev).clone()
-        info.update(
-            nested_blocksize=qw.nested.blocksize, nested_dtype="float32", nested_offset=float(qw.nested.offset)
-        )
+        info.update(nested_blocksize=qw.nested.blocksize, nested_dtype="float32", nested_offset=float(qw.nested.offset))
     else:
         out[base + ".absmax"] = qw.scale
         out[base + ".quant_map"] = code_table(s.kind, dev).clone()

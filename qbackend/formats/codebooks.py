@@ -17,8 +17,9 @@ NF4_VALUES: tuple[float, ...] = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
 
-# bitsandbytes' FP4 in bit-pattern order (sign bit = bit 3), normalised by its max (12).
-_FP4_RAW = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+# bitsandbytes' FP4 in bit-pattern order (sign bit = bit 3), normalised by its max (12). Code 8 is
+# +0.0, not -0.0: bitsandbytes writes it as the integer ``-0`` and decodes it to +0.0 on CPU.
+_FP4_RAW = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .blockwise import blockwise_absmax_packed, blockwise_decode
+from .blockwise import blockwise_absmax_packed, blockwise_decode_packed
 from .integer import int_decode, int_quantize, scale_shape
 from .nested import NestedConstants, nest_constants
 from .packing import pack_4bit, unpack_4bit
@@ -102,9 +102,7 @@ class QuantizedWeight:
         dtype = dtype or self.dtype
         s = self.scheme
         if s.kind in ("nf4", "fp4"):
-            flat = blockwise_decode(
-                unpack_4bit(self.codes, self.numel), self.block_constants(), s.blocksize, s.kind, self.numel
-            )
+            flat = blockwise_decode_packed(self.codes, self.block_constants(), s.blocksize, s.kind, self.numel)
             return flat.view(self.shape).to(dtype)
         w = int_decode(self.codes_unpacked(), self.block_constants(), self.zero_point, self.shape, s)
         return w.to(dtype)
@@ -267,9 +265,7 @@ def _read_meta(tensors: Mapping[str, torch.Tensor], name: str) -> dict:
     if not isinstance(shape, list) or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
         raise FormatError(f"{name}.meta: corrupt quantized-weight metadata (bad shape {shape!r})")
     if meta.get("dtype") not in _DTYPES:
-        raise FormatError(
-            f"{name}.meta: dtype {meta.get('dtype')!r} is not supported; supported: {', '.join(_DTYPES)}"
-        )
+        raise FormatError(f"{name}.meta: dtype {meta.get('dtype')!r} is not supported; supported: {', '.join(_DTYPES)}")
     return meta
 
 

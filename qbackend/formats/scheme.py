@@ -69,9 +69,7 @@ class Scheme:
             if self.bits not in (4, 8):
                 raise FormatError(f"int formats support bits 4 or 8; got bits={self.bits}")
             if self.granularity not in ("tensor", "channel", "block"):
-                raise FormatError(
-                    f"unknown granularity {self.granularity!r}; supported: 'tensor', 'channel', 'block'"
-                )
+                raise FormatError(f"unknown granularity {self.granularity!r}; supported: 'tensor', 'channel', 'block'")
             if self.granularity == "block" and (self.blocksize < 2 or self.blocksize % 2):
                 raise FormatError(f"int group size must be an even number >= 2; got {self.blocksize}")
         if self.nested:

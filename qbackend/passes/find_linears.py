@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import builtins
 import operator
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,10 @@ _T = {torch.t, aten.t.default, torch.Tensor.t}
 _TRANSPOSE = {torch.transpose, aten.transpose.int, torch.swapaxes, torch.swapdims, torch.Tensor.transpose}
 _PERMUTE = {torch.permute, aten.permute.default, torch.Tensor.permute}
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# Calls that do linear layers internally but are opaque here: (argument index, name) of their weights.
+_OPAQUE = {
+    torch.nn.functional.multi_head_attention_forward: ((5, "in_proj_weight"), (11, "out_proj_weight")),
+}
 
 
 @dataclass
@@ -76,12 +81,32 @@ class LinearSite:
 
     @property
     def layer_name(self) -> str:
-        """The module name: the parameter's name without its trailing ``.weight``."""
-        return layer_name(self.param.fqn)
+        """The module name: the ``nn.Linear``/``Conv1D`` module making the call (a tied weight is named after
+        its user, e.g. ``lm_head``, not the embedding that owns it), else the parameter's name without
+        ``.weight``."""
+        return _calling_module(self.node) or layer_name(self.param.fqn)
 
 
 def layer_name(param_fqn: str) -> str:
     return param_fqn.removesuffix(".weight") if param_fqn != "weight" else param_fqn
+
+
+def _calling_module(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, typ = list(stack.values())[-1]
+    is_linear = isinstance(typ, type) and (issubclass(typ, torch.nn.Linear) or typ.__name__ == "Conv1D")
+    if not is_linear or not isinstance(path, str):
+        return None
+    # "L['self'].blocks.0.q" -> "blocks.0.q" (the compiled module is the root); "G['lin']" -> "lin"
+    m = re.match(r"^(L|G)\['([^']*)'\]\.?(.*)$", path)
+    if m is None:
+        return path or None
+    root, name, rest = m.groups()
+    if root == "G":
+        return f"{name}.{rest}" if rest else name
+    return rest or None
 
 
 def find_linears(gm: fx.GraphModule) -> list[LinearSite]:
@@ -91,6 +116,9 @@ def find_linears(gm: fx.GraphModule) -> list[LinearSite]:
     fused: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node in fused:
+            continue
+        if node.op == "call_function" and node.target in _OPAQUE:
+            sites.extend(_opaque_sites(node, params))
             continue
         site = _match(node, params)
         if site is None:
@@ -144,6 +172,19 @@ def _match(node: fx.Node, params: dict[fx.Node, ParamRef]) -> LinearSite | None:
     if site is not None and (len(args) > 3 or any(kwargs.get(k, 1) != 1 for k in ("beta", "alpha"))):
         site.skip_reason = "addmm with beta/alpha != 1"
     return site
+
+
+def _opaque_sites(node: fx.Node, params: dict[fx.Node, ParamRef]) -> list[LinearSite]:
+    """Weights used inside an opaque call: reported as layers that stay float (never silently skipped)."""
+    fn = getattr(node.target, "__name__", str(node.target))
+    out = []
+    for idx, name in _OPAQUE[node.target]:
+        w = node.args[idx] if len(node.args) > idx else node.kwargs.get(name)
+        x = node.args[0] if node.args else None
+        if isinstance(w, fx.Node) and w in params and params[w].tensor.dim() == 2 and isinstance(x, fx.Node):
+            reason = f"used inside {fn} (not decomposed into a linear)"
+            out.append(LinearSite(node, fn, x, w, params[w], False, skip_reason=reason))
+    return out
 
 
 def _kind(node: fx.Node) -> str | None:

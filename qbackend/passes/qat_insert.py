@@ -45,7 +45,9 @@ aten = torch.ops.aten
 _PREFIX = BUFFER_PREFIX + "qat_"
 
 
-def insert_qat(gm: fx.GraphModule, plans: list[LayerPlan], config: QuantConfig) -> tuple[LoweringResult, list[LayerPlan]]:
+def insert_qat(
+    gm: fx.GraphModule, plans: list[LayerPlan], config: QuantConfig
+) -> tuple[LoweringResult, list[LayerPlan]]:
     """Rewrite the QAT layers of ``gm`` (in place); returns their result and the plans left to lower."""
     result = LoweringResult(Report(graphs=1))
     if config.qat is None and not any(state_of(p.param.tensor) is not None for p in plans):
@@ -151,7 +153,8 @@ def _state_attrs(gm: fx.GraphModule, layer: str, state: LinearQAT | None) -> dic
 
 
 def _register(gm: fx.GraphModule, layer: str, entry: DeployedLinear) -> list[fx.Node | None]:
-    return [None if t is None else _attr(gm, f"{layer}_{n}", t) for t, n in zip(entry.kw.tensors, entry.kw.names)]
+    kw = entry.kw
+    return [None if t is None else _attr(gm, f"{layer}_{n}", t) for t, n in zip(kw.tensors, kw.names, strict=True)]
 
 
 def _attr(gm: fx.GraphModule, name: str, t: torch.Tensor) -> fx.Node:

@@ -11,12 +11,14 @@ function as the original (up to float rounding). Each smoothed linear's weight W
   ``weight * h``: the parameter divided by s), or the output rows and bias of the previous linear,
   walking back only through ops that treat each channel separately and linearly (views keeping the
   last dim, dropout, dtype casts, an elementwise multiply with another operand);
-* otherwise an explicit ``x * (1/s)`` inserted before the group (``unfoldable="multiply"``) or no
+* otherwise an explicit ``x * (1/s)`` inserted before the linears (``unfoldable="multiply"``) or no
   smoothing at all (``unfoldable="skip"``), reported with the reason: a residual add, a non-linear op
   such as GELU, or a producer that also feeds other ops (BERT's post-LN residual).
 
-Nothing is folded through a non-linear op. Linears sharing one input (q/k/v, gate/up) form one group
-with one s, computed from the max over all their weights. The user's parameters are never modified:
+Nothing is folded through a non-linear op. Linears sharing one input (q/k/v, gate/up) form one group;
+an exact fold gives the group one s, computed from the max over all their weights. With an explicit
+multiply, each linear gets its own s and multiply (``explicit="per_layer"``, more accurate: v_proj
+does not inherit q/k's weight ranges) or the group shares one (``explicit="shared"``). The user's parameters are never modified:
 folded values are new ``_qbackend_sq_*`` buffers read only by the rewritten consumers. Groups are
 processed from last to first, so a linear whose output rows absorbed a later group's s is smoothed
 with its already-scaled weight. Idempotent: a second call returns the first report unchanged.
@@ -144,22 +146,29 @@ class FoldReport:
 
 
 def smoothquant_fold(
-    gm: fx.GraphModule, scale_fn: ScaleFn, *, unfoldable: str = "multiply", sites: list[LinearSite] | None = None
+    gm: fx.GraphModule,
+    scale_fn: ScaleFn,
+    *,
+    unfoldable: str = "multiply",
+    explicit: str = "per_layer",
+    sites: list[LinearSite] | None = None,
 ) -> FoldReport:
     """Smooth every linear group of ``gm`` (in place) with the s ``scale_fn`` returns.
 
-    sites: the graph's linear sites if already found (default: :func:`find_linears`).
-    See the module docstring for the invariant.
+    unfoldable: "multiply" or "skip" where no exact fold exists; explicit: "per_layer" or "shared"
+    scales for explicit multiplies; sites: the graph's linear sites if already found (default:
+    :func:`find_linears`). See the module docstring for the invariant.
     """
     if REPORT_META in gm.meta:
         return gm.meta[REPORT_META]
     if unfoldable not in ("multiply", "skip"):
         raise ValueError(f"unfoldable must be 'multiply' or 'skip'; got {unfoldable!r}")
+    if explicit not in ("per_layer", "shared"):
+        raise ValueError(f"explicit must be 'per_layer' or 'shared'; got {explicit!r}")
     state = _State(gm, find_linears(gm) if sites is None else sites)
     report = FoldReport()
     for group in reversed(_groups(state.sites)):
-        report.groups.append(state.smooth(group, scale_fn, unfoldable))
-    report.groups.reverse()
+        report.groups[:0] = state.smooth(group, scale_fn, unfoldable, explicit)
     state.materialise(report)
     gm.meta[REPORT_META] = report
     return report
@@ -280,31 +289,41 @@ class _State:
         return w.t() if site.transposed else w
 
     # -- one group
-    def smooth(self, sites: list[LinearSite], scale_fn: ScaleFn, unfoldable: str) -> GroupFold:
+    def smooth(self, sites: list[LinearSite], scale_fn: ScaleFn, unfoldable: str, explicit: str) -> list[GroupFold]:
         names = tuple(s.layer_name for s in sites)
         tied = [s.layer_name for s in sites if id(s.param.tensor) in self.tied]
         if tied:
-            return GroupFold(names, "skipped", reason=f"weight shared by several linears ({', '.join(tied)})")
-        choice = scale_fn(SmoothGroup(sites, [self.site_weight(s) for s in sites]))
-        if isinstance(choice, str):
-            return GroupFold(names, "skipped", reason=choice)
-        s = choice.s.detach().cpu().double().reshape(-1)
-        k = sites[0].in_features
-        if s.numel() != k or not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-            raise ValueError(f"smoothing scale of {names} must be {k} finite positive values; got {choice.s}")
+            return [GroupFold(names, "skipped", reason=f"weight shared by several linears ({', '.join(tied)})")]
         fold = self._find_fold(sites)
-        if isinstance(fold, str):
-            if unfoldable == "skip":
-                return GroupFold(names, "skipped", reason=f"no exact fold: {fold}", choice=choice)
-            self._explicit(sites, s)
-            kind: FoldKind = "multiply"
-            target, reason = "", fold
-        else:
-            self._apply(fold, s)
-            kind, target, reason = fold.kind, fold.target, ""
-        for site in sites:  # W * s along input channels
-            self.scale(site.weight, self._weight_reader(site), s, dim=0 if site.transposed else 1, inverse=False)
-        return GroupFold(names, kind, target, reason, choice)
+        if isinstance(fold, str) and unfoldable == "skip":
+            return [GroupFold(names, "skipped", reason=f"no exact fold: {fold}")]
+        parts = [[s] for s in sites] if isinstance(fold, str) and explicit == "per_layer" else [sites]
+        out = []
+        for part in parts:
+            part_names = tuple(s.layer_name for s in part)
+            choice = scale_fn(SmoothGroup(part, [self.site_weight(s) for s in part]))
+            if isinstance(choice, str):
+                out.append(GroupFold(part_names, "skipped", reason=choice))
+                continue
+            s = self._checked(choice, part)
+            if isinstance(fold, str):
+                self._explicit(part, s)
+                out.append(GroupFold(part_names, "multiply", "", fold, choice))
+            else:
+                self._apply(fold, s)
+                out.append(GroupFold(part_names, fold.kind, fold.target, "", choice))
+            for site in part:  # W * s along input channels
+                self.scale(site.weight, self._weight_reader(site), s, dim=0 if site.transposed else 1, inverse=False)
+        return out
+
+    @staticmethod
+    def _checked(choice: ScaleChoice, sites: list[LinearSite]) -> torch.Tensor:
+        k = sites[0].in_features
+        s = None if choice.s is None else choice.s.detach().cpu().double().reshape(-1)
+        if s is None or s.numel() != k or not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            names = [x.layer_name for x in sites]
+            raise ValueError(f"smoothing scale of {names} must be {k} finite positive values; got {choice.s}")
+        return s
 
     def _find_fold(self, sites: list[LinearSite]) -> _Fold | str:
         # Every node from the producer to the group must feed only the group, else others see x/s.

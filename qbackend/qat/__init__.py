@@ -25,11 +25,11 @@ from typing import Any
 from .config import QATConfig, QATConfigError
 
 _LAZY = {
-    "prepare": ".prepare",
-    "convert": ".prepare",
-    "qat_config": ".prepare",
-    "qat_layers": ".prepare",
-    "QATQuantizedLinear": ".prepare",
+    "prepare": ".api",
+    "convert": ".api",
+    "qat_config": ".api",
+    "qat_layers": ".api",
+    "QATQuantizedLinear": ".deploy",
     "LinearQAT": ".state",
     "state_of": ".state",
     "deployed_weight": ".deploy",

@@ -68,6 +68,7 @@ class QATConfig:
             valid = [f.name for f in fields(cls)]
             unknown = [k for k in value if k not in valid]
             if unknown:
-                raise QATConfigError(f"unknown QAT option(s) {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
+                names = ", ".join(map(repr, unknown))
+                raise QATConfigError(f"unknown QAT option(s) {names}; valid: {', '.join(valid)}")
             return cls(**value)
         raise QATConfigError(f"qat must be None, a bool, a QATConfig or a dict; got {type(value).__name__}")

@@ -19,7 +19,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..formats import QuantizedWeight, Scheme, quantize
 from ..kernels import KernelWeight, prepare_weight
-from .fake_quant import clip_weight
+from ..quantize_module import QuantizedLinear
+from .fake_quant import clip_weight, fake_quantize_activation
 from .state import LinearQAT
 
 
@@ -102,9 +103,34 @@ def get_deployed(
     entry = ref() if ref is not None else None
     if entry is None:
         qw = deployed_weight(param, scheme, state, transposed, name)
-        entry = DeployedLinear(name, scheme, transposed, state, prepare_weight(qw), qw.storage_bits(), qw.numel, (0, 0, 0))
+        kw = prepare_weight(qw)
+        entry = DeployedLinear(name, scheme, transposed, state, kw, qw.storage_bits(), qw.numel, (0, 0, 0))
         entry.stamp = entry._stamp_of(param)
         per_param[(scheme, transposed)] = weakref.ref(entry)
     elif entry.is_stale(param):
         entry.refresh(param)
     return entry
+
+
+class QATQuantizedLinear(QuantizedLinear):
+    """A deployed QAT layer whose input is also quantized (int8 per token, or static per tensor)."""
+
+    def __init__(
+        self,
+        kw: KernelWeight,
+        bias: torch.Tensor | None,
+        scheme: Scheme,
+        activations: str,
+        act_scale: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(kw, bias, scheme)
+        self.activations = activations
+        if activations == "static":
+            self.register_buffer("act_scale", act_scale.detach().float().reshape(()).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.act_scale if self.activations == "static" else None
+        return super().forward(fake_quantize_activation(x, scale))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", activations={self.activations}"

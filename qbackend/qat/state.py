@@ -82,7 +82,8 @@ class LinearQAT(nn.Module):
             return fake_quantize_activation(x, None)
         if self.activations == "static":
             if update and torch.is_grad_enabled():
-                scale = observe_absmax(x, self.act_absmax, self.act_observed, self.observing, self.config.observer_momentum)
+                momentum = self.config.observer_momentum
+                scale = observe_absmax(x, self.act_absmax, self.act_observed, self.observing, momentum)
             else:
                 scale = self.static_scale()
             return fake_quantize_activation(x, scale)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 ACTIVATIONS = ("token", "tensor")
 UNFOLDABLE = ("multiply", "skip")
+EXPLICIT = ("per_layer", "shared")
 
 
 class SmoothQuantConfigError(ValueError):
@@ -34,6 +35,9 @@ class SmoothQuantConfig:
         stay float against their (dequantized) weight columns; None switches it off.
     unfoldable: where no exact fold exists (residual add or a non-linear op before the linear):
         "multiply" inserts an explicit ``x * (1/s)``; "skip" leaves the layer unsmoothed.
+    explicit: with explicit multiplies, "per_layer" gives each linear its own s (q, k and v each;
+        more accurate, one multiply per linear, fused by Inductor into the producer's kernel) or
+        "shared" one s per group (one multiply).
     """
 
     smooth: bool = True
@@ -44,6 +48,7 @@ class SmoothQuantConfig:
     activation: Literal["token", "tensor"] = "token"
     outlier_threshold: float | None = None
     unfoldable: Literal["multiply", "skip"] = "multiply"
+    explicit: Literal["per_layer", "shared"] = "per_layer"
 
     def __post_init__(self) -> None:
         _check_alpha("alpha", self.alpha)
@@ -73,6 +78,8 @@ class SmoothQuantConfig:
             raise SmoothQuantConfigError(
                 f"outlier_threshold must be a number > 0 or None; got {self.outlier_threshold!r}"
             )
+        if self.explicit not in EXPLICIT:
+            raise SmoothQuantConfigError(f"explicit must be one of {', '.join(EXPLICIT)}; got {self.explicit!r}")
         if self.unfoldable not in UNFOLDABLE:
             raise SmoothQuantConfigError(f"unfoldable must be one of {', '.join(UNFOLDABLE)}; got {self.unfoldable!r}")
 

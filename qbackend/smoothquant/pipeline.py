@@ -81,7 +81,7 @@ def run_w8a8(gm: fx.GraphModule, config: Any, measure_error: bool = False) -> W8
         result.notes.append("no calibration given: naive W8A8 (pass options={'calibration': qbackend.calibrate(...)})")
     if sq.smooth and cal is not None and sites:
         result.fold = smoothquant_fold(
-            gm, _scale_fn(sq, cal, lowered_nodes), unfoldable=sq.unfoldable, sites=sites
+            gm, _scale_fn(sq, cal, lowered_nodes), unfoldable=sq.unfoldable, explicit=sq.explicit, sites=sites
         )
         result.sources = result.fold.sources
     act_fn = _act_fn(sq, cal, result.fold, result.notes)
@@ -105,7 +105,10 @@ def _scale_fn(
         if stats.in_features != group.in_features:
             return (f"calibration statistics have {stats.in_features} channels, the layer {group.in_features} "
                     "(calibrated on another model?)")  # fmt: skip
-        return choose_scale(stats, group.weights, sq, sq.alpha_for(group.names[0]))
+        choice = choose_scale(stats, group.weights, sq, sq.alpha_for(group.names[0]))
+        if choice.s is None:
+            return f"alpha search: no smoothing gives the smallest error ({choice.error:.3g})"
+        return choice
 
     return scale
 

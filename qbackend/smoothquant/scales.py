@@ -84,16 +84,45 @@ def simulate_w8a8(
 class ScaleChoice:
     """The s of one smoothing group and how it was chosen.
 
-    alpha: the alpha used; error: relative output error of the group on the calibration samples
-    (sum over its layers of ||Y_w8a8 - Y||^2 / ||Y||^2; None without samples); errors: error per
-    alpha tried (search only); act_scale: static per-tensor activation scale (activation="tensor").
+    s: per-input-channel scales, or None when the alpha search found that no smoothing gives the
+    smallest error (the group is then left unsmoothed). alpha: the alpha used (None with s None).
+    error: relative W8A8 output error of the group on the calibration samples (sum over its layers
+    of ||Y_w8a8 - Y||^2 / ||Y||^2; None without samples). errors: error per candidate tried (search
+    only; key None = unsmoothed).
     """
 
-    s: torch.Tensor
-    alpha: float
+    s: torch.Tensor | None
+    alpha: float | None
     searched: bool = False
     error: float | None = None
-    errors: dict[float, float] = field(default_factory=dict)
+    errors: dict[float | None, float] = field(default_factory=dict)
+
+
+class _GroupError:
+    """Relative W8A8 output error of a group on its calibration samples, for candidate scales.
+
+    The float reference outputs are computed once; each candidate costs one activation quantization
+    and, per weight, one weight quantization and one matmul over the sample.
+    """
+
+    def __init__(self, samples: torch.Tensor, weights: Sequence[torch.Tensor], absmax: torch.Tensor,
+                 config: SmoothQuantConfig) -> None:  # fmt: skip
+        self.x = samples.detach().float().cpu()
+        self.weights = [w.detach().float().cpu() for w in weights]
+        self.refs = [self.x @ w.t() for w in self.weights]
+        self.norms = [float(r.pow(2).sum().clamp(min=1e-30)) for r in self.refs]
+        self.absmax = absmax
+        self.config = config
+
+    def __call__(self, s: torch.Tensor | None) -> float:
+        cfg = self.config
+        xs = self.x if s is None else self.x / s
+        act = static_act_scale(self.absmax, s, cfg.outlier_threshold) if cfg.activation == "tensor" else None
+        total = 0.0
+        for w, ref, norm in zip(self.weights, self.refs, self.norms, strict=True):
+            y = simulate_w8a8(xs, w if s is None else w * s, act, cfg.outlier_threshold)
+            total += float((y - ref).pow(2).sum()) / norm
+        return total
 
 
 def group_error(
@@ -101,40 +130,33 @@ def group_error(
     config: SmoothQuantConfig,
 ) -> float:  # fmt: skip
     """Relative W8A8 output error of a group with smoothing ``s`` (None: unsmoothed) on ``samples``."""
-    x = samples.float()
-    xs = x if s is None else x / s
-    act = static_act_scale(absmax, s, config.outlier_threshold) if config.activation == "tensor" else None
-    total = 0.0
-    for w in weights:
-        w = w.detach().float().cpu()
-        ref = x @ w.t()
-        ws = w if s is None else w * s
-        err = simulate_w8a8(xs, ws, act, config.outlier_threshold) - ref
-        total += float(err.pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
-    return total
+    with torch.inference_mode():
+        return _GroupError(samples, weights, absmax, config)(s)
 
 
 def choose_scale(
     stats: LayerStats, weights: Sequence[torch.Tensor], config: SmoothQuantConfig, alpha: float
 ) -> ScaleChoice:
-    """s for a group of [N, K] weights sharing one input with statistics ``stats``: fixed ``alpha``,
-    or (``config.search_alpha`` and samples recorded) the grid alpha with the smallest group error."""
+    """s for a group of [N, K] weights sharing one input with statistics ``stats``.
+
+    Fixed ``alpha``; or, with ``config.search_alpha`` and recorded samples, the candidate of
+    ``config.alpha_grid`` (plus "no smoothing") with the smallest group error on the samples. Ties go
+    to the alpha closest to ``alpha``.
+    """
     wmax = weight_absmax(weights)
-    if not config.search_alpha or stats.samples is None or stats.samples.shape[0] == 0:
-        s = smoothing_scale(stats.absmax, wmax, alpha)
-        err = None
-        if stats.samples is not None and stats.samples.shape[0] > 0:
-            err = group_error(stats.samples, weights, s, stats.absmax, config)
-        return ScaleChoice(s, alpha, False, err)
-    errors: dict[float, float] = {}
-    best: tuple[float, float, torch.Tensor] | None = None
-    for a in config.alpha_grid:
-        s = smoothing_scale(stats.absmax, wmax, a)
-        e = group_error(stats.samples, weights, s, stats.absmax, config)
-        errors[a] = e
-        # Ties go to the alpha closest to the default 0.5 (the better-tested migration strength).
-        key = (e, abs(a - 0.5))
-        if best is None or key < (best[0], abs(best[1] - 0.5)):
-            best = (e, a, s)
-    assert best is not None
-    return ScaleChoice(best[2], best[1], True, best[0], errors)
+    has_samples = stats.samples is not None and stats.samples.shape[0] > 0
+    with torch.inference_mode():
+        if not config.search_alpha or not has_samples:
+            s = smoothing_scale(stats.absmax, wmax, alpha)
+            err = _GroupError(stats.samples, weights, stats.absmax, config)(s) if has_samples else None
+            return ScaleChoice(s, alpha, False, err)
+        measure = _GroupError(stats.samples, weights, stats.absmax, config)
+        errors: dict[float | None, float] = {None: measure(None)}
+        best: tuple[float, float, float | None, torch.Tensor | None] = (errors[None], 2.0, None, None)
+        for a in config.alpha_grid:
+            s = smoothing_scale(stats.absmax, wmax, a)
+            errors[a] = measure(s)
+            cand = (errors[a], abs(a - alpha), a, s)
+            if cand[:2] < best[:2]:
+                best = cand
+    return ScaleChoice(best[3], best[2], True, best[0], errors)

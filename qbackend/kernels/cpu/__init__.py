@@ -26,10 +26,10 @@ from . import _build
 
 # Fused kernel up to this many rows; above, panel dequantization + GEMM (measured: about equal at
 # M = 48..64 on one core; the panel path keeps MKL's blocking for prefill-sized M).
-FUSED_MAX_M = 32
-FUSED_MAX_M_INT8 = 32
-# Rows of W per dequantized panel: 128 x 4096 fp32 = 2 MiB, about one core's L2.
-PANEL_ELEMS = 128 * 4096
+FUSED_MAX_M = 128
+FUSED_MAX_M_INT8 = 128
+# Elements of W per dequantized panel (per thread): 32 x 4096 fp32 = 512 KiB, half a core's L2.
+PANEL_ELEMS = 32 * 4096
 # Flat block indices are int32 inside the kernel.
 _MAX_BLOCKS = 2**31 - 64
 
@@ -58,14 +58,18 @@ def _out(y: Tensor, x: Tensor, n: int) -> Tensor:
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
-def _panel_rows(k: int, n: int) -> int:
-    return max(8, min(n, PANEL_ELEMS // max(k, 1) // 8 * 8))
+# Panels of the Python-loop fallback (and the grad-input ops): bigger, since each is a parallel region.
+LOOP_PANEL_ELEMS = 256 * 4096
+
+
+def _panel_rows(k: int, n: int, elems: int | None = None) -> int:
+    return max(8, min(n, (elems or PANEL_ELEMS) // max(k, 1) // 8 * 8))
 
 
 def _panel_linear(x2: Tensor, n: int, k: int, bias: Tensor | None, dequant) -> Tensor:
     """y = x2 @ W^T (+ bias) with W dequantized panel by panel into one reused buffer."""
     m = x2.shape[0]
-    p = _panel_rows(k, n)
+    p = _panel_rows(k, n, LOOP_PANEL_ELEMS)
     buf = torch.empty(p, k, dtype=torch.float32)
     yt = torch.empty(n, m, dtype=torch.float32)  # y^T: each panel's result is a contiguous slab
     xt = x2.t()
@@ -83,7 +87,7 @@ def _panel_linear(x2: Tensor, n: int, k: int, bias: Tensor | None, dequant) -> T
 def _panel_grad(g2: Tensor, n: int, k: int, dequant) -> Tensor:
     """grad_x = g2 @ W ([M, N] -> [M, K]) accumulated over panels of rows of W."""
     m = g2.shape[0]
-    p = _panel_rows(k, n)
+    p = _panel_rows(k, n, LOOP_PANEL_ELEMS)
     buf = torch.empty(p, k, dtype=torch.float32)
     gx = torch.zeros(m, k, dtype=torch.float32)
     for n0 in range(0, n, p):
@@ -128,6 +132,13 @@ def _linear4(L, q, x: Tensor, bias: Tensor | None, n: int, k: int) -> Tensor:
     if m <= FUSED_MAX_M and (fast or _force_portable):
         y = torch.empty(m, n, dtype=torch.float32)
         L.qb4_linear(ctypes.byref(q), x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt, int(_force_portable))
+        return _out(y, x, n)
+
+    sg = _build.sgemm_pointer()
+    if sg is not None:
+        y = torch.empty(m, n, dtype=torch.float32)
+        L.qb4_linear_panel(ctypes.byref(q), x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt, sg, _panel_rows(k, n),
+                           int(_force_portable))  # fmt: skip
         return _out(y, x, n)
 
     def dq(n0: int, n1: int, w: Tensor) -> None:
@@ -221,6 +232,13 @@ def _int8_y(L, x2: Tensor, codes: Tensor, scale: Tensor, b: Tensor | None, n: in
         y = torch.empty(m, n, dtype=torch.float32)
         L.qb8_linear(codes.data_ptr(), scale.data_ptr(), n, k, x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt,
                      int(_force_portable))  # fmt: skip
+        return y
+
+    sg = _build.sgemm_pointer()
+    if sg is not None:
+        y = torch.empty(m, n, dtype=torch.float32)
+        L.qb8_linear_panel(codes.data_ptr(), scale.data_ptr(), n, k, x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt, sg,
+                           _panel_rows(k, n))  # fmt: skip
         return y
 
     def dq(n0: int, n1: int, w: Tensor) -> None:

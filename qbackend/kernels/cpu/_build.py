@@ -140,6 +140,32 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qb8_linear.restype = INT
     lib.qb8_dequant.argtypes = [P, P, I64, I64, I64, P, INT]
     lib.qb8_dequant.restype = None
+    lib.qb4_linear_panel.argtypes = [qw, P, I64, P, P, INT, P, I64, INT]
+    lib.qb4_linear_panel.restype = INT
+    lib.qb8_linear_panel.argtypes = [P, P, I64, I64, P, I64, P, P, INT, P, I64]
+    lib.qb8_linear_panel.restype = INT
+    lib.qb_check_sgemm.argtypes = [P]
+    lib.qb_check_sgemm.restype = INT
+
+
+@functools.cache
+def sgemm_pointer() -> int | None:
+    """Address of the Fortran ``sgemm_`` that libtorch_cpu exports (MKL in x86 wheels), checked by a
+    small multiply; None if absent or if it does not follow the LP64 convention we call it with."""
+    lib = load()
+    if lib is None:
+        return None
+    import torch
+
+    try:
+        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        ptr = ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+    if not ptr or not lib.qb_check_sgemm(ptr):
+        log.info("qbackend: torch's sgemm_ is unusable here; large-M CPU linears use torch.mm per panel")
+        return None
+    return ptr
 
 
 @functools.cache

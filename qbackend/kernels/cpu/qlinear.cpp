@@ -532,8 +532,8 @@ void parallel_rows(int64_t N, int64_t grain, int nthreads, F&& body) {
     // static split makes every call wait for the slowest, possibly descheduled, thread.
     const int64_t nblk = (N + grain - 1) / grain;
     const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, nblk));
-    if (nt == 1) {
-        body(0, N);
+    if (nt == 1) {  // no parallel region at all (and BLAS called below may use its own threads)
+        for (int64_t b = 0; b < nblk; ++b) body(b * grain, std::min(N, (b + 1) * grain));
         return;
     }
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
@@ -556,22 +556,25 @@ int qb4_linear(const QW4* qp, const float* x, int64_t M, const float* bias, floa
         // Re-lay x out once per call (M*K floats) to match the decoded lane order.
         float* xp = (float*)std::aligned_alloc(64, sizeof(float) * (size_t)std::max<int64_t>(16, M * C * 128));
         float* xs = (affine && M == 1) ? (float*)std::aligned_alloc(64, sizeof(float) * (size_t)std::max<int64_t>(16, M * C * 16)) : nullptr;
-        for (int64_t m = 0; m < M; ++m) {
-            for (int64_t c = 0; c < C; ++c) {
-                const float* src = x + m * K + 128 * c;
-                float* dst = xp + (m * C + c) * 128;
-                for (int t = 0; t < 8; ++t)
-                    for (int i = 0; i < 16; ++i) dst[t * 16 + i] = src[8 * i + t];
-                if (xs) {
-                    float* d2 = xs + (m * C + c) * 16;
-                    for (int i = 0; i < 16; ++i) {
-                        float a = 0.0f;
-                        for (int t = 0; t < 8; ++t) a += src[8 * i + t];
-                        d2[i] = a;
+        auto relayout = [&](int64_t m0, int64_t m1) {
+            for (int64_t m = m0; m < m1; ++m) {
+                for (int64_t c = 0; c < C; ++c) {
+                    const float* src = x + m * K + 128 * c;
+                    float* dst = xp + (m * C + c) * 128;
+                    const __m512i g8 = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
+                    for (int t = 0; t < 8; ++t) _mm512_store_ps(dst + 16 * t, _mm512_i32gather_ps(g8, src + t, 4));
+                    if (xs) {
+                        float* d2 = xs + (m * C + c) * 16;
+                        for (int i = 0; i < 16; ++i) {
+                            float a = 0.0f;
+                            for (int t = 0; t < 8; ++t) a += src[8 * i + t];
+                            d2[i] = a;
+                        }
                     }
                 }
             }
-        }
+        };
+        relayout(0, M);  // serial: ~1 us per 4096 values, cheaper than another parallel region
         parallel_rows(q.N, 16, nthreads, [&](int64_t n0, int64_t n1) {
             float* s = scratch(0, 4 * cl);
             float* z = scratch(1, 4 * cl);
@@ -633,6 +636,85 @@ int qb8_linear(const int8_t* codes, const float* scale, int64_t N, int64_t K, co
     });
     (void)force_portable;
     return 0;
+}
+
+// Fortran BLAS sgemm (column-major, LP64 ints): the one torch's libtorch_cpu exports (MKL). Passed
+// in as a pointer so this library never links against libtorch.
+typedef void (*sgemm_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+
+}  // extern "C"
+
+namespace {
+
+// y[M, N] (row-major) = x[M, K] @ W^T (+ bias) for large M: each thread dequantizes panels of P rows
+// of W into its own cache-sized buffer and multiplies it with a single-threaded sgemm (BLAS runs
+// sequentially inside our parallel region). One parallel region per call: on shared cores every
+// extra region can cost a scheduler time slice.
+template <typename Dequant>
+void panel_gemm(int64_t N, int64_t K, int64_t M, const float* x, const float* bias, float* y, int nthreads,
+                sgemm_fn sgemm, int64_t P, Dequant&& dequant) {
+    parallel_rows(N, P, nthreads, [&](int64_t n0, int64_t n1) {
+        float* buf = scratch(2, (size_t)(P * K));
+        dequant(n0, n1, buf);
+        const int m = (int)(n1 - n0), n = (int)M, k = (int)K, ld_a = (int)K, ld_b = (int)K, ld_c = (int)N;
+        float alpha = 1.0f, beta = 0.0f;
+        float* c = y + n0;  // column-major C is y^T: C(j, i) = y[i, n0 + j]
+        if (bias) {
+            for (int64_t i = 0; i < M; ++i)
+                for (int64_t j = n0; j < n1; ++j) y[i * N + j] = bias[j];
+            beta = 1.0f;
+        }
+        sgemm("T", "N", &m, &n, &k, &alpha, buf, &ld_a, x, &ld_b, &beta, c, &ld_c);
+    });
+}
+
+}  // namespace
+
+extern "C" {
+
+int qb4_linear_panel(const QW4* qp, const float* x, int64_t M, const float* bias, float* y, int nthreads,
+                     void* sgemm, int64_t P, int force_portable) {
+    const QW4& q = *qp;
+    const size_t cl = const_buf_len(q);
+    panel_gemm(q.N, q.K, M, x, bias, y, nthreads, (sgemm_fn)sgemm, P, [&](int64_t n0, int64_t n1, float* buf) {
+        float* s = scratch(0, cl);
+        float* z = scratch(1, cl);
+#if QB_AVX512
+        if (!force_portable && fast4_ok(q)) {
+            dequant4_rows_avx512(q, n0, n1, buf, s, z);
+            return;
+        }
+#endif
+        dequant4_rows_scalar(q, n0, n1, buf, s, z);
+    });
+    (void)force_portable;
+    return 0;
+}
+
+int qb8_linear_panel(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t M,
+                     const float* bias, float* y, int nthreads, void* sgemm, int64_t P) {
+    panel_gemm(N, K, M, x, bias, y, nthreads, (sgemm_fn)sgemm, P, [&](int64_t n0, int64_t n1, float* buf) {
+        for (int64_t n = n0; n < n1; ++n) {
+            const int8_t* cr = codes + n * K;
+            float* o = buf + (n - n0) * K;
+            const float sc = scale[n];
+            for (int64_t k = 0; k < K; ++k) o[k] = (float)cr[k] * sc;
+        }
+    });
+    return 0;
+}
+
+// Self-test of the BLAS pointer (argument convention, LP64): 2x3 @ 3x2.
+int qb_check_sgemm(void* sgemm) {
+    const float a[6] = {1, 2, 3, 4, 5, 6};  // W [2, 3] row-major
+    const float b[6] = {1, 0, 2, 0, 1, 3};  // x [2, 3] row-major
+    float c[4] = {0, 0, 0, 0};
+    const int m = 2, n = 2, k = 3, ld = 3, ldc = 2;
+    const float alpha = 1.0f, beta = 0.0f;
+    ((sgemm_fn)sgemm)("T", "N", &m, &n, &k, &alpha, a, &ld, b, &ld, &beta, c, &ldc);
+    // y[i, j] = sum_k x[i, k] W[j, k]: y = [[7, 16], [11, 23]], stored column-major as c[i * 2 + j].
+    return c[0] == 7.0f && c[1] == 16.0f && c[2] == 11.0f && c[3] == 23.0f;
 }
 
 void qb8_dequant(const int8_t* codes, const float* scale, int64_t K, int64_t n0, int64_t n1, float* out, int nthreads) {

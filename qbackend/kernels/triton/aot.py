@@ -56,6 +56,9 @@ class Report:
     error: str = ""
 
 
+# Largest dynamic shared memory per block (opt-in), bytes.
+_SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
 _DT = {"fp16": (tl.float16, "*fp16"), "bf16": (tl.bfloat16, "*bf16"), "fp32": (tl.float32, "*fp32")}
 
 
@@ -93,11 +96,14 @@ def specs(quick: bool = False) -> Iterator[Spec]:
         for dt in dtypes:
             tl_dt, ptr = _DT[dt]
             prec = "ieee" if dt == "fp32" else "tf32"
-            for aligned in (True, False) if fmt != 2 and not quick else (fmt != 2,):
-                tag = f"{fname}-{dt}-{'al' if aligned else 'gen'}"
+            # al: K % bs == 0 (pairs, constants per tile); pg: even K, straddling blocks (pairs,
+            # constants per pair); odd: odd K (per-element nibble and constants); int8: per element.
+            modes = [("al", True, True), ("pg", True, False), ("odd", False, False)] if fmt != 2 else [("gen", 0, 0)]
+            for mode, pairs, aligned in modes[:1] if quick else modes:
+                tag = f"{fname}-{dt}-{mode}"
                 base = {
                     "FMT": fmt, "BS": bs, "NBS": 256, "NESTED": nested, "HAS_ZP": zp, "IDX64": False,
-                    "ALIGNED": aligned,
+                    "ALIGNED": bool(aligned),
                 }  # fmt: skip
                 sizes = {"N": "i32", "K": "i32", "KH": "i32", "G": "i32", "stride_xm": "i32", "stride_om": "i32",
                          "K_SPLIT": "i32", "KP_SPLIT": "i32"}  # fmt: skip
@@ -105,14 +111,13 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                 yield Spec(
                     f"gemv-{tag}", K.wo_gemv_kernel,
                     _wo_types(fmt, nested, zp, True, ptr, "*fp32", False) | sizes,
-                    base | {"PAIRS": fmt != 2 and aligned, "HAS_BIAS": True, "ATOMIC": True,
-                            "BLOCK_N": 64, "BLOCK_K": 64},
+                    base | {"PAIRS": pairs, "HAS_BIAS": True, "ATOMIC": True, "BLOCK_N": 64, "BLOCK_K": 64},
                     num_warps=4, num_stages=2, expect=[r"LDG\.E(\.EF)?\.128|LDG\.E\.64|LDG"],
                 )  # fmt: skip
                 dsizes = {"M": "i32"} | sizes
-                for vname, bm, bn, bk, atomic, pairs, nw, ns in (
-                    ("small", 16, 64, 64, True, fmt != 2 and aligned, 4, 3),
-                    ("large", 128, 128, 64, False, fmt != 2 and aligned, 8, 3),
+                for vname, bm, bn, bk, atomic, nw, ns in (
+                    ("small", 16, 64, 64, True, 4, 3),
+                    ("large", 128, 128, 64, False, 8, 3),
                 ):
                     yield Spec(
                         f"dot-{vname}-{tag}", K.wo_dot_kernel,
@@ -126,7 +131,7 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                 yield Spec(
                     f"grad-{tag}", K.wo_grad_kernel,
                     _wo_types(fmt, nested, zp, False, ptr, ptr, True) | gsizes,
-                    base | {"PAIRS": fmt != 2 and aligned, "ATOMIC": False, "DOT_DTYPE": tl_dt, "DOT_PREC": prec,
+                    base | {"PAIRS": pairs, "ATOMIC": False, "DOT_DTYPE": tl_dt, "DOT_PREC": prec,
                             "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
                     num_warps=4, num_stages=3, expect=[] if dt == "fp32" else [r"HGMMA|HMMA"],
                 )  # fmt: skip
@@ -200,7 +205,11 @@ def compile_spec(spec: Spec, arch: int = 90) -> Report:
     text = sass or ck.asm.get("ptx", "")
     rep.n_regs, rep.n_spills = _regs(ck, text)
     rep.missing = [p for p in spec.expect if not re.search(p, text)]
-    rep.ok = not rep.missing
+    limit = _SMEM_LIMIT.get(arch)
+    if limit is not None and rep.shared > limit:
+        # Compiles, but would raise OutOfResources at launch (the launchers then shrink the config).
+        rep.error = f"shared memory {rep.shared} > {limit} (sm_{arch})"
+    rep.ok = not rep.missing and not rep.error
     return rep
 
 

@@ -20,8 +20,9 @@ import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -36,6 +37,7 @@ W8A8_LARGE = "w8a8_large"
 VARIANTS = (GEMV, WO_SMALL, WO_LARGE, GRAD_SMALL, GRAD_LARGE, W8A8_SMALL, W8A8_LARGE)
 
 SMALL_M_MAX = 64
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -146,45 +148,47 @@ def heuristic_config(variant: str, m: int, n: int, k: int, bk_cap: int, sms: int
 
 
 def candidate_configs(variant: str, m: int, n: int, k: int, bk_cap: int, sms: int) -> list[KernelConfig]:
-    """The autotuner's search space, pruned to what the shape and the aligned path allow."""
+    """The autotuner's search space, pruned to what the shape and the aligned path allow.
+
+    Kept to about a dozen configs per key: every distinct tile/warp/stage choice is a compile
+    (~1 s each), and a first run over many shapes must stay within minutes. ``split`` only changes
+    a run-time argument, so trying two split factors costs no extra compile.
+    """
     cdiv = lambda a, b: -(-a // b)
     bks = sorted({max(16, min(b, bk_cap)) for b in (32, 64, 128, 256)})
+    big = [b for b in bks if b >= 32][-2:]  # the two largest K tiles allowed
     out: list[KernelConfig] = []
     if variant == GEMV:
         for bn in (32, 64, 128):
-            for bk in bks:
+            for bk in bks[-2:]:
                 base = split_for(cdiv(n, bn), k, bk, sms)
-                for split in sorted({max(1, base // 2), base, base * 2}):
-                    for nw in (2, 4):
-                        out.append(KernelConfig(1, bn, bk, split, 1, nw, 2))
+                for split in sorted({base, base * 2}):
+                    out.append(KernelConfig(1, bn, bk, split, 1, 4 if bn * bk >= 4096 else 2, 2))
     elif variant in (WO_SMALL, W8A8_SMALL):
         bm = block_m_for(m)
-        kbs = [b for b in bks if b >= 32] if variant == WO_SMALL else [64, 128, 256]
+        kbs = big if variant == WO_SMALL else [128, 256]
         for bn in (32, 64, 128):
             for bk in kbs:
                 base = split_for(cdiv(n, bn) * cdiv(m, bm), k, bk, sms)
-                for split in sorted({max(1, base // 2), base, base * 2}):
-                    for ns in (2, 4):
-                        out.append(KernelConfig(bm, bn, bk, split, 1, 4, ns))
+                for split in sorted({base, base * 2}):
+                    out.append(KernelConfig(bm, bn, bk, split, 1, 4, 3))
     elif variant == GRAD_SMALL:
         bm = block_m_for(m)
-        for bk in [b for b in bks if b >= 32]:
+        for bk in big:
             for bn in (32, 64, 128):
                 base = split_for(cdiv(k, bk) * cdiv(m, bm), n, bn, sms)
-                for split in sorted({max(1, base // 2), base, base * 2}):
-                    for ns in (2, 4):
-                        out.append(KernelConfig(bm, bn, bk, split, 1, 4, ns))
+                for split in sorted({base, base * 2}):
+                    out.append(KernelConfig(bm, bn, bk, split, 1, 4, 3))
     elif variant == GRAD_LARGE:
         for bm, bn, nw in ((64, 64, 4), (128, 64, 4), (128, 32, 4), (128, 64, 8)):
-            for bk in [b for b in bks if 32 <= b <= 128]:
-                for ns in (3, 4):
-                    out.append(KernelConfig(bm, bn, bk, 1, 8, nw, ns))
+            for bk in [b for b in bks if 32 <= b <= 128][-2:]:
+                out.append(KernelConfig(bm, bn, bk, 1, 8, nw, 3))
     else:
         kbs = [b for b in bks if 32 <= b <= 64] if variant == WO_LARGE else [64, 128]
-        for bm, bn, nw in ((64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8), (128, 256, 8), (64, 256, 4)):
+        for bm, bn, nw in ((64, 128, 4), (128, 64, 4), (128, 128, 8), (128, 256, 8), (64, 256, 4)):
             for bk in kbs:
-                for ns in (3, 4):
-                    out.append(KernelConfig(bm, bn, bk, 1, 8, nw, ns))
+                out.append(KernelConfig(bm, bn, bk, 1, 8, nw, 3))
+        out.append(KernelConfig(128, 128, kbs[-1], 1, 8, 8, 4))
     return out
 
 
@@ -283,6 +287,44 @@ def select_config(
     return best
 
 
+def shrink(cfg: KernelConfig) -> KernelConfig | None:
+    """A smaller version of ``cfg`` (fewer pipeline stages, then narrower tiles), None at the floor.
+
+    Used when a config needs more shared memory than the GPU has (e.g. the per-element constant
+    path pipelines full fp32 constant tiles).
+    """
+    if cfg.num_stages > 1:
+        return replace(cfg, num_stages=cfg.num_stages - 1)
+    if cfg.block_n > 32:
+        return replace(cfg, block_n=cfg.block_n // 2, num_stages=2)
+    if cfg.block_m > 16:
+        return replace(cfg, block_m=cfg.block_m // 2, num_stages=2)
+    return None
+
+
+def launch_fitting(key: str, device: torch.device, cfg: KernelConfig, launch: Callable[[KernelConfig], T]) -> T:
+    """``launch(cfg)``, shrinking the config while the kernel does not fit the GPU's resources.
+
+    The config that fits replaces ``cfg`` in the in-memory cache, so the retry happens once per key.
+    """
+    from triton.runtime.errors import OutOfResources
+
+    shrunk = False
+    while True:
+        try:
+            out = launch(cfg)
+        except OutOfResources:
+            smaller = shrink(cfg)
+            if smaller is None:
+                raise
+            cfg, shrunk = smaller, True
+            continue
+        if shrunk and device.type == "cuda":
+            with _cache_lock:
+                _mem.setdefault(str(cache_file(device)), {})[key] = cfg
+        return out
+
+
 def tune(cands: list[KernelConfig], bench: Callable[[KernelConfig], object]) -> KernelConfig | None:
     """The fastest config by median time (L2 flushed by do_bench); configs that fail are skipped."""
     from triton.testing import do_bench
@@ -318,8 +360,10 @@ __all__ = [
     "candidate_configs",
     "heuristic_config",
     "interpreter_config",
+    "launch_fitting",
     "make_key",
     "m_bucket",
     "override_config",
     "select_config",
+    "shrink",
 ]

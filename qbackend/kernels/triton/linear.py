@@ -139,13 +139,14 @@ def _wo_forward(x: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch
 
     sms = _sms(x.device, interp)
     min_bk = 16 if variant == at.GEMV else 32
+    key = at.make_key(variant, *w.key_parts(), x.dtype, m, w.n, w.k)
     cfg = at.select_config(
-        variant, at.make_key(variant, *w.key_parts(), x.dtype, m, w.n, w.k), x.device, interp, m,
+        variant, key, x.device, interp, m,
         default=lambda: at.heuristic_config(variant, m, w.n, w.k, w.bk_cap(min_bk), sms),
         candidates=lambda: at.candidate_configs(variant, m, w.n, w.k, w.bk_cap(min_bk), sms),
         bench=launch,
     )  # fmt: skip
-    return launch(cfg).reshape(*lead, w.n)
+    return at.launch_fitting(key, x.device, cfg, launch).reshape(*lead, w.n)
 
 
 def _launch_wo_forward(
@@ -203,13 +204,14 @@ def _wo_grad(grad_y: torch.Tensor, w: _Weight) -> torch.Tensor:
         return _launch_wo_grad(kern, cfg, g2, w, dot_dtype, prec)
 
     sms = _sms(grad_y.device, interp)
+    key = at.make_key(variant, *w.key_parts(), grad_y.dtype, m, w.n, w.k)
     cfg = at.select_config(
-        variant, at.make_key(variant, *w.key_parts(), grad_y.dtype, m, w.n, w.k), grad_y.device, interp, m,
+        variant, key, grad_y.device, interp, m,
         default=lambda: at.heuristic_config(variant, m, w.n, w.k, w.bk_cap(32), sms),
         candidates=lambda: at.candidate_configs(variant, m, w.n, w.k, w.bk_cap(32), sms),
         bench=launch,
     )  # fmt: skip
-    return launch(cfg).reshape(*lead, w.k)
+    return at.launch_fitting(key, grad_y.device, cfg, launch).reshape(*lead, w.k)
 
 
 def _launch_wo_grad(
@@ -469,10 +471,11 @@ def w8a8_linear(
         return out.to(x.dtype) if atomic and x.dtype != torch.float32 else out
 
     sms = _sms(x.device, interp)
+    key = at.make_key(variant, "w8a8", 0, False, False, x.dtype, m, n, k)
     cfg = at.select_config(
-        variant, at.make_key(variant, "w8a8", 0, False, False, x.dtype, m, n, k), x.device, interp, m,
+        variant, key, x.device, interp, m,
         default=lambda: at.heuristic_config(variant, m, n, k, 256, sms),
         candidates=lambda: at.candidate_configs(variant, m, n, k, 256, sms),
         bench=launch,
     )  # fmt: skip
-    return launch(cfg).reshape(*lead, n)
+    return at.launch_fitting(key, x.device, cfg, launch).reshape(*lead, n)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from .. import config as _config
@@ -20,8 +19,7 @@ from ..kernels import prepare_weight
 from ..passes.select_layers import decide_layer
 from ..quantize_module import QuantizedLinear
 from .config import QATConfig
-from .deploy import deployed_weight
-from .fake_quant import fake_quantize_activation
+from .deploy import QATQuantizedLinear, deployed_weight
 from .state import LinearQAT, state_of
 
 STATE_NAME = "qat"
@@ -65,23 +63,6 @@ def prepare(model: nn.Module, options: Any = None) -> list[str]:
 def qat_layers(model: nn.Module) -> dict[str, LinearQAT]:
     """Module name -> QAT state of every prepared layer of ``model``."""
     return {name: m.qat for name, m in model.named_modules() if isinstance(getattr(m, STATE_NAME, None), LinearQAT)}
-
-
-class QATQuantizedLinear(QuantizedLinear):
-    """A deployed QAT layer whose input is also quantized (int8 per token, or static per tensor)."""
-
-    def __init__(self, kw: Any, bias: torch.Tensor | None, scheme: Any, activations: str, act_scale=None) -> None:
-        super().__init__(kw, bias, scheme)
-        self.activations = activations
-        if activations == "static":
-            self.register_buffer("act_scale", act_scale.detach().float().reshape(()).clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.act_scale if self.activations == "static" else None
-        return super().forward(fake_quantize_activation(x, scale))
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", activations={self.activations}"
 
 
 def convert(model: nn.Module) -> nn.Module:
