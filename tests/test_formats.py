@@ -14,6 +14,7 @@ Bounds used below (y = w / absmax as the quantizer computes it, t = the code val
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -568,3 +569,15 @@ def test_dequantize_from_packed_bytes_equals_unpacked_decode(data, table, bs, ne
     ref = blockwise_decode(unpack_4bit(qw.codes, qw.numel), qw.block_constants(), bs, table, qw.numel)
     got = qw.dequantize(torch.float32).reshape(-1)
     assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad", "grad"])
+def test_quantize_under_inference_mode_and_with_parameters(mode):
+    """The multi-chunk path runs in worker threads: grad/inference mode is thread-local there."""
+    w = torch.nn.Parameter(make_weight(0, (2**19 + 96,), torch.float32, "normal"))
+    ref = quantize(w.detach().clone(), Scheme("nf4", nested=True))
+    ctx = {"inference": torch.inference_mode(), "no_grad": torch.no_grad()}.get(mode, contextlib.nullcontext())
+    with ctx:
+        qw = quantize(w, Scheme("nf4", nested=True))
+        assert torch.equal(qw.codes, ref.codes) and not qw.codes.requires_grad
+        assert torch.equal(qw.dequantize(), ref.dequantize())

@@ -49,12 +49,11 @@ def test_every_form_is_found_and_lowered_exactly(form, bias):
         assert site.form.endswith("+bias")  # the `+ b` after the product became the op's bias
     check = check_rewrite(g, passes())
     assert check.error_vs_dequantized is not None and check.error_vs_dequantized < 1e-5
-    (op,) = quantized_op_nodes(g.clone().gm) or [None] if False else [None]  # noqa: F841 (clone untouched)
     (row,) = check.result.report.layers
     assert row.quantized and row.format == "nf4-b64-nested" and row.rel_error < 0.15
 
 
-@settings(max_examples=25)
+@settings(max_examples=15)
 @given(case=linear_models(outliers=False), config=quant_configs())
 def test_property_rewrite_invariants_well_conditioned(case, config):
     """Lints, exact vs dequantized weights, within 3x the summed weight error of float, reports = ops, idempotent."""
@@ -65,7 +64,7 @@ def test_property_rewrite_invariants_well_conditioned(case, config):
     assert len(check.result.report.quantized) == len(distinct)  # tied weights: one layer
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(case=linear_models(), config=quant_configs())
 def test_property_outlier_channels_still_exact_vs_dequantized(case, config):
     """With outlier channels the float error can exceed the weight error (what SmoothQuant fixes), but

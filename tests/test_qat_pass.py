@@ -40,7 +40,7 @@ def _fq_params(model: nn.Module, scheme) -> dict[str, torch.Tensor]:
     return out
 
 
-@settings(max_examples=30)
+@settings(max_examples=15)
 @given(case=linear_models(max_layers=3), config=quant_configs())
 def test_stateless_qat_matches_fake_quant_reference_in_every_form(case, config):
     config = config.replace(qat=QATConfig())
@@ -114,7 +114,7 @@ def prepared_nets(draw: st.DrawFn):
     return net, x, opts
 
 
-@settings(max_examples=30)
+@settings(max_examples=12)
 @given(prepared_nets())
 def test_prepared_qat_training_graph_deploy_and_convert_agree(case):
     net, x, opts = case
@@ -137,6 +137,18 @@ def test_prepared_qat_training_graph_deploy_and_convert_agree(case):
     converted = qbackend.convert(copy.deepcopy(net))
     with torch.no_grad():
         assert torch.equal(converted(x), dep)  # same kernels, same tensors
+
+
+@settings(max_examples=60)
+@given(prepared_nets())
+def test_convert_matches_qat_forward_on_many_shapes(case):
+    """Deployed modules (real quantized ops) == the eager QAT forward within float rounding."""
+    net, x, _ = case
+    net.eval()
+    with torch.no_grad():
+        ref = qat_reference(net, x)
+        dep = qbackend.convert(copy.deepcopy(net))(x)
+    torch.testing.assert_close(dep, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-5)
 
 
 def test_stateless_layers_without_prepare_warn_and_use_absmax(caplog):

@@ -134,7 +134,7 @@ def test_capture_graphs_with_graph_break_and_clone_is_independent():
     assert graphs[0].run()[0].shape == c.run()[0].shape == (2, 16)
 
 
-@settings(max_examples=30)
+@settings(max_examples=15)
 @given(spec=model_specs(max_layers=3))
 def test_strategy_models_trace_and_every_layer_is_found(spec):
     from qbackend.testing import GeneratedModel

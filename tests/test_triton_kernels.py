@@ -68,7 +68,15 @@ def _cb4(n: int, k: int, kind: str, bs: int, nested: bool, seed: int = 0) -> tup
 
 
 def _int4(n: int, k: int, g: int, sym: bool, seed: int = 0) -> tuple:
+    """(codes, scale [N, G], zero_point [N, G] or None). Scheme wants even groups; odd ones (which
+    the op contract allows, e.g. one group of an odd K) get random operands instead."""
     gen = torch.Generator().manual_seed(seed)
+    if g % 2:
+        groups = -(-k // g)
+        codes = torch.randint(0, 256, ((n * k + 1) // 2,), generator=gen, dtype=torch.uint8)
+        scale = torch.rand(n, groups, generator=gen) + 0.05
+        zp = None if sym else torch.randint(0, 16, (n, groups), generator=gen, dtype=torch.uint8)
+        return codes.to(DEVICE), scale.to(DEVICE), None if zp is None else zp.to(DEVICE)
     qw = quantize(torch.randn(n, k, generator=gen), Scheme("int", bits=4, symmetric=sym, blocksize=g)).to(DEVICE)
     return qw.codes, qw.scale, qw.zero_point
 
@@ -151,8 +159,9 @@ def test_codebook4_linear_hypothesis(n: int, k: int, m: int, bs: int, kind: str,
 # ---------------------------------------------------------------------------------------------
 
 # (N, K, groupsize, symmetric): aligned groups; group not a power of two (per-pair constant
-# gather); odd K; a shorter tail group (70 % 64) on the aligned path.
-INT4_CASES = [(40, 64, 32, True), (33, 96, 48, False), (24, 75, 16, False), (20, 70, 64, True)]
+# gather); odd K (per-element nibbles, constants once per tile); a shorter tail group (70 % 64) on
+# the aligned path; an odd group size with even K (pairs could straddle groups: per-element path).
+INT4_CASES = [(40, 64, 32, True), (33, 96, 48, False), (24, 75, 32, False), (20, 70, 64, True), (9, 74, 37, True)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -181,7 +190,7 @@ def test_int4_grad_input(case: tuple, m: int) -> None:
     n=st.integers(1, 48),
     k=st.integers(1, 80),
     m=st.integers(1, 20),
-    g=st.sampled_from([2, 16, 32, 48, 64]),
+    g=st.sampled_from([1, 2, 5, 16, 32, 48, 64]),
     sym=st.booleans(),
 )
 def test_int4_linear_hypothesis(n: int, k: int, m: int, g: int, sym: bool) -> None:
@@ -266,6 +275,10 @@ def test_3d_inputs_and_bias_all_ops() -> None:
     c8, s8 = _int8(n, k)
     _check(T.int8_linear(x, c8, s8, b, n, k), R.int8_linear(x, c8, s8, b, n, k))
     _check(T.w8a8_linear(x, c8, s8, b, None, n, k), R.w8a8_linear(x, c8, s8, b, None, n, k))
+    # A per-tensor int8 scale (one element) broadcasts, as in the reference.
+    st = s8.max().reshape(1)
+    _check(T.int8_linear(x, c8, st, b, n, k), R.int8_linear(x, c8, st, b, n, k))
+    _check(T.w8a8_linear(x, c8, st, b, None, n, k), R.w8a8_linear(x, c8, st, b, None, n, k))
     # A non-contiguous input (every other token) goes through the same kernels.
     xs = _x((6,), k, torch.float32, seed=12)[::2]
     _check(T.int8_linear(xs, c8, s8, b, n, k), R.int8_linear(xs, c8, s8, b, n, k))
@@ -319,6 +332,8 @@ def test_bad_operands_raise() -> None:
     c8, s8 = _int8(n, k)
     with pytest.raises(ValueError, match="scale"):
         T.int8_linear(_x((2,), k, torch.float32, 0), c8, s8[:-1], None, n, k)
+    with pytest.raises(ValueError, match="on "):  # operands on another device than the input
+        T.int8_linear(_x((2,), k, torch.float32, 0), c8.to("meta"), s8, None, n, k)
 
 
 def test_cpu_tensors_use_an_interpreted_copy() -> None:

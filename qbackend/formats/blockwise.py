@@ -1,8 +1,11 @@
 """Block-wise absmax quantization to a code table over the row-major flattened tensor.
 
 This is bitsandbytes' ``quantize_4bit`` / ``quantize_blockwise`` arithmetic, reproduced operation for
-operation (reciprocal multiply for full blocks, division for the tail block, bucketize over
-midpoints) so the codes and constants are bit-identical.
+operation (reciprocal multiply for full blocks, division for the tail block, nearest code with ties
+to the lower one) so the codes and constants are bit-identical.
+
+:func:`blockwise_absmax_codes` is the plain reference (bucketize over the midpoints);
+:func:`blockwise_absmax_packed` is the fast CPU path `quantize` uses, producing the same bytes.
 """
 
 from __future__ import annotations
@@ -164,40 +167,56 @@ def _quantize_rows(
     packed: torch.Tensor,
     tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     threads: int | None,
+    inference: bool = False,
 ) -> None:
     """Quantize blocks [r_start, r_end) of ``body`` ([nblocks, blocksize]) into ``absmax``/``packed``.
 
-    ``threads``: when set, run this worker's ops single-threaded and restore that count after.
+    ``threads``: when set (a worker thread), run this worker's ops single-threaded and restore that
+    count after. ``inference``: the caller's inference mode (thread-local; its tensors may be
+    inference tensors, which only inference mode may write).
     """
     if threads is not None:
         torch.set_num_threads(1)
     try:
-        lut, thr, remap = tables
-        blocksize = body.shape[1]
-        widen = body.dtype != torch.float32
-        buf = _Buffers(min(rows, r_end - r_start) * blocksize)
-        for r0 in range(r_start, r_end, rows):
-            r1 = min(r_end, r0 + rows)
-            c = (r1 - r0) * blocksize
-            v = buf.v[:c].view(r1 - r0, blocksize)
-            d = buf.d[:c].view(r1 - r0, blocksize)
-            src = body[r0:r1]
-            if widen:
-                v.copy_(src)  # exact widening to fp32, as bitsandbytes' .float()
-                src = v
-            torch.abs(src, out=d)
-            am = absmax[r0:r1]
-            torch.amax(d, dim=1, out=am)
-            if not bool(torch.isfinite(am).all()):  # amax propagates NaN; checked before any bin lookup
-                raise FormatError(_NON_FINITE)
-            inv = 1.0 / am.clamp(min=1e-38)  # reciprocal then multiply, as bitsandbytes
-            torch.mul(src, inv[:, None], out=v)
-            flat_v = buf.v[:c]
-            flat_v.mul_(_BIN_SCALE)  # exact; clamping to [-1, 1] cannot change a code, so it is skipped
-            _codes_to_packed(flat_v, packed[r0 * blocksize // 2 : r1 * blocksize // 2], lut, thr, remap, buf)
+        with torch.inference_mode(inference), torch.no_grad():
+            _quantize_rows_loop(body, r_start, r_end, rows, absmax, packed, tables)
     finally:
         if threads is not None:
             torch.set_num_threads(threads)
+
+
+def _quantize_rows_loop(
+    body: torch.Tensor,
+    r_start: int,
+    r_end: int,
+    rows: int,
+    absmax: torch.Tensor,
+    packed: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+) -> None:
+    lut, thr, remap = tables
+    blocksize = body.shape[1]
+    widen = body.dtype != torch.float32
+    buf = _Buffers(min(rows, r_end - r_start) * blocksize)
+    for r0 in range(r_start, r_end, rows):
+        r1 = min(r_end, r0 + rows)
+        c = (r1 - r0) * blocksize
+        v = buf.v[:c].view(r1 - r0, blocksize)
+        d = buf.d[:c].view(r1 - r0, blocksize)
+        src = body[r0:r1]
+        if widen:
+            v.copy_(src)  # exact widening to fp32, as bitsandbytes' .float()
+            src = v
+        torch.abs(src, out=d)
+        am = absmax[r0:r1]
+        torch.amax(d, dim=1, out=am)
+        if not bool(torch.isfinite(am).all()):  # amax propagates NaN; checked before any bin lookup
+            raise FormatError(_NON_FINITE)
+        inv = 1.0 / am.clamp(min=1e-38)  # reciprocal then multiply, as bitsandbytes
+        torch.mul(src, inv[:, None], out=v)
+        flat_v = buf.v[:c]
+        flat_v.mul_(_BIN_SCALE)  # exact; clamping to [-1, 1] cannot change a code, so it is skipped
+        _codes_to_packed(flat_v, packed[r0 * blocksize // 2 : r1 * blocksize // 2], lut, thr, remap, buf)
 
 
 def blockwise_absmax_packed(x: torch.Tensor, blocksize: int, table: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,13 +253,13 @@ def blockwise_absmax_packed(x: torch.Tensor, blocksize: int, table: str) -> tupl
         nchunks = -(-nblocks // rows)
         workers = min(torch.get_num_threads(), nchunks)
         if workers <= 1:
-            _quantize_rows(body, 0, nblocks, rows, absmax, packed, tables, None)
+            _quantize_rows_loop(body, 0, nblocks, rows, absmax, packed, tables)
         else:
             threads = torch.get_num_threads()
             per = -(-nchunks // workers) * rows
             ranges = [(r, min(nblocks, r + per)) for r in range(0, nblocks, per)]
             with ThreadPoolExecutor(len(ranges)) as ex:
-                args = (rows, absmax, packed, tables, threads)
+                args = (rows, absmax, packed, tables, threads, torch.is_inference_mode_enabled())
                 futures = [ex.submit(_quantize_rows, body, a, b, *args) for a, b in ranges]
                 for f in futures:
                     f.result()  # re-raises a worker's FormatError

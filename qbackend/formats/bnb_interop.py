@@ -42,11 +42,12 @@ def _require_bnb() -> Any:
 
 def _check_table(name: str, key: str, got: torch.Tensor | None, table: str) -> None:
     """Reject a code table that is not exactly ours (decoding with ours would be silently wrong)."""
-    if got is None:
+    if got is None:  # bitsandbytes decodes 4-bit codes by quant_type; nothing else to check against
         return
-    want = code_table(table, got.device)
+    want = code_table(table)
     if not isinstance(got, torch.Tensor) or got.numel() != want.numel():
         raise FormatError(f"{name}.{key}: expected the {want.numel()}-entry {table} code table")
+    want = want.to(got.device)
     if not torch.equal(got.detach().reshape(-1).to(torch.float32), want):
         raise FormatError(
             f"{name}.{key}: not the standard bitsandbytes {table} table; a custom code table is not "

@@ -69,8 +69,9 @@ def insert_qat(
         result.report.layers.append(row)
         attrs = _state_attrs(gm, plan.name, state)
         if training:
+            wq = _fake_quant_weight(gm.graph, sites[0], scheme, qat, attrs)  # once per weight (tied: shared)
             for site in sites:
-                _fake_quant_site(gm.graph, site, scheme, qat, attrs)
+                _fake_quant_site(gm.graph, site, wq, qat, attrs)
             row.reason = "QAT: fake-quantized (grad enabled)"
         else:
             entry = get_deployed(plan.param.tensor, scheme, state, plan.transposed, plan.name)
@@ -89,14 +90,18 @@ def insert_qat(
 # ---- per-site rewrites ---------------------------------------------------------------------------
 
 
-def _fake_quant_site(graph: fx.Graph, site: LinearSite, scheme: Scheme, qat: QATConfig, attrs: dict) -> None:
-    node = site.node
-    with graph.inserting_before(node):
-        w = graph.call_function(aten.t.default, (site.weight,)) if site.transposed else site.weight
-        wq = graph.call_function(
+def _fake_quant_weight(graph: fx.Graph, first: LinearSite, scheme: Scheme, qat: QATConfig, attrs: dict) -> fx.Node:
+    """The fake-quantized [out, in] weight, placed before the layer's first site (sites are in graph order)."""
+    with graph.inserting_before(first.node):
+        w = graph.call_function(aten.t.default, (first.weight,)) if first.transposed else first.weight
+        return graph.call_function(
             torch.ops.qbackend.qat_fake_quant_weight.default,
             (w, attrs.get("weight_ratio"), scheme_key(scheme), float(qat.min_ratio)),
         )
+
+
+def _fake_quant_site(graph: fx.Graph, site: LinearSite, wq: fx.Node, qat: QATConfig, attrs: dict) -> None:
+    with graph.inserting_before(site.node):
         x = _act(graph, site.x, qat, attrs, observe=True)
     # Rewritten in place (not replaced): later sites may hold this node as their input.
     _become(graph, site, aten.linear.default, (x, wq, site.bias))

@@ -29,6 +29,7 @@ _LAZY = {
     "convert": ".api",
     "qat_config": ".api",
     "qat_layers": ".api",
+    "eager_qat": ".api",
     "QATQuantizedLinear": ".deploy",
     "LinearQAT": ".state",
     "state_of": ".state",

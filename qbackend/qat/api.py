@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -63,6 +65,34 @@ def prepare(model: nn.Module, options: Any = None) -> list[str]:
 def qat_layers(model: nn.Module) -> dict[str, LinearQAT]:
     """Module name -> QAT state of every prepared layer of ``model``."""
     return {name: m.qat for name, m in model.named_modules() if isinstance(getattr(m, STATE_NAME, None), LinearQAT)}
+
+
+@contextlib.contextmanager
+def eager_qat(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, the prepared layers of ``model`` run their QAT forward eagerly (no compiler).
+
+    The reference the compiled training graph is checked against, and a way to debug QAT without
+    ``torch.compile``. Only prepared ``nn.Linear`` modules are affected (stateless QAT from options
+    lives in the compiler pass only).
+    """
+    patched = []
+    for mod in model.modules():
+        state = getattr(mod, STATE_NAME, None)
+        if isinstance(mod, nn.Linear) and isinstance(state, LinearQAT):
+            mod.forward = _qat_forward(mod, state)  # an instance attribute shadows the class's forward
+            patched.append(mod)
+    try:
+        yield model
+    finally:
+        for mod in patched:
+            del mod.forward
+
+
+def _qat_forward(mod: nn.Linear, state: LinearQAT):
+    def forward(x):
+        return state(x, mod.weight, mod.bias)
+
+    return forward
 
 
 def convert(model: nn.Module) -> nn.Module:

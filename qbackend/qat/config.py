@@ -28,8 +28,9 @@ class QATConfig:
 
     learnable_scales: learn one clipping ratio per block/group/channel (LSQ-style gradient, an
         ``nn.Parameter`` in the model, initialised to 1.0 = absmax scaling). The effective block
-        range is ``ratio * absmax`` (capped at 1x), so the deployed weight is the clipped weight
-        quantized with the ordinary format: prepare and convert agree bit for bit.
+        range is ``ratio * absmax`` (ratio capped to [min_ratio, 1]; above 1 it acts as 1), so the
+        deployed weight is the clipped weight quantized with the ordinary format: prepare and
+        convert agree bit for bit.
     activations: also fake-quantize the inputs of quantized linears to int8: "none" (default),
         "dynamic" (symmetric, one scale per token, as ``w8a8_linear`` does) or "static" (symmetric,
         one per-tensor scale from a moving-average absmax observer kept in module buffers).

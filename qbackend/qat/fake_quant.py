@@ -8,7 +8,8 @@ ordinary format code, so QAT forward and deployment agree exactly.
 
 Gradients (straight-through estimator): ``dL/dw = dL/dout`` where ``w`` is inside its unit's
 (clipped) range, 0 outside. Learnable ratios get the LSQ gradient
-``dL/dr = sum_unit dL/dout * (out - w * inside) / r`` (rounding treated as identity; nesting too).
+``dL/dr = sum_unit dL/dout * (out - w * inside) / r`` (rounding treated as identity; nesting too;
+straight through the cap: a ratio above 1 acts as 1 but still gets this gradient).
 
 Activations: ``fake_quantize_activation(x, scale)``: symmetric int8, one scale per token
 (``scale=None``: ``absmax(row) / 127``) or a static per-tensor scale, exactly as the
@@ -176,10 +177,9 @@ def _fq_weight_grads(
     inside = (wu >= lo_u) & (wu <= hi_u)
     grad_w_u = torch.where(inside, gu, torch.zeros_like(gu))
     # LSQ: d out / d r = (out - w * inside) / r for every element of the unit (padding contributes 0).
+    # Straight through the [min_ratio, 1] cap: linear in the upstream gradient, so accumulating
+    # micro-batch gradients equals the full batch's. A ratio pushed above 1 acts as 1.
     grad_r = (gu * (ou - torch.where(inside, wu, torch.zeros_like(wu)))).sum(dim=1) / r
-    # Projected at the cap: a ratio at 1.0 may only be pushed down (never drift into the dead zone above 1).
-    rr = ratio.detach().float().reshape(-1)
-    grad_r = torch.where((rr < 1.0) | (grad_r > 0), grad_r, torch.zeros_like(grad_r))
     grad_w = from_units(grad_w_u, tuple(w.shape), s).to(w.dtype).contiguous()
     return grad_w, grad_r.reshape(ratio.shape).to(ratio.dtype)
 

@@ -90,6 +90,13 @@ def quantized_module(model: Any, options: Any = None) -> tuple[nn.Module, QuantC
         return module, None
     chosen = options if options else compiled_options
     config = QuantConfig.from_options(chosen or None)
+    if getattr(config, "smoothquant", None) is not None:
+        # quantize_ makes weight-only layers; W8A8's folded scales exist only inside a compiled graph.
+        raise NotImplementedError(
+            "W8A8/SmoothQuant models cannot be saved or exported from their options yet (the folded scales "
+            "live in the compiled graph); use a weight-only preset, or keep the CalibrationResult "
+            "(result.save(...)) and recompile with it"
+        )
     copy_ = shallow_copy_tree(module)
     report = quantize_(copy_, config)
     log.info("qbackend: %s", report.summary())

@@ -99,10 +99,12 @@ class ScaleChoice:
 
 
 class _GroupError:
-    """Relative W8A8 output error of a group on its calibration samples, for candidate scales.
+    """W8A8 output error of a group on its calibration samples, for candidate scales.
 
-    The float reference outputs are computed once; each candidate costs one activation quantization
-    and, per weight, one weight quantization and one matmul over the sample.
+    The error of each layer is the mean over sample tokens of ||y_w8a8 - y|| ^ 2 / ||y|| ^ 2, summed
+    over the group: every token counts the same (a few tokens with huge activations, such as BERT's
+    [CLS]/[SEP], would otherwise decide alone). Reference outputs are computed once; a candidate
+    costs one activation quantization and, per weight, one weight quantization and one matmul.
     """
 
     def __init__(self, samples: torch.Tensor, weights: Sequence[torch.Tensor], absmax: torch.Tensor,
@@ -110,7 +112,7 @@ class _GroupError:
         self.x = samples.detach().float().cpu()
         self.weights = [w.detach().float().cpu() for w in weights]
         self.refs = [self.x @ w.t() for w in self.weights]
-        self.norms = [float(r.pow(2).sum().clamp(min=1e-30)) for r in self.refs]
+        self.norms = [r.pow(2).sum(dim=1).clamp(min=1e-30) for r in self.refs]
         self.absmax = absmax
         self.config = config
 
@@ -121,7 +123,7 @@ class _GroupError:
         total = 0.0
         for w, ref, norm in zip(self.weights, self.refs, self.norms, strict=True):
             y = simulate_w8a8(xs, w if s is None else w * s, act, cfg.outlier_threshold)
-            total += float((y - ref).pow(2).sum()) / norm
+            total += float(((y - ref).pow(2).sum(dim=1) / norm).mean())
         return total
 
 

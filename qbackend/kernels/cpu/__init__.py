@@ -46,7 +46,9 @@ def _ptr(t: Tensor | None) -> int | None:
 
 
 def _x2d(x: Tensor, k: int) -> Tensor:
-    """x as contiguous fp32 [M, K]."""
+    """x as contiguous fp32 [M, K] (a view when it already is)."""
+    if x.dtype is torch.float32 and x.is_contiguous():
+        return x.view(-1, k)
     return x.reshape(-1, k).to(torch.float32).contiguous()
 
 
@@ -55,7 +57,26 @@ def _bias32(bias: Tensor | None) -> Tensor | None:
 
 
 def _out(y: Tensor, x: Tensor, n: int) -> Tensor:
-    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+    y = y.view(*x.shape[:-1], n)
+    return y if x.dtype is torch.float32 else y.to(x.dtype)
+
+
+def _contig(ts: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in ts)
+
+
+# The kernel descriptor holds only pointers and sizes, so one built for the same pointers and sizes
+# is valid whatever tensors now live there: cache them (saves microseconds per call at M=1).
+_qw4_cache: dict[tuple, _build.QW4] = {}
+
+
+def _qw4(key: tuple, make) -> _build.QW4:
+    q = _qw4_cache.get(key)
+    if q is None:
+        if len(_qw4_cache) > 1024:
+            _qw4_cache.clear()
+        q = _qw4_cache[key] = make()
+    return q
 
 
 # Panels of the Python-loop fallback (and the grad-input ops): bigger, since each is a parallel region.
@@ -102,23 +123,27 @@ def _panel_grad(g2: Tensor, n: int, k: int, dequant) -> Tensor:
 
 
 def _qw4_codebook(codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table, n, k, bs, nbs):
-    keep = [t.contiguous() if t is not None else None
-            for t in (codes, absmax, nested_codes, nested_absmax, table, nested_table)]  # fmt: skip
-    c, a, nc, na, tb, nt = keep
-    q = _build.QW4(
-        codes=_ptr(c), absmax=_ptr(a), ncodes=_ptr(nc), nabsmax=_ptr(na), ntable=_ptr(nt), table=_ptr(tb),
-        scale=None, zp=None, noffset=0.0 if nested_offset is None else float(nested_offset.reshape(-1)[0]),
-        kind=0, N=n, K=k, bs=bs, nbs=nbs, G=0,
-    )  # fmt: skip
-    return q, keep
+    keep = _contig((codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table))
+    ptrs = tuple(_ptr(t) for t in keep)
+    c, a, nc, na, no, tb, nt = ptrs
+
+    def make() -> _build.QW4:
+        return _build.QW4(codes=c, absmax=a, ncodes=nc, nabsmax=na, ntable=nt, table=tb, scale=None, zp=None,
+                          noffset=no, kind=0, N=n, K=k, bs=bs, nbs=nbs, G=0)  # fmt: skip
+
+    return _qw4((0, *ptrs, n, k, bs, nbs), make), keep
 
 
 def _qw4_int4(codes, scale, zero_point, n, k, g):
-    keep = [t.contiguous() if t is not None else None for t in (codes, scale, zero_point)]
-    c, s, z = keep
-    q = _build.QW4(codes=_ptr(c), absmax=None, ncodes=None, nabsmax=None, ntable=None, table=None,
-                   scale=_ptr(s), zp=_ptr(z), noffset=0.0, kind=1, N=n, K=k, bs=g, nbs=0, G=-(-k // g))  # fmt: skip
-    return q, keep
+    keep = _contig((codes, scale, zero_point))
+    ptrs = tuple(_ptr(t) for t in keep)
+    c, s, z = ptrs
+
+    def make() -> _build.QW4:
+        return _build.QW4(codes=c, absmax=None, ncodes=None, nabsmax=None, ntable=None, table=None, scale=s, zp=z,
+                          noffset=None, kind=1, N=n, K=k, bs=g, nbs=0, G=-(-k // g))  # fmt: skip
+
+    return _qw4((1, *ptrs, n, k, g), make), keep
 
 
 def _linear4(L, q, x: Tensor, bias: Tensor | None, n: int, k: int) -> Tensor:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 _SRC = Path(__file__).with_name("qlinear.cpp")
 
 # Explicit ISA flags instead of -march=native: the binary then runs on every CPU of that class.
@@ -51,7 +51,7 @@ class QW4(ctypes.Structure):
         ("table", ctypes.c_void_p),
         ("scale", ctypes.c_void_p),
         ("zp", ctypes.c_void_p),
-        ("noffset", ctypes.c_float),
+        ("noffset", ctypes.c_void_p),
         ("kind", ctypes.c_int32),
         ("N", ctypes.c_int64),
         ("K", ctypes.c_int64),

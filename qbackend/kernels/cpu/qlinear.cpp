@@ -41,12 +41,12 @@ struct QW4 {
     const float* table;      // codebook: 16-entry code table; null for int4
     const float* scale;      // int4: [N, G]
     const uint8_t* zp;       // int4 affine: [N, G]; null for symmetric (zero point 8)
-    float noffset;           // codebook, nested: offset
+    const float* noffset;    // codebook, nested: offset (1 value)
     int32_t kind;            // 0 codebook, 1 int4
     int64_t N, K, bs, nbs, G;
 };
 
-int qb_abi_version() { return 3; }
+int qb_abi_version() { return 4; }
 int qb_has_avx512() { return QB_AVX512; }
 int qb4_fast_ok(const QW4* q);
 
@@ -65,7 +65,7 @@ inline bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 inline float nested_const(const QW4& q, int64_t blk) {
     // Same operation order as the reference (table * absmax2, then + offset; no FMA contraction).
     float t = q.ntable[q.ncodes[blk]] * q.nabsmax[blk / q.nbs];
-    return t + q.noffset;
+    return t + *q.noffset;
 }
 
 inline float block_const(const QW4& q, int64_t blk) {
@@ -93,7 +93,7 @@ inline RowConsts fill_row_consts(const QW4& q, int64_t n, float* s, float* z) {
             // De-nest 16 block constants at a time: gather from the 256-entry map and from absmax2.
             const int lnb = ilog2(q.nbs);
             const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-            const __m512 off = _mm512_set1_ps(q.noffset);
+            const __m512 off = _mm512_set1_ps(*q.noffset);
             for (; j + 16 <= r.count; j += 16) {
                 const int64_t b = r.first + j;
                 __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q.ncodes + b)));

@@ -33,6 +33,18 @@ one constant load per row and K tile; otherwise per-element flat indices, blocks
 Activations fp16/bf16/fp32 (fp32 dots use IEEE precision, 16-bit dots round the decoded weight to the
 activation dtype). bf16 is not exercised under the interpreter, which computes bf16 wrongly: there
 the tensor-core path runs in fp32.
+
+Devices: CUDA tensors run compiled kernels; CPU tensors run the same kernels through the Triton
+interpreter (slow; for tests), whatever ``TRITON_INTERPRET`` was when triton was imported.
+Launches do no host synchronisation, so they can be captured in CUDA graphs (configs chosen before
+capture are reused; during a capture an uncached key gets the heuristic config, never a tuning run).
+
+Environment: ``QBACKEND_TRITON_AUTOTUNE=0`` (heuristic configs, no tuning), ``QBACKEND_TRITON_CACHE_DIR``
+(per-GPU JSON cache of tuned configs; default ``~/.cache/qbackend/triton``).
+
+Not provided here: an offline re-layout of the codes (the kernels read the canonical bitsandbytes
+layout directly) and ``torch.library`` / ``triton_op`` registration (the ops module owns it).
+``python -m qbackend.kernels.triton.aot`` compiles every specialisation for sm_90 without a GPU.
 """
 
 from . import autotune

@@ -10,9 +10,10 @@ Compile-time specialisation (every constexpr below gives its own compiled kernel
   (``(code - zp) * scale``), 2 = int8 per output channel (scale applied after the reduction).
 * ``BS``: codebook block size / int4 group size; ``NBS``: nested block size; ``NESTED``: the block
   constants are 8-bit codes decoded in the kernel as ``ntab[q] * nabs[i // NBS] + offset``.
-* ``PAIRS``: K is even, so each row of the flat nibble stream starts on a byte boundary: one byte
-  load gives the codes of columns (2j, 2j+1), which multiply the even/odd activations. Otherwise the
-  generic path computes the flat element index ``e = n*K + k`` and picks its nibble.
+* ``PAIRS``: K (and the block size) is even, so each row of the flat nibble stream starts on a byte
+  boundary: one byte load gives the codes of columns (2j, 2j+1), which multiply the even/odd
+  activations. Otherwise the generic path computes the flat element index ``e = n*K + k`` and picks
+  its nibble.
 * ``ALIGNED``: every K tile lies inside one constant block per row, so the block constants are
   loaded once per row and tile instead of per element.
 
@@ -121,7 +122,7 @@ def _decode_pairs(
         idx = _const_idx(n, k0, K, G, FMT, BS)
         s, zp = _block_consts(idx, nmask, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, ntab_ptr, NESTED, NBS, HAS_ZP)
     else:
-        # BS is even, so both elements of a pair share a block.
+        # BS is even on this path, so both elements of a pair share a block.
         idx = _const_idx(n, 2 * kp, K, G, FMT, BS)
         s, zp = _block_consts(idx, mask, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, ntab_ptr, NESTED, NBS, HAS_ZP)
     return _decode(hi, s, zp, tab_ptr, FMT, HAS_ZP), _decode(lo, s, zp, tab_ptr, FMT, HAS_ZP)

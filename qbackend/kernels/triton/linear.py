@@ -51,6 +51,11 @@ class _Weight:
         return triton.cdiv(self.k, self.bs) if self.fmt == INT4 else 0
 
     @property
+    def pairs(self) -> bool:
+        """Byte-pair path: rows start on a byte (K even) and a pair never straddles two blocks (bs even)."""
+        return self.fmt != INT8 and self.k % 2 == 0 and self.bs % 2 == 0
+
+    @property
     def idx64(self) -> bool:
         return self.n * self.k > _IDX32_LIMIT
 
@@ -74,6 +79,12 @@ class _Weight:
 
     def key_parts(self) -> tuple[str, int, bool, bool]:
         return _FMT_NAME[self.fmt], self.bs, self.nested, self.zp is not None
+
+    def check_device(self, device: torch.device) -> None:
+        """Every operand on the activations' device (a kernel cannot read another device's memory)."""
+        for t in self.ptr_args():
+            if t is not None and t.device != device:
+                _fail(f"weight operands must be on {device} like the input; found one on {t.device}")
 
 
 def _fail(msg: str) -> None:
@@ -128,6 +139,9 @@ def _wo_forward(x: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch
         if bias.numel() != w.n:
             _fail(f"bias has {bias.numel()} elements; expected {w.n}")
         bias = _flat(bias)
+    w.check_device(x.device)
+    if bias is not None and bias.device != x.device:
+        _fail(f"bias must be on {x.device} like the input; found {bias.device}")
     if m == 0:
         return x.new_zeros(*lead, w.n)
     kern, interp = kernels_for(x.device)
@@ -157,7 +171,7 @@ def _launch_wo_forward(
     n = w.n
     bk = cfg.block_k
     # Even K: one 16-byte-vectorisable byte load per column pair; odd K: per-element nibble pick.
-    pairs = w.fmt != INT8 and k % 2 == 0
+    pairs = w.pairs
     k_split, split = _split(k, cfg.split, bk)
     atomic = split > 1
     if atomic:
@@ -194,6 +208,7 @@ def _wo_grad(grad_y: torch.Tensor, w: _Weight) -> torch.Tensor:
     g2 = _rows(grad_y, w.n, "grad_y")
     m = g2.shape[0]
     lead = grad_y.shape[:-1]
+    w.check_device(grad_y.device)
     if m == 0:
         return grad_y.new_zeros(*lead, w.k)
     kern, interp = kernels_for(grad_y.device)
@@ -229,7 +244,7 @@ def _launch_wo_grad(
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(k, bk), split)
     kern.wo_grad_kernel[grid](
         g2, out, *w.ptr_args(), m, n, k, k // 2, w.groups, g2.stride(0), out.stride(0), n_split,
-        FMT=w.fmt, PAIRS=w.fmt != INT8 and k % 2 == 0, ALIGNED=w.aligned(bk), BS=max(w.bs, 1), NBS=w.nbs,
+        FMT=w.fmt, PAIRS=w.pairs, ALIGNED=w.aligned(bk), BS=max(w.bs, 1), NBS=w.nbs,
         NESTED=w.nested, HAS_ZP=w.zp is not None, ATOMIC=atomic, IDX64=w.idx64,
         DOT_DTYPE=dot_dtype, DOT_PREC=prec,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m,
@@ -251,8 +266,8 @@ def _codebook_weight(
     numel = out_features * in_features
     if codes.dtype != torch.uint8 or codes.numel() != (numel + 1) // 2:
         _fail(f"codes must be uint8 with {(numel + 1) // 2} bytes for [{out_features}, {in_features}]")
-    if blocksize < 2 or blocksize % 2:
-        _fail(f"blocksize must be even, got {blocksize}")
+    if blocksize < 1 or nested_blocksize < 1:
+        _fail(f"block sizes must be positive, got {blocksize} and {nested_blocksize}")
     nblocks = triton.cdiv(numel, blocksize)
     if table.numel() != 16:
         _fail(f"table must have 16 entries, got {table.numel()}")
@@ -280,8 +295,8 @@ def _int4_weight(
     numel = out_features * in_features
     if codes.dtype != torch.uint8 or codes.numel() != (numel + 1) // 2:
         _fail(f"int4 codes must be uint8 with {(numel + 1) // 2} bytes for [{out_features}, {in_features}]")
-    if groupsize < 2 or groupsize % 2:
-        _fail(f"int4 group size must be even, got {groupsize}")
+    if groupsize < 1:
+        _fail(f"int4 group size must be positive, got {groupsize}")
     groups = triton.cdiv(in_features, groupsize)
     if scale.numel() != out_features * groups:
         _fail(f"scale has {scale.numel()} elements; expected [{out_features}, {groups}]")
@@ -292,9 +307,17 @@ def _int4_weight(
     )
 
 
+def _channel_scale(scale: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-channel scale; a single per-tensor scale is broadcast (the reference accepts it too)."""
+    if scale.numel() == 1 and n != 1:
+        return scale.reshape(1).expand(n).contiguous()
+    return scale
+
+
 def _int8_weight(codes: torch.Tensor, scale: torch.Tensor, out_features: int, in_features: int) -> _Weight:
     if codes.dtype not in (torch.int8, torch.uint8) or codes.numel() != out_features * in_features:
         _fail(f"int8 codes must be int8 with {out_features * in_features} elements")
+    scale = _channel_scale(scale, out_features)
     if scale.numel() != out_features:
         _fail(f"scale has {scale.numel()} elements; expected {out_features} (one per output channel)")
     return _Weight(INT8, out_features, in_features, _flat(codes), scale=_flat(scale))
@@ -440,6 +463,7 @@ def w8a8_linear(
     n, k = out_features, in_features
     if codes.dtype != torch.int8 or codes.numel() != n * k:
         _fail(f"w8a8 codes must be int8 with {n * k} elements")
+    scale = _channel_scale(scale, n)
     if scale.numel() != n:
         _fail(f"scale has {scale.numel()} elements; expected {n}")
     if bias is not None and bias.numel() != n:
@@ -447,6 +471,9 @@ def w8a8_linear(
     x2 = _rows(x, k)
     m = x2.shape[0]
     lead = x.shape[:-1]
+    for t in (codes, scale, bias, act_scale):
+        if t is not None and t.device != x.device:
+            _fail(f"w8a8 operands must be on {x.device} like the input; found one on {t.device}")
     if m == 0:
         return x.new_zeros(*lead, n)
     xq, sx = quantize_activations(x2, act_scale)
