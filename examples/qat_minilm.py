@@ -90,12 +90,14 @@ def main() -> None:
     for m in student.modules():  # distillation: no dropout noise (the teacher is deterministic)
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+    # Embeddings are not quantized: freeze them (half of the model's parameters; no dense embedding grads).
+    student.embeddings.requires_grad_(False)
     ratios = [p for n, p in student.named_parameters() if n.endswith("weight_ratio")]
-    weights = [p for n, p in student.named_parameters() if not n.endswith("weight_ratio")]
+    weights = [p for n, p in student.named_parameters() if p.requires_grad and not n.endswith("weight_ratio")]
     groups = [{"params": weights, "lr": args.lr}]
     if ratios:
         groups.append({"params": ratios, "lr": args.ratio_lr})
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.Adam(groups, fused=True)
     cstudent = torch.compile(student, backend="qbackend", options=opts)
 
     sentences = list(CALIBRATION_SENTENCES)

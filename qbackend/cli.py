@@ -245,13 +245,14 @@ def _bench(args: argparse.Namespace) -> int:
     if not scripts:
         raise CLIError(f"{folder} holds no bench_*.py scripts")
     machine = _machine()
+    results = args.results or folder / "RESULTS.md"
+    _append_header(results, machine, args.quick)
     runs = []
     with _progress(len(scripts), quiet=args.json) as step:
         for script in scripts:
             with step(f"running {script.name}"):
                 runs.append(_run_script(script, args.quick, args.timeout, torch.cuda.is_available()))
-    results = args.results or folder / "RESULTS.md"
-    _append_results(results, machine, runs, args.quick)
+                _append_run(results, runs[-1])
     if args.json:
         _print_json({"machine": machine, "results_file": str(results), "runs": runs})
         return 0 if all(r["status"] != "failed" for r in runs) else 1
@@ -280,7 +281,7 @@ def _run_script(script: Path, quick: bool, timeout: float, has_cuda: bool) -> di
     return run
 
 
-def _append_results(path: Path, machine: dict[str, Any], runs: list[dict[str, Any]], quick: bool) -> None:
+def _append_header(path: Path, machine: dict[str, Any], quick: bool) -> None:
     versions = ", ".join(f"{k} {machine[k]}" for k in ("python", "torch", "triton", "bitsandbytes", "torchao",
                                                          "qbackend") if machine.get(k))  # fmt: skip
     lines = [
@@ -292,15 +293,20 @@ def _append_results(path: Path, machine: dict[str, Any], runs: list[dict[str, An
         f"- versions: {versions}",
         "",
     ]
-    for r in runs:
-        lines += [f"### {r['script']} {' '.join(r['args'])}".rstrip() + f": {r['status']} ({r['seconds']} s)", ""]
-        if r["output"]:
-            lines += ["```text", r["output"], "```", ""]
     new = not path.exists()
     with open(path, "a") as f:
         if new:
             f.write("# Benchmark results\n\nAppended by `qbackend bench` (newest last).\n")
         f.write("\n".join(lines))
+
+
+def _append_run(path: Path, r: dict[str, Any]) -> None:
+    # One section per finished script, written at once: an interrupted run keeps what it measured.
+    lines = [f"### {r['script']} {' '.join(r['args'])}".rstrip() + f": {r['status']} ({r['seconds']} s)", ""]
+    if r["output"]:
+        lines += ["```text", r["output"], "```", ""]
+    with open(path, "a") as f:
+        f.write("\n" + "\n".join(lines))
 
 
 def _print_bench(machine: dict[str, Any], runs: list[dict[str, Any]], results: Path) -> None:

@@ -101,10 +101,11 @@ class ScaleChoice:
 class _GroupError:
     """W8A8 output error of a group on its calibration samples, for candidate scales.
 
-    The error of each layer is the mean over sample tokens of ||y_w8a8 - y|| ^ 2 / ||y|| ^ 2, summed
-    over the group: every token counts the same (a few tokens with huge activations, such as BERT's
-    [CLS]/[SEP], would otherwise decide alone). Reference outputs are computed once; a candidate
-    costs one activation quantization and, per weight, one weight quantization and one matmul.
+    Per layer: the mean over sample tokens of ||y_w8a8 - y||^2 / ||x||^2, summed over the group.
+    Normalising each token by its own input energy makes every token count alike: neither a few
+    tokens with huge activations (BERT's [CLS]/[SEP]) nor tokens whose output happens to be near zero
+    (where a relative output error explodes) decide alone. Reference outputs are computed once; a
+    candidate costs one activation quantization and, per weight, one weight quantization and matmul.
     """
 
     def __init__(self, samples: torch.Tensor, weights: Sequence[torch.Tensor], absmax: torch.Tensor,
@@ -112,7 +113,7 @@ class _GroupError:
         self.x = samples.detach().float().cpu()
         self.weights = [w.detach().float().cpu() for w in weights]
         self.refs = [self.x @ w.t() for w in self.weights]
-        self.norms = [r.pow(2).sum(dim=1).clamp(min=1e-30) for r in self.refs]
+        self.norm = self.x.pow(2).sum(dim=1).clamp(min=1e-30)
         self.absmax = absmax
         self.config = config
 
@@ -121,9 +122,9 @@ class _GroupError:
         xs = self.x if s is None else self.x / s
         act = static_act_scale(self.absmax, s, cfg.outlier_threshold) if cfg.activation == "tensor" else None
         total = 0.0
-        for w, ref, norm in zip(self.weights, self.refs, self.norms, strict=True):
+        for w, ref in zip(self.weights, self.refs, strict=True):
             y = simulate_w8a8(xs, w if s is None else w * s, act, cfg.outlier_threshold)
-            total += float(((y - ref).pow(2).sum(dim=1) / norm).mean())
+            total += float(((y - ref).pow(2).sum(dim=1) / self.norm).mean())
         return total
 
 

@@ -224,82 +224,57 @@ void dequant4_rows_avx512(const QW4& q, int64_t n0, int64_t n1, float* out, floa
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-// Fused decode + dot for MT rows of x against rows [n0, n1) of W (the GEMV / small-M kernel).
-// xp: x re-laid out per 128-chunk as [M][C][t=8][16] with xp[..][t][i] = x[128c + 8i + t];
-// xs (affine int4): per-lane sums of x, [M][C][16]. y is [M, N] fp32.
-template <int MT, bool AFF>
-void gemm4_tile(const QW4& q, const float* x, const float* xp, const float* xs, int64_t m0, const float* bias,
-                float* y, int64_t n0, int64_t n1, float* s, float* z) {
-    const int64_t K = q.K, N = q.N, C = K / 128, Kc = C * 128;
+// ---- fused 4-bit kernels (K % 32 == 0; blocks/groups of 32 * 2^k weights, or one group per row) ----
+//
+// 16 code bytes (32 weights) are zero-extended to dwords (vpmovzxbd from memory); the low nibble
+// is then already an index for the vpermps LUT (which reads only the low 4 bits) and the high
+// nibble needs one shift. This costs half the shifts of shifting every nibble of a 64-byte load to
+// the bottom, which measured as the bottleneck. The decoded vectors hold weights 32g + 2i (high
+// nibbles) and 32g + 2i + 1 (low nibbles), so x is split into even/odd halves per 32 once per call
+// (xq). A group of 32 never straddles a block, so each group needs one broadcast scale.
+
+// Rows [n0, n1) of W against one row of x: per block, unscaled partial dot products in two
+// chains, then one FMA with the block constant. Affine int4: - zp * s * sum(x over the group) is
+// added from the per-group sums of x (xg).
+template <bool AFF>
+void gemv4(const QW4& q, const float* xq, const float* xg, const float* bias, float* y, int64_t n0, int64_t n1,
+           float* s, float* z) {
+    const int64_t K = q.K, G32 = K / 32;
     const __m512 lut = lut_vec(q, AFF);
     const int lb = shift_of(q);
-    const __m512i lane8 = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
-    float* zb = z;  // affine: -zp * s per block, built from s and z below
     for (int64_t n = n0; n < n1; ++n) {
         const RowConsts r = fill_row_consts(q, n, s, z);
-        if (AFF) {
-            for (int64_t j = 0; j < r.count + 16; ++j) zb[j] = -z[j] * s[j];
-        }
         const uint8_t* cr = q.codes + n * K / 2;
-        __m512 acc[MT];
-        for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < C; ++c) {
-            const __m512i raw = _mm512_loadu_si512((const void*)(cr + 64 * c));
-            const int64_t p = r.off + 128 * c;
-            const int64_t base = p >> lb;
-            const __m512i idx =
-                _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32((int32_t)(p - (base << lb))), lane8), lb);
-            const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(s + base));
-            __m512 bv;
-            if (AFF) bv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(zb + base));
-            __m512 w[8];
-            w[0] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 4), lut);
-            w[1] = _mm512_permutexvar_ps(raw, lut);
-            w[2] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 12), lut);
-            w[3] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 8), lut);
-            w[4] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 20), lut);
-            w[5] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 16), lut);
-            w[6] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 28), lut);
-            w[7] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 24), lut);
-            for (int m = 0; m < MT; ++m) {
-                const float* xc = xp + ((m0 + m) * C + c) * 128;
-                // Two independent chains to halve the FMA latency chain.
-                __m512 a0 = _mm512_mul_ps(w[0], _mm512_load_ps(xc));
-                __m512 a1 = _mm512_mul_ps(w[1], _mm512_load_ps(xc + 16));
-                a0 = _mm512_fmadd_ps(w[2], _mm512_load_ps(xc + 32), a0);
-                a1 = _mm512_fmadd_ps(w[3], _mm512_load_ps(xc + 48), a1);
-                a0 = _mm512_fmadd_ps(w[4], _mm512_load_ps(xc + 64), a0);
-                a1 = _mm512_fmadd_ps(w[5], _mm512_load_ps(xc + 80), a1);
-                a0 = _mm512_fmadd_ps(w[6], _mm512_load_ps(xc + 96), a0);
-                a1 = _mm512_fmadd_ps(w[7], _mm512_load_ps(xc + 112), a1);
-                acc[m] = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), sv, acc[m]);
-                if (AFF) acc[m] = _mm512_fmadd_ps(_mm512_load_ps(xs + ((m0 + m) * C + c) * 16), bv, acc[m]);
+        __m512 acc = _mm512_setzero_ps();
+        int64_t g = 0;
+        while (g < G32) {
+            const int64_t j = (r.off + 32 * g) >> lb;
+            const int64_t gend = std::min<int64_t>(G32, (((j + 1) << lb) - r.off) / 32);
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            for (; g < gend; ++g) {
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(cr + 16 * g)));
+                a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), _mm512_load_ps(xq + 32 * g), a0);
+                a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, lut), _mm512_load_ps(xq + 32 * g + 16), a1);
             }
+            acc = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(s[j]), acc);
         }
-        for (int m = 0; m < MT; ++m) {
-            float t = hsum(acc[m]);
-            const float* xr = x + (m0 + m) * K;
-            for (int64_t k = Kc; k < K; ++k) {
-                const int64_t j = (r.off + k) >> lb;
-                const float c = lut_value(q, nibble(q.codes, n * K + k), AFF);
-                t += (AFF ? c * s[j] + zb[j] : c * s[j]) * xr[k];  // zb = -zp * s here
-            }
-            if (bias) t += bias[n];
-            y[(m0 + m) * N + n] = t;
+        float t = hsum(acc);
+        if (AFF) {
+            for (int64_t j = 0; j < q.G; ++j) t -= z[j] * s[j] * xg[j];
         }
+        if (bias) t += bias[n];
+        y[n] = t;
     }
 }
 
-// Small-M kernel: NR rows of W x MT rows of x per register tile. Decoded weights are scaled
-// (w = q*s, or q*s - zp*s for affine int4) and each x vector load feeds NR FMAs, which halves or
-// quarters the L1/L2 traffic for x that bounds the one-row-at-a-time loop once M > 1.
+// Small M: NR rows of W x MT rows of x per register tile. Decoded weights are scaled first
+// (w = q * s, or q * s - zp * s for affine int4), so each x load feeds NR FMAs.
 template <int NR, int MT, bool AFF>
-void gemm4_block(const QW4& q, const float* x, const float* xp, int64_t m0, const float* bias, float* y, int64_t n0,
-                 int64_t n1, float* s, float* z, size_t cl) {
-    const int64_t K = q.K, N = q.N, C = K / 128, Kc = C * 128;
+void gemm4_block(const QW4& q, const float* xq, int64_t m0, const float* bias, float* y, int64_t n0, int64_t n1,
+                 float* s, float* z, size_t cl) {
+    const int64_t K = q.K, N = q.N, G32 = K / 32;
     const __m512 lut = lut_vec(q, AFF);
     const int lb = shift_of(q);
-    const __m512i lane8 = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
     for (int64_t n = n0; n < n1; n += NR) {
         RowConsts rc[NR];
         const uint8_t* cr[NR];
@@ -310,64 +285,55 @@ void gemm4_block(const QW4& q, const float* x, const float* xp, int64_t m0, cons
             zr[r] = z + r * cl;
             rc[r] = fill_row_consts(q, n + r, sr[r], zr[r]);
             if (AFF)
-                for (size_t j = 0; j < (size_t)rc[r].count + 16; ++j) zr[r][j] = -zr[r][j] * sr[r][j];
+                for (int64_t j = 0; j < rc[r].count; ++j) zr[r][j] = -zr[r][j] * sr[r][j];
             cr[r] = q.codes + (n + r) * K / 2;
         }
         __m512 acc[NR][MT];
         for (int r = 0; r < NR; ++r)
             for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < C; ++c) {
-            __m512 sv[NR], bv[NR];
-            __m512i raw[NR];
+        for (int64_t g = 0; g < G32; ++g) {
+            __m512 w0[NR], w1[NR];
             for (int r = 0; r < NR; ++r) {
-                raw[r] = _mm512_loadu_si512((const void*)(cr[r] + 64 * c));
-                const int64_t p = rc[r].off + 128 * c;
-                const int64_t base = p >> lb;
-                const __m512i idx =
-                    _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32((int32_t)(p - (base << lb))), lane8), lb);
-                sv[r] = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sr[r] + base));
-                if (AFF) bv[r] = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(zr[r] + base));
+                const int64_t j = (rc[r].off + 32 * g) >> lb;
+                const __m512 sv = _mm512_set1_ps(sr[r][j]);
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(cr[r] + 16 * g)));
+                const __m512 d0 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+                const __m512 d1 = _mm512_permutexvar_ps(v, lut);
+                if (AFF) {
+                    const __m512 bv = _mm512_set1_ps(zr[r][j]);
+                    w0[r] = _mm512_fmadd_ps(d0, sv, bv);
+                    w1[r] = _mm512_fmadd_ps(d1, sv, bv);
+                } else {
+                    w0[r] = _mm512_mul_ps(d0, sv);
+                    w1[r] = _mm512_mul_ps(d1, sv);
+                }
             }
-#define QB_STEP(T, SH)                                                                              \
-    {                                                                                               \
-        __m512 wt[NR];                                                                              \
-        for (int r = 0; r < NR; ++r) {                                                              \
-            const __m512 d = _mm512_permutexvar_ps(_mm512_srli_epi32(raw[r], SH), lut);             \
-            wt[r] = AFF ? _mm512_fmadd_ps(d, sv[r], bv[r]) : _mm512_mul_ps(d, sv[r]);               \
-        }                                                                                           \
-        for (int m = 0; m < MT; ++m) {                                                              \
-            const __m512 xv = _mm512_load_ps(xp + ((m0 + m) * C + c) * 128 + 16 * (T));            \
-            for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(wt[r], xv, acc[r][m]);         \
-        }                                                                                           \
-    }
-            QB_STEP(0, 4) QB_STEP(1, 0) QB_STEP(2, 12) QB_STEP(3, 8)
-            QB_STEP(4, 20) QB_STEP(5, 16) QB_STEP(6, 28) QB_STEP(7, 24)
-#undef QB_STEP
+            for (int m = 0; m < MT; ++m) {
+                const float* xm = xq + (m0 + m) * K + 32 * g;
+                const __m512 x0 = _mm512_load_ps(xm), x1 = _mm512_load_ps(xm + 16);
+                for (int r = 0; r < NR; ++r) {
+                    acc[r][m] = _mm512_fmadd_ps(w0[r], x0, acc[r][m]);
+                    acc[r][m] = _mm512_fmadd_ps(w1[r], x1, acc[r][m]);
+                }
+            }
         }
-        for (int r = 0; r < NR; ++r) {
+        for (int r = 0; r < NR; ++r)
             for (int m = 0; m < MT; ++m) {
                 float t = hsum(acc[r][m]);
-                const float* xr = x + (m0 + m) * K;
-                for (int64_t k = Kc; k < K; ++k) {
-                    const int64_t j = (rc[r].off + k) >> lb;
-                    const float cv = lut_value(q, nibble(q.codes, (n + r) * K + k), AFF);
-                    t += (AFF ? cv * sr[r][j] + zr[r][j] : cv * sr[r][j]) * xr[k];
-                }
                 if (bias) t += bias[n + r];
                 y[(m0 + m) * N + n + r] = t;
             }
-        }
     }
 }
 
 int g_nr = 2;  // rows of W per small-M register tile (tuning knob, see qb_set_nr)
 
 template <int NR, bool AFF>
-void gemm4_blocks(const QW4& q, const float* x, const float* xp, int64_t M, const float* bias, float* y, int64_t n0,
-                  int64_t n1, float* s, float* z, size_t cl) {
+void gemm4_blocks(const QW4& q, const float* xq, int64_t M, const float* bias, float* y, int64_t n0, int64_t n1,
+                  float* s, float* z, size_t cl) {
     for (int64_t m = 0; m < M; m += 8) {
         switch (std::min<int64_t>(8, M - m)) {
-#define QB_CASE(MT) case MT: gemm4_block<NR, MT, AFF>(q, x, xp, m, bias, y, n0, n1, s, z, cl); break;
+#define QB_CASE(MT) case MT: gemm4_block<NR, MT, AFF>(q, xq, m, bias, y, n0, n1, s, z, cl); break;
             QB_CASE(1) QB_CASE(2) QB_CASE(3) QB_CASE(4) QB_CASE(5) QB_CASE(6) QB_CASE(7) QB_CASE(8)
 #undef QB_CASE
             default: break;
@@ -376,19 +342,18 @@ void gemm4_blocks(const QW4& q, const float* x, const float* xp, int64_t M, cons
 }
 
 template <bool AFF>
-void gemm4_rows(const QW4& q, const float* x, const float* xp, const float* xs, int64_t M, const float* bias,
-                float* y, int64_t n0, int64_t n1, float* s, float* z, size_t cl) {
+void gemm4_rows(const QW4& q, const float* xq, const float* xg, int64_t M, const float* bias, float* y, int64_t n0,
+                int64_t n1, float* s, float* z, size_t cl) {
     if (M == 1) {
-        // GEMV: unscaled per-chunk sums, one scale FMA per 128 weights (cheapest per weight).
-        gemm4_tile<1, AFF>(q, x, xp, xs, 0, bias, y, n0, n1, s, z);
+        gemv4<AFF>(q, xq, xg, bias, y, n0, n1, s, z);
         return;
     }
     const int nr = g_nr;
     const int64_t nfull = n0 + (n1 - n0) / nr * nr;
-    if (nr == 4) gemm4_blocks<4, AFF>(q, x, xp, M, bias, y, n0, nfull, s, z, cl);
-    else if (nr == 2) gemm4_blocks<2, AFF>(q, x, xp, M, bias, y, n0, nfull, s, z, cl);
-    else gemm4_blocks<1, AFF>(q, x, xp, M, bias, y, n0, nfull, s, z, cl);
-    if (nfull < n1) gemm4_blocks<1, AFF>(q, x, xp, M, bias, y, nfull, n1, s, z, cl);
+    if (nr == 4) gemm4_blocks<4, AFF>(q, xq, M, bias, y, n0, nfull, s, z, cl);
+    else if (nr == 2) gemm4_blocks<2, AFF>(q, xq, M, bias, y, n0, nfull, s, z, cl);
+    else gemm4_blocks<1, AFF>(q, xq, M, bias, y, n0, nfull, s, z, cl);
+    if (nfull < n1) gemm4_blocks<1, AFF>(q, xq, M, bias, y, nfull, n1, s, z, cl);
 }
 
 // int8: 16 codes per vpmovsxbd, converted and FMA'd; the per-channel scale is applied once per row.
@@ -507,6 +472,14 @@ void gemm4_rows_portable(const QW4& q, const float* x, int64_t M, const float* b
     }
 }
 
+// The fused kernels: K % 32 == 0 and power-of-two blocks/groups of at least 32 (or one group per row).
+bool fused4_ok(const QW4& q) {
+    if (q.K % 32 != 0) return false;
+    if (q.kind == 0) return is_pow2(q.bs) && q.bs >= 32;
+    return q.G == 1 || (is_pow2(q.bs) && q.bs >= 32);
+}
+
+// The vectorised dequantization: K % 8 == 0 and power-of-two blocks/groups of at least 8.
 bool fast4_ok(const QW4& q) {
     if (q.K % 8 != 0) return false;
     if (q.kind == 0) return is_pow2(q.bs) && q.bs >= 8;
@@ -550,39 +523,31 @@ int qb4_linear(const QW4* qp, const float* x, int64_t M, const float* bias, floa
     const QW4& q = *qp;
     const size_t cl = const_buf_len(q);
 #if QB_AVX512
-    if (!force_portable && fast4_ok(q)) {
-        const int64_t K = q.K, C = K / 128;
+    if (!force_portable && fused4_ok(q)) {
+        const int64_t K = q.K, G32 = K / 32;
         const bool affine = q.kind == 1 && q.zp != nullptr;
-        // Re-lay x out once per call (M*K floats) to match the decoded lane order.
-        float* xp = (float*)std::aligned_alloc(64, sizeof(float) * (size_t)std::max<int64_t>(16, M * C * 128));
-        float* xs = (affine && M == 1) ? (float*)std::aligned_alloc(64, sizeof(float) * (size_t)std::max<int64_t>(16, M * C * 16)) : nullptr;
-        auto relayout = [&](int64_t m0, int64_t m1) {
-            for (int64_t m = m0; m < m1; ++m) {
-                for (int64_t c = 0; c < C; ++c) {
-                    const float* src = x + m * K + 128 * c;
-                    float* dst = xp + (m * C + c) * 128;
-                    const __m512i g8 = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
-                    for (int t = 0; t < 8; ++t) _mm512_store_ps(dst + 16 * t, _mm512_i32gather_ps(g8, src + t, 4));
-                    if (xs) {
-                        float* d2 = xs + (m * C + c) * 16;
-                        for (int i = 0; i < 16; ++i) {
-                            float a = 0.0f;
-                            for (int t = 0; t < 8; ++t) a += src[8 * i + t];
-                            d2[i] = a;
-                        }
-                    }
-                }
-            }
-        };
-        relayout(0, M);  // serial: ~1 us per 4096 values, cheaper than another parallel region
+        // x split into even/odd halves per 32 (matches the decoded lane order), once per call.
+        float* xq = (float*)std::aligned_alloc(64, sizeof(float) * (size_t)std::max<int64_t>(16, M * K));
+        const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        for (int64_t i = 0; i < M * G32; ++i) {
+            const __m512 a = _mm512_loadu_ps(x + 32 * i), b = _mm512_loadu_ps(x + 32 * i + 16);
+            _mm512_store_ps(xq + 32 * i, _mm512_permutex2var_ps(a, ev, b));
+            _mm512_store_ps(xq + 32 * i + 16, _mm512_permutex2var_ps(a, od, b));
+        }
+        // Affine int4 at M == 1: sums of x per group, for the - zp * s * sum(x) term.
+        std::vector<float> xg;
+        if (affine && M == 1) {
+            xg.assign((size_t)q.G, 0.0f);
+            for (int64_t k = 0; k < K; ++k) xg[(size_t)(q.G == 1 ? 0 : k / q.bs)] += x[k];
+        }
         parallel_rows(q.N, 16, nthreads, [&](int64_t n0, int64_t n1) {
             float* s = scratch(0, 4 * cl);
             float* z = scratch(1, 4 * cl);
-            if (affine) gemm4_rows<true>(q, x, xp, xs, M, bias, y, n0, n1, s, z, cl);
-            else gemm4_rows<false>(q, x, xp, xs, M, bias, y, n0, n1, s, z, cl);
+            if (affine) gemm4_rows<true>(q, xq, xg.data(), M, bias, y, n0, n1, s, z, cl);
+            else gemm4_rows<false>(q, xq, nullptr, M, bias, y, n0, n1, s, z, cl);
         });
-        std::free(xp);
-        if (xs) std::free(xs);
+        std::free(xq);
         return 0;
     }
 #endif
@@ -595,7 +560,7 @@ int qb4_linear(const QW4* qp, const float* x, int64_t M, const float* bias, floa
 
 void qb_set_nr(int nr) { g_nr = nr; }
 
-int qb4_fast_ok(const QW4* q) { return QB_AVX512 && fast4_ok(*q); }
+int qb4_fast_ok(const QW4* q) { return QB_AVX512 && fused4_ok(*q); }
 
 // out[(n - n0) * K + k] = W[n, k] in fp32 for n in [n0, n1); exact (matches the reference bit for bit).
 void qb4_dequant(const QW4* qp, int64_t n0, int64_t n1, float* out, int nthreads, int force_portable) {
