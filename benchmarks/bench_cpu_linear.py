@@ -36,26 +36,41 @@ FORMATS = {
 }
 
 
-def _bnb_methods(w: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def _bnb_methods(w: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]]:
+    """bitsandbytes NF4 (blocks of 64, nested constants): name -> (fn, the fp32 weight it stands for)."""
     try:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            import bitsandbytes as bnb
             import bitsandbytes.functional as bf
 
             qw, st = bf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
+            wd = bf.dequantize_4bit(qw, st)
+            # The real CPU inference path: Linear4bit in eval mode repacks the weight for its AVX-512
+            # kernel on the first no-grad call (and de-nests the constants to bf16, computes in bf16).
+            lin = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=torch.float32,
+                                    compress_statistics=True, quant_type="nf4")  # fmt: skip
+            lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=True,
+                                           quant_type="nf4", blocksize=64)  # fmt: skip
+            lin = lin.to("cpu").eval()  # .to() is what quantizes a Params4bit
+            with torch.inference_mode():
+                lin(torch.randn(1, w.shape[1]))
     except Exception as e:  # noqa: BLE001
         print(f"# bitsandbytes unavailable: {e!r}"[:200], file=sys.stderr)
         return {}
 
-    def bnb(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
+    def gemv_or_dequant(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:  # called on the canonical layout, as bitsandbytes' GPU path does
             return bf.gemv_4bit(x, qw.t(), state=st)
         return F.linear(x, bf.dequantize_4bit(qw, st))
 
-    return {"bitsandbytes NF4+nested (gemv_4bit / dequant+linear)": bnb}
+    return {
+        "bitsandbytes gemv_4bit (M=1) / dequantize_4bit+linear": (gemv_or_dequant, wd),
+        "bitsandbytes Linear4bit eval (repacked, bf16 compute)": (lin, wd),
+    }
 
 
-def _torchao_methods(w: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+def _torchao_methods(w: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]]:
+    out: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]] = {}
     try:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
@@ -75,7 +90,7 @@ def _torchao_methods(w: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torc
             with contextlib.redirect_stderr(io.StringIO()):
                 quantize_(m, cfg())
                 m(torch.randn(1, w.shape[1], dtype=dtype))
-            out[name] = lambda x, m=m, dtype=dtype: m(x.to(dtype))
+            out[name] = (lambda x, m=m, dtype=dtype: m(x.to(dtype)).float(), w)
         except Exception as e:  # noqa: BLE001
             print(f"# {name}: not runnable on this CPU ({type(e).__name__}: {e})"[:200], file=sys.stderr)
     return out
@@ -95,13 +110,15 @@ def bench(ms: list[int], rounds: int, calls: int, extras: bool) -> list[dict]:
     n = k = 4096
     w = torch.randn(n, k) * 0.02
     w16 = w.bfloat16()
-    methods: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "fp32 F.linear": lambda x: F.linear(x, w),
-        "bf16 F.linear": lambda x: F.linear(x.bfloat16(), w16),
+    # name -> (fn, the fp32 weight it computes with: its error is measured against fp64 math on that)
+    methods: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]] = {
+        "fp32 F.linear": (lambda x: F.linear(x, w), w),
+        "bf16 F.linear": (lambda x: F.linear(x.bfloat16(), w16), w),
     }
     for name, scheme in FORMATS.items():
-        kw = prepare_weight(quantize(w, scheme))
-        methods[f"qbackend {name}"] = lambda x, kw=kw: quantized_linear(x, kw)
+        qw = quantize(w, scheme)
+        kw = prepare_weight(qw)
+        methods[f"qbackend {name}"] = (lambda x, kw=kw: quantized_linear(x, kw), qw.dequantize(torch.float32))
     if extras:
         methods.update(_bnb_methods(w))
         methods.update(_torchao_methods(w))
@@ -111,15 +128,18 @@ def bench(ms: list[int], rounds: int, calls: int, extras: bool) -> list[dict]:
             x = torch.randn(m, k)
             n_calls = max(3, calls // max(1, m // 8))  # fewer calls where each is long
             times: dict[str, list[float]] = {name: [] for name in methods}
-            for fn in methods.values():  # warm-up (builds the C++ library on the first call)
-                for _ in range(2):
-                    fn(x)
+            errors = {}
+            for name, (fn, wref) in methods.items():  # warm-up (builds the C++ library on the first call)
+                y = fn(x)
+                fn(x)
+                exact = x.double() @ wref.double().t()
+                errors[name] = float((y.double() - exact).norm() / exact.norm())
             slow = set()
             for r in range(rounds):
-                for name, fn in methods.items():
+                for name, (fn, _) in methods.items():
                     if name in slow:
                         continue
-                    ts = _time_calls(lambda fn=fn: fn(x), n_calls)
+                    ts = _time_calls(lambda fn=fn, x=x: fn(x), n_calls)
                     times[name] += ts
                     if r == 0 and statistics.median(ts) > 20 * statistics.median(times["fp32 F.linear"]):
                         slow.add(name)  # e.g. torchao's int8 CPU path: a few calls are enough
@@ -127,7 +147,7 @@ def bench(ms: list[int], rounds: int, calls: int, extras: bool) -> list[dict]:
             for name, ts in times.items():
                 med = statistics.median(ts)
                 rows.append({"M": m, "method": name, "median_ms": med * 1e3, "min_ms": min(ts) * 1e3,
-                             "ratio": base / med, "calls": len(ts)})  # fmt: skip
+                             "ratio": base / med, "calls": len(ts), "rel_err": errors[name]})  # fmt: skip
     return rows
 
 
@@ -138,17 +158,26 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=40, help="timed calls per method per round (fewer for big M)")
     p.add_argument("--quick", action="store_true", help="2 rounds of 8 calls")
     p.add_argument("--no-extras", action="store_true", help="skip bitsandbytes and torchao")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave torch's default)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.quick:
         a.rounds, a.calls = 2, 8
     ms = [int(v) for v in a.ms.split(",")]
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"capability {torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
+    cpu = platform.processor() or platform.machine()
+    cap = torch.backends.cpu.get_cpu_capability()
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, capability {cap}")
     rows = bench(ms, a.rounds, a.calls, not a.no_extras)
-    print("\n| M | method | median ms | min ms | ratio to fp32 F.linear |")
-    print("|---:|---|---:|---:|---:|")
+    print("\n| M | method | median ms | min ms | ratio to fp32 F.linear (median) | rel. error |")
+    print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['M']} | {r['method']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['ratio']:.2f}x |")
+        print(f"| {r['M']} | {r['method']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['ratio']:.2f}x "
+              f"| {r['rel_err']:.1e} |")  # fmt: skip
+    print(
+        "\nrel. error: ||y - y_exact|| / ||y_exact||, y_exact in float64 from the weight the method computes "
+        "with (its own dequantized weight for quantized methods), so it measures arithmetic, not quantization."
+    )
 
 
 if __name__ == "__main__":

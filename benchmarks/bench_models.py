@@ -229,8 +229,10 @@ def machine() -> str:
 
 def markdown(speed: list[dict], rss: dict | None, acc: list[dict]) -> str:
     lines = ["# qbackend backend: end-to-end results", "", f"Machine: {machine()}.", ""]
-    lines += ["Produced by `python benchmarks/bench_models.py` (shared 2-core CPU; other jobs were running, so",
-              "absolute times are noisy; ratios come from interleaved rounds in one process).", ""]  # fmt: skip
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines += ["Produced by `python benchmarks/bench_models.py` on a shared CPU (load average at the end: "
+              f"{load}; other jobs were running, so absolute times are noisy; ratios come from interleaved "
+              "rounds in one process).", ""]  # fmt: skip
     if acc:
         lines += ["## Accuracy vs fp32, per format", "",
                   "Output cosine vs the fp32 model (MiniLM: mean/min over 60 evaluation sentences of the pooled "
@@ -285,7 +287,10 @@ def main() -> None:
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--rss", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.rss:
         print(json.dumps(rss_child()))
         return

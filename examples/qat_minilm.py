@@ -1,13 +1,16 @@
 """QAT proof: distil the real MiniLM (all-MiniLM-L6-v2) into its own NF4 version through the backend.
 
 Teacher: the fp32 model. Student: a copy, prepared for QAT in the deployed format (NF4, blocks of
-64, nested constants) and trained with ``torch.compile(backend="qbackend")`` on
-CALIBRATION_SENTENCES to reproduce the teacher's hidden states and sentence embeddings. Then the
-student is deployed (no_grad: the real NF4 ops) and its embeddings of the held-out
-EVALUATION_SENTENCES are compared with fp32, next to plain NF4 post-training quantization (PTQ).
+64, nested constants, learnable clipping ratios) and trained with ``torch.compile(backend="qbackend")``
+to reproduce the teacher's hidden states and sentence embeddings on text made from
+CALIBRATION_SENTENCES: the sentences themselves plus fresh recombinations every step (spans of two
+sentences joined, shuffled words of three) — the teacher labels any text, and 64 fixed sentences
+alone are memorised rather than learned from. Then the student is deployed (no_grad: the real NF4
+ops) and its embeddings of the held-out EVALUATION_SENTENCES are compared with fp32, next to plain
+NF4 post-training quantization (PTQ).
 
     python examples/qat_minilm.py                 # a few minutes on a 2-core CPU
-    python examples/qat_minilm.py --epochs 2      # quicker, less accurate
+    python examples/qat_minilm.py --steps 30      # quicker, less accurate
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from qbackend.qat import QATConfig, prepare
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-5, help="learning rate of the weights")
     p.add_argument("--ratio-lr", type=float, default=1e-3, help="learning rate of the learnable clipping ratios")
@@ -36,6 +39,24 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the per-token hidden-state loss")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
+
+
+def training_texts(rng: random.Random, words: list[list[str]], n: int) -> list[str]:
+    """``n`` texts from the calibration sentences: originals, joined spans of two, shuffled words of three."""
+    out = []
+    for _ in range(n):
+        u = rng.random()
+        if u < 0.3:
+            out.append(" ".join(rng.choice(words)))
+        elif u < 0.7:
+            a, b = rng.sample(words, 2)
+            i, j = rng.randrange(len(a)), rng.randrange(len(b))
+            out.append(" ".join(a[i : i + rng.randint(3, 9)] + b[j : j + rng.randint(3, 9)]))
+        else:
+            bag = [w for ws in rng.sample(words, 3) for w in ws]
+            rng.shuffle(bag)
+            out.append(" ".join(bag[: rng.randint(5, 20)]))
+    return out
 
 
 def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -100,29 +121,23 @@ def main() -> None:
     opt = torch.optim.Adam(groups, fused=True)
     cstudent = torch.compile(student, backend="qbackend", options=opts)
 
-    sentences = list(CALIBRATION_SENTENCES)
-    steps_per_epoch = -(-len(sentences) // args.batch)
-    total = args.epochs * steps_per_epoch
+    rng = random.Random(args.seed)
+    words = [s.split() for s in CALIBRATION_SENTENCES]
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[g["lr"] for g in groups], total_steps=total, pct_start=0.15, anneal_strategy="cos"
+        opt, max_lr=[g["lr"] for g in groups], total_steps=args.steps, pct_start=0.15, anneal_strategy="cos"
     )
-    step = 0
-    for epoch in range(args.epochs):
-        random.shuffle(sentences)
-        for i in range(0, len(sentences), args.batch):
-            batch = mini.tokenize(sentences[i : i + args.batch])
-            with torch.no_grad():
-                tout = teacher(**batch, output_hidden_states=True)
-            sout = cstudent(**batch, output_hidden_states=True)
-            loss = distill_loss(sout, tout, batch["attention_mask"], args.hidden_weight)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            if step == 1 or step % steps_per_epoch == 0:
-                print(f"  epoch {epoch + 1}/{args.epochs} step {step}/{total}: loss {loss.item():.4f} "
-                      f"({time.time() - t_start:.0f}s)", flush=True)  # fmt: skip
+    for step in range(1, args.steps + 1):
+        batch = mini.tokenize(training_texts(rng, words, args.batch))
+        with torch.no_grad():
+            tout = teacher(**batch, output_hidden_states=True)
+        sout = cstudent(**batch, output_hidden_states=True)
+        loss = distill_loss(sout, tout, batch["attention_mask"], args.hidden_weight)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        if step == 1 or step % 10 == 0:
+            print(f"  step {step}/{args.steps}: loss {loss.item():.4f} ({time.time() - t_start:.0f}s)", flush=True)
 
     # ---- deploy: the same compiled model under no_grad runs the real NF4 ops -----------------------
     student.eval()

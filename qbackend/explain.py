@@ -9,6 +9,7 @@ import torch
 
 from .backend import run_passes
 from .config import QuantConfig
+from .passes.params import clone_graph_module
 from .report import LayerReport, Report
 
 
@@ -20,14 +21,15 @@ def explain(
     ``options`` are :class:`~qbackend.config.QuantConfig` fields (or ``preset=``), as in
     ``torch.compile(..., options=...)``. The report measures each layer's relative weight error.
     ``print(report)`` shows a table; ``report.layers`` holds the records. Layers already swapped by
-    :func:`qbackend.quantize_` are listed as pre-quantized. Runs the model once (eagerly, on the
-    quantized ops) under ``no_grad``; the model itself is not changed.
+    :func:`qbackend.quantize_` are listed as pre-quantized. Runs the model once (in float, eagerly)
+    under ``no_grad``; the model itself is not changed.
     """
     config = QuantConfig.from_options(options or None)
     reports: list[Report] = []
 
     def collect(gm: torch.fx.GraphModule, inputs: list[Any]):
-        reports.append(run_passes(gm, config, measure_error=True).report)
+        # Rewrite a copy: Dynamo keeps what we return in its cache, which must not hold quantized tensors.
+        reports.append(run_passes(clone_graph_module(gm), config, measure_error=True).report)
         return gm.forward
 
     with torch.no_grad():

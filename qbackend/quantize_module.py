@@ -83,6 +83,10 @@ def quantize_(model: nn.Module, config: QuantConfig | str | dict[str, Any] | Non
     (GPT-2; weight stored [in, out]). ``config``'s include/exclude/min_params apply, by module name.
     Modules sharing one weight (tied) share one set of quantized tensors. The float weight is freed
     unless something else still holds it (e.g. an embedding tied to the output layer).
+
+    Memory-mapped checkpoints (HF safetensors loads by default): the file stays mapped while any of
+    its tensors lives, so RSS only drops for weights loaded into memory (``disable_mmap=True``);
+    the mapped pages of dropped weights are clean and reclaimable, but still counted.
     """
     config = QuantConfig.from_options(config)
     report = Report(graphs=0)

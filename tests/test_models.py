@@ -31,7 +31,8 @@ def tiny(name: str) -> torch.nn.Module:
                                       intermediate_size=512)  # fmt: skip
         return transformers.BertModel(cfg).eval()
     if name == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=1000, n_embd=128, n_layer=1, n_head=4)).eval()
+        cfg = transformers.GPT2Config(vocab_size=1000, n_embd=128, n_layer=1, n_head=4)
+        return transformers.GPT2LMHeadModel(cfg).eval()
     cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=344, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     return transformers.LlamaForCausalLM(cfg).eval()

@@ -64,7 +64,8 @@ def _assert_close(y: torch.Tensor, y_ref: torch.Tensor, mag: torch.Tensor, what:
     if y.dtype != torch.float32:
         tol = tol + rf.abs() * 2.0**-7
     err = (yf - rf).abs() - tol
-    assert float(err.max()) <= 0, f"{what}: max excess {float(err.max()):.3g}, max |diff| {float((yf - rf).abs().max()):.3g}"
+    worst = float((yf - rf).abs().max())
+    assert float(err.max()) <= 0, f"{what}: max excess {float(err.max()):.3g}, max |diff| {worst:.3g}"
 
 
 def _mag(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -146,9 +147,10 @@ def test_w8a8_linear_matches_reference(n, k, m, dtype, use_bias, static_scale, s
 
 @pytest.mark.parametrize(
     "scheme",
-    [Scheme("nf4", nested=True), Scheme("int", bits=4, symmetric=False, blocksize=32), Scheme("int", bits=8, granularity="channel")],
+    [Scheme("nf4", nested=True), Scheme("int", bits=4, symmetric=False, blocksize=32),
+     Scheme("int", bits=8, granularity="channel")],
     ids=lambda s: s.name,
-)
+)  # fmt: skip
 @pytest.mark.parametrize("m", [1, 5, 40])
 def test_large_ish_shapes_and_noncontiguous_x(scheme, m):
     # K a multiple of 128 plus a tail, N not a multiple of the row tile; x a transposed view.
@@ -168,9 +170,81 @@ def test_portable_cpp_path_matches_reference(scheme, monkeypatch):
         _check_forward(scheme, n, k, m, torch.float32, True, False, n + k)
 
 
+@pytest.mark.parametrize("blas", [True, False], ids=["sgemm", "torch-mm-loop"])
+def test_large_m_panel_paths(blas, monkeypatch):
+    # M above the fused limit: dequantized panels x BLAS (in C++), or the Python loop without BLAS.
+    if not blas:
+        monkeypatch.setattr(cpu._build, "sgemm_pointer", lambda: None)
+    monkeypatch.setattr(cpu, "FUSED_MAX_M", 4)
+    monkeypatch.setattr(cpu, "FUSED_MAX_M_INT8", 4)
+    for scheme in (Scheme("nf4", nested=True), Scheme("int", bits=4, symmetric=False, blocksize=32),
+                   Scheme("int", bits=8, granularity="channel")):  # fmt: skip
+        _check_forward(scheme, 70, 264, 9, torch.float32, True, True, 4)
+        qw, kw = _weight(70, 264, scheme, 4)
+        g = torch.randn(2, 9, 70)
+        gx = getattr(qb, ops.GRAD_INPUT_OPS[kw.op.__name__.split(".")[0]])(g, *kw.tensors, *kw.statics)
+        w = qw.dequantize(torch.float32)
+        _assert_close(gx, g @ w, g.abs() @ w.abs(), scheme.name)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_thread_pool_survives_fork():
+    import os
+
+    _, kw = _weight(256, 512, Scheme("nf4", nested=True), 0)
+    x = torch.randn(3, 512)
+    y = quantized_linear(x, kw)  # starts the worker threads
+    pid = os.fork()
+    if pid == 0:  # the child has no worker threads: the pool must be re-created, not deadlock
+        os._exit(0 if torch.equal(quantized_linear(x, kw), y) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+
+
+def test_concurrent_callers_get_correct_results():
+    # Python threads call the kernels concurrently (ctypes releases the GIL): a busy pool runs serially.
+    import threading
+
+    _, kw = _weight(512, 512, Scheme("nf4", nested=True), 0)
+    xs = [torch.randn(m, 512) for m in (1, 3, 8)]
+    refs = [quantized_linear(x, kw) for x in xs]
+    bad: list[int] = []
+
+    def run() -> None:
+        for _ in range(30):
+            bad.extend(1 for x, r in zip(xs, refs, strict=True) if not torch.equal(quantized_linear(x, kw), r))
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+
+
+def test_failed_build_falls_back_with_a_warning(tmp_path):
+    # A fresh cache and a compiler that fails: the ops must still work (pure torch) and say why once.
+    import os
+    import subprocess
+
+    code = (
+        "import logging, torch; logging.basicConfig(level=logging.WARNING)\n"
+        "from qbackend.formats import quantize, Scheme\n"
+        "from qbackend.kernels import prepare_weight, quantized_linear, cpu\n"
+        "kw = prepare_weight(quantize(torch.randn(8, 64), Scheme('nf4')))\n"
+        "quantized_linear(torch.randn(2, 64), kw); quantized_linear(torch.randn(2, 64), kw)\n"
+        "assert cpu.lib() is None\n"
+    )
+    env = {**os.environ, "CXX": "false", "QBACKEND_CACHE_DIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stderr.count("C++ CPU kernels unavailable") == 1, res.stderr[-2000:]
+
+
 def test_pure_torch_fallback_without_library(monkeypatch):
     monkeypatch.setattr(cpu, "lib", lambda: None)
-    for scheme in (Scheme("nf4", nested=True), Scheme("int", bits=4, symmetric=False), Scheme("int", bits=8, granularity="channel")):
+    int8 = Scheme("int", bits=8, granularity="channel")
+    for scheme in (Scheme("nf4", nested=True), Scheme("int", bits=4, symmetric=False), int8):
         _check_forward(scheme, 20, 64, 3, torch.float32, True, False, 1)
         qw, kw = _weight(20, 64, scheme, 1)
         g = torch.randn(3, 20)

@@ -166,6 +166,18 @@ def test_activation_matmuls_are_not_layers():
     assert [s.layer_name for s in find_linears(g.gm)] == ["lin"]
 
 
+def test_unrecognized_matmul_forms_are_reported_float():
+    w = nn.Parameter(torch.randn(48, 64))
+
+    def f(x):
+        return torch.einsum("bk,nk->bn", x, w)
+
+    g = capture_graph(f, torch.randn(3, 64))
+    (row,) = run_passes(g.gm, ALL).report.layers
+    assert (row.name, row.quantized) == ("w", False)
+    assert row.reason == "not lowerable: used by einsum (not recognized as a linear layer)"
+
+
 def test_nan_weight_names_the_layer():
     m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     with torch.no_grad():

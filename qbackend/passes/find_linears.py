@@ -41,9 +41,15 @@ _T = {torch.t, aten.t.default, torch.Tensor.t}
 _TRANSPOSE = {torch.transpose, aten.transpose.int, torch.swapaxes, torch.swapdims, torch.Tensor.transpose}
 _PERMUTE = {torch.permute, aten.permute.default, torch.Tensor.permute}
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-# Calls that do linear layers internally but are opaque here: (argument index, name) of their weights.
+# Calls that do linear layers internally but are opaque here: (argument index, name) of their weights,
+# or None for "any 2-D parameter argument" (matmul-like ops this pass does not rewrite). Reported, not lowered.
 _OPAQUE = {
     torch.nn.functional.multi_head_attention_forward: ((5, "in_proj_weight"), (11, "out_proj_weight")),
+    torch.einsum: None,
+    torch.functional.einsum: None,
+    torch.tensordot: None,
+    torch.bmm: None,
+    torch.baddbmm: None,
 }
 
 
@@ -177,12 +183,18 @@ def _match(node: fx.Node, params: dict[fx.Node, ParamRef]) -> LinearSite | None:
 def _opaque_sites(node: fx.Node, params: dict[fx.Node, ParamRef]) -> list[LinearSite]:
     """Weights used inside an opaque call: reported as layers that stay float (never silently skipped)."""
     fn = getattr(node.target, "__name__", str(node.target))
+    spec = _OPAQUE[node.target]
+    if spec is None:
+        args = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+        weights = [a for a in args if a in params and params[a].tensor.dim() == 2]
+        reason = f"used by {fn} (not recognized as a linear layer)"
+    else:
+        weights = [node.args[i] if len(node.args) > i else node.kwargs.get(name) for i, name in spec]
+        reason = f"used inside {fn} (not decomposed into a linear)"
+    x = next((a for a in node.args if isinstance(a, fx.Node) and a not in params), None)
     out = []
-    for idx, name in _OPAQUE[node.target]:
-        w = node.args[idx] if len(node.args) > idx else node.kwargs.get(name)
-        x = node.args[0] if node.args else None
-        if isinstance(w, fx.Node) and w in params and params[w].tensor.dim() == 2 and isinstance(x, fx.Node):
-            reason = f"used inside {fn} (not decomposed into a linear)"
+    for w in weights:
+        if isinstance(w, fx.Node) and w in params and params[w].tensor.dim() == 2 and x is not None:
             out.append(LinearSite(node, fn, x, w, params[w], False, skip_reason=reason))
     return out
 

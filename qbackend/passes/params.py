@@ -103,3 +103,20 @@ def _get_attr(gm: fx.GraphModule, target: str) -> object:
     for atom in target.split("."):
         obj = getattr(obj, atom)
     return obj
+
+
+def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """An independent copy of a Dynamo GraphModule (passes rewrite in place), with the Dynamo
+    metadata passes read: placeholder sources, node meta (shallow), ``gm.meta`` and param sources."""
+    graph = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, val_map)
+    graph.output(out)
+    for old, new in val_map.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    copy = fx.GraphModule(gm, graph)
+    copy.meta = dict(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = dict(gm._param_name_to_source)
+    return copy

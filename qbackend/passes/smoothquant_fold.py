@@ -436,15 +436,16 @@ class _State:
             v = _val(x)
             const = self._const((1.0 / s).to(v.dtype if v is not None else torch.float32),
                                 f"{sites[0].layer_name}.smooth_inv_scale")  # fmt: skip
-            with self.gm.graph.inserting_after(x):
+            readers = [r for site in sites for r in (site.node, *site.consumed) if x in r.all_input_nodes]
+            order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+            # Right before the first reader: after both x and the constant (which precedes every call).
+            with self.gm.graph.inserting_before(min(readers, key=order.__getitem__)):
                 mul = self.gm.graph.call_function(operator.mul, (x, const))
             mul.meta.update({k: x.meta[k] for k in ("example_value", "val") if k in x.meta})
             mul.meta[NODE_META] = "explicit smoothing multiply"
-            for site in sites:
-                for reader in (site.node, *site.consumed):
-                    if x in reader.all_input_nodes:
-                        reader.replace_input_with(x, mul)
-                        self.replaced[(reader, x)] = mul
+            for reader in readers:
+                reader.replace_input_with(x, mul)
+                self.replaced[(reader, x)] = mul
 
     def _const(self, value: torch.Tensor, label: str) -> fx.Node:
         name = f"{BUFFER_PREFIX}sq_{self.counter}_{re.sub(r'[^0-9a-zA-Z_]', '_', label)}"[:160]

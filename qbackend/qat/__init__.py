@@ -40,6 +40,7 @@ _LAZY = {
     "LoRALinear": ".lora",
     "add_lora": ".lora",
     "quantize_base": ".lora",
+    "dequantize_base": ".lora",
     "lora_parameters": ".lora",
 }
 

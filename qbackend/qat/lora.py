@@ -117,3 +117,22 @@ def quantize_base(
         setattr(model.get_submodule(parent) if parent else model, child, q)
         done.append(name)
     return done
+
+
+def dequantize_base(model: nn.Module) -> list[str]:
+    """Inverse of `quantize_base` (in place): every `QuantizedLinear` becomes a frozen fp32 ``nn.Linear``
+    holding its dequantized weight — the float reference a QLoRA run is compared against."""
+    done = []
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, QuantizedLinear):
+            continue
+        lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(mod.dequantized_weight())
+            if mod.bias is not None:
+                lin.bias.copy_(mod.bias)
+        lin.requires_grad_(False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, lin)
+        done.append(name)
+    return done

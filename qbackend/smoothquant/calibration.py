@@ -172,7 +172,8 @@ def calibrate(
         warnings.warn("calibrate(): the model is in training mode (dropout is active); call model.eval() first",
                       stacklevel=2)  # fmt: skip
     recorder = _Recorder(sample_tokens, seed)
-    compiled = torch.compile(model, backend=_recording_backend)
+    # dynamic=True: one trace serves every batch shape (calibration batches rarely share a length).
+    compiled = torch.compile(model, backend=_recording_backend, dynamic=True)
     n = 0
     _ACTIVE = recorder
     try:
@@ -198,8 +199,8 @@ def calibrate(
         raise CalibrationError("calibrate() got zero batches: pass at least one batch of real inputs")
     if not recorder.absmax:
         raise CalibrationError(
-            "calibration reached no linear layer (the model ran, but no linear with a parameter weight was traced); "
-            "nothing to calibrate"
+            "calibration reached no linear layer: the model ran, but no linear with a parameter weight was traced "
+            "(if it has some, Dynamo may have stopped compiling this model: recompile limit; torch._dynamo.reset())"
         )
     layers = {
         name: LayerStats(recorder.absmax[name], recorder.tokens[name], recorder.samples.get(name))

@@ -8,6 +8,7 @@ the fold uses the calibration statistics of ``QuantConfig.calibration`` (none: n
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +94,12 @@ def run_w8a8(gm: fx.GraphModule, config: Any, measure_error: bool = False) -> W8
     return result
 
 
+#: (calibration, config, layers, weights) -> choice: recompiles (new shapes, grad mode, graph breaks)
+#: reuse a search instead of repeating it. Bounded; weights are identified by content statistics.
+_CHOICES: OrderedDict[tuple, ScaleChoice | str] = OrderedDict()
+_CHOICES_MAX = 4096
+
+
 def _scale_fn(
     sq: SmoothQuantConfig, cal: CalibrationResult, lowered: set[fx.Node]
 ) -> Callable[[SmoothGroup], ScaleChoice | str]:
@@ -105,12 +112,22 @@ def _scale_fn(
         if stats.in_features != group.in_features:
             return (f"calibration statistics have {stats.in_features} channels, the layer {group.in_features} "
                     "(calibrated on another model?)")  # fmt: skip
-        choice = choose_scale(stats, group.weights, sq, sq.alpha_for(group.names[0]))
-        if choice.s is None:
-            return f"alpha search: no smoothing gives the smallest error ({choice.error:.3g})"
-        return choice
+        key = (cal.fingerprint(), sq.fingerprint(), group.names, tuple(_content_key(w) for w in group.weights))
+        if key not in _CHOICES:
+            choice = choose_scale(stats, group.weights, sq, sq.alpha_for(group.names[0]))
+            if choice.s is None:
+                choice = f"alpha search: no smoothing gives the smallest error ({choice.error:.3g})"
+            _CHOICES[key] = choice
+            while len(_CHOICES) > _CHOICES_MAX:
+                _CHOICES.popitem(last=False)
+        return _CHOICES[key]
 
     return scale
+
+
+def _content_key(w: torch.Tensor) -> tuple:
+    w64 = w.detach().double()
+    return (tuple(w.shape), str(w.dtype), float(w64.sum()), float(w64.pow(2).sum()), float(w64[..., ::7].abs().sum()))
 
 
 def _act_fn(

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..passes.params import clone_graph_module
+
 
 @dataclass
 class CapturedGraph:
@@ -25,18 +27,7 @@ class CapturedGraph:
 
     def clone(self) -> CapturedGraph:
         """An independent copy of the graph (passes rewrite in place); Dynamo metadata carried over."""
-        graph = fx.Graph()
-        val_map: dict[fx.Node, fx.Node] = {}
-        out = graph.graph_copy(self.gm.graph, val_map)
-        graph.output(out)
-        for old, new in val_map.items():
-            if hasattr(old, "_dynamo_source"):
-                new._dynamo_source = old._dynamo_source
-        gm = fx.GraphModule(self.gm, graph)
-        gm.meta = dict(self.gm.meta)
-        if hasattr(self.gm, "_param_name_to_source"):
-            gm._param_name_to_source = dict(self.gm._param_name_to_source)
-        return CapturedGraph(gm, list(self.example_inputs))
+        return CapturedGraph(clone_graph_module(self.gm), list(self.example_inputs))
 
 
 def capture_graphs(

@@ -1,17 +1,20 @@
 """CPU implementations of the quantized linear ops (same signatures as :mod:`qbackend.kernels.reference`).
 
-Strategy by the number of rows M of the flattened input (measured on a 2-core AVX-512 machine,
-see ``benchmarks/bench_cpu_linear.py``):
+Strategy by the number of rows M of the flattened input (measured on the project's 2-core AVX-512
+machines with ``benchmarks/bench_cpu_linear.py``; figures in ``benchmarks/results/cpu_ops.md``):
 
-* M <= ``FUSED_MAX_M``: fused C++ kernel that decodes the packed weight once per tile of up to 8
-  rows of x and never materialises it (GEMV / small-M; memory-bound, reads 4/8-bit codes only).
-* larger M: dequantize W in panels of rows into a reused fp32 buffer (C++, exact) and multiply
-  each panel with torch's fp32 GEMM (MKL); the panel stays in cache.
-* shapes the fast kernels do not cover (K % 8 != 0, int4 groups that are not powers of two):
-  generic exact C++ dequantization + GEMM. Without the C++ library: pure torch (the reference).
+* M <= ``FUSED_MAX_M``: fused C++ kernels that decode the packed weight in registers and never
+  materialise it: a GEMV for M = 1 (one pass over the codes, the block constants, nested ones
+  included, decoded inline) and a register-tiled small-M GEMM (2-4 rows of W x up to 8 rows of x).
+  On this machine they beat dequantize + MKL up to M = 64..256.
+* larger M: each thread dequantizes panels of rows of W (exactly) into a cache-sized buffer and
+  multiplies them with torch's own BLAS ``sgemm_`` called single-threaded from C++.
+* CPUs without AVX-512, and shapes the fused kernels do not cover (K % 32 != 0, block/group sizes
+  that are not powers of two >= 32): the same exact dequantization (scalar) + BLAS path.
+  Without the C++ library at all (no compiler): the pure-torch reference, with a warning.
 
 All paths compute in fp32 and return x's dtype. The ``*_grad_input`` functions compute
-``grad_y @ W`` with the same panel scheme, so no full float weight is ever held.
+``grad_y @ W`` with the panel scheme, so no full float weight is ever held.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from torch import Tensor
 from .. import reference as ref
 from . import _build
 
-# Fused kernel up to this many rows; above, panel dequantization + GEMM (measured: about equal at
-# M = 48..64 on one core; the panel path keeps MKL's blocking for prefill-sized M).
+# Fused kernels up to this many rows; above, dequantized panels + sgemm (measured on one core: the
+# fused kernels win at M = 64, tie around M = 256; MKL's cache blocking wins for prefill-sized M).
 FUSED_MAX_M = 128
 FUSED_MAX_M_INT8 = 128
 # Elements of W per dequantized panel (per thread): 32 x 4096 fp32 = 512 KiB, half a core's L2.
@@ -33,7 +36,7 @@ PANEL_ELEMS = 32 * 4096
 # Flat block indices are int32 inside the kernel.
 _MAX_BLOCKS = 2**31 - 64
 
-_force_portable = False  # tests flip this to exercise the portable C++ loops
+_force_portable = False  # tests flip this to run what a CPU without AVX-512 runs (scalar dequant + BLAS)
 
 
 def lib() -> ctypes.CDLL | None:
@@ -153,11 +156,10 @@ def _linear4(L, q, x: Tensor, bias: Tensor | None, n: int, k: int) -> Tensor:
     nt = torch.get_num_threads()
     if m == 0:
         return _out(x2.new_empty(0, n), x, n)
-    fast = bool(L.qb4_fast_ok(ctypes.byref(q))) and not _force_portable
-    if m <= FUSED_MAX_M and (fast or _force_portable):
+    if m <= FUSED_MAX_M and not _force_portable and L.qb4_fast_ok(ctypes.byref(q)):
         y = torch.empty(m, n, dtype=torch.float32)
-        L.qb4_linear(ctypes.byref(q), x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt, int(_force_portable))
-        return _out(y, x, n)
+        if L.qb4_linear(ctypes.byref(q), x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt, 0) == 0:
+            return _out(y, x, n)
 
     sg = _build.sgemm_pointer()
     if sg is not None:
@@ -172,14 +174,34 @@ def _linear4(L, q, x: Tensor, bias: Tensor | None, n: int, k: int) -> Tensor:
     return _out(_panel_linear(x2, n, k, b, dq), x, n)
 
 
+def _grad_partials(L, g2: Tensor, n: int, k: int, run) -> Tensor:
+    """grad_x from the C++ panel kernel: per-thread partial sums, added here."""
+    nt = torch.get_num_threads()
+    p = _panel_rows(k, n)
+    parts = torch.zeros(L.qb_panel_threads(n, p, nt), g2.shape[0], k, dtype=torch.float32)
+    run(parts, nt, p)
+    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
+
+
 def _grad4(L, q, g: Tensor, n: int, k: int) -> Tensor:
     g2 = _x2d(g, n)
     nt = torch.get_num_threads()
+    sg = _build.sgemm_pointer()
+    if g2.shape[0] == 0:
+        gx = g2.new_zeros(0, k)
+    elif sg is not None:
 
-    def dq(n0: int, n1: int, w: Tensor) -> None:
-        L.qb4_dequant(ctypes.byref(q), n0, n1, w.data_ptr(), nt, int(_force_portable))
+        def run(parts: Tensor, nt: int, p: int) -> None:
+            L.qb4_grad_panel(ctypes.byref(q), g2.data_ptr(), g2.shape[0], parts.data_ptr(), nt, sg, p,
+                             int(_force_portable))  # fmt: skip
 
-    gx = _panel_grad(g2, n, k, dq) if g2.shape[0] else g2.new_zeros(0, k)
+        gx = _grad_partials(L, g2, n, k, run)
+    else:
+
+        def dq(n0: int, n1: int, w: Tensor) -> None:
+            L.qb4_dequant(ctypes.byref(q), n0, n1, w.data_ptr(), nt, int(_force_portable))
+
+        gx = _panel_grad(g2, n, k, dq)
     return gx.reshape(*g.shape[:-1], k).to(g.dtype)
 
 
@@ -253,11 +275,10 @@ def _int8_y(L, x2: Tensor, codes: Tensor, scale: Tensor, b: Tensor | None, n: in
     """fp32 [M, N] = x2 @ (codes * scale)^T (+ b)."""
     m = x2.shape[0]
     nt = torch.get_num_threads()
-    if m <= FUSED_MAX_M_INT8 or _force_portable:
+    if m <= FUSED_MAX_M_INT8 and not _force_portable and L.qb_has_avx512():
         y = torch.empty(m, n, dtype=torch.float32)
-        L.qb8_linear(codes.data_ptr(), scale.data_ptr(), n, k, x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt,
-                     int(_force_portable))  # fmt: skip
-        return y
+        if L.qb8_linear(codes.data_ptr(), scale.data_ptr(), n, k, x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt, 0) == 0:
+            return y
 
     sg = _build.sgemm_pointer()
     if sg is not None:
@@ -296,11 +317,22 @@ def int8_linear_grad_input(grad_y: Tensor, codes: Tensor, scale: Tensor, out_fea
     codes, scale = codes.contiguous(), scale.contiguous()
     g2 = _x2d(grad_y, out_features)
     nt = torch.get_num_threads()
+    sg = _build.sgemm_pointer()
+    if g2.shape[0] == 0:
+        gx = g2.new_zeros(0, in_features)
+    elif sg is not None:
 
-    def dq(n0: int, n1: int, w: Tensor) -> None:
-        L.qb8_dequant(codes.data_ptr(), scale.data_ptr(), in_features, n0, n1, w.data_ptr(), nt)
+        def run(parts: Tensor, nt: int, p: int) -> None:
+            L.qb8_grad_panel(codes.data_ptr(), scale.data_ptr(), out_features, in_features, g2.data_ptr(),
+                             g2.shape[0], parts.data_ptr(), nt, sg, p)  # fmt: skip
 
-    gx = _panel_grad(g2, out_features, in_features, dq) if g2.shape[0] else g2.new_zeros(0, in_features)
+        gx = _grad_partials(L, g2, out_features, in_features, run)
+    else:
+
+        def dq(n0: int, n1: int, w: Tensor) -> None:
+            L.qb8_dequant(codes.data_ptr(), scale.data_ptr(), in_features, n0, n1, w.data_ptr(), nt)
+
+        gx = _panel_grad(g2, out_features, in_features, dq)
     return gx.reshape(*grad_y.shape[:-1], in_features).to(grad_y.dtype)
 
 

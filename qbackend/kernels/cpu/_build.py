@@ -1,6 +1,6 @@
 """Build (once per machine, cached) and load the C++ CPU kernels in ``qlinear.cpp``.
 
-The library is plain C ABI loaded with ctypes, so it compiles in about a second with ``g++`` and
+The library is plain C ABI loaded with ctypes, so it compiles in seconds with ``g++`` and
 does not depend on torch's C++ headers or ABI. ISA flags are chosen from the CPU we run on
 (never ``-march=native``): the cached file name holds the variant and a hash of the source, flags
 and compiler, so a cache directory shared by different machines never hands out an illegal
@@ -144,6 +144,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qb4_linear_panel.restype = INT
     lib.qb8_linear_panel.argtypes = [P, P, I64, I64, P, I64, P, P, INT, P, I64]
     lib.qb8_linear_panel.restype = INT
+    lib.qb4_grad_panel.argtypes = [qw, P, I64, P, INT, P, I64, INT]
+    lib.qb4_grad_panel.restype = INT
+    lib.qb8_grad_panel.argtypes = [P, P, I64, I64, P, I64, P, INT, P, I64]
+    lib.qb8_grad_panel.restype = INT
+    lib.qb_panel_threads.argtypes = [I64, I64, INT]
+    lib.qb_panel_threads.restype = INT
     lib.qb_check_sgemm.argtypes = [P]
     lib.qb_check_sgemm.restype = INT
 
