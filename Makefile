@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test lint bench clean
 
 setup:
-	@bash .ci/venv.sh $(VENV) test,examples
+	@bash .ci/venv.sh $(VENV) test,examples,mlir
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m qbackend demo

@@ -235,7 +235,7 @@ def markdown(speed: list[dict], rss: dict | None, acc: list[dict]) -> str:
               "rounds in one process).", ""]  # fmt: skip
     if acc:
         lines += ["## Accuracy vs fp32, per format", "",
-                  "Output cosine vs the fp32 model (MiniLM: mean/min over 60 evaluation sentences of the pooled "
+                  "Output cosine vs the fp32 model (MiniLM: mean/min over the 32 evaluation sentences of the pooled "
                   "embedding, and the correlation of pairwise similarities; HF models: flattened last hidden "
                   "state / logits of 4x32 random tokens). `weight err` is the mean relative Frobenius error "
                   "of the quantized weights. Measured through `qbackend.quantize_`, which runs the same ops the "

@@ -58,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sample-tokens", type=int, default=512, help="input rows kept per layer for the alpha search")
     p.add_argument("--no-inductor", action="store_true", help="run qbackend's passes, then the graph eagerly")
     p.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    p.add_argument("--time", type=int, default=0, metavar="N",
+                   help="also time N calls on the evaluation batch (median; fp32 Inductor as the baseline)")
     return p.parse_args()
 
 
@@ -93,6 +95,17 @@ def compile_variant(model: torch.nn.Module, options: dict[str, Any], inductor: b
     return torch.compile(model, backend=passes_only), results
 
 
+def median_ms(fn, batch: dict, n: int) -> float:
+    with torch.no_grad():
+        fn(**batch)  # warm-up (and compile)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn(**batch)
+            times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
 def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
@@ -112,6 +125,10 @@ def main() -> None:
     with torch.no_grad():
         ref = pooled_embeddings(model, batch)
     rows = []
+    if args.time:
+        torch._dynamo.reset()
+        fp32_ms = median_ms(torch.compile(model), dict(batch), args.time)
+        print(f"fp32 Inductor: {fp32_ms:.0f} ms per call ({len(EVALUATION_SENTENCES)} sentences)")
     for name in args.variants:
         desc, opts = VARIANTS[name]
         options = {"preset": "w8a8", "calibration": result, **opts}
@@ -127,18 +144,20 @@ def main() -> None:
             alphas = sorted({g.choice.alpha for g in fold.groups if g.choice is not None and g.kind != "skipped"})
             if len(alphas) > 1:
                 smooth += f"; alpha {min(alphas):g}..{max(alphas):g}"
-        rows.append((name, desc, q, smooth, time.perf_counter() - t0))
+        ms = median_ms(compiled, dict(batch), args.time) if args.time else None
+        rows.append((name, desc, q, smooth, ms))
+        timing = f"  {ms:.0f} ms/call" if ms is not None else ""
         print(f"{name:24s} cos {q['cosine_mean']:.5f} (min {q['cosine_min']:.5f})  sim-corr {q['similarity_corr']:.5f}"
-              f"  [{smooth}]  {rows[-1][-1]:.0f}s", flush=True)  # fmt: skip
+              f"  [{smooth}]{timing}  ({time.perf_counter() - t0:.0f}s)", flush=True)  # fmt: skip
     if args.markdown:
         how = "passes only, eager ops" if args.no_inductor else "torch.compile(backend=qbackend)"
         machine = platform.processor() or platform.machine()
         print(f"\n{datetime.date.today()} | {machine} | torch {torch.__version__} | {how}\n")
-        print("| variant | embedding cosine mean | min | pairwise-similarity corr | smoothing groups |")
-        print("|---|---|---|---|---|")
-        for _name, desc, q, smooth, _t in rows:
+        print("| variant | embedding cosine mean | min | pairwise-similarity corr | smoothing groups | ms/call |")
+        print("|---|---|---|---|---|---|")
+        for _name, desc, q, smooth, ms in rows:
             cos, low, corr = q["cosine_mean"], q["cosine_min"], q["similarity_corr"]
-            print(f"| {desc} | {cos:.5f} | {low:.5f} | {corr:.5f} | {smooth} |")
+            print(f"| {desc} | {cos:.5f} | {low:.5f} | {corr:.5f} | {smooth} | {'-' if ms is None else f'{ms:.0f}'} |")
 
 
 if __name__ == "__main__":

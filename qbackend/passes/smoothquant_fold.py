@@ -385,8 +385,10 @@ class _State:
                 return self._descend(a, channels)
         if t in _SUMS:
             return f"{_describe(node)} is a sum (residual): both branches would need scaling"
-        if node.op in ("call_method", "call_function") and t in ("view", "reshape", torch.reshape):
-            return f"{_describe(node)} changes the channel dim (heads merged); not traced through"
+        if t in ("view", "reshape", torch.reshape):
+            return f"{_describe(node)} changes the channel dim (e.g. merges attention heads); not traced through"
+        if node.op in ("placeholder", "get_attr"):
+            return f"{_describe(node)} is a graph input: nothing in the graph produces it"
         return f"{_describe(node)} is not linear per channel"
 
     def _descend(self, node: fx.Node, channels: int | None) -> _Fold | str:

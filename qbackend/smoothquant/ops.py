@@ -42,8 +42,10 @@ def w8a8_outlier_linear(
     _check(x, codes, scale, threshold, out_features, in_features)
     w8a8 = torch.ops.qbackend.w8a8_linear
     xf = x.reshape(-1, in_features)
-    cols = (xf.abs() >= threshold).any(dim=0)
-    idx = cols.nonzero().squeeze(1)
+    if xf.shape[0] == 0:
+        return w8a8(x, codes, scale, bias, act_scale, out_features, in_features)
+    lo, hi = torch.aminmax(xf, dim=0)  # one pass over x, no |x| temporary
+    idx = ((hi >= threshold) | (lo <= -threshold)).nonzero().squeeze(1)
     if idx.numel() == 0:
         return w8a8(x, codes, scale, bias, act_scale, out_features, in_features)
     regular = xf.index_fill(1, idx, 0.0)
