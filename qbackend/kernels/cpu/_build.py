@@ -9,7 +9,7 @@ warning per process).
 
 Environment: ``QBACKEND_CPU_KERNELS=0`` disables the C++ kernels; ``QBACKEND_CACHE_DIR`` moves the
 cache (default: torch's extension build root, ``~/.cache/torch_extensions``); ``CXX`` picks the
-compiler (default ``g++``).
+compiler (default ``g++``); ``QBACKEND_CPU_VARIANT`` forces the ISA variant (avx512, avx2, generic).
 """
 
 from __future__ import annotations
@@ -62,7 +62,11 @@ class QW4(ctypes.Structure):
 
 
 def cpu_variant() -> str:
-    """The ISA variant this CPU runs: "avx512", "avx2" or "generic"."""
+    """The ISA variant this CPU runs: "avx512", "avx2" or "generic" (``QBACKEND_CPU_VARIANT`` may
+    force a lower one, e.g. to test the portable build)."""
+    forced = os.environ.get("QBACKEND_CPU_VARIANT")
+    if forced in _VARIANTS:
+        return forced
     flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as f:

@@ -65,6 +65,8 @@ inline int ilog2(int64_t v) {
 
 inline bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
+int g_nr = 0;  // rows of W per small-M register tile; 0 = by M (tuning knob, see qb_set_nr)
+
 inline float nested_const(const QW4& q, int64_t blk) {
     // Same operation order as the reference (table * absmax2, then + offset; no FMA contraction).
     float t = q.ntable[q.ncodes[blk]] * q.nabsmax[blk / q.nbs];
@@ -373,8 +375,6 @@ void gemm4_block(const QW4& q, const float* xq, int64_t m0, const float* bias, f
     }
 }
 
-int g_nr = 0;  // rows of W per small-M register tile; 0 = by M (tuning knob, see qb_set_nr)
-
 template <int NR, bool AFF>
 void gemm4_blocks(const QW4& q, const float* xq, int64_t M, const float* bias, float* y, int64_t n0, int64_t n1,
                   float* s, float* z, size_t cl) {
@@ -676,8 +676,8 @@ extern "C" {
 // (nothing computed) if this build or shape has none: the caller then uses dequantized panels.
 int qb4_linear(const QW4* qp, const float* x, int64_t M, const float* bias, float* y, int nthreads, int force_portable) {
     const QW4& q = *qp;
-    const size_t cl = const_buf_len(q);
 #if QB_AVX512
+    const size_t cl = const_buf_len(q);
     if (!force_portable && fused4_ok(q)) {
         const int64_t K = q.K, G32 = K / 32;
         const bool affine = q.kind == 1 && q.zp != nullptr;
@@ -706,7 +706,7 @@ int qb4_linear(const QW4* qp, const float* x, int64_t M, const float* bias, floa
         return 0;
     }
 #endif
-    (void)force_portable;
+    (void)q, (void)x, (void)M, (void)bias, (void)y, (void)nthreads, (void)force_portable;
     return 1;  // not covered by the fused kernels: the caller uses dequantized panels
 }
 
