@@ -127,6 +127,8 @@ class QuantConfig:
             raise ConfigError(str(e)) from None
         object.__setattr__(self, "smoothquant", sq)
         object.__setattr__(self, "calibration", cal)
+        if sq is not None and self.qat is not None:
+            raise ConfigError("smoothquant (W8A8) and qat cannot be combined: QAT trains weight-only formats")
         if self.format == "int8" and self.blocksize is not None:
             raise ConfigError("int8 is per output channel; blocksize must be None (use format='int4' for groups)")
         if self.format == "int8" and self.symmetric is False:

@@ -97,6 +97,7 @@ def test_nan_activations_and_models_without_linears_are_errors():
         qbackend.calibrate(nn.Sequential(nn.ReLU()).eval(), [torch.randn(2, 4)], progress=False)
 
 
+@pytest.mark.filterwarnings("ignore:.*no batch reached")
 def test_save_load_roundtrip_and_corrupt_files(tmp_path):
     result = qbackend.calibrate(Forms().eval(), _batches(2), progress=False)
     st_path, js_path = result.save(tmp_path / "cal")

@@ -259,6 +259,11 @@ def test_exact_folds_add_no_runtime_op_in_generated_code():
         expected = model(x)
     assert _rel(outs["exact"], expected) < _rel(outs["naive"], expected)
 
+    # An unsmoothed layer's weight changed in place (o: no exact fold, skipped): re-quantized on the next call.
+    with torch.no_grad():
+        model.o.weight.mul_(-1.0)
+        y2, expected2 = compiled(x), model(x)
+    assert _rel(y2, expected2) < 0.05 and _rel(y2, outs["exact"]) > 0.05
     # A folded parameter changed in place after compiling: never silently stale.
     with torch.no_grad():
         with pytest.raises(StaleWeightError, match="n1.weight.*SmoothQuant folded"):

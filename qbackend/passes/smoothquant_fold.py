@@ -18,10 +18,12 @@ function as the original (up to float rounding). Each smoothed linear's weight W
 Nothing is folded through a non-linear op. Linears sharing one input (q/k/v, gate/up) form one group;
 an exact fold gives the group one s, computed from the max over all their weights. With an explicit
 multiply, each linear gets its own s and multiply (``explicit="per_layer"``, more accurate: v_proj
-does not inherit q/k's weight ranges) or the group shares one (``explicit="shared"``). The user's parameters are never modified:
-folded values are new ``_qbackend_sq_*`` buffers read only by the rewritten consumers. Groups are
-processed from last to first, so a linear whose output rows absorbed a later group's s is smoothed
-with its already-scaled weight. Idempotent: a second call returns the first report unchanged.
+does not inherit q/k's weight ranges) or the group shares one (``explicit="shared"``).
+
+The user's parameters are never modified: folded values are new ``_qbackend_sq_*`` buffers read only
+by the rewritten consumers. Groups are processed from last to first, so a linear whose output rows
+absorbed a later group's s is smoothed with its already-scaled weight. Idempotent: a second call
+returns the first report unchanged.
 """
 
 from __future__ import annotations
@@ -418,9 +420,7 @@ class _State:
                 if isinstance(p, fx.Node):
                     self.scale(p, node, s, dim=-1, inverse=True)
                 elif name == "weight":  # no affine weight: the fold gives it one, 1/s
-                    v = _val(node)
-                    self.new_weights.append((node, idx, (1.0 / s).to(v.dtype if v is not None else torch.float32),
-                                             f"{fold.target}.weight"))  # fmt: skip
+                    self.new_weights.append((node, idx, _like(1.0 / s, _val(node)), f"{fold.target}.weight"))
         elif fold.kind == "param_mul":
             p = node.args[fold.param_arg]
             assert isinstance(p, fx.Node)
@@ -435,9 +435,8 @@ class _State:
     def _explicit(self, sites: list[LinearSite], s: torch.Tensor) -> None:
         """``x * (1/s)`` once per distinct input node, read only by the group's linears."""
         for x in dict.fromkeys(site.x for site in sites):
-            v = _val(x)
-            const = self._const((1.0 / s).to(v.dtype if v is not None else torch.float32),
-                                f"{sites[0].layer_name}.smooth_inv_scale")  # fmt: skip
+            inv = _like(1.0 / s, _val(x))
+            const = self._const(inv, f"{sites[0].layer_name}.smooth_inv_scale")
             readers = [r for site in sites for r in (site.node, *site.consumed) if x in r.all_input_nodes]
             order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
             # Right before the first reader: after both x and the constant (which precedes every call).
@@ -493,6 +492,13 @@ def _scaled(t: torch.Tensor, s: torch.Tensor, dim: int, inverse: bool) -> torch.
     sv = s.to(t.device).reshape(shape)
     out = t.detach().double() / sv if inverse else t.detach().double() * sv
     return out.to(t.dtype)
+
+
+def _like(t: torch.Tensor, example: torch.Tensor | None) -> torch.Tensor:
+    """``t`` in the dtype and on the device of ``example`` (a node's example value), else fp32 CPU."""
+    if example is None:
+        return t.float()
+    return t.to(dtype=example.dtype, device=example.device)
 
 
 def _constant_along_channels(x: object) -> bool:

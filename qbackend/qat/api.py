@@ -77,8 +77,8 @@ def eager_qat(model: nn.Module) -> Iterator[nn.Module]:
     """
     patched = []
     for mod in model.modules():
-        state = getattr(mod, STATE_NAME, None)
-        if isinstance(mod, nn.Linear) and isinstance(state, LinearQAT):
+        state = state_of(mod.weight) if isinstance(mod, nn.Linear) else None
+        if state is not None:  # the weight's state: a layer tied to a prepared one is fake-quantized too
             mod.forward = _qat_forward(mod, state)  # an instance attribute shadows the class's forward
             patched.append(mod)
     try:
@@ -99,14 +99,17 @@ def convert(model: nn.Module) -> nn.Module:
     """Deploy every prepared layer of ``model`` in place: ``nn.Linear`` + ``.qat`` -> `QuantizedLinear`.
 
     The deployed weight is exactly what the QAT forward fake-quantized (``deployed_weight``); the
-    float weight and the QAT state are dropped. Returns ``model`` (the new module if ``model``
-    itself is a prepared ``nn.Linear``).
+    float weight and the QAT state are dropped. Layers tied to one weight share one quantized
+    weight. Returns ``model`` (the new module if ``model`` itself is a prepared ``nn.Linear``).
     """
+    shared: dict[int, Any] = {}
     for name, mod in list(model.named_modules()):
-        state = getattr(mod, STATE_NAME, None)
-        if not (isinstance(mod, nn.Linear) and isinstance(state, LinearQAT)):
+        state = state_of(mod.weight) if isinstance(mod, nn.Linear) else None
+        if state is None:
             continue
-        kw = prepare_weight(deployed_weight(mod.weight, state.scheme, state, name=name))
+        kw = shared.get(id(mod.weight))
+        if kw is None:
+            kw = shared[id(mod.weight)] = prepare_weight(deployed_weight(mod.weight, state.scheme, state, name=name))
         bias = None if mod.bias is None else mod.bias.detach()
         if state.activations == "none":
             new: nn.Module = QuantizedLinear(kw, bias, state.scheme)

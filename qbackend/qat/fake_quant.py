@@ -75,10 +75,10 @@ def _one_thread() -> Iterator[None]:
 
 
 def _clip_bounds(wf: Tensor, scheme: Scheme, ratio: Tensor, min_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-element (lo, hi) of the clipped range, and the effective per-unit ratio.
+    """Per-unit (lo, hi) of the clipped range in fp32, and the effective ratio (capped to [min_ratio, 1]).
 
-    Bounds are rounded to the weight's dtype so the clipped weight is representable in it (then
-    deploying the clipped weight in its own dtype reproduces these numerics).
+    Callers round the bounds to the weight's dtype, so the clipped weight is representable in it
+    (deploying the clipped weight in its own dtype then reproduces these numerics).
     """
     lo, hi = unit_range(wf, scheme)
     r = ratio.detach().float().reshape(-1).clamp(min_ratio, 1.0)

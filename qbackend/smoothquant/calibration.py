@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..passes import find_linears
 from .result import CalibrationError, CalibrationResult, LayerStats, default_meta
-from .sites import find_linears
 
 
 class _Recorder:
@@ -117,8 +117,9 @@ def _call(model: torch.nn.Module, batch: Any) -> Any:
 
 def _describe(batch: Any) -> str:
     def one(v: Any) -> str:
-        return f"tensor{tuple(v.shape)}/{str(v.dtype).replace('torch.', '')}" if isinstance(v, torch.Tensor) else (
-            type(v).__name__)  # fmt: skip
+        if isinstance(v, torch.Tensor):
+            return f"tensor{tuple(v.shape)}/{str(v.dtype).removeprefix('torch.')}"
+        return type(v).__name__
 
     if isinstance(batch, Mapping):
         return "{" + ", ".join(f"{k}: {one(v)}" for k, v in batch.items()) + "}"
@@ -168,6 +169,8 @@ def calibrate(
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     if total == 0:
         raise CalibrationError("calibrate() got zero batches: pass at least one batch of real inputs")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # already compiled: calibrate the original
+        model = model._orig_mod
     if model.training:
         warnings.warn("calibrate(): the model is in training mode (dropout is active); call model.eval() first",
                       stacklevel=2)  # fmt: skip

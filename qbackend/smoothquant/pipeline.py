@@ -87,6 +87,8 @@ def run_w8a8(gm: fx.GraphModule, config: Any, measure_error: bool = False) -> W8
         result.sources = result.fold.sources
     act_fn = _act_fn(sq, cal, result.fold, result.notes)
     result.w8a8 = lower_w8a8(gm, plans, act_fn, result.fold, measure_error)
+    if result.fold is not None:  # the float W * s copies are quantized now: do not keep them alive
+        result.fold.weights.clear()
     result.nodes = sum(len(w.plan.lowerable_sites) for w in result.w8a8)
     result.lowered = [Lowered(w.entry, w.plan.param) for w in result.w8a8 if w.entry is not None]
     result.report.layers = _rows(plans, result.w8a8)
