@@ -9,8 +9,9 @@ Each configuration runs in its own process (clean RSS) on the same Llama-archite
   ``qbackend.qat.quantize_base`` — float weights freed, the base runs the quantized op.
 
 Reported per configuration: bytes of the model state, bytes saved for backward during the forward
-(split into model weights vs activations), gradient + optimizer-state bytes, and the process RSS
-before the step and its peak during steps (sampled every millisecond). ``--compile`` trains
+(split into model weights vs activations; a float base saves its weights, which are alive anyway),
+gradient + optimizer-state bytes, and the process RSS (over the interpreter's baseline) before a
+step and its peak during steps (sampled every millisecond). ``--compile`` trains
 through ``torch.compile(backend="qbackend")`` instead of eagerly.
 
     python benchmarks/bench_qlora_memory.py [--hidden 512 --layers 4 --batch 4 --seq 128] [--compile]
@@ -146,8 +147,11 @@ def main() -> None:
           f"batch {args.batch} x seq {args.seq}, {'compiled (qbackend)' if args.compile else 'eager'}")  # fmt: skip
     rows = []
     for config in CONFIGS:
-        cmd = [sys.executable, __file__, "--only", config, *sys.argv[1:]]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        cmd = [sys.executable, "-X", "faulthandler", __file__, "--only", config, *sys.argv[1:]]
+        # A fixed glibc mmap threshold: freed large tensors (the float weights quantize_base drops) go
+        # back to the OS instead of raising the threshold and lingering in the heap; RSS = live memory.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
     cols = ["config", "trainable", "state_MB", "saved_weights_MB", "saved_activations_MB", "grads_opt_MB",
             "rss_before_step_MB", "rss_peak_step_MB"]  # fmt: skip

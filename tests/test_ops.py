@@ -174,7 +174,7 @@ def test_portable_cpp_path_matches_reference(scheme, monkeypatch):
 def test_large_m_panel_paths(blas, monkeypatch):
     # M above the fused limit: dequantized panels x BLAS (in C++), or the Python loop without BLAS.
     if not blas:
-        monkeypatch.setattr(cpu._build, "sgemm_pointer", lambda: None)
+        monkeypatch.setattr(cpu._build, "has_blas", lambda: False)
     monkeypatch.setattr(cpu, "FUSED_MAX_M", 4)
     monkeypatch.setattr(cpu, "FUSED_MAX_M_INT8", 4)
     for scheme in (Scheme("nf4", nested=True), Scheme("int", bits=4, symmetric=False, blocksize=32),

@@ -8,7 +8,8 @@ machines with ``benchmarks/bench_cpu_linear.py``; figures in ``benchmarks/result
   included, decoded inline) and a register-tiled small-M GEMM (2-4 rows of W x up to 8 rows of x).
   On this machine they beat dequantize + MKL up to M = 64..256.
 * larger M: each thread dequantizes panels of rows of W (exactly) into a cache-sized buffer and
-  multiplies them with torch's own BLAS ``sgemm_`` called single-threaded from C++.
+  multiplies them with torch's own BLAS ``sgemm_`` called single-threaded from C++ (without that
+  BLAS: the same panels multiplied with torch.mm from Python).
 * CPUs without AVX-512, and shapes the fused kernels do not cover (K % 32 != 0, block/group sizes
   that are not powers of two >= 32): the same exact dequantization (scalar) + BLAS path.
   Without the C++ library at all (no compiler): the pure-torch reference, with a warning.
@@ -161,10 +162,9 @@ def _linear4(L, q, x: Tensor, bias: Tensor | None, n: int, k: int) -> Tensor:
         if L.qb4_linear(ctypes.byref(q), x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt, 0) == 0:
             return _out(y, x, n)
 
-    sg = _build.sgemm_pointer()
-    if sg is not None:
+    if _build.has_blas():
         y = torch.empty(m, n, dtype=torch.float32)
-        L.qb4_linear_panel(ctypes.byref(q), x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt, sg, _panel_rows(k, n),
+        L.qb4_linear_panel(ctypes.byref(q), x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt, _panel_rows(k, n),
                            int(_force_portable))  # fmt: skip
         return _out(y, x, n)
 
@@ -186,13 +186,12 @@ def _grad_partials(L, g2: Tensor, n: int, k: int, run) -> Tensor:
 def _grad4(L, q, g: Tensor, n: int, k: int) -> Tensor:
     g2 = _x2d(g, n)
     nt = torch.get_num_threads()
-    sg = _build.sgemm_pointer()
     if g2.shape[0] == 0:
         gx = g2.new_zeros(0, k)
-    elif sg is not None:
+    elif _build.has_blas():
 
         def run(parts: Tensor, nt: int, p: int) -> None:
-            L.qb4_grad_panel(ctypes.byref(q), g2.data_ptr(), g2.shape[0], parts.data_ptr(), nt, sg, p,
+            L.qb4_grad_panel(ctypes.byref(q), g2.data_ptr(), g2.shape[0], parts.data_ptr(), nt, p,
                              int(_force_portable))  # fmt: skip
 
         gx = _grad_partials(L, g2, n, k, run)
@@ -280,10 +279,9 @@ def _int8_y(L, x2: Tensor, codes: Tensor, scale: Tensor, b: Tensor | None, n: in
         if L.qb8_linear(codes.data_ptr(), scale.data_ptr(), n, k, x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt, 0) == 0:
             return y
 
-    sg = _build.sgemm_pointer()
-    if sg is not None:
+    if _build.has_blas():
         y = torch.empty(m, n, dtype=torch.float32)
-        L.qb8_linear_panel(codes.data_ptr(), scale.data_ptr(), n, k, x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt, sg,
+        L.qb8_linear_panel(codes.data_ptr(), scale.data_ptr(), n, k, x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt,
                            _panel_rows(k, n))  # fmt: skip
         return y
 
@@ -317,14 +315,13 @@ def int8_linear_grad_input(grad_y: Tensor, codes: Tensor, scale: Tensor, out_fea
     codes, scale = codes.contiguous(), scale.contiguous()
     g2 = _x2d(grad_y, out_features)
     nt = torch.get_num_threads()
-    sg = _build.sgemm_pointer()
     if g2.shape[0] == 0:
         gx = g2.new_zeros(0, in_features)
-    elif sg is not None:
+    elif _build.has_blas():
 
         def run(parts: Tensor, nt: int, p: int) -> None:
             L.qb8_grad_panel(codes.data_ptr(), scale.data_ptr(), out_features, in_features, g2.data_ptr(),
-                             g2.shape[0], parts.data_ptr(), nt, sg, p)  # fmt: skip
+                             g2.shape[0], parts.data_ptr(), nt, p)  # fmt: skip
 
         gx = _grad_partials(L, g2, out_features, in_features, run)
     else:

@@ -1,7 +1,7 @@
 """Build (once per machine, cached) and load the C++ CPU kernels in ``qlinear.cpp``.
 
-The library is plain C ABI loaded with ctypes, so it compiles in seconds with ``g++`` and
-does not depend on torch's C++ headers or ABI. ISA flags are chosen from the CPU we run on
+The library is plain C ABI loaded with ctypes (no OpenMP, no libtorch), so it compiles in seconds
+with ``g++`` and does not depend on torch's C++ headers or ABI. ISA flags are chosen from the CPU we run on
 (never ``-march=native``): the cached file name holds the variant and a hash of the source, flags
 and compiler, so a cache directory shared by different machines never hands out an illegal
 instruction. If anything fails, :func:`load` returns None and the ops use a pure-torch path (one
@@ -26,7 +26,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 _SRC = Path(__file__).with_name("qlinear.cpp")
 
 # Explicit ISA flags instead of -march=native: the binary then runs on every CPU of that class.
@@ -36,7 +36,8 @@ _VARIANTS = {
     "generic": [],
 }
 # -ffp-contract=off keeps the decode arithmetic exactly the reference's (no implicit FMA fusion).
-_BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+# No OpenMP: the library has its own small thread pool (see RowPool in qlinear.cpp).
+_BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 
 
 class QW4(ctypes.Structure):
@@ -144,38 +145,41 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qb8_linear.restype = INT
     lib.qb8_dequant.argtypes = [P, P, I64, I64, I64, P, INT]
     lib.qb8_dequant.restype = None
-    lib.qb4_linear_panel.argtypes = [qw, P, I64, P, P, INT, P, I64, INT]
+    lib.qb4_linear_panel.argtypes = [qw, P, I64, P, P, INT, I64, INT]
     lib.qb4_linear_panel.restype = INT
-    lib.qb8_linear_panel.argtypes = [P, P, I64, I64, P, I64, P, P, INT, P, I64]
+    lib.qb8_linear_panel.argtypes = [P, P, I64, I64, P, I64, P, P, INT, I64]
     lib.qb8_linear_panel.restype = INT
-    lib.qb4_grad_panel.argtypes = [qw, P, I64, P, INT, P, I64, INT]
+    lib.qb4_grad_panel.argtypes = [qw, P, I64, P, INT, I64, INT]
     lib.qb4_grad_panel.restype = INT
-    lib.qb8_grad_panel.argtypes = [P, P, I64, I64, P, I64, P, INT, P, I64]
+    lib.qb8_grad_panel.argtypes = [P, P, I64, I64, P, I64, P, INT, I64]
     lib.qb8_grad_panel.restype = INT
     lib.qb_panel_threads.argtypes = [I64, I64, INT]
     lib.qb_panel_threads.restype = INT
-    lib.qb_check_sgemm.argtypes = [P]
-    lib.qb_check_sgemm.restype = INT
+    lib.qb_set_blas.argtypes = [P, P]
+    lib.qb_set_blas.restype = INT
 
 
 @functools.cache
-def sgemm_pointer() -> int | None:
-    """Address of the Fortran ``sgemm_`` that libtorch_cpu exports (MKL in x86 wheels), checked by a
-    small multiply; None if absent or if it does not follow the LP64 convention we call it with."""
+def has_blas() -> bool:
+    """Hand torch's own BLAS to the library: the Fortran ``sgemm_`` and ``MKL_Set_Num_Threads_Local``
+    that libtorch_cpu exports (MKL in x86 wheels), after a small check multiply. False if they are
+    absent (other BLAS builds): the large-M paths then multiply panels with torch.mm in Python."""
     lib = load()
     if lib is None:
-        return None
+        return False
     import torch
 
     try:
         torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        ptr = ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p).value
+        sgemm = ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p).value
+        # The C interface (int by value); the lower-case symbol is the Fortran one (int by pointer).
+        local = ctypes.cast(torch_cpu.MKL_Set_Num_Threads_Local, ctypes.c_void_p).value
     except (OSError, AttributeError):
-        return None
-    if not ptr or not lib.qb_check_sgemm(ptr):
-        log.info("qbackend: torch's sgemm_ is unusable here; large-M CPU linears use torch.mm per panel")
-        return None
-    return ptr
+        return False
+    ok = bool(lib.qb_set_blas(sgemm, local))
+    if not ok:
+        log.info("qbackend: torch's sgemm_ failed the check multiply; large-M CPU linears use torch.mm")
+    return ok
 
 
 @functools.cache

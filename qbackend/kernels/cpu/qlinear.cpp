@@ -1,9 +1,9 @@
 // qbackend CPU kernels for 4-bit (NF4/FP4 codebook, int4) and int8 weight-only linears.
 //
 // Plain C ABI (loaded with ctypes, no libtorch headers): it builds in a few seconds on any
-// machine with g++ and does not depend on torch's C++ ABI. Threads: the fused kernels use the
-// small RowPool below; the panel paths use OpenMP from the libgomp torch already loaded (same
-// soname, so torch's own pool), inside which torch's BLAS runs single-threaded.
+// machine with g++ and does not depend on torch's C++ ABI. Threads: a small pool of its own
+// (RowPool below; no OpenMP, so nothing here breaks in a forked child); torch's BLAS is called
+// single-threaded from the pool threads.
 //
 // Layout: 4-bit codes are bitsandbytes' flat layout (element i of the row-major [N, K] weight in
 // the high nibble of byte i/2 when i is even). Codebook blocks run over the flattened weight
@@ -23,7 +23,6 @@
 #include <mutex>
 #include <thread>
 #include <vector>
-#include <omp.h>
 #include <unistd.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #include <immintrin.h>
@@ -49,7 +48,7 @@ struct QW4 {
     int64_t N, K, bs, nbs, G;
 };
 
-int qb_abi_version() { return 4; }
+int qb_abi_version() { return 5; }
 int qb_has_avx512() { return QB_AVX512; }
 int qb4_fast_ok(const QW4* q);
 
@@ -538,20 +537,6 @@ float* scratch(int slot, size_t n) {
     return bufs[slot].data();
 }
 
-template <typename F>
-void parallel_rows(int64_t N, int64_t grain, int nthreads, F&& body) {
-    // Dynamic scheduling over small row blocks: the cores are often shared (CI, other jobs), and a
-    // static split makes every call wait for the slowest, possibly descheduled, thread.
-    const int64_t nblk = (N + grain - 1) / grain;
-    const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, nblk));
-    if (nt == 1) {  // no parallel region at all (and BLAS called below may use its own threads)
-        for (int64_t b = 0; b < nblk; ++b) body(b * grain, std::min(N, (b + 1) * grain));
-        return;
-    }
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t b = 0; b < nblk; ++b) body(b * grain, std::min(N, (b + 1) * grain));
-}
-
 // A small thread pool for the fused kernels, where one call lasts well under a millisecond.
 // The cores are often shared (CI machines, other jobs): an OpenMP region ends with a barrier that
 // waits for every team thread, also one the OS has not scheduled yet, which costs a full scheduler
@@ -565,12 +550,12 @@ class RowPool {
     void run(int64_t nchunks, int nthreads, F& body) {
         std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
         if (nthreads <= 1 || nchunks <= 1 || !busy.owns_lock()) {  // a concurrent caller runs serially
-            for (int64_t c = 0; c < nchunks; ++c) body(c);
+            for (int64_t c = 0; c < nchunks; ++c) body(c, 0);
             return;
         }
         ensure_workers(nthreads - 1);
         Job job;
-        job.fn = [](void* ctx, int64_t c) { (*static_cast<F*>(ctx))(c); };
+        job.fn = [](void* ctx, int64_t c, int slot) { (*static_cast<F*>(ctx))(c, slot); };
         job.ctx = &body;
         job.n = nchunks;
         job.max_workers = nthreads - 1;
@@ -580,7 +565,7 @@ class RowPool {
             gen_.fetch_add(1, std::memory_order_release);
         }
         cv_.notify_all();
-        work(job);
+        work(job, 0);
         {
             std::lock_guard<std::mutex> g(mu_);  // after this no worker can enter the job
             job_ = nullptr;
@@ -604,7 +589,7 @@ class RowPool {
 
   private:
     struct Job {
-        void (*fn)(void*, int64_t) = nullptr;
+        void (*fn)(void*, int64_t, int) = nullptr;
         void* ctx = nullptr;
         int64_t n = 0;
         int max_workers = 0;
@@ -613,8 +598,9 @@ class RowPool {
         int entered = 0;  // guarded by mu_
     };
 
-    static void work(Job& j) {
-        for (int64_t c = j.next.fetch_add(1); c < j.n; c = j.next.fetch_add(1)) j.fn(j.ctx, c);
+    // slot: 0 for the caller, 1.. for workers in the order they joined (< nthreads).
+    static void work(Job& j, int slot) {
+        for (int64_t c = j.next.fetch_add(1); c < j.n; c = j.next.fetch_add(1)) j.fn(j.ctx, c, slot);
     }
 
     void ensure_workers(int n) {
@@ -634,18 +620,19 @@ class RowPool {
 #endif
             }
             Job* j = nullptr;
+            int slot = 0;
             {
                 std::unique_lock<std::mutex> g(mu_);
                 cv_.wait(g, [&] { return gen_.load(std::memory_order_acquire) != seen; });
                 seen = gen_.load(std::memory_order_acquire);
                 if (job_ != nullptr && job_->entered < job_->max_workers) {
                     j = job_;
-                    ++j->entered;
+                    slot = ++j->entered;
                     j->active.fetch_add(1, std::memory_order_acq_rel);
                 }
             }
             if (j != nullptr) {
-                work(*j);
+                work(*j, slot);
                 j->active.fetch_sub(1, std::memory_order_acq_rel);
             }
         }
@@ -660,13 +647,28 @@ class RowPool {
     const pid_t pid_ = getpid();
 };
 
-// Row blocks of `grain` rows on the RowPool (see above); body(n0, n1).
+// Row blocks of `grain` rows on the RowPool (see above); body(n0, n1), or body(n0, n1, slot) with
+// the running thread's slot in [0, pool_threads(N, grain, nthreads)).
+inline int pool_threads(int64_t N, int64_t grain, int nthreads) {
+    const int64_t nblk = (N + grain - 1) / grain;
+    return (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, nblk));
+}
+
+template <typename F>
+void pool_rows_slot(int64_t N, int64_t grain, int nthreads, F&& body) {
+    const int64_t nblk = (N + grain - 1) / grain;
+    auto chunk = [&](int64_t b, int slot) { body(b * grain, std::min(N, (b + 1) * grain), slot); };
+    RowPool::get().run(nblk, pool_threads(N, grain, nthreads), chunk);
+}
+
 template <typename F>
 void pool_rows(int64_t N, int64_t grain, int nthreads, F&& body) {
-    const int64_t nblk = (N + grain - 1) / grain;
-    auto chunk = [&](int64_t b) { body(b * grain, std::min(N, (b + 1) * grain)); };
-    RowPool::get().run(nblk, (int)std::min<int64_t>(nthreads, nblk), chunk);
+    pool_rows_slot(N, grain, nthreads, [&](int64_t n0, int64_t n1, int) { body(n0, n1); });
 }
+
+// Exact dequantization of rows [n0, n1) into buf (defined with the panel paths below).
+void dequant4_rows(const QW4& q, int64_t n0, int64_t n1, float* buf, int force_portable);
+void dequant8_rows(const int8_t* codes, const float* scale, int64_t K, int64_t n0, int64_t n1, float* buf);
 
 }  // namespace
 
@@ -717,19 +719,7 @@ int qb4_fast_ok(const QW4* q) { return QB_AVX512 && fused4_ok(*q); }
 // out[(n - n0) * K + k] = W[n, k] in fp32 for n in [n0, n1); exact (matches the reference bit for bit).
 void qb4_dequant(const QW4* qp, int64_t n0, int64_t n1, float* out, int nthreads, int force_portable) {
     const QW4& q = *qp;
-    const size_t cl = const_buf_len(q);
-    parallel_rows(n1 - n0, 8, nthreads, [&](int64_t a, int64_t b) {
-        float* s = scratch(0, cl);
-        float* z = scratch(1, cl);
-#if QB_AVX512
-        if (!force_portable && fast4_ok(q)) {
-            dequant4_rows_avx512(q, n0 + a, n0 + b, out + a * q.K, s, z);
-            return;
-        }
-#endif
-        dequant4_rows_scalar(q, n0 + a, n0 + b, out + a * q.K, s, z);
-    });
-    (void)force_portable;
+    pool_rows(n1 - n0, 8, nthreads, [&](int64_t a, int64_t b) { dequant4_rows(q, n0 + a, n0 + b, out + a * q.K, force_portable); });
 }
 
 int qb8_linear(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t M,
@@ -745,156 +735,143 @@ int qb8_linear(const int8_t* codes, const float* scale, int64_t N, int64_t K, co
     return 1;  // no fused kernel in this build: the caller uses dequantized panels
 }
 
-// Fortran BLAS sgemm (column-major, LP64 ints): the one torch's libtorch_cpu exports (MKL). Passed
-// in as a pointer so this library never links against libtorch.
+// Fortran BLAS sgemm (column-major, LP64 ints), the one torch's libtorch_cpu exports (MKL), and
+// MKL's mkl_set_num_threads_local. Passed in by qb_set_blas, so this library never links against
+// libtorch. Each sgemm runs with 1 local thread from our pool threads: MKL then never starts an
+// OpenMP team of its own (no oversubscription, and nothing that hangs in a forked child).
 typedef void (*sgemm_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                          const int*, const float*, const int*, const float*, float*, const int*);
+typedef int (*set_threads_fn)(int);
 
 }  // extern "C"
 
 namespace {
 
+sgemm_fn g_sgemm = nullptr;
+set_threads_fn g_blas_local_threads = nullptr;
+
+void sgemm1(const char* ta, const char* tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
+            int ldb, float beta, float* c, int ldc) {
+    const int prev = g_blas_local_threads(1);
+    g_sgemm(ta, tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+    g_blas_local_threads(prev);
+}
+
 // y[M, N] (row-major) = x[M, K] @ W^T (+ bias) for large M: each thread dequantizes panels of P rows
-// of W into its own cache-sized buffer and multiplies it with a single-threaded sgemm (BLAS runs
-// sequentially inside our parallel region). One parallel region per call: on shared cores every
-// extra region can cost a scheduler time slice.
+// of W into its own cache-sized buffer and multiplies it with a single-threaded sgemm.
 template <typename Dequant>
-void panel_gemm(int64_t N, int64_t K, int64_t M, const float* x, const float* bias, float* y, int nthreads,
-                sgemm_fn sgemm, int64_t P, Dequant&& dequant) {
-    parallel_rows(N, P, nthreads, [&](int64_t n0, int64_t n1) {
+void panel_gemm(int64_t N, int64_t K, int64_t M, const float* x, const float* bias, float* y, int nthreads, int64_t P,
+                Dequant&& dequant) {
+    pool_rows(N, P, nthreads, [&](int64_t n0, int64_t n1) {
         float* buf = scratch(2, (size_t)(P * K));
         dequant(n0, n1, buf);
-        const int m = (int)(n1 - n0), n = (int)M, k = (int)K, ld_a = (int)K, ld_b = (int)K, ld_c = (int)N;
-        float alpha = 1.0f, beta = 0.0f;
-        float* c = y + n0;  // column-major C is y^T: C(j, i) = y[i, n0 + j]
+        float beta = 0.0f;
         if (bias) {
             for (int64_t i = 0; i < M; ++i)
                 for (int64_t j = n0; j < n1; ++j) y[i * N + j] = bias[j];
             beta = 1.0f;
         }
-        sgemm("T", "N", &m, &n, &k, &alpha, buf, &ld_a, x, &ld_b, &beta, c, &ld_c);
+        // Column-major C is y^T at column offset n0: C(j, i) = y[i, n0 + j].
+        sgemm1("T", "N", (int)(n1 - n0), (int)M, (int)K, 1.0f, buf, (int)K, x, (int)K, beta, y + n0, (int)N);
     });
 }
-
-}  // namespace
-
-extern "C" {
-
-int qb4_linear_panel(const QW4* qp, const float* x, int64_t M, const float* bias, float* y, int nthreads,
-                     void* sgemm, int64_t P, int force_portable) {
-    const QW4& q = *qp;
-    const size_t cl = const_buf_len(q);
-    panel_gemm(q.N, q.K, M, x, bias, y, nthreads, (sgemm_fn)sgemm, P, [&](int64_t n0, int64_t n1, float* buf) {
-        float* s = scratch(0, cl);
-        float* z = scratch(1, cl);
-#if QB_AVX512
-        if (!force_portable && fast4_ok(q)) {
-            dequant4_rows_avx512(q, n0, n1, buf, s, z);
-            return;
-        }
-#endif
-        dequant4_rows_scalar(q, n0, n1, buf, s, z);
-    });
-    (void)force_portable;
-    return 0;
-}
-
-int qb8_linear_panel(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t M,
-                     const float* bias, float* y, int nthreads, void* sgemm, int64_t P) {
-    panel_gemm(N, K, M, x, bias, y, nthreads, (sgemm_fn)sgemm, P, [&](int64_t n0, int64_t n1, float* buf) {
-        for (int64_t n = n0; n < n1; ++n) {
-            const int8_t* cr = codes + n * K;
-            float* o = buf + (n - n0) * K;
-            const float sc = scale[n];
-            for (int64_t k = 0; k < K; ++k) o[k] = (float)cr[k] * sc;
-        }
-    });
-    return 0;
-}
-
-}  // extern "C"
-
-namespace {
 
 // grad_x[M, K] = g[M, N] @ W: panels of P rows of W are dequantized per thread and accumulated with
-// sgemm into that thread's own partial sum out[tid] (zero-initialised by the caller, who adds the
-// nthreads partials). One parallel region per call, as for the forward.
+// sgemm into that thread's own partial sum out[slot] (zeroed by the caller, who adds the partials).
 template <typename Dequant>
-void panel_grad(int64_t N, int64_t K, int64_t M, const float* g, float* out, int nthreads, sgemm_fn sgemm, int64_t P,
+void panel_grad(int64_t N, int64_t K, int64_t M, const float* g, float* out, int nthreads, int64_t P,
                 Dequant&& dequant) {
-    parallel_rows(N, P, nthreads, [&](int64_t n0, int64_t n1) {
+    pool_rows_slot(N, P, nthreads, [&](int64_t n0, int64_t n1, int slot) {
         float* buf = scratch(2, (size_t)(P * K));
         dequant(n0, n1, buf);
-        const int m = (int)K, n = (int)M, k = (int)(n1 - n0), ld_a = (int)K, ld_b = (int)N, ld_c = (int)K;
-        const float alpha = 1.0f, beta = 1.0f;
-        float* part = out + (int64_t)omp_get_thread_num() * M * K;
-        sgemm("N", "N", &m, &n, &k, &alpha, buf, &ld_a, g + n0, &ld_b, &beta, part, &ld_c);
+        sgemm1("N", "N", (int)K, (int)M, (int)(n1 - n0), 1.0f, buf, (int)K, g + n0, (int)N, 1.0f,
+               out + (int64_t)slot * M * K, (int)K);
     });
+}
+
+void dequant4_rows(const QW4& q, int64_t n0, int64_t n1, float* buf, int force_portable) {
+    const size_t cl = const_buf_len(q);
+    float* s = scratch(0, cl);
+    float* z = scratch(1, cl);
+#if QB_AVX512
+    if (!force_portable && fast4_ok(q)) {
+        dequant4_rows_avx512(q, n0, n1, buf, s, z);
+        return;
+    }
+#endif
+    (void)force_portable;
+    dequant4_rows_scalar(q, n0, n1, buf, s, z);
+}
+
+void dequant8_rows(const int8_t* codes, const float* scale, int64_t K, int64_t n0, int64_t n1, float* buf) {
+    for (int64_t n = n0; n < n1; ++n) {
+        const int8_t* cr = codes + n * K;
+        float* o = buf + (n - n0) * K;
+        const float sc = scale[n];
+        for (int64_t k = 0; k < K; ++k) o[k] = (float)cr[k] * sc;
+    }
 }
 
 }  // namespace
 
 extern "C" {
 
-int qb4_grad_panel(const QW4* qp, const float* g, int64_t M, float* out, int nthreads, void* sgemm, int64_t P,
-                   int force_portable) {
-    const QW4& q = *qp;
-    const size_t cl = const_buf_len(q);
-    panel_grad(q.N, q.K, M, g, out, nthreads, (sgemm_fn)sgemm, P, [&](int64_t n0, int64_t n1, float* buf) {
-        float* s = scratch(0, cl);
-        float* z = scratch(1, cl);
-#if QB_AVX512
-        if (!force_portable && fast4_ok(q)) {
-            dequant4_rows_avx512(q, n0, n1, buf, s, z);
-            return;
-        }
-#endif
-        dequant4_rows_scalar(q, n0, n1, buf, s, z);
-    });
-    (void)force_portable;
-    return 0;
-}
-
-int qb8_grad_panel(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* g, int64_t M,
-                   float* out, int nthreads, void* sgemm, int64_t P) {
-    panel_grad(N, K, M, g, out, nthreads, (sgemm_fn)sgemm, P, [&](int64_t n0, int64_t n1, float* buf) {
-        for (int64_t n = n0; n < n1; ++n) {
-            const int8_t* cr = codes + n * K;
-            float* o = buf + (n - n0) * K;
-            const float sc = scale[n];
-            for (int64_t k = 0; k < K; ++k) o[k] = (float)cr[k] * sc;
-        }
-    });
-    return 0;
-}
-
-// Threads a panel call with nthreads may use (the number of partial sums to allocate).
-int qb_panel_threads(int64_t N, int64_t P, int nthreads) {
-    const int64_t nblk = (N + P - 1) / P;
-    return (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, nblk));
-}
-
-// Self-test of the BLAS pointer (argument convention, LP64): 2x3 @ 3x2.
-int qb_check_sgemm(void* sgemm) {
+// Install the BLAS (returns 1) after checking the argument convention on a 2x3 @ 3x2 product;
+// returns 0 and installs nothing if the result is wrong.
+int qb_set_blas(void* sgemm, void* set_local_threads) {
+    if (sgemm == nullptr || set_local_threads == nullptr) return 0;
     const float a[6] = {1, 2, 3, 4, 5, 6};  // W [2, 3] row-major
     const float b[6] = {1, 0, 2, 0, 1, 3};  // x [2, 3] row-major
     float c[4] = {0, 0, 0, 0};
     const int m = 2, n = 2, k = 3, ld = 3, ldc = 2;
     const float alpha = 1.0f, beta = 0.0f;
     ((sgemm_fn)sgemm)("T", "N", &m, &n, &k, &alpha, a, &ld, b, &ld, &beta, c, &ldc);
-    // y[i, j] = sum_k x[i, k] W[j, k]: y = [[7, 16], [11, 23]], stored column-major as c[i * 2 + j].
-    return c[0] == 7.0f && c[1] == 16.0f && c[2] == 11.0f && c[3] == 23.0f;
+    // y[i, j] = sum_k x[i, k] W[j, k] = [[7, 16], [11, 23]], column-major C(j, i) at c[i * 2 + j].
+    if (!(c[0] == 7.0f && c[1] == 16.0f && c[2] == 11.0f && c[3] == 23.0f)) return 0;
+    g_sgemm = (sgemm_fn)sgemm;
+    g_blas_local_threads = (set_threads_fn)set_local_threads;
+    return 1;
 }
 
+int qb4_linear_panel(const QW4* qp, const float* x, int64_t M, const float* bias, float* y, int nthreads, int64_t P,
+                     int force_portable) {
+    if (g_sgemm == nullptr) return 1;
+    const QW4& q = *qp;
+    panel_gemm(q.N, q.K, M, x, bias, y, nthreads, P,
+               [&](int64_t n0, int64_t n1, float* buf) { dequant4_rows(q, n0, n1, buf, force_portable); });
+    return 0;
+}
+
+int qb8_linear_panel(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t M,
+                     const float* bias, float* y, int nthreads, int64_t P) {
+    if (g_sgemm == nullptr) return 1;
+    panel_gemm(N, K, M, x, bias, y, nthreads, P,
+               [&](int64_t n0, int64_t n1, float* buf) { dequant8_rows(codes, scale, K, n0, n1, buf); });
+    return 0;
+}
+
+int qb4_grad_panel(const QW4* qp, const float* g, int64_t M, float* out, int nthreads, int64_t P,
+                   int force_portable) {
+    if (g_sgemm == nullptr) return 1;
+    const QW4& q = *qp;
+    panel_grad(q.N, q.K, M, g, out, nthreads, P,
+               [&](int64_t n0, int64_t n1, float* buf) { dequant4_rows(q, n0, n1, buf, force_portable); });
+    return 0;
+}
+
+int qb8_grad_panel(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* g, int64_t M,
+                   float* out, int nthreads, int64_t P) {
+    if (g_sgemm == nullptr) return 1;
+    panel_grad(N, K, M, g, out, nthreads, P,
+               [&](int64_t n0, int64_t n1, float* buf) { dequant8_rows(codes, scale, K, n0, n1, buf); });
+    return 0;
+}
+
+// Threads a panel call may use = partial sums the caller of *_grad_panel must provide.
+int qb_panel_threads(int64_t N, int64_t P, int nthreads) { return pool_threads(N, P, nthreads); }
+
 void qb8_dequant(const int8_t* codes, const float* scale, int64_t K, int64_t n0, int64_t n1, float* out, int nthreads) {
-    parallel_rows(n1 - n0, 8, nthreads, [&](int64_t a, int64_t b) {
-        for (int64_t n = n0 + a; n < n0 + b; ++n) {
-            const int8_t* cr = codes + n * K;
-            float* o = out + (n - n0) * K;
-            const float sc = scale[n];
-            for (int64_t k = 0; k < K; ++k) o[k] = (float)cr[k] * sc;
-        }
-    });
+    pool_rows(n1 - n0, 8, nthreads, [&](int64_t a, int64_t b) { dequant8_rows(codes, scale, K, n0 + a, n0 + b, out + a * K); });
 }
 
 }  // extern "C"
