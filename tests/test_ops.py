@@ -516,6 +516,8 @@ def test_prepare_weight_rejects_non_2d():
 def test_cuda_impl_falls_back_to_reference_with_one_warning(monkeypatch):
     ops._cuda_impl.cache_clear()
     monkeypatch.setitem(sys.modules, "qbackend.kernels.triton", None)  # import fails
+    # `from . import triton` reads the package attribute first when an earlier test imported it.
+    monkeypatch.delattr(sys.modules["qbackend.kernels"], "triton", raising=False)
     try:
         with pytest.warns(RuntimeWarning, match="no Triton kernel for int8_linear"):
             fn = ops._cuda_impl("int8_linear")
