@@ -17,6 +17,7 @@ from .qat.api import convert  # noqa: E402
 from .quantize_module import QuantizedLinear, quantize_  # noqa: E402
 from .report import LayerReport, Report  # noqa: E402
 from .smoothquant import CalibrationResult, calibrate  # noqa: E402
+from .smoothquant.linear import W8A8Linear  # noqa: E402
 
 __all__ = [
     "CalibrationResult",
@@ -25,6 +26,7 @@ __all__ = [
     "QuantConfig",
     "QuantizedLinear",
     "Report",
+    "W8A8Linear",
     "__version__",
     "calibrate",
     "convert",

@@ -68,8 +68,10 @@ def qbackend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | None 
 
 
 def inductor_patches(mode: str | None, config: QuantConfig) -> dict[str, Any]:
-    """Inductor config patches: ``mode`` as ``backend="inductor"`` applies it, then ``config.inductor``."""
+    """Inductor config patches: ``mode`` (else ``config.mode``) as ``backend="inductor"`` applies it, then
+    ``config.inductor``."""
     patches: dict[str, Any] = {}
+    mode = mode or config.mode
     if mode is not None and mode != "default":
         patches.update(torch._inductor.list_mode_options(mode))
     patches.update(config.inductor)

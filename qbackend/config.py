@@ -50,6 +50,8 @@ class ConfigError(ValueError):
 
 
 Pattern = str | re.Pattern
+#: torch.compile's modes (torch._inductor.list_mode_options)
+MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class QuantConfig:
     on_weight_change: a weight changed in place after compiling is re-quantized on the next call
         ("requantize") or raises naming the layer ("error").
     inductor: Inductor config patches for the rest of the graph (``torch._inductor.config`` names).
+    mode: Inductor's mode, as ``torch.compile(mode=...)`` (e.g. "reduce-overhead": CUDA graphs), for
+        use with other options: torch.compile refuses ``mode=`` and ``options=`` together. Patches in
+        ``inductor`` apply on top of it.
     qat: quantization-aware training (:class:`qbackend.qat.QATConfig`; True for its defaults, or a
         dict of its fields): when grad is enabled, linear layers get fake quantization instead of
         the quantized op. None (default): off.
@@ -87,6 +92,7 @@ class QuantConfig:
     min_params: int = 16384
     on_weight_change: Literal["requantize", "error"] = "requantize"
     inductor: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    mode: str | None = None
     qat: QATConfig | None = None
     smoothquant: SmoothQuantConfig | None = None
     calibration: Any = None
@@ -117,6 +123,8 @@ class QuantConfig:
         if not isinstance(self.inductor, Mapping):
             raise ConfigError(f"inductor must be a dict of Inductor config patches; got {type(self.inductor).__name__}")
         object.__setattr__(self, "inductor", MappingProxyType(dict(self.inductor)))
+        if self.mode is not None and self.mode not in MODES:
+            raise ConfigError(f"unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
         try:
             object.__setattr__(self, "qat", QATConfig.from_value(self.qat))
         except QATConfigError as e:

@@ -75,8 +75,16 @@ class QuantizedLinear(nn.Module):
                 f"bias={self.bias is not None}, format={self.scheme.name}")  # fmt: skip
 
 
-def quantize_(model: nn.Module, config: QuantConfig | str | dict[str, Any] | None = None) -> Report:
+def quantize_(
+    model: nn.Module, config: QuantConfig | str | dict[str, Any] | None = None, *, example_inputs: Any = None
+) -> Report:
     """Replace eligible linear modules of ``model`` (in place) by `QuantizedLinear`; returns the report.
+
+    W8A8 (preset "w8a8", ``smoothquant`` set): by :class:`qbackend.smoothquant.linear.W8A8Linear`
+    instead, computing what the compiled model computes (SmoothQuant folds included, see
+    :mod:`qbackend.smoothquant.module_form`). With smoothing, the model is traced once on
+    ``example_inputs`` (a tensor, a tuple of arguments or a dict of keyword arguments; default: the
+    calibration's first batch). Other presets do not use ``example_inputs``.
 
     Eligible: ``nn.Linear`` (and subclasses that keep its forward; not the ``out_proj`` of
     ``nn.MultiheadAttention``, which reads the weight directly) and transformers' ``Conv1D``
@@ -89,6 +97,10 @@ def quantize_(model: nn.Module, config: QuantConfig | str | dict[str, Any] | Non
     the mapped pages of dropped weights are clean and reclaimable, but still counted.
     """
     config = QuantConfig.from_options(config)
+    if config.smoothquant is not None:
+        from .smoothquant.module_form import quantize_w8a8_
+
+        return quantize_w8a8_(model, config, example_inputs)
     report = Report(graphs=0)
     shared: dict[tuple[int, bool], KernelWeight] = {}
     for name, parent, child_name, mod in list(_linear_modules(model)):

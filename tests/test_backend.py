@@ -187,6 +187,11 @@ def test_mode_and_inductor_patches():
     }
     assert inductor_patches("max-autotune-no-cudagraphs", cfg)["max_autotune"] is False  # explicit wins
     assert inductor_patches(None, QuantConfig()) == {} == inductor_patches("default", QuantConfig())
+    # mode as an option (torch.compile refuses mode= with options=): same patches, inductor= still on top
+    assert inductor_patches(None, QuantConfig(mode="reduce-overhead")) == {"triton.cudagraphs": True}
+    assert inductor_patches(None, QuantConfig(mode="reduce-overhead", inductor={"triton.cudagraphs": False})) == {
+        "triton.cudagraphs": False
+    }
     with pytest.raises(RuntimeError, match="Unrecognized mode"):
         inductor_patches("fastest", QuantConfig())
 

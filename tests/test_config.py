@@ -69,6 +69,7 @@ def test_unknown_preset_and_format():
         ({"on_weight_change": "ignore"}, "on_weight_change must be one of requantize, error"),
         ({"exclude": ["("]}, "not a valid regex"),
         ({"inductor": 3}, "inductor must be a dict"),
+        ({"mode": "fast"}, "unknown mode 'fast'; valid: default, reduce-overhead"),
     ],
 )
 def test_bad_values(kwargs, match):

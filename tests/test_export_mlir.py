@@ -190,3 +190,64 @@ def test_a_torch_mlir_crash_becomes_an_error(torch_mlir):
 def test_bad_output_type():
     with pytest.raises(ValueError, match="unknown output_type 'llvm'; valid: linalg-on-tensors, torch, tosa"):
         export_mlir(mixed_mlp(), torch.randn(2, 72), output_type="llvm")
+
+
+# ---- W8A8 with SmoothQuant ------------------------------------------------------------------------
+
+
+class SmoothMLP(nn.Module):
+    """LayerNorm -> up (SmoothQuant folds into the norm) -> GELU -> down (explicit smoothing multiply)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(64)
+        self.up = nn.Linear(64, 128)
+        self.down = nn.Linear(128, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+
+def _smooth_mlp(**smoothquant) -> tuple[nn.Module, dict, torch.Tensor]:
+    torch.manual_seed(0)
+    m = SmoothMLP().eval()
+    with torch.no_grad():
+        m.norm.weight.mul_(1 + 9 * (torch.arange(64) % 13 == 0))  # activation outlier channels
+    xs = [torch.randn(5, 64) for _ in range(2)]
+    cal = qbackend.calibrate(m, xs, progress=False)
+    return m, {"preset": "w8a8", "min_params": 0, "calibration": cal, "smoothquant": smoothquant}, xs[0]
+
+
+@pytest.mark.parametrize("smoothquant", [{}, {"activation": "tensor", "outlier_threshold": 1.0}])
+def test_w8a8_smoothquant_module_decomposes_to_an_integer_matmul_and_a_multiply(smoothquant):
+    m, options, x = _smooth_mlp(**smoothquant)
+    qbackend.quantize_(m, options)
+    assert m.down.smooth is not None and m.up.smooth is None  # the up scales live in the norm
+    with torch.no_grad():
+        program = torch.export.export(m, (x,)).run_decompositions(decomposition_table())
+        ops = [n.target for n in program.graph.nodes if n.op == "call_function"]
+        assert ops.count(torch.ops.aten._int_mm.default) == 2
+        assert not [o for o in ops if str(o).startswith("qbackend.")]
+        torch.testing.assert_close(program.module()(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_w8a8_smoothquant_mlp_lowers_to_linalg_and_runs_like_the_compiled_model(torch_mlir):
+    m, options, x = _smooth_mlp()
+    module = export_mlir(m, x, **options)  # quantized on a copy, traced on x to fold the scales
+    assert isinstance(m.up, nn.Linear)
+    module.parse()
+    consts = module.constants()
+    for n, k in ((128, 64), (48, 128)):
+        assert any(c.element_type in ("i8", "si8") and c.numel == n * k for c in consts), f"no int8 {n}x{k} codes"
+        assert not any(not c.is_integer and c.numel == n * k for c in consts), f"a float copy of the {n}x{k} weight"
+    for n, k in ((128, 64), (48, 128)):
+        assert re.search(rf"linalg\.matmul ins\(.*tensor<5x{k}xi8>, tensor<{k}x{n}xi8>\).*-> tensor<5x{n}xi32>",
+                         module.text), f"no i8 x i8 -> i32 matmul for the {n}x{k} layer"  # fmt: skip
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="qbackend", options=options)
+    with torch.no_grad():
+        expected = compiled(x)
+    (got,) = module.execute(x)
+    # a float op computed another way may flip an int8 activation rounding: a few 1e-3 at most
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-2)
+    assert float((got - expected).abs().mean()) < 1e-4

@@ -156,3 +156,14 @@ def test_alpha_search_beats_or_matches_every_fixed_alpha_on_its_samples():
     assert best.errors[None] > fixed.error  # smoothing helps with an outlier channel
     no_samples = qbackend.smoothquant.LayerStats(x.abs().amax(0), 256, None)
     assert choose_scale(no_samples, [w], cfg, 0.5).alpha == 0.5  # no samples: the fixed alpha, not a guess
+
+
+def test_static_scale_with_outliers_does_not_clip_a_calibrated_outlier_channel_that_comes_back_below():
+    # Channel 1 reached 10 during calibration (an outlier at threshold 6); at run time it peaks at 5.5,
+    # so it is quantized with the static scale and must not clip.
+    scale = static_act_scale(torch.tensor([1.0, 10.0]), None, threshold=6.0)
+    assert float(scale) == pytest.approx(6.0 / 127)
+    x = torch.tensor([[0.5, 5.5], [-1.0, -5.0]])
+    w = torch.eye(2)
+    y = qbackend.smoothquant.scales.simulate_w8a8(x, w, act_scale=scale, threshold=6.0)
+    assert torch.allclose(y, x, atol=float(scale) / 2 + 1e-6)

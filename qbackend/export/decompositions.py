@@ -12,7 +12,9 @@ shared/notes/torch-compile.md):
   copy of the codes, so it is not done everywhere). Masking after the shift makes the result right
   whether a backend shifts arithmetically or logically, and whether it sign- or zero-extends.
 * code tables are gathered by integer index; integer zero points are subtracted in int32;
-* W8A8 is a real ``torch._int_mm`` (int8 x int8 -> int32), rescaled in fp32 afterwards.
+* W8A8 is a real ``torch._int_mm`` (int8 x int8 -> int32), rescaled in fp32 afterwards; with
+  outlier columns (``w8a8_outlier_linear``) they are picked by a mask, not by index, so the graph
+  has no data-dependent shapes.
 
 Grad-input ops are not listed: an export is an inference graph.
 """
@@ -137,12 +139,34 @@ def w8a8_linear(
     return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
 
+def w8a8_outlier_linear(
+    x: Tensor,
+    codes: Tensor,
+    scale: Tensor,
+    bias: Tensor | None,
+    act_scale: Tensor | None,
+    threshold: float,
+    out_features: int,
+    in_features: int,
+) -> Tensor:
+    # Columns with any |x| >= threshold: zeroed for the int8 GEMM, multiplied in float against the
+    # int8 codes (the other columns are zero there), rescaled per output channel.
+    xf = x.float().reshape(-1, in_features)
+    cols = (xf.amax(dim=0) >= threshold) | (xf.amin(dim=0) <= -threshold)
+    zero = torch.zeros((), dtype=xf.dtype, device=xf.device)
+    y = w8a8_linear(torch.where(cols, zero, xf), codes, scale, bias, act_scale, out_features, in_features)
+    w = codes.reshape(out_features, in_features).to(torch.float32)
+    y = y + torch.matmul(torch.where(cols, xf, zero), w.t()) * scale.float().reshape(1, out_features)
+    return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+
 def decomposition_table(output_type: str = "linalg-on-tensors") -> dict[torch._ops.OperatorBase, Callable[..., Tensor]]:
     """``{torch.ops.qbackend.<op>.default: aten implementation}`` for ``ExportedProgram.run_decompositions``.
 
     ``output_type``: the torch-mlir output type the graph is for (only tosa changes anything).
     """
     import qbackend.kernels.ops  # noqa: F401  (registers torch.ops.qbackend.*)
+    import qbackend.smoothquant.ops  # noqa: F401  (registers torch.ops.qbackend.w8a8_outlier_linear)
 
     work = torch.int32 if output_type == "tosa" else torch.uint8
     ops = torch.ops.qbackend
@@ -151,4 +175,5 @@ def decomposition_table(output_type: str = "linalg-on-tensors") -> dict[torch._o
         ops.int4_linear.default: functools.partial(int4_linear, work),
         ops.int8_linear.default: int8_linear,
         ops.w8a8_linear.default: w8a8_linear,
+        ops.w8a8_outlier_linear.default: w8a8_outlier_linear,
     }

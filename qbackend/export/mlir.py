@@ -133,14 +133,16 @@ def export_mlir(
     dynamic_shapes: passed to ``torch.export.export``.
 
     Packed 4-bit and int8 weights stay integer constants; decoding is explicit integer ops in the
-    module; W8A8 layers are int8 x int8 -> int32 matmuls. Needs the ``mlir`` extra (torch-mlir).
+    module; W8A8 layers are int8 x int8 -> int32 matmuls (SmoothQuant: folded norm parameters, and an
+    elementwise multiply where the scales could not be folded). Needs the ``mlir`` extra (torch-mlir).
     """
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
     _require_torch_mlir()
     from ..serialization.source import quantized_module
 
-    module, _ = quantized_module(model, options or None)
+    # W8A8 with SmoothQuant traces the model once to fold its scales: on the inputs being exported.
+    module, _ = quantized_module(model, options or None, tuple(example_inputs))
     program = _export_program(module, example_inputs, dynamic_shapes, output_type)
     with tempfile.TemporaryDirectory(prefix="qbackend-mlir-") as d:
         pt2 = Path(d) / "program.pt2"

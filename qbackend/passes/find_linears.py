@@ -105,13 +105,17 @@ def _calling_module(node: fx.Node) -> str | None:
     is_linear = isinstance(typ, type) and (issubclass(typ, torch.nn.Linear) or typ.__name__ == "Conv1D")
     if not is_linear or not isinstance(path, str):
         return None
-    # "L['self'].blocks.0.q" -> "blocks.0.q" (the compiled module is the root); "G['lin']" -> "lin"
+    # "L['self'].blocks.0.q" -> "blocks.0.q" (the compiled module is the root); "G['lin']" -> "lin";
+    # "L['args'][0].blocks.0.q" -> "blocks.0.q" (a decorated forward, e.g. transformers 5's LlamaModel,
+    # receives the module as args[0])
     m = re.match(r"^(L|G)\['([^']*)'\]\.?(.*)$", path)
     if m is None:
         return path or None
     root, name, rest = m.groups()
     if root == "G":
         return f"{name}.{rest}" if rest else name
+    if name == "args" and rest.startswith("[0]"):
+        rest = rest.removeprefix("[0]").removeprefix(".")
     return rest or None
 
 

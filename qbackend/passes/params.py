@@ -68,15 +68,18 @@ def graph_params(gm: fx.GraphModule) -> dict[fx.Node, ParamRef]:
 def source_fqn(source: object) -> str:
     """Dotted module path of a Dynamo source, e.g. ``L['self']._modules['a']._parameters['weight']`` -> ``a.weight``.
 
-    The root argument (the compiled module, or a module passed to the compiled function) is dropped;
-    the name of a global or closure variable holding the module is kept.
+    The root argument (the compiled module, or a module passed to the compiled function; ``args[0]``
+    of a decorated ``forward(*args)``) is dropped; the name of a global or closure variable holding
+    the module is kept.
     """
     parts: list[str] = []
     s = source
     while s is not None:
         if isinstance(s, (dsrc.DictGetItemSource, dsrc.GetItemSource)):
-            parts.append(str(s.index))
             base = s.base
+            if isinstance(base, dsrc.LocalSource) and base.is_input and base.local_name == "args" and s.index == 0:
+                break  # ``L['args'][0]``: the root (a decorated forward, ``wrapper(*args)``, gets ``self`` as args[0])
+            parts.append(str(s.index))
             # ``_modules['a']`` / ``_parameters['weight']``: the container attribute is not part of the name.
             if isinstance(base, dsrc.AttrSource) and base.member in ("_modules", "_parameters", "_buffers"):
                 base = base.base

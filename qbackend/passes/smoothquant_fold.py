@@ -85,13 +85,21 @@ ScaleFn = Callable[[SmoothGroup], "ScaleChoice | str"]
 @dataclass
 class GroupFold:
     """One group's outcome: ``kind`` is the fold used ("multiply": explicit runtime multiply;
-    "skipped": not smoothed); ``target`` what absorbed s; ``reason`` why no exact fold."""
+    "skipped": not smoothed); ``target`` what absorbed s; ``reason`` why no exact fold.
+
+    params: exact folds only, the parameters (names) that absorbed 1/s: the norm's weight and bias,
+    the multiplied parameter, the producing linear's weight and bias. ``adds_weight``: a norm without
+    an affine weight was given one (1/s), which no parameter of the model holds. Read by the W8A8
+    module form (:mod:`qbackend.smoothquant.module_form`), which does the same folds on modules.
+    """
 
     layers: tuple[str, ...]
     kind: FoldKind
     target: str = ""
     reason: str = ""
     choice: ScaleChoice | None = None
+    params: tuple[str, ...] = ()
+    adds_weight: bool = False
 
     @property
     def exact(self) -> bool:
@@ -312,8 +320,8 @@ class _State:
                 self._explicit(part, s)
                 out.append(GroupFold(part_names, "multiply", "", fold, choice))
             else:
-                self._apply(fold, s)
-                out.append(GroupFold(part_names, fold.kind, fold.target, "", choice))
+                params, adds_weight = self._apply(fold, s)
+                out.append(GroupFold(part_names, fold.kind, fold.target, "", choice, params, adds_weight))
             for site in part:  # W * s along input channels
                 self.scale(site.weight, self._weight_reader(site), s, dim=0 if site.transposed else 1, inverse=False)
         return out
@@ -412,25 +420,35 @@ class _State:
         fqn = self.params[p].fqn
         return fqn.rsplit(".", 1)[0] if fqn.endswith((".weight", ".bias")) else fqn
 
-    def _apply(self, fold: _Fold, s: torch.Tensor) -> None:
+    def _apply(self, fold: _Fold, s: torch.Tensor) -> tuple[tuple[str, ...], bool]:
+        """Fold 1/s into ``fold``'s producer; returns (names of the parameters scaled, whether a
+        norm without an affine weight was given one)."""
         node = fold.node
+        scaled: list[fx.Node] = []
+        adds_weight = False
         if fold.kind in ("layer_norm", "rms_norm"):
             for idx, name in ((2, "weight"), (3, "bias")) if fold.kind == "layer_norm" else ((2, "weight"),):
                 p = _arg(node, idx, name)
                 if isinstance(p, fx.Node):
                     self.scale(p, node, s, dim=-1, inverse=True)
+                    scaled.append(p)
                 elif name == "weight":  # no affine weight: the fold gives it one, 1/s
                     self.new_weights.append((node, idx, _like(1.0 / s, _val(node)), f"{fold.target}.weight"))
+                    adds_weight = True
         elif fold.kind == "param_mul":
             p = node.args[fold.param_arg]
             assert isinstance(p, fx.Node)
             self.scale(p, node, s, dim=-1, inverse=True)
+            scaled.append(p)
         else:
             site = fold.site
             assert site is not None
             self.scale(site.weight, self._weight_reader(site), s, dim=1 if site.transposed else 0, inverse=True)
+            scaled.append(site.weight)
             if site.bias is not None:
                 self.scale(site.bias, site.node, s, dim=-1, inverse=True)
+                scaled.append(site.bias)
+        return tuple(self.params[p].fqn for p in scaled), adds_weight
 
     def _explicit(self, sites: list[LinearSite], s: torch.Tensor) -> None:
         """``x * (1/s)`` once per distinct input node, read only by the group's linears."""

@@ -4,6 +4,7 @@ QAT (train for the format you deploy)::
 
     opts = {"preset": "nf4", "qat": QATConfig(learnable_scales=True)}
     qbackend.qat.prepare(model, opts)          # QAT state as <layer>.qat modules (optional when stateless)
+    qbackend.qat.calibrate_clipping(model, lambda: model(calib))   # optional: start from tuned clipping
     cmodel = torch.compile(model, backend="qbackend", options=opts)
     loss = f(cmodel(x)); loss.backward(); opt.step()   # grad enabled: fake-quantized linears
     with torch.no_grad(): cmodel(x)                    # inference: the real quantized ops
@@ -34,6 +35,7 @@ _LAZY = {
     "LinearQAT": ".state",
     "state_of": ".state",
     "deployed_weight": ".deploy",
+    "calibrate_clipping": ".clipping",
     "fake_quantize_weight": ".fake_quant",
     "fake_quantize_activation": ".fake_quant",
     "clip_weight": ".fake_quant",

@@ -190,7 +190,7 @@ def _describe_checkpoint(source: str, preset: str, metadata: dict[str, str], ten
         shared = (".bias", ".table", ".nested_table")  # bias stays float; code tables are shared
         nbytes = sum(t.numel() * t.element_size() for key, t in tensors.items()
                      if key.startswith(name + ".") and not key.endswith(shared))  # fmt: skip
-        fmt = _scheme_name(rec["scheme"])
+        fmt = rec.get("format") or _scheme_name(rec["scheme"])  # W8A8 layers name their activation mode too
         out.layers.append(LayerRow(name, (n, k), True, fmt, 8 * nbytes / (n * k),
                                    note="stored quantized (no float weight to compare with)"))  # fmt: skip
         out.bytes_before += 4 * n * k

@@ -1,4 +1,4 @@
-"""Rebuild a `QuantizedLinear` from stored tensors and its manifest record (no re-quantization)."""
+"""Rebuild a `QuantizedLinear` / `W8A8Linear` from stored tensors and its manifest record (no re-quantization)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from .manifest import CheckpointError
 
 # The ops a stored layer may name (a manifest must not make us call an arbitrary operator).
 _OPS = ("codebook4_linear", "int4_linear", "int8_linear")
+_W8A8_OPS = ("qbackend.w8a8_linear.default", "qbackend.w8a8_outlier_linear.default")
 
 
 def op_tensor_args(op: torch._ops.OpOverload) -> tuple[str, ...]:
@@ -25,6 +26,9 @@ def build_quantized_linear(
     import qbackend.kernels  # noqa: F401  (registers torch.ops.qbackend.*)
 
     from ..kernels import KernelWeight
+
+    if rec.get("kind") == "w8a8":
+        return build_w8a8_linear(name, rec, tensors, aliases, path)
     from ..quantize_module import QuantizedLinear
 
     def get(key: str) -> torch.Tensor | None:
@@ -50,6 +54,41 @@ def build_quantized_linear(
         why = f"{type(e).__name__}: {e}"
         raise CheckpointError(f"{path}: corrupt record for quantized layer {name!r} ({why})") from None
     layer = QuantizedLinear(KernelWeight(op, args, statics, arg_names), bias, scheme)
+    _check_shapes(layer, name, path)
+    return layer
+
+
+def build_w8a8_linear(
+    name: str, rec: dict[str, Any], tensors: dict[str, torch.Tensor], aliases: dict[str, str], path: str
+) -> torch.nn.Module:
+    """A `W8A8Linear` from its stored codes, scales, activation scale and smoothing multiply."""
+    from ..smoothquant.linear import W8A8Linear
+
+    def get(key: str) -> torch.Tensor | None:
+        return tensors.get(aliases.get(f"{name}.{key}", f"{name}.{key}"))
+
+    try:
+        if rec["op"] not in _W8A8_OPS:
+            raise CheckpointError(f"{path}: layer {name!r} names op {rec['op']!r}, which this qbackend does not have")
+        outlier = rec["op"] == _W8A8_OPS[1]
+        threshold = rec["outlier_threshold"]
+        if outlier != (threshold is not None):
+            raise ValueError(f"op {rec['op']} with outlier_threshold {threshold!r}")
+        wanted = {"codes": True, "scale": True, "act_scale": rec["activation"] == "tensor", "smooth": rec["smooth"],
+                  "bias": rec["bias"]}  # fmt: skip
+        got = {key: get(key) for key in wanted}
+        missing = [f"{name}.{k}" for k, want in wanted.items() if want and got[k] is None]
+        if missing:
+            raise CheckpointError(f"{path}: W8A8 layer {name!r} is missing {', '.join(missing)}")
+        layer = W8A8Linear(
+            got["codes"], got["scale"], got["bias"], out_features=int(rec["out_features"]),
+            in_features=int(rec["in_features"]), act_scale=got["act_scale"], threshold=threshold,
+            smooth=got["smooth"], smoothing=str(rec.get("smoothing", "")),
+        )  # fmt: skip
+    except (KeyError, ValueError, TypeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: corrupt record for W8A8 layer {name!r} ({type(e).__name__}: {e})") from None
     _check_shapes(layer, name, path)
     return layer
 

@@ -7,7 +7,11 @@ any safetensors reader opens. Fields:
 * ``qbackend_version``, ``torch_version``, ``created``: provenance.
 * ``model``: the model's class and, for transformers models, its config (to rebuild without code).
 * ``config``: the `QuantConfig` the model was quantized with (text), when known.
-* ``layers``: per `QuantizedLinear`: op, int arguments, tensor argument names, scheme, bias.
+* ``smoothquant``: W8A8 only: the SmoothQuant settings and which calibration they used.
+* ``layers``: per `QuantizedLinear`: op, int arguments, tensor argument names, scheme, bias; per
+  `W8A8Linear` (``"kind": "w8a8"``): op, format, activation mode, outlier threshold, whether its
+  input has an explicit smoothing multiply, how it was smoothed, bias. Folded norm parameters are
+  ordinary tensors of the model.
 * ``tensors``: per stored tensor: a blake2b digest (corruption check) and its uses, ``[name, kind]``
   with kind ``param`` or ``buffer`` (several uses: tied weights, shared code tables).
 * ``aliases``: every other name of a stored tensor -> the name it is stored under.
@@ -49,6 +53,19 @@ def config_text(config: Any) -> str | None:
         return json.dumps(fields, sort_keys=True, default=repr)
 
 
+def smoothquant_record(config: Any) -> dict[str, Any] | None:
+    """The W8A8 settings of ``config`` as JSON (None for weight-only configs or none)."""
+    sq = getattr(config, "smoothquant", None)
+    if sq is None:
+        return None
+    cal = config.calibration
+    return {
+        "settings": dataclasses.asdict(sq),
+        "calibration": None if cal is None else {"fingerprint": cal.fingerprint(), "num_batches": cal.num_batches,
+                                                  "layers": len(cal.layers)},  # fmt: skip
+    }
+
+
 def new_manifest(model_info: dict[str, Any], config: Any) -> dict[str, Any]:
     import qbackend
 
@@ -60,6 +77,7 @@ def new_manifest(model_info: dict[str, Any], config: Any) -> dict[str, Any]:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": model_info,
         "config": config_text(config),
+        "smoothquant": smoothquant_record(config),
         "layers": {},
         "tensors": {},
         "aliases": {},

@@ -15,12 +15,14 @@ from .manifest import METADATA_KEY, CheckpointError, digest, new_manifest
 from .source import quantized_module
 
 
-def save(model: Any, path: str | os.PathLike, **options: Any) -> Path:
+def save(model: Any, path: str | os.PathLike, *, example_inputs: Any = None, **options: Any) -> Path:
     """Save a quantized model to ``path`` (a ``.safetensors`` file; written to a temp file, then renamed).
 
     model: a module quantized with :func:`qbackend.quantize_`, or a float / ``torch.compile``d module
         (quantized now with ``options``, else its qbackend compile options, else the defaults; the
         user's model is not modified).
+    example_inputs: W8A8 with SmoothQuant only: one batch to trace the model on to fold the scales
+        as the backend does (default: the calibration's first batch).
 
     Stored: every parameter and buffer (quantized layers: their codes and constants, nested ones
     included, never a float weight; whatever else the model carries, e.g. folded scales, as
@@ -32,7 +34,7 @@ def save(model: Any, path: str | os.PathLike, **options: Any) -> Path:
         raise CheckpointError(f"{path}: is a directory; give a file name such as {path / 'model.safetensors'}")
     if not path.parent.exists():
         raise CheckpointError(f"{path.parent}: directory does not exist")
-    module, config = quantized_module(model, options or None)
+    module, config = quantized_module(model, options or None, example_inputs)
     manifest = new_manifest(_model_info(module), config)
     tensors = _collect(module, manifest)
     manifest["layers"] = _layers(module)
@@ -81,10 +83,13 @@ def _layers(module: nn.Module) -> dict[str, Any]:
     from dataclasses import asdict
 
     from ..quantize_module import QuantizedLinear
+    from ..smoothquant.linear import W8A8Linear
 
     out = {}
     for name, m in module.named_modules():
-        if isinstance(m, QuantizedLinear):
+        if isinstance(m, W8A8Linear):
+            out[name] = _w8a8_record(m)
+        elif isinstance(m, QuantizedLinear):
             out[name] = {
                 "op": str(m.op),  # e.g. qbackend.codebook4_linear.default
                 "statics": list(m.statics),
@@ -94,6 +99,27 @@ def _layers(module: nn.Module) -> dict[str, Any]:
                 "bias": m.bias is not None,
             }
     return out
+
+
+def _w8a8_record(m: Any) -> dict[str, Any]:
+    """A `W8A8Linear`'s manifest record: the op, activation mode, outlier threshold, how it was smoothed."""
+    from dataclasses import asdict
+
+    from ..passes.w8a8_lower import W8A8_SCHEME
+
+    return {
+        "kind": "w8a8",
+        "op": str(m.op),  # qbackend.w8a8_linear.default or qbackend.w8a8_outlier_linear.default
+        "format": m.format,
+        "scheme": asdict(W8A8_SCHEME),
+        "activation": m.activation,
+        "outlier_threshold": m.threshold,
+        "smooth": m.smooth is not None,  # an explicit input multiply (its 1/s is the ``smooth`` tensor)
+        "smoothing": m.smoothing,
+        "in_features": m.in_features,
+        "out_features": m.out_features,
+        "bias": m.bias is not None,
+    }
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:

@@ -50,8 +50,9 @@ def _compile_options(compiled: Any) -> dict[str, Any] | None:
 
 def has_quantized_layers(model: nn.Module) -> bool:
     from ..quantize_module import QuantizedLinear
+    from ..smoothquant.linear import W8A8Linear
 
-    return any(isinstance(m, QuantizedLinear) for m in model.modules())
+    return any(isinstance(m, (QuantizedLinear, W8A8Linear)) for m in model.modules())
 
 
 def shallow_copy_tree(model: nn.Module) -> nn.Module:
@@ -71,12 +72,17 @@ def shallow_copy_tree(model: nn.Module) -> nn.Module:
     return clone(model)
 
 
-def quantized_module(model: Any, options: Any = None) -> tuple[nn.Module, QuantConfig | None]:
+def quantized_module(
+    model: Any, options: Any = None, example_inputs: Any = None
+) -> tuple[nn.Module, QuantConfig | None]:
     """A module with quantized linear layers for ``model``, and the config applied now (None if none).
 
-    * already quantized (``qbackend.quantize_``): returned as is (``options`` must be empty);
+    * already quantized (``qbackend.quantize_``): returned as is (``options`` must be empty;
+      ``example_inputs`` is not needed);
     * otherwise quantized now with ``options`` (else the options it was compiled with, else the
-      defaults) on a shallow copy; the user's model keeps its float layers.
+      defaults) on a shallow copy; the user's model keeps its float layers. W8A8 layers become
+      `W8A8Linear` (SmoothQuant: traced once on ``example_inputs``, default the calibration's first
+      batch, to fold the scales as the backend does).
     """
     from ..quantize_module import quantize_
 
@@ -90,15 +96,8 @@ def quantized_module(model: Any, options: Any = None) -> tuple[nn.Module, QuantC
         return module, None
     chosen = options if options else compiled_options
     config = QuantConfig.from_options(chosen or None)
-    if getattr(config, "smoothquant", None) is not None:
-        # quantize_ makes weight-only layers; W8A8's folded scales exist only inside a compiled graph.
-        raise NotImplementedError(
-            "W8A8/SmoothQuant models cannot be saved or exported from their options yet (the folded scales "
-            "live in the compiled graph); use a weight-only preset, or keep the CalibrationResult "
-            "(result.save(...)) and recompile with it"
-        )
     copy_ = shallow_copy_tree(module)
-    report = quantize_(copy_, config)
+    report = quantize_(copy_, config, example_inputs=example_inputs)
     log.info("qbackend: %s", report.summary())
     if not report.quantized:
         log.warning("qbackend: no linear layer was quantized (%s)", report.summary())

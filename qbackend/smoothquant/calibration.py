@@ -175,6 +175,7 @@ def calibrate(
         warnings.warn("calibrate(): the model is in training mode (dropout is active); call model.eval() first",
                       stacklevel=2)  # fmt: skip
     recorder = _Recorder(sample_tokens, seed)
+    example: Any = None
     # dynamic=True: one trace serves every batch shape (calibration batches rarely share a length).
     compiled = torch.compile(model, backend=_recording_backend, dynamic=True)
     n = 0
@@ -195,6 +196,8 @@ def calibrate(
                         f"{msg[0] if msg else ''}. Batches must be what the model accepts (dict -> model(**b), "
                         "tuple -> model(*b), else model(b)), shaped like the inputs you will compile for."
                     ) from e
+                if n == 0:  # kept for the W8A8 module form, which traces the model once on it
+                    example = _detached(batch)
                 n += 1
     finally:
         _ACTIVE = None
@@ -213,4 +216,17 @@ def calibrate(
     if never:
         warnings.warn(f"calibrate(): no batch reached linear layer(s) {list(never)}; they will not be smoothed",
                       stacklevel=2)  # fmt: skip
-    return CalibrationResult(layers, n, never, sample_tokens, default_meta())
+    return CalibrationResult(layers, n, never, sample_tokens, default_meta(), example)
+
+
+def _detached(batch: Any) -> Any:
+    """A copy of a batch whose tensors no longer alias the caller's (one level: tensor, tuple, dict)."""
+
+    def one(v: Any) -> Any:
+        return v.detach().clone() if isinstance(v, torch.Tensor) else v
+
+    if isinstance(batch, Mapping):
+        return {k: one(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return tuple(one(v) for v in batch)
+    return one(batch)

@@ -6,8 +6,10 @@ import datetime
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,6 +46,12 @@ class CalibrationResult:
     Pass it to the backend: ``torch.compile(model, backend="qbackend", options={"preset": "w8a8",
     "calibration": result})``. ``never_reached`` lists linear modules of the model no batch reached
     (they are compiled without smoothing, and reported).
+
+    ``example``: the first calibration batch (as given to the model: a tensor, a tuple of arguments
+    or a dict of keyword arguments), or None. The W8A8 module form (``qbackend.quantize_`` /
+    ``save`` / ``export_mlir`` of a W8A8 model) traces the model once on it to find where the
+    scales fold, as the backend does on the compiled graph. Saved with the result when it holds only
+    tensors and JSON scalars; not part of the fingerprint.
     """
 
     layers: dict[str, LayerStats]
@@ -51,6 +59,7 @@ class CalibrationResult:
     never_reached: tuple[str, ...] = ()
     sample_tokens: int = 0
     meta: dict[str, str] = field(default_factory=dict)
+    example: Any = field(default=None, repr=False, compare=False)
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def get(self, layer: str) -> LayerStats | None:
@@ -98,6 +107,7 @@ class CalibrationResult:
             "never_reached": list(self.never_reached),
             "layers": {n: {"tokens": s.tokens, "in_features": s.in_features} for n, s in self.layers.items()},
             "meta": self.meta,
+            "example": _example_to_file(self.example, tensors),
         }
         st_path.parent.mkdir(parents=True, exist_ok=True)
         # Write both to temporary names first so a crash never leaves a half-written pair.
@@ -135,8 +145,9 @@ class CalibrationResult:
             if not bool(torch.isfinite(absmax).all()):
                 raise CalibrationError(f"{st_path}: layer {name!r} has NaN/Inf statistics; re-run calibration")
             layers[name] = LayerStats(absmax, int(info["tokens"]), tensors.get(f"{name}::samples"))
+        example = _example_from_file(doc.get("example"), tensors, st_path)
         return cls(layers, int(doc["num_batches"]), tuple(doc.get("never_reached", ())), int(doc["sample_tokens"]),
-                   dict(doc.get("meta", {})))  # fmt: skip
+                   dict(doc.get("meta", {})), example)  # fmt: skip
 
 
 def default_meta() -> dict[str, str]:
@@ -147,6 +158,52 @@ def default_meta() -> dict[str, str]:
         "torch": torch.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+_EXAMPLE_KEY = "::example::"  # tensor names of the example batch ("::" never starts a layer name)
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _example_to_file(example: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """The JSON record of the example batch, its tensors added to ``tensors``; None if not storable."""
+    if example is None:
+        return None
+    if isinstance(example, torch.Tensor):
+        kind, items = "tensor", [("0", example)]
+    elif isinstance(example, (tuple, list)):
+        kind, items = "args", [(str(i), v) for i, v in enumerate(example)]
+    elif isinstance(example, Mapping) and all(isinstance(k, str) for k in example):
+        kind, items = "kwargs", list(example.items())
+    else:
+        return None
+    if not all(isinstance(v, (torch.Tensor, *_SCALARS)) for _, v in items):
+        return None  # e.g. nested structures: kept in memory only
+    values: dict[str, Any] = {}
+    for key, v in items:
+        if isinstance(v, torch.Tensor):
+            tensors[_EXAMPLE_KEY + key] = v.detach().cpu().contiguous().clone()
+            values[key] = {"tensor": True}
+        else:
+            values[key] = {"value": v}
+    return {"kind": kind, "items": values}
+
+
+def _example_from_file(doc: Any, tensors: dict[str, torch.Tensor], path: Path) -> Any:
+    if doc is None:
+        return None
+    try:
+        items = {}
+        for key, rec in doc["items"].items():
+            items[key] = tensors[_EXAMPLE_KEY + key] if rec.get("tensor") else rec["value"]
+        if doc["kind"] == "tensor":
+            return items["0"]
+        if doc["kind"] == "args":
+            return tuple(items[str(i)] for i in range(len(items)))
+        if doc["kind"] == "kwargs":
+            return items
+    except (KeyError, TypeError, AttributeError):
+        pass
+    raise CalibrationError(f"{path}: the stored example batch is corrupt; re-run calibration")
 
 
 def _paths(path: str | os.PathLike) -> tuple[Path, Path]:

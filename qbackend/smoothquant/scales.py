@@ -36,13 +36,18 @@ def weight_absmax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def static_act_scale(act_absmax: torch.Tensor, s: torch.Tensor | None, threshold: float | None) -> torch.Tensor:
-    """Static per-tensor int8 scale of the (smoothed) input: max_j absmax_j / s_j / 127, over the
-    channels below the outlier threshold (those above stay float). Never 0 or NaN."""
+    """Static per-tensor int8 scale of the (smoothed) input: max_j absmax_j / s_j / 127, each channel's
+    maximum capped at the outlier threshold. Never 0 or NaN.
+
+    Capped, not dropped: whether a column stays float is decided per batch (any |x| >= threshold), so a
+    channel that reached the threshold during calibration can come back below it at run time and
+    must then fit the int8 range without clipping.
+    """
     a = act_absmax.detach().float().cpu()
     if s is not None:
         a = a / s.float().cpu()
     if threshold is not None:
-        a = a[a < threshold]
+        a = a.clamp(max=threshold)
     top = float(a.max()) if a.numel() else 0.0
     return torch.tensor([top / 127.0 if top > 0 else 1.0], dtype=torch.float32)
 
