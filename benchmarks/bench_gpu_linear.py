@@ -4,6 +4,8 @@ For each weight shape (K_in x N_out) and batch M, times ``F.linear`` in bf16 (cu
 kernels: NF4 + nested constants (block 64, nested 256), INT4 symmetric g128, INT8 per channel and
 W8A8 (per-token dynamic activations). Side by side, where they import: bitsandbytes NF4+DQ
 (``matmul_4bit``, which runs ``gemv_4bit`` for a single token) and torchao int4 weight-only.
+With ``--grad``, also the grad-input kernels of the weight-only formats (QLoRA's backward through a
+frozen quantized weight, ``grad_x = grad_y @ W``) against bf16 ``torch.mm(grad_y, W)``.
 
 Timing: ``triton.testing.do_bench`` (median; it clears a 256 MiB buffer before every run, so the
 weights come from HBM, not L2), and with CUDA graphs: one graph replaying the call over several
@@ -14,6 +16,7 @@ as a fraction of the device-to-device copy bandwidth (read + write) measured in 
     python benchmarks/bench_gpu_linear.py                 # the full grid
     python benchmarks/bench_gpu_linear.py --quick         # 8192^2, M in {1, 16}
     python benchmarks/bench_gpu_linear.py --out results.json
+    python benchmarks/bench_gpu_linear.py --quick --grad  # + grad-input kernels
 
 Without a CUDA GPU it prints why and exits with status 0 having measured nothing.
 """
@@ -35,6 +38,8 @@ import torch.nn.functional as F
 SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # (K_in, N_out)
 MS = [1, 16, 64, 4096]
 FORMATS = ["bf16", "nf4-nested", "int4", "int8", "w8a8", "bnb-nf4-dq", "torchao-int4"]
+# Backward through a frozen quantized weight (QLoRA): grad_x = grad_y @ W, against bf16 ``grad_y @ W``.
+GRAD_FORMATS = ["bf16-grad", "nf4-nested-grad", "int4-grad", "int8-grad"]
 
 # --dry-run-cpu swaps these: CPU tensors through the Triton interpreter, fp32 (the interpreter gets
 # bf16 wrong), tiny shapes, errors only and no timing at all. It checks this script's plumbing.
@@ -103,7 +108,8 @@ class Case:
     """One format at one shape: a call per weight copy, the bytes one call moves, a reference output."""
 
     def __init__(self, fmt: str, k: int, n: int, copies: int) -> None:
-        self.fmt, self.k, self.n = fmt, k, n
+        self.grad = fmt.endswith("-grad")  # grad-input direction: the call takes grad_y [M, N]
+        self.fmt, self.k, self.n = fmt.removesuffix("-grad"), k, n
         self.weights: list[tuple] = []
         self.w_bytes = 0
         w = torch.randn(n, k, device=DEV, dtype=ACT) * 0.02
@@ -175,10 +181,30 @@ class Case:
             return bf.dequantize_4bit(ops[0], ops[1]).float()
         return None
 
+    def input(self, m: int) -> torch.Tensor:
+        """The call's activation: x [M, K], or grad_y [M, N] for the grad-input direction."""
+        return torch.randn(m, self.n if self.grad else self.k, device=DEV, dtype=ACT)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor | None:
+        """fp32 result with the dequantized weight (what the call should compute)."""
+        if self.dequant is None:
+            return None
+        return x.float() @ self.dequant if self.grad else F.linear(x.float(), self.dequant)
+
     def call(self, i: int, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         from qbackend.kernels import triton as T
 
         ops, f, n, k = self.weights[i], self.fmt, self.n, self.k
+        if self.grad:
+            if f == "bf16":
+                return lambda: torch.mm(x, ops[0])
+            if f == "nf4-nested":
+                return lambda: T.codebook4_linear_grad_input(x, *ops, n, k, 64, 256)
+            if f == "int4":
+                return lambda: T.int4_linear_grad_input(x, *ops, n, k, 128)
+            if f == "int8":
+                return lambda: T.int8_linear_grad_input(x, *ops, n, k)
+            raise ValueError(f"{f}-grad")
         if f == "bf16":
             return lambda: F.linear(x, ops[0])
         if f == "nf4-nested":
@@ -228,21 +254,18 @@ def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], graphs
             except Exception as e:  # noqa: BLE001 - an optional library missing or failing: report, go on
                 cases[f] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
         for m in ms:
-            x = torch.randn(m, k, device=DEV, dtype=ACT)
-            base_us = base_graph = None
-            ref = F.linear(x.float(), cases["bf16"].dequant) if isinstance(cases.get("bf16"), Case) else None
+            base: dict[bool, tuple[float | None, float | None]] = {}  # direction -> bf16 (eager, graph) us
             for f in formats:
                 c = cases[f]
                 if isinstance(c, str):
                     rows.append(Row(shape, m, f, None, None, None, None, None, None, None, c))
                     continue
                 try:
+                    x = c.input(m)
                     fn = c.call(0, x)
                     y = fn()
-                    err = None
-                    if c.dequant is not None:
-                        r = F.linear(x.float(), c.dequant)
-                        err = ((y.float() - r).norm() / r.norm()).item()
+                    r = c.reference(x)
+                    err = None if r is None else ((y.float() - r).norm() / r.norm()).item()
                     us = usg = None
                     if not DRY:
                         us = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
@@ -251,25 +274,25 @@ def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], graphs
                 except Exception as e:  # noqa: BLE001
                     rows.append(Row(shape, m, f, None, None, None, None, None, None, None, f"failed: {e!r}"[:120]))
                     continue
-                if f == "bf16":
-                    base_us, base_graph = us, usg
+                if c.fmt == "bf16":
+                    base[c.grad] = (us, usg)
+                base_us, base_graph = base.get(c.grad, (None, None))
                 # Bytes the call must read (weights with their constants, activations) per the issue's
                 # definition; the output write is left out (tiny at small M).
                 moved = c.w_bytes + _bytes(x)
                 gbps = None if us is None else moved / (us * 1e-6) / 1e9
-                note = ""
-                if ref is not None and f == "bf16":
-                    note = f"bf16 vs fp32: {((y.float() - ref).norm() / ref.norm()):.1e}"
+                note = f"bf16 vs fp32: {err:.1e}" if c.fmt == "bf16" and err is not None else ""
                 rows.append(Row(
                     shape, m, f, us, usg,
                     None if (base_us is None or us is None) else base_us / us,
                     None if (base_graph is None or usg is None) else base_graph / usg,
-                    gbps, None if (gbps is None or bw is None) else gbps * 1e9 / bw, err, note,
+                    gbps, None if (gbps is None or bw is None) else gbps * 1e9 / bw,
+                    None if c.fmt == "bf16" else err, note,
                 ))  # fmt: skip
                 r = rows[-1]
                 pct = None if r.bw_frac is None else 100 * r.bw_frac
                 print(
-                    f"{shape:>12} M={m:<5} {f:<13} {_f(r.us, 8, 1)} us {_f(r.speedup, 6, 2)}x | graph "
+                    f"{shape:>12} M={m:<5} {f:<15} {_f(r.us, 8, 1)} us {_f(r.speedup, 6, 2)}x | graph "
                     f"{_f(r.us_graph, 8, 1)} us {_f(r.speedup_graph, 6, 2)}x | {_f(r.gbps, 6, 0)} GB/s "
                     f"({_f(pct, 3, 0)}%) err {_f(r.rel_err, 8, 1, 'e')} {r.note}",
                     flush=True,
@@ -287,7 +310,8 @@ def _f(v: float | None, w: int, p: int, kind: str = "f") -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8192^2 only, M in {1, 16}")
-    ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma list from {FORMATS}")
+    ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma list from {FORMATS + GRAD_FORMATS}")
+    ap.add_argument("--grad", action="store_true", help=f"also time the grad-input kernels ({', '.join(GRAD_FORMATS)})")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
     ap.add_argument("--out", default="", help="write all rows as JSON here")
@@ -298,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         global DEV, ACT, DRY
         os.environ.setdefault("TRITON_INTERPRET", "1")
         DEV, ACT, DRY = "cpu", torch.float32, True
-        rows = run([(96, 64), (75, 40)], [1, 3, 80], [f for f in args.formats.split(",") if f], graphs=False)
+        formats = [f for f in args.formats.split(",") if f] + (GRAD_FORMATS if args.grad else [])
+        rows = run([(96, 64), (75, 40)], [1, 3, 80], formats, graphs=False)
         bad = [r for r in rows if r.rel_err is not None and r.fmt not in ("w8a8", "bf16") and r.rel_err > 1e-4]
         print(f"dry run: {len(rows)} rows, {len(bad)} with an error above 1e-4 (W8A8 excluded: activation rounding)")
         return 1 if bad else 0
@@ -307,9 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     shapes = [(8192, 8192)] if args.quick else SHAPES
     ms = [1, 16] if args.quick else [int(v) for v in args.ms.split(",")]
-    formats = [f for f in args.formats.split(",") if f]
+    formats = [f for f in args.formats.split(",") if f] + (GRAD_FORMATS if args.grad else [])
     if "bf16" not in formats:
         formats.insert(0, "bf16")  # every ratio is to bf16 F.linear in this same run
+    if any(f.endswith("-grad") for f in formats) and "bf16-grad" not in formats:
+        formats.insert(formats.index(next(f for f in formats if f.endswith("-grad"))), "bf16-grad")
     if args.no_autotune:
         os.environ["QBACKEND_TRITON_AUTOTUNE"] = "0"
     import triton

@@ -231,8 +231,9 @@ def test_w8a8_smoothquant_module_decomposes_to_an_integer_matmul_and_a_multiply(
         torch.testing.assert_close(program.module()(x), m(x), rtol=1e-5, atol=1e-5)
 
 
-def test_w8a8_smoothquant_mlp_lowers_to_linalg_and_runs_like_the_compiled_model(torch_mlir):
-    m, options, x = _smooth_mlp()
+@pytest.mark.parametrize("smoothquant", [{}, {"outlier_threshold": 1.0}], ids=["token", "token-outliers"])
+def test_w8a8_smoothquant_mlp_lowers_to_linalg_and_runs_like_the_compiled_model(torch_mlir, smoothquant):
+    m, options, x = _smooth_mlp(**smoothquant)
     module = export_mlir(m, x, **options)  # quantized on a copy, traced on x to fold the scales
     assert isinstance(m.up, nn.Linear)
     module.parse()

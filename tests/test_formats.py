@@ -131,7 +131,11 @@ def test_nested_constants_decode_formula(data, table, bs):
     plain = quantize(w, Scheme(table, blocksize=bs))
     nc = qw.nested
     assert nc.blocksize == 256 and nc.codes.dtype == torch.uint8 and nc.absmax2.dtype == torch.float32
-    assert torch.equal(nc.offset.view(torch.int32), plain.scale.mean().view(torch.int32))
+    offset = plain.scale.mean()  # bitsandbytes' fp32 mean, bit for bit ...
+    if not bool(torch.isfinite(offset)):  # ... unless it overflows (constants near fp32 max): a float64 mean
+        offset = plain.scale.double().mean().float()
+    assert bool(torch.isfinite(nc.offset))
+    assert torch.equal(nc.offset.view(torch.int32), offset.view(torch.int32))
     i = torch.arange(nc.codes.numel())
     expect = code_table("dynamic")[nc.codes.long()] * nc.absmax2[i // 256] + nc.offset
     assert torch.equal(qw.block_constants(), expect)
