@@ -62,17 +62,25 @@ class QuantizedLinear(nn.Module):
         return self.op(eye, *tensors, None, *self.statics).t()
 
     def _apply(self, fn, recurse: bool = True):
-        dtypes = {n: b.dtype for n, b in self._buffers.items() if b is not None}
-        super()._apply(fn, recurse)
-        for n, dt in dtypes.items():  # keep codes/constants in the dtypes the op requires
-            b = self._buffers[n]
-            if b is not None and b.dtype != dt:
-                self._buffers[n] = b.to(dt)
-        return self
+        return apply_keeping_dtypes(self, super()._apply, fn, recurse, tuple(self._buffers))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format={self.scheme.name}")  # fmt: skip
+
+
+def apply_keeping_dtypes(module: nn.Module, apply: Any, fn: Any, recurse: bool, names: tuple[str, ...]) -> nn.Module:
+    """``module._apply`` (``apply``: the ``nn.Module`` one) keeping the buffers ``names`` in their dtypes.
+
+    Device moves apply to them; ``.half()`` / ``.to(dtype)`` do not: the ops need int codes and fp32 constants.
+    """
+    dtypes = {n: module._buffers[n].dtype for n in names if module._buffers.get(n) is not None}
+    apply(fn, recurse)
+    for n, dt in dtypes.items():
+        b = module._buffers[n]
+        if b is not None and b.dtype != dt:
+            module._buffers[n] = b.to(dt)
+    return module
 
 
 def quantize_(

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # CI has 2 slow cores: no per-example deadline, a fixed seed so failures reproduce.
@@ -21,3 +22,22 @@ settings.register_profile(
     "qbackend", deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 settings.load_profile("qbackend")
+
+
+@pytest.fixture
+def no_quantize(monkeypatch):
+    """``no_quantize()``: from now on every quantize entry point raises (loading must never quantize)."""
+    import qbackend.formats.qweight
+    import qbackend.quantize_module
+    import qbackend.smoothquant.module_form
+
+    def boom(*a, **k):
+        raise AssertionError("load re-quantized a weight")
+
+    def arm() -> None:
+        monkeypatch.setattr(qbackend.formats.qweight, "quantize", boom)
+        monkeypatch.setattr(qbackend.formats, "quantize", boom)
+        monkeypatch.setattr(qbackend.quantize_module, "quantize", boom)
+        monkeypatch.setattr(qbackend.smoothquant.module_form, "quantize", boom)
+
+    return arm

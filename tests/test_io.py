@@ -47,21 +47,6 @@ def _quantized(preset: str) -> Net:
     return m
 
 
-@pytest.fixture
-def no_quantize(monkeypatch):
-    """``no_quantize()``: from now on every quantize entry point raises (loading must never quantize)."""
-
-    def boom(*a, **k):
-        raise AssertionError("load re-quantized a weight")
-
-    def arm() -> None:
-        monkeypatch.setattr(qbackend.formats.qweight, "quantize", boom)
-        monkeypatch.setattr(qbackend.formats, "quantize", boom)
-        monkeypatch.setattr(qbackend.quantize_module, "quantize", boom)
-
-    return arm
-
-
 @pytest.mark.parametrize("preset", ["nf4", "int4", "int8"])
 def test_round_trip_from_a_meta_skeleton(tmp_path, x, preset, no_quantize):
     m = _quantized(preset)

@@ -53,22 +53,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture
-def no_quantize(monkeypatch):
-    """``no_quantize()``: from now on every quantize entry point raises (loading must never quantize)."""
-
-    def boom(*a, **k):
-        raise AssertionError("load re-quantized a weight")
-
-    def arm() -> None:
-        monkeypatch.setattr(qbackend.formats.qweight, "quantize", boom)
-        monkeypatch.setattr(qbackend.formats, "quantize", boom)
-        monkeypatch.setattr(qbackend.quantize_module, "quantize", boom)
-        monkeypatch.setattr(qbackend.smoothquant.module_form, "quantize", boom)
-
-    return arm
-
-
 def _backend(model: nn.Module, options: dict, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """``(compiled model's output, the backend's rewritten graph run eagerly)``. The module form must equal
     the second exactly; the first differs by Inductor's float rounding (a fused GELU/LayerNorm can flip
@@ -321,3 +305,16 @@ def test_a_norm_shared_by_two_groups_falls_back_to_an_explicit_multiply():
         # an explicit multiply instead of a fold: equal up to float rounding, not bit for bit
         torch.testing.assert_close(m(xs[0]), eager, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(m(xs[0]), compiled, rtol=0, atol=INDUCTOR_ATOL)
+
+
+def test_half_keeps_the_int8_codes_and_fp32_scales_and_casts_the_rest():
+    g = torch.Generator().manual_seed(0)
+    layer = W8A8Linear(torch.randint(-127, 128, (6 * 8,), dtype=torch.int8, generator=g), torch.rand(6) / 100,
+                       torch.randn(6), out_features=6, in_features=8, act_scale=torch.tensor([0.02]),
+                       smooth=torch.rand(8) + 0.5)  # fmt: skip
+    y32 = layer(torch.randn(3, 8, generator=g))
+    layer.half()
+    assert (layer.codes.dtype, layer.scale.dtype, layer.act_scale.dtype) == (torch.int8, torch.float32, torch.float32)
+    assert layer.smooth.dtype == layer.bias.dtype == torch.float16
+    y16 = layer(torch.randn(3, 8, generator=g).half())
+    assert y16.dtype == torch.float16 and y16.shape == y32.shape

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..kernels import ops as _kernel_ops  # noqa: F401  (registers torch.ops.qbackend.w8a8_linear)
+from ..quantize_module import apply_keeping_dtypes
 from . import ops as _outlier_ops  # noqa: F401  (registers torch.ops.qbackend.w8a8_outlier_linear)
 
 #: buffers that keep their dtype under ``.half()`` / ``.to(dtype)`` (the ops require int8 / fp32)
@@ -89,13 +90,7 @@ class W8A8Linear(nn.Module):
         )
 
     def _apply(self, fn, recurse: bool = True):
-        dtypes = {n: self._buffers[n].dtype for n in _FIXED_DTYPES if self._buffers.get(n) is not None}
-        super()._apply(fn, recurse)
-        for n, dt in dtypes.items():  # keep codes/scales in the dtypes the ops require
-            b = self._buffers[n]
-            if b is not None and b.dtype != dt:
-                self._buffers[n] = b.to(dt)
-        return self
+        return apply_keeping_dtypes(self, super()._apply, fn, recurse, _FIXED_DTYPES)
 
     def extra_repr(self) -> str:
         smooth = self.smoothing or ("explicit multiply" if self.smooth is not None else "none")
