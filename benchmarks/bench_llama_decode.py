@@ -241,10 +241,10 @@ def _dynamo_limits(n_methods: int) -> dict[str, Any]:
 
 def _register_backend() -> None:
     """The backend is registered by an entry point; a checkout that is not pip-installed lacks it."""
-    import qbackend.backend
+    import qbackend.core.backend
 
     if "qbackend" not in torch._dynamo.list_backends(exclude_tags=()):
-        torch._dynamo.register_backend(qbackend.backend.qbackend, name="qbackend")
+        torch._dynamo.register_backend(qbackend.core.backend.qbackend, name="qbackend")
 
 
 # ---- decoding ---------------------------------------------------------------------------------------------

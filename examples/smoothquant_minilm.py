@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 import qbackend
-from qbackend.backend import run_passes
-from qbackend.config import QuantConfig
+from qbackend.core.backend import run_passes
+from qbackend.core.config import QuantConfig
 from qbackend.minilm import (
     CALIBRATION_SENTENCES,
     EVALUATION_SENTENCES,
@@ -64,35 +64,25 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def compile_variant(model: torch.nn.Module, options: dict[str, Any], inductor: bool) -> tuple[torch.nn.Module, list]:
-    """``torch.compile`` with qbackend; also returns the pass results (for the SmoothQuant report)."""
-    results: list = []
+def compile_variant(model: torch.nn.Module, options: dict[str, Any], inductor: bool) -> torch.nn.Module:
+    """``torch.compile`` with qbackend, or (``inductor=False``) its passes only, the graph then run eagerly."""
     if inductor:
-        from qbackend.backend import qbackend as backend
-
-        def compile_fn(gm, example_inputs):
-            import qbackend.backend as b
-
-            real = b.run_passes
-
-            def spy(*a, **k):
-                results.append(real(*a, **k))
-                return results[-1]
-
-            b.run_passes = spy
-            try:
-                return backend(gm, example_inputs, options=options)
-            finally:
-                b.run_passes = real
-
-        return torch.compile(model, backend=compile_fn), results
+        return torch.compile(model, backend="qbackend", options=options)
     config = QuantConfig.from_options(options)
 
     def passes_only(gm, example_inputs):
-        results.append(run_passes(gm, config))
+        run_passes(gm, config)
         return gm.forward
 
-    return torch.compile(model, backend=passes_only), results
+    return torch.compile(model, backend=passes_only)
+
+
+def fold_report(model: torch.nn.Module, options: dict[str, Any], batch: dict) -> Any:
+    """The SmoothQuant fold the backend does for ``options`` (None when not smoothing): the public way is
+    ``qbackend.explain(...).sections["smoothquant"]``, one fold report per compiled graph."""
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    report = qbackend.explain(model, example_kwargs=kwargs, **options)
+    return next(iter(report.sections.get("smoothquant", [])), None)
 
 
 def best_ms(fns: dict[str, Any], batch: dict, rounds: int) -> dict[str, float]:
@@ -134,11 +124,11 @@ def main() -> None:
         desc, opts = VARIANTS[name]
         options = {"preset": "w8a8", "calibration": result, **opts}
         t0 = time.perf_counter()
-        compiled, results = compile_variant(model, options, inductor=not args.no_inductor)
+        compiled = compile_variant(model, options, inductor=not args.no_inductor)
         with torch.no_grad():
             emb = pooled_embeddings(compiled, batch)
         q = embedding_quality(ref, emb)
-        fold = next((r.fold for r in results if getattr(r, "fold", None) is not None), None)
+        fold = fold_report(model, options, batch)
         smooth = "-"
         if fold is not None:
             smooth = f"{len(fold.exact)} exact / {len(fold.explicit)} multiply / {len(fold.skipped)} unsmoothed"

@@ -5,19 +5,25 @@
 >>> qbackend.quantize_(model, "nf4")   # free the float weights of the linear layers
 >>> cal = qbackend.calibrate(model, batches)  # SmoothQuant W8A8: options={"preset": "w8a8", "calibration": cal}
 >>> qbackend.qat.prepare(model, {"qat": QATConfig()}); ...train...; qbackend.convert(model)  # QAT
+
+Layers (each imports only from those before it): ``formats`` -> ``kernels`` -> ``passes`` ->
+``workflows`` (weight_only, w8a8, qat) -> ``core`` (+ ``serialization``) -> front doors (cli, demo,
+export, testing, and the public re-export modules ``qbackend.qat`` / ``qbackend.smoothquant``).
 """
 
-__version__ = "0.1.0"
+from . import qat  # noqa: I001  (after the version: the public modules read nothing from here)
+import importlib
 
-from . import qat  # noqa: E402
-from .config import QuantConfig  # noqa: E402
-from .explain import explain  # noqa: E402
-from .qat import QATConfig  # noqa: E402
-from .qat.api import convert  # noqa: E402
-from .quantize_module import QuantizedLinear, quantize_  # noqa: E402
-from .report import LayerReport, Report  # noqa: E402
-from .smoothquant import CalibrationResult, calibrate  # noqa: E402
-from .smoothquant.linear import W8A8Linear  # noqa: E402
+from ._version import __version__
+from .core.config import QuantConfig
+from .core.explain import explain
+from .core.quantize import quantize_
+from .core.registry import Workflow, register_workflow
+from .passes.report import LayerReport, Report
+from .workflows.qat import QATConfig
+from .workflows.qat.api import convert
+from .workflows.w8a8 import CalibrationResult, W8A8Linear, calibrate
+from .workflows.weight_only import QuantizedLinear
 
 __all__ = [
     "CalibrationResult",
@@ -27,12 +33,14 @@ __all__ = [
     "QuantizedLinear",
     "Report",
     "W8A8Linear",
+    "Workflow",
     "__version__",
     "calibrate",
     "convert",
     "explain",
     "qat",
     "quantize_",
+    "register_workflow",
 ]
 
 # Loaded on first use so that `import qbackend` stays fast (safetensors, torch.export, torch-mlir).
@@ -41,7 +49,5 @@ _LAZY = {"save": "serialization", "load": "serialization", "export_mlir": "expor
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _presets() -> list[str]:
-    from .config import PRESETS
+    from .core.config import PRESETS
 
     return list(PRESETS)
 

@@ -153,7 +153,7 @@ def _median_ms(fn: Callable[[], Any], budget_s: float, min_runs: int = 3, max_ru
 
 def _sizes(model: nn.Module) -> tuple[int, int, int]:
     """(bytes of all tensors, bytes of the linear weights, elements of the linear weights); shared tensors once."""
-    from .quantize_module import QuantizedLinear
+    from .workflows.weight_only.linear import QuantizedLinear
 
     model = getattr(model, "_orig_mod", model)
     seen: set[int] = set()

@@ -28,8 +28,8 @@ settings.load_profile("qbackend")
 def no_quantize(monkeypatch):
     """``no_quantize()``: from now on every quantize entry point raises (loading must never quantize)."""
     import qbackend.formats.qweight
-    import qbackend.quantize_module
-    import qbackend.smoothquant.module_form
+    import qbackend.workflows.w8a8.module_form
+    import qbackend.workflows.weight_only.quantize
 
     def boom(*a, **k):
         raise AssertionError("load re-quantized a weight")
@@ -37,7 +37,7 @@ def no_quantize(monkeypatch):
     def arm() -> None:
         monkeypatch.setattr(qbackend.formats.qweight, "quantize", boom)
         monkeypatch.setattr(qbackend.formats, "quantize", boom)
-        monkeypatch.setattr(qbackend.quantize_module, "quantize", boom)
-        monkeypatch.setattr(qbackend.smoothquant.module_form, "quantize", boom)
+        monkeypatch.setattr(qbackend.workflows.weight_only.quantize, "quantize", boom)
+        monkeypatch.setattr(qbackend.workflows.w8a8.module_form, "quantize", boom)
 
     return arm

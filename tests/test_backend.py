@@ -15,9 +15,9 @@ from torch._inductor.utils import fresh_cache, run_and_get_code
 
 import qbackend
 from qbackend import QuantConfig
-from qbackend.backend import StaleWeightError, inductor_patches
-from qbackend.backend import qbackend as qbackend_fn
-from qbackend.config import ConfigError
+from qbackend.core.backend import StaleWeightError, inductor_patches
+from qbackend.core.backend import qbackend as qbackend_fn
+from qbackend.core.config import ConfigError
 
 
 class MLP(nn.Module):

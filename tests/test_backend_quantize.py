@@ -10,7 +10,7 @@ from torch import nn
 
 import qbackend
 from qbackend import QuantConfig, QuantizedLinear
-from qbackend.backend import run_passes
+from qbackend.core.backend import run_passes
 from qbackend.formats import FormatError, quantize
 from qbackend.testing import capture_graph, quantized_op_nodes
 

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from qbackend import QuantConfig
-from qbackend.config import PRESETS, ConfigError
+from qbackend.core.config import PRESETS, ConfigError
 from qbackend.formats import Scheme
 
 

@@ -83,7 +83,7 @@ def test_gpt2_tied_lm_head_is_named_by_its_module():
 
     model = tiny("gpt2")
     g = capture_graph(lambda ids: model(input_ids=ids).logits, torch.randint(0, 1000, (1, 5)))
-    report = qbackend.backend.run_passes(g.gm, QuantConfig(exclude=["lm_head"], min_params=0)).report
+    report = qbackend.core.backend.run_passes(g.gm, QuantConfig(exclude=["lm_head"], min_params=0)).report
     assert report.layer("lm_head").reason == "excluded by 'lm_head'"
     assert len(quantized_op_nodes(g.gm)) == 4 and all(r.transposed for r in report.quantized)
 

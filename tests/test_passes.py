@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from torch import nn
 
 from qbackend import QuantConfig
-from qbackend.backend import run_passes
+from qbackend.core.backend import run_passes
 from qbackend.formats import FormatError
 from qbackend.passes import LAYER_META, find_linears
 from qbackend.passes.weight_cache import get_entry

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from qbackend.qat import QATConfig, calibrate_clipping, fake_quantize_weight, prepare
-from qbackend.qat.clipping import DEFAULT_GRID
-from qbackend.qat.units import to_units
+from qbackend.workflows.qat.clipping import DEFAULT_GRID
+from qbackend.workflows.qat.units import to_units
 
 
 def _model(seed: int = 0) -> nn.Sequential:

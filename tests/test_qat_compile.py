@@ -13,9 +13,9 @@ from torch._dynamo.backends.debugging import aot_eager
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import qbackend
-from qbackend.backend import guard_weights, run_passes
-from qbackend.backend import qbackend as qbackend_backend
-from qbackend.config import QuantConfig
+from qbackend.core.backend import guard_weights, run_passes
+from qbackend.core.backend import qbackend as qbackend_backend
+from qbackend.core.config import QuantConfig
 from qbackend.qat import QATConfig, eager_qat, prepare
 
 OPTS = {"preset": "nf4", "min_params": 0, "qat": QATConfig(learnable_scales=True, activations="static")}

@@ -9,11 +9,16 @@ from hypothesis import strategies as st
 
 from qbackend.formats import Scheme, quantize
 from qbackend.kernels import reference as ref
-from qbackend.qat.config import QATConfig
-from qbackend.qat.deploy import deployed_weight
-from qbackend.qat.fake_quant import clip_weight, fake_quantize_activation, fake_quantize_weight, observe_absmax
-from qbackend.qat.state import LinearQAT
-from qbackend.qat.units import num_units, to_units, unit_range
+from qbackend.workflows.qat.config import QATConfig
+from qbackend.workflows.qat.deploy import deployed_weight
+from qbackend.workflows.qat.fake_quant import (
+    clip_weight,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    observe_absmax,
+)
+from qbackend.workflows.qat.state import LinearQAT
+from qbackend.workflows.qat.units import num_units, to_units, unit_range
 
 SCHEMES = [
     Scheme("nf4", blocksize=64, nested=True),
@@ -185,7 +190,7 @@ def test_custom_ops_opcheck():
     torch.manual_seed(0)
     w = torch.randn(6, 70, requires_grad=True)
     r = torch.full((num_units((6, 70), SCHEMES[0]),), 0.8, requires_grad=True)
-    from qbackend.qat.fake_quant import scheme_key
+    from qbackend.workflows.qat.fake_quant import scheme_key
 
     key = scheme_key(SCHEMES[0])
     fast = ("test_schema", "test_autograd_registration", "test_faketensor")  # AOT dispatch: once per op

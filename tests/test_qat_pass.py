@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qbackend
-from qbackend.backend import run_passes
-from qbackend.config import QuantConfig
+from qbackend.core.backend import run_passes
+from qbackend.core.config import QuantConfig
 from qbackend.qat import QATConfig, prepare
-from qbackend.qat.fake_quant import fake_quantize_weight
 from qbackend.testing import assert_lints, capture_graph, linear_models, quant_configs
 from qbackend.testing.strategies import FORMS
+from qbackend.workflows.qat.fake_quant import fake_quantize_weight
 
 FQ_W = torch.ops.qbackend.qat_fake_quant_weight.default
 

@@ -36,8 +36,8 @@ from torchao.quantization.quant_primitives import (  # noqa: E402
 )
 
 from qbackend.formats import Scheme, quantize  # noqa: E402
-from qbackend.qat.fake_quant import clip_weight, fake_quantize_weight  # noqa: E402
-from qbackend.qat.units import num_units, unit_range  # noqa: E402
+from qbackend.workflows.qat.fake_quant import clip_weight, fake_quantize_weight  # noqa: E402
+from qbackend.workflows.qat.units import num_units, unit_range  # noqa: E402
 
 
 def torchao_fake_quant(w: torch.Tensor, scheme: Scheme, scale=None, zero_point=None):

@@ -11,8 +11,8 @@ from torch._dynamo.backends.debugging import aot_eager
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from qbackend import QuantizedLinear
-from qbackend.backend import guard_weights, run_passes
-from qbackend.config import QuantConfig
+from qbackend.core.backend import guard_weights, run_passes
+from qbackend.core.config import QuantConfig
 from qbackend.qat import LoRALinear, add_lora, dequantize_base, lora_parameters, quantize_base
 
 D_IN, D_HID, D_OUT = 96, 160, 24

@@ -14,7 +14,7 @@ from torch import nn
 
 import qbackend
 from qbackend.smoothquant import CalibrationError, CalibrationResult, SmoothQuantConfig
-from qbackend.smoothquant.scales import choose_scale, smoothing_scale, static_act_scale
+from qbackend.workflows.w8a8.scales import choose_scale, smoothing_scale, static_act_scale
 
 
 class Forms(nn.Module):
@@ -165,5 +165,5 @@ def test_static_scale_with_outliers_does_not_clip_a_calibrated_outlier_channel_t
     assert float(scale) == pytest.approx(6.0 / 127)
     x = torch.tensor([[0.5, 5.5], [-1.0, -5.0]])
     w = torch.eye(2)
-    y = qbackend.smoothquant.scales.simulate_w8a8(x, w, act_scale=scale, threshold=6.0)
+    y = qbackend.workflows.w8a8.scales.simulate_w8a8(x, w, act_scale=scale, threshold=6.0)
     assert torch.allclose(y, x, atol=float(scale) / 2 + 1e-6)

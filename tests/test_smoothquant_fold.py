@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from qbackend.passes.smoothquant_fold import NODE_META, smoothquant_fold
-from qbackend.smoothquant.scales import ScaleChoice, smoothing_scale, weight_absmax
 from qbackend.testing import capture_graph, linear_models
+from qbackend.workflows.w8a8.fold import NODE_META, smoothquant_fold
+from qbackend.workflows.w8a8.scales import ScaleChoice, smoothing_scale, weight_absmax
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from torch import nn
 
 from qbackend import QuantConfig
-from qbackend.backend import run_passes
+from qbackend.core.backend import run_passes
 from qbackend.passes import find_linears
 from qbackend.testing import (
     FORMS,

@@ -12,12 +12,12 @@ from torch import nn
 
 import qbackend
 import qbackend.formats.qweight
-from qbackend.backend import run_passes
-from qbackend.config import QuantConfig
+from qbackend.core.backend import run_passes
+from qbackend.core.config import QuantConfig
 from qbackend.serialization import load, save
-from qbackend.smoothquant.linear import W8A8Linear
-from qbackend.smoothquant.module_form import W8A8ModuleError
 from qbackend.testing import capture_graph
+from qbackend.workflows.w8a8.linear import W8A8Linear
+from qbackend.workflows.w8a8.module_form import W8A8ModuleError
 
 
 class MLP(nn.Module):

@@ -12,6 +12,7 @@ This module only reads the graph.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -53,7 +54,7 @@ def graph_params(gm: fx.GraphModule) -> dict[fx.Node, ParamRef]:
         out[node] = ParamRef(source_fqn(src) if src is not None else str(node.target), example, i)
     for node in gm.graph.find_nodes(op="get_attr"):
         try:
-            t = _get_attr(gm, str(node.target))
+            t = get_attr(gm, node.target)
         except AttributeError:
             continue
         if not isinstance(t, torch.Tensor):
@@ -101,9 +102,10 @@ def source_fqn(source: object) -> str:
     return ".".join(reversed(parts)) if parts else getattr(source, "name", str(source))
 
 
-def _get_attr(gm: fx.GraphModule, target: str) -> object:
-    obj: object = gm
-    for atom in target.split("."):
+def get_attr(gm: fx.GraphModule, target: object) -> Any:
+    """The object a ``get_attr`` node's (dotted) ``target`` names on ``gm``."""
+    obj: Any = gm
+    for atom in str(target).split("."):
         obj = getattr(obj, atom)
     return obj
 

@@ -11,12 +11,23 @@ either has a scheme (to quantize) or a non-empty reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
-from ..config import QuantConfig
 from ..formats import Scheme
 from ..kernels import supported
 from .find_linears import LinearSite
 from .params import ParamRef
+
+
+class SelectionPolicy(Protocol):
+    """What selection reads of a config (``QuantConfig`` has it): include/exclude, size floor, format."""
+
+    min_params: int
+
+    @property
+    def scheme(self) -> Scheme: ...
+
+    def selects(self, layer: str) -> tuple[bool, str]: ...
 
 
 @dataclass
@@ -40,7 +51,7 @@ class LayerPlan:
         return [s for s in self.sites if s.skip_reason is None] if self.scheme is not None else []
 
 
-def select_layers(sites: list[LinearSite], config: QuantConfig) -> list[LayerPlan]:
+def select_layers(sites: list[LinearSite], config: SelectionPolicy) -> list[LayerPlan]:
     """Group ``sites`` by weight and apply ``config``'s policy to each group."""
     groups: dict[tuple[int, bool], list[LinearSite]] = {}
     for s in sites:
@@ -54,7 +65,7 @@ def select_layers(sites: list[LinearSite], config: QuantConfig) -> list[LayerPla
     return plans
 
 
-def decide_layer(name: str, numel: int, config: QuantConfig) -> tuple[Scheme | None, str]:
+def decide_layer(name: str, numel: int, config: SelectionPolicy) -> tuple[Scheme | None, str]:
     """The policy for one layer by name and size: ``(scheme, "")`` or ``(None, reason)``."""
     ok, why = config.selects(name)
     if not ok:
@@ -68,7 +79,7 @@ def decide_layer(name: str, numel: int, config: QuantConfig) -> tuple[Scheme | N
     return scheme, ""
 
 
-def _decide(plan: LayerPlan, config: QuantConfig) -> tuple[Scheme | None, str]:
+def _decide(plan: LayerPlan, config: SelectionPolicy) -> tuple[Scheme | None, str]:
     scheme, why = decide_layer(plan.name, plan.param.tensor.numel(), config)
     if scheme is None:
         return None, why

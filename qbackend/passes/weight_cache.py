@@ -18,6 +18,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..formats import QuantizedWeight, Scheme, quantize
 from ..kernels import KernelWeight, prepare_weight
 
+
+class StaleWeightError(RuntimeError):
+    """A weight was changed in place after compiling and cannot (or must not) be re-quantized."""
+
+
 _entries: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> {(scheme, transposed): weakref(QuantEntry)}
 
 
@@ -48,7 +53,7 @@ class QuantEntry:
 
     def is_stale(self, param: torch.Tensor) -> bool:
         """Cheap per-call check: the parameter was written in place (or its storage swapped) since quantizing."""
-        return _version(param) != self.version or param.data_ptr() != self.data_ptr
+        return version_of(param) != self.version or param.data_ptr() != self.data_ptr
 
     def refresh(self, param: torch.Tensor) -> None:
         """Re-quantize from the parameter's current value into the existing tensors (same shapes)."""
@@ -68,7 +73,7 @@ class QuantEntry:
                 )
             with torch.no_grad():
                 old.copy_(new)
-        self.version, self.data_ptr = _version(param), param.data_ptr()
+        self.version, self.data_ptr = version_of(param), param.data_ptr()
         self.rel_error = None
 
     def relative_error(self, param: torch.Tensor) -> float:
@@ -101,7 +106,7 @@ def get_entry(
         return entry
     qw = _quantize(param, scheme, transposed, name)
     kw = prepare_weight(qw)
-    entry = QuantEntry(name, scheme, transposed, kw, qw.storage_bits(), qw.numel, _version(param), param.data_ptr())
+    entry = QuantEntry(name, scheme, transposed, kw, qw.storage_bits(), qw.numel, version_of(param), param.data_ptr())
     if measure_error:
         entry.rel_error = _rel_error(effective_weight(param, transposed), qw.dequantize(torch.float32))
     per_param[key] = weakref.ref(entry)
@@ -120,10 +125,14 @@ def _quantize(param: torch.Tensor, scheme: Scheme, transposed: bool, name: str) 
     return quantize(w, scheme, name=name)
 
 
-def _version(t: torch.Tensor) -> int:
+def version_of(t: torch.Tensor | None) -> int:
+    """``t._version``; -1 for a tensor without a version counter (inference tensors: data_ptr still catches
+    swaps), 0 for None."""
+    if t is None:
+        return 0
     try:
         return t._version
-    except RuntimeError:  # inference tensors have no version counter; data_ptr still catches swaps
+    except RuntimeError:
         return -1
 
 

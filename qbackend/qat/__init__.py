@@ -1,4 +1,4 @@
-"""Quantization-aware training and QLoRA fine-tuning through the qbackend compiler.
+"""Quantization-aware training and QLoRA fine-tuning through the qbackend compiler (public names).
 
 QAT (train for the format you deploy)::
 
@@ -15,7 +15,7 @@ QLoRA (frozen NF4 base, trainable adapters)::
     add_lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"])   # or a peft-wrapped model
     quantize_base(model, Scheme("nf4", nested=True))   # base weights -> QuantizedLinear, float freed
 
-Submodules are imported lazily: :mod:`qbackend.config` imports :mod:`.config` from here.
+The workflow itself is :mod:`qbackend.workflows.qat`; its submodules are loaded on first use.
 """
 
 from __future__ import annotations
@@ -23,12 +23,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .config import QATConfig, QATConfigError
+from torch import nn
 
+from ..core.config import QuantConfig
+from ..workflows.qat.api import prepare as _prepare
+from ..workflows.qat.config import QATConfig, QATConfigError
+
+_WORKFLOW = "qbackend.workflows.qat"
 _LAZY = {
-    "prepare": ".api",
     "convert": ".api",
-    "qat_config": ".api",
     "qat_layers": ".api",
     "eager_qat": ".api",
     "QATQuantizedLinear": ".deploy",
@@ -46,13 +49,32 @@ _LAZY = {
     "lora_parameters": ".lora",
 }
 
-__all__ = ["QATConfig", "QATConfigError", *_LAZY]
+__all__ = ["QATConfig", "QATConfigError", "prepare", "qat_config", *_LAZY]
+
+
+def qat_config(options: Any = None) -> QuantConfig:
+    """The backend config for QAT: ``options`` as for ``torch.compile`` (or a bare `QATConfig`), QAT on."""
+    if isinstance(options, QATConfig):
+        return QuantConfig(qat=options)
+    cfg = QuantConfig.from_options(options)
+    return cfg if cfg.qat is not None else cfg.replace(qat=QATConfig())
+
+
+def prepare(model: nn.Module, options: Any = None) -> list[str]:
+    """Attach QAT state (`LinearQAT`, as ``<layer>.qat``) to the linear layers the backend would quantize.
+
+    ``options``: the same options given to ``torch.compile(..., backend="qbackend", options=...)``
+    (format, include/exclude, min_params, ``qat=QATConfig(...)``), or a `QATConfig`. In place and
+    idempotent (a prepared layer is left as it is); tied weights share one state. Create the
+    optimizer after preparing (learnable ratios are new parameters). Returns the prepared layer names.
+    """
+    return _prepare(model, qat_config(options))
 
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'qbackend.qat' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
+    value = getattr(importlib.import_module(_WORKFLOW + module), name)
     globals()[name] = value
     return value

@@ -39,7 +39,7 @@ def load_bnb(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str
     """Swap each 4-bit layer of ``model`` for a `QuantizedLinear`; assign every other tensor."""
     from ..formats.bnb_interop import from_bnb_state_dict
     from ..kernels import UnsupportedWeight, prepare_weight
-    from ..quantize_module import QuantizedLinear
+    from ..workflows.weight_only.linear import QuantizedLinear
 
     used: set[str] = set()
     for prefix in bnb_prefixes(state_dict):

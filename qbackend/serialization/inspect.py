@@ -76,7 +76,7 @@ def inspect_path(path: str | Path, preset: str = "nf4") -> Inspection:
     """Per-layer decisions and weight errors for the weights at ``path`` under ``preset``."""
     from safetensors import SafetensorError, safe_open
 
-    from ..config import QuantConfig
+    from ..core.config import QuantConfig
 
     path = Path(path)
     config = QuantConfig.preset(preset)

@@ -29,7 +29,7 @@ def build_quantized_linear(
 
     if rec.get("kind") == "w8a8":
         return build_w8a8_linear(name, rec, tensors, aliases, path)
-    from ..quantize_module import QuantizedLinear
+    from ..workflows.weight_only.linear import QuantizedLinear
 
     def get(key: str) -> torch.Tensor | None:
         key = aliases.get(key, key)
@@ -62,7 +62,7 @@ def build_w8a8_linear(
     name: str, rec: dict[str, Any], tensors: dict[str, torch.Tensor], aliases: dict[str, str], path: str
 ) -> torch.nn.Module:
     """A `W8A8Linear` from its stored codes, scales, activation scale and smoothing multiply."""
-    from ..smoothquant.linear import W8A8Linear
+    from ..workflows.w8a8.linear import W8A8Linear
 
     def get(key: str) -> torch.Tensor | None:
         return tensors.get(aliases.get(f"{name}.{key}", f"{name}.{key}"))

@@ -82,8 +82,8 @@ def _collect(module: nn.Module, manifest: dict[str, Any]) -> dict[str, torch.Ten
 def _layers(module: nn.Module) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from ..quantize_module import QuantizedLinear
-    from ..smoothquant.linear import W8A8Linear
+    from ..workflows.w8a8.linear import W8A8Linear
+    from ..workflows.weight_only.linear import QuantizedLinear
 
     out = {}
     for name, m in module.named_modules():
@@ -105,7 +105,7 @@ def _w8a8_record(m: Any) -> dict[str, Any]:
     """A `W8A8Linear`'s manifest record: the op, activation mode, outlier threshold, how it was smoothed."""
     from dataclasses import asdict
 
-    from ..passes.w8a8_lower import W8A8_SCHEME
+    from ..workflows.w8a8.lower import W8A8_SCHEME
 
     return {
         "kind": "w8a8",

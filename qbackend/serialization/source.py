@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import QuantConfig
+from ..core.config import QuantConfig
 
 log = logging.getLogger("qbackend")
 
@@ -49,8 +49,8 @@ def _compile_options(compiled: Any) -> dict[str, Any] | None:
 
 
 def has_quantized_layers(model: nn.Module) -> bool:
-    from ..quantize_module import QuantizedLinear
-    from ..smoothquant.linear import W8A8Linear
+    from ..workflows.w8a8.linear import W8A8Linear
+    from ..workflows.weight_only.linear import QuantizedLinear
 
     return any(isinstance(m, (QuantizedLinear, W8A8Linear)) for m in model.modules())
 
@@ -84,7 +84,7 @@ def quantized_module(
       `W8A8Linear` (SmoothQuant: traced once on ``example_inputs``, default the calibration's first
       batch, to fold the scales as the backend does).
     """
-    from ..quantize_module import quantize_
+    from ..core.quantize import quantize_
 
     module, compiled_options = unwrap_compiled(model)
     if has_quantized_layers(module):

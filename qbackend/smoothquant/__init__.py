@@ -1,33 +1,26 @@
-"""SmoothQuant W8A8: calibration, per-channel smoothing scales folded offline, int8 x int8 lowering.
+"""The public SmoothQuant names (the workflow itself is :mod:`qbackend.workflows.w8a8`).
 
->>> result = qbackend.calibrate(model, batches)                 # per-channel activation absmax
->>> result.save("minilm-calib")                                 # .safetensors + .json
->>> model = torch.compile(model, backend="qbackend",
-...                       options={"preset": "w8a8", "calibration": result,
-...                                "smoothquant": {"alpha": 0.5, "search_alpha": True}})
-
-This package's ``__init__`` stays light (config and result types only) because
-:mod:`qbackend.config` imports it; the calibration entry point is loaded on first use.
+>>> result = qbackend.smoothquant.calibrate(model, batches)
+>>> options = {"preset": "w8a8", "calibration": result, "smoothquant": SmoothQuantConfig(alpha=0.6)}
 """
 
+import importlib
 from typing import Any
 
-from .config import SmoothQuantConfig, SmoothQuantConfigError
-from .result import CalibrationError, CalibrationResult, LayerStats
-
-__all__ = [
+_PUBLIC = (
     "CalibrationError",
     "CalibrationResult",
     "LayerStats",
     "SmoothQuantConfig",
     "SmoothQuantConfigError",
     "calibrate",
-]
+)
+__all__ = list(_PUBLIC)
 
 
 def __getattr__(name: str) -> Any:
-    if name == "calibrate":
-        from .calibration import calibrate
-
-        return calibrate
+    # Resolved on first use: this package also holds the outlier op (``.ops``), which the workflow
+    # imports, so importing the workflow here at import time would make a cycle.
+    if name in _PUBLIC:
+        return getattr(importlib.import_module("qbackend.workflows.w8a8"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

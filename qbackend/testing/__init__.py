@@ -48,7 +48,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name in _STRATEGIES:
         try:
-            from . import strategies
+            from . import strategies  # hypothesis is a test-only dependency
         except ImportError as e:
             raise ImportError(f"qbackend.testing.{name} needs hypothesis: pip install 'qbackend[test]' ({e})") from None
         return getattr(strategies, name)

@@ -22,8 +22,8 @@ import torch
 import torch.fx as fx
 
 from ..passes import LAYER_META, LoweringResult, find_linears
+from ..passes.report import Report
 from ..passes.weight_cache import dequantize_kernel_weight
-from ..report import Report
 from .capture import CapturedGraph
 
 PassFn = Callable[[fx.GraphModule], LoweringResult]

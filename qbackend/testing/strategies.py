@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
-from ..config import QuantConfig
+from ..core.config import QuantConfig
 
 #: form -> True when the parameter is stored [in, out] (the layer's weight is its transpose)
 FORMS: dict[str, bool] = {

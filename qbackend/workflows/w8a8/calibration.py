@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..passes import find_linears
+from ...passes import find_linears
 from .result import CalibrationError, CalibrationResult, LayerStats, default_meta
 
 
@@ -158,7 +158,7 @@ def calibrate(
     are listed in ``result.never_reached`` (with a warning); the backend leaves them unsmoothed.
     """
     global _ACTIVE
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # the progress bar library only when calibrating
 
     if not isinstance(sample_tokens, int) or sample_tokens < 0:
         raise CalibrationError(f"sample_tokens must be an int >= 0; got {sample_tokens!r}")

@@ -30,7 +30,7 @@ from dataclasses import asdict
 import torch
 from torch import Tensor
 
-from ..formats import QuantizedWeight, Scheme, code_table, quantize
+from ...formats import QuantizedWeight, Scheme, code_table, quantize
 from .units import expand_units, from_units, to_units, unit_range
 
 __all__ = [

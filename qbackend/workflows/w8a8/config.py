@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .result import CalibrationResult
+
 ACTIVATIONS = ("token", "tensor")
 UNFOLDABLE = ("multiply", "skip")
 EXPLICIT = ("per_layer", "shared")
@@ -121,8 +123,6 @@ def backend_options(smoothquant: Any, calibration: Any, weight_format: str) -> t
     smoothquant: None (off), True (defaults), a dict of fields or a config. calibration: a
     ``CalibrationResult`` or the path it was saved to.
     """
-    from .result import CalibrationResult
-
     if smoothquant is None or smoothquant is False:
         if calibration is not None:
             raise SmoothQuantConfigError(

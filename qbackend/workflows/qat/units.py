@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import Scheme
+from ...formats import Scheme
 
 
 def num_units(shape: tuple[int, ...], scheme: Scheme) -> int:

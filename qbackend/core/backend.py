@@ -2,14 +2,17 @@
 
 ``torch.compile(model, backend="qbackend", options=..., mode=...)``:
 
-1. ``options`` -> :class:`qbackend.config.QuantConfig` (``mode`` -> Inductor's own mode patches).
-2. The passes of :mod:`qbackend.passes` rewrite the Dynamo graph: linear layers become quantized ops
-   reading quantized buffers. This happens BEFORE Inductor, so Inductor's caches key on the
-   rewritten graph (a rewrite inside ``inner_compile`` would be skipped on a warm cache hit).
+1. ``options`` -> a config: :class:`qbackend.core.config.QuantConfig`, or the config object of a
+   registered workflow (``mode`` -> Inductor's own mode patches).
+2. The workflow handling that config (:mod:`qbackend.core.registry`) rewrites the Dynamo graph:
+   linear layers become quantized ops reading quantized buffers. This happens BEFORE Inductor, so
+   Inductor's caches key on the rewritten graph (a rewrite inside ``inner_compile`` would be
+   skipped on a warm cache hit).
 3. Inductor (``compile_fx``) compiles the rewritten graph.
 4. The compiled callable is wrapped by a per-call weight check: a quantized weight changed in place
    since it was quantized (``_version``/storage) is re-quantized into the same buffers, or raises
-   (``on_weight_change="error"``). Never a silently stale result.
+   (``on_weight_change="error"``). Never a silently stale result. The workflow may add its own
+   guard (SmoothQuant: parameters folded into constants must not change).
 """
 
 from __future__ import annotations
@@ -21,67 +24,60 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..passes import LoweringResult, graph_params
+from ..passes.weight_cache import StaleWeightError, version_of
+from . import registry
 from .config import QuantConfig
-from .passes import LoweringResult, find_linears, graph_params, lower_linears, select_layers
-from .passes.qat_insert import insert_qat
+
+__all__ = ["StaleWeightError", "guard_weights", "inductor_patches", "qbackend", "resolve_config", "run_passes"]
 
 log = logging.getLogger("qbackend")
 _warned_frozen_grad = False
 
 
-class StaleWeightError(RuntimeError):
-    """A weight was changed in place after compiling and the config says not to re-quantize."""
+def resolve_config(options: Any) -> Any:
+    """``options`` as a config: a registered workflow's own config object as is, else a `QuantConfig`."""
+    if registry.config_workflow(options) is not None:
+        return options
+    return QuantConfig.from_options(options)
 
 
-def run_passes(gm: fx.GraphModule, config: QuantConfig, measure_error: bool = False) -> LoweringResult:
-    """The pass pipeline on a Dynamo graph (in place): find -> select -> lower."""
-    if config.smoothquant is not None:  # W8A8 (issue 5): find -> select -> SmoothQuant fold -> W8A8 lowering
-        from .smoothquant.pipeline import run_w8a8
-
-        return run_w8a8(gm, config, measure_error=measure_error)
-    sites = find_linears(gm)
-    plans = select_layers(sites, config)
-    # Issue 5 (SmoothQuant) folds scales into `plans` here.
-    # QAT layers (prepared, or config.qat): fake quantization when grad is enabled, else their deployment.
-    qat, plans = insert_qat(gm, plans, config)
-    result = lower_linears(gm, plans, measure_error=measure_error)
-    result.report.layers[:0] = qat.report.layers
-    result.lowered[:0] = qat.lowered
-    result.nodes += qat.nodes
-    return result
+def run_passes(gm: fx.GraphModule, config: Any, measure_error: bool = False) -> LoweringResult:
+    """The compile path of the workflow handling ``config`` on a Dynamo graph (in place)."""
+    return registry.workflow_for(config, gm).compile(gm, config, measure_error)
 
 
 def qbackend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | None = None, options: Any = None):
-    """Compile ``gm``: run qbackend's passes, then hand the graph to Inductor."""
-    from torch._inductor.compile_fx import compile_fx
+    """Compile ``gm``: run the workflow's passes, then hand the graph to Inductor."""
+    from torch._inductor.compile_fx import compile_fx  # Inductor loads slowly: only when compiling
 
-    config = QuantConfig.from_options(options)
+    config = resolve_config(options)
+    workflow = registry.workflow_for(config, gm)
     patches = inductor_patches(mode, config)
-    result = run_passes(gm, config, measure_error=log.isEnabledFor(logging.DEBUG))
+    result = workflow.compile(gm, config, log.isEnabledFor(logging.DEBUG))
     _log(result, gm)
     compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
     # Inductor freezing (inference only) copies the quantized buffers into constants too: no refresh then.
     freezing = bool(patches.get("freezing", torch._inductor.config.freezing)) and not torch.is_grad_enabled()
     compiled = guard_weights(compiled, result, config, _frozen_params(gm, result), freezing=freezing)
-    # SmoothQuant folded parameters into constants: a later in-place change raises (issue 5).
-    return getattr(result, "guard_folded", lambda fn: fn)(compiled)
+    return compiled if workflow.guard is None else workflow.guard(result, compiled)
 
 
-def inductor_patches(mode: str | None, config: QuantConfig) -> dict[str, Any]:
+def inductor_patches(mode: str | None, config: Any) -> dict[str, Any]:
     """Inductor config patches: ``mode`` (else ``config.mode``) as ``backend="inductor"`` applies it, then
-    ``config.inductor``."""
+    ``config.inductor`` (a workflow's own config may have neither)."""
     patches: dict[str, Any] = {}
-    mode = mode or config.mode
+    mode = mode or getattr(config, "mode", None)
     if mode is not None and mode != "default":
         patches.update(torch._inductor.list_mode_options(mode))
-    patches.update(config.inductor)
+    patches.update(getattr(config, "inductor", None) or {})
     return patches
 
 
 def guard_weights(
     compiled: Callable,
     result: LoweringResult,
-    config: QuantConfig,
+    config: Any,
     frozen: list[tuple[str, torch.Tensor, int]] = (),  # type: ignore[assignment]
     freezing: bool = False,
 ) -> Callable:
@@ -94,7 +90,7 @@ def guard_weights(
     """
     from_args = [(lw.param.input_index, lw.entry) for lw in result.lowered if lw.param.input_index is not None]
     held = [(lw.param.tensor, lw.entry) for lw in result.lowered if lw.param.input_index is None]
-    requantize = config.on_weight_change == "requantize"
+    requantize = getattr(config, "on_weight_change", "requantize") == "requantize"
     if not (from_args or held or frozen):
         return compiled
 
@@ -136,17 +132,9 @@ def _frozen_params(gm: fx.GraphModule, result: LoweringResult) -> list[tuple[str
     lowered = {id(lw.param.tensor) for lw in result.lowered}
     out = []
     for ref in graph_params(gm).values():
-        if ref.input_index is None and id(ref.tensor) not in lowered and _has_version(ref.tensor):
+        if ref.input_index is None and id(ref.tensor) not in lowered and version_of(ref.tensor) >= 0:
             out.append((ref.fqn, ref.tensor, ref.tensor._version))
     return out
-
-
-def _has_version(t: torch.Tensor) -> bool:
-    try:
-        t._version  # noqa: B018
-        return True
-    except RuntimeError:
-        return False
 
 
 def _log(result: LoweringResult, gm: fx.GraphModule) -> None:

@@ -37,10 +37,11 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-from ..smoothquant.scales import ScaleChoice
-from .find_linears import LinearSite, find_linears
-from .lower_linears import BUFFER_PREFIX
-from .params import ParamRef, graph_params
+from ...passes.find_linears import LinearSite, find_linears
+from ...passes.graph import attach_tensor
+from ...passes.lowering import BUFFER_PREFIX
+from ...passes.params import ParamRef, graph_params
+from .scales import ScaleChoice
 
 FoldKind = Literal["layer_norm", "rms_norm", "param_mul", "linear_rows", "multiply", "skipped"]
 EXACT_KINDS: tuple[str, ...] = ("layer_norm", "rms_norm", "param_mul", "linear_rows")
@@ -90,7 +91,7 @@ class GroupFold:
     params: exact folds only, the parameters (names) that absorbed 1/s: the norm's weight and bias,
     the multiplied parameter, the producing linear's weight and bias. ``adds_weight``: a norm without
     an affine weight was given one (1/s), which no parameter of the model holds. Read by the W8A8
-    module form (:mod:`qbackend.smoothquant.module_form`), which does the same folds on modules.
+    module form (:mod:`.module_form`), which does the same folds on modules.
     """
 
     layers: tuple[str, ...]
@@ -469,14 +470,7 @@ class _State:
     def _const(self, value: torch.Tensor, label: str) -> fx.Node:
         name = f"{BUFFER_PREFIX}sq_{self.counter}_{re.sub(r'[^0-9a-zA-Z_]', '_', label)}"[:160]
         self.counter += 1
-        self.gm.register_buffer(name, value.contiguous())
-        if hasattr(self.gm, "_param_name_to_source"):  # Dynamo graphs map every buffer to a source
-            from torch._dynamo.source import ConstantSource
-
-            self.gm._param_name_to_source[name] = ConstantSource(name)
-        first = next(n for n in self.gm.graph.nodes if n.op != "placeholder")
-        with self.gm.graph.inserting_before(first):
-            node = self.gm.graph.get_attr(name)
+        node = attach_tensor(self.gm, name, value.contiguous())
         node.meta["example_value"] = value
         node.meta[NODE_META] = f"folded {label}"
         return node

@@ -24,21 +24,21 @@ rewritten site no longer matches a float linear on a parameter).
 from __future__ import annotations
 
 import logging
-import re
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-from ..config import QuantConfig
-from ..formats import Scheme
-from ..qat.config import QATConfig
-from ..qat.deploy import DeployedLinear, get_deployed
-from ..qat.fake_quant import ACT_QMAX, scheme_key
-from ..qat.state import LinearQAT, state_of
-from ..report import LayerReport, Report
-from .find_linears import LinearSite
-from .lower_linears import BUFFER_PREFIX, LAYER_META, Lowered, LoweringResult
-from .select_layers import LayerPlan
+from ...formats import Scheme
+from ...passes.find_linears import LinearSite
+from ...passes.graph import attach_tensor, attr_name, become
+from ...passes.lowering import BUFFER_PREFIX, Lowered, LoweringResult
+from ...passes.report import LayerReport, Report, float_row
+from ...passes.select_layers import LayerPlan
+from .config import QATConfig
+from .deploy import DeployedLinear, get_deployed
+from .fake_quant import ACT_QMAX, scheme_key
+from .state import LinearQAT, state_of
 
 log = logging.getLogger("qbackend")
 aten = torch.ops.aten
@@ -46,7 +46,7 @@ _PREFIX = BUFFER_PREFIX + "qat_"
 
 
 def insert_qat(
-    gm: fx.GraphModule, plans: list[LayerPlan], config: QuantConfig
+    gm: fx.GraphModule, plans: list[LayerPlan], config: Any
 ) -> tuple[LoweringResult, list[LayerPlan]]:
     """Rewrite the QAT layers of ``gm`` (in place); returns their result and the plans left to lower."""
     result = LoweringResult(Report(graphs=1))
@@ -103,8 +103,7 @@ def _fake_quant_weight(graph: fx.Graph, first: LinearSite, scheme: Scheme, qat: 
 def _fake_quant_site(graph: fx.Graph, site: LinearSite, wq: fx.Node, qat: QATConfig, attrs: dict) -> None:
     with graph.inserting_before(site.node):
         x = _act(graph, site.x, qat, attrs, observe=True)
-    # Rewritten in place (not replaced): later sites may hold this node as their input.
-    _become(graph, site, aten.linear.default, (x, wq, site.bias))
+    become(graph, site, aten.linear.default, (x, wq, site.bias))
 
 
 def _deploy_site(
@@ -112,7 +111,7 @@ def _deploy_site(
 ) -> None:
     with graph.inserting_before(site.node):
         x = _act(graph, site.x, qat, attrs, observe=False)
-    _become(graph, site, entry.kw.op, (x, *kw_nodes, site.bias, *entry.kw.statics))
+    become(graph, site, entry.kw.op, (x, *kw_nodes, site.bias, *entry.kw.statics))
 
 
 def _act(graph: fx.Graph, x: fx.Node, qat: QATConfig, attrs: dict, observe: bool) -> fx.Node:
@@ -131,15 +130,6 @@ def _act(graph: fx.Graph, x: fx.Node, qat: QATConfig, attrs: dict, observe: bool
     else:
         scale = graph.call_function(aten.div.Tensor, (attrs["act_absmax"], ACT_QMAX))
     return graph.call_function(fq, (x, scale))
-
-
-def _become(graph: fx.Graph, site: LinearSite, target, args: tuple) -> None:
-    node = site.node
-    node.op, node.target, node.args, node.kwargs = "call_function", target, args, {}
-    node.meta[LAYER_META] = (site.param.fqn, site.transposed)
-    for n in site.consumed:  # the matmul under a fused add, then the weight's transpose
-        if not n.users:
-            graph.erase_node(n)
 
 
 # ---- graph attributes: the user's QAT state and the deployed kernel tensors ------------------------
@@ -163,24 +153,7 @@ def _register(gm: fx.GraphModule, layer: str, entry: DeployedLinear) -> list[fx.
 
 
 def _attr(gm: fx.GraphModule, name: str, t: torch.Tensor) -> fx.Node:
-    base = _PREFIX + re.sub(r"\W", "_", name)
-    name, i = base, 0
-    while hasattr(gm, name) and getattr(gm, name) is not t:
-        i += 1
-        name = f"{base}_{i}"
-    if not hasattr(gm, name):
-        if isinstance(t, torch.nn.Parameter):
-            gm.register_parameter(name, t)
-        else:
-            gm.register_buffer(name, t)
-        # Dynamo graphs map every parameter/buffer to a source (AOT autograd asserts it).
-        if hasattr(gm, "_param_name_to_source"):
-            from torch._dynamo.source import ConstantSource
-
-            gm._param_name_to_source[name] = ConstantSource(name)
-    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    with gm.graph.inserting_before(first):
-        return gm.graph.get_attr(name)
+    return attach_tensor(gm, _PREFIX + attr_name(name), t)
 
 
 # ---- policy and report ---------------------------------------------------------------------------
@@ -203,17 +176,7 @@ def _stateless(qat: QATConfig | None, layer: str) -> QATConfig:
 
 
 def _row(plan: LayerPlan, scheme: Scheme) -> LayerReport:
-    w = plan.param.tensor
-    shape = (w.shape[1], w.shape[0]) if plan.transposed else (w.shape[0], w.shape[1])
-    return LayerReport(
-        name=plan.name,
-        param=plan.param.fqn,
-        shape=(int(shape[0]), int(shape[1])),
-        forms=tuple(s.form for s in plan.sites),
-        quantized=False,
-        format=scheme.name,
-        bits_per_param=float(w.element_size() * 8),
-        bytes_before=w.numel() * w.element_size(),
-        bytes_after=w.numel() * w.element_size(),
-        transposed=plan.transposed,
-    )
+    row = float_row(plan.name, plan.param.fqn, plan.param.tensor, transposed=plan.transposed,
+                    forms=tuple(s.form for s in plan.sites))  # fmt: skip
+    row.format = scheme.name
+    return row

@@ -42,15 +42,19 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._dynamo.eval_frame import remove_from_cache
 
-from ..formats import quantize
-from ..passes import find_linears, graph_params
-from ..passes.select_layers import decide_layer
-from ..passes.smoothquant_fold import NODE_META, FoldReport, GroupFold
-from ..passes.w8a8_lower import W8A8_SCHEME
-from ..passes.weight_cache import effective_weight
-from ..report import LayerReport, Report
+from ...formats import quantize
+from ...passes import find_linears, graph_params
+from ...passes.modules import is_conv1d, linear_modules
+from ...passes.params import get_attr
+from ...passes.report import LayerReport, Report, float_row
+from ...passes.select_layers import decide_layer
+from ...passes.weight_cache import effective_weight
+from .fold import NODE_META, FoldReport, GroupFold
 from .linear import W8A8Linear
+from .lower import W8A8_SCHEME
+from .pipeline import run_w8a8
 from .scales import static_act_scale
 
 log = logging.getLogger("qbackend")
@@ -95,16 +99,14 @@ def quantize_w8a8_(model: nn.Module, config: Any, example_inputs: Any = None) ->
 
 
 def _unsmoothed(model: nn.Module, config: Any) -> Report:
-    from ..quantize_module import _is_conv1d, _linear_modules
-
     sq, cal = config.smoothquant, config.calibration
     report = Report(graphs=0)
     shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, parent, child, mod in list(_linear_modules(model)):
-        transposed = _is_conv1d(mod)
+    for name, parent, child, mod in list(linear_modules(model)):
+        transposed = is_conv1d(mod)
         w = mod.weight
         n, k = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
-        row = _row(name, w, int(n), int(k), transposed)
+        row = float_row(name, f"{name}.weight", w, transposed=transposed, forms=("conv1d" if transposed else "linear",))
         report.layers.append(row)
         scheme, row.reason = decide_layer(name, w.numel(), config)
         if scheme is None:
@@ -130,13 +132,6 @@ def _unsmoothed(model: nn.Module, config: Any) -> Report:
     return report
 
 
-def _row(name: str, w: torch.Tensor, n: int, k: int, transposed: bool) -> LayerReport:
-    nbytes = w.numel() * w.element_size()
-    return LayerReport(name=name, param=f"{name}.weight", shape=(n, k), forms=("conv1d" if transposed else "linear",),
-                       quantized=False, bits_per_param=float(w.element_size() * 8), bytes_before=nbytes,
-                       bytes_after=nbytes, transposed=transposed)  # fmt: skip
-
-
 def _quantized_row(row: LayerReport, layer: W8A8Linear, counted: bool = True) -> None:
     n, k = layer.out_features, layer.in_features
     row.quantized, row.format, row.reason = True, layer.format, ""
@@ -148,10 +143,7 @@ def _quantized_row(row: LayerReport, layer: W8A8Linear, counted: bool = True) ->
 
 
 def _smoothed(model: nn.Module, config: Any, example: Any) -> Report:
-    from ..quantize_module import _linear_modules
-    from .pipeline import run_w8a8
-
-    modules = {name: (parent, child) for name, parent, child, _ in _linear_modules(model)}
+    modules = {name: (parent, child) for name, parent, child, _ in linear_modules(model)}
     gm = _trace(model, example)
     # Linears that are no nn.Linear/Conv1D module (F.linear on a parameter, nn.MultiheadAttention)
     # cannot be swapped: the passes must not lower them (as float layers they may still absorb a
@@ -192,8 +184,6 @@ def _trace(model: nn.Module, example: Any) -> fx.GraphModule:
     (which would also insist on pytree outputs, e.g. no HF ``DynamicCache``): the model's ``forward``
     is dropped from Dynamo's cache before (a fresh trace, never a hit) and after (no entry left behind).
     """
-    from torch._dynamo.eval_frame import remove_from_cache
-
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
     def to(v: Any) -> Any:
@@ -245,7 +235,7 @@ def _folded_params(gm: fx.GraphModule, fold: FoldReport) -> tuple[dict[str, torc
         # gone from the graph (quantized into codes)
         if ref is None or new not in live or new.op != "get_attr":
             continue
-        found.setdefault(ref.fqn, []).append(_attr(gm, new.target))
+        found.setdefault(ref.fqn, []).append(get_attr(gm, new.target))
     read_unfolded = {ref.fqn for node, ref in params.items() if ref.fqn in found and node.users}
     conflicts = {f for f, vs in found.items() if f in read_unfolded or any(not torch.equal(v, vs[0]) for v in vs[1:])}
     fallback: dict[str, GroupFold] = {}
@@ -280,18 +270,18 @@ def _layers(gm: fx.GraphModule, result: Any, fold: FoldReport, fallback: dict[st
             x, codes_n, scale_n, bias_n, act_n = node.args[:5]
             threshold = float(node.args[5]) if node.target == torch.ops.qbackend.w8a8_outlier_linear.default else None
             n, k = int(node.args[-2]), int(node.args[-1])
-            codes, scale = _attr(gm, codes_n.target), _attr(gm, scale_n.target)
+            codes, scale = get_attr(gm, codes_n.target), get_attr(gm, scale_n.target)
             if low.entry is not None:  # the backend's shared entry, re-quantized in place if the weight changes
                 codes, scale = codes.clone(), scale.clone()
             smooth = None
             if isinstance(x, fx.Node) and x.meta.get(NODE_META) == _EXPLICIT:
-                smooth = _attr(gm, x.args[1].target)
+                smooth = get_attr(gm, x.args[1].target)
             elif name in fallback:
                 s = fallback[name].choice.s.detach().double().reshape(-1)
                 smooth = (1.0 / s).to(device=codes.device, dtype=_dtype(x))
             layer = W8A8Linear(
                 codes, scale, _bias(gm, params, bias_n, name), out_features=n, in_features=k,
-                act_scale=None if act_n is None else _attr(gm, act_n.target), threshold=threshold, smooth=smooth,
+                act_scale=None if act_n is None else get_attr(gm, act_n.target), threshold=threshold, smooth=smooth,
                 smoothing=_describe(group_of.get(name), name in fallback),
             )  # fmt: skip
             prev = out.get(name)
@@ -308,7 +298,7 @@ def _bias(gm: fx.GraphModule, params: dict, node: Any, layer: str) -> torch.Tens
     if node in params:
         return params[node].tensor
     if isinstance(node, fx.Node) and node.op == "get_attr":  # a bias 1/s was folded into (linear_rows)
-        return _attr(gm, node.target)
+        return get_attr(gm, node.target)
     raise W8A8ModuleError(f"layer {layer!r}: its bias is computed in the graph ({node}), not a parameter; "
                           "the module form cannot hold it: exclude the layer (exclude=[...])")  # fmt: skip
 
@@ -335,13 +325,6 @@ def _set_param(model: nn.Module, fqn: str, value: torch.Tensor) -> None:
         owner._buffers[attr] = value
     else:  # graph_params only names module parameters and buffers
         raise W8A8ModuleError(f"SmoothQuant folded {fqn!r}, which is no parameter or buffer of the model")
-
-
-def _attr(gm: fx.GraphModule, target: Any) -> torch.Tensor:
-    obj: Any = gm
-    for atom in str(target).split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def _dtype(x: Any) -> torch.dtype:

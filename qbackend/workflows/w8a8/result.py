@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..._version import __version__
+
 FORMAT_VERSION = 1
 
 
@@ -91,7 +93,7 @@ class CalibrationResult:
     # ---- save / load -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
         """Write ``<stem>.safetensors`` (tensors) and ``<stem>.json`` (everything else); returns both paths."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # safetensors only when saving
 
         st_path, js_path = _paths(path)
         tensors: dict[str, torch.Tensor] = {}
@@ -120,7 +122,7 @@ class CalibrationResult:
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationResult:
         """Read a result written by :meth:`save` (give either file or the common stem)."""
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # safetensors only when loading
 
         st_path, js_path = _paths(path)
         for p in (st_path, js_path):
@@ -151,8 +153,6 @@ class CalibrationResult:
 
 
 def default_meta() -> dict[str, str]:
-    from .. import __version__
-
     return {
         "qbackend": __version__,
         "torch": torch.__version__,

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..formats import QuantizedWeight, Scheme, quantize
-from ..kernels import KernelWeight, prepare_weight
-from ..quantize_module import QuantizedLinear
+from ...formats import QuantizedWeight, Scheme, quantize
+from ...kernels import KernelWeight, prepare_weight
+from ...passes.weight_cache import version_of
+from ..weight_only.linear import QuantizedLinear
 from .fake_quant import clip_weight, fake_quantize_activation
 from .state import LinearQAT
 
@@ -37,15 +38,6 @@ def deployed_weight(
     ratio = None if state is None else state.weight_ratio
     min_ratio = 0.05 if state is None else state.config.min_ratio
     return quantize(clip_weight(w, scheme, ratio, min_ratio), scheme, name=name)
-
-
-def _version(t: torch.Tensor | None) -> int:
-    if t is None:
-        return 0
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter
-        return -1
 
 
 @dataclass(eq=False)
@@ -75,7 +67,7 @@ class DeployedLinear:
 
     def _stamp_of(self, param: torch.Tensor) -> tuple[int, int, int]:
         ratio = None if self.state is None else self.state.weight_ratio
-        return (_version(param), param.data_ptr(), _version(ratio))
+        return (version_of(param), param.data_ptr(), version_of(ratio))
 
     def is_stale(self, param: torch.Tensor) -> bool:
         """The weight or its learned ratios changed (in place, or storage swapped) since quantizing."""

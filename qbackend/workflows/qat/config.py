@@ -1,7 +1,7 @@
 """`QATConfig`: the quantization-aware-training options (what to fake-quantize and how to learn).
 
 The storage format itself (NF4/FP4/int4/int8, block size, nested constants, which layers) is the
-backend's `qbackend.config.QuantConfig`: QAT trains for exactly the format that will be deployed.
+backend's ``QuantConfig``: QAT trains for exactly the format that will be deployed.
 
 >>> opts = {"preset": "nf4", "qat": QATConfig(learnable_scales=True)}
 >>> qbackend.qat.prepare(model, opts)

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..formats import Scheme
-from ..quantize_module import QuantizedLinear
+from ...formats import Scheme
+from ..weight_only.linear import QuantizedLinear
 
 #: QLoRA's storage: NF4, blocks of 64, constants re-quantized to 8 bit in blocks of 256.
 QLORA_SCHEME = Scheme("nf4", 4, blocksize=64, nested=True)

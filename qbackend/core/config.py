@@ -4,7 +4,8 @@
 >>> QuantConfig.from_options({"preset": "int4", "blocksize": 64, "exclude": ["lm_head"]})
 >>> torch.compile(model, backend="qbackend", options={"preset": "int8", "exclude": ["lm_head"]})
 
-Later features (SmoothQuant, QAT) add their own fields here with defaults that switch them off;
+The workflow fields (``smoothquant``/``calibration``, ``qat``) are validated by the workflow that owns
+them, found through :mod:`qbackend.core.registry`: this module imports no workflow code.
 ``from_options`` and :meth:`QuantConfig.fingerprint` pick new fields up automatically.
 """
 
@@ -18,9 +19,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-from .formats import FormatError, Scheme
-from .qat.config import QATConfig, QATConfigError
-from .smoothquant.config import SmoothQuantConfig, SmoothQuantConfigError, backend_options
+from ..formats import FormatError, Scheme
+from . import registry
 
 Format = Literal["nf4", "fp4", "int4", "int8"]
 FORMATS: tuple[str, ...] = ("nf4", "fp4", "int4", "int8")
@@ -34,7 +34,7 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
         "int4": MappingProxyType({"format": "int4"}),
         "int4-g64": MappingProxyType({"format": "int4", "blocksize": 64}),
         "int8": MappingProxyType({"format": "int8"}),
-        # SmoothQuant W8A8 (issue 5): int8 weights per channel x int8 activations per token.
+        # SmoothQuant W8A8: int8 weights per channel x int8 activations per token.
         "w8a8": MappingProxyType({"format": "int8", "smoothquant": True}),
     }
 )
@@ -74,7 +74,7 @@ class QuantConfig:
     mode: Inductor's mode, as ``torch.compile(mode=...)`` (e.g. "reduce-overhead": CUDA graphs), for
         use with other options: torch.compile refuses ``mode=`` and ``options=`` together. Patches in
         ``inductor`` apply on top of it.
-    qat: quantization-aware training (:class:`qbackend.qat.QATConfig`; True for its defaults, or a
+    qat: quantization-aware training (:class:`qbackend.QATConfig`; True for its defaults, or a
         dict of its fields): when grad is enabled, linear layers get fake quantization instead of
         the quantized op. None (default): off.
     smoothquant: W8A8 with SmoothQuant (:class:`qbackend.smoothquant.SmoothQuantConfig`; True for its
@@ -93,9 +93,9 @@ class QuantConfig:
     on_weight_change: Literal["requantize", "error"] = "requantize"
     inductor: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     mode: str | None = None
-    qat: QATConfig | None = None
-    smoothquant: SmoothQuantConfig | None = None
-    calibration: Any = None
+    qat: Any = None  # a QATConfig once validated
+    smoothquant: Any = None  # a SmoothQuantConfig once validated
+    calibration: Any = None  # a CalibrationResult once validated
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -125,18 +125,16 @@ class QuantConfig:
         object.__setattr__(self, "inductor", MappingProxyType(dict(self.inductor)))
         if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
-        try:
-            object.__setattr__(self, "qat", QATConfig.from_value(self.qat))
-        except QATConfigError as e:
+        try:  # the workflow fields: validated by the workflows owning them
+            normalized = registry.normalize_options(self)
+        except ValueError as e:
             raise ConfigError(str(e)) from None
-        try:
-            sq, cal = backend_options(self.smoothquant, self.calibration, self.format)
-        except SmoothQuantConfigError as e:
-            raise ConfigError(str(e)) from None
-        object.__setattr__(self, "smoothquant", sq)
-        object.__setattr__(self, "calibration", cal)
-        if sq is not None and self.qat is not None:
-            raise ConfigError("smoothquant (W8A8) and qat cannot be combined: QAT trains weight-only formats")
+        for name in ("qat", "smoothquant", "calibration"):
+            value = normalized.get(name, getattr(self, name))
+            object.__setattr__(self, name, None if value is False else value)
+        active = [n for n in ("smoothquant", "qat") if getattr(self, n) is not None]
+        if len(active) > 1:
+            raise ConfigError(f"{' and '.join(active)} cannot be combined: choose one workflow")
         if self.format == "int8" and self.blocksize is not None:
             raise ConfigError("int8 is per output channel; blocksize must be None (use format='int4' for groups)")
         if self.format == "int8" and self.symmetric is False:
@@ -219,10 +217,10 @@ class QuantConfig:
                 v = [_pattern_text(p) for p in v]
             elif isinstance(v, Mapping):
                 v = {k: repr(v[k]) for k in sorted(v)}
-            elif isinstance(v, QATConfig):
-                v = dataclasses.asdict(v)
             elif hasattr(v, "fingerprint"):  # SmoothQuantConfig, CalibrationResult
                 v = v.fingerprint()
+            elif dataclasses.is_dataclass(v) and not isinstance(v, type):  # QATConfig
+                v = dataclasses.asdict(v)
             out[f.name] = v
         return json.dumps(out, sort_keys=True)
 
@@ -243,7 +241,7 @@ def _matches(p: Pattern, layer: str) -> bool:
 
 def _inductor_hint(keys: list[str]) -> str:
     try:
-        import torch._inductor.config as ic
+        import torch._inductor.config as ic  # Inductor loads slowly: only for this error message
 
         if any(hasattr(ic, k.split(".")[0]) for k in keys):
             return " (Inductor settings go in options={'inductor': {...}})"

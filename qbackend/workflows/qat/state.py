@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats import Scheme
+from ...formats import Scheme
 from .config import QATConfig
 from .fake_quant import ACT_QMAX, fake_quantize_activation, fake_quantize_weight, observe_absmax
 from .units import num_units

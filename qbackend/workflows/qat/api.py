@@ -1,5 +1,8 @@
 """``prepare`` (attach QAT state to a model) and ``convert`` (deploy it on the quantized ops).
 
+``prepare`` takes a validated ``QuantConfig`` with ``qat`` set (``qbackend.qat.prepare`` builds it
+from the user's options):
+
 >>> opts = {"preset": "nf4", "qat": QATConfig(learnable_scales=True)}
 >>> qbackend.qat.prepare(model, opts)                    # adds <layer>.qat modules, in place
 >>> cmodel = torch.compile(model, backend="qbackend", options=opts)
@@ -16,34 +19,22 @@ from typing import Any
 
 from torch import nn
 
-from .. import config as _config
-from ..kernels import prepare_weight
-from ..passes.select_layers import decide_layer
-from ..quantize_module import QuantizedLinear
-from .config import QATConfig
+from ...kernels import prepare_weight
+from ...passes.select_layers import decide_layer
+from ..weight_only.linear import QuantizedLinear
 from .deploy import QATQuantizedLinear, deployed_weight
 from .state import LinearQAT, state_of
 
 STATE_NAME = "qat"
 
 
-def qat_config(options: Any = None) -> _config.QuantConfig:
-    """The backend config for QAT: ``options`` as for ``torch.compile`` (or a bare `QATConfig`), QAT on."""
-    if isinstance(options, QATConfig):
-        return _config.QuantConfig(qat=options)
-    cfg = _config.QuantConfig.from_options(options)
-    return cfg if cfg.qat is not None else cfg.replace(qat=QATConfig())
-
-
-def prepare(model: nn.Module, options: Any = None) -> list[str]:
+def prepare(model: nn.Module, cfg: Any) -> list[str]:
     """Attach QAT state (`LinearQAT`, as ``<layer>.qat``) to the linear layers the backend would quantize.
 
-    ``options``: the same options given to ``torch.compile(..., backend="qbackend", options=...)``
-    (format, include/exclude, min_params, ``qat=QATConfig(...)``), or a `QATConfig`. In place and
-    idempotent (a prepared layer is left as it is); tied weights share one state. Create the
-    optimizer after preparing (learnable ratios are new parameters). Returns the prepared layer names.
+    ``cfg``: a ``QuantConfig`` with ``qat`` set (format, include/exclude, min_params, the `QATConfig`).
+    In place and idempotent (a prepared layer is left as it is); tied weights share one state. Create
+    the optimizer after preparing (learnable ratios are new parameters). Returns the prepared layer names.
     """
-    cfg = qat_config(options)
     prepared = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):

@@ -1,7 +1,7 @@
 """W8A8 lowering: linear sites -> ``qbackend::w8a8_linear`` (or ``w8a8_outlier_linear``).
 
 Weights are int8 per output channel (symmetric), quantized once at compile time from the site's
-weight as the graph computes it: the parameter, or the folded ``W * s`` of :mod:`.smoothquant_fold`.
+weight as the graph computes it: the parameter, or the folded ``W * s`` of :mod:`.fold`.
 Activations are int8 per token (dynamic) or per tensor with a static scale; with an outlier
 threshold, columns reaching it stay float (LLM.int8()).
 
@@ -12,19 +12,19 @@ they are. Float copies of folded weights are dropped from the GraphModule once q
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from ..formats import Scheme, quantize
-from ..smoothquant import ops as _outlier_ops  # noqa: F401  (registers qbackend::w8a8_outlier_linear)
-from .lower_linears import BUFFER_PREFIX, LAYER_META
-from .select_layers import LayerPlan
-from .smoothquant_fold import FoldReport
-from .weight_cache import QuantEntry, get_entry
+from ...formats import Scheme, quantize
+from ...passes.graph import attach_tensor, attr_name, become
+from ...passes.lowering import BUFFER_PREFIX
+from ...passes.select_layers import LayerPlan
+from ...passes.weight_cache import QuantEntry, get_entry
+from ...smoothquant import ops as _outlier_ops  # noqa: F401  (registers qbackend::w8a8_outlier_linear)
+from .fold import FoldReport
 
 W8A8_SCHEME = Scheme("int", 8, symmetric=True, granularity="channel", axis=0)
 
@@ -84,18 +84,13 @@ def lower_w8a8(
         for site in sites:
             x = _current(fold, site, site.x)
             bias = _current(fold, site, site.bias) if site.bias is not None else None
-            node = site.node
             if act.threshold is None:
-                node.target = torch.ops.qbackend.w8a8_linear.default
-                node.args = (x, attrs["codes"], attrs["scale"], bias, attrs["act_scale"], n, k)
+                target = torch.ops.qbackend.w8a8_linear.default
+                args = (x, attrs["codes"], attrs["scale"], bias, attrs["act_scale"], n, k)
             else:
-                node.target = torch.ops.qbackend.w8a8_outlier_linear.default
-                node.args = (x, attrs["codes"], attrs["scale"], bias, attrs["act_scale"], float(act.threshold), n, k)
-            node.op, node.kwargs = "call_function", {}
-            node.meta[LAYER_META] = (site.param.fqn, site.transposed)
-            for c in site.consumed:
-                if not c.users:
-                    gm.graph.erase_node(c)
+                target = torch.ops.qbackend.w8a8_outlier_linear.default
+                args = (x, attrs["codes"], attrs["scale"], bias, attrs["act_scale"], float(act.threshold), n, k)
+            become(gm.graph, site, target, args)
         err = None
         if measure_error:
             ref = (folded[0] if folded else plan.param.tensor).detach().float()
@@ -119,26 +114,8 @@ def _current(fold: FoldReport, site, node: fx.Node) -> fx.Node:
 
 
 def _register(gm: fx.GraphModule, layer: str, tensors: dict[str, torch.Tensor | None]) -> dict[str, fx.Node | None]:
-    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    base = BUFFER_PREFIX + "w8a8_" + re.sub(r"\W", "_", layer)
-    out: dict[str, fx.Node | None] = {}
-    for key, t in tensors.items():
-        if t is None:
-            out[key] = None
-            continue
-        name, i = f"{base}_{key}", 0
-        while hasattr(gm, name) and getattr(gm, name) is not t:
-            i += 1
-            name = f"{base}_{key}_{i}"
-        if not hasattr(gm, name):
-            gm.register_buffer(name, t)
-            if hasattr(gm, "_param_name_to_source"):  # Dynamo graphs map every buffer to a source
-                from torch._dynamo.source import ConstantSource
-
-                gm._param_name_to_source[name] = ConstantSource(name)
-        with gm.graph.inserting_before(first):
-            out[key] = gm.graph.get_attr(name)
-    return out
+    prefix = BUFFER_PREFIX + "w8a8_"
+    return {k: None if t is None else attach_tensor(gm, prefix + attr_name(layer, k), t) for k, t in tensors.items()}
 
 
 def _drop_unused_constants(gm: fx.GraphModule) -> None:

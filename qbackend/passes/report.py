@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 
 @dataclass
@@ -41,12 +44,33 @@ class LayerReport:
         return len(self.forms)
 
 
+def float_row(
+    name: str, param: str, weight: torch.Tensor, *, transposed: bool, forms: tuple[str, ...], reason: str = ""
+) -> LayerReport:
+    """The record of a linear layer as it is before quantizing (float bits and bytes; ``[out, in]`` shape).
+
+    ``weight``: the parameter, stored ``[in, out]`` when ``transposed`` (GPT-2's Conv1D).
+    """
+    shape = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight.shape[1])
+    nbytes = weight.numel() * weight.element_size()
+    return LayerReport(
+        name=name, param=param, shape=(int(shape[0]), int(shape[1])), forms=forms, quantized=False, reason=reason,
+        bits_per_param=float(weight.element_size() * 8), bytes_before=nbytes, bytes_after=nbytes,
+        transposed=transposed,
+    )  # fmt: skip
+
+
 @dataclass
 class Report:
-    """Per-layer records of one or more compiled graphs, with totals."""
+    """Per-layer records of one or more compiled graphs, with totals.
+
+    sections: what a workflow reports beyond the layers, by name, one entry per graph (e.g.
+    ``"smoothquant"``: the SmoothQuant fold reports, a ``FoldReport`` per graph).
+    """
 
     layers: list[LayerReport] = field(default_factory=list)
     graphs: int = 0
+    sections: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -76,10 +100,12 @@ class Report:
 
     def merge(self, others: Iterable[Report]) -> Report:
         """One report over several graphs (graph breaks); a layer seen twice is listed once."""
-        out = Report(list(self.layers), self.graphs)
+        out = Report(list(self.layers), self.graphs, {k: list(v) for k, v in self.sections.items()})
         seen = {r.key for r in out.layers}
         for o in others:
             out.graphs += o.graphs
+            for k, v in o.sections.items():
+                out.sections.setdefault(k, []).extend(v)
             for r in o.layers:
                 if r.key not in seen:
                     seen.add(r.key)
@@ -104,7 +130,7 @@ class Report:
         return line
 
     def __rich__(self):
-        from rich.table import Table
+        from rich.table import Table  # rich only when a report is printed
 
         t = Table(title="qbackend: linear layers", show_footer=True, title_justify="left")
         t.add_column("layer", footer=f"{len(self.quantized)}/{len(self.layers)} quantized")
@@ -131,7 +157,7 @@ class Report:
         return t
 
     def __str__(self) -> str:
-        from rich.console import Console
+        from rich.console import Console  # rich only when a report is printed
 
         buf = io.StringIO()
         Console(file=buf, width=160, color_system=None, force_terminal=False).print(self)

@@ -1,0 +1,58 @@
+"""SmoothQuant W8A8: calibration, per-channel smoothing scales folded offline, int8 x int8 lowering.
+
+>>> result = qbackend.calibrate(model, batches)                 # per-channel activation absmax
+>>> result.save("minilm-calib")                                 # .safetensors + .json
+>>> model = torch.compile(model, backend="qbackend",
+...                       options={"preset": "w8a8", "calibration": result,
+...                                "smoothquant": {"alpha": 0.5, "search_alpha": True}})
+
+Compile path: :func:`.pipeline.run_w8a8` (find -> select -> :mod:`.fold` -> :mod:`.lower`), guarded
+by :meth:`.pipeline.W8A8Result.guard_folded`; module path: :func:`.module_form.quantize_w8a8_`
+(`W8A8Linear`). The fold report of each compiled graph is in ``report.sections["smoothquant"]``
+(e.g. of ``qbackend.explain``).
+"""
+
+from typing import Any
+
+from .calibration import calibrate
+from .config import SmoothQuantConfig, SmoothQuantConfigError, backend_options
+from .fold import FoldReport
+from .linear import W8A8Linear
+from .module_form import quantize_w8a8_
+from .pipeline import W8A8Result, run_w8a8
+from .result import CalibrationError, CalibrationResult, LayerStats
+
+
+def _normalize(config: Any) -> dict[str, Any]:
+    """The W8A8 fields of a ``QuantConfig``, validated (raises `SmoothQuantConfigError`)."""
+    sq, cal = backend_options(config.smoothquant, config.calibration, config.format)
+    return {"smoothquant": sq, "calibration": cal}
+
+
+def _guard(result: W8A8Result, compiled: Any) -> Any:
+    return result.guard_folded(compiled)
+
+
+#: this workflow's handlers, as the fields of ``qbackend.core.registry.Workflow``
+WORKFLOW = {
+    "name": "w8a8",
+    "compile": run_w8a8,
+    "quantize": quantize_w8a8_,
+    "options": ("smoothquant", "calibration"),
+    "normalize": _normalize,
+    "guard": _guard,
+}
+
+__all__ = [
+    "WORKFLOW",
+    "CalibrationError",
+    "CalibrationResult",
+    "FoldReport",
+    "LayerStats",
+    "SmoothQuantConfig",
+    "SmoothQuantConfigError",
+    "W8A8Linear",
+    "calibrate",
+    "quantize_w8a8_",
+    "run_w8a8",
+]

@@ -1,0 +1,20 @@
+"""Weight-only quantization (nf4/fp4/int4/int8 weights, float activations): the default workflow.
+
+Compile path: :func:`.pipeline.run_weight_only`; module path: :func:`.quantize.quantize_weight_only`
+(`QuantizedLinear`).
+"""
+
+from .linear import QuantizedLinear
+from .lower import lower_linears
+from .pipeline import run_weight_only
+from .quantize import prequantized_rows, quantize_weight_only
+
+#: this workflow's handlers, as the fields of ``qbackend.core.registry.Workflow``
+WORKFLOW = {
+    "name": "weight_only",
+    "compile": run_weight_only,
+    "quantize": quantize_weight_only,
+    "explain": prequantized_rows,
+}
+
+__all__ = ["WORKFLOW", "QuantizedLinear", "lower_linears", "quantize_weight_only", "run_weight_only"]

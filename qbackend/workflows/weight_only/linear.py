@@ -1,0 +1,59 @@
+"""`QuantizedLinear`: the module form of one weight-only quantized linear layer.
+
+`QuantizedLinear` holds only the kernel tensors (buffers) and the bias, and calls the same op the
+backend lowers to, so eager, ``torch.compile`` with any backend and ``state_dict`` all work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...formats import Scheme, quantize
+from ...kernels import KernelWeight, prepare_weight
+from ...passes.modules import apply_keeping_dtypes
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x @ W^T + b`` with ``W`` stored quantized (no float copy).
+
+    The kernel tensors are buffers named as the op's arguments (``codes``, ``absmax``, ...); ``None``
+    arguments are not stored. They keep their dtypes under ``.half()``/``.to(dtype)`` (the op needs
+    fp32 constants); device moves apply.
+    """
+
+    def __init__(self, kw: KernelWeight, bias: torch.Tensor | None, scheme: Scheme) -> None:
+        super().__init__()
+        self.in_features, self.out_features = kw.in_features, kw.out_features
+        self.scheme = scheme
+        self.op = kw.op
+        self.statics = tuple(kw.statics)
+        self._arg_names = tuple(n if t is not None else None for n, t in zip(kw.names, kw.tensors, strict=True))
+        for name, t in zip(kw.names, kw.tensors, strict=True):
+            if t is not None:
+                self.register_buffer(name, t)
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, scheme: Scheme, name: str = "weight"
+    ) -> QuantizedLinear:
+        """Quantize a float ``[out, in]`` weight (errors name ``name``)."""
+        return cls(prepare_weight(quantize(weight.detach(), scheme, name=name)), bias, scheme)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tensors = [None if n is None else getattr(self, n) for n in self._arg_names]
+        return self.op(x, *tensors, self.bias, *self.statics)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The fp32 ``[out, in]`` weight the codes stand for (for checks; allocates a float copy)."""
+        eye = torch.eye(self.in_features, device=next(self.buffers()).device)
+        tensors = [None if n is None else getattr(self, n) for n in self._arg_names]
+        return self.op(eye, *tensors, None, *self.statics).t()
+
+    def _apply(self, fn, recurse: bool = True):
+        return apply_keeping_dtypes(self, super()._apply, fn, recurse, tuple(self._buffers))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, format={self.scheme.name}")  # fmt: skip

@@ -1,0 +1,63 @@
+"""Lower the selected linear layers to the quantized ops of :mod:`qbackend.kernels`.
+
+For each planned layer the weight is quantized once (from the real parameter, at compile time;
+shared through :mod:`qbackend.passes.weight_cache`), its kernel tensors become buffers of the
+GraphModule read by ``get_attr`` (so they are inputs of the compiled graph, never baked-in copies),
+and every lowerable site becomes ``op(x, *weight_tensors, bias, *statics)``.
+
+Invariant: the rewritten graph computes, for every lowered site, ``F.linear(x, dequant(quant(W)), b)``
+and is otherwise unchanged; layers not lowered keep their float computation and are reported with
+their reason; the graph lints; running the pass again changes nothing (lowered sites no longer
+match a float linear).
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ...kernels import UnsupportedWeight
+from ...passes.graph import attach_tensor, attr_name, become
+from ...passes.lowering import BUFFER_PREFIX, Lowered, LoweringResult
+from ...passes.report import Report, float_row
+from ...passes.select_layers import LayerPlan
+from ...passes.weight_cache import QuantEntry, get_entry
+
+
+def lower_linears(gm: fx.GraphModule, plans: list[LayerPlan], measure_error: bool = False) -> LoweringResult:
+    """Rewrite ``gm`` in place for ``plans``; returns the per-layer report and the quantized weights."""
+    result = LoweringResult(Report(graphs=1))
+    for plan in plans:
+        row = float_row(plan.name, plan.param.fqn, plan.param.tensor, transposed=plan.transposed,
+                        forms=tuple(s.form for s in plan.sites), reason=plan.reason)  # fmt: skip
+        result.report.layers.append(row)
+        sites = plan.lowerable_sites
+        if not sites:
+            continue
+        assert plan.scheme is not None
+        try:
+            entry = get_entry(plan.param.tensor, plan.scheme, plan.transposed, plan.name, measure_error)
+        except UnsupportedWeight as e:
+            row.reason = f"unsupported: {e.reason}"
+            continue
+        attrs = _register(gm, plan.name, entry)
+        kw = entry.kw
+        for site in sites:
+            become(gm.graph, site, kw.op, (site.x, *attrs, site.bias, *kw.statics))
+            result.nodes += 1
+        result.lowered.append(Lowered(entry, plan.param))
+        row.quantized, row.format = True, entry.scheme.name
+        row.bits_per_param, row.bytes_after = entry.bits_per_param, entry.nbytes
+        if measure_error:
+            row.rel_error = entry.relative_error(plan.param.tensor)
+    if result.nodes:
+        gm.graph.lint()
+        gm.recompile()
+    return result
+
+
+def _register(gm: fx.GraphModule, layer: str, entry: QuantEntry) -> list[fx.Node | None]:
+    """get_attr nodes for the entry's tensors (one set of buffers per graph, even for tied sites)."""
+    return [
+        None if t is None else attach_tensor(gm, BUFFER_PREFIX + attr_name(layer, tname), t)
+        for t, tname in zip(entry.kw.tensors, entry.kw.names, strict=True)
+    ]

@@ -1,0 +1,72 @@
+"""The weight-only module form: swap linear modules for `QuantizedLinear`, releasing their float weights.
+
+Compiling with ``backend="qbackend"`` quantizes at compile time but leaves the user's module (and
+its float weights) untouched, because the module is the user's. To free the float weights for good:
+
+>>> report = qbackend.quantize_(model, "nf4")      # in place; nn.Linear -> QuantizedLinear
+>>> model = torch.compile(model, backend="qbackend")  # the quantized ops are already in the graph
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ...formats import quantize
+from ...kernels import KernelWeight, UnsupportedWeight, prepare_weight
+from ...passes.modules import is_conv1d, linear_modules
+from ...passes.report import LayerReport, Report, float_row
+from ...passes.select_layers import decide_layer
+from .linear import QuantizedLinear
+
+
+def quantize_weight_only(model: nn.Module, config: Any, example_inputs: Any = None) -> Report:
+    """Replace eligible linear modules of ``model`` (in place) by `QuantizedLinear`; returns the report.
+
+    ``config``: a ``QuantConfig`` (its format, include/exclude, min_params). ``example_inputs`` is not used.
+    Modules sharing one weight (tied) share one set of quantized tensors.
+    """
+    report = Report(graphs=0)
+    shared: dict[tuple[int, bool], KernelWeight] = {}
+    for name, parent, child_name, mod in list(linear_modules(model)):
+        transposed = is_conv1d(mod)
+        w = mod.weight
+        row = float_row(name, f"{name}.weight", w, transposed=transposed, forms=("conv1d" if transposed else "linear",))
+        report.layers.append(row)
+        scheme, row.reason = decide_layer(name, w.numel(), config)
+        if scheme is None:
+            continue
+        key = (id(w), transposed)
+        kw = shared.get(key)
+        if kw is None:
+            weight = w.detach().t().contiguous() if transposed else w.detach()
+            try:
+                qw = quantize(weight, scheme, name=name)
+                kw = prepare_weight(qw)
+            except UnsupportedWeight as e:
+                row.reason = f"unsupported: {e.reason}"
+                continue
+            shared[key] = kw
+            row.bytes_after = (qw.storage_bits() + 7) // 8
+            row.bits_per_param = qw.bits_per_param()
+        else:
+            row.bytes_after = 0  # shares the tensors counted on the first layer
+            row.bits_per_param = 0.0
+        setattr(parent, child_name, QuantizedLinear(kw, mod.bias, scheme))
+        row.quantized, row.format = True, scheme.name
+    return report
+
+
+def prequantized_rows(model: nn.Module) -> list[LayerReport]:
+    """Report rows of the `QuantizedLinear` modules already in ``model`` (for ``qbackend.explain``)."""
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            nbytes = sum(b.numel() * b.element_size() for b in m.buffers(recurse=False))
+            numel = m.in_features * m.out_features
+            rows.append(LayerReport(
+                name=name, param=f"{name}.weight", shape=(m.out_features, m.in_features), forms=("QuantizedLinear",),
+                quantized=True, format=m.scheme.name, bits_per_param=8 * nbytes / numel, bytes_after=nbytes,
+            ))  # fmt: skip
+    return rows
