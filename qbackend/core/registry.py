@@ -93,7 +93,11 @@ def get_workflow(name: str) -> Workflow:
         raise WorkflowError(f"no workflow named {name!r}; known: {', '.join(sorted({*BUILTIN, *_registry}))}")
     module = importlib.import_module(BUILTIN[name][0])  # by name: the core never imports workflow code itself
     spec = module.WORKFLOW
-    return register_workflow(spec if isinstance(spec, Workflow) else Workflow(**spec))
+    wf = spec if isinstance(spec, Workflow) else Workflow(**spec)
+    if (wf.name, tuple(wf.options)) != (name, BUILTIN[name][1]):
+        raise WorkflowError(f"{BUILTIN[name][0]}.WORKFLOW is {wf.name!r} with options {wf.options}; the registry "
+                            f"expects {name!r} with {BUILTIN[name][1]}: update BUILTIN")  # fmt: skip
+    return register_workflow(wf)
 
 
 def workflows() -> list[Workflow]:

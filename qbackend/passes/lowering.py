@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -30,7 +30,7 @@ class WeightEntry(Protocol):
 class Lowered:
     """A quantized layer of a rewritten graph: its shared entry and where its parameter comes from."""
 
-    entry: Any  # a WeightEntry
+    entry: WeightEntry
     param: ParamRef
 
 

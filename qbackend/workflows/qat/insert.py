@@ -78,7 +78,7 @@ def insert_qat(
             kw_nodes = _register(gm, plan.name, entry)
             for site in sites:
                 _deploy_site(gm.graph, site, entry, qat, kw_nodes, attrs)
-            result.lowered.append(Lowered(entry, plan.param))  # type: ignore[arg-type]
+            result.lowered.append(Lowered(entry, plan.param))
             row.quantized, row.bits_per_param, row.bytes_after = True, entry.bits_per_param, entry.nbytes
         result.nodes += len(sites)
     if result.nodes:
