@@ -1,21 +1,36 @@
 """How the W8A8 pipeline picks each smoothing group's s: from the calibration statistics, cached.
 
-:func:`scale_rule` gives :func:`.fold.smoothquant_fold` its ``scale_fn``: the fold asks it (calls
-down) for each group's choice, which :func:`.scales.choose_scale` computes.
+The pipeline hands :func:`scale_rule`'s function to :func:`.fold.smoothquant_fold` as its ``scale_fn``;
+the fold calls it for each group. This module does not depend on the fold (a group is anything
+with the `SmoothGroupView` fields), so the call goes down the module graph, never back up.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.fx as fx
 
 from .config import SmoothQuantConfig
-from .fold import SmoothGroup
 from .result import CalibrationResult
 from .scales import ScaleChoice, choose_scale
+
+
+class SmoothGroupView(Protocol):
+    """What the rule reads of a smoothing group (``fold.SmoothGroup``)."""
+
+    sites: Sequence[Any]  # LinearSite
+    weights: list[torch.Tensor]
+
+    @property
+    def names(self) -> tuple[str, ...]: ...
+
+    @property
+    def in_features(self) -> int: ...
+
 
 #: (calibration, config, layers, weights) -> choice: recompiles (new shapes, grad mode, graph breaks)
 #: reuse a search instead of repeating it. Bounded; weights are identified by content statistics.
@@ -25,11 +40,11 @@ _CHOICES_MAX = 4096
 
 def scale_rule(
     sq: SmoothQuantConfig, cal: CalibrationResult, lowered: set[fx.Node]
-) -> Callable[[SmoothGroup], ScaleChoice | str]:
+) -> Callable[[SmoothGroupView], ScaleChoice | str]:
     """The s of each group (or why it stays unsmoothed): groups with no quantized layer, or without
     statistics, stay unsmoothed."""
 
-    def scale(group: SmoothGroup) -> ScaleChoice | str:
+    def scale(group: SmoothGroupView) -> ScaleChoice | str:
         if not any(s.node in lowered for s in group.sites):
             return "not quantized (stays float)"
         stats = next((st for n in group.names if (st := cal.get(n)) is not None), None)
