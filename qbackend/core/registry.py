@@ -54,6 +54,8 @@ class Workflow:
     detect: ``detect(gm) -> bool``: claim a graph whose config selects no workflow (QAT: a model with
         prepared QAT state compiled with plain options).
     explain: rows for layers the module path already quantized: ``explain(model) -> list[LayerReport]``.
+    modules: the module classes its module path puts in a model (for save/load/inspect to recognise
+        a quantized model without importing the workflow).
     """
 
     name: str
@@ -65,6 +67,7 @@ class Workflow:
     guard: Callable[[Any, Callable], Callable] | None = None
     detect: Callable[[Any], bool] | None = None
     explain: Callable[[Any], list] | None = None
+    modules: tuple[type, ...] = ()
 
 
 _registry: dict[str, Workflow] = {}
@@ -105,6 +108,11 @@ def workflows() -> list[Workflow]:
     for name in BUILTIN:
         get_workflow(name)
     return list(_registry.values())
+
+
+def module_types() -> tuple[type, ...]:
+    """The quantized module classes of every workflow (``isinstance(m, module_types())``: quantized already)."""
+    return tuple(t for wf in workflows() for t in wf.modules)
 
 
 def normalize_options(config: Any) -> dict[str, Any]:

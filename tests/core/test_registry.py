@@ -122,6 +122,7 @@ def test_builtin_workflows_by_config():
     assert registry.workflow_for(qbackend.QuantConfig.preset("w8a8")).name == "w8a8"
     assert registry.workflow_for(qbackend.QuantConfig(qat=True)).name == "qat"
     assert {"weight_only", "w8a8", "qat"} <= {wf.name for wf in registry.workflows()}
+    assert {qbackend.QuantizedLinear, qbackend.W8A8Linear} <= set(registry.module_types())
 
 
 def test_workflow_without_module_form(toy):

@@ -41,6 +41,7 @@ WORKFLOW = {
     "options": ("smoothquant", "calibration"),
     "normalize": _normalize,
     "guard": _guard,
+    "modules": (W8A8Linear,),
 }
 
 __all__ = [

@@ -15,6 +15,7 @@ WORKFLOW = {
     "compile": run_weight_only,
     "quantize": quantize_weight_only,
     "explain": prequantized_rows,
+    "modules": (QuantizedLinear,),
 }
 
 __all__ = ["WORKFLOW", "QuantizedLinear", "lower_linears", "quantize_weight_only", "run_weight_only"]
