@@ -27,7 +27,7 @@ import torch
 import qbackend
 from qbackend.backend import run_passes
 from qbackend.config import QuantConfig
-from qbackend.minilm import (
+from qbackend.demo import (
     CALIBRATION_SENTENCES,
     EVALUATION_SENTENCES,
     embedding_quality,
