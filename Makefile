@@ -3,6 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: setup demo test lint bench clean
 
@@ -20,7 +21,7 @@ lint: setup
 	$(PY) -m ruff check qbackend tests benchmarks examples
 
 bench: setup
-	$(PY) -m qbackend bench
+	$(PY) -m qbackend bench --benchmarks benchmarks $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build dist *.egg-info

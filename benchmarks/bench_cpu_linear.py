@@ -12,6 +12,7 @@ arithmetic error, so a fast but wrong or low-precision path shows as such.
     python benchmarks/bench_cpu_linear.py              # M in 1, 8, 64
     python benchmarks/bench_cpu_linear.py --threads 1  # per-core figures
     python benchmarks/bench_cpu_linear.py --quick      # fewer calls, for a smoke run
+    python benchmarks/bench_cpu_linear.py --size 256 --ms 1 --rounds 1 --calls 2 --no-extras  # plumbing only
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
+import _common
 import torch
 import torch.nn.functional as F
 
@@ -100,18 +100,14 @@ def _torchao_methods(w: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor]
     return out
 
 
-def _time_calls(fn: Callable[[], object], n: int) -> list[float]:
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return ts
+def _too_slow(name: str, samples: dict[str, list[float]]) -> bool:
+    # e.g. torchao's int8 CPU path: after the first round, a few calls are enough
+    return statistics.median(samples[name]) > 20 * statistics.median(samples["fp32 F.linear"])
 
 
-def bench(ms: list[int], rounds: int, calls: int, extras: bool) -> list[dict]:
+def bench(ms: list[int], rounds: int, calls: int, extras: bool, size: int = 4096) -> list[dict]:
     torch.manual_seed(0)
-    n = k = 4096
+    n = k = size
     w = torch.randn(n, k) * 0.02
     w16 = w.bfloat16()
     # name -> (fn, the fp32 weight it computes with: its error is measured against fp64 math on that)
@@ -131,22 +127,14 @@ def bench(ms: list[int], rounds: int, calls: int, extras: bool) -> list[dict]:
         for m in ms:
             x = torch.randn(m, k)
             n_calls = max(3, calls // max(1, m // 8))  # fewer calls where each is long
-            times: dict[str, list[float]] = {name: [] for name in methods}
             errors = {}
             for name, (fn, wref) in methods.items():  # warm-up (builds the C++ library on the first call)
                 y = fn(x)
                 fn(x)
                 exact = x.double() @ wref.double().t()
                 errors[name] = float((y.double() - exact).norm() / exact.norm())
-            slow = set()
-            for r in range(rounds):
-                for name, (fn, _) in methods.items():
-                    if name in slow:
-                        continue
-                    ts = _time_calls(lambda fn=fn, x=x: fn(x), n_calls)
-                    times[name] += ts
-                    if r == 0 and statistics.median(ts) > 20 * statistics.median(times["fp32 F.linear"]):
-                        slow.add(name)  # e.g. torchao's int8 CPU path: a few calls are enough
+            calls_of = {name: (lambda fn=fn, x=x: fn(x)) for name, (fn, _) in methods.items()}
+            times = _common.interleaved(calls_of, rounds, n_calls, give_up=_too_slow)
             base = statistics.median(times["fp32 F.linear"])
             base_min = min(times["fp32 F.linear"])
             for name, ts in times.items():
@@ -164,17 +152,16 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=40, help="timed calls per method per round (fewer for big M)")
     p.add_argument("--quick", action="store_true", help="2 rounds of 8 calls")
     p.add_argument("--no-extras", action="store_true", help="skip bitsandbytes and torchao")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave torch's default)")
+    p.add_argument("--size", type=int, default=4096, help="the layer is SIZE x SIZE (a multiple of 128)")
+    _common.add_threads_option(p)
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    _common.apply_threads(a)
     if a.quick:
         a.rounds, a.calls = 2, 8
     ms = [int(v) for v in a.ms.split(",")]
-    cpu = platform.processor() or platform.machine()
     cap = torch.backends.cpu.get_cpu_capability()
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, capability {cap}")
-    rows = bench(ms, a.rounds, a.calls, not a.no_extras)
+    print(_common.header(extra=f"CPU capability {cap}; layer {a.size}x{a.size}"))
+    rows = bench(ms, a.rounds, a.calls, not a.no_extras, a.size)
     print("\n| M | method | median ms | min ms | ratio to fp32 (medians) | ratio to fp32 (mins) | rel. error |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:

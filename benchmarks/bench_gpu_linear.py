@@ -24,14 +24,13 @@ Without a CUDA GPU it prints why and exits with status 0 having measured nothing
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import _common
 import torch
 import torch.nn.functional as F
 
@@ -304,7 +303,7 @@ def run(shapes: list[tuple[int, int]], ms: list[int], formats: list[str], graphs
 
 
 def _f(v: float | None, w: int, p: int, kind: str = "f") -> str:
-    return "-".rjust(w) if v is None else f"{v:{w}.{p}{kind}}"
+    return _common.fmt(v, f"{w}.{p}{kind}", missing="-".rjust(w))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,18 +338,14 @@ def main(argv: list[str] | None = None) -> int:
         formats.insert(formats.index(next(f for f in formats if f.endswith("-grad"))), "bf16-grad")
     if args.no_autotune:
         os.environ["QBACKEND_TRITON_AUTOTUNE"] = "0"
-    import triton
-
     from qbackend.kernels.triton import autotune
 
-    print(f"torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(_common.header())
     state = "on" if autotune.autotune_enabled() else "off"
     print(f"autotune {state}; config cache {autotune.cache_file(torch.device('cuda'))}")
     rows = run(shapes, ms, formats, graphs=not args.no_graphs)
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump([asdict(r) for r in rows], fh, indent=1)
-        print(f"wrote {args.out}")
+        _common.write_json(args.out, [asdict(r) for r in rows])
     return 0
 
 

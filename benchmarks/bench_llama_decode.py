@@ -31,26 +31,25 @@ the timed runs, which must be 0).
 
     python benchmarks/bench_llama_decode.py                          # CPU: small preset; CUDA: llama3-8b
     python benchmarks/bench_llama_decode.py --shape llama3-8b --layers 8 --out decode.json
-    python benchmarks/bench_llama_decode.py --shape tiny --steps 3 --repeats 1   # plumbing only
+    python benchmarks/bench_llama_decode.py --shape tiny --steps 3 --repeats 1 --min-params 0   # plumbing only
+    python benchmarks/bench_llama_decode.py --list-methods --device cuda   # what would run, as JSON
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import inspect
 import json
 import os
-import platform
-import re
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
+
+import _common
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -67,7 +66,9 @@ SHAPES: dict[str, dict[str, int]] = {
                  num_hidden_layers=2, vocab_size=512),
 }  # fmt: skip
 PRESETS = ("nf4", "int4", "int8")
-FORMS = ("eager", "inductor", "qbackend", "quantize_")
+FORMS = ("eager", "inductor", "qbackend", "quantize_")  # the default set
+# Not in the default set: quantize_ without compiling (the memory-saving form run eagerly; quick to set up).
+EXTRA_FORMS = ("quantize_-eager",)
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -180,6 +181,8 @@ def method_list(
         if "quantize_" in forms:
             out += [Method(f"quantize_ {p} + qbackend{sfx}", base, compiled=True, preset=p, swap=True, graphs=g)
                     for p in presets]  # fmt: skip
+    if "quantize_-eager" in forms:
+        out += [Method(f"quantize_ {p} eager", base, compiled=False, preset=p, swap=True) for p in presets]
     return out
 
 
@@ -480,29 +483,7 @@ def _failing(msg: str) -> Callable[..., Any]:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    import transformers
-
-    import qbackend
-
-    info: dict[str, Any] = {
-        "date": datetime.datetime.now().isoformat(timespec="minutes"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "qbackend": qbackend.__version__,
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": device.type,
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "load_average": list(os.getloadavg()),
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
+    info = {**_common.machine_info(device), "device": device.type}
     if device.type == "cuda":
         from qbackend.kernels.triton import autotune
 
@@ -510,15 +491,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _cpu_name() -> str:
-    try:
-        return re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1).strip()
-    except (OSError, AttributeError):
-        return platform.processor()
-
-
-def _f(v: float | None, fmt: str, unit: str = "") -> str:
-    return "-" if v is None else format(v, fmt) + unit
+_f = _common.fmt
 
 
 def markdown(rows: list[Row]) -> str:
@@ -540,8 +513,7 @@ def markdown(rows: list[Row]) -> str:
 
 
 def write_json(path: str, info: dict[str, Any], settings: dict[str, Any], rows: list[Row]) -> None:
-    with open(path, "w") as fh:
-        json.dump({"machine": info, "settings": settings, "rows": [asdict(r) for r in rows]}, fh, indent=1)
+    _common.write_json(path, {"machine": info, "settings": settings, "rows": [asdict(r) for r in rows]}, announce=False)
 
 
 def _csv(s: str) -> list[str]:
@@ -558,36 +530,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--presets", default=",".join(PRESETS))
-    ap.add_argument("--forms", default=",".join(FORMS), help=f"comma list from {FORMS}")
+    ap.add_argument("--forms", default=",".join(FORMS), help=f"comma list from {FORMS + EXTRA_FORMS}")
     ap.add_argument("--graphs", choices=["off", "on", "both"], default=None, help="CUDA graphs (default: both on CUDA)")
     ap.add_argument("--prefill", choices=["steps", "batched"], default="steps")
     ap.add_argument("--keep", type=int, default=4, help="teacher-forced steps whose logits cosine is reported")
     ap.add_argument("--exclude", default="", help="qbackend exclude list, comma separated (e.g. lm_head)")
+    ap.add_argument("--min-params", type=int, default=None, help="qbackend min_params (0 for the tiny shape)")
     ap.add_argument("--no-autotune", action="store_true", help="qbackend Triton kernels: heuristic configs")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _common.add_threads_option(ap)
     ap.add_argument("--out", default="", help="write machine, settings and rows as JSON here")
+    ap.add_argument("--list-methods", action="store_true", help="print the methods that would run (JSON) and exit")
     a = ap.parse_args(argv)
-    if a.threads:
-        # On a CPU shared with other jobs, a thread descheduled by the OS stalls every OpenMP barrier
-        # of the compiled kernels; one thread avoids that (measured: see benchmarks/results).
-        torch.set_num_threads(a.threads)
+    _common.apply_threads(a)
+    unknown = set(_csv(a.forms)) - set(FORMS + EXTRA_FORMS)
+    if unknown:
+        ap.error(f"unknown form {sorted(unknown)[0]!r}; valid: {', '.join(FORMS + EXTRA_FORMS)}")
 
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if a.device == "auto" else a.device))  # fmt: skip
+    graphs_opt = a.graphs or ("both" if dev.type == "cuda" else "off")
+    if graphs_opt != "off" and dev.type != "cuda":
+        ap.error("--graphs needs CUDA")
+    graphs = {"off": [False], "on": [True], "both": [False, True]}[graphs_opt]
+    if a.list_methods:  # before the GPU check: lists what a machine with that device would run
+        methods = method_list(dev, _csv(a.presets), _csv(a.forms), graphs)
+        print(json.dumps([{**asdict(m), "dtype": DTYPE_NAMES[m.dtype]} for m in methods], indent=1))
+        return 0
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("bench_llama_decode: --device cuda but no CUDA GPU is available; nothing was measured.")
         return 0
     if a.no_autotune:
         os.environ["QBACKEND_TRITON_AUTOTUNE"] = "0"
-    graphs_opt = a.graphs or ("both" if dev.type == "cuda" else "off")
-    if graphs_opt != "off" and dev.type != "cuda":
-        ap.error("--graphs needs CUDA")
-    graphs = {"off": [False], "on": [True], "both": [False, True]}[graphs_opt]
     shape = a.shape or ("llama3-8b" if dev.type == "cuda" else "small")
     cfg = llama_config(shape, a.layers)
     steps = a.steps or (128 if dev.type == "cuda" else 32)
     methods = method_list(dev, _csv(a.presets), _csv(a.forms), graphs)
     options: dict[str, Any] = {"exclude": _csv(a.exclude)} if a.exclude else {}
+    if a.min_params is not None:
+        options["min_params"] = a.min_params
     settings = {"shape": shape, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
                 "intermediate": cfg.intermediate_size, "heads": cfg.num_attention_heads,
                 "kv_heads": cfg.num_key_value_heads, "vocab": cfg.vocab_size, "batches": a.batches,
@@ -598,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def checkpoint(rows: list[Row]) -> None:  # partial results survive a run cut off by a time limit
         if a.out:
-            write_json(a.out, {**info, "load_average_end": list(os.getloadavg())}, settings, rows)
+            write_json(a.out, {**info, "load_average_end": _common.load_average()}, settings, rows)
 
     rows = run(cfg, methods, [int(b) for b in _csv(a.batches)], prompt_len=a.prompt_len, steps=steps,
                repeats=a.repeats, device=dev, prefill=a.prefill, keep=a.keep, options=options,
@@ -607,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         info["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     checkpoint(rows)
     print(markdown(rows))
-    print(f"# load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"# {_common.load_line('load average at the end')}")
     if a.out:
         print(f"wrote {a.out}")
     return 0

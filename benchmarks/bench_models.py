@@ -20,7 +20,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -28,6 +27,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import _common
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -47,7 +48,7 @@ RESULTS = Path(__file__).parent / "results" / "backend.md"
 
 
 def bench_speed(batch_sizes: tuple[int, ...], calls: int) -> list[dict]:
-    from qbackend.minilm import EVALUATION_SENTENCES, load_minilm
+    from qbackend.demo import EVALUATION_SENTENCES, load_minilm
 
     mm = load_minilm()
     rows = []
@@ -88,19 +89,8 @@ def _compiled(model: torch.nn.Module) -> dict[str, Callable[[], Callable]]:
 
 
 def _interleaved(methods: dict[str, Callable[[], object]], calls: int, rounds: int = 5) -> dict[str, float]:
-    per_round = max(1, calls // rounds)
-    samples: dict[str, list[float]] = {k: [] for k in methods}
     with torch.no_grad():
-        for fn in methods.values():  # warm-up
-            for _ in range(2):
-                fn()
-        for _ in range(rounds):
-            for name, fn in methods.items():
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    fn()
-                    samples[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
+        return _common.medians(_common.interleaved(methods, rounds, max(1, calls // rounds), warmup=2))
 
 
 # ---- memory -----------------------------------------------------------------------------------------
@@ -165,7 +155,7 @@ def _out(model, ids):
 
 def bench_accuracy() -> list[dict]:
     """Cosine (and relative error) vs fp32 per format, through quantize_ (the ops the backend lowers to)."""
-    from qbackend.minilm import EVALUATION_SENTENCES, embedding_quality, load_minilm, pooled_embeddings
+    from qbackend.demo import EVALUATION_SENTENCES, embedding_quality, load_minilm, pooled_embeddings
 
     rows = []
     mm = load_minilm()
@@ -215,24 +205,15 @@ def _mean_weight_error(model, ids, config: QuantConfig) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor()
-    try:
-        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
-    except (OSError, AttributeError):
-        pass
-    import transformers
-
-    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"transformers {transformers.__version__}, qbackend {qbackend.__version__}, "
-            f"Python {platform.python_version()}, {datetime.date.today().isoformat()}")  # fmt: skip
+    info = _common.machine_info()
+    return f"{_common.machine_line(info)}; {_common.versions_line(info)}; {datetime.date.today().isoformat()}"
 
 
 def markdown(speed: list[dict], rss: dict | None, acc: list[dict]) -> str:
     lines = ["# qbackend backend: end-to-end results", "", f"Machine: {machine()}.", ""]
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    lines += ["Produced by `python benchmarks/bench_models.py` on a shared CPU (load average at the end: "
-              f"{load}; other jobs were running, so absolute times are noisy; ratios come from interleaved "
-              "rounds in one process).", ""]  # fmt: skip
+    load = _common.load_line("load average at the end")
+    lines += [f"Produced by `python benchmarks/bench_models.py` on a shared CPU ({load}; other jobs were running, "
+              "so absolute times are noisy; ratios come from interleaved rounds in one process).", ""]  # fmt: skip
     if acc:
         lines += ["## Accuracy vs fp32, per format", "",
                   "Output cosine vs the fp32 model (MiniLM: mean/min over the 32 evaluation sentences of the pooled "
@@ -277,7 +258,7 @@ def markdown(speed: list[dict], rss: dict | None, acc: list[dict]) -> str:
 
 
 def _f(v, digits: int = 5) -> str:
-    return "" if v is None else f"{v:.{digits}f}"
+    return _common.fmt(v, f".{digits}f", missing="")
 
 
 def main() -> None:
@@ -287,10 +268,9 @@ def main() -> None:
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--rss", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    _common.add_threads_option(p)
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    _common.apply_threads(a)
     if a.rss:
         print(json.dumps(rss_child()))
         return
@@ -298,8 +278,7 @@ def main() -> None:
     rss = bench_rss()
     speed = [] if a.skip_speed else bench_speed((1,) if a.quick else (1, 32), 20 if a.quick else 60)
     text = markdown(speed, rss, acc)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
+    _common.write_text(a.out, text)
     print(text)
 
 

@@ -23,11 +23,12 @@ import argparse
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
 import time
+
+import _common
 
 CONFIGS = ("float-full", "float-lora", "qlora")
 
@@ -140,11 +141,9 @@ def main() -> None:
     if args.only:
         print(json.dumps(run_one(args.only, args)))
         return
-    import torch
-
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}; Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}, "
-          f"batch {args.batch} x seq {args.seq}, {'compiled (qbackend)' if args.compile else 'eager'}")  # fmt: skip
+    mode = "compiled (qbackend)" if args.compile else "eager"
+    print(_common.header(extra=f"Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}, "
+                               f"batch {args.batch} x seq {args.seq}, {mode}"))  # fmt: skip
     rows = []
     for config in CONFIGS:
         cmd = [sys.executable, "-X", "faulthandler", __file__, "--only", config, *sys.argv[1:]]

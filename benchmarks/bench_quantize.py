@@ -11,13 +11,10 @@ first) so that both see the same machine load; the table reports medians and the
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import subprocess
-import time
 import warnings
 
+import _common
 import torch
 
 CASES = [
@@ -31,42 +28,22 @@ CASES = [
 ]
 
 
-def _cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    _common.add_threads_option(ap)
     ap.add_argument("--quick", action="store_true", help="only the 4096x4096 NF4 nested case")
     args = ap.parse_args()
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import bitsandbytes
         import bitsandbytes.functional as F
 
     from qbackend.formats import Scheme, quantize
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _common.apply_threads(args)
     cases = CASES[:1] if args.quick else CASES
-    print(f"cpu: {_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads);"
-          f" bitsandbytes {bitsandbytes.__version__}; load average before: {os.getloadavg()[0]:.2f}")  # fmt: skip
+    print(_common.header())
     print(f"median of {args.repeats} runs (ours and bitsandbytes alternating)\n")
     header = f"| {'case':34s} | ours (s) | bnb (s) | ours/bnb | same bytes |"
     print(header)
@@ -88,17 +65,10 @@ def main() -> None:
             same = same and torch.equal(qw.nested.codes, state.absmax) and torch.equal(qw.nested.offset, state.offset)
         else:
             same = same and torch.equal(qw.scale, state.absmax)
-        t_ours, t_bnb = [], []
-        for r in range(args.repeats):
-            if r % 2:
-                t_bnb.append(_time(theirs))
-                t_ours.append(_time(ours))
-            else:
-                t_ours.append(_time(ours))
-                t_bnb.append(_time(theirs))
-        mo, mb = statistics.median(t_ours), statistics.median(t_bnb)
+        times = _common.interleaved({"ours": ours, "bnb": theirs}, args.repeats, 1, alternate=True)
+        mo, mb = statistics.median(times["ours"]), statistics.median(times["bnb"])
         print(f"| {label:34s} | {mo:8.3f} | {mb:7.3f} | {mo / mb:8.2f} | {'yes' if same else 'NO':10s} |")
-    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+    print(f"\n{_common.load_line('load average at the end')}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 import qbackend
 from qbackend.core.backend import run_passes
 from qbackend.core.config import QuantConfig
-from qbackend.minilm import (
+from qbackend.demo import (
     CALIBRATION_SENTENCES,
     EVALUATION_SENTENCES,
     embedding_quality,

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import qbackend
-from qbackend.cli import main
+from qbackend.cli import bench, inspect_command, machine, main
 
 
 def _weights(tmp_path: Path) -> Path:
@@ -135,6 +135,45 @@ def test_bench_runs_scripts_and_appends_results(capsys, tmp_path):
     assert md.startswith("# Results\n\nearlier runs\n")  # appended, not rewritten
     assert "## qbackend bench, 20" in md and "(--quick)" in md and f"torch {torch.__version__}" in md
     assert "- machine: " in md and "| 64x64 | 1 | 2.0x | True" in md
+
+
+def test_bench_finds_benchmarks_in_the_working_directory_or_says_how_to_point_at_them(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./benchmarks: the scripts are not part of the installed package
+    err = _one_line_error(capsys, ["bench"])
+    assert f"no benchmarks folder in {tmp_path}" in err and "pass --benchmarks DIR" in err
+    assert "no such benchmarks folder: nope" in _one_line_error(capsys, ["bench", "--benchmarks", "nope"])
+    (tmp_path / "benchmarks").mkdir()
+    assert bench.find_benchmarks(None) == Path("benchmarks").absolute()
+    assert "holds no bench_*.py scripts" in _one_line_error(capsys, ["bench"])
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "bench_cpu_x.py").write_text("print('| x |')\n")
+    assert main(["bench", "--benchmarks", str(other), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["results_file"] == str(other / "RESULTS.md") and out["runs"][0]["output"] == "| x |"
+
+
+def test_bench_help_names_the_benchmarks_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--benchmarks DIR" in out and "not part of the installed package" in out
+
+
+def test_machine_description_of_a_bench_run():
+    info = machine.machine_info("cpu")
+    assert info["gpu"] is None and info["torch"] == torch.__version__ and info["qbackend"] == qbackend.__version__
+    assert info["cores"] == os.cpu_count() and info["torch_threads"] == torch.get_num_threads() and info["cpu"]
+    header = machine.markdown_header("qbackend bench, today", info)
+    assert header.startswith("\n## qbackend bench, today\n\n- machine: ") and header.endswith("\n")
+    assert f"- versions: python {info['python']}, torch {torch.__version__}" in header
+    assert machine.versions_line({"python": "3.x", "torch": "2.y", "triton": None}) == "python 3.x, torch 2.y"
+
+
+def test_plots_of_packaged_models_are_named_after_the_package(tmp_path):
+    (tmp_path / "gt_model" / "model").mkdir(parents=True)
+    assert inspect_command.model_name(tmp_path / "gt_model" / "model") == "gt_model"
+    assert inspect_command.model_name(tmp_path / "gt_model") == "gt_model"
 
 
 def test_bench_unknown_script(capsys, tmp_path):

@@ -90,14 +90,14 @@ def test_gpt2_tied_lm_head_is_named_by_its_module():
 
 @pytest.fixture(scope="module")
 def minilm():
-    from qbackend.minilm import EVALUATION_SENTENCES, load_minilm
+    from qbackend.demo import EVALUATION_SENTENCES, load_minilm
 
     mm = load_minilm()
     return mm, mm.tokenize(EVALUATION_SENTENCES[:16])
 
 
 def test_real_minilm_compiles_with_nf4_error(minilm):
-    from qbackend.minilm import embedding_quality, pooled_embeddings
+    from qbackend.demo import embedding_quality, pooled_embeddings
 
     mm, batch = minilm
     with torch.no_grad():
@@ -109,7 +109,7 @@ def test_real_minilm_compiles_with_nf4_error(minilm):
 
 @pytest.mark.parametrize("fmt, floor", [("int8", 0.999), ("int4", 0.95)])
 def test_real_minilm_error_per_format(minilm, fmt, floor):
-    from qbackend.minilm import embedding_quality, pooled_embeddings
+    from qbackend.demo import embedding_quality, pooled_embeddings
 
     mm, batch = minilm
     model = copy.deepcopy(mm.model)

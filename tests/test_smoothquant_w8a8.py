@@ -277,7 +277,7 @@ def test_exact_folds_add_no_runtime_op_in_generated_code():
 
 @pytest.mark.slow
 def test_minilm_smoothquant_accuracy():
-    from qbackend.minilm import CALIBRATION_SENTENCES, EVALUATION_SENTENCES, embedding_quality, load_minilm
+    from qbackend.demo import CALIBRATION_SENTENCES, EVALUATION_SENTENCES, embedding_quality, load_minilm
 
     mm = load_minilm()
     model = mm.model
@@ -287,7 +287,7 @@ def test_minilm_smoothquant_accuracy():
     graph = capture_graph(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     mask = batch["attention_mask"].unsqueeze(-1).float()
 
-    def embed(outputs) -> torch.Tensor:  # mean pooling + L2 norm, as qbackend.minilm.pooled_embeddings
+    def embed(outputs) -> torch.Tensor:  # mean pooling + L2 norm, as qbackend.demo.pooled_embeddings
         return F.normalize((outputs[0] * mask).sum(1) / mask.sum(1), dim=-1)
 
     reference = embed(graph.run())

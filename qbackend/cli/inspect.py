@@ -9,11 +9,19 @@ and measures its relative error ``||W - dequant(quant(W))|| / ||W||``. A qbacken
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.table import Table
+from safetensors import SafetensorError, safe_open
+
+from ..core.config import QuantConfig
+from ..formats import FormatError, Scheme, quantize
+from ..passes.select_layers import decide_layer
+from ..serialization.manifest import CheckpointError, parse_manifest
 
 
 class InspectError(ValueError):
@@ -74,10 +82,6 @@ def weight_files(path: Path) -> list[Path]:
 
 def inspect_path(path: str | Path, preset: str = "nf4") -> Inspection:
     """Per-layer decisions and weight errors for the weights at ``path`` under ``preset``."""
-    from safetensors import SafetensorError, safe_open
-
-    from ..core.config import QuantConfig
-
     path = Path(path)
     config = QuantConfig.preset(preset)
     tensors: dict[str, torch.Tensor] = {}
@@ -113,8 +117,6 @@ def inspect_path(path: str | Path, preset: str = "nf4") -> Inspection:
 
 
 def _natural(key: str) -> list[Any]:
-    import re
-
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
 
 
@@ -124,7 +126,7 @@ def _linear_weight_names(path: Path, tensors: dict[str, torch.Tensor]) -> set[st
     if cfg is None or not cfg.exists():
         return None
     try:
-        import transformers
+        import transformers  # only to build an HF model's module tree: an optional dependency
 
         config = json.loads(cfg.read_text())
         cls = getattr(transformers, (config.get("architectures") or [""])[0], None)
@@ -154,9 +156,6 @@ def _not_linear_reason(key: str, t: torch.Tensor, linear_names: set[str] | None)
 
 
 def _inspect_linear(name: str, w: torch.Tensor, config: Any, preset: str) -> LayerRow:
-    from ..formats import FormatError, quantize
-    from ..passes.select_layers import decide_layer
-
     row = LayerRow(name, tuple(w.shape), False, bits_per_param=float(w.element_size() * 8))
     scheme, reason = decide_layer(name, w.numel(), config)
     if scheme is None:
@@ -177,8 +176,6 @@ def _inspect_linear(name: str, w: torch.Tensor, config: Any, preset: str) -> Lay
 
 
 def _describe_checkpoint(source: str, preset: str, metadata: dict[str, str], tensors: dict[str, torch.Tensor]):
-    from .manifest import CheckpointError, parse_manifest
-
     try:
         manifest = parse_manifest(metadata, source)
     except CheckpointError as e:
@@ -205,8 +202,6 @@ def _describe_checkpoint(source: str, preset: str, metadata: dict[str, str], ten
 
 
 def _scheme_name(fields: dict[str, Any]) -> str:
-    from ..formats import Scheme
-
     try:
         return Scheme(**fields).name
     except (TypeError, ValueError):
@@ -215,7 +210,7 @@ def _scheme_name(fields: dict[str, Any]) -> str:
 
 def plot_errors(result: Inspection, path: str | Path, name: str | None = None) -> Path:
     """A horizontal bar chart of the per-layer relative weight error (PNG, matplotlib Agg); ``name`` titles it."""
-    import matplotlib
+    import matplotlib  # the plot only: an optional dependency (the 'examples' extra)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -244,10 +239,8 @@ def plot_errors(result: Inspection, path: str | Path, name: str | None = None) -
     return path
 
 
-def render(result: Inspection) -> Any:
+def render(result: Inspection) -> Table:
     """A rich Table of the inspection."""
-    from rich.table import Table
-
     kind = "qbackend checkpoint" if result.checkpoint else f"preset {result.preset}"
     t = Table(title=f"{result.source} ({kind})", title_justify="left", show_footer=True,
               caption=f"weights {result.bytes_before / 1e6:.2f} MB -> {result.bytes_after / 1e6:.2f} MB")  # fmt: skip

@@ -16,7 +16,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from rich.table import Table
 from torch import nn
+
+from ..serialization.source import quantized_module
+from ..workflows.weight_only.linear import QuantizedLinear
+from .minilm import embedding_quality, load_minilm, pooled_embeddings
+from .sentences import EVALUATION_SENTENCES
 
 DEFAULT_PRESETS: tuple[str, ...] = ("nf4", "int8")
 WEIGHT_ONLY_PRESETS: tuple[str, ...] = ("nf4", "fp4", "int4", "int4-g64", "int8")
@@ -67,8 +73,6 @@ def _no_progress(_: str) -> Iterator[None]:
 
 def run_demo(options: DemoOptions | None = None, step: Step = _no_progress) -> DemoResult:
     """Run the comparison; ``step(description)`` wraps each stage (the CLI shows it as progress)."""
-    from .minilm import EVALUATION_SENTENCES, load_minilm
-
     opts = options or DemoOptions()
     t0 = time.perf_counter()
     with step("loading all-MiniLM-L6-v2"):
@@ -106,8 +110,6 @@ def run_demo(options: DemoOptions | None = None, step: Step = _no_progress) -> D
                 emb = _embed(model, ml.tokenize(EVALUATION_SENTENCES))
         if reference is None:
             reference = emb
-        from .minilm import embedding_quality
-
         row.quality = embedding_quality(reference, emb)
         rows.append(row)
         torch._dynamo.reset()  # free the compiled graphs of this variant before the next
@@ -124,8 +126,6 @@ def _sentences(pool: tuple[str, ...], n: int) -> list[str]:
 
 def _quantized(base: nn.Module, preset: str, compile_: bool) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
-        from .serialization.source import quantized_module
-
         if preset not in WEIGHT_ONLY_PRESETS:
             raise ValueError(f"the demo runs weight-only presets ({', '.join(WEIGHT_ONLY_PRESETS)}); got {preset!r}")
         model, _ = quantized_module(base, {"preset": preset})  # shares the float embeddings/norms with base
@@ -135,8 +135,6 @@ def _quantized(base: nn.Module, preset: str, compile_: bool) -> Callable[[], nn.
 
 
 def _embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    from .minilm import pooled_embeddings
-
     with torch.no_grad():
         return pooled_embeddings(model, batch)
 
@@ -153,8 +151,6 @@ def _median_ms(fn: Callable[[], Any], budget_s: float, min_runs: int = 3, max_ru
 
 def _sizes(model: nn.Module) -> tuple[int, int, int]:
     """(bytes of all tensors, bytes of the linear weights, elements of the linear weights); shared tensors once."""
-    from .workflows.weight_only.linear import QuantizedLinear
-
     model = getattr(model, "_orig_mod", model)
     seen: set[int] = set()
 
@@ -179,10 +175,8 @@ def _sizes(model: nn.Module) -> tuple[int, int, int]:
     return lin_bytes + rest, lin_bytes, lin_numel
 
 
-def render(result: DemoResult) -> Any:
+def render(result: DemoResult) -> Table:
     """A rich Table of the result."""
-    from rich.table import Table
-
     t = Table(
         title=f"qbackend demo: {result.model} ({result.params / 1e6:.1f}M params), CPU, {result.threads} threads",
         caption=f"latency: median per call (embeddings of a batch of sentences); cosine: vs fp32 on "
