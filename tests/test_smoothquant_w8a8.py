@@ -14,9 +14,9 @@ import qbackend
 from qbackend.backend import StaleWeightError, run_passes
 from qbackend.config import ConfigError, QuantConfig
 from qbackend.formats import Scheme, quantize
+from qbackend.kernels import ops as _ops  # noqa: F401  (registers the op)
 from qbackend.kernels import reference as ref
 from qbackend.passes.smoothquant_fold import NODE_META
-from qbackend.smoothquant import ops as _ops  # noqa: F401  (registers the op)
 from qbackend.testing import assert_idempotent, assert_lints, assert_lowers_reported, capture_graph, linear_models
 
 W8 = Scheme("int", 8, granularity="channel")

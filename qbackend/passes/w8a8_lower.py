@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from ..formats import Scheme, quantize
-from ..smoothquant import ops as _outlier_ops  # noqa: F401  (registers qbackend::w8a8_outlier_linear)
+from ..kernels import ops as _kernel_ops  # noqa: F401  (registers qbackend::w8a8_linear, w8a8_outlier_linear)
 from .lower_linears import BUFFER_PREFIX, LAYER_META
 from .select_layers import LayerPlan
 from .smoothquant_fold import FoldReport
