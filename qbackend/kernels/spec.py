@@ -37,8 +37,9 @@ class Args(dict):
 class TensorArg:
     """One tensor argument.
 
-    numel: expected element count from the bound arguments (None: any).
-    shape: expected exact shape (None: any shape with ``numel`` elements); ``shape_doc`` names it.
+    numel: expected element count, a function of the op's ints (None: any).
+    shape: expected exact shape from the ints (None: any shape with ``numel`` elements);
+        ``shape_doc`` names it.
     optional: may be None (then nothing else is checked).
     saved: kept for backward (weights yes; activation-only tensors such as ``act_scale`` no).
     """
@@ -102,12 +103,16 @@ class OpFamily:
         """Whether this family defines its own grad-input op."""
         return self.grad_family is None
 
+    def __post_init__(self) -> None:
+        # Argument names are needed on every call (binding): computed once.
+        w = tuple(t.name for t in self.weights)
+        fwd = ("x", *w, "bias", *(t.name for t in self.extras), *self.floats, *self.ints)
+        object.__setattr__(self, "_names", {False: fwd, True: ("grad_y", *w, *self.ints)})
+        object.__setattr__(self, "_cache", {})
+
     def arg_names(self, grad: bool = False) -> tuple[str, ...]:
         """Argument names in schema order (forward op, or the grad-input op when ``grad``)."""
-        w = tuple(t.name for t in self.weights)
-        if grad:
-            return ("grad_y", *w, *self.ints)
-        return ("x", *w, "bias", *(t.name for t in self.extras), *self.floats, *self.ints)
+        return self._names[grad]
 
     def schema(self, grad: bool = False) -> str:
         """The torch.library schema, e.g. ``(Tensor x, Tensor codes, ..., SymInt out_features) -> Tensor``."""
@@ -123,6 +128,8 @@ class OpFamily:
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None, grad: bool = False) -> Args:
         """The call's arguments by name (positional ``args`` then ``kwargs``)."""
         names = self.arg_names(grad)
+        if not kwargs and len(args) == len(names):  # the usual call: all positional
+            return Args(zip(names, args, strict=True))
         if len(args) > len(names):
             self.fail(f"takes {len(names)} arguments; got {len(args)}", grad, TypeError)
         out = Args(zip(names, args, strict=False))
@@ -143,9 +150,7 @@ class OpFamily:
 
     def validate(self, a: Args, grad: bool = False) -> None:
         """Raise ``ValueError``/``TypeError`` naming the bad argument (same checks in fake and real kernels)."""
-        for i in self.ints:
-            if a[i] <= 0:
-                self.fail(f"{i} must be positive; got {a[i]}", grad)
+        expected = self._expected(a, grad)
         x_name = "grad_y" if grad else "x"
         width_name = "out_features" if grad else "in_features"
         x, width = a[x_name], a[width_name]
@@ -158,24 +163,51 @@ class OpFamily:
                       grad)  # fmt: skip
         if self.check is not None:
             self.check(self, a, grad)
-        for t in self.tensor_args(grad):
-            self._check_tensor(t, a, x.device, grad)
+        device = x.device
+        for spec, numel, shape in expected:
+            t = a[spec.name]
+            if t is None:
+                if not spec.optional:
+                    self.fail(f"{spec.name} is required; got None", grad, TypeError)
+                continue
+            if t.dtype not in spec.dtypes:
+                want = " or ".join(str(d).removeprefix("torch.") for d in spec.dtypes)
+                self.fail(f"{spec.name} must be {want}; got {t.dtype}", grad, TypeError)
+            if numel is not None and t.numel() != numel:
+                self.fail(f"{spec.name} has {t.numel()} elements; expected {numel} (shape {tuple(t.shape)})", grad)
+            if t.device != device:
+                self.fail(f"{spec.name} is on {t.device} but x is on {device}; move all tensors to one device", grad)
+            if shape is not None and tuple(t.shape) != shape:
+                self.fail(f"{spec.name} must have shape {spec.shape_doc} = {list(shape)}; got {tuple(t.shape)}", grad)
 
-    def _check_tensor(self, spec: TensorArg, a: Args, device: torch.device, grad: bool) -> None:
-        t = a[spec.name]
-        if t is None:
-            if not spec.optional:
-                self.fail(f"{spec.name} is required; got None", grad, TypeError)
-            return
-        if t.dtype not in spec.dtypes:
-            want = " or ".join(str(d).removeprefix("torch.") for d in spec.dtypes)
-            self.fail(f"{spec.name} must be {want}; got {t.dtype}", grad, TypeError)
-        if spec.numel is not None and t.numel() != (numel := spec.numel(a)):
-            self.fail(f"{spec.name} has {t.numel()} elements; expected {numel} (shape {tuple(t.shape)})", grad)
-        if t.device != device:
-            self.fail(f"{spec.name} is on {t.device} but x is on {device}; move all tensors to one device", grad)
-        if spec.shape is not None and tuple(t.shape) != (shape := spec.shape(a)):
-            self.fail(f"{spec.name} must have shape {spec.shape_doc} = {list(shape)}; got {tuple(t.shape)}", grad)
+    def _expected(self, a: Args, grad: bool) -> tuple[tuple[TensorArg, int | None, tuple[int, ...] | None], ...]:
+        """(spec, numel, shape) per tensor argument for these ints (which are checked positive first).
+
+        They depend on the ints only, so they are computed once per distinct ints (every call of a
+        layer passes the same ones); the per-call checks are then plain comparisons.
+        """
+        ints = tuple(a[i] for i in self.ints)
+        key = (grad, ints)
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        except TypeError:  # symbolic ints (tracing with dynamic shapes) are not hashable: no cache
+            key = None
+        for name, v in zip(self.ints, ints, strict=True):
+            if v <= 0:
+                self.fail(f"{name} must be positive; got {v}", grad)
+        only_ints = Args(zip(self.ints, ints, strict=True))
+        out = tuple(
+            (spec, None if spec.numel is None else spec.numel(only_ints),
+             None if spec.shape is None else tuple(spec.shape(only_ints)))
+            for spec in self.tensor_args(grad)
+        )  # fmt: skip
+        if key is not None:
+            if len(self._cache) > 4096:  # bounded: a process may see many layer shapes
+                self._cache.clear()
+            self._cache[key] = out
+        return out
 
     def out_shape(self, a: Args, grad: bool = False) -> tuple[int, ...]:
         """[..., out_features] (forward) or [..., in_features] (grad-input)."""
