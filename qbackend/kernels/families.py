@@ -90,7 +90,7 @@ _INT8_WEIGHTS = (TensorArg("codes", I8, lambda a: a.out_features * a.in_features
                  TensorArg("scale", F32, lambda a: a.out_features))  # fmt: skip
 INT8 = OpFamily(name="int8", kernel="int8", weights=_INT8_WEIGHTS, ints=N_K,
                 summary="symmetric int8 weight, one scale per output channel")  # fmt: skip
-_ACT_SCALE = TensorArg("act_scale", F32, lambda a: 1, optional=True, saved=False)
+_ACT_SCALE = TensorArg("act_scale", F32, lambda a: 1, optional=True)
 W8A8 = OpFamily(
     name="w8a8",
     kernel="w8a8",

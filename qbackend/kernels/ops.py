@@ -88,9 +88,9 @@ def _define(family: OpFamily, grad: bool) -> torch.library.CustomOpDef:
     name = family.grad_op_name if grad else family.op_name
     default = getattr(ref, f"{family.kernel}_linear_grad_input") if grad else (
         family.default or getattr(ref, f"{family.kernel}_linear"))  # fmt: skip
-    op = torch.library.custom_op(
-        f"{NAMESPACE}::{name}", checked(family, default, grad), mutates_args=(), schema=family.schema(grad)
-    )
+    kernel = checked(family, default, grad)
+    kernel.__doc__ = f"grad_x = grad_y @ W for the {family.name} op" if grad else family.summary
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", kernel, mutates_args=(), schema=family.schema(grad))
     op.register_fake(_fake(family, grad))
     return op
 

@@ -41,7 +41,6 @@ class TensorArg:
     shape: expected exact shape from the ints (None: any shape with ``numel`` elements);
         ``shape_doc`` names it.
     optional: may be None (then nothing else is checked).
-    saved: kept for backward (weights yes; activation-only tensors such as ``act_scale`` no).
     """
 
     name: str
@@ -50,11 +49,10 @@ class TensorArg:
     optional: bool = False
     shape: Callable[[Args], tuple[int, ...]] | None = None
     shape_doc: str = ""
-    saved: bool = True
 
 
 BIAS = TensorArg("bias", FLOAT_ACTS, lambda a: a.out_features, optional=True,
-                 shape=lambda a: (a.out_features,), shape_doc="[out_features]", saved=False)  # fmt: skip
+                 shape=lambda a: (a.out_features,), shape_doc="[out_features]")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,7 @@ class OpFamily:
     grad_family: the family whose grad-input op computes this one's ``grad_x`` (None: its own).
     default: a composite over other qbackend ops serving every device (then no device kernels are
         registered for the family; the reference is only the test oracle), or None.
-    summary: one line for the op's docs.
+    summary: one line saying what the op computes (the docstring of its default kernel).
     """
 
     name: str
