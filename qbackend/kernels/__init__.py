@@ -22,6 +22,12 @@ Layout of the package: :mod:`.spec` (how a family is described), :mod:`.families
 descriptions), :mod:`.reference` (the oracle), :mod:`.ops` (registration derived from the
 descriptions), :mod:`.cpu` / :mod:`.cuda` (device kernels via ``torch.library.register_kernel``),
 :mod:`.triton` (the GPU kernels, imported on first CUDA call).
+
+Adding a format: one :class:`~qbackend.kernels.spec.OpFamily` in :mod:`.families` and its
+``<kernel>_linear`` (+ ``_grad_input``) in :mod:`.reference`; the op, its fake, autograd and
+validation follow, as does the conformance suite. Faster paths are functions of the same names in
+:mod:`.cpu` / :mod:`.triton` (registered by name); the export decomposition is one entry per
+kernel stem in :mod:`qbackend.export.decompositions`.
 """
 
 from __future__ import annotations
