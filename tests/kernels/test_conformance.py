@@ -173,12 +173,8 @@ OPS = [pytest.param(f, False, id=f.op_name) for f in FAMILIES.values()]
 OPS += [pytest.param(f, True, id=f.grad_op_name) for f in FAMILIES.values() if f.has_grad_op]
 
 
-@pytest.mark.parametrize("family,grad", OPS)
-@pytest.mark.parametrize("impl", IMPLS)
-def test_matches_reference(impl: Impl, family: OpFamily, grad: bool) -> None:
-    fn = impl.find(family, grad)
-    if fn is None:
-        pytest.skip(f"{impl.name}: {family.op_name} is a composite over other ops (tested as op-cpu / op-cuda)")
+def _conformance(impl: Impl, family: OpFamily, grad: bool, fn: Callable) -> Callable[[], None]:
+    """The hypothesis check that ``fn`` (``impl``'s function for the op) matches the reference."""
 
     @settings(max_examples=impl.max_examples)
     @given(cases(family, impl.device))
@@ -197,7 +193,29 @@ def test_matches_reference(impl: Impl, family: OpFamily, grad: bool) -> None:
                 mag = mag + a.bias.float().abs().cpu()
         _assert_close(got, want, mag, f"{impl.name} {family.name} {'grad' if grad else 'fwd'}")
 
-    check()
+    return check
+
+
+@pytest.mark.parametrize("family,grad", OPS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matches_reference(impl: Impl, family: OpFamily, grad: bool) -> None:
+    fn = impl.find(family, grad)
+    if fn is None:
+        pytest.skip(f"{impl.name}: {family.op_name} is a composite over other ops (tested as op-cpu / op-cuda)")
+    _conformance(impl, family, grad, fn)()
+
+
+def test_the_suite_catches_a_kernel_off_by_one_code_step() -> None:
+    # A kernel that decodes one 4-bit code wrong (code 0 read as 1) must fail the check.
+    def wrong(*args):
+        a = FAMILIES["int4"].bind(args)
+        codes = a.codes.clone()
+        codes[0] ^= 0x10  # the first element's nibble
+        return reference.int4_linear(a.x, codes, *list(a.values())[2:])
+
+    impl = Impl("wrong", "cpu", lambda f, g: wrong, max_examples=20)
+    with pytest.raises(AssertionError, match="max excess"):
+        _conformance(impl, FAMILIES["int4"], False, wrong)()
 
 
 def test_every_family_has_a_cpu_and_cuda_kernel_or_is_a_composite() -> None:
