@@ -169,7 +169,7 @@ class Case:
         if f == "bf16":
             return ops[0].float()
         if f == "nf4-nested":
-            return R.decode_codebook4(*ops, n, k, 64, 256)
+            return R.decode_codebook(*ops, n, k, 64, 256)
         if f == "int4":
             return R.decode_int4(*ops, n, k, 128)
         if f in ("int8", "w8a8"):
@@ -198,7 +198,7 @@ class Case:
             if f == "bf16":
                 return lambda: torch.mm(x, ops[0])
             if f == "nf4-nested":
-                return lambda: T.codebook4_linear_grad_input(x, *ops, n, k, 64, 256)
+                return lambda: T.codebook_linear_grad_input(x, *ops, n, k, 64, 256)
             if f == "int4":
                 return lambda: T.int4_linear_grad_input(x, *ops, n, k, 128)
             if f == "int8":
@@ -207,7 +207,7 @@ class Case:
         if f == "bf16":
             return lambda: F.linear(x, ops[0])
         if f == "nf4-nested":
-            return lambda: T.codebook4_linear(x, *ops, None, n, k, 64, 256)
+            return lambda: T.codebook_linear(x, *ops, None, n, k, 64, 256)
         if f == "int4":
             return lambda: T.int4_linear(x, *ops, None, n, k, 128)
         if f == "int8":

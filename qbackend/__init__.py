@@ -11,9 +11,9 @@ Layers (each imports only from those before it): ``formats`` -> ``kernels`` -> `
 export, testing, and the public re-export modules ``qbackend.qat`` / ``qbackend.smoothquant``).
 """
 
-from . import qat  # noqa: I001  (after the version: the public modules read nothing from here)
 import importlib
 
+from . import qat, smoothquant
 from ._version import __version__
 from .core.config import QuantConfig
 from .core.explain import explain
@@ -40,6 +40,7 @@ __all__ = [
     "explain",
     "qat",
     "quantize_",
+    "smoothquant",
     "register_workflow",
 ]
 

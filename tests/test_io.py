@@ -72,7 +72,7 @@ def test_checkpoint_layout(tmp_path):
         keys = set(st.keys())
         manifest = json.loads(st.metadata()["qbackend"])
     assert manifest["format_version"] == qbackend.serialization.FORMAT_VERSION
-    assert manifest["layers"]["up"]["op"] == "qbackend.codebook4_linear.default"
+    assert manifest["layers"]["up"]["op"] == "qbackend.nf4_linear.default"
     assert manifest["config"] is None  # quantized before save: the layers' schemes say it all
     assert manifest["layers"]["up"]["scheme"]["nested"] is True
     assert "up.weight" not in keys and "up.codes" in keys and "up.nested_absmax" in keys

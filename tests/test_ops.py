@@ -16,6 +16,8 @@ from qbackend.kernels import (
     KernelWeight,
     UnsupportedWeight,
     cpu,
+    cuda,
+    family_of,
     ops,
     prepare_weight,
     quantized_linear,
@@ -53,7 +55,7 @@ def _weight(n: int, k: int, scheme: Scheme, seed: int) -> tuple[QuantizedWeight,
 
 
 def _reference_fn(kw: KernelWeight):
-    return getattr(reference, kw.op.__name__.split(".")[0])
+    return getattr(reference, family_of(kw.op).kernel + "_linear")
 
 
 def _assert_close(y: torch.Tensor, y_ref: torch.Tensor, mag: torch.Tensor, what: str = "") -> None:
@@ -119,7 +121,7 @@ def _check_forward(scheme, n, k, m, dtype, use_bias, lead3, seed, noncontig=Fals
 
 
 @given(codebook_schemes, dims, widths, rows, dtypes, st.booleans(), st.booleans(), st.integers(0, 2**16))
-def test_codebook4_linear_matches_reference(scheme, n, k, m, dtype, use_bias, lead3, seed):
+def test_codebook_linear_matches_reference(scheme, n, k, m, dtype, use_bias, lead3, seed):
     _check_forward(scheme, n, k, m, dtype, use_bias, lead3, seed)
 
 
@@ -288,7 +290,7 @@ def test_grad_input_matches_reference(scheme, n, k, m, dtype, seed):
     name = ops.GRAD_INPUT_OPS[kw.op.__name__.split(".")[0]]
     g = _x((2, m, n), dtype, seed)
     gx = getattr(qb, name)(g, *kw.tensors, *kw.statics)
-    gx_ref = getattr(ops, "ref_" + name)(g, *kw.tensors, *kw.statics)
+    gx_ref = getattr(reference, family_of(name).kernel + "_linear_grad_input")(g, *kw.tensors, *kw.statics)
     w = qw.dequantize(torch.float32)
     _assert_close(gx, gx_ref, g.float().abs() @ w.abs(), f"{name} {scheme.name}")
 
@@ -403,30 +405,30 @@ def _cb4_args(n=8, k=64):
 def test_error_x_width():
     t, s = _cb4_args()
     with pytest.raises(ValueError, match=r"x has last dimension 63 but in_features=64"):
-        qb.codebook4_linear(torch.randn(2, 63), *t, None, *s)
+        qb.nf4_linear(torch.randn(2, 63), *t, None, *s)
 
 
 def test_error_codes_dtype():
     t, s = _cb4_args()
     t[0] = t[0].to(torch.int8)
     with pytest.raises(TypeError, match=r"codes must be uint8; got torch.int8"):
-        qb.codebook4_linear(torch.randn(2, 64), *t, None, *s)
+        qb.nf4_linear(torch.randn(2, 64), *t, None, *s)
 
 
 def test_error_x_dtype_and_constants():
     t, s = _cb4_args()
     with pytest.raises(TypeError, match=r"x must be float32, float16 or bfloat16"):
-        qb.codebook4_linear(torch.ones(2, 64, dtype=torch.int32), *t, None, *s)
+        qb.nf4_linear(torch.ones(2, 64, dtype=torch.int32), *t, None, *s)
     t2 = list(t)
     t2[1] = torch.ones(16)  # both plain and nested constants
     with pytest.raises(ValueError, match=r"either absmax .* or the nested_\* tensors, not both"):
-        qb.codebook4_linear(torch.randn(2, 64), *t2, None, *s)
+        qb.nf4_linear(torch.randn(2, 64), *t2, None, *s)
     t3 = list(t)
     t3[3] = None
     with pytest.raises(ValueError, match=r"nested_absmax is None"):
-        qb.codebook4_linear(torch.randn(2, 64), *t3, None, *s)
+        qb.nf4_linear(torch.randn(2, 64), *t3, None, *s)
     with pytest.raises(ValueError, match=r"bias has 7 elements; expected 8"):
-        qb.codebook4_linear(torch.randn(2, 64), *t, torch.randn(7), *s)
+        qb.nf4_linear(torch.randn(2, 64), *t, torch.randn(7), *s)
 
 
 def test_error_int_formats():
@@ -447,7 +449,7 @@ def test_error_device_mismatch():
     t, s = _cb4_args()
     t[0] = t[0].to("meta")
     with pytest.raises(ValueError, match=r"codes is on meta but x is on cpu"):
-        qb.codebook4_linear(torch.randn(2, 64), *t, None, *s)
+        qb.nf4_linear(torch.randn(2, 64), *t, None, *s)
 
 
 def test_errors_surface_at_trace_time():
@@ -457,8 +459,8 @@ def test_errors_surface_at_trace_time():
     with FakeTensorMode() as mode:
         ft = [None if a is None else mode.from_tensor(a) for a in t]
         with pytest.raises(ValueError, match=r"in_features=64"):
-            qb.codebook4_linear(torch.randn(2, 65), *ft, None, *s)
-        assert qb.codebook4_linear(torch.randn(2, 3, 64), *ft, None, *s).shape == (2, 3, 8)
+            qb.nf4_linear(torch.randn(2, 65), *ft, None, *s)
+        assert qb.nf4_linear(torch.randn(2, 3, 64), *ft, None, *s).shape == (2, 3, 8)
 
 
 # ---- API ------------------------------------------------------------------------------------------
@@ -467,8 +469,8 @@ def test_errors_surface_at_trace_time():
 @pytest.mark.parametrize(
     "scheme,op",
     [
-        (Scheme("nf4", nested=True), "codebook4_linear"),
-        (Scheme("fp4", blocksize=256), "codebook4_linear"),
+        (Scheme("nf4", nested=True), "nf4_linear"),
+        (Scheme("fp4", blocksize=256), "fp4_linear"),
         (Scheme("int", bits=4, blocksize=64), "int4_linear"),
         (Scheme("int", bits=4, symmetric=False, blocksize=128), "int4_linear"),
         (Scheme("int", bits=4, granularity="channel"), "int4_linear"),
@@ -514,16 +516,16 @@ def test_prepare_weight_rejects_non_2d():
 
 
 def test_cuda_impl_falls_back_to_reference_with_one_warning(monkeypatch):
-    ops._cuda_impl.cache_clear()
+    cuda.impl.cache_clear()
     monkeypatch.setitem(sys.modules, "qbackend.kernels.triton", None)  # import fails
     # `from . import triton` reads the package attribute first when an earlier test imported it.
     monkeypatch.delattr(sys.modules["qbackend.kernels"], "triton", raising=False)
     try:
         with pytest.warns(RuntimeWarning, match="no Triton kernel for int8_linear"):
-            fn = ops._cuda_impl("int8_linear")
+            fn = cuda.impl("int8_linear")
         assert fn is reference.int8_linear
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert ops._cuda_impl("int8_linear") is fn  # cached: warned once
+            assert cuda.impl("int8_linear") is fn  # cached: warned once
     finally:
-        ops._cuda_impl.cache_clear()
+        cuda.impl.cache_clear()

@@ -14,8 +14,8 @@ import qbackend
 from qbackend.core.backend import StaleWeightError, run_passes
 from qbackend.core.config import ConfigError, QuantConfig
 from qbackend.formats import Scheme, quantize
+from qbackend.kernels import ops as _ops  # noqa: F401  (registers the op)
 from qbackend.kernels import reference as ref
-from qbackend.smoothquant import ops as _ops  # noqa: F401  (registers the op)
 from qbackend.testing import assert_idempotent, assert_lints, assert_lowers_reported, capture_graph, linear_models
 from qbackend.workflows.w8a8.fold import NODE_META
 

@@ -55,7 +55,7 @@ def _x(lead: tuple[int, ...], k: int, dtype: torch.dtype, seed: int) -> torch.Te
     return torch.randn(*lead, k, generator=g).to(dtype).to(DEVICE)
 
 
-def _cb4(n: int, k: int, kind: str, bs: int, nested: bool, seed: int = 0) -> tuple:
+def _codebook(n: int, k: int, kind: str, bs: int, nested: bool, seed: int = 0) -> tuple:
     """(codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table) on DEVICE."""
     g = torch.Generator().manual_seed(seed)
     qw = quantize(torch.randn(n, k, generator=g), Scheme(kind, blocksize=bs, nested=nested, nested_blocksize=32))
@@ -93,7 +93,7 @@ def _bias(n: int, on: bool, seed: int = 7) -> torch.Tensor | None:
 
 # (N, K, blocksize, kind, nested): K % bs == 0 (aligned fast path), straddling blocks with even K,
 # odd K (generic flat-index path), K == bs with N not a tile multiple.
-CB4_CASES = [
+CODEBOOK_CASES = [
     (40, 64, 32, "nf4", True),
     (33, 96, 64, "fp4", True),
     (24, 75, 32, "nf4", False),
@@ -109,32 +109,32 @@ MS = [1, 3, 17, 80]  # GEMV, small-M split-K dot, small-M with BLOCK_M 32, large
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("case", CB4_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_codebook4_linear(case: tuple, m: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("case", CODEBOOK_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_codebook_linear(case: tuple, m: int, dtype: torch.dtype) -> None:
     n, k, bs, kind, nested = case
-    w = _cb4(n, k, kind, bs, nested)
+    w = _codebook(n, k, kind, bs, nested)
     x = _x((m,), k, dtype, seed=m)
     b = _bias(n, on=(m + n) % 2 == 0)
     args = (*w, b, n, k, bs, 32)
-    _check(T.codebook4_linear(x, *args), R.codebook4_linear(x, *args))
+    _check(T.codebook_linear(x, *args), R.codebook_linear(x, *args))
 
 
 @pytest.mark.parametrize("m", [1, 17, 80])
-@pytest.mark.parametrize("case", CB4_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_codebook4_grad_input(case: tuple, m: int) -> None:
+@pytest.mark.parametrize("case", CODEBOOK_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_codebook_grad_input(case: tuple, m: int) -> None:
     n, k, bs, kind, nested = case
-    w = _cb4(n, k, kind, bs, nested)
+    w = _codebook(n, k, kind, bs, nested)
     gy = _x((m,), n, torch.float32, seed=m + 1)
-    ref = gy.float() @ R.decode_codebook4(*w, n, k, bs, 32)
-    _check(T.codebook4_linear_grad_input(gy, *w, n, k, bs, 32), ref)
+    ref = gy.float() @ R.decode_codebook(*w, n, k, bs, 32)
+    _check(T.codebook_linear_grad_input(gy, *w, n, k, bs, 32), ref)
 
 
-def test_codebook4_grad_input_fp16_3d() -> None:
+def test_codebook_grad_input_fp16_3d() -> None:
     n, k, bs = 33, 96, 64
-    w = _cb4(n, k, "nf4", bs, True)
+    w = _codebook(n, k, "nf4", bs, True)
     gy = _x((2, 5), n, torch.float16, seed=3)
-    ref = (gy.float() @ R.decode_codebook4(*w, n, k, bs, 32)).half()
-    _check(T.codebook4_linear_grad_input(gy, *w, n, k, bs, 32), ref)
+    ref = (gy.float() @ R.decode_codebook(*w, n, k, bs, 32)).half()
+    _check(T.codebook_linear_grad_input(gy, *w, n, k, bs, 32), ref)
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
@@ -147,11 +147,11 @@ def test_codebook4_grad_input_fp16_3d() -> None:
     nested=st.booleans(),
     bias=st.booleans(),
 )
-def test_codebook4_linear_hypothesis(n: int, k: int, m: int, bs: int, kind: str, nested: bool, bias: bool) -> None:
-    w = _cb4(n, k, kind, bs, nested, seed=n * 1000 + k)
+def test_codebook_linear_hypothesis(n: int, k: int, m: int, bs: int, kind: str, nested: bool, bias: bool) -> None:
+    w = _codebook(n, k, kind, bs, nested, seed=n * 1000 + k)
     x = _x((m,), k, torch.float32, seed=m)
     args = (*w, _bias(n, bias), n, k, bs, 32)
-    _check(T.codebook4_linear(x, *args), R.codebook4_linear(x, *args))
+    _check(T.codebook_linear(x, *args), R.codebook_linear(x, *args))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,8 +268,8 @@ def test_3d_inputs_and_bias_all_ops() -> None:
     n, k = 33, 64
     x = _x((2, 3), k, torch.float32, seed=11)
     b = _bias(n, True)
-    w = _cb4(n, k, "nf4", 32, True)
-    _check(T.codebook4_linear(x, *w, b, n, k, 32, 32), R.codebook4_linear(x, *w, b, n, k, 32, 32))
+    w = _codebook(n, k, "nf4", 32, True)
+    _check(T.codebook_linear(x, *w, b, n, k, 32, 32), R.codebook_linear(x, *w, b, n, k, 32, 32))
     c4, s4, z4 = _int4(n, k, 32, False)
     _check(T.int4_linear(x, c4, s4, z4, b, n, k, 32), R.int4_linear(x, c4, s4, z4, b, n, k, 32))
     c8, s8 = _int8(n, k)
@@ -297,11 +297,11 @@ def test_3d_inputs_and_bias_all_ops() -> None:
 def test_config_paths(variant: str, cfg: at.KernelConfig, m: int) -> None:
     """Specialisations the fixed interpreter configs do not reach (split 1, BK > block size, ...)."""
     n, k, bs = 40, 64, 32
-    w = _cb4(n, k, "nf4", bs, True)
+    w = _codebook(n, k, "nf4", bs, True)
     x = _x((m,), k, torch.float16, seed=m)
     args = (*w, _bias(n, True), n, k, bs, 32)
     with at.override_config(variant, cfg):
-        _check(T.codebook4_linear(x, *args), R.codebook4_linear(x, *args))
+        _check(T.codebook_linear(x, *args), R.codebook_linear(x, *args))
 
 
 def test_grad_config_paths() -> None:
@@ -324,11 +324,11 @@ def test_empty_input() -> None:
 
 def test_bad_operands_raise() -> None:
     n, k = 8, 64
-    w = _cb4(n, k, "nf4", 32, False)
+    w = _codebook(n, k, "nf4", 32, False)
     with pytest.raises(ValueError, match="expected"):
-        T.codebook4_linear(_x((2,), k + 1, torch.float32, 0), *w, None, n, k, 32, 256)
+        T.codebook_linear(_x((2,), k + 1, torch.float32, 0), *w, None, n, k, 32, 256)
     with pytest.raises(ValueError, match="codes"):
-        T.codebook4_linear(_x((2,), k, torch.float32, 0), *w, None, n + 1, k, 32, 256)
+        T.codebook_linear(_x((2,), k, torch.float32, 0), *w, None, n + 1, k, 32, 256)
     c8, s8 = _int8(n, k)
     with pytest.raises(ValueError, match="scale"):
         T.int8_linear(_x((2,), k, torch.float32, 0), c8, s8[:-1], None, n, k)
@@ -375,8 +375,8 @@ def test_heuristics_and_candidates_respect_caps() -> None:
                     if variant != at.GEMV:
                         assert c.block_m >= 16 and c.block_k >= 32  # tl.dot minimums (int8: K >= 32)
     assert at.m_bucket(1) == 1 and at.m_bucket(3) == 4 and at.m_bucket(17) == 32 and at.m_bucket(10**6) == 4096
-    key = at.make_key(at.GEMV, "cb4", 64, True, False, torch.bfloat16, 1, 8192, 8192)
-    assert key == "wo_gemv|cb4|bs64|nest1|zp0|bfloat16|M1|N8192|K8192"
+    key = at.make_key(at.GEMV, "codebook", 64, True, False, torch.bfloat16, 1, 8192, 8192)
+    assert key == "wo_gemv|codebook|bs64|nest1|zp0|bfloat16|M1|N8192|K8192"
 
 
 def test_launch_shrinks_configs_that_do_not_fit() -> None:
@@ -439,16 +439,16 @@ def test_gpu_bf16_all_formats(m: int, tmp_config_cache) -> None:
     n, k = 512, 1024
     x = _x((m,), k, torch.bfloat16, seed=m)
     b = _bias(n, True)
-    w = _cb4(n, k, "nf4", 64, True)
-    _check(T.codebook4_linear(x, *w, b, n, k, 64, 32), R.codebook4_linear(x, *w, b, n, k, 64, 32))
+    w = _codebook(n, k, "nf4", 64, True)
+    _check(T.codebook_linear(x, *w, b, n, k, 64, 32), R.codebook_linear(x, *w, b, n, k, 64, 32))
     c4, s4, z4 = _int4(n, k, 128, True)
     _check(T.int4_linear(x, c4, s4, z4, b, n, k, 128), R.int4_linear(x, c4, s4, z4, b, n, k, 128))
     c8, s8 = _int8(n, k)
     _check(T.int8_linear(x, c8, s8, b, n, k), R.int8_linear(x, c8, s8, b, n, k))
     _check(T.w8a8_linear(x, c8, s8, b, None, n, k), R.w8a8_linear(x, c8, s8, b, None, n, k))
     gy = _x((m,), n, torch.bfloat16, seed=5)
-    ref = (gy.float() @ R.decode_codebook4(*w, n, k, 64, 32)).bfloat16()
-    _check(T.codebook4_linear_grad_input(gy, *w, n, k, 64, 32), ref)
+    ref = (gy.float() @ R.decode_codebook(*w, n, k, 64, 32)).bfloat16()
+    _check(T.codebook_linear_grad_input(gy, *w, n, k, 64, 32), ref)
 
 
 @pytest.mark.gpu
@@ -457,32 +457,32 @@ def test_gpu_autotune_writes_cache(tmp_config_cache, monkeypatch) -> None:
     tmp_path = tmp_config_cache
     monkeypatch.setenv("QBACKEND_TRITON_AUTOTUNE", "1")
     n, k = 256, 512
-    w = _cb4(n, k, "nf4", 64, True)
+    w = _codebook(n, k, "nf4", 64, True)
     x = _x((1,), k, torch.float16, seed=0)
-    y = T.codebook4_linear(x, *w, None, n, k, 64, 32)
-    _check(y, R.codebook4_linear(x, *w, None, n, k, 64, 32))
+    y = T.codebook_linear(x, *w, None, n, k, 64, 32)
+    _check(y, R.codebook_linear(x, *w, None, n, k, 64, 32))
     files = list(tmp_path.glob("*.json"))
-    assert len(files) == 1 and "wo_gemv|cb4|bs64" in files[0].read_text()
+    assert len(files) == 1 and "wo_gemv|codebook|bs64" in files[0].read_text()
     at.clear_memory_cache()
-    _check(T.codebook4_linear(x, *w, None, n, k, 64, 32), y)  # served from the file
+    _check(T.codebook_linear(x, *w, None, n, k, 64, 32), y)  # served from the file
 
 
 @pytest.mark.gpu
 @gpu
 def test_gpu_cuda_graph_replay(tmp_config_cache) -> None:
     n, k = 256, 512
-    w = _cb4(n, k, "nf4", 64, True)
+    w = _codebook(n, k, "nf4", 64, True)
     x = _x((1,), k, torch.bfloat16, seed=0)
-    T.codebook4_linear(x, *w, None, n, k, 64, 32)  # tune outside the capture
+    T.codebook_linear(x, *w, None, n, k, 64, 32)  # tune outside the capture
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        T.codebook4_linear(x, *w, None, n, k, 64, 32)
+        T.codebook_linear(x, *w, None, n, k, 64, 32)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = T.codebook4_linear(x, *w, None, n, k, 64, 32)
+        y = T.codebook_linear(x, *w, None, n, k, 64, 32)
     x.copy_(_x((1,), k, torch.bfloat16, seed=1))
     graph.replay()
     torch.cuda.synchronize()
-    _check(y, R.codebook4_linear(x, *w, None, n, k, 64, 32))
+    _check(y, R.codebook_linear(x, *w, None, n, k, 64, 32))

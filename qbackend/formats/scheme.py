@@ -94,6 +94,11 @@ class Scheme:
         return base + ("-nested" if self.nested else "")
 
     @property
+    def format(self) -> str:
+        """The format's one name across config, kernels and ops: "nf4", "fp4", "int4" or "int8"."""
+        return self.kind if self.kind in ("nf4", "fp4") else f"int{self.bits}"
+
+    @property
     def qmin(self) -> int:
         """Smallest integer code (int formats)."""
         if self.symmetric:

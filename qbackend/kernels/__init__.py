@@ -8,6 +8,26 @@ constants; int4 symmetric or affine with groups along K (per-channel axis 0 and 
 become one group of K); int8 symmetric per output channel (or per tensor). Anything else raises
 :class:`UnsupportedWeight`; the layer then stays float. Weights are frozen (no weight gradient);
 gradients flow to the input and the bias.
+
+Vocabulary (one name per format). A format's name is the same in the config, ``Scheme.format``,
+the op family and the op: nf4, fp4, int4, int8 -> ``qbackend::nf4_linear``, ``fp4_linear``,
+``int4_linear``, ``int8_linear`` (and ``<format>_linear_grad_input``); ops that also quantize the
+activations are named after that scheme: ``w8a8_linear``, ``w8a8_outlier_linear``. Below the ops,
+kernels are named by their *kernel stem*, the storage layout they decode, which formats may share:
+``codebook`` (nf4 and fp4: a 16-entry code table times a block absmax), ``int4``, ``int8``,
+``w8a8``; the Triton ``LAYOUT`` constexpr and the C++ ``enum Layout`` use the same words. Use
+:func:`linear_op` to go from a format to its op; never spell an op name at a call site.
+
+Layout of the package: :mod:`.spec` (how a family is described), :mod:`.families` (the
+descriptions), :mod:`.reference` (the oracle), :mod:`.ops` (registration derived from the
+descriptions), :mod:`.cpu` / :mod:`.cuda` (device kernels via ``torch.library.register_kernel``),
+:mod:`.triton` (the GPU kernels, imported on first CUDA call).
+
+Adding a format: one :class:`~qbackend.kernels.spec.OpFamily` in :mod:`.families` and its
+``<kernel>_linear`` (+ ``_grad_input``) in :mod:`.reference`; the op, its fake, autograd and
+validation follow, as does the conformance suite. Faster paths are functions of the same names in
+:mod:`.cpu` / :mod:`.triton` (registered by name); the export decomposition is one entry per
+kernel stem in :mod:`qbackend.export.decompositions`.
 """
 
 from __future__ import annotations
@@ -17,9 +37,65 @@ from dataclasses import dataclass
 import torch
 
 from ..formats import QuantizedWeight, Scheme, code_table
-from . import ops  # noqa: F401  (registers torch.ops.qbackend.*)
+from . import cpu as cpu  # registers the "cpu" kernels
+from . import cuda as cuda  # registers the "cuda" kernels (Triton resolved on first call)
+from . import ops as ops  # registers torch.ops.qbackend.*
+from .families import FAMILIES, OpFamily, by_op_name
 
-__all__ = ["KernelWeight", "UnsupportedWeight", "prepare_weight", "quantized_linear", "supported"]
+__all__ = [
+    "FAMILIES",
+    "LEGACY_OP_FORMATS",
+    "KernelWeight",
+    "OpFamily",
+    "UnsupportedWeight",
+    "family_of",
+    "linear_op",
+    "prepare_weight",
+    "quantized_linear",
+    "stored_op",
+    "supported",
+]
+
+#: Op names written by older qbackend versions (checkpoint manifests store ``qbackend.<op>.default``)
+#: -> the formats that op served. ``codebook4_linear`` served both nf4 and fp4: the stored Scheme
+#: (``Scheme.format``) picks one. Use :func:`stored_op` to resolve a stored name.
+LEGACY_OP_FORMATS: dict[str, tuple[str, ...]] = {"codebook4_linear": ("nf4", "fp4")}
+
+
+def linear_op(fmt: str | Scheme) -> torch._ops.OpOverload:
+    """The op computing a linear layer in ``fmt``: a Scheme (its ``format``) or a family name
+    ("nf4", "fp4", "int4", "int8", "w8a8", "w8a8_outlier"), e.g. ``torch.ops.qbackend.nf4_linear.default``."""
+    name = fmt.format if isinstance(fmt, Scheme) else fmt
+    if name not in FAMILIES:
+        raise KeyError(f"no quantized linear op for format {name!r}; known: {', '.join(FAMILIES)}")
+    return getattr(torch.ops.qbackend, FAMILIES[name].op_name).default
+
+
+def family_of(op: torch._ops.OpOverload | str) -> OpFamily:
+    """The family describing ``op`` (an OpOverload, or a name like ``nf4_linear``; grad-input ops too)."""
+    name = op if isinstance(op, str) else op._opname
+    return by_op_name(name)[0]
+
+
+def stored_op(qualname: str, scheme: Scheme | None = None) -> torch._ops.OpOverload:
+    """The op for a name stored in a checkpoint (``qbackend.<op>.default``, today's or a legacy one).
+
+    ``scheme``: the layer's stored Scheme; needed for legacy names that served several formats.
+    Raises ``KeyError`` for a name that is not one of ours (a manifest must not pick arbitrary ops).
+    """
+    ns, _, rest = qualname.partition(".")
+    op_name, _, overload = rest.partition(".")
+    if ns != "qbackend" or overload != "default":
+        raise KeyError(f"{qualname!r} is not a qbackend op")
+    legacy = LEGACY_OP_FORMATS.get(op_name)
+    if legacy is not None:
+        if scheme is None or scheme.format not in legacy:
+            raise KeyError(f"{qualname!r} served formats {legacy}; the stored scheme does not say which")
+        return linear_op(scheme.format)
+    family, grad = by_op_name(op_name)
+    if grad:
+        raise KeyError(f"{qualname!r} is a grad-input op, not a layer's op")
+    return linear_op(family.name)
 
 
 class UnsupportedWeight(ValueError):
@@ -34,7 +110,7 @@ class UnsupportedWeight(ValueError):
 class KernelWeight:
     """What a lowered linear needs at run time: ``op(x, *tensors, bias, *statics)``.
 
-    op: e.g. ``torch.ops.qbackend.codebook4_linear.default``.
+    op: e.g. ``torch.ops.qbackend.nf4_linear.default`` (see :func:`linear_op`).
     tensors: the op's tensor arguments after ``x`` and before ``bias``, in order (some may be None).
     statics: the op's int arguments after ``bias``.
     names: one name per entry of ``tensors`` (for registering them as buffers; skip the None ones).
@@ -60,20 +136,21 @@ class KernelWeight:
 
 def supported(scheme: Scheme) -> tuple[bool, str]:
     """Whether a weight in ``scheme`` can run as a quantized op: ``(ok, reason)``."""
-    if scheme.kind in ("nf4", "fp4"):
-        return True, f"{scheme.name}: codebook4_linear"
+    op = FAMILIES[scheme.format].op_name
+    if scheme.format in ("nf4", "fp4"):
+        return True, f"{scheme.name}: {op}"
     if scheme.bits == 4:
         if scheme.granularity == "channel" and scheme.axis not in (0, -2):
             return False, (f"{scheme.name}: int4 per-channel scales along axis {scheme.axis} (input channels) are "
                            "not supported; use axis 0 or groups along K")  # fmt: skip
-        return True, f"{scheme.name}: int4_linear"
+        return True, f"{scheme.name}: {op}"
     if not scheme.symmetric:
         return False, f"{scheme.name}: int8 affine (zero point) weights are not supported; use symmetric int8"
     if scheme.granularity == "block":
         return False, f"{scheme.name}: int8 with groups is not supported; use per-channel (axis 0) int8"
     if scheme.granularity == "channel" and scheme.axis not in (0, -2):
         return False, f"{scheme.name}: int8 per-channel scales must be along axis 0 (output channels)"
-    return True, f"{scheme.name}: int8_linear"
+    return True, f"{scheme.name}: {op}"
 
 
 def prepare_weight(qw: QuantizedWeight, device: torch.device | str | None = None) -> KernelWeight:
@@ -93,7 +170,9 @@ def prepare_weight(qw: QuantizedWeight, device: torch.device | str | None = None
     n, k = qw.shape
     s = qw.scheme
     dev = qw.device
-    if s.kind in ("nf4", "fp4"):
+    op = linear_op(s)
+    names = tuple(t.name for t in FAMILIES[s.format].weights)
+    if s.format in ("nf4", "fp4"):
         nest = qw.nested
         tensors = (
             qw.codes.reshape(-1),
@@ -104,9 +183,8 @@ def prepare_weight(qw: QuantizedWeight, device: torch.device | str | None = None
             code_table(s.kind, dev),
             None if nest is None else code_table("dynamic", dev),
         )
-        names = ("codes", "absmax", "nested_codes", "nested_absmax", "nested_offset", "table", "nested_table")
         nbs = nest.blocksize if nest is not None else s.nested_blocksize
-        return KernelWeight(torch.ops.qbackend.codebook4_linear.default, tensors, (n, k, s.blocksize, nbs), names)
+        return KernelWeight(op, tensors, (n, k, s.blocksize, nbs), names)
     scale = qw.block_constants().float()
     zp = qw.zero_point
     if s.bits == 4:
@@ -118,11 +196,9 @@ def prepare_weight(qw: QuantizedWeight, device: torch.device | str | None = None
             scale = scale.reshape(-1, 1).expand(n, 1).contiguous()
             zp = None if zp is None else zp.reshape(-1, 1).expand(n, 1).contiguous()
         tensors = (qw.codes.reshape(-1), scale.contiguous(), None if zp is None else zp.contiguous())
-        return KernelWeight(torch.ops.qbackend.int4_linear.default, tensors, (n, k, groupsize),
-                            ("codes", "scale", "zero_point"))  # fmt: skip
+        return KernelWeight(op, tensors, (n, k, groupsize), names)
     scale = scale.reshape(-1).expand(n).contiguous()
-    return KernelWeight(torch.ops.qbackend.int8_linear.default, (qw.codes.reshape(-1), scale), (n, k),
-                        ("codes", "scale"))  # fmt: skip
+    return KernelWeight(op, (qw.codes.reshape(-1), scale), (n, k), names)
 
 
 def quantized_linear(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,7 +1,10 @@
 """Reference (slow, obviously-correct) quantized linear functions: THE contract for every kernel.
 
 Every fast path (CPU ops, Triton kernels) has exactly these signatures and must match these
-results (up to float summation order). Weights are in the canonical storage layout of
+results (up to float summation order). Functions are named by kernel stem (see
+:class:`qbackend.kernels.spec.OpFamily`): ``codebook`` serves nf4 and fp4 (the 16-entry code table
+is an argument), ``int4``, ``int8``, ``w8a8``, ``w8a8_outlier``; ``<stem>_linear_grad_input``
+computes ``grad_x = grad_y @ W`` in grad_y's dtype. Weights are in the canonical storage layout of
 :class:`qbackend.formats.QuantizedWeight` (bitsandbytes' flat layout for 4-bit codes):
 
 * ``codes`` of a 4-bit weight: uint8, ``(N*K + 1) // 2`` bytes over the row-major flattened
@@ -15,6 +18,8 @@ results (up to float summation order). Weights are in the canonical storage layo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +29,7 @@ def _unpack(codes: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack([flat >> 4, flat & 0xF], dim=-1).reshape(-1)[:numel]
 
 
-def decode_codebook4(
+def decode_codebook(
     codes: torch.Tensor,
     absmax: torch.Tensor | None,
     nested_codes: torch.Tensor | None,
@@ -49,7 +54,7 @@ def decode_codebook4(
     return w.view(out_features, in_features)
 
 
-def codebook4_linear(
+def codebook_linear(
     x: torch.Tensor,
     codes: torch.Tensor,
     absmax: torch.Tensor | None,
@@ -64,8 +69,8 @@ def codebook4_linear(
     blocksize: int,
     nested_blocksize: int,
 ) -> torch.Tensor:
-    """y = x @ W^T + b for an NF4/FP4 weight (see :func:`decode_codebook4`)."""
-    w = decode_codebook4(
+    """y = x @ W^T + b for an NF4/FP4 weight (see :func:`decode_codebook`)."""
+    w = decode_codebook(
         codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
         out_features, in_features, blocksize, nested_blocksize,
     )  # fmt: skip
@@ -145,3 +150,84 @@ def w8a8_linear(
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def w8a8_outlier_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    threshold: float,
+    out_features: int,
+    in_features: int,
+    *,
+    w8a8: Callable[..., torch.Tensor] = w8a8_linear,
+) -> torch.Tensor:
+    """W8A8 with LLM.int8()-style outlier columns kept in float.
+
+    Columns j of the flattened input with any |x[:, j]| >= threshold are computed in float against
+    the matching (dequantized int8) weight columns; the rest goes through ``w8a8`` (default: the
+    reference :func:`w8a8_linear`; the op passes ``torch.ops.qbackend.w8a8_linear``, so the device's
+    W8A8 kernel runs) with those columns zeroed, so an outlier neither needs nor spoils the int8
+    activation scale.
+    """
+    xf = x.reshape(-1, in_features)
+    if xf.shape[0] == 0:
+        return w8a8(x, codes, scale, bias, act_scale, out_features, in_features)
+    lo, hi = torch.aminmax(xf, dim=0)  # one pass over x, no |x| temporary
+    idx = ((hi >= threshold) | (lo <= -threshold)).nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return w8a8(x, codes, scale, bias, act_scale, out_features, in_features)
+    regular = xf.index_fill(1, idx, 0.0)
+    y = w8a8(regular, codes, scale, bias, act_scale, out_features, in_features).float()
+    w_out = codes.view(out_features, in_features).index_select(1, idx).float() * scale.view(-1, 1)
+    y = torch.addmm(y, xf.index_select(1, idx).float(), w_out.t())
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+# ---- grad_x = grad_y @ W (in grad_y's dtype, W decoded in fp32) --------------------------------
+
+
+def _grad(grad_y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (grad_y.float() @ w).to(grad_y.dtype)
+
+
+def codebook_linear_grad_input(
+    grad_y: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor | None,
+    nested_codes: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_offset: torch.Tensor | None,
+    table: torch.Tensor,
+    nested_table: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    nested_blocksize: int,
+) -> torch.Tensor:
+    """``grad_y @ W`` for an NF4/FP4 weight."""
+    w = decode_codebook(codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
+                        out_features, in_features, blocksize, nested_blocksize)  # fmt: skip
+    return _grad(grad_y, w)
+
+
+def int4_linear_grad_input(
+    grad_y: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    groupsize: int,
+) -> torch.Tensor:
+    """``grad_y @ W`` for an int4 weight."""
+    return _grad(grad_y, decode_int4(codes, scale, zero_point, out_features, in_features, groupsize))
+
+
+def int8_linear_grad_input(
+    grad_y: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_features: int, in_features: int
+) -> torch.Tensor:
+    """``grad_y @ W`` for an int8 per-output-channel weight."""
+    return _grad(grad_y, codes.view(out_features, in_features).float() * scale.float().view(-1, 1))

@@ -9,8 +9,6 @@ import torch
 from ..formats import FormatError, Scheme
 from .manifest import CheckpointError
 
-# The ops a stored layer may name (a manifest must not make us call an arbitrary operator).
-_OPS = ("codebook4_linear", "int4_linear", "int8_linear")
 _W8A8_OPS = ("qbackend.w8a8_linear.default", "qbackend.w8a8_outlier_linear.default")
 
 
@@ -25,7 +23,8 @@ def build_quantized_linear(
 ) -> torch.nn.Module:
     import qbackend.kernels  # noqa: F401  (registers torch.ops.qbackend.*)
 
-    from ..kernels import KernelWeight
+    from ..kernels import KernelWeight, linear_op, stored_op
+    from ..kernels.families import WEIGHT_FORMATS
 
     if rec.get("kind") == "w8a8":
         return build_w8a8_linear(name, rec, tensors, aliases, path)
@@ -37,11 +36,14 @@ def build_quantized_linear(
 
     try:
         qualname = rec["op"]
-        ns, op_name, overload = qualname.split(".")
-        if ns != "qbackend" or op_name not in _OPS:
-            raise CheckpointError(f"{path}: layer {name!r} names op {qualname!r}, which this qbackend does not have")
-        op = getattr(getattr(torch.ops.qbackend, op_name), overload)
         scheme = Scheme(**rec["scheme"])
+        try:
+            op = stored_op(qualname, scheme)  # today's op names and the legacy ones (codebook4_linear)
+        except KeyError:
+            why = "which this qbackend does not have"
+            raise CheckpointError(f"{path}: layer {name!r} names op {qualname!r}, {why}") from None
+        if op not in (linear_op(f) for f in WEIGHT_FORMATS):
+            raise CheckpointError(f"{path}: layer {name!r} names op {qualname!r}, which is not a weight-only op")
         statics = tuple(int(s) for s in rec["statics"])
         arg_names = op_tensor_args(op)
         args = tuple(get(f"{name}.{a}") for a in arg_names)

@@ -91,7 +91,7 @@ def _layers(module: nn.Module) -> dict[str, Any]:
             out[name] = _w8a8_record(m)
         elif isinstance(m, QuantizedLinear):
             out[name] = {
-                "op": str(m.op),  # e.g. qbackend.codebook4_linear.default
+                "op": str(m.op),  # e.g. qbackend.nf4_linear.default
                 "statics": list(m.statics),
                 "scheme": asdict(m.scheme),
                 "in_features": m.in_features,

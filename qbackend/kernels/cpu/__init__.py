@@ -1,4 +1,6 @@
-"""CPU implementations of the quantized linear ops (same signatures as :mod:`qbackend.kernels.reference`).
+"""CPU kernels of the quantized linear ops (the functions of :mod:`qbackend.kernels.reference`, same names).
+
+Importing this module registers them as the ``"cpu"`` kernels of ``torch.ops.qbackend.*``.
 
 Strategy by the number of rows M of the flattened input (measured on the project's 2-core AVX-512
 machines with ``benchmarks/bench_cpu_linear.py``; figures in ``benchmarks/results/cpu_ops.md``):
@@ -25,6 +27,7 @@ import ctypes
 import torch
 from torch import Tensor
 
+from .. import ops
 from .. import reference as ref
 from . import _build
 
@@ -133,9 +136,9 @@ def _qw4_codebook(codes, absmax, nested_codes, nested_absmax, nested_offset, tab
 
     def make() -> _build.QW4:
         return _build.QW4(codes=c, absmax=a, ncodes=nc, nabsmax=na, ntable=nt, table=tb, scale=None, zp=None,
-                          noffset=no, kind=0, N=n, K=k, bs=bs, nbs=nbs, G=0)  # fmt: skip
+                          noffset=no, layout=_build.CODEBOOK, N=n, K=k, bs=bs, nbs=nbs, G=0)  # fmt: skip
 
-    return _qw4((0, *ptrs, n, k, bs, nbs), make), keep
+    return _qw4((_build.CODEBOOK, *ptrs, n, k, bs, nbs), make), keep
 
 
 def _qw4_int4(codes, scale, zero_point, n, k, g):
@@ -145,9 +148,9 @@ def _qw4_int4(codes, scale, zero_point, n, k, g):
 
     def make() -> _build.QW4:
         return _build.QW4(codes=c, absmax=None, ncodes=None, nabsmax=None, ntable=None, table=None, scale=s, zp=z,
-                          noffset=None, kind=1, N=n, K=k, bs=g, nbs=0, G=-(-k // g))  # fmt: skip
+                          noffset=None, layout=_build.INT4, N=n, K=k, bs=g, nbs=0, G=-(-k // g))  # fmt: skip
 
-    return _qw4((1, *ptrs, n, k, g), make), keep
+    return _qw4((_build.INT4, *ptrs, n, k, g), make), keep
 
 
 def _linear4(L, q, x: Tensor, bias: Tensor | None, n: int, k: int) -> Tensor:
@@ -208,22 +211,22 @@ def _blocks_ok(n: int, k: int, bs: int) -> bool:
     return -(-n * k // bs) < _MAX_BLOCKS and n * k < 2**62
 
 
-def codebook4_linear(
+def codebook_linear(
     x: Tensor, codes: Tensor, absmax: Tensor | None, nested_codes: Tensor | None, nested_absmax: Tensor | None,
     nested_offset: Tensor | None, table: Tensor, nested_table: Tensor | None, bias: Tensor | None,
     out_features: int, in_features: int, blocksize: int, nested_blocksize: int,
 ) -> Tensor:  # fmt: skip
-    """CPU ``codebook4_linear`` (see module docstring for the strategy)."""
+    """CPU ``codebook_linear`` (nf4, fp4) (see module docstring for the strategy)."""
     L = lib()
     if L is None or not _blocks_ok(out_features, in_features, blocksize):
-        return ref.codebook4_linear(x, codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
+        return ref.codebook_linear(x, codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
                                     bias, out_features, in_features, blocksize, nested_blocksize)  # fmt: skip
     q, _keep = _qw4_codebook(codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
                              out_features, in_features, blocksize, nested_blocksize)  # fmt: skip
     return _linear4(L, q, x, bias, out_features, in_features)
 
 
-def codebook4_linear_grad_input(
+def codebook_linear_grad_input(
     grad_y: Tensor, codes: Tensor, absmax: Tensor | None, nested_codes: Tensor | None,
     nested_absmax: Tensor | None, nested_offset: Tensor | None, table: Tensor, nested_table: Tensor | None,
     out_features: int, in_features: int, blocksize: int, nested_blocksize: int,
@@ -231,11 +234,9 @@ def codebook4_linear_grad_input(
     """CPU ``grad_y @ W`` for an NF4/FP4 weight, dequantized panel by panel."""
     L = lib()
     if L is None or not _blocks_ok(out_features, in_features, blocksize):
-        from ..ops import ref_codebook4_linear_grad_input
-
-        return ref_codebook4_linear_grad_input(grad_y, codes, absmax, nested_codes, nested_absmax, nested_offset,
-                                               table, nested_table, out_features, in_features, blocksize,
-                                               nested_blocksize)  # fmt: skip
+        return ref.codebook_linear_grad_input(grad_y, codes, absmax, nested_codes, nested_absmax, nested_offset,
+                                              table, nested_table, out_features, in_features, blocksize,
+                                              nested_blocksize)  # fmt: skip
     q, _keep = _qw4_codebook(codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
                              out_features, in_features, blocksize, nested_blocksize)  # fmt: skip
     return _grad4(L, q, grad_y, out_features, in_features)
@@ -260,9 +261,7 @@ def int4_linear_grad_input(
     """CPU ``grad_y @ W`` for an int4 weight."""
     L = lib()
     if L is None:
-        from ..ops import ref_int4_linear_grad_input
-
-        return ref_int4_linear_grad_input(grad_y, codes, scale, zero_point, out_features, in_features, groupsize)
+        return ref.int4_linear_grad_input(grad_y, codes, scale, zero_point, out_features, in_features, groupsize)
     q, _keep = _qw4_int4(codes, scale, zero_point, out_features, in_features, groupsize)
     return _grad4(L, q, grad_y, out_features, in_features)
 
@@ -309,9 +308,7 @@ def int8_linear_grad_input(grad_y: Tensor, codes: Tensor, scale: Tensor, out_fea
     """CPU ``grad_y @ W`` for an int8 per-channel weight."""
     L = lib()
     if L is None:
-        from ..ops import ref_int8_linear_grad_input
-
-        return ref_int8_linear_grad_input(grad_y, codes, scale, out_features, in_features)
+        return ref.int8_linear_grad_input(grad_y, codes, scale, out_features, in_features)
     codes, scale = codes.contiguous(), scale.contiguous()
     g2 = _x2d(grad_y, out_features)
     nt = torch.get_num_threads()
@@ -358,3 +355,7 @@ def w8a8_linear(
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+
+# The "cpu" kernels of the ops, found by name (see ops.register_kernels).
+ops.register_kernels("cpu", lambda name: globals().get(name))

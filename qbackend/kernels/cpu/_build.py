@@ -40,6 +40,11 @@ _VARIANTS = {
 _BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 
 
+# QW4.layout: how a 4-bit code becomes a value (``enum Layout`` in qlinear.cpp).
+CODEBOOK = 0  # nf4, fp4: table[code] * absmax[block]
+INT4 = 1  # (code - zero point) * scale[group]
+
+
 class QW4(ctypes.Structure):
     """Mirror of ``struct QW4`` in qlinear.cpp."""
 
@@ -53,7 +58,7 @@ class QW4(ctypes.Structure):
         ("scale", ctypes.c_void_p),
         ("zp", ctypes.c_void_p),
         ("noffset", ctypes.c_void_p),
-        ("kind", ctypes.c_int32),
+        ("layout", ctypes.c_int32),
         ("N", ctypes.c_int64),
         ("K", ctypes.c_int64),
         ("bs", ctypes.c_int64),
@@ -161,12 +166,15 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 @functools.cache
 def has_blas() -> bool:
-    """Hand torch's own BLAS to the library: the Fortran ``sgemm_`` and ``MKL_Set_Num_Threads_Local``
-    that libtorch_cpu exports (MKL in x86 wheels), after a small check multiply. False if they are
-    absent (other BLAS builds): the large-M paths then multiply panels with torch.mm in Python."""
+    """Hand torch's own BLAS to the library (see :func:`set_blas`); False without the library or BLAS:
+    the large-M paths then multiply panels with torch.mm in Python."""
     lib = load()
-    if lib is None:
-        return False
+    return lib is not None and set_blas(lib)
+
+
+def set_blas(lib: ctypes.CDLL) -> bool:
+    """Hand ``lib`` the Fortran ``sgemm_`` and ``MKL_Set_Num_Threads_Local`` that libtorch_cpu exports
+    (MKL in x86 wheels), after a small check multiply. False if they are absent (other BLAS builds)."""
     import torch
 
     try:
@@ -183,22 +191,30 @@ def has_blas() -> bool:
 
 
 @functools.cache
+def load_variant(variant: str) -> ctypes.CDLL:
+    """The library built for ``variant`` ("avx512", "avx2", "generic"; built once, cached on disk).
+
+    Raises on failure. Loading a variant this CPU cannot run is fine; calling into it is not.
+    """
+    path, cmd, _ = library_path(variant)
+    if not path.exists():
+        log.info("qbackend: compiling CPU kernels (%s) -> %s", variant, path)
+        _compile(path, cmd)
+    lib = ctypes.CDLL(str(path))
+    _declare(lib)
+    if lib.qb_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"stale kernel library {path} (ABI {lib.qb_abi_version()} != {ABI_VERSION})")
+    return lib
+
+
+@functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library (built on first use, then cached on disk), or None if unavailable."""
     if os.environ.get("QBACKEND_CPU_KERNELS", "1") == "0":
         log.info("qbackend: C++ CPU kernels disabled by QBACKEND_CPU_KERNELS=0")
         return None
-    variant = cpu_variant()
     try:
-        path, cmd, _ = library_path(variant)
-        if not path.exists():
-            log.info("qbackend: compiling CPU kernels (%s) -> %s", variant, path)
-            _compile(path, cmd)
-        lib = ctypes.CDLL(str(path))
-        _declare(lib)
-        if lib.qb_abi_version() != ABI_VERSION:
-            raise RuntimeError(f"stale kernel library {path} (ABI {lib.qb_abi_version()} != {ABI_VERSION})")
-        return lib
+        return load_variant(cpu_variant())
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning(
             "qbackend: C++ CPU kernels unavailable (%s); using the slower pure-torch path", str(e).splitlines()[0]

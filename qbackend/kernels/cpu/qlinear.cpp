@@ -33,7 +33,13 @@
 
 extern "C" {
 
-// Mirrors qbackend.kernels.cpu._QW4 (ctypes.Structure); keep the two in sync.
+// How a 4-bit code becomes a value; mirrors qbackend.kernels.cpu._build.CODEBOOK / INT4.
+enum Layout : int32_t {
+    LAYOUT_CODEBOOK = 0,  // nf4, fp4: table[code] * absmax[block]
+    LAYOUT_INT4 = 1,      // (code - zero point) * scale[group]
+};
+
+// Mirrors qbackend.kernels.cpu._build.QW4 (ctypes.Structure); keep the two in sync.
 struct QW4 {
     const uint8_t* codes;    // (N*K+1)/2 packed bytes
     const float* absmax;     // codebook, plain constants: [ceil(N*K/bs)], else null
@@ -44,7 +50,7 @@ struct QW4 {
     const float* scale;      // int4: [N, G]
     const uint8_t* zp;       // int4 affine: [N, G]; null for symmetric (zero point 8)
     const float* noffset;    // codebook, nested: offset (1 value)
-    int32_t kind;            // 0 codebook, 1 int4
+    int32_t layout;          // enum Layout
     int64_t N, K, bs, nbs, G;
 };
 
@@ -86,7 +92,7 @@ struct RowConsts {
 
 inline RowConsts fill_row_consts(const QW4& q, int64_t n, float* s, float* z) {
     RowConsts r;
-    if (q.kind == 0) {
+    if (q.layout == LAYOUT_CODEBOOK) {
         const int64_t e0 = n * q.K;
         r.first = e0 / q.bs;
         r.off = e0 - r.first * q.bs;
@@ -127,12 +133,12 @@ inline RowConsts fill_row_consts(const QW4& q, int64_t n, float* s, float* z) {
 
 inline int shift_of(const QW4& q) {
     // Power-of-two blocks/groups use shifts; one int4 group per row maps every lane to group 0.
-    if (q.kind == 1 && q.G == 1) return 30;
+    if (q.layout == LAYOUT_INT4 && q.G == 1) return 30;
     return ilog2(q.bs);
 }
 
 inline float lut_value(const QW4& q, int code, bool affine) {
-    if (q.kind == 0) return q.table[code];
+    if (q.layout == LAYOUT_CODEBOOK) return q.table[code];
     return affine ? (float)code : (float)(code - 8);
 }
 
@@ -149,7 +155,7 @@ void dequant4_rows_scalar(const QW4& q, int64_t n0, int64_t n1, float* out, floa
         const int64_t e0 = n * q.K;
         // Walk the row block by block (group by group): one constant per run, no division per element.
         int64_t k = 0;
-        if (q.kind == 0) {
+        if (q.layout == LAYOUT_CODEBOOK) {
             while (k < q.K) {
                 const int64_t b = (e0 + k) / q.bs;
                 const int64_t kend = std::min<int64_t>(q.K, (b + 1) * q.bs - e0);
@@ -178,7 +184,7 @@ inline __m512 lut_vec(const QW4& q, bool affine) {
 // 16 code bytes -> 32 weights per step, re-interleaved to natural order.
 void dequant4_rows_avx512(const QW4& q, int64_t n0, int64_t n1, float* out, float* s, float* z) {
     const int64_t K = q.K;
-    const bool affine = q.kind == 1 && q.zp;
+    const bool affine = q.layout == LAYOUT_INT4 && q.zp;
     const __m512 lut = lut_vec(q, affine);
     const int lb = shift_of(q);
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -284,7 +290,7 @@ void gemv4(const QW4& q, const float* xq, const float* xg, const float* bias, fl
     for (int64_t n = n0; n < n1; ++n) {
         const uint8_t* cr = q.codes + n * K / 2;
         float t;
-        if (q.kind == 0) {
+        if (q.layout == LAYOUT_CODEBOOK) {
             const int64_t e0 = n * K, first = e0 >> lb, off = e0 - (first << lb);
             if (q.absmax) {
                 const float* a = q.absmax + first;
@@ -512,21 +518,21 @@ void gemm8_rows(const int8_t* codes, const float* scale, int64_t N, int64_t K, c
 // The fused kernels: K % 32 == 0 and power-of-two blocks/groups of at least 32 (or one group per row).
 bool fused4_ok(const QW4& q) {
     if (q.K % 32 != 0) return false;
-    if (q.kind == 0 && !q.absmax && !is_pow2(q.nbs)) return false;  // inline de-nesting shifts by log2(nbs)
-    if (q.kind == 0) return is_pow2(q.bs) && q.bs >= 32;
+    if (q.layout == LAYOUT_CODEBOOK && !q.absmax && !is_pow2(q.nbs)) return false;  // inline de-nesting shifts by log2(nbs)
+    if (q.layout == LAYOUT_CODEBOOK) return is_pow2(q.bs) && q.bs >= 32;
     return q.G == 1 || (is_pow2(q.bs) && q.bs >= 32);
 }
 
 // The vectorised dequantization: K % 8 == 0 and power-of-two blocks/groups of at least 8.
 bool fast4_ok(const QW4& q) {
     if (q.K % 8 != 0) return false;
-    if (q.kind == 0) return is_pow2(q.bs) && q.bs >= 8;
+    if (q.layout == LAYOUT_CODEBOOK) return is_pow2(q.bs) && q.bs >= 8;
     return q.G == 1 || (is_pow2(q.bs) && q.bs >= 8);
 }
 
 size_t const_buf_len(const QW4& q) {
     // Blocks one row can touch, plus the zero padding for the 16-wide window.
-    const int64_t per_row = q.kind == 0 ? (q.K + q.bs - 1) / q.bs + 1 : q.G;
+    const int64_t per_row = q.layout == LAYOUT_CODEBOOK ? (q.K + q.bs - 1) / q.bs + 1 : q.G;
     return (size_t)per_row + 40;
 }
 
@@ -682,7 +688,7 @@ int qb4_linear(const QW4* qp, const float* x, int64_t M, const float* bias, floa
     const size_t cl = const_buf_len(q);
     if (!force_portable && fused4_ok(q)) {
         const int64_t K = q.K, G32 = K / 32;
-        const bool affine = q.kind == 1 && q.zp != nullptr;
+        const bool affine = q.layout == LAYOUT_INT4 && q.zp != nullptr;
         // x split into even/odd halves per 32 (matches the decoded lane order), once per call.
         float* xq = (float*)std::aligned_alloc(64, sizeof(float) * (size_t)std::max<int64_t>(16, M * K));
         const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);

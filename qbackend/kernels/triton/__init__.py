@@ -3,8 +3,8 @@
 Forward functions have exactly the signatures and semantics of :mod:`qbackend.kernels.reference`
 (weights in the canonical bitsandbytes flat layout, no re-layout needed)::
 
-    codebook4_linear(x, codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
-                     bias, out_features, in_features, blocksize, nested_blocksize)
+    codebook_linear(x, codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
+                    bias, out_features, in_features, blocksize, nested_blocksize)       # nf4, fp4
     int4_linear(x, codes, scale, zero_point, bias, out_features, in_features, groupsize)
     int8_linear(x, codes, scale, bias, out_features, in_features)
     w8a8_linear(x, codes, scale, bias, act_scale, out_features, in_features)
@@ -13,8 +13,8 @@ Grad-input functions of the weight-only ops (for QLoRA-style training through a 
 weight). Signature rule: ``(grad_y, *the forward's weight tensors without x and bias,
 out_features, in_features, *the forward's remaining ints)``::
 
-    codebook4_linear_grad_input(grad_y, codes, absmax, nested_codes, nested_absmax, nested_offset, table,
-                                nested_table, out_features, in_features, blocksize, nested_blocksize)
+    codebook_linear_grad_input(grad_y, codes, absmax, nested_codes, nested_absmax, nested_offset, table,
+                               nested_table, out_features, in_features, blocksize, nested_blocksize)
     int4_linear_grad_input(grad_y, codes, scale, zero_point, out_features, in_features, groupsize)
     int8_linear_grad_input(grad_y, codes, scale, out_features, in_features)
 
@@ -43,14 +43,15 @@ Environment: ``QBACKEND_TRITON_AUTOTUNE=0`` (heuristic configs, no tuning), ``QB
 (per-GPU JSON cache of tuned configs; default ``~/.cache/qbackend/triton``).
 
 Not provided here: an offline re-layout of the codes (the kernels read the canonical bitsandbytes
-layout directly) and ``torch.library`` / ``triton_op`` registration (the ops module owns it).
+layout directly) and ``torch.library`` registration (:mod:`qbackend.kernels.cuda` registers these
+functions as the ops' ``"cuda"`` kernels).
 ``python -m qbackend.kernels.triton.aot`` compiles every specialisation for sm_90 without a GPU.
 """
 
 from . import autotune
 from .linear import (
-    codebook4_linear,
-    codebook4_linear_grad_input,
+    codebook_linear,
+    codebook_linear_grad_input,
     int4_linear,
     int4_linear_grad_input,
     int8_linear,
@@ -61,8 +62,8 @@ from .linear import (
 
 __all__ = [
     "autotune",
-    "codebook4_linear",
-    "codebook4_linear_grad_input",
+    "codebook_linear",
+    "codebook_linear_grad_input",
     "int4_linear",
     "int4_linear_grad_input",
     "int8_linear",

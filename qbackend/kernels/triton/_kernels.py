@@ -6,8 +6,9 @@ module state.
 
 Compile-time specialisation (every constexpr below gives its own compiled kernel):
 
-* ``FMT``: 0 = 4-bit codebook (NF4/FP4: ``table[code] * absmax[block]``), 1 = int4 per group along K
-  (``(code - zp) * scale``), 2 = int8 per output channel (scale applied after the reduction).
+* ``LAYOUT`` (the kernel stem, see :mod:`qbackend.kernels`): 0 = ``codebook`` (nf4, fp4:
+  ``table[code] * absmax[block]``), 1 = ``int4`` per group along K (``(code - zp) * scale``),
+  2 = ``int8`` per output channel (scale applied after the reduction). Named in ``linear.py``.
 * ``BS``: codebook block size / int4 group size; ``NBS``: nested block size; ``NESTED``: the block
   constants are 8-bit codes decoded in the kernel as ``ntab[q] * nabs[i // NBS] + offset``.
 * ``PAIRS``: K (and the block size) is even, so each row of the flat nibble stream starts on a byte
@@ -63,9 +64,9 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
-def _const_idx(n, k, K, G, FMT: tl.constexpr, BS: tl.constexpr):
+def _const_idx(n, k, K, G, LAYOUT: tl.constexpr, BS: tl.constexpr):
     """Index of the block constant of element (n, k)."""
-    if FMT == 0:
+    if LAYOUT == 0:
         idx = (n * K + k) // BS  # codebook blocks run over the flattened weight (may straddle rows)
     else:
         idx = n * G + k // BS  # int4 groups run along K inside a row
@@ -92,9 +93,9 @@ def _block_consts(
 
 
 @triton.jit
-def _decode(code, s, zp, tab_ptr, FMT: tl.constexpr, HAS_ZP: tl.constexpr):
+def _decode(code, s, zp, tab_ptr, LAYOUT: tl.constexpr, HAS_ZP: tl.constexpr):
     """fp32 weight of 4-bit ``code`` (int32 0..15) given its block constants."""
-    if FMT == 0:
+    if LAYOUT == 0:
         w = tl.load(tab_ptr + code) * s
     else:
         if HAS_ZP:
@@ -108,7 +109,7 @@ def _decode(code, s, zp, tab_ptr, FMT: tl.constexpr, HAS_ZP: tl.constexpr):
 def _decode_pairs(
     codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
     n, kp, k0, nmask, mask, K, KH, G,
-    FMT: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
+    LAYOUT: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
     NESTED: tl.constexpr, HAS_ZP: tl.constexpr,
 ):  # fmt: skip
     """Weights of columns (2*kp, 2*kp+1) of rows ``n`` (K even, KH = K // 2 bytes per row).
@@ -119,20 +120,20 @@ def _decode_pairs(
     hi = b >> 4  # first element of the pair sits in the high nibble (bitsandbytes order)
     lo = b & 15
     if ALIGNED:
-        idx = _const_idx(n, k0, K, G, FMT, BS)
+        idx = _const_idx(n, k0, K, G, LAYOUT, BS)
         s, zp = _block_consts(idx, nmask, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, ntab_ptr, NESTED, NBS, HAS_ZP)
     else:
         # BS is even on this path, so both elements of a pair share a block.
-        idx = _const_idx(n, 2 * kp, K, G, FMT, BS)
+        idx = _const_idx(n, 2 * kp, K, G, LAYOUT, BS)
         s, zp = _block_consts(idx, mask, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, ntab_ptr, NESTED, NBS, HAS_ZP)
-    return _decode(hi, s, zp, tab_ptr, FMT, HAS_ZP), _decode(lo, s, zp, tab_ptr, FMT, HAS_ZP)
+    return _decode(hi, s, zp, tab_ptr, LAYOUT, HAS_ZP), _decode(lo, s, zp, tab_ptr, LAYOUT, HAS_ZP)
 
 
 @triton.jit
 def _decode_elems(
     codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
     n, k, k0, nmask, mask, K, G,
-    FMT: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
+    LAYOUT: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
     NESTED: tl.constexpr, HAS_ZP: tl.constexpr,
 ):  # fmt: skip
     """Weights of elements (n, k) for any K: the flat index picks byte and nibble."""
@@ -140,12 +141,12 @@ def _decode_elems(
     b = tl.load(codes_ptr + (e >> 1), mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
     code = (b >> (4 - 4 * (e & 1))) & 15
     if ALIGNED:
-        idx = _const_idx(n, k0, K, G, FMT, BS)
+        idx = _const_idx(n, k0, K, G, LAYOUT, BS)
         s, zp = _block_consts(idx, nmask, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, ntab_ptr, NESTED, NBS, HAS_ZP)
     else:
-        idx = _const_idx(n, k, K, G, FMT, BS)
+        idx = _const_idx(n, k, K, G, LAYOUT, BS)
         s, zp = _block_consts(idx, mask, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, ntab_ptr, NESTED, NBS, HAS_ZP)
-    return _decode(code, s, zp, tab_ptr, FMT, HAS_ZP)
+    return _decode(code, s, zp, tab_ptr, LAYOUT, HAS_ZP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ def wo_gemv_kernel(
     x_ptr, out_ptr, bias_ptr,
     codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
     N, K, KH, G, stride_xm, stride_om, K_SPLIT, KP_SPLIT,
-    FMT: tl.constexpr, PAIRS: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
+    LAYOUT: tl.constexpr, PAIRS: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
     NESTED: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     IDX64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -186,7 +187,7 @@ def wo_gemv_kernel(
             w_hi, w_lo = _decode_pairs(
                 codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
                 n[:, None], kp[None, :], 2 * kp0, n_mask[:, None], n_mask[:, None] & k_mask[None, :], K, KH, G,
-                FMT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+                LAYOUT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
             )  # fmt: skip
             acc += tl.reduce(w_hi * xe[None, :] + w_lo * xo[None, :], 1, _add)
     else:
@@ -197,7 +198,7 @@ def wo_gemv_kernel(
             k_mask = offs_k < k_hi
             xv = tl.load(x_row + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
             mask = n_mask[:, None] & k_mask[None, :]
-            if FMT == 2:
+            if LAYOUT == 2:
                 w = tl.load(
                     codes_ptr + n[:, None] * K + offs_k[None, :], mask=mask, other=0, eviction_policy="evict_first"
                 ).to(tl.float32)
@@ -205,10 +206,10 @@ def wo_gemv_kernel(
                 w = _decode_elems(
                     codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
                     n[:, None], offs_k[None, :], k0, n_mask[:, None], mask, K, G,
-                    FMT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+                    LAYOUT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
                 )  # fmt: skip
             acc += tl.reduce(w * xv[None, :], 1, _add)
-    if FMT == 2:
+    if LAYOUT == 2:
         # Per-channel scale is constant along K: one multiply per output instead of per weight.
         acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -232,7 +233,7 @@ def wo_dot_kernel(
     x_ptr, out_ptr, bias_ptr,
     codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
     M, N, K, KH, G, stride_xm, stride_om, K_SPLIT, KP_SPLIT,
-    FMT: tl.constexpr, PAIRS: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
+    LAYOUT: tl.constexpr, PAIRS: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
     NESTED: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     IDX64: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -265,7 +266,7 @@ def wo_dot_kernel(
             w_hi, w_lo = _decode_pairs(
                 codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
                 n[None, :], kp[:, None], 2 * kp0, n_mask[None, :], k_mask[:, None] & n_mask[None, :], K, KH, G,
-                FMT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+                LAYOUT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
             )  # fmt: skip
             acc += tl.dot(xe, w_hi.to(DOT_DTYPE), input_precision=DOT_PREC)
             acc += tl.dot(xo, w_lo.to(DOT_DTYPE), input_precision=DOT_PREC)
@@ -280,16 +281,16 @@ def wo_dot_kernel(
                 eviction_policy="evict_last",
             )  # fmt: skip
             w_mask = k_mask[:, None] & n_mask[None, :]
-            if FMT == 2:
+            if LAYOUT == 2:
                 w = tl.load(codes_ptr + n[None, :] * K + offs_k[:, None], mask=w_mask, other=0)
             else:
                 w = _decode_elems(
                     codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
                     n[None, :], offs_k[:, None], k0, n_mask[None, :], w_mask, K, G,
-                    FMT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+                    LAYOUT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
                 )  # fmt: skip
             acc += tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PREC)
-    if FMT == 2:
+    if LAYOUT == 2:
         acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -313,7 +314,7 @@ def wo_grad_kernel(
     g_ptr, out_ptr,
     codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
     M, N, K, KH, G, stride_gm, stride_om, N_SPLIT,
-    FMT: tl.constexpr, PAIRS: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
+    LAYOUT: tl.constexpr, PAIRS: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
     NESTED: tl.constexpr, HAS_ZP: tl.constexpr, ATOMIC: tl.constexpr,
     IDX64: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -342,7 +343,7 @@ def wo_grad_kernel(
             w_hi, w_lo = _decode_pairs(
                 codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
                 n[:, None], kp[None, :], k0, n_mask[:, None], n_mask[:, None] & k_mask[None, :], K, KH, G,
-                FMT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+                LAYOUT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
             )  # fmt: skip
             g = g.to(DOT_DTYPE)
             acc_e += tl.dot(g, w_hi.to(DOT_DTYPE), input_precision=DOT_PREC)
@@ -367,7 +368,7 @@ def wo_grad_kernel(
             if IDX64:
                 n = n.to(tl.int64)
             w_mask = n_mask[:, None] & k_mask[None, :]
-            if FMT == 2:
+            if LAYOUT == 2:
                 # The per-channel scale runs along the reduction axis here: apply it before the dot.
                 q = tl.load(codes_ptr + n[:, None] * K + offs_k[None, :], mask=w_mask, other=0).to(tl.float32)
                 w = q * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
@@ -375,7 +376,7 @@ def wo_grad_kernel(
                 w = _decode_elems(
                     codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
                     n[:, None], offs_k[None, :], k0, n_mask[:, None], w_mask, K, G,
-                    FMT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+                    LAYOUT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
                 )  # fmt: skip
             acc += tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PREC)
         o_mask = m_mask[:, None] & k_mask[None, :]

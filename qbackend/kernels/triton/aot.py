@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import compiled_kernels
+from .linear import CODEBOOK, INT4, INT8
 
 _PTR = {"x": "*fp16", "out": "*fp16", "f32": "*fp32", "u8": "*u8", "i8": "*i8"}
 
@@ -62,20 +63,20 @@ _SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 _DT = {"fp16": (tl.float16, "*fp16"), "bf16": (tl.bfloat16, "*bf16"), "fp32": (tl.float32, "*fp32")}
 
 
-def _wo_types(fmt: int, nested: bool, zp: bool, bias: bool, act: str, out: str, grad: bool) -> dict[str, str | None]:
+def _wo_types(layout: int, nested: bool, zp: bool, bias: bool, act: str, out: str, grad: bool) -> dict[str, str | None]:
     t: dict[str, str | None] = {}
     if grad:
         t |= {"g_ptr": act, "out_ptr": out}
     else:
         t |= {"x_ptr": act, "out_ptr": out, "bias_ptr": "*fp32" if bias else None}
     t |= {
-        "codes_ptr": "*i8" if fmt == 2 else "*u8",
+        "codes_ptr": "*i8" if layout == INT8 else "*u8",
         "s_ptr": None if nested else "*fp32",
         "zp_ptr": "*u8" if zp else None,
         "ncode_ptr": "*u8" if nested else None,
         "nabs_ptr": "*fp32" if nested else None,
         "noff_ptr": "*fp32" if nested else None,
-        "tab_ptr": "*fp32" if fmt == 0 else None,
+        "tab_ptr": "*fp32" if layout == CODEBOOK else None,
         "ntab_ptr": "*fp32" if nested else None,
     }
     return t
@@ -84,25 +85,27 @@ def _wo_types(fmt: int, nested: bool, zp: bool, bias: bool, act: str, out: str, 
 def specs(quick: bool = False) -> Iterator[Spec]:
     """The specialisations the launchers use for the benchmark shapes (bs 64 NF4, g128 int4)."""
     formats = [
-        ("nf4n-b64", 0, True, False, 64),
-        ("nf4-b64", 0, False, False, 64),
-        ("int4-g128", 1, False, False, 128),
-        ("int4zp-g128", 1, False, True, 128),
-        ("int8", 2, False, False, 1),
+        ("nf4n-b64", CODEBOOK, True, False, 64),
+        ("nf4-b64", CODEBOOK, False, False, 64),
+        ("int4-g128", INT4, False, False, 128),
+        ("int4zp-g128", INT4, False, True, 128),
+        ("int8", INT8, False, False, 1),
     ]
     K = compiled_kernels()
     dtypes = ["bf16"] if quick else ["bf16", "fp16", "fp32"]
-    for fname, fmt, nested, zp, bs in formats:
+    for fname, layout, nested, zp, bs in formats:
         for dt in dtypes:
             tl_dt, ptr = _DT[dt]
             prec = "ieee" if dt == "fp32" else "tf32"
             # al: K % bs == 0 (pairs, constants per tile); pg: even K, straddling blocks (pairs,
             # constants per pair); odd: odd K (per-element nibble and constants); int8: per element.
-            modes = [("al", True, True), ("pg", True, False), ("odd", False, False)] if fmt != 2 else [("gen", 0, 0)]
+            modes = [("al", True, True), ("pg", True, False), ("odd", False, False)]
+            if layout == INT8:
+                modes = [("gen", 0, 0)]
             for mode, pairs, aligned in modes[:1] if quick else modes:
                 tag = f"{fname}-{dt}-{mode}"
                 base = {
-                    "FMT": fmt, "BS": bs, "NBS": 256, "NESTED": nested, "HAS_ZP": zp, "IDX64": False,
+                    "LAYOUT": layout, "BS": bs, "NBS": 256, "NESTED": nested, "HAS_ZP": zp, "IDX64": False,
                     "ALIGNED": bool(aligned),
                 }  # fmt: skip
                 sizes = {"N": "i32", "K": "i32", "KH": "i32", "G": "i32", "stride_xm": "i32", "stride_om": "i32",
@@ -110,7 +113,7 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                 # GEMV, split-K, fp32 atomics
                 yield Spec(
                     f"gemv-{tag}", K.wo_gemv_kernel,
-                    _wo_types(fmt, nested, zp, True, ptr, "*fp32", False) | sizes,
+                    _wo_types(layout, nested, zp, True, ptr, "*fp32", False) | sizes,
                     base | {"PAIRS": pairs, "HAS_BIAS": True, "ATOMIC": True, "BLOCK_N": 64, "BLOCK_K": 64},
                     num_warps=4, num_stages=2, expect=[r"LDG\.E(\.EF)?\.128|LDG\.E\.64|LDG"],
                 )  # fmt: skip
@@ -121,7 +124,7 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                 ):
                     yield Spec(
                         f"dot-{vname}-{tag}", K.wo_dot_kernel,
-                        _wo_types(fmt, nested, zp, True, ptr, "*fp32" if atomic else ptr, False) | dsizes,
+                        _wo_types(layout, nested, zp, True, ptr, "*fp32" if atomic else ptr, False) | dsizes,
                         base | {"PAIRS": pairs, "HAS_BIAS": True, "ATOMIC": atomic, "DOT_DTYPE": tl_dt,
                                 "DOT_PREC": prec, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                         num_warps=nw, num_stages=ns, expect=[] if dt == "fp32" else [r"HGMMA|HMMA"],
@@ -130,7 +133,7 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                           "stride_om": "i32", "N_SPLIT": "i32"}  # fmt: skip
                 yield Spec(
                     f"grad-{tag}", K.wo_grad_kernel,
-                    _wo_types(fmt, nested, zp, False, ptr, ptr, True) | gsizes,
+                    _wo_types(layout, nested, zp, False, ptr, ptr, True) | gsizes,
                     base | {"PAIRS": pairs, "ATOMIC": False, "DOT_DTYPE": tl_dt, "DOT_PREC": prec,
                             "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
                     num_warps=4, num_stages=3, expect=[] if dt == "fp32" else [r"HGMMA|HMMA"],

@@ -245,10 +245,11 @@ def _store(path: Path, key: str, cfg: KernelConfig) -> None:
 
 
 def make_key(
-    variant: str, fmt: str, bs: int, nested: bool, has_zp: bool, dtype: torch.dtype, m: int, n: int, k: int
+    variant: str, layout: str, bs: int, nested: bool, has_zp: bool, dtype: torch.dtype, m: int, n: int, k: int
 ) -> str:
+    """Cache key of a tuned config; ``layout`` is the kernel stem ("codebook" serves nf4 and fp4)."""
     dt = str(dtype).removeprefix("torch.")
-    return f"{variant}|{fmt}|bs{bs}|nest{int(nested)}|zp{int(has_zp)}|{dt}|M{m_bucket(m)}|N{n}|K{k}"
+    return f"{variant}|{layout}|bs{bs}|nest{int(nested)}|zp{int(has_zp)}|{dt}|M{m_bucket(m)}|N{n}|K{k}"
 
 
 def select_config(

@@ -18,8 +18,8 @@ import triton.language as tl
 from . import autotune as at
 from ._runtime import kernels_for
 
-CB4, INT4, INT8 = 0, 1, 2  # the kernels' FMT constexpr
-_FMT_NAME = {CB4: "cb4", INT4: "int4", INT8: "int8"}
+CODEBOOK, INT4, INT8 = 0, 1, 2  # the kernels' LAYOUT constexpr (kernel stems; codebook = nf4, fp4)
+_LAYOUT_NAME = {CODEBOOK: "codebook", INT4: "int4", INT8: "int8"}
 _IDX32_LIMIT = 2**31 - 1
 
 
@@ -27,7 +27,7 @@ _IDX32_LIMIT = 2**31 - 1
 class _Weight:
     """The weight operands of one weight-only call, as the kernels take them."""
 
-    fmt: int
+    layout: int
     n: int
     k: int
     codes: torch.Tensor
@@ -48,12 +48,12 @@ class _Weight:
     @property
     def groups(self) -> int:
         """int4: constants per row (the tail group may be shorter); 0 otherwise."""
-        return triton.cdiv(self.k, self.bs) if self.fmt == INT4 else 0
+        return triton.cdiv(self.k, self.bs) if self.layout == INT4 else 0
 
     @property
     def pairs(self) -> bool:
         """Byte-pair path: rows start on a byte (K even) and a pair never straddles two blocks (bs even)."""
-        return self.fmt != INT8 and self.k % 2 == 0 and self.bs % 2 == 0
+        return self.layout != INT8 and self.k % 2 == 0 and self.bs % 2 == 0
 
     @property
     def idx64(self) -> bool:
@@ -64,21 +64,21 @@ class _Weight:
 
     def aligned(self, block_k: int) -> bool:
         """Does every K tile of width ``block_k`` (starting at a multiple of it) sit in one block per row?"""
-        if self.fmt == CB4:
+        if self.layout == CODEBOOK:
             return self.k % self.bs == 0 and self.bs % block_k == 0
-        if self.fmt == INT4:
+        if self.layout == INT4:
             return self.bs % block_k == 0
         return False
 
     def bk_cap(self, min_block: int) -> int:
         """Largest K tile that keeps the aligned path (256 = no constraint when it is unavailable)."""
-        if self.fmt == INT8 or (self.fmt == CB4 and self.k % self.bs):
+        if self.layout == INT8 or (self.layout == CODEBOOK and self.k % self.bs):
             return 256
         p = self.bs & -self.bs  # largest power of two dividing the block size
         return p if p >= min_block else 256
 
     def key_parts(self) -> tuple[str, int, bool, bool]:
-        return _FMT_NAME[self.fmt], self.bs, self.nested, self.zp is not None
+        return _LAYOUT_NAME[self.layout], self.bs, self.nested, self.zp is not None
 
     def check_device(self, device: torch.device) -> None:
         """Every operand on the activations' device (a kernel cannot read another device's memory)."""
@@ -179,7 +179,7 @@ def _launch_wo_forward(
     else:
         out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     common = dict(
-        FMT=w.fmt, PAIRS=pairs, ALIGNED=w.aligned(bk), BS=max(w.bs, 1), NBS=w.nbs, NESTED=w.nested,
+        LAYOUT=w.layout, PAIRS=pairs, ALIGNED=w.aligned(bk), BS=max(w.bs, 1), NBS=w.nbs, NESTED=w.nested,
         HAS_ZP=w.zp is not None, HAS_BIAS=bias is not None, ATOMIC=atomic, IDX64=w.idx64,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
     )  # fmt: skip
@@ -244,7 +244,7 @@ def _launch_wo_grad(
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(k, bk), split)
     kern.wo_grad_kernel[grid](
         g2, out, *w.ptr_args(), m, n, k, k // 2, w.groups, g2.stride(0), out.stride(0), n_split,
-        FMT=w.fmt, PAIRS=w.pairs, ALIGNED=w.aligned(bk), BS=max(w.bs, 1), NBS=w.nbs,
+        LAYOUT=w.layout, PAIRS=w.pairs, ALIGNED=w.aligned(bk), BS=max(w.bs, 1), NBS=w.nbs,
         NESTED=w.nested, HAS_ZP=w.zp is not None, ATOMIC=atomic, IDX64=w.idx64,
         DOT_DTYPE=dot_dtype, DOT_PREC=prec,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m,
@@ -279,13 +279,15 @@ def _codebook_weight(
         if nested_table.numel() != 256 or nested_offset.numel() != 1:
             _fail("nested_table must have 256 entries and nested_offset one")
         return _Weight(
-            CB4, out_features, in_features, _flat(codes), ncodes=_flat(nested_codes), nabs=_flat(nested_absmax),
+            CODEBOOK, out_features, in_features, _flat(codes), ncodes=_flat(nested_codes), nabs=_flat(nested_absmax),
             noff=_flat(nested_offset), table=_flat(table), ntable=_flat(nested_table), bs=blocksize,
             nbs=nested_blocksize,
         )  # fmt: skip
     if absmax is None or absmax.numel() < nblocks:
         _fail(f"absmax must hold {nblocks} block constants")
-    return _Weight(CB4, out_features, in_features, _flat(codes), scale=_flat(absmax), table=_flat(table), bs=blocksize)
+    return _Weight(
+        CODEBOOK, out_features, in_features, _flat(codes), scale=_flat(absmax), table=_flat(table), bs=blocksize
+    )
 
 
 def _int4_weight(
@@ -328,7 +330,7 @@ def _int8_weight(codes: torch.Tensor, scale: torch.Tensor, out_features: int, in
 # ---------------------------------------------------------------------------------------------
 
 
-def codebook4_linear(
+def codebook_linear(
     x: torch.Tensor,
     codes: torch.Tensor,
     absmax: torch.Tensor | None,
@@ -351,7 +353,7 @@ def codebook4_linear(
     return _wo_forward(x, w, bias)
 
 
-def codebook4_linear_grad_input(
+def codebook_linear_grad_input(
     grad_y: torch.Tensor,
     codes: torch.Tensor,
     absmax: torch.Tensor | None,

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...kernels import ops as _kernel_ops  # noqa: F401  (registers torch.ops.qbackend.w8a8_linear)
+from ...kernels import ops as _kernel_ops  # noqa: F401  (registers torch.ops.qbackend.w8a8_*)
 from ...passes.modules import apply_keeping_dtypes
-from ...smoothquant import ops as _outlier_ops  # noqa: F401  (registers torch.ops.qbackend.w8a8_outlier_linear)
 
 #: buffers that keep their dtype under ``.half()`` / ``.to(dtype)`` (the ops require int8 / fp32)
 _FIXED_DTYPES = ("codes", "scale", "act_scale")

@@ -19,11 +19,11 @@ import torch
 import torch.fx as fx
 
 from ...formats import Scheme, quantize
+from ...kernels import ops as _kernel_ops  # noqa: F401  (registers qbackend::w8a8_linear, w8a8_outlier_linear)
 from ...passes.graph import attach_tensor, attr_name, become
 from ...passes.lowering import BUFFER_PREFIX
 from ...passes.select_layers import LayerPlan
 from ...passes.weight_cache import QuantEntry, get_entry
-from ...smoothquant import ops as _outlier_ops  # noqa: F401  (registers qbackend::w8a8_outlier_linear)
 from .fold import FoldReport
 
 W8A8_SCHEME = Scheme("int", 8, symmetric=True, granularity="channel", axis=0)
