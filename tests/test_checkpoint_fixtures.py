@@ -80,3 +80,17 @@ def test_old_checkpoint_compiles(name):
         got = compiled(EXPECTED[f"{name}.x"])
     # Inductor may fuse the float ops around the quantized ones differently (rounding only).
     torch.testing.assert_close(got, EXPECTED[f"{name}.y"], rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_old_checkpoint_resaves_in_the_current_format(tmp_path, name, no_quantize):
+    no_quantize()
+    model = qbackend.load(FIXTURES / f"{name}.safetensors", _factory(name))
+    path = qbackend.save(model, tmp_path / f"{name}.safetensors")
+    with safe_open(str(path), "pt") as st:
+        manifest = json.loads(st.metadata()["qbackend"])
+    assert manifest["format_version"] == qbackend.serialization.FORMAT_VERSION
+    assert all("op" not in rec and "weight" in rec for rec in manifest["layers"].values())
+    again = qbackend.load(path, _factory(name))
+    with torch.no_grad():
+        assert torch.equal(again(EXPECTED[f"{name}.x"]), EXPECTED[f"{name}.y"])
