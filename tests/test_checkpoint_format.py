@@ -213,3 +213,11 @@ def test_serialization_modules_import_no_cycle_and_one_knows_the_layer_classes()
 
     for mod in graph:
         visit(mod, ())
+
+
+def test_a_layer_missing_a_buffer_is_named_at_save(tmp_path):
+    m = _model(Scheme("nf4", blocksize=64))
+    del m[0]._buffers["absmax"]  # e.g. a module whose buffers were renamed
+    with pytest.raises(CheckpointError, match=r"cannot save quantized layer '0': 0.absmax: missing"):
+        save(m, tmp_path / "m.safetensors")
+    assert not list(tmp_path.iterdir())  # nothing half-written

@@ -24,10 +24,6 @@ from .records import LayerRecord
 #: W8A8 weights: int8, symmetric, one scale per output channel.
 W8A8_SCHEME = Scheme("int", 8, symmetric=True, granularity="channel", axis=0)
 
-# The buffers a `QuantizedLinear` holds its weight in (its state_dict keys; format-1 checkpoints stored
-# them under these names too): per family of scheme, the buffer of each part of the weight.
-CODEBOOK_BUFFERS = ("codes", "absmax", "nested_codes", "nested_absmax", "nested_offset")
-INT_BUFFERS = ("codes", "scale", "zero_point")
 
 
 def is_quantized_layer(m: nn.Module) -> bool:
@@ -36,23 +32,23 @@ def is_quantized_layer(m: nn.Module) -> bool:
 
 def layer_record(m: nn.Module, name: str = "layer") -> LayerRecord | None:
     """The format record of a quantized layer module (None for any other module)."""
-    if isinstance(m, W8A8Linear):
-        qw = QuantizedWeight(W8A8_SCHEME, (m.out_features, m.in_features), torch.float32, m.codes, m.scale)
-        tensors = {k: t for k, t in (("act_scale", m.act_scale), ("smooth", m.smooth)) if t is not None}
-        options = {"activation": m.activation, "outlier_threshold": m.threshold, "smoothing": m.smoothing}
-        rec = LayerRecord("w8a8", qw, m.bias, None, options, tensors, label=m.format)
-    elif isinstance(m, QuantizedLinear):
-        bufs = dict(m.named_buffers(recurse=False))
-        qw = weight_from_kernel_buffers(m.scheme, m.out_features, m.in_features, bufs.get, name)
-        options, tensors = {}, {}
-        if isinstance(m, QATQuantizedLinear):
-            options["activations"] = m.activations
-            if m.activations == "static":
-                tensors["act_scale"] = m.act_scale
-        rec = LayerRecord("weight_only", qw, m.bias, m.scheme, options, tensors)
-    else:
-        return None
     try:
+        if isinstance(m, W8A8Linear):
+            qw = QuantizedWeight(W8A8_SCHEME, (m.out_features, m.in_features), torch.float32, m.codes, m.scale)
+            tensors = {k: t for k, t in (("act_scale", m.act_scale), ("smooth", m.smooth)) if t is not None}
+            options = {"activation": m.activation, "outlier_threshold": m.threshold, "smoothing": m.smoothing}
+            rec = LayerRecord("w8a8", qw, m.bias, None, options, tensors, label=m.format)
+        elif isinstance(m, QuantizedLinear):
+            bufs = dict(m.named_buffers(recurse=False))
+            qw = weight_from_kernel_buffers(m.scheme, m.out_features, m.in_features, bufs.get, name)
+            options, tensors = {}, {}
+            if isinstance(m, QATQuantizedLinear):
+                options["activations"] = m.activations
+                if m.activations == "static":
+                    tensors["act_scale"] = m.act_scale
+            rec = LayerRecord("weight_only", qw, m.bias, m.scheme, options, tensors)
+        else:
+            return None
         rec.weight.validate(f"{name}.weight")
     except FormatError as e:
         raise CheckpointError(f"cannot save quantized layer {name!r}: {e}") from None
@@ -64,7 +60,11 @@ def weight_from_kernel_buffers(
 ) -> QuantizedWeight:
     """The `QuantizedWeight` a `QuantizedLinear`'s buffers hold (the inverse of ``prepare_weight``'s layout).
 
-    Exact: per-channel/per-tensor int scales are held expanded (one per row) and come back as they
+    ``get(name)``: the buffer ``name`` or None. Names: ``codes``, ``absmax`` or ``nested_codes`` /
+    ``nested_absmax`` / ``nested_offset`` (nf4/fp4), ``scale`` and ``zero_point`` (int): the layer's
+    buffer (state_dict) names, which format-1 checkpoints stored too (:mod:`.legacy` reads them
+    through this function). Should the module's buffers be renamed, translate in `layer_record`'s
+    getter, not here. Exact: per-channel/per-tensor int scales are held expanded (one per row) and come back as they
     were; nested int4 group constants are held decoded, so they come back plain (``scheme.nested``
     off: the same values the kernels use).
     """
