@@ -94,3 +94,8 @@ def test_old_checkpoint_resaves_in_the_current_format(tmp_path, name, no_quantiz
     again = qbackend.load(path, _factory(name))
     with torch.no_grad():
         assert torch.equal(again(EXPECTED[f"{name}.x"]), EXPECTED[f"{name}.y"])
+
+
+def test_old_checkpoint_config_is_text_only():
+    with pytest.raises(qbackend.serialization.CheckpointError, match="format-1 checkpoint keeps only a text"):
+        qbackend.serialization.load_config(FIXTURES / "nf4.safetensors")

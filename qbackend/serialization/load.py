@@ -183,7 +183,10 @@ def load_config(path: str | os.PathLike) -> QuantConfig | None:
         raise CheckpointError(f"{files[0]}: not a readable safetensors file: {e}") from None
     manifest = parse_manifest(metadata, str(files[0]))
     if manifest["format_version"] == 1:
-        raise CheckpointError(f"{files[0]}: format-1 checkpoints keep only a one-way text of the config; re-save it")
+        raise CheckpointError(
+            f"{files[0]}: a format-1 checkpoint keeps only a text of its config, which cannot rebuild it "
+            "(its layers load as stored); read that text from the manifest's 'config' entry"
+        )
     if manifest["config"] is None:
         return None
     try:
