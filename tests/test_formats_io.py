@@ -1,5 +1,6 @@
-"""QuantizedWeight serialisation: to_tensors/from_tensors, state_dict (module buffers), safetensors,
-and clear errors (naming the entry) for corrupt, incomplete or mismatched checkpoints."""
+"""QuantizedWeight serialisation: as_dict/from_dict (the checkpoint record), to_tensors/from_tensors,
+state_dict (module buffers), safetensors, and clear errors (naming the entry) for corrupt, incomplete or
+mismatched checkpoints."""
 
 from __future__ import annotations
 
@@ -9,17 +10,18 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qbackend.formats import (
     FORMAT_VERSION,
+    SCHEME_DICT_VERSION,
+    TENSOR_KEYS,
     FormatError,
     QuantizedWeight,
     QuantizedWeightModule,
     Scheme,
-    load_safetensors,
     quantize,
-    save_safetensors,
 )
 from qbackend.formats._strategies import weights
 
@@ -71,14 +73,82 @@ def test_safetensors_round_trip(scheme, tmp_path):
     _same(back, qw)
 
 
-def test_save_and_load_safetensors_helpers(tmp_path):
+def test_records_of_many_weights_through_one_safetensors_file(tmp_path):
+    """The per-weight record (as_dict) splits into named tensors and JSON; both go in one file and back."""
     qws = {f"layers.{i}.weight": _weight(s, shape=(16 + i, 70)) for i, s in enumerate(SCHEMES)}
     path = tmp_path / "model.safetensors"
-    save_safetensors(qws, path, metadata={"source": "test"})
-    back = load_safetensors(path)
+    tensors, meta = {}, {}
+    for name, qw in qws.items():
+        rec = qw.as_dict()
+        tensors.update({f"{name}.{k}": v.contiguous() for k, v in rec.items() if isinstance(v, torch.Tensor)})
+        meta[name] = {k: v for k, v in rec.items() if not isinstance(v, torch.Tensor)}
+    save_file(tensors, str(path), metadata={"weights": json.dumps(meta)})
+    flat = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta_back = json.loads(f.metadata()["weights"])
+    back = {n: QuantizedWeight.from_dict({**m, **{k: flat[f"{n}.{k}"] for k in TENSOR_KEYS if f"{n}.{k}" in flat}}, n)
+            for n, m in meta_back.items()}  # fmt: skip
     assert back.keys() == qws.keys()
     for k in qws:
         _same(back[k], qws[k])
+
+
+@settings(max_examples=30)
+@given(data=st.data(), scheme=st.sampled_from(SCHEMES))
+def test_as_dict_round_trip(data, scheme):
+    w = data.draw(weights(blocksize=scheme.blocksize, max_numel=3000, patterns=("normal", "zero_blocks", "mixed")))
+    if scheme.granularity == "channel" and w.dim() < 2:
+        w = w.reshape(1, -1)
+    qw = quantize(w, scheme)
+    rec = qw.as_dict()
+    json.dumps({k: v for k, v in rec.items() if not isinstance(v, torch.Tensor)})  # the rest is plain JSON
+    assert {k for k, v in rec.items() if isinstance(v, torch.Tensor)} <= set(TENSOR_KEYS)
+    assert rec["scheme"] == scheme.as_dict() and rec["scheme"]["version"] == SCHEME_DICT_VERSION
+    _same(QuantizedWeight.from_dict(rec), qw)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=IDS)
+def test_scheme_dict_round_trip(scheme):
+    assert Scheme.from_dict(json.loads(json.dumps(scheme.as_dict()))) == scheme
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(version=2), "scheme version 2 is not supported"),
+        (lambda d: d.pop("version"), "scheme version None is not supported"),
+        (lambda d: d.update(rounding="stochastic"), r"unknown field\(s\) \['rounding'\]"),
+        (lambda d: d.pop("axis"), r"missing field\(s\) \['axis'\]"),
+        (lambda d: d.update(kind="nf5"), "layer.weight.scheme: unknown format kind 'nf5'"),
+        (lambda d: d.update(bits="4"), "layer.weight.scheme: Scheme.bits must be an int"),
+    ],
+    ids=["newer", "no-version", "unknown-key", "missing-key", "bad-kind", "bad-type"],
+)
+def test_scheme_from_dict_errors(edit, message):
+    d = Scheme("nf4", nested=True).as_dict()
+    edit(d)
+    with pytest.raises(FormatError, match=message):
+        Scheme.from_dict(d, name="layer.weight.scheme")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(version=2), "layer.weight: quantized-weight record version 2 is not supported"),
+        (lambda d: d.update(extra=1), r"layer.weight: unknown entries \['extra'\]"),
+        (lambda d: d.pop("scale"), "layer.weight.scale: missing"),
+        (lambda d: d.update(dtype="float64"), "dtype 'float64' is not supported"),
+        (lambda d: d.update(shape=[3, -1]), "bad shape"),
+        (lambda d: d["scheme"].update(version=9), "layer.weight.scheme: scheme version 9"),
+        (lambda d: d.update(codes=d["codes"][:-1]), "layer.weight.codes: .* elements"),
+    ],
+    ids=["newer", "unknown", "missing-tensor", "dtype", "shape", "scheme-version", "codes-size"],
+)
+def test_weight_from_dict_errors(edit, message):
+    d = _weight(Scheme("int", 4, symmetric=True, granularity="block", blocksize=32)).as_dict()
+    edit(d)
+    with pytest.raises(FormatError, match=message):
+        QuantizedWeight.from_dict(d, name="layer.weight")
 
 
 class _Model(torch.nn.Module):

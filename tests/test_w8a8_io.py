@@ -112,12 +112,13 @@ def test_mlp_save_load_equals_compiled(tmp_path, variant, no_quantize):
     # The fold into the LayerNorm is a fold (new norm parameters), the one after GELU an explicit multiply.
     assert not torch.equal(tensors["norm.weight"], norm_before) and "up.smooth" not in tensors
     assert "mid.smooth" in tensors and tensors["mid.smooth"].shape == (128,)
-    assert "down.smooth" not in tensors and "into mid (linear_rows)" in layers["down"]["smoothing"]
+    assert "down.smooth" not in tensors and "into mid (linear_rows)" in layers["down"]["options"]["smoothing"]
     fmt = f"w8a8-{sq.get('activation', 'token')}" + ("-outliers1" if "outlier_threshold" in sq else "")
     assert {rec["format"] for rec in layers.values()} == {fmt}
     assert ("up.act_scale" in tensors) == (sq.get("activation") == "tensor")
-    assert manifest["smoothquant"]["settings"]["activation"] == sq.get("activation", "token")
-    assert manifest["smoothquant"]["calibration"]["fingerprint"] == cal.fingerprint()
+    assert manifest["config"]["smoothquant"]["activation"] == sq.get("activation", "token")
+    assert manifest["config"]["calibration"]["fingerprint"] == cal.fingerprint()
+    assert all(rec["kind"] == "w8a8" and rec["weight"]["scheme"]["granularity"] == "channel" for rec in layers.values())
 
 
 def test_outlier_threshold_is_active_and_kept():
@@ -232,13 +233,13 @@ def test_transformers_save_load_equals_compiled(tmp_path, name, sq, no_quantize)
     layers = manifest["layers"]
     _assert_no_float_weights({k: t for k, t in tensors.items() if "embed" not in k}, layers)
     if name == "bert":  # post-LN residuals and GELU: no exact fold, an explicit multiply per linear
-        assert len(layers) == 13 and all(rec["smooth"] for rec in layers.values())
+        assert len(layers) == 13 and all("smooth" in rec["tensors"] for rec in layers.values())
         assert all(torch.equal(tensors[n], v) for n, v in norms.items())
     else:  # RMSNorm weights absorb 1/s of q/k/v and gate/up; up_proj's rows that of down_proj; o_proj multiplies
-        assert len(layers) == 14 and sorted(n for n, r in layers.items() if r["smooth"]) == [
+        assert len(layers) == 14 and sorted(n for n, r in layers.items() if "smooth" in r["tensors"]) == [
             "layers.0.self_attn.o_proj", "layers.1.self_attn.o_proj"]  # fmt: skip
         assert all(not torch.equal(tensors[n], v) for n, v in norms.items() if not n.startswith("norm."))
-        assert "into layers.0.mlp.up_proj (linear_rows)" in layers["layers.0.mlp.down_proj"]["smoothing"]
+        assert "into layers.0.mlp.up_proj (linear_rows)" in layers["layers.0.mlp.down_proj"]["options"]["smoothing"]
 
 
 # ---- errors and fallbacks -----------------------------------------------------------------------

@@ -227,6 +227,69 @@ class QuantConfig:
     def __hash__(self) -> int:  # the inductor mapping is not hashable by itself
         return hash(self.fingerprint())
 
+    # ---- versioned dict (what checkpoints store) ---------------------------------------------
+    _dict_version = 1  # not a field (no annotation): bump when to_dict's layout changes
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON-ready values with a ``version`` key; :meth:`from_dict` rebuilds the config.
+
+        Patterns: strings as they are, compiled regexes as ``{"regex", "flags"}``. ``qat`` and
+        ``smoothquant``: their fields. ``calibration`` (data, not settings) is recorded as a summary
+        ``{"fingerprint", "num_batches", "layers"}`` and comes back as None: a saved model needs no
+        calibration to load. Inductor patches whose values are not JSON are left out, named in
+        ``"not_recorded"``.
+        """
+        out: dict[str, Any] = {"version": self._dict_version}
+        skipped: list[str] = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("include", "exclude"):
+                v = [p if isinstance(p, str) else {"regex": p.pattern, "flags": p.flags} for p in v]
+            elif f.name == "inductor":
+                v, skipped = self._json_entries(v)
+            elif f.name in ("qat", "smoothquant") and v is not None:
+                v = json.loads(json.dumps(dataclasses.asdict(v)))  # tuples -> lists, as JSON has them
+            elif f.name == "calibration" and v is not None:
+                v = {"fingerprint": v.fingerprint(), "num_batches": v.num_batches, "layers": len(v.layers)}
+            out[f.name] = v
+        if skipped:
+            out["not_recorded"] = [f"inductor.{k}" for k in skipped]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QuantConfig:
+        """Inverse of :meth:`to_dict` (calibration comes back as None); `ConfigError` on an unknown version or key."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"expected a QuantConfig dict, got {type(d).__name__}")
+        if d.get("version") != cls._dict_version:
+            raise ConfigError(
+                f"QuantConfig dict version {d.get('version')!r} is not supported (this qbackend reads version "
+                f"{cls._dict_version}); upgrade qbackend"
+            )
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(k for k in d if k not in valid and k not in ("version", "not_recorded"))
+        if unknown:
+            raise ConfigError(f"unknown QuantConfig dict key(s) {unknown}; valid: {', '.join(valid)}")
+        fields_ = {k: d[k] for k in valid if k in d and k != "calibration"}
+        for name in ("include", "exclude"):
+            if name in fields_:
+                fields_[name] = tuple(
+                    re.compile(p["regex"], p["flags"]) if isinstance(p, Mapping) else p for p in fields_[name]
+                )
+        return cls(**fields_)
+
+    @staticmethod
+    def _json_entries(m: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """The entries of ``m`` whose values are JSON, and the names of the others."""
+        kept, skipped = {}, []
+        for k in sorted(m):
+            try:
+                json.dumps(m[k])
+                kept[k] = m[k]
+            except (TypeError, ValueError):
+                skipped.append(k)
+        return kept, skipped
+
 
 def _pattern_text(p: Pattern) -> str:
     return p.pattern if isinstance(p, re.Pattern) else p

@@ -6,19 +6,22 @@ from .nested import NestedConstants, nest_constants
 from .packing import pack_4bit, unpack_4bit
 from .qweight import (
     FORMAT_VERSION,
+    QWEIGHT_DICT_VERSION,
+    TENSOR_KEYS,
     QuantizedWeight,
     QuantizedWeightModule,
     dequantize,
-    load_safetensors,
     quantize,
-    save_safetensors,
 )
-from .scheme import BNB_BLOCKSIZES, SUPPORTED_DTYPES, FormatError, Scheme
+from .scheme import BNB_BLOCKSIZES, SCHEME_DICT_VERSION, SUPPORTED_DTYPES, FormatError, Scheme
 
 __all__ = [
     "BNB_BLOCKSIZES",
     "FORMAT_VERSION",
+    "QWEIGHT_DICT_VERSION",
+    "SCHEME_DICT_VERSION",
     "SUPPORTED_DTYPES",
+    "TENSOR_KEYS",
     "FormatError",
     "NestedConstants",
     "QuantizedWeight",
@@ -28,11 +31,9 @@ __all__ = [
     "dequantize",
     "from_bnb",
     "from_bnb_state_dict",
-    "load_safetensors",
     "nest_constants",
     "pack_4bit",
     "quantize",
-    "save_safetensors",
     "to_bnb",
     "to_bnb_state_dict",
     "unpack_4bit",

@@ -1,17 +1,19 @@
 """`QuantizedWeight`: one container for a quantized weight in any of our formats.
 
 Holds the codes, the block/channel constants (plain or nested), the original shape and dtype and
-the `Scheme`. Serialises to a flat dict of tensors (``to_tensors``/``from_tensors``) so it goes
-through ``state_dict`` and safetensors unchanged; converts to/from bitsandbytes' QuantState in
+the `Scheme`. Two serialised forms: ``as_dict``/``from_dict`` (a versioned record: JSON fields plus
+named tensors, in the spirit of bitsandbytes' ``QuantState.as_dict``; what ``qbackend.save`` stores
+per layer) and ``to_tensors``/``from_tensors`` (the same tensors plus the JSON as a uint8 ``meta``
+tensor, so a weight travels through ``state_dict``). Converts to/from bitsandbytes' QuantState in
 :mod:`qbackend.formats.bnb_interop`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 
@@ -21,7 +23,11 @@ from .nested import NestedConstants, nest_constants
 from .packing import pack_4bit, unpack_4bit
 from .scheme import FormatError, Scheme, check_weight
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the ``meta`` tensor of ``to_tensors``
+#: version of :meth:`QuantizedWeight.as_dict`'s layout
+QWEIGHT_DICT_VERSION = 1
+#: the named tensors of a quantized weight (each present or not, by scheme)
+TENSOR_KEYS = ("codes", "scale", "zero_point", "nested_codes", "nested_absmax", "nested_offset")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -126,7 +132,42 @@ class QuantizedWeight:
             "shape": list(self.shape),
             "dtype": str(self.dtype).removeprefix("torch."),
         }
-        out = {"codes": self.codes, "meta": torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)}
+        named = self._named_tensors()
+        meta_bytes = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+        return {"codes": named.pop("codes"), "meta": meta_bytes, **named}  # the order buffers have always had
+
+    def as_dict(self) -> dict[str, Any]:
+        """A versioned record: ``version``, ``scheme`` (:meth:`Scheme.as_dict`), ``shape``, ``dtype`` (JSON)
+        and the named tensors of :data:`TENSOR_KEYS` this weight has (:meth:`from_dict` rebuilds it)."""
+        out: dict[str, Any] = {
+            "version": QWEIGHT_DICT_VERSION,
+            "scheme": self.scheme.as_dict(),
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+        out.update(self._named_tensors())
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], name: str = "weight") -> QuantizedWeight:
+        """Inverse of :meth:`as_dict`; a `FormatError` naming ``name`` (and the entry) on bad input."""
+        if not isinstance(d, Mapping):
+            raise FormatError(f"{name}: expected a quantized-weight record (dict), got {type(d).__name__}")
+        if d.get("version") != QWEIGHT_DICT_VERSION:
+            raise FormatError(
+                f"{name}: quantized-weight record version {d.get('version')!r} is not supported (this qbackend "
+                f"reads version {QWEIGHT_DICT_VERSION}); upgrade qbackend or re-save with this one"
+            )
+        unknown = sorted(k for k in d if k not in ("version", "scheme", "shape", "dtype", *TENSOR_KEYS))
+        if unknown:
+            raise FormatError(f"{name}: unknown entries {unknown} in a quantized-weight record")
+        _check_shape_dtype(d.get("shape"), d.get("dtype"), name)
+        scheme = Scheme.from_dict(d.get("scheme"), name=f"{name}.scheme")  # type: ignore[arg-type]
+        tensors = {k: d[k] for k in TENSOR_KEYS if k in d}
+        return cls._from_parts(scheme, tuple(d["shape"]), _DTYPES[d["dtype"]], tensors, name)
+
+    def _named_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"codes": self.codes}
         if self.scale is not None:
             out["scale"] = self.scale
         if self.zero_point is not None:
@@ -147,11 +188,19 @@ class QuantizedWeight:
             raise FormatError(f"{name}.meta: corrupt quantized-weight metadata (scheme: {e})") from None
         except FormatError as e:
             raise FormatError(f"{name}.meta: {e}") from None
+        rest = {k: v for k, v in tensors.items() if k != "meta"}
+        return cls._from_parts(scheme, tuple(meta["shape"]), _DTYPES[meta["dtype"]], rest, name)
+
+    @classmethod
+    def _from_parts(
+        cls, scheme: Scheme, shape: tuple[int, ...], dtype: torch.dtype, tensors: Mapping[str, Any], name: str
+    ) -> QuantizedWeight:
+        """A validated weight from its scheme, shape, dtype and named tensors (shared by both forms)."""
         for key in _required_keys(scheme):
             if key not in tensors:
                 raise FormatError(f"{name}.{key}: missing (required by {scheme.name}); the checkpoint is incomplete")
         for key in tensors:
-            if key not in _required_keys(scheme) and key != "meta":
+            if key not in _required_keys(scheme):
                 raise FormatError(f"{name}.{key}: unexpected entry for {scheme.name}")
         for key in _required_keys(scheme):
             if not isinstance(tensors[key], torch.Tensor):
@@ -164,8 +213,8 @@ class QuantizedWeight:
             )  # fmt: skip
         qw = cls(
             scheme=scheme,
-            shape=tuple(meta["shape"]),
-            dtype=_DTYPES[meta["dtype"]],
+            shape=shape,
+            dtype=dtype,
             codes=tensors["codes"].reshape(-1),
             scale=tensors.get("scale"),
             zero_point=tensors.get("zero_point"),
@@ -261,12 +310,15 @@ def _read_meta(tensors: Mapping[str, torch.Tensor], name: str) -> dict:
         )
     if not isinstance(meta.get("scheme"), dict):
         raise FormatError(f"{name}.meta: corrupt quantized-weight metadata (no scheme)")
-    shape = meta.get("shape")
-    if not isinstance(shape, list) or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
-        raise FormatError(f"{name}.meta: corrupt quantized-weight metadata (bad shape {shape!r})")
-    if meta.get("dtype") not in _DTYPES:
-        raise FormatError(f"{name}.meta: dtype {meta.get('dtype')!r} is not supported; supported: {', '.join(_DTYPES)}")
+    _check_shape_dtype(meta.get("shape"), meta.get("dtype"), f"{name}.meta")
     return meta
+
+
+def _check_shape_dtype(shape: Any, dtype: Any, where: str) -> None:
+    if not isinstance(shape, list) or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
+        raise FormatError(f"{where}: corrupt quantized-weight metadata (bad shape {shape!r})")
+    if dtype not in _DTYPES:
+        raise FormatError(f"{where}: dtype {dtype!r} is not supported; supported: {', '.join(_DTYPES)}")
 
 
 def _check(name: str, key: str, t: torch.Tensor, dtype: torch.dtype, numel: int, what: str) -> None:
@@ -276,28 +328,6 @@ def _check(name: str, key: str, t: torch.Tensor, dtype: torch.dtype, numel: int,
         raise FormatError(f"{name}.{key}: dtype {t.dtype}, expected {dtype}")
     if t.numel() != numel:
         raise FormatError(f"{name}.{key}: {t.numel()} elements {what}; expected {numel}".replace("  ", " "))
-
-
-def save_safetensors(
-    weights: Mapping[str, QuantizedWeight], path: str | os.PathLike, metadata: dict[str, str] | None = None
-) -> None:
-    """Write quantized weights to a safetensors file (keys ``{name}.codes``, ``{name}.meta``, ...)."""
-    from safetensors.torch import save_file
-
-    flat: dict[str, torch.Tensor] = {}
-    for wname, qw in weights.items():
-        # safetensors refuses views sharing storage and non-contiguous tensors: store compact copies.
-        flat.update({k: v.detach().cpu().contiguous() for k, v in qw.to_state_dict(wname + ".").items()})
-    save_file(flat, str(path), metadata=metadata)
-
-
-def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, QuantizedWeight]:
-    """Read every quantized weight of a file written by :func:`save_safetensors`, keyed by name."""
-    from safetensors.torch import load_file
-
-    flat = load_file(str(path), device=str(device))
-    names = sorted(k[: -len(".meta")] for k in flat if k.endswith(".meta"))
-    return {n: QuantizedWeight.from_state_dict(flat, n + ".") for n in names}
 
 
 class QuantizedWeightModule(torch.nn.Module):

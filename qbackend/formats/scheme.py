@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
 
 import torch
 
 Kind = Literal["nf4", "fp4", "int"]
 Granularity = Literal["tensor", "channel", "block"]
 
+#: version of :meth:`Scheme.as_dict`'s layout (bump when a field is added, removed or changes meaning)
+SCHEME_DICT_VERSION = 1
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -92,6 +95,31 @@ class Scheme:
             gran = {"tensor": "tensor", "channel": f"ch{self.axis}", "block": f"g{self.blocksize}"}
             base = f"int{self.bits}-{sym}-{gran[self.granularity]}"
         return base + ("-nested" if self.nested else "")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The scheme as a JSON-ready dict with a ``version`` key (what checkpoints store)."""
+        return {"version": SCHEME_DICT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], name: str = "scheme") -> Scheme:
+        """Inverse of :meth:`as_dict`; a `FormatError` naming ``name`` on an unknown version or keys."""
+        if not isinstance(d, Mapping):
+            raise FormatError(f"{name}: expected a scheme dict, got {type(d).__name__}")
+        if d.get("version") != SCHEME_DICT_VERSION:
+            raise FormatError(
+                f"{name}: scheme version {d.get('version')!r} is not supported (this qbackend reads version "
+                f"{SCHEME_DICT_VERSION}); upgrade qbackend or re-save with this one"
+            )
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(k for k in d if k not in valid and k != "version")
+        missing = [k for k in valid if k not in d]
+        if unknown or missing:
+            what = f"unknown field(s) {unknown}" if unknown else f"missing field(s) {missing}"
+            raise FormatError(f"{name}: {what} in a version-{SCHEME_DICT_VERSION} scheme; valid: {', '.join(valid)}")
+        try:
+            return cls(**{k: d[k] for k in valid})
+        except FormatError as e:
+            raise FormatError(f"{name}: {e}") from None
 
     @property
     def format(self) -> str:

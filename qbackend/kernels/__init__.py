@@ -44,7 +44,6 @@ from .families import FAMILIES, OpFamily, by_op_name
 
 __all__ = [
     "FAMILIES",
-    "LEGACY_OP_FORMATS",
     "KernelWeight",
     "OpFamily",
     "UnsupportedWeight",
@@ -52,15 +51,8 @@ __all__ = [
     "linear_op",
     "prepare_weight",
     "quantized_linear",
-    "stored_op",
     "supported",
 ]
-
-#: Op names written by older qbackend versions (checkpoint manifests store ``qbackend.<op>.default``)
-#: -> the formats that op served. ``codebook4_linear`` served both nf4 and fp4: the stored Scheme
-#: (``Scheme.format``) picks one. Use :func:`stored_op` to resolve a stored name.
-LEGACY_OP_FORMATS: dict[str, tuple[str, ...]] = {"codebook4_linear": ("nf4", "fp4")}
-
 
 def linear_op(fmt: str | Scheme) -> torch._ops.OpOverload:
     """The op computing a linear layer in ``fmt``: a Scheme (its ``format``) or a family name
@@ -77,25 +69,6 @@ def family_of(op: torch._ops.OpOverload | str) -> OpFamily:
     return by_op_name(name)[0]
 
 
-def stored_op(qualname: str, scheme: Scheme | None = None) -> torch._ops.OpOverload:
-    """The op for a name stored in a checkpoint (``qbackend.<op>.default``, today's or a legacy one).
-
-    ``scheme``: the layer's stored Scheme; needed for legacy names that served several formats.
-    Raises ``KeyError`` for a name that is not one of ours (a manifest must not pick arbitrary ops).
-    """
-    ns, _, rest = qualname.partition(".")
-    op_name, _, overload = rest.partition(".")
-    if ns != "qbackend" or overload != "default":
-        raise KeyError(f"{qualname!r} is not a qbackend op")
-    legacy = LEGACY_OP_FORMATS.get(op_name)
-    if legacy is not None:
-        if scheme is None or scheme.format not in legacy:
-            raise KeyError(f"{qualname!r} served formats {legacy}; the stored scheme does not say which")
-        return linear_op(scheme.format)
-    family, grad = by_op_name(op_name)
-    if grad:
-        raise KeyError(f"{qualname!r} is a grad-input op, not a layer's op")
-    return linear_op(family.name)
 
 
 class UnsupportedWeight(ValueError):

@@ -12,8 +12,11 @@ import torch
 from torch import nn
 
 from ..formats import FormatError
-from .load import check_materialised, set_tensor
+from ..formats.bnb_interop import from_bnb_state_dict
+from .assign import check_materialised, set_tensor, swap_module
+from .layers import build_layer
 from .manifest import CheckpointError
+from .records import LayerRecord
 
 _MARKERS = (".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
 # Entries bitsandbytes writes next to a 4-bit weight (relative to "<prefix>weight").
@@ -37,28 +40,16 @@ def is_bnb_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> bool:
 
 def load_bnb(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str) -> nn.Module:
     """Swap each 4-bit layer of ``model`` for a `QuantizedLinear`; assign every other tensor."""
-    from ..formats.bnb_interop import from_bnb_state_dict
-    from ..kernels import UnsupportedWeight, prepare_weight
-    from ..workflows.weight_only.linear import QuantizedLinear
-
     used: set[str] = set()
+    shared: dict = {}
     for prefix in bnb_prefixes(state_dict):
         name = prefix.rstrip(".")
         try:
             qw = from_bnb_state_dict(state_dict, prefix)
-            kw = prepare_weight(qw)
-        except (FormatError, UnsupportedWeight) as e:
+        except FormatError as e:
             raise CheckpointError(f"{path}: bitsandbytes layer {name!r}: {e}") from None
-        bias = state_dict.get(prefix + "bias")
-        parent_name, _, child = name.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_name)
-            getattr(parent, child)
-        except AttributeError:
-            raise CheckpointError(f"{path}: 4-bit layer {name!r} has no counterpart in the model") from None
-        if bias is not None:
-            bias = nn.Parameter(bias, requires_grad=False)
-        setattr(parent, child, QuantizedLinear(kw, bias, qw.scheme))
+        record = LayerRecord("weight_only", qw, state_dict.get(prefix + "bias"))
+        swap_module(model, name, build_layer(name, record, shared, path), path)
         used.update(prefix + "weight" + s for s in _SUFFIXES)
         used.add(prefix + "bias")
     for k, t in state_dict.items():

@@ -1,102 +1,148 @@
-"""Rebuild a `QuantizedLinear` / `W8A8Linear` from stored tensors and its manifest record (no re-quantization)."""
+"""The one place that knows the quantized layer modules: a module -> its `LayerRecord` (save), a record -> a
+module (load). Modules are rebuilt from the format record (``prepare_weight`` picks the kernel), so
+nothing here depends on kernel op names or op signatures.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
+from torch import nn
 
-from ..formats import FormatError, Scheme
+from ..formats import FormatError, QuantizedWeight, Scheme
+from ..formats.nested import NestedConstants
+from ..kernels import KernelWeight, UnsupportedWeight, prepare_weight
+from ..workflows.qat.deploy import QATQuantizedLinear
+from ..workflows.w8a8.linear import W8A8Linear
+from ..workflows.weight_only.linear import QuantizedLinear
 from .manifest import CheckpointError
+from .records import LayerRecord
 
-_W8A8_OPS = ("qbackend.w8a8_linear.default", "qbackend.w8a8_outlier_linear.default")
-
-
-def op_tensor_args(op: torch._ops.OpOverload) -> tuple[str, ...]:
-    """Names of the op's weight tensors: the arguments between ``x`` and ``bias``."""
-    names = [a.name for a in op._schema.arguments]
-    return tuple(names[1 : names.index("bias")])
+#: W8A8 weights: int8, symmetric, one scale per output channel.
+W8A8_SCHEME = Scheme("int", 8, symmetric=True, granularity="channel", axis=0)
 
 
-def build_quantized_linear(
-    name: str, rec: dict[str, Any], tensors: dict[str, torch.Tensor], aliases: dict[str, str], path: str
-) -> torch.nn.Module:
-    import qbackend.kernels  # noqa: F401  (registers torch.ops.qbackend.*)
 
-    from ..kernels import KernelWeight, linear_op, stored_op
-    from ..kernels.families import WEIGHT_FORMATS
+def is_quantized_layer(m: nn.Module) -> bool:
+    return isinstance(m, (QuantizedLinear, W8A8Linear))
 
-    if rec.get("kind") == "w8a8":
-        return build_w8a8_linear(name, rec, tensors, aliases, path)
-    from ..workflows.weight_only.linear import QuantizedLinear
 
-    def get(key: str) -> torch.Tensor | None:
-        key = aliases.get(key, key)
-        return tensors.get(key)
-
+def layer_record(m: nn.Module, name: str = "layer") -> LayerRecord | None:
+    """The format record of a quantized layer module (None for any other module)."""
     try:
-        qualname = rec["op"]
-        scheme = Scheme(**rec["scheme"])
-        try:
-            op = stored_op(qualname, scheme)  # today's op names and the legacy ones (codebook4_linear)
-        except KeyError:
-            why = "which this qbackend does not have"
-            raise CheckpointError(f"{path}: layer {name!r} names op {qualname!r}, {why}") from None
-        if op not in (linear_op(f) for f in WEIGHT_FORMATS):
-            raise CheckpointError(f"{path}: layer {name!r} names op {qualname!r}, which is not a weight-only op")
-        statics = tuple(int(s) for s in rec["statics"])
-        arg_names = op_tensor_args(op)
-        args = tuple(get(f"{name}.{a}") for a in arg_names)
-        bias = get(f"{name}.bias")
-        if rec["bias"] and bias is None:
-            raise CheckpointError(f"{path}: layer {name!r} has a bias but {name}.bias is missing")
-    except (KeyError, ValueError, TypeError, AttributeError, FormatError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        why = f"{type(e).__name__}: {e}"
-        raise CheckpointError(f"{path}: corrupt record for quantized layer {name!r} ({why})") from None
-    layer = QuantizedLinear(KernelWeight(op, args, statics, arg_names), bias, scheme)
+        if isinstance(m, W8A8Linear):
+            qw = QuantizedWeight(W8A8_SCHEME, (m.out_features, m.in_features), torch.float32, m.codes, m.scale)
+            tensors = {k: t for k, t in (("act_scale", m.act_scale), ("smooth", m.smooth)) if t is not None}
+            options = {"activation": m.activation, "outlier_threshold": m.threshold, "smoothing": m.smoothing}
+            rec = LayerRecord("w8a8", qw, m.bias, None, options, tensors, label=m.format)
+        elif isinstance(m, QuantizedLinear):
+            bufs = dict(m.named_buffers(recurse=False))
+            qw = weight_from_kernel_buffers(m.scheme, m.out_features, m.in_features, bufs.get, name)
+            options, tensors = {}, {}
+            if isinstance(m, QATQuantizedLinear):
+                options["activations"] = m.activations
+                if m.activations == "static":
+                    tensors["act_scale"] = m.act_scale
+            rec = LayerRecord("weight_only", qw, m.bias, m.scheme, options, tensors)
+        else:
+            return None
+        rec.weight.validate(f"{name}.weight")
+    except FormatError as e:
+        raise CheckpointError(f"cannot save quantized layer {name!r}: {e}") from None
+    return rec
+
+
+def weight_from_kernel_buffers(
+    scheme: Scheme, n: int, k: int, get: Callable[[str], torch.Tensor | None], name: str
+) -> QuantizedWeight:
+    """The `QuantizedWeight` a `QuantizedLinear`'s buffers hold (the inverse of ``prepare_weight``'s layout).
+
+    ``get(name)``: the buffer ``name`` or None. Names: ``codes``, ``absmax`` or ``nested_codes`` /
+    ``nested_absmax`` / ``nested_offset`` (nf4/fp4), ``scale`` and ``zero_point`` (int): the layer's
+    buffer (state_dict) names, which format-1 checkpoints stored too (:mod:`.legacy` reads them
+    through this function). Should the module's buffers be renamed, translate in `layer_record`'s
+    getter, not here. Exact: per-channel/per-tensor int scales are held expanded (one per row) and come back as they
+    were; nested int4 group constants are held decoded, so they come back plain (``scheme.nested``
+    off: the same values the kernels use).
+    """
+
+    def need(b: str) -> torch.Tensor:
+        t = get(b)
+        if t is None:
+            raise FormatError(f"{name}.{b}: missing (needed by {scheme.name})")
+        return t
+
+    codes = need("codes").reshape(-1)
+    if scheme.kind in ("nf4", "fp4"):
+        if scheme.nested:
+            nested = NestedConstants(need("nested_codes").reshape(-1), need("nested_absmax").reshape(-1),
+                                     need("nested_offset").reshape(()), scheme.nested_blocksize)  # fmt: skip
+            return QuantizedWeight(scheme, (n, k), torch.float32, codes, None, None, nested)
+        return QuantizedWeight(scheme, (n, k), torch.float32, codes, need("absmax").reshape(-1))
+    scale, zp = need("scale"), get("zero_point")
+    if scheme.granularity == "block":  # int4 groups along K: held [N, groups]
+        return QuantizedWeight(replace(scheme, nested=False), (n, k), torch.float32, codes, scale, zp)
+
+    def per_row(t: torch.Tensor | None) -> torch.Tensor | None:  # held one per output row
+        if t is None:
+            return None
+        return t.reshape(-1)[:1].clone() if scheme.granularity == "tensor" else t.reshape(-1)
+
+    return QuantizedWeight(scheme, (n, k), torch.float32, codes, per_row(scale), per_row(zp))
+
+
+def build_layer(name: str, rec: LayerRecord, shared: dict[tuple, KernelWeight], path: str) -> nn.Module:
+    """The module for ``rec``. ``shared``: kernel weights built so far, so tied layers share their tensors."""
+    try:
+        if rec.kind == "w8a8":
+            layer = _w8a8(name, rec, path)
+        else:
+            qw = rec.weight
+            key = (qw.codes.data_ptr(), json.dumps(qw.scheme.as_dict(), sort_keys=True), qw.shape)
+            kw = shared.get(key)
+            if kw is None:
+                kw = shared[key] = prepare_weight(qw)
+            activations = rec.options.get("activations", "none")
+            if activations == "none":
+                layer = QuantizedLinear(kw, rec.bias, rec.layer_scheme)
+            elif activations in ("dynamic", "static"):
+                scale = rec.tensors.get("act_scale")
+                if (scale is None) == (activations == "static"):
+                    state = "missing" if scale is None else "set"
+                    raise ValueError(f"activations {activations!r} with act_scale {state}")
+                layer = QATQuantizedLinear(kw, rec.bias, rec.layer_scheme, activations, scale)
+            else:
+                raise ValueError(f"unknown activations {activations!r}")
+    except UnsupportedWeight as e:
+        raise CheckpointError(f"{path}: quantized layer {name!r}: no kernel runs it ({e.reason})") from None
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: corrupt record for quantized layer {name!r} ({e})") from None
     _check_shapes(layer, name, path)
     return layer
 
 
-def build_w8a8_linear(
-    name: str, rec: dict[str, Any], tensors: dict[str, torch.Tensor], aliases: dict[str, str], path: str
-) -> torch.nn.Module:
-    """A `W8A8Linear` from its stored codes, scales, activation scale and smoothing multiply."""
-    from ..workflows.w8a8.linear import W8A8Linear
-
-    def get(key: str) -> torch.Tensor | None:
-        return tensors.get(aliases.get(f"{name}.{key}", f"{name}.{key}"))
-
-    try:
-        if rec["op"] not in _W8A8_OPS:
-            raise CheckpointError(f"{path}: layer {name!r} names op {rec['op']!r}, which this qbackend does not have")
-        outlier = rec["op"] == _W8A8_OPS[1]
-        threshold = rec["outlier_threshold"]
-        if outlier != (threshold is not None):
-            raise ValueError(f"op {rec['op']} with outlier_threshold {threshold!r}")
-        wanted = {"codes": True, "scale": True, "act_scale": rec["activation"] == "tensor", "smooth": rec["smooth"],
-                  "bias": rec["bias"]}  # fmt: skip
-        got = {key: get(key) for key in wanted}
-        missing = [f"{name}.{k}" for k, want in wanted.items() if want and got[k] is None]
-        if missing:
-            raise CheckpointError(f"{path}: W8A8 layer {name!r} is missing {', '.join(missing)}")
-        layer = W8A8Linear(
-            got["codes"], got["scale"], got["bias"], out_features=int(rec["out_features"]),
-            in_features=int(rec["in_features"]), act_scale=got["act_scale"], threshold=threshold,
-            smooth=got["smooth"], smoothing=str(rec.get("smoothing", "")),
-        )  # fmt: skip
-    except (KeyError, ValueError, TypeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: corrupt record for W8A8 layer {name!r} ({type(e).__name__}: {e})") from None
-    _check_shapes(layer, name, path)
-    return layer
+def _w8a8(name: str, rec: LayerRecord, path: str) -> nn.Module:
+    qw, opts = rec.weight, rec.options
+    if qw.scheme != W8A8_SCHEME:
+        raise ValueError(f"W8A8 weights are {W8A8_SCHEME.name}, not {qw.scheme.name}")
+    activation = opts.get("activation")
+    if activation not in ("token", "tensor"):
+        raise ValueError(f"unknown activation mode {activation!r}")
+    if (activation == "tensor") != ("act_scale" in rec.tensors):
+        raise CheckpointError(f"{path}: W8A8 layer {name!r}: activation {activation!r} does not fit its act_scale")
+    threshold = opts.get("outlier_threshold")
+    return W8A8Linear(
+        qw.codes.reshape(-1), qw.scale.reshape(-1), rec.bias, out_features=qw.shape[0], in_features=qw.shape[1],
+        act_scale=rec.tensors.get("act_scale"), threshold=None if threshold is None else float(threshold),
+        smooth=rec.tensors.get("smooth"), smoothing=str(opts.get("smoothing", "")),
+    )  # fmt: skip
 
 
-def _check_shapes(layer: torch.nn.Module, name: str, path: str) -> None:
-    """Run the op's own argument checks on a fake input, so a bad file fails at load, not at first call."""
+def _check_shapes(layer: nn.Module, name: str, path: str) -> None:
+    """Run the layer on a fake input, so a bad file fails at load, not at first call."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     try:

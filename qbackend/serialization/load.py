@@ -1,8 +1,9 @@
 """``qbackend.load``: rebuild a quantized model from a qbackend checkpoint or a bitsandbytes 4-bit one.
 
 Nothing is re-quantized and no float weight of a quantized layer is made: the skeleton is built
-on the meta device (or given by the caller), its quantized layers are swapped for `QuantizedLinear`
-built straight from the stored codes and constants, and every other tensor is assigned from the file.
+on the meta device (or given by the caller), its quantized layers are swapped for modules built from
+their format records (:mod:`.records`; format-1 files through :mod:`.legacy`), straight from the
+stored codes and constants, and every other tensor is assigned from the file.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .manifest import CheckpointError, digest, parse_manifest
+from ..core.config import ConfigError, QuantConfig
+from ..formats import FormatError
+from .assign import check_materialised, set_tensor, swap_module
+from .bnb import is_bnb_checkpoint, load_bnb
+from .layers import build_layer
+from .legacy import read_layers_v1
+from .manifest import METADATA_KEY, CheckpointError, digest, parse_manifest
+from .records import LayerRecord, read_layers
 
 ModelSource = nn.Module | Callable[[], nn.Module] | None
 
@@ -40,13 +48,13 @@ def load(path: str | os.PathLike, model: ModelSource = None, *, device: str | to
     """
     files, config_json = _resolve(Path(path))
     tensors, metadata = _read(files, device)
-    if metadata is not None and "qbackend" in metadata:
+    if metadata is not None and METADATA_KEY in metadata:
         manifest = parse_manifest(metadata, str(files[0]))
         _verify(tensors, manifest, files[0])
         skeleton = _skeleton(model, manifest["model"], config_json, files[0])
-        return _assemble_qbackend(skeleton, tensors, manifest, str(files[0]))
-    from .bnb import is_bnb_checkpoint, load_bnb
-
+        read = read_layers_v1 if manifest["format_version"] == 1 else read_layers
+        layers, assigns = read(manifest, tensors, str(files[0]))
+        return _assemble(skeleton, layers, assigns, str(files[0]))
     if is_bnb_checkpoint(tensors):
         info = {"transformers_from_config_json": config_json} if config_json else {}
         skeleton = _skeleton(model, info, config_json, files[0])
@@ -150,59 +158,38 @@ def _build_transformers(cls_name: str, cfg: dict[str, Any], path: Path) -> nn.Mo
         return cls(config)
 
 
-def set_tensor(root: nn.Module, name: str, value: torch.Tensor, kind: str, path: str) -> None:
-    """Put ``value`` at ``name`` (a parameter or buffer path) of ``root``, replacing what is there."""
-    owner_name, _, attr = name.rpartition(".")
-    try:
-        owner = root.get_submodule(owner_name)
-    except AttributeError:
-        raise CheckpointError(f"{path}: the checkpoint has {name!r}; the model has no module {owner_name!r}") from None
-    old = owner._parameters.get(attr) if attr in owner._parameters else owner._buffers.get(attr)
-    if attr not in owner._parameters and attr not in owner._buffers:
-        raise CheckpointError(f"{path}: the checkpoint has {name!r} but the model has no such parameter or buffer")
-    if old is not None and tuple(old.shape) != tuple(value.shape):
-        raise CheckpointError(
-            f"{path}: {name!r} has shape {tuple(value.shape)} in the checkpoint but {tuple(old.shape)} in the model"
-        )
-    if attr in owner._parameters:
-        requires_grad = old.requires_grad if old is not None else False
-        owner._parameters[attr] = nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point())
-    else:
-        owner._buffers[attr] = value
-
-
-def check_materialised(model: nn.Module, path: str) -> None:
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if left:
-        more = f" and {len(left) - 3} more" if len(left) > 3 else ""
-        raise CheckpointError(
-            f"{path}: the checkpoint does not hold {', '.join(repr(n) for n in left[:3])}{more}, "
-            "which the model needs; is this the right model for it?"
-        )
-
-
-def _assemble_qbackend(model: nn.Module, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: str):
-    from .layers import build_quantized_linear
-
-    layers = manifest["layers"]
+def _assemble(
+    model: nn.Module, layers: dict[str, LayerRecord], assigns: list[tuple[str, str, torch.Tensor]], path: str
+) -> nn.Module:
+    shared: dict = {}  # tied layers share one set of kernel tensors
     for name, rec in layers.items():
-        layer = build_quantized_linear(name, rec, tensors, manifest["aliases"], path)
-        _swap(model, name, layer, path)
-    inside = tuple(f"{n}." for n in layers)
-    for stored, info in manifest["tensors"].items():
-        for name, kind in info["uses"]:
-            if name.startswith(inside):  # set by build_quantized_linear
-                continue
-            set_tensor(model, name, tensors[stored], kind, path)
+        swap_module(model, name, build_layer(name, rec, shared, path), path)
+    for name, kind, t in assigns:
+        set_tensor(model, name, t, kind, path)
     check_materialised(model, path)
     return model.eval()
 
 
-def _swap(model: nn.Module, name: str, layer: nn.Module, path: str) -> None:
-    parent_name, _, child = name.rpartition(".")
+def load_config(path: str | os.PathLike) -> QuantConfig | None:
+    """The `QuantConfig` a checkpoint was saved with (None if it was quantized before saving; its
+    calibration, if any, is not stored: None). Reads the header only."""
+    from safetensors import SafetensorError, safe_open
+
+    files, _ = _resolve(Path(path))
     try:
-        parent = model.get_submodule(parent_name)
-        getattr(parent, child)
-    except AttributeError:
-        raise CheckpointError(f"{path}: quantized layer {name!r} has no counterpart in the model") from None
-    setattr(parent, child, layer)
+        with safe_open(str(files[0]), framework="pt") as st:
+            metadata = st.metadata()
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{files[0]}: not a readable safetensors file: {e}") from None
+    manifest = parse_manifest(metadata, str(files[0]))
+    if manifest["format_version"] == 1:
+        raise CheckpointError(
+            f"{files[0]}: a format-1 checkpoint keeps only a text of its config, which cannot rebuild it "
+            "(its layers load as stored); read that text from the manifest's 'config' entry"
+        )
+    if manifest["config"] is None:
+        return None
+    try:
+        return QuantConfig.from_dict(manifest["config"])
+    except (ConfigError, FormatError) as e:
+        raise CheckpointError(f"{files[0]}: corrupt config record: {e}") from None

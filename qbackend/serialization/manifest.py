@@ -1,25 +1,24 @@
 """The JSON manifest of a qbackend checkpoint: what the tensors are and how to rebuild the model.
 
 It rides in the safetensors header (``__metadata__["qbackend"]``), so a checkpoint is one file that
-any safetensors reader opens. Fields:
+any safetensors reader opens. Fields (format 2):
 
-* ``format``/``format_version``: "qbackend" and :data:`FORMAT_VERSION` (refused when newer).
+* ``format``/``format_version``: "qbackend" and :data:`FORMAT_VERSION` (refused when newer; format 1
+  is read by :mod:`.legacy`).
 * ``qbackend_version``, ``torch_version``, ``created``: provenance.
 * ``model``: the model's class and, for transformers models, its config (to rebuild without code).
-* ``config``: the `QuantConfig` the model was quantized with (text), when known.
-* ``smoothquant``: W8A8 only: the SmoothQuant settings and which calibration they used.
-* ``layers``: per `QuantizedLinear`: op, int arguments, tensor argument names, scheme, bias; per
-  `W8A8Linear` (``"kind": "w8a8"``): op, format, activation mode, outlier threshold, whether its
-  input has an explicit smoothing multiply, how it was smoothed, bias. Folded norm parameters are
-  ordinary tensors of the model.
-* ``tensors``: per stored tensor: a blake2b digest (corruption check) and its uses, ``[name, kind]``
-  with kind ``param`` or ``buffer`` (several uses: tied weights, shared code tables).
-* ``aliases``: every other name of a stored tensor -> the name it is stored under.
+* ``config``: the `QuantConfig` the model was quantized with (``QuantConfig.to_dict``), or None.
+* ``layers``: per quantized layer, its format record (:mod:`.records`): ``kind``, ``format`` (display
+  name), ``out_features``/``in_features``, ``weight`` (``QuantizedWeight.as_dict`` with its tensors
+  replaced by ``{"codes": "<stored name>", ...}``), ``bias``, the kind's ``options`` and ``tensors``.
+  No kernel op or op argument is named. Folded norm parameters are ordinary tensors of the model.
+* ``tensors``: per stored tensor: a blake2b digest (corruption check) and its ``uses`` as a model
+  tensor, ``[name, kind]`` with kind ``param`` or ``buffer`` (several: tied weights; none: a tensor
+  only a layer record names).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -27,8 +26,12 @@ from typing import Any
 
 import torch
 
+from .._version import __version__
+
 FORMAT = "qbackend"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: the oldest format this qbackend still reads (through :mod:`.legacy`)
+OLDEST_FORMAT_VERSION = 1
 METADATA_KEY = "qbackend"
 
 
@@ -42,45 +45,17 @@ def digest(t: torch.Tensor) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def config_text(config: Any) -> str | None:
-    """A JSON text of a `QuantConfig` (fields that are not JSON, e.g. calibration results, as repr)."""
-    if config is None:
-        return None
-    try:
-        return config.fingerprint()
-    except (TypeError, ValueError):
-        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-        return json.dumps(fields, sort_keys=True, default=repr)
-
-
-def smoothquant_record(config: Any) -> dict[str, Any] | None:
-    """The W8A8 settings of ``config`` as JSON (None for weight-only configs or none)."""
-    sq = getattr(config, "smoothquant", None)
-    if sq is None:
-        return None
-    cal = config.calibration
-    return {
-        "settings": dataclasses.asdict(sq),
-        "calibration": None if cal is None else {"fingerprint": cal.fingerprint(), "num_batches": cal.num_batches,
-                                                  "layers": len(cal.layers)},  # fmt: skip
-    }
-
-
 def new_manifest(model_info: dict[str, Any], config: Any) -> dict[str, Any]:
-    import qbackend
-
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "qbackend_version": qbackend.__version__,
+        "qbackend_version": __version__,
         "torch_version": torch.__version__.split("+")[0],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": model_info,
-        "config": config_text(config),
-        "smoothquant": smoothquant_record(config),
+        "config": None if config is None else config.to_dict(),
         "layers": {},
         "tensors": {},
-        "aliases": {},
     }
 
 
@@ -93,7 +68,8 @@ def parse_manifest(metadata: dict[str, str] | None, path: str) -> dict[str, Any]
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: corrupt qbackend manifest ({e})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: corrupt qbackend manifest (format is {m.get('format')!r})")
+        what = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise CheckpointError(f"{path}: corrupt qbackend manifest (format is {what!r})")
     version = m.get("format_version")
     if not isinstance(version, int):
         raise CheckpointError(f"{path}: corrupt qbackend manifest (format_version {version!r})")
@@ -102,9 +78,9 @@ def parse_manifest(metadata: dict[str, str] | None, path: str) -> dict[str, Any]
             f"{path}: written by qbackend {m.get('qbackend_version', '?')} in checkpoint format {version}; "
             f"this qbackend reads format {FORMAT_VERSION}: upgrade qbackend"
         )
-    if version < FORMAT_VERSION:  # no older format exists yet; keep the message ready for one
+    if version < OLDEST_FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {version} is no longer supported; re-save it")
-    for key in ("layers", "tensors", "aliases", "model"):
+    for key in ("layers", "tensors", "model", *(("aliases",) if version == 1 else ())):
         if not isinstance(m.get(key), dict):
             raise CheckpointError(f"{path}: corrupt qbackend manifest (missing {key!r})")
     return m

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layers import layer_record
 from .manifest import METADATA_KEY, CheckpointError, digest, new_manifest
+from .records import record_to_json
 from .source import quantized_module
 
 
@@ -24,10 +26,11 @@ def save(model: Any, path: str | os.PathLike, *, example_inputs: Any = None, **o
     example_inputs: W8A8 with SmoothQuant only: one batch to trace the model on to fold the scales
         as the backend does (default: the calibration's first batch).
 
-    Stored: every parameter and buffer (quantized layers: their codes and constants, nested ones
-    included, never a float weight; whatever else the model carries, e.g. folded scales, as
-    tensors), plus a JSON manifest (format version, layer formats, config, model class and
-    transformers config, checksums). Load with :func:`qbackend.load`.
+    Stored: per quantized layer its format record (the weight's scheme, shape and named tensors:
+    codes and constants, nested ones included, never a float weight; bias; W8A8/QAT activation
+    settings), every other parameter and buffer of the model (e.g. folded scales), and a JSON
+    manifest (format version, config, model class and transformers config, checksums). Load with
+    :func:`qbackend.load`.
     """
     path = Path(path)
     if path.is_dir():
@@ -36,10 +39,19 @@ def save(model: Any, path: str | os.PathLike, *, example_inputs: Any = None, **o
         raise CheckpointError(f"{path.parent}: directory does not exist")
     module, config = quantized_module(model, options or None, example_inputs)
     manifest = new_manifest(_model_info(module), config)
-    tensors = _collect(module, manifest)
-    manifest["layers"] = _layers(module)
+    store = _Store(manifest["tensors"])
+    for name, m in module.named_modules(remove_duplicate=False):
+        rec = layer_record(m, name)
+        if rec is not None:
+            manifest["layers"][name] = record_to_json(name, rec, store.add)
+    quantized = set(manifest["layers"])
+    named = [(n, t, "param") for n, t in module.named_parameters(remove_duplicate=False)]
+    named += [(n, t, "buffer") for n, t in module.named_buffers(remove_duplicate=False) if t is not None]
+    for name, t, kind in named:
+        if name.rpartition(".")[0] not in quantized:  # a quantized layer's tensors are in its record
+            store.add(name, t, [name, kind])
     metadata = {METADATA_KEY: json.dumps(manifest, sort_keys=True)}
-    _atomic_save(tensors, metadata, path)
+    _atomic_save(store.tensors, metadata, path)
     return path
 
 
@@ -53,73 +65,35 @@ def _model_info(module: nn.Module) -> dict[str, Any]:
     return info
 
 
-def _collect(module: nn.Module, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Unique tensors by name; names sharing one (tied weights, shared code tables) become aliases."""
-    seen: dict[tuple, str] = {}
-    storages: set[int] = set()
-    tensors: dict[str, torch.Tensor] = {}
-    named = [(n, t, "param") for n, t in module.named_parameters(remove_duplicate=False)]
-    named += [(n, t, "buffer") for n, t in module.named_buffers(remove_duplicate=False) if t is not None]
-    for name, t, kind in named:
+class _Store:
+    """The tensors to write, each once: a tensor met again (tied weights, shared constants) keeps its first name."""
+
+    def __init__(self, entries: dict[str, Any]) -> None:
+        self.entries = entries  # the manifest's "tensors"
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._seen: dict[tuple, str] = {}
+        self._storages: set[int] = set()
+
+    def add(self, name: str, t: torch.Tensor, use: list[str] | None = None) -> str:
         if t.device.type == "meta":
             raise CheckpointError(f"{name}: is on the meta device (no data to save); load or initialise it first")
         t = t.detach()
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if key in seen:
-            manifest["aliases"][name] = seen[key]
-            manifest["tensors"][seen[key]]["uses"].append([name, kind])
-            continue
-        seen[key] = name
-        ptr = t.untyped_storage().data_ptr()
-        # safetensors refuses tensors sharing memory: other views of one storage are stored as copies.
-        t = t.clone() if ptr in storages and t.numel() else t.contiguous()
-        storages.add(ptr)
-        tensors[name] = t.cpu()
-        manifest["tensors"][name] = {"digest": digest(t), "uses": [[name, kind]]}
-    return tensors
-
-
-def _layers(module: nn.Module) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    from ..workflows.w8a8.linear import W8A8Linear
-    from ..workflows.weight_only.linear import QuantizedLinear
-
-    out = {}
-    for name, m in module.named_modules():
-        if isinstance(m, W8A8Linear):
-            out[name] = _w8a8_record(m)
-        elif isinstance(m, QuantizedLinear):
-            out[name] = {
-                "op": str(m.op),  # e.g. qbackend.nf4_linear.default
-                "statics": list(m.statics),
-                "scheme": asdict(m.scheme),
-                "in_features": m.in_features,
-                "out_features": m.out_features,
-                "bias": m.bias is not None,
-            }
-    return out
-
-
-def _w8a8_record(m: Any) -> dict[str, Any]:
-    """A `W8A8Linear`'s manifest record: the op, activation mode, outlier threshold, how it was smoothed."""
-    from dataclasses import asdict
-
-    from ..workflows.w8a8.lower import W8A8_SCHEME
-
-    return {
-        "kind": "w8a8",
-        "op": str(m.op),  # qbackend.w8a8_linear.default or qbackend.w8a8_outlier_linear.default
-        "format": m.format,
-        "scheme": asdict(W8A8_SCHEME),
-        "activation": m.activation,
-        "outlier_threshold": m.threshold,
-        "smooth": m.smooth is not None,  # an explicit input multiply (its 1/s is the ``smooth`` tensor)
-        "smoothing": m.smoothing,
-        "in_features": m.in_features,
-        "out_features": m.out_features,
-        "bias": m.bias is not None,
-    }
+        stored = self._seen.get(key)
+        if stored is None:
+            if name in self.tensors:
+                raise CheckpointError(f"{name}: two different tensors would be stored under this name")
+            stored = self._seen[key] = name
+            ptr = t.untyped_storage().data_ptr()
+            # safetensors refuses tensors sharing memory: other views of one storage are stored as copies.
+            partial = t.untyped_storage().nbytes() != t.numel() * t.element_size()
+            t = t.clone() if t.numel() and (ptr in self._storages or partial) else t.contiguous()
+            self._storages.add(ptr)
+            self.tensors[name] = t.cpu()
+            self.entries[name] = {"digest": digest(t), "uses": []}
+        if use is not None:
+            self.entries[stored]["uses"].append(use)
+        return stored
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:

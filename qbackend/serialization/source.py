@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..core.config import QuantConfig
+from .layers import is_quantized_layer
 
 log = logging.getLogger("qbackend")
 
@@ -49,10 +50,7 @@ def _compile_options(compiled: Any) -> dict[str, Any] | None:
 
 
 def has_quantized_layers(model: nn.Module) -> bool:
-    from ..workflows.w8a8.linear import W8A8Linear
-    from ..workflows.weight_only.linear import QuantizedLinear
-
-    return any(isinstance(m, (QuantizedLinear, W8A8Linear)) for m in model.modules())
+    return any(is_quantized_layer(m) for m in model.modules())
 
 
 def shallow_copy_tree(model: nn.Module) -> nn.Module:

@@ -8,12 +8,10 @@ import torch
 from qbackend.formats import Scheme, quantize
 from qbackend.kernels import (
     FAMILIES,
-    LEGACY_OP_FORMATS,
     family_of,
     linear_op,
     ops,
     prepare_weight,
-    stored_op,
     supported,
 )
 from qbackend.kernels.families import WEIGHT_FORMATS, by_op_name
@@ -60,24 +58,6 @@ def test_schema_is_derived_from_the_description(family: OpFamily) -> None:
     )
     assert ops.GRAD_INPUT_OPS[family.op_name] == family.grad_op_name
     assert by_op_name(family.op_name) == (family, False)
-
-
-def test_stored_op_names_today_and_legacy() -> None:
-    assert stored_op("qbackend.nf4_linear.default") is qb.nf4_linear.default
-    assert stored_op("qbackend.w8a8_outlier_linear.default") is qb.w8a8_outlier_linear.default
-    assert LEGACY_OP_FORMATS["codebook4_linear"] == ("nf4", "fp4")
-    # A legacy name served several formats: the stored scheme picks the op.
-    assert stored_op("qbackend.codebook4_linear.default", SCHEMES["fp4"]) is qb.fp4_linear.default
-    assert stored_op("qbackend.codebook4_linear.default", SCHEMES["nf4"]) is qb.nf4_linear.default
-    for bad, scheme in [
-        ("qbackend.codebook4_linear.default", None),
-        ("qbackend.codebook4_linear.default", SCHEMES["int4"]),
-        ("aten.mm.default", None),
-        ("qbackend.nf4_linear_grad_input.default", None),
-        ("qbackend.nope_linear.default", None),
-    ]:
-        with pytest.raises(KeyError):
-            stored_op(bad, scheme)
 
 
 def test_unknown_format_names_the_known_ones() -> None:

@@ -1,0 +1,117 @@
+"""`LayerRecord`: the format-level description of one quantized layer, and its form in the manifest.
+
+A record names no kernel op and no op argument: a layer is its kind (``weight_only`` or ``w8a8``),
+its weight as a `QuantizedWeight` (:meth:`~qbackend.formats.QuantizedWeight.as_dict`: the versioned
+`Scheme`, shape, dtype and named tensors), its bias, the kind's settings (``options``, JSON) and
+the kind's further tensors. In the manifest every tensor is replaced by the name it is stored under.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..formats import TENSOR_KEYS, FormatError, QuantizedWeight, Scheme
+from .manifest import CheckpointError
+
+#: kind -> (its option names, its further tensor names). weight_only ``activations``: "dynamic" or
+#: "static" for deployed QAT layers that also quantize their input (``act_scale``: the static scale).
+#: w8a8: ``activation`` "token"/"tensor" (``act_scale``: the static scale), ``outlier_threshold``,
+#: ``smoothing`` (a description), ``smooth``: the explicit input multiply 1/s when it was not folded.
+KINDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "weight_only": (frozenset({"activations"}), frozenset({"act_scale"})),
+    "w8a8": (frozenset({"activation", "outlier_threshold", "smoothing"}), frozenset({"act_scale", "smooth"})),
+}
+
+
+@dataclass
+class LayerRecord:
+    """One quantized layer, independent of the kernels that run it.
+
+    scheme: the layer's scheme when it differs from ``weight.scheme`` (nested int4 group constants are
+        held decoded by the kernels, so stored plain), else None. label: a display name of the format.
+    """
+
+    kind: str
+    weight: QuantizedWeight
+    bias: torch.Tensor | None = None
+    scheme: Scheme | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def layer_scheme(self) -> Scheme:
+        return self.scheme or self.weight.scheme
+
+
+def record_to_json(name: str, rec: LayerRecord, store: Callable[[str, torch.Tensor], str]) -> dict[str, Any]:
+    """The manifest entry of ``rec``; ``store(proposed_name, tensor)`` stores a tensor and returns its name."""
+    weight = rec.weight.as_dict()
+    out: dict[str, Any] = {
+        "kind": rec.kind,
+        "format": rec.label or rec.layer_scheme.name,
+        "out_features": int(rec.weight.shape[0]),
+        "in_features": int(rec.weight.shape[1]),
+        "weight": {
+            **{k: v for k, v in weight.items() if k not in TENSOR_KEYS},
+            "tensors": {k: store(f"{name}.{k}", weight[k]) for k in TENSOR_KEYS if k in weight},
+        },
+        "bias": None if rec.bias is None else store(f"{name}.bias", rec.bias),
+        "options": dict(rec.options),
+        "tensors": {k: store(f"{name}.{k}", t) for k, t in rec.tensors.items()},
+    }
+    if rec.scheme is not None and rec.scheme != rec.weight.scheme:
+        out["scheme"] = rec.scheme.as_dict()
+    return out
+
+
+def record_from_json(name: str, js: Any, tensors: Mapping[str, torch.Tensor], path: str) -> LayerRecord:
+    """Inverse of :func:`record_to_json` over the checkpoint's tensors; `CheckpointError` naming the layer."""
+
+    def stored(key: str, what: str) -> torch.Tensor:
+        if not isinstance(key, str) or key not in tensors:
+            raise CheckpointError(f"{path}: layer {name!r}: its {what} ({key!r}) is not in the file; it is corrupt")
+        return tensors[key]
+
+    try:
+        kind = js["kind"]
+        if kind not in KINDS:
+            raise CheckpointError(
+                f"{path}: layer {name!r} is of kind {kind!r}, which this qbackend does not know "
+                f"(known: {', '.join(KINDS)}); upgrade qbackend"
+            )
+        w = dict(js["weight"])
+        names = w.pop("tensors")
+        w.update({k: stored(v, f"weight tensor {k!r}") for k, v in names.items()})
+        weight = QuantizedWeight.from_dict(w, name=f"{name}.weight")
+        scheme = Scheme.from_dict(js["scheme"], name=f"{name}.scheme") if "scheme" in js else None
+        option_names, tensor_names = KINDS[kind]
+        options, extra = dict(js.get("options", {})), dict(js.get("tensors", {}))
+        unknown = sorted({*options} - option_names) + sorted({*extra} - tensor_names)
+        if unknown:
+            raise CheckpointError(f"{path}: layer {name!r} ({kind}) has unknown entries {unknown}; upgrade qbackend")
+        return LayerRecord(
+            kind=kind, weight=weight, bias=None if js["bias"] is None else stored(js["bias"], "bias"),
+            scheme=scheme, options=options, tensors={k: stored(v, k) for k, v in extra.items()},
+            label=str(js.get("format", "")),
+        )  # fmt: skip
+    except FormatError as e:
+        raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        why = f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{path}: corrupt record for quantized layer {name!r} ({why})") from None
+
+
+def read_layers(
+    manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor], path: str
+) -> tuple[dict[str, LayerRecord], list[tuple[str, str, torch.Tensor]]]:
+    """The layer records of a current-format manifest, and ``(name, "param"|"buffer", tensor)`` for the rest."""
+    layers = {name: record_from_json(name, js, tensors, path) for name, js in manifest["layers"].items()}
+    assigns = [(n, kind, tensors[s]) for s, info in manifest["tensors"].items() for n, kind in info["uses"]]
+    return layers, assigns
