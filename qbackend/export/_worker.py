@@ -16,6 +16,7 @@ from pathlib import Path
 
 
 def _lower(job: dict) -> None:
+    # torch and torch-mlir load in this worker process only, so a crash in torch-mlir cannot take the caller down
     import torch
     from torch_mlir import fx
 
@@ -26,6 +27,7 @@ def _lower(job: dict) -> None:
 
 
 def _execute(job: dict) -> None:
+    # as in _lower: the heavy imports happen in the worker process
     import torch
 
     from .refbackend import execute

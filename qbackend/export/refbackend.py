@@ -69,6 +69,7 @@ _INPUT_DTYPES = (np.float16, np.float32, np.float64, np.int8, np.uint8, np.int32
 
 def execute(mlir_text: str, inputs: list[np.ndarray], func_name: str = "main") -> list[np.ndarray]:
     """Compile ``mlir_text`` (linalg-on-tensors) and call ``func_name(*inputs)``; returns its results."""
+    # torch-mlir is optional (the "mlir" extra): imported when a module is executed
     from torch_mlir import ir
     from torch_mlir.dialects import torch as torch_d
     from torch_mlir.execution_engine import ExecutionEngine

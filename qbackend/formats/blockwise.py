@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .codebooks import _sorted_midpoints_cpu, code_table, nearest_code
+from .packing import pack_4bit
 from .scheme import FormatError
 
 _NON_FINITE = "input contains NaN/Inf"
@@ -231,8 +232,6 @@ def blockwise_absmax_packed(x: torch.Tensor, blocksize: int, table: str) -> tupl
     fork/join per op, and on a busy machine every such join waits for the slowest thread.
     """
     if x.device.type != "cpu" or blocksize % 2:
-        from .packing import pack_4bit
-
         codes, absmax = blockwise_absmax_codes(x, blocksize, table)
         if not bool(torch.isfinite(absmax).all()):
             raise FormatError(_NON_FINITE)

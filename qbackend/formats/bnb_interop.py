@@ -30,6 +30,7 @@ _PACKED_KEY = "quant_state.bitsandbytes__"
 
 def _require_bnb() -> Any:
     try:
+        # bitsandbytes is optional: needed only to call into it
         import bitsandbytes  # noqa: F401
         import bitsandbytes.functional as bnb_f
     except ImportError as e:  # pragma: no cover - depends on the environment

@@ -93,7 +93,7 @@ def _cache_dir() -> Path:
     d = os.environ.get("QBACKEND_CACHE_DIR")
     if d:
         return Path(d)
-    from torch.utils.cpp_extension import get_default_build_root
+    from torch.utils.cpp_extension import get_default_build_root  # slow to import: only for the default path
 
     return Path(get_default_build_root()) / "qbackend"
 
@@ -175,7 +175,7 @@ def has_blas() -> bool:
 def set_blas(lib: ctypes.CDLL) -> bool:
     """Hand ``lib`` the Fortran ``sgemm_`` and ``MKL_Set_Num_Threads_Local`` that libtorch_cpu exports
     (MKL in x86 wheels), after a small check multiply. False if they are absent (other BLAS builds)."""
-    import torch
+    import torch  # this module builds without torch (a build script); the check multiply needs it
 
     try:
         torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))

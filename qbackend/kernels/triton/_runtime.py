@@ -23,7 +23,7 @@ _compiled: ModuleType | None = None
 
 
 def _is_interpreted(mod: ModuleType) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.interpreter import InterpretedFunction  # triton is optional (CUDA)
 
     return isinstance(mod.wo_gemv_kernel, InterpretedFunction)
 

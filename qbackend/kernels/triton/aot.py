@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -171,6 +173,7 @@ def _attrs(fn: Any, types: dict[str, str | None]) -> dict[tuple[int, ...], list[
 
 
 def compile_spec(spec: Spec, arch: int = 90) -> Report:
+    # triton is optional (CUDA): imported when compiling
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -220,9 +223,6 @@ def _sass(cubin: bytes | None, arch: int) -> str:
     """Disassemble with the bundled cuobjdump, if present (for instruction checks)."""
     if not cubin:
         return ""
-    import subprocess
-    import tempfile
-
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         return ""

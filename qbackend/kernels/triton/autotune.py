@@ -212,7 +212,7 @@ def cache_dir() -> Path:
 
 def cache_file(device: torch.device) -> Path:
     """One file per GPU model, compute capability and Triton version (configs do not transfer)."""
-    import triton
+    import triton  # triton is optional (CUDA)
 
     idx = device.index if device.index is not None else torch.cuda.current_device()
     name = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(idx)).strip("_")
@@ -308,7 +308,7 @@ def launch_fitting(key: str, device: torch.device, cfg: KernelConfig, launch: Ca
 
     The config that fits replaces ``cfg`` in the in-memory cache, so the retry happens once per key.
     """
-    from triton.runtime.errors import OutOfResources
+    from triton.runtime.errors import OutOfResources  # triton is optional (CUDA)
 
     shrunk = False
     while True:
@@ -328,7 +328,7 @@ def launch_fitting(key: str, device: torch.device, cfg: KernelConfig, launch: Ca
 
 def tune(cands: list[KernelConfig], bench: Callable[[KernelConfig], object]) -> KernelConfig | None:
     """The fastest config by median time (L2 flushed by do_bench); configs that fail are skipped."""
-    from triton.testing import do_bench
+    from triton.testing import do_bench  # triton is optional (CUDA)
 
     best: tuple[float, KernelConfig] | None = None
     for cfg in dict.fromkeys(cands):  # dedupe, keep order
