@@ -41,6 +41,7 @@ from . import cpu as cpu  # registers the "cpu" kernels
 from . import cuda as cuda  # registers the "cuda" kernels (Triton resolved on first call)
 from . import ops as ops  # registers torch.ops.qbackend.*
 from .families import FAMILIES, OpFamily, by_op_name
+from .unprepare import weight_from_kernel_tensors
 
 __all__ = [
     "FAMILIES",
@@ -52,6 +53,7 @@ __all__ = [
     "prepare_weight",
     "quantized_linear",
     "supported",
+    "weight_from_kernel_tensors",
 ]
 
 def linear_op(fmt: str | Scheme) -> torch._ops.OpOverload:
