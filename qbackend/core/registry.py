@@ -1,9 +1,10 @@
 """The workflow registry: which code handles a config, on the compile path and on the module path.
 
 A `Workflow` is one way of quantizing a model (weight-only, W8A8/SmoothQuant, QAT, or a third
-party's), described by its handlers. The core (``qbackend`` backend, ``quantize_``, ``explain``)
-looks the workflow up here and calls its handlers; it imports no workflow code. Built-in workflows
-are found by module name on first use (as entry points are); others call `register_workflow`:
+party's), described by its handlers. The core (``qbackend`` backend, ``quantize_``, ``explain``,
+``save``/``load``) looks the workflow up here and calls its handlers; it imports no workflow code.
+Built-in workflows are found by module name on first use (as entry points are); others call
+`register_workflow`:
 
 >>> register_workflow(Workflow("toy", compile=run_toy, quantize=quantize_toy, config_type=ToyConfig))
 >>> torch.compile(model, backend="qbackend", options=ToyConfig(...))
@@ -16,13 +17,13 @@ for its type.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 #: name -> (module defining ``WORKFLOW``, the QuantConfig fields it owns). Loaded on first use only.
 #: A built-in module's ``WORKFLOW`` is a dict of `Workflow`'s fields (workflows sit below the core and
-#: do not import it), as an entry point names its object.
+#: do not import it), as an entry point names its object. Listed with what a workflow builds on before it.
 BUILTIN: Mapping[str, tuple[str, tuple[str, ...]]] = {
     "weight_only": ("qbackend.workflows.weight_only", ()),
     "w8a8": ("qbackend.workflows.w8a8", ("smoothquant", "calibration")),
@@ -56,6 +57,15 @@ class Workflow:
     explain: rows for layers the module path already quantized: ``explain(model) -> list[LayerReport]``.
     modules: the module classes its module path puts in a model (for save/load/inspect to recognise
         a quantized model without importing the workflow).
+    record: save: ``record(module, name) -> LayerRecord | None``: the format record
+        (:class:`qbackend.formats.LayerRecord`) of a module of its own, None for any other module.
+    build: load: ``build(record, name, kernel_weights) -> nn.Module | None``: the module for a record
+        of one of its ``record_kinds``, None for a record it leaves to another workflow (QAT builds
+        the weight-only records that carry activation settings). ``kernel_weights``: a dict the
+        workflow may cache built kernel weights in for the whole load (tied layers share them).
+        Raises ValueError/TypeError for a corrupt record (`RecordError` for a message shown as is).
+    record_kinds: the record kinds it describes or builds: ``{kind: (option names, tensor names)}``,
+        the names its records of that kind may carry in ``options`` / ``tensors``.
     """
 
     name: str
@@ -68,6 +78,11 @@ class Workflow:
     detect: Callable[[Any], bool] | None = None
     explain: Callable[[Any], list] | None = None
     modules: tuple[type, ...] = ()
+    record: Callable[[Any, str], Any] | None = None
+    build: Callable[[Any, str, dict], Any] | None = None
+    record_kinds: Mapping[str, tuple[Collection[str], Collection[str]]] = field(
+        default_factory=dict, hash=False, compare=False
+    )
 
 
 _registry: dict[str, Workflow] = {}
@@ -113,6 +128,26 @@ def workflows() -> list[Workflow]:
 def module_types() -> tuple[type, ...]:
     """The quantized module classes of every workflow (``isinstance(m, module_types())``: quantized already)."""
     return tuple(t for wf in workflows() for t in wf.modules)
+
+
+def extension_order() -> list[Workflow]:
+    """Every workflow, those that may extend another's modules or record kinds first: the registered
+    ones (newest first), then the built-ins with dependents before what they build on (qat and w8a8
+    before weight_only). Save/load ask ``record``/``build`` handlers in this order; the first answer wins.
+    """
+    workflows()
+    registered = [wf for name, wf in _registry.items() if name not in BUILTIN]
+    return [*reversed(registered), *(_registry[name] for name in reversed(BUILTIN) if name in _registry)]
+
+
+def record_kinds() -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+    """Every record kind a workflow builds: ``{kind: (option names, tensor names)}`` over all workflows."""
+    out: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+    for wf in workflows():
+        for kind, (options, tensors) in wf.record_kinds.items():
+            old_options, old_tensors = out.get(kind, (frozenset(), frozenset()))
+            out[kind] = (old_options | frozenset(options), old_tensors | frozenset(tensors))
+    return out
 
 
 def normalize_options(config: Any) -> dict[str, Any]:

@@ -19,8 +19,8 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from ..core import registry
 from ..serialization.source import quantized_module
-from ..workflows.weight_only.linear import QuantizedLinear
 from .minilm import embedding_quality, load_minilm, pooled_embeddings
 from .sentences import EVALUATION_SENTENCES
 
@@ -164,8 +164,9 @@ def _sizes(model: nn.Module) -> tuple[int, int, int]:
         return total
 
     lin_bytes = lin_numel = 0
+    quantized = registry.module_types()  # any workflow's quantized layer
     for m in model.modules():
-        if isinstance(m, QuantizedLinear):
+        if isinstance(m, quantized):
             lin_bytes += nbytes(m.buffers(recurse=False))
             lin_numel += m.in_features * m.out_features
         elif isinstance(m, nn.Linear):

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..serialization.source import quantized_module
+
 OUTPUT_TYPES: tuple[str, ...] = ("linalg-on-tensors", "torch", "tosa", "stablehlo", "raw")
 
 
@@ -139,8 +141,6 @@ def export_mlir(
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
     _require_torch_mlir()
-    from ..serialization.source import quantized_module
-
     # W8A8 with SmoothQuant traces the model once to fold its scales: on the inputs being exported.
     module, _ = quantized_module(model, options or None, tuple(example_inputs))
     program = _export_program(module, example_inputs, dynamic_shapes, output_type)

@@ -2,6 +2,7 @@
 
 from .bnb_interop import from_bnb, from_bnb_state_dict, to_bnb, to_bnb_state_dict
 from .codebooks import code_table
+from .layer_record import LayerRecord, RecordError
 from .nested import NestedConstants, nest_constants
 from .packing import pack_4bit, unpack_4bit
 from .qweight import (
@@ -23,9 +24,11 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "TENSOR_KEYS",
     "FormatError",
+    "LayerRecord",
     "NestedConstants",
     "QuantizedWeight",
     "QuantizedWeightModule",
+    "RecordError",
     "Scheme",
     "code_table",
     "dequantize",

@@ -21,7 +21,8 @@ kernels are named by their *kernel stem*, the storage layout they decode, which 
 Layout of the package: :mod:`.spec` (how a family is described), :mod:`.families` (the
 descriptions), :mod:`.reference` (the oracle), :mod:`.ops` (registration derived from the
 descriptions), :mod:`.cpu` / :mod:`.cuda` (device kernels via ``torch.library.register_kernel``),
-:mod:`.triton` (the GPU kernels, imported on first CUDA call).
+:mod:`.triton` (the GPU kernels, imported on first CUDA call), :mod:`.unprepare` (``prepare_weight``'s
+inverse, for describing a layer as a format record).
 
 Adding a format: one :class:`~qbackend.kernels.spec.OpFamily` in :mod:`.families` and its
 ``<kernel>_linear`` (+ ``_grad_input``) in :mod:`.reference`; the op, its fake, autograd and
@@ -41,6 +42,7 @@ from . import cpu as cpu  # registers the "cpu" kernels
 from . import cuda as cuda  # registers the "cuda" kernels (Triton resolved on first call)
 from . import ops as ops  # registers torch.ops.qbackend.*
 from .families import FAMILIES, OpFamily, by_op_name
+from .unprepare import weight_from_kernel_tensors
 
 __all__ = [
     "FAMILIES",
@@ -52,6 +54,7 @@ __all__ = [
     "prepare_weight",
     "quantized_linear",
     "supported",
+    "weight_from_kernel_tensors",
 ]
 
 def linear_op(fmt: str | Scheme) -> torch._ops.OpOverload:

@@ -1,4 +1,4 @@
-"""Load a bitsandbytes 4-bit (QLoRA NF4/FP4) checkpoint into a model as `QuantizedLinear` layers.
+"""Load a bitsandbytes 4-bit (QLoRA NF4/FP4) checkpoint into a model as weight-only quantized layers.
 
 The codes and (nested) constants are taken as they are (:func:`qbackend.formats.bnb_interop.from_bnb_state_dict`
 re-labels, never re-quantizes); bitsandbytes itself is not needed.
@@ -11,12 +11,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..formats import FormatError
+from ..formats import FormatError, LayerRecord
 from ..formats.bnb_interop import from_bnb_state_dict
 from .assign import check_materialised, set_tensor, swap_module
 from .layers import build_layer
 from .manifest import CheckpointError
-from .records import LayerRecord
 
 _MARKERS = (".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
 # Entries bitsandbytes writes next to a 4-bit weight (relative to "<prefix>weight").
@@ -39,9 +38,9 @@ def is_bnb_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> bool:
 
 
 def load_bnb(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str) -> nn.Module:
-    """Swap each 4-bit layer of ``model`` for a `QuantizedLinear`; assign every other tensor."""
+    """Swap each 4-bit layer of ``model`` for the module of its ``weight_only`` record; assign every other tensor."""
     used: set[str] = set()
-    shared: dict = {}
+    kernel_weights: dict = {}  # tied layers share one set of kernel tensors
     for prefix in bnb_prefixes(state_dict):
         name = prefix.rstrip(".")
         try:
@@ -49,7 +48,7 @@ def load_bnb(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str
         except FormatError as e:
             raise CheckpointError(f"{path}: bitsandbytes layer {name!r}: {e}") from None
         record = LayerRecord("weight_only", qw, state_dict.get(prefix + "bias"))
-        swap_module(model, name, build_layer(name, record, shared, path), path)
+        swap_module(model, name, build_layer(name, record, kernel_weights, path), path)
         used.update(prefix + "weight" + s for s in _SUFFIXES)
         used.add(prefix + "bias")
     for k, t in state_dict.items():

@@ -5,8 +5,9 @@ Format 1 stored, per quantized layer, the kernel op it ran (``"op"``), the op's 
 argument names (``<layer>.codes``, ``<layer>.absmax``, ...; the layer's buffers), plus ``aliases`` for
 tensors stored once under another name. Those names are mapped here, as plain strings (the ops may
 since have been renamed or changed), onto the format-level `LayerRecord` the current reader builds
-modules from, so a format-1 file loads to the same outputs. Code tables (``table``, ``nested_table``)
-were stored but are constants of the format: they are not read.
+modules from (through the workflows' ``build`` handlers, as for format 2), so a format-1 file loads to
+the same outputs. Code tables (``table``, ``nested_table``) were stored but are constants of the
+format: they are not read.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from typing import Any
 
 import torch
 
-from ..formats import FormatError, QuantizedWeight, Scheme
-from .layers import W8A8_SCHEME, weight_from_kernel_buffers
+from ..formats import FormatError, LayerRecord, QuantizedWeight, Scheme
+from ..kernels import weight_from_kernel_tensors
 from .manifest import CheckpointError
-from .records import LayerRecord
 
 # Format-1 op name -> which schemes it ran (checked against the layer's stored scheme).
 _WEIGHT_OPS = {
@@ -29,6 +29,8 @@ _WEIGHT_OPS = {
 }
 # Format-1 W8A8 op name -> whether it is the outlier variant (then ``outlier_threshold`` is set).
 _W8A8_OPS = {"qbackend.w8a8_linear.default": False, "qbackend.w8a8_outlier_linear.default": True}
+# Format 1 stored W8A8 weights as int8 codes, symmetric, one scale per output channel.
+_W8A8_SCHEME = Scheme("int", 8, symmetric=True, granularity="channel", axis=0)
 
 
 def read_layers_v1(
@@ -78,7 +80,7 @@ def _record(name: str, rec: dict[str, Any], get, path: str) -> LayerRecord:
         if missing:
             raise CheckpointError(f"{path}: W8A8 layer {name!r} is missing {', '.join(missing)}")
         n, k = int(rec["out_features"]), int(rec["in_features"])
-        qw = QuantizedWeight(W8A8_SCHEME, (n, k), torch.float32, got["codes"].reshape(-1), got["scale"].reshape(-1))
+        qw = QuantizedWeight(_W8A8_SCHEME, (n, k), torch.float32, got["codes"].reshape(-1), got["scale"].reshape(-1))
         extra = {k: got[k] for k in ("act_scale", "smooth") if wanted[k]}
         options = {"activation": rec["activation"], "outlier_threshold": threshold,
                    "smoothing": str(rec.get("smoothing", ""))}  # fmt: skip
@@ -90,5 +92,6 @@ def _record(name: str, rec: dict[str, Any], get, path: str) -> LayerRecord:
     if not runs(scheme):
         raise ValueError(f"op {op} does not run {scheme.name}")
     n, k = (int(s) for s in rec["statics"][:2])
-    qw = weight_from_kernel_buffers(scheme, n, k, get, name)
+    # format-1 tensor names are the kernel tensor names read there; should those change, translate in get
+    qw = weight_from_kernel_tensors(scheme, n, k, get, name)
     return LayerRecord("weight_only", qw, bias, scheme)

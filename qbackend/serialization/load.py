@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from ..core.config import ConfigError, QuantConfig
-from ..formats import FormatError
+from ..formats import FormatError, LayerRecord
 from .assign import check_materialised, set_tensor, swap_module
 from .bnb import is_bnb_checkpoint, load_bnb
 from .layers import build_layer
 from .legacy import read_layers_v1
 from .manifest import METADATA_KEY, CheckpointError, digest, parse_manifest
-from .records import LayerRecord, read_layers
+from .records import read_layers
 
 ModelSource = nn.Module | Callable[[], nn.Module] | None
 
@@ -88,7 +88,7 @@ def _resolve(path: Path) -> tuple[list[Path], dict[str, Any] | None]:
 
 
 def _read(files: list[Path], device: str | torch.device) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError, safe_open  # deferred: only reading a file needs it
 
     tensors: dict[str, torch.Tensor] = {}
     metadata = None
@@ -161,9 +161,9 @@ def _build_transformers(cls_name: str, cfg: dict[str, Any], path: Path) -> nn.Mo
 def _assemble(
     model: nn.Module, layers: dict[str, LayerRecord], assigns: list[tuple[str, str, torch.Tensor]], path: str
 ) -> nn.Module:
-    shared: dict = {}  # tied layers share one set of kernel tensors
+    kernel_weights: dict = {}  # tied layers share one set of kernel tensors
     for name, rec in layers.items():
-        swap_module(model, name, build_layer(name, rec, shared, path), path)
+        swap_module(model, name, build_layer(name, rec, kernel_weights, path), path)
     for name, kind, t in assigns:
         set_tensor(model, name, t, kind, path)
     check_materialised(model, path)
@@ -173,7 +173,7 @@ def _assemble(
 def load_config(path: str | os.PathLike) -> QuantConfig | None:
     """The `QuantConfig` a checkpoint was saved with (None if it was quantized before saving; its
     calibration, if any, is not stored: None). Reads the header only."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError, safe_open  # deferred: only reading a file needs it
 
     files, _ = _resolve(Path(path))
     try:

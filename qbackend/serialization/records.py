@@ -1,51 +1,23 @@
-"""`LayerRecord`: the format-level description of one quantized layer, and its form in the manifest.
+"""The manifest form of a `~qbackend.formats.LayerRecord` (the format-level description of one layer).
 
-A record names no kernel op and no op argument: a layer is its kind (``weight_only`` or ``w8a8``),
-its weight as a `QuantizedWeight` (:meth:`~qbackend.formats.QuantizedWeight.as_dict`: the versioned
-`Scheme`, shape, dtype and named tensors), its bias, the kind's settings (``options``, JSON) and
-the kind's further tensors. In the manifest every tensor is replaced by the name it is stored under.
+A record names no kernel op and no op argument: a layer is its kind (``weight_only``, ``w8a8`` or a
+registered workflow's), its weight as a `QuantizedWeight` (:meth:`~qbackend.formats.QuantizedWeight.as_dict`:
+the versioned `Scheme`, shape, dtype and named tensors), its bias, the kind's settings (``options``,
+JSON) and the kind's further tensors. In the manifest every tensor is replaced by the name it is
+stored under. Which kinds exist, and the option and tensor names each may carry, the workflows
+declare (``Workflow.record_kinds``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..formats import TENSOR_KEYS, FormatError, QuantizedWeight, Scheme
+from ..core import registry
+from ..formats import TENSOR_KEYS, FormatError, LayerRecord, QuantizedWeight, Scheme
 from .manifest import CheckpointError
-
-#: kind -> (its option names, its further tensor names). weight_only ``activations``: "dynamic" or
-#: "static" for deployed QAT layers that also quantize their input (``act_scale``: the static scale).
-#: w8a8: ``activation`` "token"/"tensor" (``act_scale``: the static scale), ``outlier_threshold``,
-#: ``smoothing`` (a description), ``smooth``: the explicit input multiply 1/s when it was not folded.
-KINDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    "weight_only": (frozenset({"activations"}), frozenset({"act_scale"})),
-    "w8a8": (frozenset({"activation", "outlier_threshold", "smoothing"}), frozenset({"act_scale", "smooth"})),
-}
-
-
-@dataclass
-class LayerRecord:
-    """One quantized layer, independent of the kernels that run it.
-
-    scheme: the layer's scheme when it differs from ``weight.scheme`` (nested int4 group constants are
-        held decoded by the kernels, so stored plain), else None. label: a display name of the format.
-    """
-
-    kind: str
-    weight: QuantizedWeight
-    bias: torch.Tensor | None = None
-    scheme: Scheme | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    label: str = ""
-
-    @property
-    def layer_scheme(self) -> Scheme:
-        return self.scheme or self.weight.scheme
 
 
 def record_to_json(name: str, rec: LayerRecord, store: Callable[[str, torch.Tensor], str]) -> dict[str, Any]:
@@ -79,17 +51,18 @@ def record_from_json(name: str, js: Any, tensors: Mapping[str, torch.Tensor], pa
 
     try:
         kind = js["kind"]
-        if kind not in KINDS:
+        kinds = registry.record_kinds()
+        if kind not in kinds:
             raise CheckpointError(
                 f"{path}: layer {name!r} is of kind {kind!r}, which this qbackend does not know "
-                f"(known: {', '.join(KINDS)}); upgrade qbackend"
+                f"(known: {', '.join(kinds)}); upgrade qbackend"
             )
         w = dict(js["weight"])
         names = w.pop("tensors")
         w.update({k: stored(v, f"weight tensor {k!r}") for k, v in names.items()})
         weight = QuantizedWeight.from_dict(w, name=f"{name}.weight")
         scheme = Scheme.from_dict(js["scheme"], name=f"{name}.scheme") if "scheme" in js else None
-        option_names, tensor_names = KINDS[kind]
+        option_names, tensor_names = kinds[kind]
         options, extra = dict(js.get("options", {})), dict(js.get("tensors", {}))
         unknown = sorted({*options} - option_names) + sorted({*extra} - tensor_names)
         if unknown:

@@ -1,5 +1,5 @@
 """Turn what a user hands us (a module, a quantized module, a ``torch.compile``d module) into a module
-whose linear layers are `QuantizedLinear`, without touching the user's model.
+whose linear layers are quantized modules, without touching the user's model.
 
 Used by ``qbackend.save`` and ``qbackend.export_mlir``.
 """
@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import registry
 from ..core.config import QuantConfig
-from .layers import is_quantized_layer
+from ..core.quantize import quantize_
 
 log = logging.getLogger("qbackend")
 
@@ -50,7 +51,9 @@ def _compile_options(compiled: Any) -> dict[str, Any] | None:
 
 
 def has_quantized_layers(model: nn.Module) -> bool:
-    return any(is_quantized_layer(m) for m in model.modules())
+    """Whether ``model`` holds a quantized module of any workflow (``Workflow.modules``)."""
+    quantized = registry.module_types()
+    return any(isinstance(m, quantized) for m in model.modules())
 
 
 def shallow_copy_tree(model: nn.Module) -> nn.Module:
@@ -82,8 +85,6 @@ def quantized_module(
       `W8A8Linear` (SmoothQuant: traced once on ``example_inputs``, default the calibration's first
       batch, to fold the scales as the backend does).
     """
-    from ..core.quantize import quantize_
-
     module, compiled_options = unwrap_compiled(model)
     if has_quantized_layers(module):
         if options:

@@ -8,8 +8,8 @@
 
 Compile path: :func:`.pipeline.run_w8a8` (find -> select -> :mod:`.fold` -> :mod:`.lower`), guarded
 by :meth:`.pipeline.W8A8Result.guard_folded`; module path: :func:`.module_form.quantize_w8a8_`
-(`W8A8Linear`). The fold report of each compiled graph is in ``report.sections["smoothquant"]``
-(e.g. of ``qbackend.explain``).
+(`W8A8Linear`); save/load: :mod:`.records` (records of kind ``w8a8``). The fold report of each
+compiled graph is in ``report.sections["smoothquant"]`` (e.g. of ``qbackend.explain``).
 """
 
 from typing import Any
@@ -20,6 +20,7 @@ from .fold import FoldReport
 from .linear import W8A8Linear
 from .module_form import quantize_w8a8_
 from .pipeline import W8A8Result, run_w8a8
+from .records import RECORD_KINDS, build_w8a8_linear, record_w8a8_linear
 from .result import CalibrationError, CalibrationResult, LayerStats
 
 
@@ -42,6 +43,9 @@ WORKFLOW = {
     "normalize": _normalize,
     "guard": _guard,
     "modules": (W8A8Linear,),
+    "record": record_w8a8_linear,
+    "build": build_w8a8_linear,
+    "record_kinds": RECORD_KINDS,
 }
 
 __all__ = [

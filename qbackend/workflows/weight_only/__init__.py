@@ -1,13 +1,14 @@
 """Weight-only quantization (nf4/fp4/int4/int8 weights, float activations): the default workflow.
 
 Compile path: :func:`.pipeline.run_weight_only`; module path: :func:`.quantize.quantize_weight_only`
-(`QuantizedLinear`).
+(`QuantizedLinear`); save/load: :mod:`.records` (records of kind ``weight_only``).
 """
 
 from .linear import QuantizedLinear
 from .lower import lower_linears
 from .pipeline import run_weight_only
 from .quantize import prequantized_rows, quantize_weight_only
+from .records import RECORD_KINDS, build_quantized_linear, record_quantized_linear
 
 #: this workflow's handlers, as the fields of ``qbackend.core.registry.Workflow``
 WORKFLOW = {
@@ -16,6 +17,9 @@ WORKFLOW = {
     "quantize": quantize_weight_only,
     "explain": prequantized_rows,
     "modules": (QuantizedLinear,),
+    "record": record_quantized_linear,
+    "build": build_quantized_linear,
+    "record_kinds": RECORD_KINDS,
 }
 
 __all__ = ["WORKFLOW", "QuantizedLinear", "lower_linears", "quantize_weight_only", "run_weight_only"]
