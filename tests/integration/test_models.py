@@ -2,7 +2,7 @@
 
 Each full compile costs 10-40 s on 2 cores, so each model compiles once (NF4, the default); the
 other formats' numerics are checked through ``quantize_`` (the same ops; equality with the compiled
-path is asserted in test_backend.py).
+path is asserted in tests/core/test_backend.py).
 """
 
 import copy

@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_llama_decode.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_llama_decode.py"
 TINY = ["--shape", "tiny", "--device", "cpu", "--batches", "2", "--prompt-len", "4", "--steps", "3", "--repeats", "1",
         "--keep", "2", "--min-params", "0"]  # fmt: skip
 

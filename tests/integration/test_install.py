@@ -25,7 +25,7 @@ import qbackend
 
 pytestmark = pytest.mark.install
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu_linear.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_gpu_linear.py"
 
 
 def test_dry_run_checks_every_forward_and_grad_input_kernel_against_its_dequantized_reference():

@@ -18,7 +18,7 @@ import torch
 
 import qbackend
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _python(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
