@@ -15,10 +15,12 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check qbackend tests benchmarks examples
+	$(VENV)/bin/lint-imports
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check qbackend tests benchmarks examples
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) -m qbackend bench --benchmarks benchmarks $(BENCH_ARGS)
