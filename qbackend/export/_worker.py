@@ -30,7 +30,7 @@ def _execute(job: dict) -> None:
     # as in _lower: the heavy imports happen in the worker process
     import torch
 
-    from .refbackend import execute
+    from .refbackend import execute  # the worker imports only what its job needs (numpy, torch-mlir)
 
     text = Path(job["mlir"]).read_text()
     inputs = [t.numpy() for t in torch.load(job["inputs"])]

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..serialization.source import quantized_module
+from .decompositions import decomposition_table
 
 OUTPUT_TYPES: tuple[str, ...] = ("linalg-on-tensors", "torch", "tosa", "stablehlo", "raw")
 
@@ -153,8 +154,6 @@ def export_mlir(
 
 
 def _export_program(module: torch.nn.Module, example_inputs: Sequence[Any], dynamic_shapes: Any, output_type: str):
-    from .decompositions import decomposition_table
-
     was_training = module.training
     module.eval()
     try:
