@@ -125,16 +125,16 @@ class QuantConfig:
         object.__setattr__(self, "inductor", MappingProxyType(dict(self.inductor)))
         if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
+        active = [n for n in registry.selecting_fields() if getattr(self, n) not in (None, False)]
+        if len(active) > 1:
+            raise ConfigError(f"{' and '.join(active)} cannot be combined: choose one workflow")
         try:  # the workflow fields: validated by the workflows owning them
             normalized = registry.normalize_options(self)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        for name in ("qat", "smoothquant", "calibration"):
+        for name in registry.workflow_fields():
             value = normalized.get(name, getattr(self, name))
             object.__setattr__(self, name, None if value is False else value)
-        active = [n for n in ("smoothquant", "qat") if getattr(self, n) is not None]
-        if len(active) > 1:
-            raise ConfigError(f"{' and '.join(active)} cannot be combined: choose one workflow")
         if self.format == "int8" and self.blocksize is not None:
             raise ConfigError("int8 is per output channel; blocksize must be None (use format='int4' for groups)")
         if self.format == "int8" and self.symmetric is False:
@@ -272,10 +272,23 @@ class QuantConfig:
             raise ConfigError(f"unknown QuantConfig dict key(s) {unknown}; valid: {', '.join(valid)}")
         fields_ = {k: d[k] for k in valid if k in d and k != "calibration"}
         for name in ("include", "exclude"):
-            if name in fields_:
-                fields_[name] = tuple(
-                    re.compile(p["regex"], p["flags"]) if isinstance(p, Mapping) else p for p in fields_[name]
-                )
+            if name not in fields_:
+                continue
+            if not isinstance(fields_[name], (list, tuple)):
+                raise ConfigError(f"QuantConfig dict {name!r}: expected a list, got {type(fields_[name]).__name__}")
+            pats: list[Pattern] = []
+            for i, p in enumerate(fields_[name]):
+                ok = isinstance(p, str) or (
+                    isinstance(p, Mapping) and set(p) == {"regex", "flags"} and isinstance(p["regex"], str)
+                    and isinstance(p["flags"], int) and not isinstance(p["flags"], bool)
+                )  # fmt: skip
+                if not ok:
+                    raise ConfigError(f"QuantConfig dict {name}[{i}]: expected a string or a {{'regex', 'flags'}} dict")
+                try:
+                    pats.append(p if isinstance(p, str) else re.compile(p["regex"], p["flags"]))
+                except (re.error, ValueError) as e:
+                    raise ConfigError(f"QuantConfig dict {name}[{i}]: bad regex ({e})") from None
+            fields_[name] = tuple(pats)
         return cls(**fields_)
 
     @staticmethod

@@ -10,7 +10,8 @@ import torch
 from ..passes.params import clone_graph_module
 from ..passes.report import LayerReport, Report
 from . import registry
-from .backend import resolve_config
+from .backend import resolve_config, run_passes
+from .config import ConfigError
 
 
 def explain(
@@ -26,13 +27,19 @@ def explain(
     Layers already swapped by :func:`qbackend.quantize_` are listed as pre-quantized. Runs the model
     once (in float, eagerly) under ``no_grad``; the model itself is not changed.
     """
-    config = resolve_config(options.pop("config") if "config" in options else options or None)
+    if "config" in options:
+        config = options.pop("config")
+        if options:
+            raise ConfigError(f"qbackend.explain: give either config= or options ({', '.join(options)}), not both")
+        config = resolve_config(config)
+    else:
+        config = resolve_config(options or None)
     reports: list[Report] = []
 
     def collect(gm: torch.fx.GraphModule, inputs: list[Any]):
         # Rewrite a copy: Dynamo keeps what we return in its cache, which must not hold quantized tensors.
         copy = clone_graph_module(gm)
-        reports.append(registry.workflow_for(config, copy).compile(copy, config, True).report)
+        reports.append(run_passes(copy, config, measure_error=True).report)
         return gm.forward
 
     with torch.no_grad():

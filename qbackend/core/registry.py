@@ -47,7 +47,6 @@ class Workflow:
     quantize: the module path (``qbackend.quantize_``): ``quantize(model, config, example_inputs) -> Report``,
         swapping modules in place. None: no module form.
     config_type: a config class of the workflow's own: ``options=`` of that type select it.
-    options: the ``QuantConfig`` fields it owns (built-ins); setting the first one selects it.
     normalize: validates those fields: ``normalize(config) -> {field: normalized value}``; raises
         ValueError with a message for the user.
     guard: wraps the compiled callable: ``guard(result, compiled) -> callable`` (e.g. a check that
@@ -72,7 +71,6 @@ class Workflow:
     compile: Callable[..., Any]
     quantize: Callable[..., Any] | None = None
     config_type: type | None = None
-    options: tuple[str, ...] = ()
     normalize: Callable[[Any], dict[str, Any]] | None = None
     guard: Callable[[Any, Callable], Callable] | None = None
     detect: Callable[[Any], bool] | None = None
@@ -112,9 +110,8 @@ def get_workflow(name: str) -> Workflow:
     module = importlib.import_module(BUILTIN[name][0])  # by name: the core never imports workflow code itself
     spec = module.WORKFLOW
     wf = spec if isinstance(spec, Workflow) else Workflow(**spec)
-    if (wf.name, tuple(wf.options)) != (name, BUILTIN[name][1]):
-        raise WorkflowError(f"{BUILTIN[name][0]}.WORKFLOW is {wf.name!r} with options {wf.options}; the registry "
-                            f"expects {name!r} with {BUILTIN[name][1]}: update BUILTIN")  # fmt: skip
+    if wf.name != name:
+        raise WorkflowError(f"{BUILTIN[name][0]}.WORKFLOW is named {wf.name!r}; the registry expects {name!r}")
     return register_workflow(wf)
 
 
@@ -148,6 +145,16 @@ def record_kinds() -> dict[str, tuple[frozenset[str], frozenset[str]]]:
             old_options, old_tensors = out.get(kind, (frozenset(), frozenset()))
             out[kind] = (old_options | frozenset(options), old_tensors | frozenset(tensors))
     return out
+
+
+def workflow_fields() -> tuple[str, ...]:
+    """The ``QuantConfig`` fields the built-in workflows own (their first field selects the workflow)."""
+    return tuple(f for _module, fields in BUILTIN.values() for f in fields)
+
+
+def selecting_fields() -> tuple[str, ...]:
+    """The field that selects each built-in workflow that has one ("smoothquant", "qat")."""
+    return tuple(fields[0] for _module, fields in BUILTIN.values() if fields)
 
 
 def normalize_options(config: Any) -> dict[str, Any]:

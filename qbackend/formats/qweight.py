@@ -21,7 +21,7 @@ from .blockwise import blockwise_absmax_packed, blockwise_decode_packed
 from .integer import int_decode, int_quantize, scale_shape
 from .nested import NestedConstants, nest_constants
 from .packing import pack_4bit, unpack_4bit
-from .scheme import FormatError, Scheme, check_weight
+from .scheme import FormatError, Scheme, check_record, check_weight
 
 FORMAT_VERSION = 1  # of the ``meta`` tensor of ``to_tensors``
 #: version of :meth:`QuantizedWeight.as_dict`'s layout
@@ -151,13 +151,7 @@ class QuantizedWeight:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], name: str = "weight") -> QuantizedWeight:
         """Inverse of :meth:`as_dict`; a `FormatError` naming ``name`` (and the entry) on bad input."""
-        if not isinstance(d, Mapping):
-            raise FormatError(f"{name}: expected a quantized-weight record (dict), got {type(d).__name__}")
-        if d.get("version") != QWEIGHT_DICT_VERSION:
-            raise FormatError(
-                f"{name}: quantized-weight record version {d.get('version')!r} is not supported (this qbackend "
-                f"reads version {QWEIGHT_DICT_VERSION}); upgrade qbackend or re-save with this one"
-            )
+        check_record(d, "quantized-weight record", QWEIGHT_DICT_VERSION, name)
         unknown = sorted(k for k in d if k not in ("version", "scheme", "shape", "dtype", *TENSOR_KEYS))
         if unknown:
             raise FormatError(f"{name}: unknown entries {unknown} in a quantized-weight record")

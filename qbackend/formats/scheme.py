@@ -21,6 +21,17 @@ class FormatError(ValueError):
     """Bad input for a quantized format; the message names the tensor and what to do."""
 
 
+def check_record(d: Any, what: str, version: int, name: str) -> None:
+    """``d`` must be a record of ``what`` (a dict) at ``version``; else a `FormatError` naming ``name``."""
+    if not isinstance(d, Mapping):
+        raise FormatError(f"{name}: expected a {what} (dict), got {type(d).__name__}")
+    if d.get("version") != version:
+        raise FormatError(
+            f"{name}: {what} version {d.get('version')!r} is not supported (this qbackend reads version "
+            f"{version}); upgrade qbackend or re-save with this one"
+        )
+
+
 @dataclass(frozen=True)
 class Scheme:
     """A quantized storage format.
@@ -103,13 +114,7 @@ class Scheme:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], name: str = "scheme") -> Scheme:
         """Inverse of :meth:`as_dict`; a `FormatError` naming ``name`` on an unknown version or keys."""
-        if not isinstance(d, Mapping):
-            raise FormatError(f"{name}: expected a scheme dict, got {type(d).__name__}")
-        if d.get("version") != SCHEME_DICT_VERSION:
-            raise FormatError(
-                f"{name}: scheme version {d.get('version')!r} is not supported (this qbackend reads version "
-                f"{SCHEME_DICT_VERSION}); upgrade qbackend or re-save with this one"
-            )
+        check_record(d, "scheme", SCHEME_DICT_VERSION, name)
         valid = [f.name for f in fields(cls)]
         unknown = sorted(k for k in d if k not in valid and k != "version")
         missing = [k for k in valid if k not in d]

@@ -61,6 +61,8 @@ def linear_op(fmt: str | Scheme) -> torch._ops.OpOverload:
     """The op computing a linear layer in ``fmt``: a Scheme (its ``format``) or a family name
     ("nf4", "fp4", "int4", "int8", "w8a8", "w8a8_outlier"), e.g. ``torch.ops.qbackend.nf4_linear.default``."""
     name = fmt.format if isinstance(fmt, Scheme) else fmt
+    if not isinstance(name, str):
+        raise TypeError(f"linear_op takes a Scheme or a format name; got {type(fmt).__name__}")
     if name not in FAMILIES:
         raise KeyError(f"no quantized linear op for format {name!r}; known: {', '.join(FAMILIES)}")
     return getattr(torch.ops.qbackend, FAMILIES[name].op_name).default

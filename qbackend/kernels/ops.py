@@ -111,13 +111,9 @@ def _register_all() -> dict[str, torch.library.CustomOpDef]:
 OP_DEFS = _register_all()
 
 
-def register_kernels(device: str, find: Callable[[str], Callable[..., Tensor] | None]) -> list[str]:
+def register_kernels(device: str, find: Callable[[str], Callable[..., Tensor] | None]) -> None:
     """Register ``find("<kernel>_linear")`` / ``find("<kernel>_linear_grad_input")`` as the ``device``
-    kernels of every family whose implementation ``find`` returns (None: keep the default there).
-
-    Returns the op names that got a kernel.
-    """
-    done = []
+    kernels of every family whose implementation ``find`` returns (None: keep the default there)."""
     for f in FAMILIES.values():
         if f.default is not None:  # a composite: runs the device kernels of the ops it calls
             continue
@@ -128,5 +124,3 @@ def register_kernels(device: str, find: Callable[[str], Callable[..., Tensor] | 
             fn = find(fn_name)
             if fn is not None:
                 torch.library.register_kernel(OP_DEFS[op_name], device, checked(f, fn, grad))
-                done.append(op_name)
-    return done

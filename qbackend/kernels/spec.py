@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-FLOAT_ACTS = (torch.float32, torch.float16, torch.bfloat16)
+from ..formats.scheme import SUPPORTED_DTYPES
+
+FLOAT_ACTS = SUPPORTED_DTYPES  # activations: the float dtypes weights are quantized from
 NAMESPACE = "qbackend"
 
 

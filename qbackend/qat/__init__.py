@@ -15,41 +15,47 @@ QLoRA (frozen NF4 base, trainable adapters)::
     add_lora(model, r=8, alpha=16, target_modules=["q_proj", "v_proj"])   # or a peft-wrapped model
     quantize_base(model, Scheme("nf4", nested=True))   # base weights -> QuantizedLinear, float freed
 
-The workflow itself is :mod:`qbackend.workflows.qat`; its submodules are loaded on first use.
+The workflow itself is :mod:`qbackend.workflows.qat`.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from torch import nn
 
 from ..core.config import QuantConfig
+from ..workflows.qat.api import convert, eager_qat, qat_layers
 from ..workflows.qat.api import prepare as _prepare
+from ..workflows.qat.clipping import calibrate_clipping
 from ..workflows.qat.config import QATConfig, QATConfigError
+from ..workflows.qat.deploy import QATQuantizedLinear, deployed_weight
+from ..workflows.qat.fake_quant import clip_weight, fake_quantize_activation, fake_quantize_weight
+from ..workflows.qat.lora import LoRALinear, add_lora, dequantize_base, lora_parameters, quantize_base
+from ..workflows.qat.state import LinearQAT, state_of
 
-_WORKFLOW = "qbackend.workflows.qat"
-_LAZY = {
-    "convert": ".api",
-    "qat_layers": ".api",
-    "eager_qat": ".api",
-    "QATQuantizedLinear": ".deploy",
-    "LinearQAT": ".state",
-    "state_of": ".state",
-    "deployed_weight": ".deploy",
-    "calibrate_clipping": ".clipping",
-    "fake_quantize_weight": ".fake_quant",
-    "fake_quantize_activation": ".fake_quant",
-    "clip_weight": ".fake_quant",
-    "LoRALinear": ".lora",
-    "add_lora": ".lora",
-    "quantize_base": ".lora",
-    "dequantize_base": ".lora",
-    "lora_parameters": ".lora",
-}
-
-__all__ = ["QATConfig", "QATConfigError", "prepare", "qat_config", *_LAZY]
+__all__ = [
+    "LinearQAT",
+    "LoRALinear",
+    "QATConfig",
+    "QATConfigError",
+    "QATQuantizedLinear",
+    "add_lora",
+    "calibrate_clipping",
+    "clip_weight",
+    "convert",
+    "deployed_weight",
+    "dequantize_base",
+    "eager_qat",
+    "fake_quantize_activation",
+    "fake_quantize_weight",
+    "lora_parameters",
+    "prepare",
+    "qat_config",
+    "qat_layers",
+    "quantize_base",
+    "state_of",
+]
 
 
 def qat_config(options: Any = None) -> QuantConfig:
@@ -69,12 +75,3 @@ def prepare(model: nn.Module, options: Any = None) -> list[str]:
     optimizer after preparing (learnable ratios are new parameters). Returns the prepared layer names.
     """
     return _prepare(model, qat_config(options))
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qbackend.qat' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WORKFLOW + module), name)
-    globals()[name] = value
-    return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..passes.modules import is_conv1d
 from .manifest import CheckpointError
 
 
@@ -29,15 +30,34 @@ def set_tensor(root: nn.Module, name: str, value: torch.Tensor, kind: str, path:
         owner._buffers[attr] = value
 
 
-def swap_module(model: nn.Module, name: str, layer: nn.Module, path: str) -> None:
-    """Replace the submodule ``name`` of ``model`` by ``layer``."""
+def swap_module(model: nn.Module, name: str, layer: nn.Module, path: str, shape: tuple[int, ...] | None = None) -> None:
+    """Replace the submodule ``name`` of ``model`` by ``layer``; ``shape``: the ``(out, in)`` of the
+    record's weight, checked against the module replaced."""
     parent_name, _, child = name.rpartition(".")
     try:
         parent = model.get_submodule(parent_name)
-        getattr(parent, child)
+        old = getattr(parent, child)
     except AttributeError:
         raise CheckpointError(f"{path}: quantized layer {name!r} has no counterpart in the model") from None
+    have = _linear_shape(old)
+    if shape is not None and have is not None and tuple(have) != tuple(shape):
+        raise CheckpointError(
+            f"{path}: quantized layer {name!r} has weight shape {tuple(shape)} in the checkpoint "
+            f"but {tuple(have)} in the model"
+        )
     setattr(parent, child, layer)
+
+
+def _linear_shape(m: object) -> tuple[int, ...] | None:
+    """``(out_features, in_features)`` of a linear-like module (also on the meta device; GPT-2's Conv1D
+    too), else None."""
+    out_f, in_f = getattr(m, "out_features", None), getattr(m, "in_features", None)
+    if isinstance(out_f, int) and isinstance(in_f, int):
+        return (out_f, in_f)
+    w = getattr(m, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 2:
+        return tuple(w.shape)[::-1] if is_conv1d(m) else tuple(w.shape)  # Conv1D stores [in, out]
+    return None
 
 
 def check_materialised(model: nn.Module, path: str) -> None:

@@ -48,7 +48,7 @@ def load_bnb(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str
         except FormatError as e:
             raise CheckpointError(f"{path}: bitsandbytes layer {name!r}: {e}") from None
         record = LayerRecord("weight_only", qw, state_dict.get(prefix + "bias"))
-        swap_module(model, name, build_layer(name, record, kernel_weights, path), path)
+        swap_module(model, name, build_layer(name, record, kernel_weights, path), path, record.weight.shape)
         used.update(prefix + "weight" + s for s in _SUFFIXES)
         used.add(prefix + "bias")
     for k, t in state_dict.items():

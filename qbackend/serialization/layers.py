@@ -8,6 +8,8 @@ workflow saves and loads its own layers with no edit here.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -28,6 +30,7 @@ def layer_record(m: nn.Module, name: str = "layer") -> LayerRecord | None:
             if rec is None:
                 continue
             rec.weight.validate(f"{name}.weight")
+            check_layer_scheme(rec)
         except FormatError as e:
             raise CheckpointError(f"cannot save quantized layer {name!r}: {e}") from None
         if rec.kind not in registry.record_kinds():
@@ -40,6 +43,10 @@ def layer_record(m: nn.Module, name: str = "layer") -> LayerRecord | None:
 def build_layer(name: str, rec: LayerRecord, kernel_weights: dict, path: str) -> nn.Module:
     """The module for ``rec``. ``kernel_weights``: shared by the whole load, so tied layers share their tensors."""
     try:
+        check_layer_scheme(rec)
+    except FormatError as e:
+        raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
+    try:
         layer = _build(name, rec, kernel_weights)
     except UnsupportedWeight as e:
         raise CheckpointError(f"{path}: quantized layer {name!r}: no kernel runs it ({e.reason})") from None
@@ -47,11 +54,25 @@ def build_layer(name: str, rec: LayerRecord, kernel_weights: dict, path: str) ->
         raise CheckpointError(f"{path}: {e}") from None
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: corrupt record for quantized layer {name!r} ({e})") from None
+    except RuntimeError as e:  # last resort: a module constructor refusing what its handler did not check
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: corrupt record for quantized layer {name!r} ({why})") from None
     if layer is None:
         raise CheckpointError(f"{path}: quantized layer {name!r} is a {rec.kind!r} record that no workflow builds "
-                              f"with options {rec.options}; upgrade qbackend")  # fmt: skip
+                              f"with options {sorted(rec.options)}; upgrade qbackend")  # fmt: skip
     _check_shapes(layer, rec, name, path)
     return layer
+
+
+def check_layer_scheme(rec: LayerRecord) -> None:
+    """`FormatError` unless the record's layer scheme is its weight's, or that scheme with nested
+    constants (nested int groups: the kernels hold them decoded, so the weight is stored plain)."""
+    s, w = rec.scheme, rec.weight.scheme
+    if s is None or s == w:
+        return
+    if s.nested and s.kind == "int" and s.granularity == "block" and replace(s, nested=False) == w:
+        return
+    raise FormatError(f"its scheme {s.name} does not fit its weight's {w.name}")
 
 
 def _build(name: str, rec: LayerRecord, kernel_weights: dict) -> nn.Module | None:

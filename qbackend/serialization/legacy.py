@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from ..formats import FormatError, LayerRecord, QuantizedWeight, Scheme
+from ..formats import LayerRecord, QuantizedWeight, Scheme
 from ..kernels import weight_from_kernel_tensors
-from .manifest import CheckpointError
+from .manifest import CheckpointError, read_records, tensor_uses
 
 # Format-1 op name -> which schemes it ran (checked against the layer's stored scheme).
 _WEIGHT_OPS = {
@@ -46,21 +46,8 @@ def read_layers_v1(
 
         return get
 
-    layers = {}
-    for name, rec in manifest["layers"].items():
-        try:
-            layers[name] = _record(name, rec, getter(name), path)
-        except FormatError as e:
-            raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
-        except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
-            if isinstance(e, CheckpointError):
-                raise
-            why = f"{type(e).__name__}: {e}"
-            raise CheckpointError(f"{path}: corrupt record for quantized layer {name!r} ({why})") from None
-    inside = tuple(f"{n}." for n in layers)
-    assigns = [(n, kind, tensors[stored]) for stored, info in manifest["tensors"].items()
-               for n, kind in info["uses"] if not n.startswith(inside)]  # fmt: skip
-    return layers, assigns
+    layers = read_records(manifest["layers"], lambda name, rec: _record(name, rec, getter(name), path), path)
+    return layers, tensor_uses(manifest, tensors, skip=tuple(f"{n}." for n in layers))
 
 
 def _record(name: str, rec: dict[str, Any], get, path: str) -> LayerRecord:
@@ -81,6 +68,7 @@ def _record(name: str, rec: dict[str, Any], get, path: str) -> LayerRecord:
             raise CheckpointError(f"{path}: W8A8 layer {name!r} is missing {', '.join(missing)}")
         n, k = int(rec["out_features"]), int(rec["in_features"])
         qw = QuantizedWeight(_W8A8_SCHEME, (n, k), torch.float32, got["codes"].reshape(-1), got["scale"].reshape(-1))
+        qw.validate(f"{name}.weight")
         extra = {k: got[k] for k in ("act_scale", "smooth") if wanted[k]}
         options = {"activation": rec["activation"], "outlier_threshold": threshold,
                    "smoothing": str(rec.get("smoothing", ""))}  # fmt: skip
@@ -94,4 +82,5 @@ def _record(name: str, rec: dict[str, Any], get, path: str) -> LayerRecord:
     n, k = (int(s) for s in rec["statics"][:2])
     # format-1 tensor names are the kernel tensor names read there; should those change, translate in get
     qw = weight_from_kernel_tensors(scheme, n, k, get, name)
+    qw.validate(f"{name}.weight")
     return LayerRecord("weight_only", qw, bias, scheme)

@@ -163,7 +163,7 @@ def _assemble(
 ) -> nn.Module:
     kernel_weights: dict = {}  # tied layers share one set of kernel tensors
     for name, rec in layers.items():
-        swap_module(model, name, build_layer(name, rec, kernel_weights, path), path)
+        swap_module(model, name, build_layer(name, rec, kernel_weights, path), path, rec.weight.shape)
     for name, kind, t in assigns:
         set_tensor(model, name, t, kind, path)
     check_materialised(model, path)

@@ -22,11 +22,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from .._version import __version__
+from ..formats import FormatError
 
 FORMAT = "qbackend"
 FORMAT_VERSION = 2
@@ -83,4 +85,45 @@ def parse_manifest(metadata: dict[str, str] | None, path: str) -> dict[str, Any]
     for key in ("layers", "tensors", "model", *(("aliases",) if version == 1 else ())):
         if not isinstance(m.get(key), dict):
             raise CheckpointError(f"{path}: corrupt qbackend manifest (missing {key!r})")
+    for name, entry in m["tensors"].items():
+        _check_tensor_entry(name, entry, path)
     return m
+
+
+def _check_tensor_entry(name: str, entry: Any, path: str) -> None:
+    """A ``tensors`` entry: ``{"digest": str, "uses": [[name, "param"|"buffer"], ...]}`` (both formats)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("digest"), str):
+        raise CheckpointError(f"{path}: corrupt qbackend manifest: tensor {name!r} has no digest")
+    uses = entry.get("uses")
+    ok = isinstance(uses, list) and all(
+        isinstance(u, list) and len(u) == 2 and isinstance(u[0], str) and u[1] in ("param", "buffer") for u in uses
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{path}: corrupt qbackend manifest: tensor {name!r} has bad 'uses' (want [[name, 'param'|'buffer'], ...])"
+        )
+
+
+def read_records(layers: dict[str, Any], read: Callable[[str, Any], Any], path: str) -> dict[str, Any]:
+    """``{name: read(name, js)}`` over a manifest's layers; a malformed record is a `CheckpointError` naming it."""
+    out = {}
+    for name, js in layers.items():
+        try:
+            out[name] = read(name, js)
+        except FormatError as e:
+            raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            why = f"{type(e).__name__}: {e}"
+            raise CheckpointError(f"{path}: corrupt record for quantized layer {name!r} ({why})") from None
+    return out
+
+
+def tensor_uses(
+    manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor], skip: tuple[str, ...] = ()
+) -> list[tuple[str, str, torch.Tensor]]:
+    """``(model tensor name, "param"|"buffer", tensor)`` for each use in the manifest's ``tensors``,
+    but those under a prefix in ``skip``."""
+    return [(n, kind, tensors[stored]) for stored, info in manifest["tensors"].items()
+            for n, kind in info["uses"] if not (skip and n.startswith(skip))]  # fmt: skip

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from ..core import registry
-from ..formats import TENSOR_KEYS, FormatError, LayerRecord, QuantizedWeight, Scheme
-from .manifest import CheckpointError
+from ..formats import TENSOR_KEYS, LayerRecord, QuantizedWeight, Scheme
+from .manifest import CheckpointError, read_records, tensor_uses
 
 
 def record_to_json(name: str, rec: LayerRecord, store: Callable[[str, torch.Tensor], str]) -> dict[str, Any]:
@@ -42,49 +42,41 @@ def record_to_json(name: str, rec: LayerRecord, store: Callable[[str, torch.Tens
 
 
 def record_from_json(name: str, js: Any, tensors: Mapping[str, torch.Tensor], path: str) -> LayerRecord:
-    """Inverse of :func:`record_to_json` over the checkpoint's tensors; `CheckpointError` naming the layer."""
+    """Inverse of :func:`record_to_json` over the checkpoint's tensors. Raises `CheckpointError` naming
+    the layer, or (for a malformed record) `FormatError`/`KeyError`/... that :func:`read_records` words."""
 
     def stored(key: str, what: str) -> torch.Tensor:
         if not isinstance(key, str) or key not in tensors:
             raise CheckpointError(f"{path}: layer {name!r}: its {what} ({key!r}) is not in the file; it is corrupt")
         return tensors[key]
 
-    try:
-        kind = js["kind"]
-        kinds = registry.record_kinds()
-        if kind not in kinds:
-            raise CheckpointError(
-                f"{path}: layer {name!r} is of kind {kind!r}, which this qbackend does not know "
-                f"(known: {', '.join(kinds)}); upgrade qbackend"
-            )
-        w = dict(js["weight"])
-        names = w.pop("tensors")
-        w.update({k: stored(v, f"weight tensor {k!r}") for k, v in names.items()})
-        weight = QuantizedWeight.from_dict(w, name=f"{name}.weight")
-        scheme = Scheme.from_dict(js["scheme"], name=f"{name}.scheme") if "scheme" in js else None
-        option_names, tensor_names = kinds[kind]
-        options, extra = dict(js.get("options", {})), dict(js.get("tensors", {}))
-        unknown = sorted({*options} - option_names) + sorted({*extra} - tensor_names)
-        if unknown:
-            raise CheckpointError(f"{path}: layer {name!r} ({kind}) has unknown entries {unknown}; upgrade qbackend")
-        return LayerRecord(
-            kind=kind, weight=weight, bias=None if js["bias"] is None else stored(js["bias"], "bias"),
-            scheme=scheme, options=options, tensors={k: stored(v, k) for k, v in extra.items()},
-            label=str(js.get("format", "")),
-        )  # fmt: skip
-    except FormatError as e:
-        raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        why = f"{type(e).__name__}: {e}"
-        raise CheckpointError(f"{path}: corrupt record for quantized layer {name!r} ({why})") from None
+    kind = js["kind"]
+    kinds = registry.record_kinds()
+    if kind not in kinds:
+        raise CheckpointError(
+            f"{path}: layer {name!r} is of kind {kind!r}, which this qbackend does not know "
+            f"(known: {', '.join(kinds)}); upgrade qbackend"
+        )
+    w = dict(js["weight"])
+    names = w.pop("tensors")
+    w.update({k: stored(v, f"weight tensor {k!r}") for k, v in names.items()})
+    weight = QuantizedWeight.from_dict(w, name=f"{name}.weight")
+    scheme = Scheme.from_dict(js["scheme"], name=f"{name}.scheme") if "scheme" in js else None
+    option_names, tensor_names = kinds[kind]
+    options, extra = dict(js.get("options", {})), dict(js.get("tensors", {}))
+    unknown = sorted({*options} - option_names) + sorted({*extra} - tensor_names)
+    if unknown:
+        raise CheckpointError(f"{path}: layer {name!r} ({kind}) has unknown entries {unknown}; upgrade qbackend")
+    return LayerRecord(
+        kind=kind, weight=weight, bias=None if js["bias"] is None else stored(js["bias"], "bias"),
+        scheme=scheme, options=options, tensors={k: stored(v, k) for k, v in extra.items()},
+        label=str(js.get("format", "")),
+    )  # fmt: skip
 
 
 def read_layers(
     manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor], path: str
 ) -> tuple[dict[str, LayerRecord], list[tuple[str, str, torch.Tensor]]]:
     """The layer records of a current-format manifest, and ``(name, "param"|"buffer", tensor)`` for the rest."""
-    layers = {name: record_from_json(name, js, tensors, path) for name, js in manifest["layers"].items()}
-    assigns = [(n, kind, tensors[s]) for s, info in manifest["tensors"].items() for n, kind in info["uses"]]
-    return layers, assigns
+    layers = read_records(manifest["layers"], lambda name, js: record_from_json(name, js, tensors, path), path)
+    return layers, tensor_uses(manifest, tensors)

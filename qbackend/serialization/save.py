@@ -89,7 +89,7 @@ class _Store:
             partial = t.untyped_storage().nbytes() != t.numel() * t.element_size()
             t = t.clone() if t.numel() and (ptr in self._storages or partial) else t.contiguous()
             self._storages.add(ptr)
-            self.tensors[name] = t.cpu()
+            t = self.tensors[name] = t.cpu()
             self.entries[name] = {"digest": digest(t), "uses": []}
         if use is not None:
             self.entries[stored]["uses"].append(use)

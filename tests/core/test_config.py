@@ -104,3 +104,8 @@ def test_selects_by_name_suffix_and_regex():
 
 def test_single_pattern_string_is_accepted():
     assert QuantConfig(exclude="lm_head").exclude == ("lm_head",)
+
+
+def test_two_workflows_in_one_config_is_an_error():
+    with pytest.raises(ConfigError, match=r"^smoothquant and qat cannot be combined: choose one workflow$"):
+        QuantConfig(format="int8", smoothquant=True, qat=True)

@@ -83,3 +83,20 @@ def test_a_missing_key_takes_its_default():
     d = QuantConfig.preset("int8").to_dict()
     del d["mode"]
     assert QuantConfig.from_dict(d) == QuantConfig.preset("int8")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("include", 5, r"QuantConfig dict 'include': expected a list, got int"),
+        ("exclude", [{"flags": 0}], r"QuantConfig dict exclude\[0\]: expected a string or a \{'regex', 'flags'\} dict"),
+        ("include", ["a", {"regex": "a", "flags": "x"}], r"QuantConfig dict include\[1\]: expected a string or"),
+        ("include", [{"regex": "(", "flags": 0}], r"QuantConfig dict include\[0\]: bad regex"),
+    ],
+    ids=["not-a-list", "no-regex", "flags-not-int", "bad-regex"],
+)
+def test_malformed_patterns_name_their_field(field, value, message):
+    d = QuantConfig().to_dict()
+    d[field] = value
+    with pytest.raises(ConfigError, match=message):
+        QuantConfig.from_dict(d)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import qbackend
+from qbackend.core.config import ConfigError, QuantConfig
 from qbackend.workflows.w8a8 import FoldReport
 
 
@@ -34,3 +36,9 @@ def test_explain_gives_the_smoothquant_fold_report():
     assert len(report.quantized) == 2
     plain = qbackend.explain(model, batches[0], preset="int8", min_params=0)
     assert plain.sections == {}
+
+
+def test_config_and_options_together_is_an_error() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(ConfigError, match=r"give either config= or options \(exclude\), not both"):
+        qbackend.explain(model, torch.randn(1, 8), config=QuantConfig(), exclude=["0"])

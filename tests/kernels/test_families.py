@@ -122,3 +122,8 @@ def test_w8a8_autograd_uses_int8_grad_input_and_saves_only_the_weight(name: str)
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.ones(3, n) @ w)
     torch.testing.assert_close(b.grad, torch.full((n,), 3.0))
+
+
+def test_linear_op_of_a_non_format_names_the_type_not_the_value() -> None:
+    with pytest.raises(TypeError, match=r"takes a Scheme or a format name; got Tensor$"):
+        linear_op(torch.ones(2))

@@ -178,7 +178,9 @@ def test_a_record_no_workflow_builds_is_refused_at_load(tmp_path, toy):
     declines = Workflow("toy_layers", compile=_not_compiled, modules=(ToyQuantLinear,), record=record_toy,
                         build=lambda rec, name, kw: None, record_kinds=TOY.record_kinds)  # fmt: skip
     register_workflow(declines, replace=True)
-    with pytest.raises(CheckpointError, match=r"quantized layer '0' is a 'toy' record that no workflow builds"):
+    with pytest.raises(
+        CheckpointError, match=r"layer '0' is a 'toy' record that no workflow builds with options \['factor'\];"
+    ):
         load(path, _skeleton)
 
 

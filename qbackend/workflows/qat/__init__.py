@@ -17,8 +17,6 @@ from .records import RECORD_KINDS, build_qat_linear, record_qat_linear
 
 def _normalize(config: Any) -> dict[str, Any]:
     """The ``qat`` field of a ``QuantConfig``, validated (raises `QATConfigError`)."""
-    if config.smoothquant not in (None, False):
-        raise QATConfigError("smoothquant (W8A8) and qat cannot be combined: QAT trains weight-only formats")
     return {"qat": QATConfig.from_value(config.qat)}
 
 
@@ -27,7 +25,6 @@ WORKFLOW = {
     "name": "qat",
     "compile": run_qat,
     "quantize": quantize_weight_only,
-    "options": ("qat",),
     "normalize": _normalize,
     "detect": has_qat_state,
     "modules": (QATQuantizedLinear,),

@@ -7,9 +7,10 @@ A deployed QAT layer is a weight-only layer that also quantizes its input: its r
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from ...formats import LayerRecord
+from ...formats import LayerRecord, RecordError
 from ..weight_only.records import KIND, record_quantized_linear, shared_kernel_weight
 from .deploy import QATQuantizedLinear
 
@@ -39,5 +40,8 @@ def build_qat_linear(rec: LayerRecord, name: str, kernel_weights: dict) -> QATQu
     if (scale is None) == (activations == "static"):
         state = "missing" if scale is None else "set"
         raise ValueError(f"activations {activations!r} with act_scale {state}")
+    if scale is not None and (scale.dtype != torch.float32 or scale.numel() != 1):
+        raise RecordError(f"QAT layer {name!r}: act_scale must be one float32 value; "
+                          f"got {scale.numel()} {str(scale.dtype).removeprefix('torch.')}")  # fmt: skip
     kw = shared_kernel_weight(rec.weight, kernel_weights)
     return QATQuantizedLinear(kw, rec.bias, rec.layer_scheme, activations, scale)

@@ -30,18 +30,13 @@ def _normalize(config: Any) -> dict[str, Any]:
     return {"smoothquant": sq, "calibration": cal}
 
 
-def _guard(result: W8A8Result, compiled: Any) -> Any:
-    return result.guard_folded(compiled)
-
-
 #: this workflow's handlers, as the fields of ``qbackend.core.registry.Workflow``
 WORKFLOW = {
     "name": "w8a8",
     "compile": run_w8a8,
     "quantize": quantize_w8a8_,
-    "options": ("smoothquant", "calibration"),
     "normalize": _normalize,
-    "guard": _guard,
+    "guard": W8A8Result.guard_folded,
     "modules": (W8A8Linear,),
     "record": record_w8a8_linear,
     "build": build_w8a8_linear,

@@ -22,11 +22,20 @@ from ...formats import Scheme, quantize
 from ...kernels import ops as _kernel_ops  # noqa: F401  (registers qbackend::w8a8_linear, w8a8_outlier_linear)
 from ...passes.graph import attach_tensor, attr_name, become
 from ...passes.lowering import BUFFER_PREFIX
+from ...passes.report import LayerReport
 from ...passes.select_layers import LayerPlan
 from ...passes.weight_cache import QuantEntry, get_entry
 from .fold import FoldReport
 
 W8A8_SCHEME = Scheme("int", 8, symmetric=True, granularity="channel", axis=0)
+
+
+def mark_quantized(row: LayerReport, n: int, k: int, fmt: str, counted: bool = True) -> None:
+    """Fill ``row`` for a W8A8 layer [n, k]: int8 codes + one fp32 scale per output channel (``counted``
+    False: a tied weight whose storage another row already counts)."""
+    row.quantized, row.format = True, fmt
+    row.bits_per_param = 8.0 + 32.0 / k if counted else 0.0
+    row.bytes_after = n * k + 4 * n if counted else 0
 
 
 @dataclass(frozen=True)

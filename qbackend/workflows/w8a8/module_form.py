@@ -53,7 +53,7 @@ from ...passes.select_layers import decide_layer
 from ...passes.weight_cache import effective_weight
 from .fold import NODE_META, FoldReport, GroupFold
 from .linear import W8A8Linear
-from .lower import W8A8_SCHEME
+from .lower import W8A8_SCHEME, mark_quantized
 from .pipeline import run_w8a8
 from .scales import static_act_scale
 
@@ -133,10 +133,8 @@ def _unsmoothed(model: nn.Module, config: Any) -> Report:
 
 
 def _quantized_row(row: LayerReport, layer: W8A8Linear, counted: bool = True) -> None:
-    n, k = layer.out_features, layer.in_features
-    row.quantized, row.format, row.reason = True, layer.format, ""
-    row.bits_per_param = 8.0 + 32.0 / k if counted else 0.0  # int8 codes + one fp32 scale per output channel
-    row.bytes_after = n * k + 4 * n if counted else 0
+    mark_quantized(row, layer.out_features, layer.in_features, layer.format, counted)
+    row.reason = ""
 
 
 # ---- with SmoothQuant: the backend's passes on a trace, moved onto the modules ------------------------

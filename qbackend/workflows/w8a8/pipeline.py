@@ -23,7 +23,7 @@ from ...passes.select_layers import LayerPlan
 from ...passes.weight_cache import StaleWeightError, version_of
 from .config import SmoothQuantConfig
 from .fold import FoldReport, smoothquant_fold
-from .lower import ActQuant, W8A8Lowered, lower_w8a8
+from .lower import ActQuant, W8A8Lowered, lower_w8a8, mark_quantized
 from .result import CalibrationResult
 from .scale_rule import scale_rule
 from .scales import static_act_scale
@@ -123,9 +123,7 @@ def _rows(plans: list[LayerPlan], lowered: list[W8A8Lowered]) -> list[LayerRepor
         row.shape = (int(n), int(k))  # as the sites compute it
         low = done.get(id(plan))
         if low is not None:
-            row.quantized, row.format = True, _format_name(low.act)
-            row.bits_per_param = 8.0 + 32.0 / k  # int8 codes + one fp32 scale per output channel
-            row.bytes_after = n * k + 4 * n
+            mark_quantized(row, int(n), int(k), _format_name(low.act))
             row.rel_error = low.rel_error
         rows.append(row)
     return rows
