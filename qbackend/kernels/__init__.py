@@ -42,9 +42,11 @@ from . import cpu as cpu  # registers the "cpu" kernels
 from . import cuda as cuda  # registers the "cuda" kernels (Triton resolved on first call)
 from . import ops as ops  # registers torch.ops.qbackend.*
 from .families import FAMILIES, OpFamily, by_op_name
+from .spec import COMPUTE_MODES, DEFAULT_COMPUTE
 from .unprepare import weight_from_kernel_tensors
 
 __all__ = [
+    "COMPUTE_MODES",
     "FAMILIES",
     "KernelWeight",
     "OpFamily",
@@ -86,18 +88,26 @@ class UnsupportedWeight(ValueError):
 
 @dataclass(frozen=True)
 class KernelWeight:
-    """What a lowered linear needs at run time: ``op(x, *tensors, bias, *statics)``.
+    """What a lowered linear needs at run time: ``op(x, *tensors, bias, *statics[, compute])``.
 
     op: e.g. ``torch.ops.qbackend.nf4_linear.default`` (see :func:`linear_op`).
     tensors: the op's tensor arguments after ``x`` and before ``bias``, in order (some may be None).
     statics: the op's int arguments after ``bias``.
     names: one name per entry of ``tensors`` (for registering them as buffers; skip the None ones).
+    compute: the op's ``compute`` argument (weight-only formats; see
+        :data:`~qbackend.kernels.spec.COMPUTE_MODES`), None for ops without one.
     """
 
     op: torch._ops.OpOverload
     tensors: tuple[torch.Tensor | None, ...]
     statics: tuple[int, ...]
     names: tuple[str, ...]
+    compute: str | None = None
+
+    @property
+    def scalars(self) -> tuple[int | str, ...]:
+        """The op's arguments after ``bias``: the ints, then ``compute`` where the op takes one."""
+        return self.statics if self.compute is None else (*self.statics, self.compute)
 
     @property
     def out_features(self) -> int:
@@ -131,8 +141,11 @@ def supported(scheme: Scheme) -> tuple[bool, str]:
     return True, f"{scheme.name}: {op}"
 
 
-def prepare_weight(qw: QuantizedWeight, device: torch.device | str | None = None) -> KernelWeight:
-    """The op and arguments that compute a linear layer with weight ``qw`` (optionally moved to ``device``).
+def prepare_weight(
+    qw: QuantizedWeight, device: torch.device | str | None = None, compute: str = DEFAULT_COMPUTE
+) -> KernelWeight:
+    """The op and arguments that compute a linear layer with weight ``qw`` (optionally moved to ``device``),
+    with arithmetic ``compute`` (one of :data:`~qbackend.kernels.spec.COMPUTE_MODES`).
 
     The canonical storage layout is used as is. Exceptions, both exact (same dequantized values):
     per-channel/per-tensor int4 scales become ``[N, 1]`` groups of K; nested int4 group constants
@@ -141,6 +154,8 @@ def prepare_weight(qw: QuantizedWeight, device: torch.device | str | None = None
     ok, reason = supported(qw.scheme)
     if not ok:
         raise UnsupportedWeight(reason)
+    if compute not in COMPUTE_MODES:
+        raise ValueError(f"compute must be one of {', '.join(COMPUTE_MODES)}; got {compute!r:.40}")
     if len(qw.shape) != 2:
         raise UnsupportedWeight(f"{qw.scheme.name}: a linear weight must be 2-D [out, in]; got shape {qw.shape}")
     if device is not None:
@@ -162,7 +177,7 @@ def prepare_weight(qw: QuantizedWeight, device: torch.device | str | None = None
             None if nest is None else code_table("dynamic", dev),
         )
         nbs = nest.blocksize if nest is not None else s.nested_blocksize
-        return KernelWeight(op, tensors, (n, k, s.blocksize, nbs), names)
+        return KernelWeight(op, tensors, (n, k, s.blocksize, nbs), names, compute)
     scale = qw.block_constants().float()
     zp = qw.zero_point
     if s.bits == 4:
@@ -174,11 +189,11 @@ def prepare_weight(qw: QuantizedWeight, device: torch.device | str | None = None
             scale = scale.reshape(-1, 1).expand(n, 1).contiguous()
             zp = None if zp is None else zp.reshape(-1, 1).expand(n, 1).contiguous()
         tensors = (qw.codes.reshape(-1), scale.contiguous(), None if zp is None else zp.contiguous())
-        return KernelWeight(op, tensors, (n, k, groupsize), names)
+        return KernelWeight(op, tensors, (n, k, groupsize), names, compute)
     scale = scale.reshape(-1).expand(n).contiguous()
-    return KernelWeight(op, (qw.codes.reshape(-1), scale), (n, k), names)
+    return KernelWeight(op, (qw.codes.reshape(-1), scale), (n, k), names, compute)
 
 
 def quantized_linear(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W^T + bias`` through the quantized op: ``kw.op(x, *kw.tensors, bias, *kw.statics)``."""
-    return kw.op(x, *kw.tensors, bias, *kw.statics)
+    """``x @ W^T + bias`` through the quantized op: ``kw.op(x, *kw.tensors, bias, *kw.scalars)``."""
+    return kw.op(x, *kw.tensors, bias, *kw.scalars)

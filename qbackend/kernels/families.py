@@ -62,6 +62,7 @@ def _codebook(name: str) -> OpFamily:
         weights=_CODEBOOK_WEIGHTS,
         ints=(*N_K, "blocksize", "nested_blocksize"),
         check=_check_codebook,
+        computes=True,
         summary=f"{name} weight: table[code] * absmax[block], plain or nested (double-quantized) constants",
     )
 
@@ -84,11 +85,12 @@ INT4 = OpFamily(
         _grouped("zero_point", U8, optional=True),
     ),
     ints=(*N_K, "groupsize"),
+    computes=True,
     summary="int4 weight, one scale (and zero point, else 8) per group along K",
 )
 _INT8_WEIGHTS = (TensorArg("codes", I8, lambda a: a.out_features * a.in_features),
                  TensorArg("scale", F32, lambda a: a.out_features))  # fmt: skip
-INT8 = OpFamily(name="int8", kernel="int8", weights=_INT8_WEIGHTS, ints=N_K,
+INT8 = OpFamily(name="int8", kernel="int8", weights=_INT8_WEIGHTS, ints=N_K, computes=True,
                 summary="symmetric int8 weight, one scale per output channel")  # fmt: skip
 _ACT_SCALE = TensorArg("act_scale", F32, lambda a: 1, optional=True)
 W8A8 = OpFamily(

@@ -13,7 +13,21 @@ computes ``grad_x = grad_y @ W`` in grad_y's dtype. Weights are in the canonical
   ``(n*K + k) // blocksize`` (blocks may straddle rows when K % blocksize != 0).
 * int4 groups run along K within a row: element (n, k) uses scale[n, k // groupsize].
 
-``x`` is [..., K] in fp32/fp16/bf16; the result is [..., N] in x's dtype, computed in fp32.
+``x`` is [..., K] in fp32/fp16/bf16; the result is [..., N] in x's dtype.
+
+The weight-only ops take ``compute`` (see :data:`qbackend.kernels.spec.COMPUTE_MODES`), which
+defines the arithmetic a kernel may use; each mode is defined here as an fp32 computation on
+transformed operands (:func:`table_image`, :func:`quantize_activations`), and kernels match it up to summation order:
+
+* ``"fp32"``: exact, ``x @ W^T`` with W decoded in fp32.
+* ``"bf16"``: x rounded to bf16; NF4/FP4 code-table values rounded to bf16 (the block constant stays
+  fp32); int4/int8 codes are exact in bf16. A kernel may also round the decoded weight itself to
+  bf16 (a library bf16 GEMM does): tests allow that, i.e. a relative 2^-8 per product.
+* ``"int8"``: each row of x is quantized symmetrically to int8 per block of :data:`ACT_BLOCK` along K
+  (scale = amax / 127, ``round(x / scale)`` half to even, clamped to +-127; an all-zero block has
+  scale 0); NF4/FP4 table values through their int8 image ``round(c * table) / c`` (:func:`int8_table`);
+  int4 and int8 codes are integers already. Rows of x holding NaN/Inf are computed as in ``"fp32"`` (so they give
+  NaN/Inf out, as fp32 does, never garbage).
 """
 
 from __future__ import annotations
@@ -22,6 +36,68 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+#: the block of K over which "int8" compute shares one activation scale
+ACT_BLOCK = 32
+
+
+def quantize_activations(x2: torch.Tensor, block: int = ACT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values as fp32 [M, K], scales [M, ceil(K/block)]): the "int8" compute activation rounding."""
+    m, k = x2.shape
+    nb = -(-k // block)
+    xp = F.pad(x2.float(), (0, nb * block - k)).view(m, nb, block)
+    s = xp.abs().amax(dim=2) / 127.0
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.clamp(torch.round(xp / safe.unsqueeze(2)), -127, 127)
+    return q.view(m, nb * block)[:, :k], s
+
+
+def _dequant_activations(x2: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tensor:
+    q, s = quantize_activations(x2, block)
+    m, k = x2.shape
+    nb = s.shape[1]
+    return (F.pad(q, (0, nb * block - k)).view(m, nb, block) * s.unsqueeze(2)).view(m, nb * block)[:, :k]
+
+
+def int8_table(table: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(int8 values ``round(c * table)``, c): the "int8" compute image of a 16-entry code table.
+
+    c is the multiplier in [64, 127] (steps of 0.1) with the smallest squared error of
+    ``round(c * t) / c`` against the table: 112 for NF4 (RMS error 1.7e-3 of the block's absmax, vs
+    2.2e-3 at c = 127), 120 for FP4. Kernels fold ``1 / c`` into the block scale.
+    """
+    t = table.detach().double().cpu().reshape(-1)
+    cs = torch.arange(640, 1271, dtype=torch.float64) / 10.0
+    img = torch.clamp(torch.round(t.unsqueeze(0) * cs.unsqueeze(1)), -127, 127)
+    err = ((img / cs.unsqueeze(1) - t.unsqueeze(0)) ** 2).sum(1)
+    i = int(torch.argmin(err))  # first minimum: deterministic
+    return img[i].to(torch.int8), float(cs[i])
+
+
+def table_image(table: torch.Tensor, compute: str) -> torch.Tensor:
+    """The code-table values a ``compute`` mode multiplies with (fp32)."""
+    if compute == "bf16":
+        return table.float().bfloat16().float()
+    if compute == "int8":
+        t8, c = int8_table(table)
+        return (t8.double() / c).float().to(table.device)
+    return table
+
+
+def _linear_computed(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, compute: str) -> torch.Tensor:
+    """y = x @ w^T + b with x's operand rounding of ``compute`` (w already in its image)."""
+    b = None if bias is None else bias.float()
+    x2 = x.float().reshape(-1, w.shape[1])
+    if compute == "bf16":
+        y = F.linear(x2.bfloat16().float(), w, b)
+    elif compute == "int8":
+        y = F.linear(_dequant_activations(x2), w, b)
+        bad = ~torch.isfinite(x2).all(dim=1)
+        if bool(bad.any()):
+            y[bad] = F.linear(x2[bad], w, b)
+    else:
+        y = F.linear(x2, w, b)
+    return y.reshape(*x.shape[:-1], w.shape[0]).to(x.dtype)
 
 
 def _unpack(codes: torch.Tensor, numel: int) -> torch.Tensor:
@@ -68,14 +144,14 @@ def codebook_linear(
     in_features: int,
     blocksize: int,
     nested_blocksize: int,
+    compute: str = "fp32",
 ) -> torch.Tensor:
     """y = x @ W^T + b for an NF4/FP4 weight (see :func:`decode_codebook`)."""
     w = decode_codebook(
-        codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
+        codes, absmax, nested_codes, nested_absmax, nested_offset, table_image(table, compute), nested_table,
         out_features, in_features, blocksize, nested_blocksize,
     )  # fmt: skip
-    b = None if bias is None else bias.float()
-    return F.linear(x.float(), w, b).to(x.dtype)
+    return _linear_computed(x, w, bias, compute)
 
 
 def decode_int4(
@@ -102,11 +178,11 @@ def int4_linear(
     out_features: int,
     in_features: int,
     groupsize: int,
+    compute: str = "fp32",
 ) -> torch.Tensor:
     """y = x @ W^T + b for an int4 weight, symmetric (zero_point None) or affine, one scale per group."""
     w = decode_int4(codes, scale, zero_point, out_features, in_features, groupsize)
-    b = None if bias is None else bias.float()
-    return F.linear(x.float(), w, b).to(x.dtype)
+    return _linear_computed(x, w, bias, compute)
 
 
 def int8_linear(
@@ -116,11 +192,11 @@ def int8_linear(
     bias: torch.Tensor | None,
     out_features: int,
     in_features: int,
+    compute: str = "fp32",
 ) -> torch.Tensor:
     """y = x @ W^T + b for a symmetric int8 weight with one fp32 scale per output channel."""
     w = codes.view(out_features, in_features).float() * scale.float().view(-1, 1)
-    b = None if bias is None else bias.float()
-    return F.linear(x.float(), w, b).to(x.dtype)
+    return _linear_computed(x, w, bias, compute)
 
 
 def w8a8_linear(

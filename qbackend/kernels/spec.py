@@ -7,7 +7,9 @@ An :class:`OpFamily` is the single description of one ``qbackend::<name>_linear`
 families themselves are in :mod:`qbackend.kernels.families`.
 
 Argument order of a forward op: ``x``, the weight tensors, ``bias``, the extra tensors, the float
-scalars, the ints. Of a grad-input op: ``grad_y``, the weight tensors, the ints.
+scalars, the ints and, for the weight-only formats, ``compute`` (a string, default ``"fp32"``: the
+arithmetic the kernel may use, see :data:`COMPUTE_MODES`). Of a grad-input op: ``grad_y``, the
+weight tensors, the ints (gradients are always computed in fp32).
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from ..formats.scheme import SUPPORTED_DTYPES
 
 FLOAT_ACTS = SUPPORTED_DTYPES  # activations: the float dtypes weights are quantized from
 NAMESPACE = "qbackend"
+
+#: the arithmetic a weight-only op may use (the numerics of each are defined in
+#: :mod:`qbackend.kernels.reference`): "fp32" exact; "bf16" activations and codebook values rounded to
+#: bf16, fp32 accumulation; "int8" activations quantized to int8 per block of ``ACT_BLOCK`` along K,
+#: integer dot products, block scales applied in fp32. ("auto" is a config value resolved before an
+#: op is called, never an op argument.)
+COMPUTE_MODES = ("fp32", "bf16", "int8")
+DEFAULT_COMPUTE = "fp32"
 
 
 class Args(dict):
@@ -73,6 +83,7 @@ class OpFamily:
     grad_family: the family whose grad-input op computes this one's ``grad_x`` (None: its own).
     default: a composite over other qbackend ops serving every device (then no device kernels are
         registered for the family; the reference is only the test oracle), or None.
+    computes: whether the forward op takes the trailing ``compute`` string (weight-only formats).
     summary: one line saying what the op computes (the docstring of its default kernel).
     """
 
@@ -86,6 +97,7 @@ class OpFamily:
     grad_family: str | None = None
     default: Callable[..., Tensor] | None = None
     summary: str = ""
+    computes: bool = False
 
     # ---- names and signatures ------------------------------------------------------------------
 
@@ -107,6 +119,8 @@ class OpFamily:
         # Argument names are needed on every call (binding): computed once.
         w = tuple(t.name for t in self.weights)
         fwd = ("x", *w, "bias", *(t.name for t in self.extras), *self.floats, *self.ints)
+        if self.computes:
+            fwd = (*fwd, "compute")
         object.__setattr__(self, "_names", {False: fwd, True: ("grad_y", *w, *self.ints)})
         object.__setattr__(self, "_cache", {})
 
@@ -123,6 +137,8 @@ class OpFamily:
             parts += [f"Tensor{'?' if t.optional else ''} {t.name}" for t in self.extras]
             parts += [f"float {f}" for f in self.floats]
         parts += [f"SymInt {i}" for i in self.ints]
+        if self.computes and not grad:
+            parts += [f'str compute="{DEFAULT_COMPUTE}"']
         return f"({', '.join(parts)}) -> Tensor"
 
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None, grad: bool = False) -> Args:
@@ -134,6 +150,8 @@ class OpFamily:
             self.fail(f"takes {len(names)} arguments; got {len(args)}", grad, TypeError)
         out = Args(zip(names, args, strict=False))
         out.update(kwargs or {})
+        if self.computes and not grad:
+            out.setdefault("compute", DEFAULT_COMPUTE)
         missing = [n for n in names if n not in out]
         if missing:
             self.fail(f"missing argument(s) {', '.join(missing)}", grad, TypeError)
@@ -161,6 +179,8 @@ class OpFamily:
         if x.shape[-1] != width:
             self.fail(f"{x_name} has last dimension {x.shape[-1]} but {width_name}={width} (shape {tuple(x.shape)})",
                       grad)  # fmt: skip
+        if self.computes and not grad and a.compute not in COMPUTE_MODES:
+            self.fail(f"compute must be one of {', '.join(COMPUTE_MODES)}; got {a.compute!r:.40}", grad)
         if self.check is not None:
             self.check(self, a, grad)
         device = x.device

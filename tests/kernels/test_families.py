@@ -69,11 +69,13 @@ def test_bind_names_arguments_and_rejects_wrong_arity() -> None:
     fam = FAMILIES["int8"]
     a = fam.bind((1, 2, 3, None, 4, 5))
     assert (a.x, a.codes, a.scale, a.bias, a.out_features, a.in_features) == (1, 2, 3, None, 4, 5)
+    assert a.compute == "fp32"  # the schema's default
     assert fam.bind((1, 2, 3), {"bias": None, "out_features": 4, "in_features": 5}) == a
+    assert fam.bind((1, 2, 3, None, 4, 5, "int8")).compute == "int8"
     with pytest.raises(TypeError, match=r"qbackend::int8_linear: missing argument\(s\) in_features"):
         fam.bind((1, 2, 3, None, 4))
-    with pytest.raises(TypeError, match="takes 6 arguments; got 7"):
-        fam.bind((1, 2, 3, None, 4, 5, 6))
+    with pytest.raises(TypeError, match="takes 7 arguments; got 8"):
+        fam.bind((1, 2, 3, None, 4, 5, "fp32", 6))
 
 
 def _int8_args(n: int = 8, k: int = 64) -> tuple:

@@ -30,6 +30,7 @@ from torch import Tensor
 from .. import ops
 from .. import reference as ref
 from . import _build
+from . import compute as _compute
 
 # Fused kernels up to this many rows; above, dequantized panels + sgemm (measured on one core: the
 # fused kernels win at M = 64, tie around M = 256; MKL's cache blocking wins for prefill-sized M).
@@ -214,9 +215,13 @@ def _blocks_ok(n: int, k: int, bs: int) -> bool:
 def codebook_linear(
     x: Tensor, codes: Tensor, absmax: Tensor | None, nested_codes: Tensor | None, nested_absmax: Tensor | None,
     nested_offset: Tensor | None, table: Tensor, nested_table: Tensor | None, bias: Tensor | None,
-    out_features: int, in_features: int, blocksize: int, nested_blocksize: int,
+    out_features: int, in_features: int, blocksize: int, nested_blocksize: int, compute: str = "fp32",
 ) -> Tensor:  # fmt: skip
     """CPU ``codebook_linear`` (nf4, fp4) (see module docstring for the strategy)."""
+    if compute != "fp32":
+        return _compute.codebook_linear(x, codes, absmax, nested_codes, nested_absmax, nested_offset, table,
+                                        nested_table, bias, out_features, in_features, blocksize, nested_blocksize,
+                                        compute)  # fmt: skip
     L = lib()
     if L is None or not _blocks_ok(out_features, in_features, blocksize):
         return ref.codebook_linear(x, codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
@@ -244,9 +249,11 @@ def codebook_linear_grad_input(
 
 def int4_linear(
     x: Tensor, codes: Tensor, scale: Tensor, zero_point: Tensor | None, bias: Tensor | None,
-    out_features: int, in_features: int, groupsize: int,
+    out_features: int, in_features: int, groupsize: int, compute: str = "fp32",
 ) -> Tensor:  # fmt: skip
     """CPU ``int4_linear``."""
+    if compute != "fp32":
+        return _compute.int4_linear(x, codes, scale, zero_point, bias, out_features, in_features, groupsize, compute)
     L = lib()
     if L is None:
         return ref.int4_linear(x, codes, scale, zero_point, bias, out_features, in_features, groupsize)
@@ -291,9 +298,12 @@ def _int8_y(L, x2: Tensor, codes: Tensor, scale: Tensor, b: Tensor | None, n: in
 
 
 def int8_linear(
-    x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, out_features: int, in_features: int
-) -> Tensor:
+    x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, out_features: int, in_features: int,
+    compute: str = "fp32",
+) -> Tensor:  # fmt: skip
     """CPU ``int8_linear``."""
+    if compute != "fp32":
+        return _compute.int8_linear(x, codes, scale, bias, out_features, in_features, compute)
     L = lib()
     if L is None:
         return ref.int8_linear(x, codes, scale, bias, out_features, in_features)
