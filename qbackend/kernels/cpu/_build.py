@@ -1,4 +1,4 @@
-"""Build (once per machine, cached) and load the C++ CPU kernels in ``qlinear.cpp``.
+"""Build (once per machine, cached) and load the C++ CPU kernels (``*.cpp`` beside this file).
 
 The library is plain C ABI loaded with ctypes (no OpenMP, no libtorch), so it compiles in seconds
 with ``g++`` and does not depend on torch's C++ headers or ABI. ISA flags are chosen from the CPU we run on
@@ -27,7 +27,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ABI_VERSION = 5
-_SRC = Path(__file__).with_name("qlinear.cpp")
+# Every C++ source beside this file goes into the one library (each kernel family in its own file;
+# code for ISA extensions beyond the variant's flags uses target attributes + a run-time CPU check).
+_SRCS = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
 
 # Explicit ISA flags instead of -march=native: the binary then runs on every CPU of that class.
 _VARIANTS = {
@@ -113,7 +115,8 @@ def library_path(variant: str) -> tuple[Path, list[str], str]:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
     flags = _BASE_FLAGS + _VARIANTS[variant]
     h = hashlib.sha256()
-    for part in (_SRC.read_bytes(), " ".join(flags).encode(), str(version).encode(), str(ABI_VERSION).encode()):
+    for part in (*(src.read_bytes() for src in _SRCS), " ".join(flags).encode(), str(version).encode(),
+                 str(ABI_VERSION).encode()):  # fmt: skip
         h.update(part)
     path = _cache_dir() / f"qlinear_{variant}_{h.hexdigest()[:16]}.so"
     return path, [cxx, *flags], cxx
@@ -125,9 +128,10 @@ def _compile(path: Path, cmd: list[str]) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        res = subprocess.run([*cmd, str(_SRC), "-o", tmp], capture_output=True, text=True, timeout=300)
+        res = subprocess.run([*cmd, *map(str, _SRCS), "-o", tmp], capture_output=True, text=True, timeout=300)
         if res.returncode != 0:
-            raise RuntimeError(f"compiling {_SRC.name} failed:\n{res.stderr[-4000:]}")
+            names = ", ".join(src.name for src in _SRCS)
+            raise RuntimeError(f"compiling {names} failed:\n{res.stderr[-4000:]}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
