@@ -14,14 +14,14 @@ compiled graph is in ``report.sections["smoothquant"]`` (e.g. of ``qbackend.expl
 
 from typing import Any
 
-from .calibration import calibrate
+from ...passes.calibration import calibrate
+from ...passes.calibration_result import CalibrationError, CalibrationResult, LayerStats
 from .config import SmoothQuantConfig, SmoothQuantConfigError, backend_options
 from .fold import FoldReport
 from .linear import W8A8Linear
 from .module_form import quantize_w8a8_
 from .pipeline import W8A8Result, run_w8a8
 from .records import RECORD_KINDS, build_w8a8_linear, record_w8a8_linear
-from .result import CalibrationError, CalibrationResult, LayerStats
 
 
 def _normalize(config: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .result import CalibrationResult
+from ...passes.calibration_result import CalibrationResult
 
 ACTIVATIONS = ("token", "tensor")
 UNFOLDABLE = ("multiply", "skip")
