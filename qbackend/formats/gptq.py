@@ -24,10 +24,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .blockwise import single_threaded
 from .grid import ElementGrid, grid_from_weight
-from .qweight import QuantizedWeight
+from .qweight import QuantizedWeight, quantize
 from .scheme import FormatError, Scheme
 
 
@@ -38,11 +39,14 @@ class CalibrationDataError(FormatError):
 @dataclass(frozen=True)
 class GPTQResult:
     """The quantized weight, with what the report shows: relative output error of GPTQ and of
-    round-to-nearest on the calibration inputs (``sqrt(tr(D H D^T) / tr(W H W^T))``, D = W - deq)."""
+    round-to-nearest on the calibration inputs (``sqrt(tr(D H D^T) / tr(W H W^T))``, D = W - deq).
+    ``kept_rtn``: GPTQ's greedy rounding came out worse than round to nearest on these inputs (it can,
+    on tiny or nearly diagonal problems), so the round-to-nearest weight was kept."""
 
     qweight: QuantizedWeight
     error: float
     rtn_error: float
+    kept_rtn: bool = False
 
 
 def prepare_hessian(hessian: torch.Tensor, k: int, damp: float, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +95,7 @@ def gptq_quantize(
     """GPTQ-quantize ``w`` (``[N, K]``) to ``scheme`` with ``hessian`` (``[K, K]``, mean ``X^T X``).
 
     groups: "auto" (dynamic where possible), "dynamic" or "static" (see the module docstring).
+    The result is never worse than round to nearest on the calibration inputs (see `GPTQResult`).
     Raises `CalibrationDataError` (naming ``name``) for a Hessian that does not fit or is not positive
     definite after dampening, `FormatError` for a bad weight or option.
     """
@@ -103,7 +108,7 @@ def gptq_quantize(
     if groups not in ("auto", "dynamic", "static"):
         raise FormatError(f"{name}: groups must be 'auto', 'dynamic' or 'static'; got {groups!r}")
     n, k = w.shape
-    h, dead = prepare_hessian(hessian, k, damp, name)
+    perm, hinv = hessian_factor(hessian, k, damp, act_order, name)
     W = w.detach().float().clone()
     grid = grid_from_weight(W, scheme)
     group = _dynamic_group(scheme, k)
@@ -112,10 +117,8 @@ def gptq_quantize(
         raise FormatError(f"{name}: dynamic groups need act_order=False and blocks inside rows ({scheme.name}, K={k})")
     if dynamic:
         block = max(block, group) // group * group  # a group never straddles two lazy blocks
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
     if perm is not None:
-        W, h, grid = W[:, perm], h[perm][:, perm], grid.permuted(perm)
-    hinv = _inverse_cholesky(h, damp, name).float()
+        W, grid = W[:, perm], grid.permuted(perm)
     # Column j of W is row j of Wt: every per-column step reads and writes contiguous memory.
     Wt, gt = W.t().contiguous(), grid.transposed()
     codes_t = torch.empty(k, n, dtype=torch.int16 if not grid.codebook else torch.uint8)
@@ -142,9 +145,12 @@ def gptq_quantize(
         inv = torch.argsort(perm)
         codes, grid = codes[:, inv], grid.permuted(inv)
     qweight = grid.to_qweight(codes, w.dtype, name)
-    deq = qweight.dequantize(torch.float32)
-    rtn = grid_from_weight(w, scheme).encode(w)[1]
-    return GPTQResult(qweight, output_error(w, deq, hessian), output_error(w, rtn, hessian))
+    error = output_error(w, qweight.dequantize(torch.float32), hessian)
+    rtn = quantize(w, scheme, name=name)
+    rtn_error = output_error(w, rtn.dequantize(torch.float32), hessian)  # as stored: nested constants decoded
+    if rtn_error < error:
+        return GPTQResult(rtn, rtn_error, rtn_error, kept_rtn=True)
+    return GPTQResult(qweight, error, rtn_error)
 
 
 def _dynamic_group(scheme: Scheme, k: int) -> int | None:
@@ -156,14 +162,39 @@ def _dynamic_group(scheme: Scheme, k: int) -> int | None:
     return scheme.blocksize
 
 
+#: hessian -> {(damp, act_order): (perm, factor)}: layers reading one input (q/k/v) share one factorisation
+_factors: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def hessian_factor(
+    hessian: torch.Tensor, k: int, damp: float, act_order: bool, name: str
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(column order or None, upper Cholesky factor of the damped H^-1 in that order)`` (fp32), memoised
+    per Hessian tensor (the calibration's tensors are not modified in place)."""
+    per = _factors.get(hessian)
+    if per is None:
+        per = _factors[hessian] = {}
+    key = (float(damp), bool(act_order), k)
+    if key not in per:
+        h, _dead = prepare_hessian(hessian, k, damp, name)
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
+        if perm is not None:
+            h = h[perm][:, perm]
+        per[key] = (perm, _inverse_cholesky(h, damp, name))
+    return per[key]
+
+
 def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of ``H^-1`` (float64); `CalibrationDataError` when H is not positive definite."""
-    lower, info = torch.linalg.cholesky_ex(h)
-    if int(info) == 0:
+    """Upper Cholesky factor of ``H^-1`` (fp32, as the reference; float64 if fp32 fails); `CalibrationDataError`
+    when H is not positive definite."""
+    for dtype in (torch.float32, torch.float64):
+        lower, info = torch.linalg.cholesky_ex(h.to(dtype))
+        if int(info) != 0:
+            continue
         hinv = torch.cholesky_inverse(lower)
         upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
         if int(info) == 0 and bool(torch.isfinite(upper).all()):
-            return upper
+            return upper.float()
     raise CalibrationDataError(
         f"{name}: the calibration's X^T X is singular even with damp={damp:g}; raise damp (e.g. 0.1) or "
         "calibrate on more, varied tokens"

@@ -195,6 +195,8 @@ class CalibratedQuantizer:
             result = gptq_quantize(w, hessian, self.scheme, damp=m.damp, block=m.block, act_order=m.act_order,
                                    groups=m.groups, name=self.layer)  # fmt: skip
             qw, row.rtn_error, row.error = result.qweight, result.rtn_error, result.error
+            if result.kept_rtn:
+                row.note = "round to nearest kept: lower error on the calibration data"
         except CalibrationDataError as e:
             if self.method.fallback != "rtn":
                 raise
