@@ -64,7 +64,8 @@ def test_saved_and_reloaded_with_shared_matrices_stored_once(tmp_path):
 
 
 def test_too_big_hessians_are_refused_with_the_estimated_size():
-    with pytest.raises(CalibrationError, match=r"X\^T X of layer .* needs .* MiB.*about .* MiB in all.*max_hessian_bytes"):
+    msg = r"X\^T X of layer .* needs .* MiB.*about .* MiB in all.*max_hessian_bytes"
+    with pytest.raises(CalibrationError, match=msg):
         qbackend.calibrate(Attn().eval(), _batches(), hessian=True, max_hessian_bytes=5000, progress=False)
 
 
