@@ -1,8 +1,9 @@
 """A weight's quantization grid spelled out per element: the arithmetic of :func:`quantize` on given scales.
 
-GPTQ and AWQ choose the codes (GPTQ) or the scales (AWQ clipping) themselves, then must store them
-in our ordinary formats. `ElementGrid` holds, for every element of a ``[N, K]`` weight, the constants
-its block/group/channel uses, in exactly the arithmetic :func:`~qbackend.formats.quantize` uses:
+GPTQ chooses the codes itself (and, with dynamic groups, the constants from the weight as updated),
+then must store them in our ordinary formats. `ElementGrid` holds, for every element of a
+``[N, K]`` weight, the constants its block/group/channel uses, in exactly the arithmetic of
+:func:`~qbackend.formats.quantize`:
 
 * NF4/FP4: blocks of ``blocksize`` over the row-major flattened weight (bitsandbytes' layout); full
   blocks multiply by ``1 / absmax``, the tail block divides by its (clamped) absmax; nearest code,
@@ -140,12 +141,8 @@ class ElementGrid:
         return QuantizedWeight(s, (n, k), dtype, packed.contiguous(), scale, zp, nested)
 
 
-def grid_from_weight(w: torch.Tensor, scheme: Scheme, clip: torch.Tensor | None = None) -> ElementGrid:
-    """The round-to-nearest grid of a ``[N, K]`` weight: the constants :func:`quantize` would choose.
-
-    clip: optional per-block/group ratios in (0, 1] (shaped like the stored constants) that shrink
-    each block's range (AWQ's clipping search).
-    """
+def grid_from_weight(w: torch.Tensor, scheme: Scheme) -> ElementGrid:
+    """The round-to-nearest grid of a ``[N, K]`` weight: the constants :func:`quantize` would choose."""
     if w.dim() != 2:
         raise FormatError(f"calibrated quantization expects a [out, in] weight; got shape {tuple(w.shape)}")
     x = w.detach().float()
@@ -161,8 +158,6 @@ def grid_from_weight(w: torch.Tensor, scheme: Scheme, clip: torch.Tensor | None 
             am[: full // bs] = flat[:full].view(-1, bs).abs().amax(dim=1)
         if numel % bs:
             am[-1] = flat[full:].abs().amax().clamp(min=1e-38)  # bitsandbytes stores the clamped tail absmax
-        if clip is not None:
-            am = am * clip.reshape(-1).to(am)
         inv_b = 1.0 / am.clamp(min=1e-38)
         idx = torch.arange(numel, device=x.device) // bs
         tail = (torch.arange(numel, device=x.device) >= full).view(n, k)
@@ -170,15 +165,10 @@ def grid_from_weight(w: torch.Tensor, scheme: Scheme, clip: torch.Tensor | None 
     units, _pad = _grouped(x, scheme)
     if scheme.symmetric:
         absmax = units.abs().amax(dim=1)
-        if clip is not None:
-            absmax = absmax * clip.reshape(-1).to(absmax)
         scale, zp = absmax / scheme.qmax, None
     else:
         lo = units.amin(dim=1).clamp(max=0)
         hi = units.amax(dim=1).clamp(min=0)
-        if clip is not None:
-            r = clip.reshape(-1).to(lo)
-            lo, hi = lo * r, hi * r
         scale = hi / scheme.qmax - lo / scheme.qmax
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         zp = torch.clamp(torch.round(-lo / safe), 0, scheme.qmax)

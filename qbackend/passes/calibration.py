@@ -11,8 +11,8 @@ the backend does lower.)
 Memory is O(channels) per layer (a running max and a running sum of |x|), plus an optional bounded
 uniform sample of input rows per layer for the alpha search (``sample_tokens * in_features * 4``
 bytes per layer) and, with ``hessian=True``, the running ``X^T X`` of each distinct layer input
-(``in_features^2 * 4`` bytes, shared by the layers reading one input, e.g. q/k/v): what GPTQ and AWQ
-need (:mod:`qbackend.formats.gptq`).
+(``in_features^2 * 4`` bytes, shared by the layers reading one input, e.g. q/k/v): what GPTQ needs
+(:mod:`qbackend.formats.gptq`).
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def calibrate(
     sample_tokens: keep a uniform sample of up to this many input rows per layer (for
         ``search_alpha``); 0 keeps none (absmax only).
     progress: show a progress bar (tqdm).
-    hessian: also record each layer's mean ``X^T X`` (fp32 ``[in, in]``; for ``method="gptq"``/``"awq"``),
+    hessian: also record each layer's mean ``X^T X`` (fp32 ``[in, in]``; for ``method="gptq"``),
         accumulated batch by batch. Layers reading one input share one matrix.
     max_hessian_bytes: refuse (CalibrationError with the estimated size) to hold more than this
         in ``X^T X`` matrices; default 4 GiB.

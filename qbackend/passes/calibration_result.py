@@ -30,9 +30,9 @@ class LayerStats:
     tokens: rows (tokens) seen.
     samples: fp32 [<= sample_tokens, in_features], a uniform sample of the input rows (for the alpha
         search), or None when calibration kept no samples.
-    absmean: fp32 [in_features], mean |x_j| over every token (AWQ's activation magnitude), or None
+    absmean: fp32 [in_features], mean |x_j| over every token (activation magnitude), or None
         (results saved before it was recorded).
-    hessian: fp32 [in_features, in_features], the mean ``X^T X`` over every token (GPTQ, AWQ), or None
+    hessian: fp32 [in_features, in_features], the mean ``X^T X`` over every token (GPTQ), or None
         unless calibrated with ``hessian=True``. Layers reading the same input share one tensor.
     """
 

@@ -27,7 +27,7 @@ from .records import RECORD_KINDS, build_w8a8_linear, record_w8a8_linear
 def _normalize(config: Any) -> dict[str, Any]:
     """The W8A8 fields of a ``QuantConfig``, validated (raises `SmoothQuantConfigError`)."""
     if config.smoothquant in (None, False) and getattr(config, "method", None) not in (None, False):
-        return {}  # the calibration of a weight-only method (GPTQ/AWQ): the weight-only workflow checks it
+        return {}  # the calibration of a weight-only method (GPTQ): the weight-only workflow checks it
     sq, cal = backend_options(config.smoothquant, config.calibration, config.format)
     return {"smoothquant": sq, "calibration": cal}
 

@@ -127,7 +127,7 @@ def backend_options(smoothquant: Any, calibration: Any, weight_format: str) -> t
         if calibration is not None:
             raise SmoothQuantConfigError(
                 "'calibration' is used by the W8A8 preset (add preset='w8a8', or smoothquant=True / {...}) and by the "
-                "calibrated weight-only methods (add method='gptq' or 'awq')"
+                "calibrated weight-only method (add method='gptq')"
             )
         return None, None
     sq = SmoothQuantConfig() if smoothquant is True else SmoothQuantConfig.from_options(smoothquant)

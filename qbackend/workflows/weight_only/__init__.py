@@ -2,7 +2,7 @@
 
 Compile path: :func:`.pipeline.run_weight_only`; module path: :func:`.quantize.quantize_weight_only`
 (`QuantizedLinear`); save/load: :mod:`.records` (records of kind ``weight_only``); rounding
-method (round to nearest, GPTQ, AWQ): :mod:`.method`.
+method (round to nearest, GPTQ): :mod:`.method`.
 """
 
 from .linear import QuantizedLinear

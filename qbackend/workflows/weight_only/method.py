@@ -1,12 +1,11 @@
-"""How weight-only layers are rounded: ``method`` "rtn" (round to nearest), "gptq" or "awq".
+"""How weight-only layers are rounded: ``method`` "rtn" (round to nearest) or "gptq".
 
 >>> cal = qbackend.calibrate(model, batches, hessian=True)         # mean X^T X per layer input
 >>> torch.compile(model, backend="qbackend", options={"preset": "nf4", "method": "gptq", "calibration": cal})
 >>> qbackend.quantize_(model, {"preset": "int4", "method": {"name": "gptq", "act_order": True}, "calibration": cal})
 
-GPTQ and AWQ store their weights in the same formats as round to nearest (:mod:`qbackend.formats.gptq`,
-:mod:`qbackend.formats.awq`): kernels, save/load and the bitsandbytes export are unchanged, and a
-loaded model never re-runs them.
+GPTQ stores its weights in the same formats as round to nearest (:mod:`qbackend.formats.gptq`):
+kernels, save/load and the bitsandbytes export are unchanged, and a loaded model never re-runs it.
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ from ...passes.calibration_result import CalibrationResult, LayerStats
 
 log = logging.getLogger("qbackend")
 
-METHODS: tuple[str, ...] = ("rtn", "gptq", "awq")
-CALIBRATED: tuple[str, ...] = ("gptq", "awq")
+METHODS: tuple[str, ...] = ("rtn", "gptq")
+CALIBRATED: tuple[str, ...] = ("gptq",)
 
 
 class MethodConfigError(ValueError):
@@ -39,31 +38,23 @@ class MethodConfigError(ValueError):
 class MethodConfig:
     """The ``method`` option of weight-only presets.
 
-    name: "rtn" (round to nearest, no data), "gptq" or "awq" (need ``calibration``, calibrated with
+    name: "rtn" (round to nearest, no data) or "gptq" (needs ``calibration``, calibrated with
         ``hessian=True``).
     damp: GPTQ dampening, as a fraction of the mean diagonal of X^T X.
     block: GPTQ lazy-batch width (columns rounded before one matrix update of the rest).
     act_order: GPTQ rounds columns in order of decreasing activation energy (static groups).
     groups: GPTQ group constants "auto" (computed when a group is reached where the layout allows),
         "dynamic" or "static" (from the original weight).
-    grid: AWQ's scale search: exponents ``i / grid`` for ``i`` in ``range(grid)``.
-    clip: AWQ also searches a clipping ratio per block/group (the ratios ``1 - i / clip_grid`` down to
-        ``1 - max_shrink``).
-    clip_grid, max_shrink: that search.
     min_tokens: a layer seen on fewer calibration tokens is an error (too few samples).
     fallback: what a layer the method cannot handle gets: "error" (default: raise, naming the layer)
         or "rtn" (round to nearest, reported).
     """
 
-    name: Literal["rtn", "gptq", "awq"] = "rtn"
+    name: Literal["rtn", "gptq"] = "rtn"
     damp: float = 0.01
     block: int = 128
     act_order: bool = False
     groups: Literal["auto", "dynamic", "static"] = "auto"
-    grid: int = 20
-    clip: bool = True
-    clip_grid: int = 20
-    max_shrink: float = 0.5
     min_tokens: int = 64
     fallback: Literal["error", "rtn"] = "error"
 
@@ -72,21 +63,18 @@ class MethodConfig:
             raise MethodConfigError(f"unknown method {self.name!r}; valid: {', '.join(METHODS)}")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or self.damp < 0:
             raise MethodConfigError(f"method damp must be a number >= 0; got {self.damp!r}")
-        for key in ("block", "grid", "clip_grid"):
+        for key in ("block",):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise MethodConfigError(f"method {key} must be an int >= 1; got {v!r}")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 1:
             raise MethodConfigError(f"method min_tokens must be an int >= 1; got {self.min_tokens!r}")
-        if not isinstance(self.max_shrink, (int, float)) or not 0.0 <= self.max_shrink < 1.0:
-            raise MethodConfigError(f"method max_shrink must be in [0, 1); got {self.max_shrink!r}")
         if self.groups not in ("auto", "dynamic", "static"):
             raise MethodConfigError(f"method groups must be 'auto', 'dynamic' or 'static'; got {self.groups!r}")
         if self.fallback not in ("error", "rtn"):
             raise MethodConfigError(f"method fallback must be 'error' or 'rtn'; got {self.fallback!r}")
-        for key in ("act_order", "clip"):
-            if not isinstance(getattr(self, key), bool):
-                raise MethodConfigError(f"method {key} must be a bool; got {getattr(self, key)!r}")
+        if not isinstance(self.act_order, bool):
+            raise MethodConfigError(f"method act_order must be a bool; got {self.act_order!r}")
 
     @property
     def calibrated(self) -> bool:
@@ -118,7 +106,7 @@ def normalize(config: Any) -> dict[str, Any]:
     cal = config.calibration
     if not method.calibrated:
         if cal is not None:
-            raise MethodConfigError(f"method {method.name!r} uses no calibration; use method 'gptq' or 'awq' "
+            raise MethodConfigError(f"method {method.name!r} uses no calibration; use method 'gptq' "
                                     "(or preset 'w8a8' for SmoothQuant)")  # fmt: skip
         return {"method": method}
     if cal is None:
