@@ -79,8 +79,10 @@ class QuantConfig:
         the quantized op. None (default): off.
     smoothquant: W8A8 with SmoothQuant (:class:`qbackend.smoothquant.SmoothQuantConfig`; True for its
         defaults, or a dict of its fields; set by preset "w8a8"). None (default): weight-only.
-    calibration: a :class:`qbackend.smoothquant.CalibrationResult` (``qbackend.calibrate(...)``) or the
-        path it was saved to; without one, W8A8 is naive (no smoothing scales).
+    calibration: a :class:`qbackend.CalibrationResult` (``qbackend.calibrate(...)``) or the path it was
+        saved to: SmoothQuant's statistics (without one, W8A8 is naive) or a calibrated method's.
+    method: how weight-only layers are rounded: "rtn" (default: round to nearest) or "gptq" (needs
+        ``calibration``), or a dict of ``qbackend.workflows.weight_only.MethodConfig`` fields.
     """
 
     format: Format = "nf4"
@@ -96,6 +98,7 @@ class QuantConfig:
     qat: Any = None  # a QATConfig once validated
     smoothquant: Any = None  # a SmoothQuantConfig once validated
     calibration: Any = None  # a CalibrationResult once validated
+    method: Any = None  # a MethodConfig once validated
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -247,7 +250,7 @@ class QuantConfig:
                 v = [p if isinstance(p, str) else {"regex": p.pattern, "flags": p.flags} for p in v]
             elif f.name == "inductor":
                 v, skipped = self._json_entries(v)
-            elif f.name in ("qat", "smoothquant") and v is not None:
+            elif f.name in ("qat", "smoothquant", "method") and v is not None:
                 v = json.loads(json.dumps(dataclasses.asdict(v)))  # tuples -> lists, as JSON has them
             elif f.name == "calibration" and v is not None:
                 v = {"fingerprint": v.fingerprint(), "num_batches": v.num_batches, "layers": len(v.layers)}

@@ -9,9 +9,9 @@ Built-in workflows are found by module name on first use (as entry points are); 
 >>> register_workflow(Workflow("toy", compile=run_toy, quantize=quantize_toy, config_type=ToyConfig))
 >>> torch.compile(model, backend="qbackend", options=ToyConfig(...))
 
-A `QuantConfig` selects a built-in workflow by its workflow fields (``smoothquant`` -> "w8a8",
-``qat`` -> "qat"; none -> "weight_only"); any other config object selects the workflow registered
-for its type.
+A `QuantConfig` selects a built-in workflow by its workflow fields (``method`` -> "weight_only",
+``smoothquant`` -> "w8a8", ``qat`` -> "qat"; none -> "weight_only"); any other config object selects
+the workflow registered for its type.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 #: A built-in module's ``WORKFLOW`` is a dict of `Workflow`'s fields (workflows sit below the core and
 #: do not import it), as an entry point names its object. Listed with what a workflow builds on before it.
 BUILTIN: Mapping[str, tuple[str, tuple[str, ...]]] = {
-    "weight_only": ("qbackend.workflows.weight_only", ()),
+    "weight_only": ("qbackend.workflows.weight_only", ("method",)),
     "w8a8": ("qbackend.workflows.w8a8", ("smoothquant", "calibration")),
     "qat": ("qbackend.workflows.qat", ("qat",)),
 }

@@ -10,7 +10,9 @@ exists. Nothing here keeps a float copy of a weight.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -23,7 +25,7 @@ class StaleWeightError(RuntimeError):
     """A weight was changed in place after compiling and cannot (or must not) be re-quantized."""
 
 
-_entries: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> {(scheme, transposed): weakref(QuantEntry)}
+_entries: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> {(scheme, transposed, key): weakref(entry)}
 
 
 @dataclass(eq=False)
@@ -42,6 +44,7 @@ class QuantEntry:
     version: int
     data_ptr: int
     rel_error: float | None = None
+    quantizer: Any = None  # a calibrated method's ``quantizer(w [N, K]) -> QuantizedWeight`` (None: round to nearest)
 
     @property
     def bits_per_param(self) -> float:
@@ -57,7 +60,7 @@ class QuantEntry:
 
     def refresh(self, param: torch.Tensor) -> None:
         """Re-quantize from the parameter's current value into the existing tensors (same shapes)."""
-        qw = _quantize(param, self.scheme, self.transposed, self.name)
+        qw = _quantize(param, self.scheme, self.transposed, self.name, self.quantizer)
         kw = prepare_weight(qw)
         for old, new, tname in zip(self.kw.tensors, kw.tensors, kw.names, strict=True):
             if old is None or new is None:
@@ -84,11 +87,14 @@ class QuantEntry:
 
 
 def get_entry(
-    param: torch.Tensor, scheme: Scheme, transposed: bool, name: str, measure_error: bool = False
-) -> QuantEntry:
+    param: torch.Tensor, scheme: Scheme, transposed: bool, name: str, measure_error: bool = False,
+    quantizer: Callable[[torch.Tensor], QuantizedWeight] | None = None,
+) -> QuantEntry:  # fmt: skip
     """The shared entry for ``param`` in ``scheme`` (quantizing now if none is alive or it is stale).
 
     ``measure_error``: also record the relative weight error (one dequantization; for reports).
+    ``quantizer``: a calibrated method (GPTQ) rounding the ``[N, K]`` weight instead of round to
+    nearest; entries are told apart by its ``key`` attribute.
 
     Raises `qbackend.formats.FormatError` (bad values, e.g. NaN, naming ``name``) or
     `qbackend.kernels.UnsupportedWeight`.
@@ -97,16 +103,17 @@ def get_entry(
     if per_param is None:
         per_param = {}
         _entries[param] = per_param
-    key = (scheme, transposed)
+    key = (scheme, transposed, getattr(quantizer, "key", None))
     ref = per_param.get(key)
     entry = ref() if ref is not None else None
     if entry is not None:
         if entry.is_stale(param):
             entry.refresh(param)
         return entry
-    qw = _quantize(param, scheme, transposed, name)
+    qw = _quantize(param, scheme, transposed, name, quantizer)
     kw = prepare_weight(qw)
-    entry = QuantEntry(name, scheme, transposed, kw, qw.storage_bits(), qw.numel, version_of(param), param.data_ptr())
+    entry = QuantEntry(name, scheme, transposed, kw, qw.storage_bits(), qw.numel, version_of(param), param.data_ptr(),
+                       quantizer=quantizer)  # fmt: skip
     if measure_error:
         entry.rel_error = _rel_error(effective_weight(param, transposed), qw.dequantize(torch.float32))
     per_param[key] = weakref.ref(entry)
@@ -118,11 +125,13 @@ def effective_weight(param: torch.Tensor, transposed: bool) -> torch.Tensor:
     return param.detach().t() if transposed else param.detach()
 
 
-def _quantize(param: torch.Tensor, scheme: Scheme, transposed: bool, name: str) -> QuantizedWeight:
+def _quantize(
+    param: torch.Tensor, scheme: Scheme, transposed: bool, name: str, quantizer: Any = None
+) -> QuantizedWeight:
     w = effective_weight(param, transposed)
     if transposed:
         w = w.contiguous()  # a temporary: freed once quantized
-    return quantize(w, scheme, name=name)
+    return quantize(w, scheme, name=name) if quantizer is None else quantizer(w)
 
 
 def version_of(t: torch.Tensor | None) -> int:

@@ -360,3 +360,33 @@ def test_checkpoints_load_without_bitsandbytes(monkeypatch):
     ):
         to_bnb(loaded)
     assert isinstance(loaded, QuantizedWeight)
+
+
+def test_gptq_nf4_weight_loads_into_linear4bit_with_the_same_outputs():
+    """GPTQ chooses other codes than bitsandbytes would, in the same format: a Linear4bit built from
+    its state dict computes our layer."""
+    from bitsandbytes.nn import Params4bit
+
+    from qbackend.formats.gptq import gptq_quantize
+    from qbackend.kernels import prepare_weight
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(256, 96)
+    x_cal = torch.randn(1024, 256, generator=g) * (0.2 + 3 * torch.rand(256, generator=g))
+    out = gptq_quantize(lin.weight.detach(), x_cal.t() @ x_cal / 1024, Scheme("nf4", blocksize=64, nested=True))
+    qw = out.qweight
+    assert not out.kept_rtn and not torch.equal(qw.codes, quantize(lin.weight.detach(), qw.scheme).codes)
+    entries = to_bnb_state_dict(qw, "")
+    data = entries.pop("weight")
+    stats = {k.removeprefix("weight."): v for k, v in entries.items()}
+    q = bnb.nn.Linear4bit(256, 96, compress_statistics=True, quant_type="nf4")
+    q.weight = Params4bit.from_prequantized(data, stats, device="cpu", module=q)
+    q.bias = torch.nn.Parameter(lin.bias.detach().clone())
+    assert torch.equal(_bits(_bnb_dequant(q.weight.data, q.weight.quant_state)), _bits(qw.dequantize()))
+    x = torch.randn(5, 256, generator=g)
+    q.train()  # eval mode on CPU would repack the weight for bitsandbytes' own CPU kernel
+    kw = prepare_weight(qw)
+    with torch.no_grad():
+        ours = kw.op(x, *kw.tensors, lin.bias.detach(), *kw.statics)
+        theirs = q(x)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)

@@ -14,18 +14,20 @@ compiled graph is in ``report.sections["smoothquant"]`` (e.g. of ``qbackend.expl
 
 from typing import Any
 
-from .calibration import calibrate
+from ...passes.calibration import calibrate
+from ...passes.calibration_result import CalibrationError, CalibrationResult, LayerStats
 from .config import SmoothQuantConfig, SmoothQuantConfigError, backend_options
 from .fold import FoldReport
 from .linear import W8A8Linear
 from .module_form import quantize_w8a8_
 from .pipeline import W8A8Result, run_w8a8
 from .records import RECORD_KINDS, build_w8a8_linear, record_w8a8_linear
-from .result import CalibrationError, CalibrationResult, LayerStats
 
 
 def _normalize(config: Any) -> dict[str, Any]:
     """The W8A8 fields of a ``QuantConfig``, validated (raises `SmoothQuantConfigError`)."""
+    if config.smoothquant in (None, False) and getattr(config, "method", None) not in (None, False):
+        return {}  # the calibration of a weight-only method (GPTQ): the weight-only workflow checks it
     sq, cal = backend_options(config.smoothquant, config.calibration, config.format)
     return {"smoothquant": sq, "calibration": cal}
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .result import CalibrationResult
+from ...passes.calibration_result import CalibrationResult
 
 ACTIVATIONS = ("token", "tensor")
 UNFOLDABLE = ("multiply", "skip")
@@ -126,7 +126,8 @@ def backend_options(smoothquant: Any, calibration: Any, weight_format: str) -> t
     if smoothquant is None or smoothquant is False:
         if calibration is not None:
             raise SmoothQuantConfigError(
-                "'calibration' is used by the W8A8 preset: add preset='w8a8' (or smoothquant=True / {...})"
+                "'calibration' is used by the W8A8 preset (add preset='w8a8', or smoothquant=True / {...}) and by the "
+                "calibrated weight-only method (add method='gptq')"
             )
         return None, None
     sq = SmoothQuantConfig() if smoothquant is True else SmoothQuantConfig.from_options(smoothquant)

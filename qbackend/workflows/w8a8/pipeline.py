@@ -16,6 +16,7 @@ from typing import Any
 import torch.fx as fx
 
 from ...passes import find_linears, select_layers
+from ...passes.calibration_result import CalibrationResult
 from ...passes.lowering import Lowered, LoweringResult
 from ...passes.params import ParamRef
 from ...passes.report import LayerReport, Report, float_row
@@ -24,7 +25,6 @@ from ...passes.weight_cache import StaleWeightError, version_of
 from .config import SmoothQuantConfig
 from .fold import FoldReport, smoothquant_fold
 from .lower import ActQuant, W8A8Lowered, lower_w8a8, mark_quantized
-from .result import CalibrationResult
 from .scale_rule import scale_rule
 from .scales import static_act_scale
 

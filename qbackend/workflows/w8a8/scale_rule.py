@@ -14,8 +14,8 @@ from typing import Any, Protocol
 import torch
 import torch.fx as fx
 
+from ...passes.calibration_result import CalibrationResult
 from .config import SmoothQuantConfig
-from .result import CalibrationResult
 from .scales import ScaleChoice, choose_scale
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...passes.calibration_result import LayerStats
 from .config import SmoothQuantConfig
-from .result import LayerStats
 
 #: s is clamped to [1/S_MAX, S_MAX]: no channel is scaled into fp32 under/overflow.
 S_MAX = 1e5

@@ -1,11 +1,13 @@
 """Weight-only quantization (nf4/fp4/int4/int8 weights, float activations): the default workflow.
 
 Compile path: :func:`.pipeline.run_weight_only`; module path: :func:`.quantize.quantize_weight_only`
-(`QuantizedLinear`); save/load: :mod:`.records` (records of kind ``weight_only``).
+(`QuantizedLinear`); save/load: :mod:`.records` (records of kind ``weight_only``); rounding
+method (round to nearest, GPTQ): :mod:`.method`.
 """
 
 from .linear import QuantizedLinear
 from .lower import lower_linears
+from .method import MethodConfig, MethodConfigError, MethodReport, normalize
 from .pipeline import run_weight_only
 from .quantize import prequantized_rows, quantize_weight_only
 from .records import RECORD_KINDS, build_quantized_linear, record_quantized_linear
@@ -15,6 +17,7 @@ WORKFLOW = {
     "name": "weight_only",
     "compile": run_weight_only,
     "quantize": quantize_weight_only,
+    "normalize": normalize,
     "explain": prequantized_rows,
     "modules": (QuantizedLinear,),
     "record": record_quantized_linear,
@@ -22,4 +25,13 @@ WORKFLOW = {
     "record_kinds": RECORD_KINDS,
 }
 
-__all__ = ["WORKFLOW", "QuantizedLinear", "lower_linears", "quantize_weight_only", "run_weight_only"]
+__all__ = [
+    "WORKFLOW",
+    "MethodConfig",
+    "MethodConfigError",
+    "MethodReport",
+    "QuantizedLinear",
+    "lower_linears",
+    "quantize_weight_only",
+    "run_weight_only",
+]

@@ -13,6 +13,9 @@ match a float linear).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch.fx as fx
 
 from ...kernels import UnsupportedWeight
@@ -23,10 +26,17 @@ from ...passes.select_layers import LayerPlan
 from ...passes.weight_cache import QuantEntry, get_entry
 
 
-def lower_linears(gm: fx.GraphModule, plans: list[LayerPlan], measure_error: bool = False) -> LoweringResult:
-    """Rewrite ``gm`` in place for ``plans``; returns the per-layer report and the quantized weights."""
+def lower_linears(
+    gm: fx.GraphModule, plans: list[LayerPlan], measure_error: bool = False,
+    quantizer_for: Callable[[LayerPlan], Any] | None = None, progress: Callable[[list], Iterable] | None = None,
+) -> LoweringResult:  # fmt: skip
+    """Rewrite ``gm`` in place for ``plans``; returns the per-layer report and the quantized weights.
+
+    quantizer_for: a calibrated method's quantizer of a plan (None: round to nearest); progress:
+    wraps the plans for a progress bar.
+    """
     result = LoweringResult(Report(graphs=1))
-    for plan in plans:
+    for plan in progress(plans) if progress is not None else plans:
         row = float_row(plan.name, plan.param.fqn, plan.param.tensor, transposed=plan.transposed,
                         forms=tuple(s.form for s in plan.sites), reason=plan.reason)  # fmt: skip
         result.report.layers.append(row)
@@ -35,7 +45,8 @@ def lower_linears(gm: fx.GraphModule, plans: list[LayerPlan], measure_error: boo
             continue
         assert plan.scheme is not None
         try:
-            entry = get_entry(plan.param.tensor, plan.scheme, plan.transposed, plan.name, measure_error)
+            quantizer = quantizer_for(plan) if quantizer_for is not None else None
+            entry = get_entry(plan.param.tensor, plan.scheme, plan.transposed, plan.name, measure_error, quantizer)
         except UnsupportedWeight as e:
             row.reason = f"unsupported: {e.reason}"
             continue

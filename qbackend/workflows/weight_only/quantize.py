@@ -19,17 +19,25 @@ from ...passes.modules import is_conv1d, linear_modules
 from ...passes.report import LayerReport, Report, float_row
 from ...passes.select_layers import decide_layer
 from .linear import QuantizedLinear
+from .method import calibrated_quantizer, layer_progress, method_section
 
 
 def quantize_weight_only(model: nn.Module, config: Any, example_inputs: Any = None) -> Report:
     """Replace eligible linear modules of ``model`` (in place) by `QuantizedLinear`; returns the report.
 
-    ``config``: a ``QuantConfig`` (its format, include/exclude, min_params). ``example_inputs`` is not used.
-    Modules sharing one weight (tied) share one set of quantized tensors.
+    ``config``: a ``QuantConfig`` (its format, include/exclude, min_params, method). ``example_inputs``
+    is not used. Modules sharing one weight (tied) share one set of quantized tensors. With a
+    calibrated ``method`` the per-layer outcome is in ``report.sections[method]``.
     """
     report = Report(graphs=0)
     shared: dict[tuple[int, bool], KernelWeight] = {}
-    for name, parent, child_name, mod in list(linear_modules(model)):
+    method = getattr(config, "method", None)
+    calibrated = method is not None and method.calibrated
+    runs = []
+    modules = list(linear_modules(model))
+    if calibrated:
+        modules = layer_progress(method.name, label=lambda m: m[0])(modules)
+    for name, parent, child_name, mod in modules:
         transposed = is_conv1d(mod)
         w = mod.weight
         row = float_row(name, f"{name}.weight", w, transposed=transposed, forms=("conv1d" if transposed else "linear",))
@@ -42,7 +50,9 @@ def quantize_weight_only(model: nn.Module, config: Any, example_inputs: Any = No
         if kw is None:
             weight = w.detach().t().contiguous() if transposed else w.detach()
             try:
-                qw = quantize(weight, scheme, name=name)
+                quantizer = calibrated_quantizer(name, scheme, config) if calibrated else None
+                qw = quantize(weight, scheme, name=name) if quantizer is None else quantizer(weight)
+                runs.append(quantizer)
                 kw = prepare_weight(qw)
             except UnsupportedWeight as e:
                 row.reason = f"unsupported: {e.reason}"
@@ -55,7 +65,10 @@ def quantize_weight_only(model: nn.Module, config: Any, example_inputs: Any = No
             row.bits_per_param = 0.0
         setattr(parent, child_name, QuantizedLinear(kw, mod.bias, scheme))
         row.quantized, row.format = True, scheme.name
+    if calibrated:
+        report.sections[method.name] = [method_section(method, runs)]
     return report
+
 
 
 def prequantized_rows(model: nn.Module) -> list[LayerReport]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..._version import __version__
+from .._version import __version__
 
 FORMAT_VERSION = 1
 
@@ -30,11 +30,17 @@ class LayerStats:
     tokens: rows (tokens) seen.
     samples: fp32 [<= sample_tokens, in_features], a uniform sample of the input rows (for the alpha
         search), or None when calibration kept no samples.
+    absmean: fp32 [in_features], mean |x_j| over every token (activation magnitude), or None
+        (results saved before it was recorded).
+    hessian: fp32 [in_features, in_features], the mean ``X^T X`` over every token (GPTQ), or None
+        unless calibrated with ``hessian=True``. Layers reading the same input share one tensor.
     """
 
     absmax: torch.Tensor
     tokens: int
     samples: torch.Tensor | None = None
+    absmean: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -75,8 +81,9 @@ class CalibrationResult:
                 st = self.layers[name]
                 h.update(name.encode())
                 h.update(st.absmax.detach().cpu().float().contiguous().numpy().tobytes())
-                if st.samples is not None:
-                    h.update(st.samples.detach().cpu().float().contiguous().numpy().tobytes())
+                for t in (st.samples, st.absmean, st.hessian):
+                    if t is not None:
+                        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
@@ -87,7 +94,8 @@ class CalibrationResult:
         return (
             f"CalibrationResult({len(self.layers)} layers, {self.num_batches} batches, "
             f"{max((s.tokens for s in self.layers.values()), default=0)} tokens/layer, "
-            f"sample_tokens={self.sample_tokens}, never reached: {list(self.never_reached) or 'none'})"
+            f"sample_tokens={self.sample_tokens}, X^T X: {sum(s.hessian is not None for s in self.layers.values())} "
+            f"layers, never reached: {list(self.never_reached) or 'none'})"
         )
 
     # ---- save / load -------------------------------------------------------------------------
@@ -97,17 +105,27 @@ class CalibrationResult:
 
         st_path, js_path = _paths(path)
         tensors: dict[str, torch.Tensor] = {}
+        hessian_of: dict[int, str] = {}  # a matrix shared by several layers is stored once
+        layer_docs: dict[str, dict[str, Any]] = {}
         for name, st in self.layers.items():
+            layer_docs[name] = {"tokens": st.tokens, "in_features": st.in_features}
             tensors[f"{name}::absmax"] = st.absmax.detach().cpu().float().contiguous().clone()
-            if st.samples is not None:
-                tensors[f"{name}::samples"] = st.samples.detach().cpu().float().contiguous().clone()
+            for key in ("samples", "absmean"):
+                t = getattr(st, key)
+                if t is not None:
+                    tensors[f"{name}::{key}"] = t.detach().cpu().float().contiguous().clone()
+            if st.hessian is not None:
+                owner = hessian_of.setdefault(id(st.hessian), name)
+                if owner == name:
+                    tensors[f"{name}::hessian"] = st.hessian.detach().cpu().float().contiguous().clone()
+                layer_docs[name]["hessian"] = owner
         doc = {
             "format": "qbackend.smoothquant.calibration",
             "version": FORMAT_VERSION,
             "num_batches": self.num_batches,
             "sample_tokens": self.sample_tokens,
             "never_reached": list(self.never_reached),
-            "layers": {n: {"tokens": s.tokens, "in_features": s.in_features} for n, s in self.layers.items()},
+            "layers": layer_docs,
             "meta": self.meta,
             "example": _example_to_file(self.example, tensors),
         }
@@ -146,7 +164,13 @@ class CalibrationResult:
                 raise CalibrationError(f"{st_path}: statistics of layer {name!r} are missing or have the wrong size")
             if not bool(torch.isfinite(absmax).all()):
                 raise CalibrationError(f"{st_path}: layer {name!r} has NaN/Inf statistics; re-run calibration")
-            layers[name] = LayerStats(absmax, int(info["tokens"]), tensors.get(f"{name}::samples"))
+            k = absmax.numel()
+            absmean = tensors.get(f"{name}::absmean")
+            hessian = tensors.get(f"{info['hessian']}::hessian") if "hessian" in info else None
+            if (absmean is not None and absmean.numel() != k) or ("hessian" in info and (
+                    hessian is None or tuple(hessian.shape) != (k, k))):  # fmt: skip
+                raise CalibrationError(f"{st_path}: statistics of layer {name!r} are missing or have the wrong size")
+            layers[name] = LayerStats(absmax, int(info["tokens"]), tensors.get(f"{name}::samples"), absmean, hessian)
         example = _example_from_file(doc.get("example"), tensors, st_path)
         return cls(layers, int(doc["num_batches"]), tuple(doc.get("never_reached", ())), int(doc["sample_tokens"]),
                    dict(doc.get("meta", {})), example)  # fmt: skip

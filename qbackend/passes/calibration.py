@@ -8,8 +8,11 @@ then runs that graph eagerly. So the statistics are keyed by exactly the layer n
 later looks up. (Forward hooks on ``nn.Linear`` would miss ``F.linear``/``x @ w.t()``/Conv1D layers
 the backend does lower.)
 
-Memory is O(channels) per layer (a running max), plus an optional bounded uniform sample of input
-rows per layer for the alpha search: ``sample_tokens * in_features * 4`` bytes per layer.
+Memory is O(channels) per layer (a running max and a running sum of |x|), plus an optional bounded
+uniform sample of input rows per layer for the alpha search (``sample_tokens * in_features * 4``
+bytes per layer) and, with ``hessian=True``, the running ``X^T X`` of each distinct layer input
+(``in_features^2 * 4`` bytes, shared by the layers reading one input, e.g. q/k/v): what GPTQ needs
+(:mod:`qbackend.formats.gptq`).
 """
 
 from __future__ import annotations
@@ -21,15 +24,22 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ...passes import find_linears
-from .result import CalibrationError, CalibrationResult, LayerStats, default_meta
+from .calibration_result import CalibrationError, CalibrationResult, LayerStats, default_meta
+from .find_linears import find_linears
 
 
 class _Recorder:
     """Running statistics of the calibration in progress."""
 
-    def __init__(self, sample_tokens: int, seed: int) -> None:
+    def __init__(self, sample_tokens: int, seed: int, hessian: bool = False, max_hessian_bytes: int = 0) -> None:
         self.sample_tokens = sample_tokens
+        self.hessian = hessian
+        self.max_hessian_bytes = max_hessian_bytes
+        self.hessian_bytes = 0
+        self.estimate = 0  # bytes the whole model's X^T X would take (set by calibrate)
+        self.only: frozenset[str] | None = None  # layers to record X^T X for (None: all)
+        self.xtx: dict[str, torch.Tensor] = {}  # one tensor per distinct input, shared by its layers
+        self.abssum: dict[str, torch.Tensor] = {}
         self.absmax: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self.samples: dict[str, torch.Tensor] = {}
@@ -55,8 +65,34 @@ class _Recorder:
                 )
             self.absmax[name] = amax if prev is None else torch.maximum(prev, amax)
             self.tokens[name] = self.tokens.get(name, 0) + rows.shape[0]
+        asum = rows.abs().sum(dim=0, dtype=torch.float64).cpu()
+        for name in names:
+            prev = self.abssum.get(name)
+            self.abssum[name] = asum if prev is None else prev + asum
+        if self.hessian:
+            wanted = tuple(n for n in names if self.only is None or n in self.only)
+            if wanted:
+                self._accumulate_xtx(wanted, rows)
         if self.sample_tokens > 0:
             self._sample(names, rows.cpu())
+
+    def _accumulate_xtx(self, names: tuple[str, ...], rows: torch.Tensor) -> None:
+        xtx = self.xtx.get(names[0])
+        if xtx is None:
+            k = rows.shape[1]
+            need = k * k * 4
+            if self.hessian_bytes + need > self.max_hessian_bytes:
+                raise CalibrationError(
+                    f"recording X^T X of layer {names[0]!r} needs {_mib(need)} ({k}x{k} fp32) on top of "
+                    f"{_mib(self.hessian_bytes)} already held; the model needs about {_mib(self.estimate)} in all, "
+                    f"over max_hessian_bytes={_mib(self.max_hessian_bytes)}. Raise max_hessian_bytes if memory allows, "
+                    "or calibrate fewer layers at a time (hessian_layers=[...])"
+                )
+            self.hessian_bytes += need
+            xtx = torch.zeros(k, k, dtype=torch.float32, device=rows.device)
+            for name in names:
+                self.xtx[name] = xtx
+        xtx.addmm_(rows.t(), rows)  # streamed: one batch of rows at a time
 
     def _sample(self, names: tuple[str, ...], rows: torch.Tensor) -> None:
         # Bottom-k of i.i.d. uniform keys = a uniform sample without replacement, in bounded memory.
@@ -71,6 +107,10 @@ class _Recorder:
                 idx = torch.topk(all_keys, self.sample_tokens, largest=False).indices
                 all_keys, all_rows = all_keys[idx], all_rows[idx]
             self.keys[name], self.samples[name] = all_keys, all_rows.clone()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 _ACTIVE: _Recorder | None = None
@@ -144,14 +184,22 @@ def calibrate(
     sample_tokens: int = 512,
     seed: int = 0,
     progress: bool = True,
+    hessian: bool = False,
+    max_hessian_bytes: int = 4 * 2**30,
+    hessian_layers: Iterable[str] | None = None,
 ) -> CalibrationResult:
-    """Run ``model`` on ``batches`` and record the per-input-channel absmax of every linear layer.
+    """Run ``model`` on ``batches`` and record the per-input-channel absmax and mean |x| of every linear layer.
 
     batches: each is passed as ``model(**batch)`` (a dict, e.g. a tokenizer's output),
         ``model(*batch)`` (a tuple/list) or ``model(batch)``.
     sample_tokens: keep a uniform sample of up to this many input rows per layer (for
         ``search_alpha``); 0 keeps none (absmax only).
     progress: show a progress bar (tqdm).
+    hessian: also record each layer's mean ``X^T X`` (fp32 ``[in, in]``; for ``method="gptq"``),
+        accumulated batch by batch. Layers reading one input share one matrix.
+    max_hessian_bytes: refuse (CalibrationError with the estimated size) to hold more than this
+        in ``X^T X`` matrices; default 4 GiB.
+    hessian_layers: record ``X^T X`` only for these layer names (default: all).
 
     Raises :class:`CalibrationError` for no batches, a batch the model rejects (naming the batch and
     its shapes), NaN/Inf activations, or no linear layer reached. Linear modules no batch reached
@@ -174,7 +222,12 @@ def calibrate(
     if model.training:
         warnings.warn("calibrate(): the model is in training mode (dropout is active); call model.eval() first",
                       stacklevel=2)  # fmt: skip
-    recorder = _Recorder(sample_tokens, seed)
+    if not isinstance(max_hessian_bytes, int) or max_hessian_bytes < 0:
+        raise CalibrationError(f"max_hessian_bytes must be an int >= 0; got {max_hessian_bytes!r}")
+    recorder = _Recorder(sample_tokens, seed, hessian, max_hessian_bytes)
+    recorder.only = None if hessian_layers is None else frozenset([hessian_layers] if isinstance(hessian_layers, str)
+                                                                  else hessian_layers)  # fmt: skip
+    recorder.estimate = _hessian_estimate(model, recorder.only) if hessian else 0
     example: Any = None
     # dynamic=True: one trace serves every batch shape (calibration batches rarely share a length).
     compiled = torch.compile(model, backend=_recording_backend, dynamic=True)
@@ -208,15 +261,39 @@ def calibrate(
             "calibration reached no linear layer: the model ran, but no linear with a parameter weight was traced "
             "(if it has some, Dynamo may have stopped compiling this model: recompile limit; torch._dynamo.reset())"
         )
+    means: dict[int, torch.Tensor] = {}
     layers = {
-        name: LayerStats(recorder.absmax[name], recorder.tokens[name], recorder.samples.get(name))
+        name: LayerStats(recorder.absmax[name], recorder.tokens[name], recorder.samples.get(name),
+                         (recorder.abssum[name] / recorder.tokens[name]).float(), _mean_xtx(recorder, name, means))
         for name in recorder.absmax
-    }
+    }  # fmt: skip
     never = tuple(m for m in linear_module_names(model) if m not in layers)
     if never:
-        warnings.warn(f"calibrate(): no batch reached linear layer(s) {list(never)}; they will not be smoothed",
+        warnings.warn(f"calibrate(): no batch reached linear layer(s) {list(never)}; they have no statistics "
+                      "(SmoothQuant leaves them unsmoothed; GPTQ refuses them unless fallback='rtn')",
                       stacklevel=2)  # fmt: skip
     return CalibrationResult(layers, n, never, sample_tokens, default_meta(), example)
+
+
+def _mean_xtx(recorder: _Recorder, name: str, done: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    """The layer's X^T X divided by its token count, on the CPU (layers sharing one matrix share the result)."""
+    xtx = recorder.xtx.get(name)
+    if xtx is None:
+        return None
+    mean = done.get(id(xtx))
+    if mean is None:
+        mean = done[id(xtx)] = (xtx / recorder.tokens[name]).cpu()
+    return mean
+
+
+def _hessian_estimate(model: torch.nn.Module, only: frozenset[str] | None) -> int:
+    """Upper bound of the bytes of every fp32 X^T X: one per linear module (shared inputs counted per layer)."""
+    total = 0
+    for name, mod in model.named_modules():
+        if (isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D") and (only is None or name in only):
+            k = mod.weight.shape[0] if type(mod).__name__ == "Conv1D" else mod.weight.shape[1]
+            total += k * k * 4
+    return total
 
 
 def _detached(batch: Any) -> Any:

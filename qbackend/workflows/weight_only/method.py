@@ -1,0 +1,251 @@
+"""How weight-only layers are rounded: ``method`` "rtn" (round to nearest) or "gptq".
+
+>>> cal = qbackend.calibrate(model, batches, hessian=True)         # mean X^T X per layer input
+>>> torch.compile(model, backend="qbackend", options={"preset": "nf4", "method": "gptq", "calibration": cal})
+>>> qbackend.quantize_(model, {"preset": "int4", "method": {"name": "gptq", "act_order": True}, "calibration": cal})
+
+GPTQ stores its weights in the same formats as round to nearest (:mod:`qbackend.formats.gptq`):
+kernels, save/load and the bitsandbytes export are unchanged, and a loaded model never re-runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ...formats import QuantizedWeight, Scheme, quantize
+from ...formats.gptq import CalibrationDataError, gptq_quantize, output_error
+from ...passes.calibration_result import CalibrationResult, LayerStats
+
+log = logging.getLogger("qbackend")
+
+METHODS: tuple[str, ...] = ("rtn", "gptq")
+CALIBRATED: tuple[str, ...] = ("gptq",)
+
+
+class MethodConfigError(ValueError):
+    """A bad ``method`` option; the message lists what is valid."""
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The ``method`` option of weight-only presets.
+
+    name: "rtn" (round to nearest, no data) or "gptq" (needs ``calibration``, calibrated with
+        ``hessian=True``).
+    damp: GPTQ dampening, as a fraction of the mean diagonal of X^T X.
+    block: GPTQ lazy-batch width (columns rounded before one matrix update of the rest).
+    act_order: GPTQ rounds columns in order of decreasing activation energy (static groups).
+    groups: GPTQ group constants "auto" (computed when a group is reached where the layout allows),
+        "dynamic" or "static" (from the original weight).
+    min_tokens: a layer seen on fewer calibration tokens is an error (too few samples).
+    fallback: what a layer the method cannot handle gets: "error" (default: raise, naming the layer)
+        or "rtn" (round to nearest, reported).
+    """
+
+    name: Literal["rtn", "gptq"] = "rtn"
+    damp: float = 0.01
+    block: int = 128
+    act_order: bool = False
+    groups: Literal["auto", "dynamic", "static"] = "auto"
+    min_tokens: int = 64
+    fallback: Literal["error", "rtn"] = "error"
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise MethodConfigError(f"unknown method {self.name!r}; valid: {', '.join(METHODS)}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or self.damp < 0:
+            raise MethodConfigError(f"method damp must be a number >= 0; got {self.damp!r}")
+        for key in ("block",):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise MethodConfigError(f"method {key} must be an int >= 1; got {v!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 1:
+            raise MethodConfigError(f"method min_tokens must be an int >= 1; got {self.min_tokens!r}")
+        if self.groups not in ("auto", "dynamic", "static"):
+            raise MethodConfigError(f"method groups must be 'auto', 'dynamic' or 'static'; got {self.groups!r}")
+        if self.fallback not in ("error", "rtn"):
+            raise MethodConfigError(f"method fallback must be 'error' or 'rtn'; got {self.fallback!r}")
+        if not isinstance(self.act_order, bool):
+            raise MethodConfigError(f"method act_order must be a bool; got {self.act_order!r}")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.name in CALIBRATED
+
+    @classmethod
+    def from_value(cls, value: Any) -> MethodConfig:
+        """A method name, a dict of fields (with ``name``) or a `MethodConfig`."""
+        if isinstance(value, MethodConfig):
+            return value
+        if isinstance(value, str):
+            return cls(name=value)  # type: ignore[arg-type]
+        if isinstance(value, Mapping):
+            valid = [f.name for f in dataclasses.fields(cls)]
+            unknown = [k for k in value if k not in valid]
+            if unknown:
+                raise MethodConfigError(f"unknown method option(s) {unknown}; valid: {', '.join(valid)}")
+            return cls(**dict(value))
+        raise MethodConfigError(f"method must be one of {', '.join(METHODS)}, a dict of its options or a "
+                                f"MethodConfig; got {type(value).__name__}")  # fmt: skip
+
+    def fingerprint(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def normalize(config: Any) -> dict[str, Any]:
+    """The ``method`` (and, for calibrated methods, ``calibration``) fields of a ``QuantConfig``, validated."""
+    method = MethodConfig.from_value(config.method)
+    cal = config.calibration
+    if not method.calibrated:
+        if cal is not None:
+            raise MethodConfigError(f"method {method.name!r} uses no calibration; use method 'gptq' "
+                                    "(or preset 'w8a8' for SmoothQuant)")  # fmt: skip
+        return {"method": method}
+    if cal is None:
+        raise MethodConfigError(
+            f"method {method.name!r} needs calibration data: options={{'method': {method.name!r}, "
+            "'calibration': qbackend.calibrate(model, batches, hessian=True)}"
+        )
+    if not isinstance(cal, CalibrationResult):
+        if isinstance(cal, (str, bytes)) or hasattr(cal, "__fspath__"):
+            cal = CalibrationResult.load(cal)  # type: ignore[arg-type]
+        else:
+            raise MethodConfigError(f"calibration must be a CalibrationResult (qbackend.calibrate(...)) or the path "
+                                    f"it was saved to; got {type(cal).__name__}")  # fmt: skip
+    return {"method": method, "calibration": cal}
+
+
+# ---- per-layer outcome -----------------------------------------------------------------------
+
+
+@dataclass
+class MethodRow:
+    """One layer: output error on the calibration inputs with round to nearest and with the method
+    (``||X (W - W_q)^T|| / ||X W^T||``), seconds taken, and a note (e.g. the RTN fallback's reason)."""
+
+    layer: str
+    method: str
+    tokens: int = 0
+    rtn_error: float | None = None
+    error: float | None = None
+    seconds: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class MethodReport:
+    """The calibrated method's per-layer rows of one compiled graph (``report.sections[method]``)."""
+
+    method: str
+    rows: list[MethodRow] = field(default_factory=list)
+
+    def table(self) -> str:
+        lines = [f"{'layer':<48} {'tokens':>7} {'RTN err':>8} {self.method + ' err':>9} {'s':>6}  note"]
+        for r in self.rows:
+            rtn = "" if r.rtn_error is None else f"{r.rtn_error:.4f}"
+            err = "" if r.error is None else f"{r.error:.4f}"
+            lines.append(f"{r.layer:<48} {r.tokens:>7} {rtn:>8} {err:>9} {r.seconds:>6.2f}  {r.note}")
+        return "\n".join(lines)
+
+
+# ---- the calibrated quantizer of one layer ---------------------------------------------------
+
+
+@dataclass(eq=False)
+class CalibratedQuantizer:
+    """Quantizes one layer's ``[N, K]`` weight with GPTQ from its calibration statistics.
+
+    Called by the weight cache (``qbackend.passes.weight_cache``) at compile time and again if the
+    weight changes in place; ``row`` holds the latest outcome. ``key`` tells cached entries apart.
+    """
+
+    layer: str
+    scheme: Scheme
+    method: MethodConfig
+    stats: LayerStats | None
+    key: str
+    row: MethodRow | None = None
+
+    def __call__(self, w: torch.Tensor) -> QuantizedWeight:
+        t0 = time.perf_counter()
+        row = MethodRow(self.layer, self.method.name, self.stats.tokens if self.stats is not None else 0)
+        try:
+            hessian = self._hessian(w)
+            m = self.method
+            result = gptq_quantize(w, hessian, self.scheme, damp=m.damp, block=m.block, act_order=m.act_order,
+                                   groups=m.groups, name=self.layer)  # fmt: skip
+            qw, row.rtn_error, row.error = result.qweight, result.rtn_error, result.error
+            if result.kept_rtn:
+                row.note = "round to nearest kept: lower error on the calibration data"
+        except CalibrationDataError as e:
+            if self.method.fallback != "rtn":
+                raise
+            qw = quantize(w, self.scheme, name=self.layer)
+            row.method, row.note = "rtn", f"fallback: {e}"
+            if self.stats is not None and self.stats.hessian is not None and self.stats.hessian.shape[0] == w.shape[1]:
+                row.rtn_error = row.error = output_error(w, qw.dequantize(torch.float32), self.stats.hessian)
+            log.warning("qbackend: %s: %s kept round to nearest (%s)", self.layer, self.method.name, e)
+        row.seconds = time.perf_counter() - t0
+        self.row = row
+        return qw
+
+    def _hessian(self, w: torch.Tensor) -> torch.Tensor:
+        st, name, m = self.stats, self.layer, self.method
+        if st is None:
+            raise CalibrationDataError(
+                f"{name}: the calibration has no statistics for this layer (no calibration batch reached it); "
+                "calibrate on inputs that reach it, exclude it, or pass method={'name': "
+                f"{m.name!r}, 'fallback': 'rtn'}}"
+            )
+        if st.hessian is None:
+            raise CalibrationDataError(
+                f"{name}: the calibration holds no X^T X; calibrate with "
+                "qbackend.calibrate(model, batches, hessian=True)"
+            )
+        if st.tokens < m.min_tokens:
+            raise CalibrationDataError(
+                f"{name}: calibration saw only {st.tokens} tokens at this layer (< min_tokens={m.min_tokens}); "
+                "calibrate on more data (or lower min_tokens)"
+            )
+        return st.hessian.to(w.device)
+
+
+def calibrated_quantizer(layer: str, scheme: Scheme, config: Any) -> CalibratedQuantizer | None:
+    """The quantizer of ``layer`` for ``config`` (a ``QuantConfig``), or None for round to nearest."""
+    method: MethodConfig | None = config.method
+    if method is None or not method.calibrated:
+        return None
+    cal: CalibrationResult = config.calibration
+    key = f"{method.fingerprint()}|{cal.fingerprint()}|{layer}"
+    return CalibratedQuantizer(layer, scheme, method, cal.get(layer), key)
+
+
+
+def layer_progress(method: str, label: Callable[[Any], str] = lambda plan: plan.name) -> Callable[[list], Any]:
+    """A wrapper of a list of layers (plans) showing a progress bar with each layer's ``label`` and time."""
+
+    def wrap(plans: list) -> Any:
+        from tqdm.auto import tqdm  # the progress bar library only when a calibrated method runs
+
+        bar = tqdm(plans, desc=method, unit="layer", disable=not plans)
+        t0 = time.perf_counter()
+        for plan in bar:
+            yield plan
+            dt, t0 = time.perf_counter() - t0, time.perf_counter()
+            bar.set_postfix_str(f"{label(plan)} {dt:.2f}s", refresh=False)
+            log.debug("qbackend: %s %s: %.2fs", method, label(plan), dt)
+
+    return wrap
+
+
+def method_section(method: MethodConfig, quantizers: list[CalibratedQuantizer | None]) -> MethodReport:
+    """The per-layer report of the quantizers that ran (rows of cached weights come from their first run)."""
+    return MethodReport(method.name, [q.row for q in quantizers if q is not None and q.row is not None])
