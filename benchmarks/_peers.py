@@ -146,7 +146,8 @@ def ort_matmul_nbits(w: torch.Tensor, block: int, accuracy_level: int, threads: 
         [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales.reshape(-1), "scales"),
          numpy_helper.from_array(zp.reshape(-1), "zp")],
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     data = model.SerializeToString()
     return Linear(_runner(data, threads), wd, packed.nbytes + scales.nbytes + zp.nbytes, lambda: _runner(data, threads))
 

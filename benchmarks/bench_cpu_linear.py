@@ -137,8 +137,9 @@ def method_builders(threads: int, peers: bool, tmp: Path) -> dict[str, Callable[
     out["bnb Linear4bit nf4 (eval)"] = _peers.bnb_linear4bit
     for block in (32, 128):
         for acc in (0, 4):
-            out[f"ORT MatMulNBits b{block} acc{acc}"] = (
-                lambda w, b=block, a=acc: _peers.ort_matmul_nbits(w, b, a, threads))
+            out[f"ORT MatMulNBits b{block} acc{acc}"] = lambda w, b=block, a=acc: _peers.ort_matmul_nbits(
+                w, b, a, threads
+            )
     out["ORT dynamic int8"] = lambda w: _peers.ort_dynamic_int8(w, threads, tmp)
     for q, repack in (("Q4_0", True), ("Q4_K", True), ("Q4_K", False), ("Q8_0", False)):
         out[f"ggml {q}{' repack' if repack else ''}"] = lambda w, q=q, r=repack: _peers.ggml_linear(w, q, r, threads)

@@ -170,7 +170,8 @@ def _bnb(model: torch.nn.Module) -> None:
             full = f"{name}.{cname}" if name else cname
             if isinstance(child, torch.nn.Linear) and full != "lm_head":
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")  # fmt: skip
+                                      compute_dtype=torch.float32, compress_statistics=True,
+                                      quant_type="nf4")  # fmt: skip
                 q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
                                              quant_type="nf4", blocksize=64)  # fmt: skip
                 setattr(mod, cname, q.to("cpu").eval())
@@ -243,7 +244,8 @@ def write_gguf(model: torch.nn.Module, cfg: Any, path: Path) -> None:
     w.add_unk_token_id(0)
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm"}  # fmt: skip
     sd = model.state_dict()
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].numpy())
     for i in range(cfg.num_hidden_layers):
@@ -416,7 +418,8 @@ def _ru_maxrss_mb() -> float:
 
 def run_method(method: str, a: argparse.Namespace) -> dict[str, Any]:
     args = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--prompt", str(a.prompt),
-            "--decode", str(a.decode), "--batches", a.batches, "--repeats", str(a.repeats), "--seed", str(a.seed)]  # fmt: skip
+            "--decode", str(a.decode), "--batches", a.batches, "--repeats", str(a.repeats),
+            "--seed", str(a.seed)]  # fmt: skip
     if a.small:
         args.append("--small")
     if a.threads:
