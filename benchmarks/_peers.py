@@ -122,21 +122,14 @@ def _runner(model_bytes: bytes, threads: int) -> Callable[[torch.Tensor], torch.
 def ort_matmul_nbits(w: torch.Tensor, block: int, accuracy_level: int, threads: int) -> Linear:
     ort, onnx = _ort()
     from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    from qbackend.demo.ort import matmul_nbits_weights
 
     n, k = w.shape
     if k % block:
         raise Unavailable(f"K={k} is not a multiple of block {block}")
-    kb = k // block
-    wt = np.ascontiguousarray(w.t().numpy())  # [K, N]: ONNX MatMul's B
-    packed = np.zeros((n, kb, block // 2), dtype=np.uint8)
-    zp = np.zeros((n, (kb + 1) // 2), dtype=np.uint8)
-    scales = np.zeros((n, kb), dtype=np.float32)
-    quantize_matmul_4bits(packed, wt, scales, zp, block, n, k, False)
-    # The weight MatMulNBits computes with: (q - zp) * scale per (column n, block of K); nibbles low first.
-    q = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n, kb, block).astype(np.float32)
-    z = np.stack([zp & 0xF, zp >> 4], axis=-1).reshape(n, -1)[:, :kb].astype(np.float32)
-    wd = torch.from_numpy(((q - z[:, :, None]) * scales[:, :, None]).reshape(n, k))
+    packed, scales, zp, wd_kn = matmul_nbits_weights(w.t().numpy(), block)  # ORT's quantizer; B is [K, N]
+    wd = torch.from_numpy(wd_kn.T.copy())
     node = helper.make_node("MatMulNBits", ["A", "B", "scales", "zp"], ["Y"], domain="com.microsoft", K=k, N=n,
                             bits=4, block_size=block, accuracy_level=accuracy_level)  # fmt: skip
     graph = helper.make_graph(

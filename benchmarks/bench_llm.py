@@ -57,7 +57,8 @@ TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=3
 SMALL = dict(hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=2,
              num_hidden_layers=2, vocab_size=1024)  # fmt: skip
 QB_PRESETS = ("nf4", "int4", "int8", "w8a8")
-LLAMA_CPP_TYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K": 15}  # enum llama_ftype: MOSTLY_Q4_0, MOSTLY_Q8_0, MOSTLY_Q4_K_M
+# enum llama_ftype: ALL_F32, MOSTLY_Q4_0, MOSTLY_Q8_0, MOSTLY_Q4_K_M ("F32" is the converted file itself)
+LLAMA_CPP_TYPES = {"F32": 0, "Q4_0": 2, "Q8_0": 7, "Q4_K": 15}
 CACHE = Path(os.environ.get("QB_BENCH_CACHE", Path.home() / ".cache" / "qbackend-bench"))
 
 
@@ -65,7 +66,7 @@ def all_methods() -> list[str]:
     out = ["fp32 eager", "bf16 inductor"]
     out += [f"qbackend {p} eager" for p in QB_PRESETS]
     out += [f"qbackend {p} compiled" for p in QB_PRESETS]
-    out += ["bnb nf4"] + [f"llama.cpp {q}" for q in LLAMA_CPP_TYPES]
+    out += ["bnb nf4"] + [f"llama.cpp {q}" for q in LLAMA_CPP_TYPES if q != "F32"]
     return out
 
 
@@ -277,7 +278,7 @@ def gguf_file(cfg: Any, seed: int, qtype: str, threads: int) -> Path:
         tmp.rename(f32)
         gc.collect()
     out = CACHE / f"{key}-{qtype}.gguf"
-    if not out.exists():
+    if qtype != "F32" and not out.exists():
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = LLAMA_CPP_TYPES[qtype]
         params.nthread = threads
@@ -413,6 +414,22 @@ def _ru_maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def check_gguf(a: argparse.Namespace) -> dict[str, float]:
+    """The converted F32 GGUF run by llama.cpp vs the same model in transformers: last-position logits of a
+    prompt (cosine, max abs difference): "the same weights" checked, rope permutation included."""
+    torch.set_num_threads(a.threads or torch.get_num_threads())
+    dims = SMALL if a.small else TINYLLAMA
+    cfg = llama_config(dims, 64)
+    ids = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(a.seed + 1))
+    with torch.inference_mode():
+        ref = build_model(cfg, a.seed)(input_ids=ids).logits[0, -1]
+    r = LlamaCppRunner(gguf_file(cfg, a.seed, "F32", torch.get_num_threads()), 1, 64, torch.get_num_threads(), 64)
+    r.reset(1)
+    got = r.prefill(ids)[0]
+    cos = torch.nn.functional.cosine_similarity(ref.double(), got.double(), dim=0)
+    return {"cosine": float(cos), "max_abs": float((ref - got).abs().max()), "ref_abs_max": float(ref.abs().max())}
+
+
 # ---- the parent: one subprocess per method ---------------------------------------------------------------
 
 
@@ -466,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per method")
     p.add_argument("--json", default="", help="write all figures as JSON here")
     p.add_argument("--list-methods", action="store_true")
+    p.add_argument("--check-gguf", action="store_true", help="llama.cpp on the F32 GGUF vs transformers (logits)")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     _common.add_threads_option(p)
     a = p.parse_args(argv)
@@ -473,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         a.prompt, a.decode = 16, 4
     if a.child:
         print(json.dumps(child(a)))
+        return 0
+    if a.check_gguf:
+        print(json.dumps(check_gguf(a)))
         return 0
     methods = [m.strip() for m in a.methods.split(",") if m.strip()] or all_methods()
     if a.only:
