@@ -230,6 +230,10 @@ class _Ggml:
             f = getattr(so, name)
             f.restype, f.argtypes = res, args
             setattr(self, name, f)
+        # ggml logs every repacked tensor to stderr: silence it (the callback is kept alive on self)
+        self._log = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(lambda *_: None)
+        self.base.ggml_log_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.base.ggml_log_set(ctypes.cast(self._log, ctypes.c_void_p), None)
         self.backend = self.ggml_backend_cpu_init()
         self.version = getattr(llama_cpp, "__version__", "?")
 

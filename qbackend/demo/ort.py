@@ -7,8 +7,9 @@ then transformed the way ORT's own tools do it:
 * 4-bit: every MatMul with a constant 2-D weight becomes ``com.microsoft::MatMulNBits``
   (asymmetric 4-bit, blocks of 128 along K, quantized by ORT's ``quantize_matmul_4bits``, the
   routine its ``MatMulNBitsQuantizer`` calls), ``accuracy_level`` 4: int8 activations;
-* int8: ``onnxruntime.quantization.quantize_dynamic`` with its defaults (per-tensor int8 weights,
-  dynamic uint8 activations).
+* int8: ``onnxruntime.quantization.quantize_dynamic`` of the MatMuls only (as qbackend quantizes
+  only the linear layers; its default also quantizes the embedding table), int8 weights per output
+  channel, dynamic uint8 activations.
 """
 
 from __future__ import annotations
@@ -92,13 +93,13 @@ def to_matmul_nbits(model_bytes: bytes, block: int = ORT_BLOCK, accuracy_level: 
 
 def to_dynamic_int8(model_bytes: bytes) -> bytes:
     import onnx
-    from onnxruntime.quantization import quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as d:
         src, dst = Path(d) / "fp32.onnx", Path(d) / "int8.onnx"
         src.write_bytes(model_bytes)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            quantize_dynamic(src, dst)
+            quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8)
         return onnx.load(dst).SerializeToString()
 
 
