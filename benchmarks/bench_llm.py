@@ -297,7 +297,8 @@ class LlamaCppRunner:
 
         self.lc = lc
         lc.llama_backend_init()
-        lc.llama_log_set(lc.llama_log_callback(lambda *a: None), ctypes.c_void_p())
+        self._log = lc.llama_log_callback(lambda *a: None)  # kept alive: llama.cpp calls it later
+        lc.llama_log_set(self._log, ctypes.c_void_p())
         mp = lc.llama_model_default_params()
         self.model = lc.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
