@@ -25,6 +25,7 @@ streaming read bandwidth (``sum`` over a 1 GiB tensor) measured in the same inte
     python benchmarks/bench_cpu_linear.py                       # the hot table, all shapes
     python benchmarks/bench_cpu_linear.py --cold                # + the cold-weights table (4096x4096, M=1)
     python benchmarks/bench_cpu_linear.py --only 'qbackend|ORT' # methods whose name matches a regex
+    python benchmarks/bench_cpu_linear.py --quick               # 2 rounds of 8 calls
     python benchmarks/bench_cpu_linear.py --small --no-peers    # smoke run: 256x256, qbackend only, few calls
 """
 
@@ -265,12 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold-only", action="store_true", help="only the cold-weights table")
     p.add_argument("--cold-mb", type=float, default=256.0, help="weights per method in the cold mode (MB)")
     p.add_argument("--cold-ms", default="1", help="M of the cold table")
+    p.add_argument("--quick", action="store_true", help="2 rounds of 8 calls (qbackend bench --quick)")
     p.add_argument("--small", action="store_true", help="smoke run: a 256x256 layer, M=1,8, few calls")
     p.add_argument("--json", default="", help="write all figures as JSON here")
     _common.add_threads_option(p)
     a = p.parse_args(argv)
     _common.apply_threads(a)
     shapes = dict(SHAPES)
+    if a.quick:
+        a.rounds, a.calls = 2, 8
     if a.small:
         shapes = {"256x256": (256, 256, (1, 8))}
         a.shapes, a.rounds, a.calls, a.cold_mb = "256x256", 2, 3, 2.0

@@ -26,7 +26,9 @@ interleaved: compare figures of one run, note the load.
 
     python benchmarks/bench_llm.py                               # all methods, batch 1 and 8 (~40 min)
     python benchmarks/bench_llm.py --methods 'fp32 eager,qbackend nf4 eager,llama.cpp Q4_0' --batches 1
+    python benchmarks/bench_llm.py --quick                       # batch 1, 128+32 tokens, 5 methods
     python benchmarks/bench_llm.py --small                       # smoke: 2 layers, hidden 256, short runs
+    python benchmarks/bench_llm.py --check-gguf                  # llama.cpp on the F32 GGUF vs transformers
     python benchmarks/bench_llm.py --list-methods
 """
 
@@ -59,6 +61,7 @@ SMALL = dict(hidden_size=256, intermediate_size=704, num_attention_heads=8, num_
 QB_PRESETS = ("nf4", "int4", "int8", "w8a8")
 # enum llama_ftype: ALL_F32, MOSTLY_Q4_0, MOSTLY_Q8_0, MOSTLY_Q4_K_M ("F32" is the converted file itself)
 LLAMA_CPP_TYPES = {"F32": 0, "Q4_0": 2, "Q8_0": 7, "Q4_K": 15}
+QUICK = ("fp32 eager", "qbackend nf4 eager", "qbackend int8 eager", "llama.cpp Q4_0", "llama.cpp Q8_0")
 CACHE = Path(os.environ.get("QB_BENCH_CACHE", Path.home() / ".cache" / "qbackend-bench"))
 
 
@@ -481,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (median)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--small", action="store_true", help="smoke run: 2 layers, hidden 256, vocab 1024, 16+4 tokens")
+    p.add_argument("--quick", action="store_true", help=f"batch 1, 128+32 tokens, methods: {', '.join(QUICK)}")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per method")
     p.add_argument("--json", default="", help="write all figures as JSON here")
     p.add_argument("--list-methods", action="store_true")
@@ -490,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.small and a.prompt == 512 and a.decode == 128:
         a.prompt, a.decode = 16, 4
+    if a.quick:
+        a.batches, a.prompt, a.decode, a.methods = "1", 128, 32, a.methods or ",".join(QUICK)
     if a.child:
         print(json.dumps(child(a)))
         return 0
