@@ -446,7 +446,10 @@ def run_method(method: str, a: argparse.Namespace) -> dict[str, Any]:
     if a.threads:
         args += ["--threads", str(a.threads)]
     t0 = time.perf_counter()
-    r = subprocess.run(args, capture_output=True, text=True, timeout=a.timeout)
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=a.timeout)
+    except subprocess.TimeoutExpired:  # one slow method must not lose the others' rows
+        return {"method": method, "error": f"timed out after {a.timeout:.0f} s", "wall_s": time.perf_counter() - t0}
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["?"])[-1][:300]
         return {"method": method, "error": f"exit {r.returncode}: {tail}", "wall_s": time.perf_counter() - t0}
