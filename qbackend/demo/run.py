@@ -21,6 +21,8 @@ from torch import nn
 
 from ..core import registry
 from ..serialization.source import quantized_module
+from . import ort
+from .llm import LLMResult, run_llm_decode
 from .minilm import embedding_quality, load_minilm, pooled_embeddings
 from .sentences import EVALUATION_SENTENCES
 
@@ -36,6 +38,8 @@ class DemoOptions:
     compile: bool = True  # False: quantized layers run eagerly and there is no Inductor row (fast)
     time_budget_s: float = 2.0  # per latency measurement, after the warm-up call
     min_runs: int = 3
+    ort: bool = True  # ONNX Runtime's fp32 / 4-bit / int8 MiniLM side by side (where onnxruntime imports)
+    llm: bool = True  # the small-Llama decode table
 
 
 @dataclass
@@ -58,6 +62,8 @@ class DemoResult:
     threads: int
     rows: list[DemoRow]
     seconds: float = 0.0
+    llm: LLMResult | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,11 +119,57 @@ def run_demo(options: DemoOptions | None = None, step: Step = _no_progress) -> D
         row.quality = embedding_quality(reference, emb)
         rows.append(row)
         torch._dynamo.reset()  # free the compiled graphs of this variant before the next
+    notes: list[str] = []
+    if opts.ort:
+        why = ort.unavailable()
+        if why:
+            notes.append(f"ONNX Runtime rows skipped: {why}")
+        else:
+            rows += _ort_rows(ml, batches, reference, opts, step)
     for r in rows:
         r.speedup = {b: rows[0].latency_ms[b] / r.latency_ms[b] for b in r.latency_ms}
+    llm = None
+    if opts.llm:
+        with step("small Llama: greedy decoding, fp32 vs qbackend"):
+            llm = run_llm_decode(tuple(p for p in opts.presets if p in ("nf4", "int8", "int4", "fp4")) or ("nf4",))
     params = sum(p.numel() for p in base.parameters())
     return DemoResult("all-MiniLM-L6-v2", params, len(EVALUATION_SENTENCES), torch.get_num_threads(), rows,
-                      time.perf_counter() - t0)  # fmt: skip
+                      time.perf_counter() - t0, llm, notes)  # fmt: skip
+
+
+def _ort_rows(ml: Any, batches: dict[int, dict[str, torch.Tensor]], reference: torch.Tensor | None,
+              opts: DemoOptions, step: Step) -> list[DemoRow]:  # fmt: skip
+    """ONNX Runtime's fp32, 4-bit and dynamic-int8 MiniLM, timed and checked like the torch rows."""
+    with step("ONNX Runtime: export and quantize"):
+        fp32 = ort.export_encoder(ml.model, next(iter(batches.values())))
+        variants = {
+            "ONNX Runtime fp32": fp32,
+            f"ONNX Runtime 4-bit (MatMulNBits b{ort.ORT_BLOCK}, int8 act)": ort.to_matmul_nbits(fp32),
+            "ONNX Runtime int8 (quantize_dynamic, MatMuls)": ort.to_dynamic_int8(fp32),
+        }
+    eval_batch = ml.tokenize(EVALUATION_SENTENCES)
+    rows = []
+    for name, data in variants.items():
+        run = ort.session(data, torch.get_num_threads())
+        size, lin = ort.weight_bytes(data)
+        lin_numel = sum(m.weight.numel() for m in ml.model.modules() if isinstance(m, nn.Linear))
+        row = DemoRow(name, size / 1e6, lin / 1e6, 8 * lin / max(lin_numel, 1))
+
+        def embed(batch: dict[str, torch.Tensor], run: Callable = run) -> torch.Tensor:
+            hidden = run(batch)
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+        for b, batch in batches.items():
+            with step(f"{name}: timing batch {b}"):
+                embed(batch)
+                row.latency_ms[b] = _median_ms(lambda batch=batch, embed=embed: embed(batch), opts.time_budget_s,
+                                               opts.min_runs)  # fmt: skip
+        if reference is not None:
+            row.quality = embedding_quality(reference, embed(eval_batch))
+        rows.append(row)
+    return rows
 
 
 def _sentences(pool: tuple[str, ...], n: int) -> list[str]:
@@ -198,4 +250,23 @@ def render(result: DemoResult) -> Table:
         q = r.quality
         cells.append(f"{q['cosine_mean']:.4f} / {q['cosine_min']:.4f}")
         t.add_row(*cells)
+    return t
+
+
+def render_llm(result: DemoResult) -> Table | None:
+    """A rich Table of the small-Llama decode rows, or None when they were not run."""
+    llm = result.llm
+    if llm is None:
+        return None
+    t = Table(
+        title=f"greedy decoding, small random-weight Llama ({llm.params / 1e6:.0f}M params), batch 1, "
+        f"{result.threads} threads",
+        caption=f"{llm.steps} tokens after a {llm.prompt}-token prompt; tokens/s median of interleaved runs; "
+        "logits cosine: next-token logits after the prompt vs fp32",
+        title_justify="left",
+    )
+    for col in ("model", "weights MB", "tokens/s", "speed-up", "logits cosine"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in llm.rows:
+        t.add_row(r.name, f"{r.weights_mb:.0f}", f"{r.tokens_per_s:.1f}", f"{r.speedup:.2f}x", f"{r.logits_cosine:.4f}")
     return t
