@@ -91,6 +91,7 @@ class ShardableQuantizedLinear(nn.Module):
         self._all_names = tuple(t.name for t in family.weights)
         shapes = row_shapes(family.kernel, family.name, q.out_features, q.in_features, self.statics, name)
         self._float_bits: set[str] = set()
+        self._flat: set[str] = set()  # passed to the op flat (the others keep their 2-D op shape)
         self._arg_names = tuple(n for n in q._arg_names)
         for arg in self._arg_names:
             if arg is None:
@@ -99,12 +100,16 @@ class ShardableQuantizedLinear(nn.Module):
             if arg in _TABLES:
                 self.register_buffer(arg, t)
                 continue
+            if t.dim() == 1:
+                self._flat.add(arg)
             t = t.reshape(shapes[arg])
             if t.dtype == torch.float32:
                 self._float_bits.add(arg)
                 t = t.view(torch.int32)
             self.register_parameter(arg, nn.Parameter(t, requires_grad=False))
         self.bias = q.bias
+        self.qualified_name = name  # for error messages
+        self.tp_forward = None  # set by the tensor-parallel styles: (self, x) -> DTensor
 
     @classmethod
     def from_quantized(cls, q: QuantizedLinear, name: str = "layer") -> ShardableQuantizedLinear:
@@ -120,10 +125,13 @@ class ShardableQuantizedLinear(nn.Module):
             t = getattr(self, arg)
             if isinstance(t, torch.distributed.tensor.DTensor):  # only under tensor parallel; FSDP unshards
                 t = t.to_local()
-            out.append(t.view(torch.float32).reshape(-1) if arg in self._float_bits else t.reshape(-1))
+            t = t.view(torch.float32) if arg in self._float_bits else t
+            out.append(t.reshape(-1) if arg in self._flat else t)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_forward is not None:
+            return self.tp_forward(self, x)
         return self.op(x, *self.kernel_tensors(), self.bias, *self.statics)
 
     def quantized_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
