@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import parallelize_module
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -48,11 +49,11 @@ def llama(hidden: int = 128, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-def qlora_model(seed: int = 0) -> LlamaForCausalLM:
+def qlora_model(seed: int = 0, scheme: Scheme | None = None) -> LlamaForCausalLM:
     """Tiny Llama, LoRA on every projection, NF4 (nested, blocks of 64) base; lm_head stays float."""
     m = llama(seed=seed)
     add_lora(m, r=4, alpha=8, target_modules=TARGETS)
-    quantize_base(m)
+    quantize_base(m, **({"scheme": scheme} if scheme else {}))
     return m
 
 
@@ -144,6 +145,28 @@ def fsdp_qlora(res: dict, rank: int, world: int, steps: int, out: Path, compile_
     res["loaded_from_1rank_logits"] = logits(fresh)
 
 
+def fsdp_formats_and_mixed_precision(res: dict, rank: int, world: int, steps: int) -> None:
+    """int8 / int4 bases under FSDP2, and an NF4 base under a bf16 MixedPrecisionPolicy."""
+    mesh = init_device_mesh("cpu", (world,))
+    data = batches(steps)
+    for label, scheme in (("int8", Scheme("int", 8, granularity="channel")),
+                          ("int4", Scheme("int", 4, granularity="block", blocksize=32))):  # fmt: skip
+        res[f"fsdp_{label}_ref"] = train(qlora_model(scheme=scheme), data)
+        res[f"fsdp_{label}_losses"] = train(shard_qlora(qlora_model(scheme=scheme), mesh), data, rank, world)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = shard_qlora(qlora_model(), mesh, mp_policy=policy)
+    seen = {}
+
+    def record(layer, args):
+        names = [n for n in layer._arg_names if n is not None]
+        seen.update({n: str(t.dtype) for n, t in zip(names, (t for t in layer.kernel_tensors() if t is not None),
+                                                     strict=True)}, x=str(args[0].dtype))  # fmt: skip
+
+    model.get_submodule("model.layers.0.self_attn.q_proj.base").register_forward_pre_hook(record)
+    res["fsdp_bf16_losses"] = train(model, data, rank, world)
+    res["fsdp_bf16_dtypes_seen"] = seen
+
+
 def ddp_qlora(res: dict, rank: int, world: int, steps: int) -> None:
     data = batches(steps)
     model = replicate_qlora(qlora_model())
@@ -184,6 +207,7 @@ def main() -> None:
     try:
         if scenario == "all":
             fsdp_qlora(res, rank, world, steps=20, out=out)
+            fsdp_formats_and_mixed_precision(res, rank, world, steps=5)
             ddp_qlora(res, rank, world, steps=20)
             tensor_parallel(res, world)
         elif scenario == "compile":

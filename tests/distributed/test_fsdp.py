@@ -37,6 +37,26 @@ def test_fsdp_forward_matches_single_process(two_ranks):
     torch.testing.assert_close(res["fsdp_logits"], res["ref_logits"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_fsdp_qlora_with_int_bases(two_ranks, fmt):
+    _, results = two_ranks
+    for res in results:
+        rel = [abs(a - b) / abs(b) for a, b in zip(res[f"fsdp_{fmt}_losses"], res[f"fsdp_{fmt}_ref"], strict=True)]
+        assert len(rel) == 5 and max(rel) < 1e-5, rel
+
+
+def test_bf16_mixed_precision_casts_activations_never_codes_or_constants(two_ranks):
+    _, results = two_ranks
+    for res in results:
+        seen = res["fsdp_bf16_dtypes_seen"]
+        assert seen["x"] == "torch.bfloat16"
+        assert seen["codes"] == seen["nested_codes"] == "torch.uint8"
+        assert seen["nested_absmax"] == seen["nested_offset"] == "torch.float32"
+        # bf16 activations and adapters: close to the fp32 run, not equal
+        rel = [abs(a - b) / abs(b) for a, b in zip(res["fsdp_bf16_losses"], res["ref_losses"][:5], strict=True)]
+        assert max(rel) < 2e-2, rel
+
+
 @pytest.mark.slow
 def test_fsdp_qlora_under_torch_compile(tmp_path):
     from conftest import run_ranks
