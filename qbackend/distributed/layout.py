@@ -35,6 +35,7 @@ from torch import nn
 
 from ..formats import Scheme
 from ..kernels import KernelWeight, family_of
+from ..passes.modules import apply_keeping_dtypes
 from ..workflows.weight_only.linear import QuantizedLinear
 
 
@@ -147,6 +148,10 @@ class ShardableQuantizedLinear(nn.Module):
         tensors = tuple(by_name.get(n) for n in self._all_names)
         kw = KernelWeight(self.op, tensors, self.statics, self._all_names)
         return QuantizedLinear(kw, self.bias, self.scheme)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
+        # .half() / .to(dtype) must leave the fp32 code tables alone (the quantized parameters are integers)
+        return apply_keeping_dtypes(self, super()._apply, fn, recurse, tuple(self._buffers))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

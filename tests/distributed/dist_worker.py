@@ -167,10 +167,13 @@ def fsdp_formats_and_mixed_precision(res: dict, rank: int, world: int, steps: in
     res["fsdp_bf16_dtypes_seen"] = seen
 
 
-def ddp_qlora(res: dict, rank: int, world: int, steps: int) -> None:
+def ddp_qlora(res: dict, rank: int, world: int, steps: int, out: Path) -> None:
     data = batches(steps)
     model = replicate_qlora(qlora_model())
     res["ddp_losses"] = train(model, data, rank, world, step_model=model.module)
+    save_checkpoint(model, out / "ckpt-ddp")  # flat layers go to the row layout in place; DDP keeps working
+    res["ddp_logits"] = logits(model.module)
+    res["ddp_losses_after_save"] = train(model, data[:2], rank, world, step_model=model.module)
 
 
 def tensor_parallel(res: dict, world: int) -> None:
@@ -208,7 +211,7 @@ def main() -> None:
         if scenario == "all":
             fsdp_qlora(res, rank, world, steps=20, out=out)
             fsdp_formats_and_mixed_precision(res, rank, world, steps=5)
-            ddp_qlora(res, rank, world, steps=20)
+            ddp_qlora(res, rank, world, steps=20, out=out)
             tensor_parallel(res, world)
         elif scenario == "compile":
             fsdp_qlora(res, rank, world, steps=int(os.environ.get("QB_STEPS", "20")), out=out, compile_=True)

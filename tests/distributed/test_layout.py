@@ -52,3 +52,15 @@ def test_odd_int4_rows_are_refused():
     model = nn.Sequential(q)
     with pytest.raises(ShardingError, match="in_features=33 is odd"):
         to_row_layout(model)
+
+
+def test_dtype_casts_leave_codes_constants_and_tables_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantizedLinear.from_weight(torch.randn(16, 64), None, Scheme("nf4", 4, nested=True)))
+    to_row_layout(model)
+    x = torch.randn(2, 64)
+    want = model(x)
+    model.to(torch.bfloat16)
+    assert {t.dtype for t in model[0].buffers()} == {torch.float32}
+    # bf16 activations: within bf16 rounding of the fp32 output (inputs and output rounded: ~1% of |y| or of |x||w|)
+    torch.testing.assert_close(model(x.bfloat16()).float(), want, rtol=2e-2, atol=0.1)
