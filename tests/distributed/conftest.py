@@ -56,6 +56,12 @@ def run_ranks(scenario: str, out: Path, world: int = 2, timeout: float = 300, en
     return [torch.load(out / f"result-{r}.pt", weights_only=False) for r in range(world)]
 
 
+@pytest.fixture
+def ranks():
+    """:func:`run_ranks`, for tests that start their own scenario."""
+    return run_ranks
+
+
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     """(output dir, per-rank results) of the ``all`` scenario on 2 ranks."""
