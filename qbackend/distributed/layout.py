@@ -32,6 +32,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..formats import Scheme
 from ..kernels import KernelWeight, family_of
@@ -78,7 +79,8 @@ def row_shapes(kernel: str, name: str, n: int, k: int, statics: tuple[int, ...],
 class ShardableQuantizedLinear(nn.Module):
     """A `QuantizedLinear` in the row layout (module docstring): same op, same bytes, frozen parameters.
 
-    Build with :meth:`from_quantized`; :meth:`to_quantized` gives the flat-buffer module back.
+    ``name`` (the layer's qualified name) appears in errors; :meth:`to_quantized` gives the
+    flat-buffer module back.
     """
 
     def __init__(self, q: QuantizedLinear, name: str = "layer") -> None:
@@ -93,7 +95,7 @@ class ShardableQuantizedLinear(nn.Module):
         shapes = row_shapes(family.kernel, family.name, q.out_features, q.in_features, self.statics, name)
         self._float_bits: set[str] = set()
         self._flat: set[str] = set()  # passed to the op flat (the others keep their 2-D op shape)
-        self._arg_names = tuple(n for n in q._arg_names)
+        self._arg_names = tuple(q._arg_names)
         for arg in self._arg_names:
             if arg is None:
                 continue
@@ -112,10 +114,6 @@ class ShardableQuantizedLinear(nn.Module):
         self.qualified_name = name  # for error messages
         self.tp_forward = None  # set by the tensor-parallel styles: (self, x) -> DTensor
 
-    @classmethod
-    def from_quantized(cls, q: QuantizedLinear, name: str = "layer") -> ShardableQuantizedLinear:
-        return cls(q, name)
-
     def kernel_tensors(self) -> list[torch.Tensor | None]:
         """The op's tensor arguments: flat, fp32 constants viewed back as fp32 (no copy)."""
         out = []
@@ -124,7 +122,7 @@ class ShardableQuantizedLinear(nn.Module):
                 out.append(None)
                 continue
             t = getattr(self, arg)
-            if isinstance(t, torch.distributed.tensor.DTensor):  # only under tensor parallel; FSDP unshards
+            if isinstance(t, DTensor):  # only under tensor parallel; FSDP unshards
                 t = t.to_local()
             t = t.view(torch.float32) if arg in self._float_bits else t
             out.append(t.reshape(-1) if arg in self._flat else t)
@@ -193,7 +191,7 @@ def quantized_layers(model: nn.Module) -> Iterator[tuple[str, ShardableQuantized
 
 def local_nbytes(t: torch.Tensor) -> int:
     """Bytes this rank stores for ``t`` (its shard, for a DTensor)."""
-    if isinstance(t, torch.distributed.tensor.DTensor):
+    if isinstance(t, DTensor):
         t = t.to_local()
     return t.numel() * t.element_size()
 

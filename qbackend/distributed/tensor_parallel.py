@@ -27,7 +27,7 @@ from functools import partial
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from .layout import ShardableQuantizedLinear, ShardingError, check_column_split, check_row_split
@@ -68,23 +68,22 @@ def _local_statics(layer: ShardableQuantizedLinear, n: int, k: int) -> tuple[int
     return (n, k, *layer.statics[2:])
 
 
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _colwise_forward(layer: ShardableQuantizedLinear, x: torch.Tensor, *, mesh: DeviceMesh,
                      statics: tuple[int, ...]) -> DTensor:  # fmt: skip
-    x = x.to_local() if isinstance(x, DTensor) else x
-    bias = layer.bias.to_local() if isinstance(layer.bias, DTensor) else layer.bias
-    y = layer.op(x, *layer.kernel_tensors(), bias, *statics)
+    y = layer.op(_local(x), *layer.kernel_tensors(), _local(layer.bias), *statics)
     return DTensor.from_local(y, mesh, [Shard(-1)], run_check=False)
 
 
 def _rowwise_forward(layer: ShardableQuantizedLinear, x: torch.Tensor, *, mesh: DeviceMesh,
                      statics: tuple[int, ...]) -> DTensor:  # fmt: skip
-    x = x.to_local() if isinstance(x, DTensor) else x
-    partial_y = layer.op(x, *layer.kernel_tensors(), None, *statics)
-    y = torch.distributed.tensor.DTensor.from_local(
-        partial_y, mesh, [torch.distributed.tensor.Partial()], run_check=False
-    ).redistribute(placements=[Replicate()])
+    partial_y = layer.op(_local(x), *layer.kernel_tensors(), None, *statics)
+    y = DTensor.from_local(partial_y, mesh, [Partial()], run_check=False).redistribute(placements=[Replicate()])
     if layer.bias is not None:  # added once, after the reduction
-        y = DTensor.from_local(y.to_local() + layer.bias.to(y.dtype), mesh, [Replicate()], run_check=False)
+        y = DTensor.from_local(y.to_local() + _local(layer.bias).to(y.dtype), mesh, [Replicate()], run_check=False)
     return y
 
 
@@ -126,8 +125,6 @@ class QuantizedRowwiseParallel(RowwiseParallel):
 
 def _wrap_io(style, module: nn.Module, mesh: DeviceMesh, desired: tuple) -> nn.Module:
     """Torch's input/output conversion for the style (what ``distribute_module`` installs), no partitioning."""
-    from torch.distributed.tensor import distribute_module
-
     return distribute_module(
         module, mesh, None,
         partial(style._prepare_input_fn, style.input_layouts, desired),

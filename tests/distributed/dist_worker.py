@@ -24,6 +24,8 @@ from torch.distributed.tensor.parallel import parallelize_module
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qbackend.distributed import (
+    QuantizedColwiseParallel,
+    QuantizedRowwiseParallel,
     ShardingError,
     from_row_layout,
     llama_tp_plan,
@@ -190,6 +192,16 @@ def tensor_parallel(res: dict, world: int) -> None:
         res[f"tp_{label}_placements"] = (str(q.codes.placements), str(o.codes.placements))
         res[f"tp_{label}_ref"] = logits(ref)
         res[f"tp_{label}_out"] = logits(model)
+    # an MLP with biases: the column-wise bias is sharded, the row-wise one added once after the reduction
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128))
+    mlp.requires_grad_(False)
+    quantize_base(mlp)
+    x = torch.randn(3, 128)
+    res["tp_bias_ref"] = mlp(x)
+    to_row_layout(mlp)
+    parallelize_module(mlp, mesh, {"0": QuantizedColwiseParallel(), "2": QuantizedRowwiseParallel()})
+    res["tp_bias_out"] = full(mlp(x))
     # 64 input columns over 2 ranks: 32 each, half a block of 64
     small = llama(hidden=64).requires_grad_(False)
     quantize_base(small)

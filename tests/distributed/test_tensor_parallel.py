@@ -16,6 +16,12 @@ def test_tp_outputs_equal_the_single_process_quantized_model(two_ranks, fmt):
         torch.testing.assert_close(res[f"tp_{fmt}_out"], res[f"tp_{fmt}_ref"], rtol=1e-5, atol=2e-5)
 
 
+def test_tp_biases_are_sharded_column_wise_and_added_once_row_wise(two_ranks):
+    _, results = two_ranks
+    for res in results:
+        torch.testing.assert_close(res["tp_bias_out"], res["tp_bias_ref"], rtol=1e-5, atol=1e-5)
+
+
 def test_tp_shards_codes_along_rows_and_columns(two_ranks):
     _, results = two_ranks
     res = results[0]
