@@ -30,7 +30,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ..serialization import save as qsave
 from .layout import ShardableQuantizedLinear, from_row_layout, quantized_layers, to_row_layout
@@ -127,10 +132,13 @@ def _shared_nonce() -> str:
     return str(box[0])
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_checkpoint(
+    model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None
+) -> Path:
     """Save ``model`` (sharded with FSDP2 / tensor parallel, DDP, or a single process) to the directory
-    ``path`` with DCP. Every rank calls it. Quantized layers still in the flat `QuantizedLinear` form
-    are converted to the row layout first (in place). ``path`` is replaced only after a complete save.
+    ``path`` with DCP; with ``optimizer``, its state too (to resume training). Every rank calls it.
+    Quantized layers still in the flat `QuantizedLinear` form are converted to the row layout first
+    (in place). ``path`` is replaced only after a complete save.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -142,7 +150,9 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
         model = model.module
     nonce = _shared_nonce()
     partial = path.parent / f".{path.name}.partial-{nonce}"
-    state = get_model_state_dict(model)
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     try:
         with _single_process_quiet():
             dcp.save(state, checkpoint_id=partial, no_dist=not dist.is_initialized())
@@ -204,9 +214,12 @@ def read_layout(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointLayoutError(f"{where / MANIFEST}: unreadable ({e})") from None
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_checkpoint(
+    model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None
+) -> nn.Module:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model``, sharded over any world size
-    (FSDP2, tensor parallel), replicated, or in one process. Every rank calls it.
+    (FSDP2, tensor parallel), replicated, or in one process; with ``optimizer``, its saved state
+    too. Every rank calls it.
 
     ``model`` must be quantized as the saved one (same formats and shapes; its flat quantized layers
     are converted to the row layout in place); otherwise `CheckpointLayoutError` names the layer.
@@ -216,23 +229,24 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     _check_fits(read_layout(where), model, where)
-    state = get_model_state_dict(model)
-    missing = _missing_keys(where, state)
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    stored = dcp.FileSystemReader(where).read_metadata().state_dict_metadata
+    missing = sorted(k for k in state["model"] if f"model.{k}" not in stored)
     if missing:
         raise CheckpointLayoutError(
             f"{where}: tensor {missing[0]!r} of the model is not in the checkpoint ({len(missing)} missing); "
             "was it saved from the same architecture?"
         )
+    if optimizer is not None:
+        if not any(k.startswith("optimizer.") for k in stored):
+            raise CheckpointLayoutError(f"{where}: holds no optimizer state (saved without optimizer=)")
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=where, no_dist=not dist.is_initialized())
-    set_model_state_dict(model, state)
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
     return model
-
-
-def _missing_keys(where: Path, state: dict[str, Any]) -> list[str]:
-    reader = dcp.FileSystemReader(where)
-    stored = reader.read_metadata().state_dict_metadata
-    return sorted(k for k in state if k not in stored)
 
 
 def consolidate(path: str | os.PathLike, model: nn.Module, out: str | os.PathLike) -> Path:

@@ -80,9 +80,13 @@ def probe() -> torch.Tensor:
     return batches(1, batch=2)[0]
 
 
-def train(model, data, rank: int = 0, world: int = 1, step_model=None) -> list[float]:
+def adamw(model) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+
+
+def train(model, data, rank: int = 0, world: int = 1, step_model=None, opt=None) -> list[float]:
     """AdamW on the adapters; each rank takes its slice of every batch; returns the global mean losses."""
-    opt = torch.optim.AdamW(lora_parameters(step_model or model), lr=1e-2)
+    opt = opt or adamw(step_model or model)
     losses = []
     for ids in data:
         part = ids.chunk(world)[rank]
@@ -145,6 +149,16 @@ def fsdp_qlora(res: dict, rank: int, world: int, steps: int, out: Path, compile_
     fresh = shard_qlora(qlora_model(seed=5), init_device_mesh("cpu", (world,)))
     load_checkpoint(fresh, out / "ckpt-1rank")  # saved by the test in one process
     res["loaded_from_1rank_logits"] = logits(fresh)
+    # resume: 10 steps, save model + optimizer, load into a fresh sharded model, 10 more steps
+    mesh = init_device_mesh("cpu", (world,))
+    first = shard_qlora(qlora_model(), mesh)
+    opt = adamw(first)
+    train(first, data[:10], rank, world, opt=opt)
+    save_checkpoint(first, out / "ckpt-step10", optimizer=opt)
+    second = shard_qlora(qlora_model(seed=9), mesh)
+    opt2 = adamw(second)
+    load_checkpoint(second, out / "ckpt-step10", optimizer=opt2)
+    res["resumed_losses"] = train(second, data[10:], rank, world, opt=opt2)
 
 
 def fsdp_formats_and_mixed_precision(res: dict, rank: int, world: int, steps: int) -> None:

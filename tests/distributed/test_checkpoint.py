@@ -14,7 +14,7 @@ from qbackend.distributed import (
 )
 from qbackend.distributed import checkpoint as ckpt_mod
 from qbackend.formats import Scheme
-from qbackend.qat import add_lora, quantize_base
+from qbackend.qat import add_lora, lora_parameters, quantize_base
 from qbackend.workflows.weight_only.linear import QuantizedLinear
 
 
@@ -31,6 +31,13 @@ def test_saved_in_1_process_loads_on_2_ranks(two_ranks):
     want = torch.load(out / "ckpt-1rank-logits.pt")
     for res in results:
         torch.testing.assert_close(res["loaded_from_1rank_logits"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_training_resumes_from_a_checkpoint_with_optimizer_state(two_ranks):
+    _, results = two_ranks
+    for res in results:
+        rel = [abs(a - b) / abs(b) for a, b in zip(res["resumed_losses"], res["losses"][10:], strict=True)]
+        assert len(rel) == 10 and max(rel) < 1e-6, rel
 
 
 def test_consolidate_gives_a_file_qbackend_load_reads(two_ranks, tmp_path):
@@ -87,6 +94,13 @@ def test_a_save_interrupted_between_its_renames_still_loads(tmp_path):
     model = qlora_model(seed=3)
     load_checkpoint(model, tmp_path / "ck")
     torch.testing.assert_close(logits(model), logits(good), rtol=0, atol=0)
+
+
+def test_asking_for_optimizer_state_a_checkpoint_lacks(tmp_path):
+    model = qlora_model()
+    save_checkpoint(model, tmp_path / "ck")
+    with pytest.raises(CheckpointLayoutError, match="holds no optimizer state"):
+        load_checkpoint(model, tmp_path / "ck", optimizer=torch.optim.AdamW(lora_parameters(model)))
 
 
 def test_not_a_checkpoint_is_refused(tmp_path):
