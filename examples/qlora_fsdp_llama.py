@@ -8,7 +8,8 @@ in float), its projections quantized to NF4 (blocks of 64, nested constants) wit
 them; ``shard_qlora`` then puts each block under ``fully_shard`` so each rank stores ~1/N of the
 quantized base. Every rank trains on its 1/N of each global batch (a toy task: continue counting
 sequences mod the vocabulary). Rank 0 prints, per rank: quantized-base bytes held, RSS before
-training and its peak during training (sampled every millisecond), and the median step time.
+training (after sharding; memory freed by the build handed back with ``malloc_trim``) and its peak
+during training (sampled every millisecond), and the median step time.
 ``--save`` writes a ``torch.distributed.checkpoint`` that reloads on any number of ranks
 (``qbackend.distributed.load_checkpoint``) or into ``qbackend.load`` (``consolidate``).
 CPU runs use gloo, GPU runs NCCL (one GPU per rank).
@@ -17,6 +18,7 @@ CPU runs use gloo, GPU runs NCCL (one GPU per rank).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -51,6 +53,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--save", default=None, help="directory for a distributed checkpoint after training")
     p.add_argument("--json", default=None, help="rank 0 writes the per-rank figures here")
     return p.parse_args()
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by the build back to the OS (glibc keeps it otherwise), so RSS shows what is held."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS then also counts freed heap
+        pass
 
 
 def rss_bytes() -> int:
@@ -136,6 +146,7 @@ def main() -> None:
     opt = torch.optim.AdamW(lora_parameters(step_model), lr=args.lr)
     g = torch.Generator().manual_seed(1)
     times, losses = [], []
+    release_freed_memory()
     rss_before = rss_bytes()
     with PeakRSS() as peak:
         for step in range(args.steps):
