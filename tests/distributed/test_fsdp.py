@@ -59,8 +59,8 @@ def test_bf16_mixed_precision_casts_activations_never_codes_or_constants(two_ran
 
 @pytest.mark.slow
 def test_fsdp_qlora_under_torch_compile(tmp_path, ranks):
-    results = ranks("compile", tmp_path, env={"QB_STEPS": "5"}, timeout=600)
+    results = ranks("compile", tmp_path, env={"QB_STEPS": "3"}, timeout=600)
     for res in results:
         rel = [abs(a - b) / abs(b) for a, b in zip(res["losses"], res["ref_losses"], strict=True)]
-        assert len(rel) == 5 and max(rel) < 1e-5, rel
+        assert len(rel) == 3 and max(rel) < 1e-5, rel
         assert res["base_unchanged"] and res["adapters_moved"]
