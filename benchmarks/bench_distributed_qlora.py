@@ -1,0 +1,82 @@
+"""QLoRA on 1 and 2 ranks (FSDP2, gloo on CPU): per-rank memory and step time.
+
+Runs ``examples/qlora_fsdp_llama.py`` under ``torch.distributed.run`` once per rank count, each in
+fresh processes, and prints one markdown table: per rank, the quantized base it holds (exact
+bytes), its RSS after imports, the RSS added by the sharded model (memory freed by the build handed
+back to the OS first), the RSS added at the training peak (sampled every millisecond) and the
+median step time (warm-up steps excluded). Every rank runs ``--threads`` torch threads (default 1,
+so 2 ranks use 2 cores where 1 rank uses 1: the step times compare N ranks on N cores).
+
+    python benchmarks/bench_distributed_qlora.py [--ranks 1 2] [--hidden 1536 --layers 4 --batch 4 --seq 32]
+        [--steps 6] [--threads 1] [--mode fsdp|ddp] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import _common
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "qlora_fsdp_llama.py"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--mode", choices=["fsdp", "ddp"], default="fsdp")
+    p.add_argument("--hidden", type=int, default=1536)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    return p.parse_args()
+
+
+def run(n: int, args: argparse.Namespace, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", str(EXAMPLE),
+           "--mode", args.mode, "--hidden", str(args.hidden), "--layers", str(args.layers), "--batch", str(args.batch),
+           "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--threads", str(args.threads), "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{n} rank(s) failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    args = parse_args()
+    print(_common.header(extra=f"{args.mode}, gloo, {args.threads} torch thread(s) per rank"))
+    print(f"# model: Llama-architecture, hidden {args.hidden}, {args.layers} blocks, NF4 (b64, nested) base + LoRA r=8 "
+          f"on all projections; global batch {args.batch}x{args.seq}; {args.steps} steps, first {args.warmup} untimed")
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.ranks:
+            res = results[n] = run(n, args, Path(tmp) / f"r{n}.json")
+            for r in res["ranks"]:
+                rows.append(
+                    f"| {n} | {r['rank']} | {r['quantized_base_bytes_held'] / 2**20:.1f} | "
+                    f"{r['quantized_base_bytes_whole'] / 2**20:.1f} | {r['rss_start_mb']:.0f} | "
+                    f"{r['rss_before_train_mb'] - r['rss_start_mb']:.0f} | "
+                    f"{r['rss_peak_train_mb'] - r['rss_start_mb']:.0f} | "
+                    f"{r['step_s_median']:.2f} |"
+                )  # fmt: skip
+    print("\n| ranks | rank | quantized base held (MiB) | whole base (MiB) | RSS after imports (MiB) "
+          "| sharded model: RSS - after imports (MiB) | training peak: RSS - after imports (MiB) "
+          "| median step (s) |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+    print(f"\n# {_common.load_line('load average at the end')}")
+    if args.json:
+        _common.write_json(args.json, {"args": vars(args), "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""One rank of the distributed tests (run by conftest's ``run_ranks``, or by hand under torchrun).
+
+    python tests/distributed/dist_worker.py SCENARIO OUTDIR     # with RANK, WORLD_SIZE, MASTER_ADDR/PORT set
+
+Scenarios: ``all`` (FSDP2 QLoRA vs one process, checkpoint save 2 ranks / load from 1 rank, DDP,
+tensor parallel) and ``compile`` (FSDP2 QLoRA under torch.compile(backend="qbackend")). Each rank
+writes ``OUTDIR/result-<rank>.pt``; the tests assert on those results.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import parallelize_module
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qbackend.distributed import (
+    QuantizedColwiseParallel,
+    QuantizedRowwiseParallel,
+    ShardingError,
+    from_row_layout,
+    llama_tp_plan,
+    load_checkpoint,
+    quantized_nbytes,
+    replicate_qlora,
+    save_checkpoint,
+    shard_qlora,
+    to_row_layout,
+)
+from qbackend.formats import Scheme
+from qbackend.qat import add_lora, lora_parameters, quantize_base
+
+VOCAB = 96
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def llama(hidden: int = 128, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      tie_word_embeddings=False)  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+def qlora_model(seed: int = 0, scheme: Scheme | None = None) -> LlamaForCausalLM:
+    """Tiny Llama, LoRA on every projection, NF4 (nested, blocks of 64) base; lm_head stays float."""
+    m = llama(seed=seed)
+    add_lora(m, r=4, alpha=8, target_modules=TARGETS)
+    quantize_base(m, **({"scheme": scheme} if scheme else {}))
+    return m
+
+
+def quantized_model(scheme: Scheme | None = None) -> LlamaForCausalLM:
+    m = llama().requires_grad_(False)
+    quantize_base(m, **({"scheme": scheme} if scheme else {}))
+    return m.eval()
+
+
+def batches(steps: int, batch: int = 8, length: int = 16) -> list[torch.Tensor]:
+    """Arithmetic sequences mod VOCAB (a task the adapters can learn)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        start = torch.randint(0, VOCAB, (batch, 1), generator=g)
+        stride = torch.randint(1, 4, (batch, 1), generator=g)
+        out.append((start + stride * torch.arange(length)) % VOCAB)
+    return out
+
+
+def probe() -> torch.Tensor:
+    return batches(1, batch=2)[0]
+
+
+def adamw(model) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+
+
+def train(model, data, rank: int = 0, world: int = 1, step_model=None, opt=None) -> list[float]:
+    """AdamW on the adapters; each rank takes its slice of every batch; returns the global mean losses."""
+    opt = opt or adamw(step_model or model)
+    losses = []
+    for ids in data:
+        part = ids.chunk(world)[rank]
+        loss = model(input_ids=part, labels=part).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        total = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return full(model(input_ids=probe()).logits).detach().clone()
+
+
+def fsdp_qlora(res: dict, rank: int, world: int, steps: int, out: Path, compile_: bool = False) -> None:
+    data = batches(steps)
+    ref = qlora_model()
+    res["ref_losses"] = train(ref, data)
+    init = qlora_model()
+    before = {n: t for n, t in init.named_buffers() if ".base." in n}
+    model = qlora_model()
+    shard_qlora(model, init_device_mesh("cpu", (world,)))
+    q = {n: p for n, p in model.named_parameters() if ".base." in n and not n.endswith("bias")}
+    res["quantized_param_placements"] = sorted({str(p.placements) for p in q.values() if isinstance(p, DTensor)})
+    res["quantized_not_dtensor"] = sorted(n for n, p in q.items() if not isinstance(p, DTensor))
+    res["quantized_nbytes"] = quantized_nbytes(model)
+    t0 = time.perf_counter()
+    runner = torch.compile(model, backend="qbackend") if compile_ else model
+    res["losses"] = train(runner, data, rank, world, step_model=model)
+    res["train_s"] = time.perf_counter() - t0
+    # only adapters train: the quantized base still holds exactly its initial bytes
+    gathered = copy.deepcopy(ref)  # same structure, flat layers; overwrite with the gathered base
+    to_row_layout(gathered)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            gathered.get_parameter(n).copy_(full(p))
+    from_row_layout(gathered)
+    after = {n: t for n, t in gathered.named_buffers() if ".base." in n}
+    res["base_unchanged"] = all(torch.equal(before[n], after[n]) for n in before) and before.keys() == after.keys()
+    res["adapter_max_abs_diff"] = max(
+        (full(p) - ref.get_parameter(n)).abs().max().item() for n, p in model.named_parameters() if "lora_" in n
+    )
+    res["adapters_moved"] = any(
+        (full(p) != init.get_parameter(n)).any().item() for n, p in model.named_parameters() if "lora_B" in n
+    )
+    if compile_:
+        return
+    res["ref_logits"] = logits(ref)
+    res["fsdp_logits"] = logits(model)
+    save_checkpoint(model, out / "ckpt-2ranks")  # the test loads it in one process
+    fresh = shard_qlora(qlora_model(seed=5), init_device_mesh("cpu", (world,)))
+    load_checkpoint(fresh, out / "ckpt-1rank")  # saved by the test in one process
+    res["loaded_from_1rank_logits"] = logits(fresh)
+    # resume: 10 steps, save model + optimizer, load into a fresh sharded model, 10 more steps
+    mesh = init_device_mesh("cpu", (world,))
+    first = shard_qlora(qlora_model(), mesh)
+    opt = adamw(first)
+    train(first, data[:10], rank, world, opt=opt)
+    save_checkpoint(first, out / "ckpt-step10", optimizer=opt)
+    second = shard_qlora(qlora_model(seed=9), mesh)
+    opt2 = adamw(second)
+    load_checkpoint(second, out / "ckpt-step10", optimizer=opt2)
+    res["resumed_losses"] = train(second, data[10:], rank, world, opt=opt2)
+
+
+def fsdp_formats_and_mixed_precision(res: dict, rank: int, world: int, steps: int) -> None:
+    """int8 / int4 bases under FSDP2, and an NF4 base under a bf16 MixedPrecisionPolicy."""
+    mesh = init_device_mesh("cpu", (world,))
+    data = batches(steps)
+    for label, scheme in (("int8", Scheme("int", 8, granularity="channel")),
+                          ("int4", Scheme("int", 4, granularity="block", blocksize=32))):  # fmt: skip
+        res[f"fsdp_{label}_ref"] = train(qlora_model(scheme=scheme), data)
+        res[f"fsdp_{label}_losses"] = train(shard_qlora(qlora_model(scheme=scheme), mesh), data, rank, world)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = shard_qlora(qlora_model(), mesh, mp_policy=policy)
+    seen = {}
+
+    def record(layer, args):
+        names = [n for n in layer._arg_names if n is not None]
+        seen.update({n: str(t.dtype) for n, t in zip(names, (t for t in layer.kernel_tensors() if t is not None),
+                                                     strict=True)}, x=str(args[0].dtype))  # fmt: skip
+
+    model.get_submodule("model.layers.0.self_attn.q_proj.base").register_forward_pre_hook(record)
+    res["fsdp_bf16_losses"] = train(model, data, rank, world)
+    res["fsdp_bf16_dtypes_seen"] = seen
+
+
+def ddp_qlora(res: dict, rank: int, world: int, steps: int, out: Path) -> None:
+    data = batches(steps)
+    model = replicate_qlora(qlora_model())
+    res["ddp_losses"] = train(model, data, rank, world, step_model=model.module)
+    save_checkpoint(model, out / "ckpt-ddp")  # flat layers go to the row layout in place; DDP keeps working
+    res["ddp_logits"] = logits(model.module)
+    res["ddp_losses_after_save"] = train(model, data[:2], rank, world, step_model=model.module)
+
+
+def tensor_parallel(res: dict, world: int) -> None:
+    mesh = init_device_mesh("cpu", (world,))
+    for label, scheme in (("nf4", None), ("int8", Scheme("int", 8, granularity="channel")),
+                          ("int4", Scheme("int", 4, granularity="block", blocksize=32))):  # fmt: skip
+        ref = quantized_model(scheme)
+        model = copy.deepcopy(ref)
+        to_row_layout(model)
+        parallelize_module(model, mesh, llama_tp_plan(model))
+        q = model.get_submodule("model.layers.0.self_attn.q_proj")
+        o = model.get_submodule("model.layers.0.self_attn.o_proj")
+        res[f"tp_{label}_codes_local"] = (tuple(q.codes.to_local().shape), tuple(o.codes.to_local().shape))
+        res[f"tp_{label}_placements"] = (str(q.codes.placements), str(o.codes.placements))
+        res[f"tp_{label}_ref"] = logits(ref)
+        res[f"tp_{label}_out"] = logits(model)
+    # an MLP with biases: the column-wise bias is sharded, the row-wise one added once after the reduction
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128))
+    mlp.requires_grad_(False)
+    quantize_base(mlp)
+    x = torch.randn(3, 128)
+    res["tp_bias_ref"] = mlp(x)
+    to_row_layout(mlp)
+    parallelize_module(mlp, mesh, {"0": QuantizedColwiseParallel(), "2": QuantizedRowwiseParallel()})
+    res["tp_bias_out"] = full(mlp(x))
+    # 64 input columns over 2 ranks: 32 each, half a block of 64
+    small = llama(hidden=64).requires_grad_(False)
+    quantize_base(small)
+    to_row_layout(small)
+    try:
+        parallelize_module(small, mesh, llama_tp_plan(small))
+        res["tp_split_error"] = None
+    except ShardingError as e:
+        res["tp_split_error"] = str(e)
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    res: dict = {"rank": rank, "world": world}
+    try:
+        if scenario == "all":
+            fsdp_qlora(res, rank, world, steps=20, out=out)
+            fsdp_formats_and_mixed_precision(res, rank, world, steps=5)
+            ddp_qlora(res, rank, world, steps=20, out=out)
+            tensor_parallel(res, world)
+        elif scenario == "compile":
+            fsdp_qlora(res, rank, world, steps=int(os.environ.get("QB_STEPS", "20")), out=out, compile_=True)
+        else:
+            raise SystemExit(f"unknown scenario {scenario!r}")
+    finally:
+        torch.save(res, out / f"result-{rank}.pt")
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
