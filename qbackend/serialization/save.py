@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .layers import layer_record
-from .manifest import METADATA_KEY, CheckpointError, digest, new_manifest
+from .manifest import CheckpointError, new_manifest, seal, tensor_entry
 from .records import record_to_json
 from .source import quantized_module
 
@@ -50,8 +50,7 @@ def save(model: Any, path: str | os.PathLike, *, example_inputs: Any = None, **o
     for name, t, kind in named:
         if name.rpartition(".")[0] not in quantized:  # a quantized layer's tensors are in its record
             store.add(name, t, [name, kind])
-    metadata = {METADATA_KEY: json.dumps(manifest, sort_keys=True)}
-    _atomic_save(store.tensors, metadata, path)
+    _atomic_save(store.tensors, seal(manifest), path)
     return path
 
 
@@ -90,7 +89,7 @@ class _Store:
             t = t.clone() if t.numel() and (ptr in self._storages or partial) else t.contiguous()
             self._storages.add(ptr)
             t = self.tensors[name] = t.cpu()
-            self.entries[name] = {"digest": digest(t), "uses": []}
+            self.entries[name] = tensor_entry(t)
         if use is not None:
             self.entries[stored]["uses"].append(use)
         return stored
