@@ -226,6 +226,10 @@ class QuantConfig:
             return False, "not in include list"
         return True, ""
 
+    def unmatched_includes(self, layers: list[str]) -> list[str]:
+        """The ``include`` patterns that match none of ``layers`` (module names), as text."""
+        return [_pattern_text(p) for p in self.include if not any(_matches(p, n) for n in layers)]
+
     def fingerprint(self) -> str:
         """A stable text of every field (for cache keys and logs)."""
         out = {}

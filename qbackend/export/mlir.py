@@ -210,7 +210,7 @@ def export_mlir(
         job = {"kind": "lower", "program": str(pt2), "output_type": output_type, "func_name": func_name}
         what = f"lowering to {output_type!r} with torch-mlir"
         out = _run_worker(job, Path(d), what, timeout, memory_limit, graph_ops(program))
-        return MLIRModule(out.read_text(), output_type, func_name, _input_specs(program))
+        return MLIRModule(out.read_text(), output_type, func_name, input_specs(program))
 
 
 def _check_limits(timeout: Any, memory_limit: Any) -> None:
@@ -223,7 +223,7 @@ def _check_limits(timeout: Any, memory_limit: Any) -> None:
                          f"got {type(memory_limit).__name__}")  # fmt: skip
 
 
-def _input_specs(program: Any) -> tuple[InputSpec, ...]:
+def input_specs(program: Any) -> tuple[InputSpec, ...]:
     """The user inputs of an ExportedProgram as `InputSpec`s (symbolic dimensions -> None)."""
     from torch.export.graph_signature import InputKind
 
@@ -254,14 +254,14 @@ def check_static_shapes(program: Any) -> None:
 
 
 def _where(node: Any) -> str:
-    """``module 'encoder.0' (Net.forward: y[y > 0])``: where an exported node comes from."""
+    """``module 'encoder.0' (line `return y[y > 0]`)``: where an exported node comes from."""
     stack = node.meta.get("nn_module_stack") or {}
     path = next(reversed(stack.values()))[0] if stack else ""
     code = ""
     trace = node.meta.get("stack_trace") or ""
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
     if lines:
-        code = f": {lines[-1][:80]}"
+        code = f" (line `{lines[-1].split('  #')[0].strip()[:80]}`)"
     return f"module {path!r}{code}" if path else f"the model{code}"
 
 

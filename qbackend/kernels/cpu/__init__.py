@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import ops
 from .. import reference as ref
-from . import _build
+from . import _build, finite
 
 # Fused kernels up to this many rows; above, dequantized panels + sgemm (measured on one core: the
 # fused kernels win at M = 64, tie around M = 256; MKL's cache blocking wins for prefill-sized M).
@@ -351,11 +351,11 @@ def w8a8_linear(
     xq = torch.clamp(torch.round(xf / safe), -127, 127).contiguous()
     ones = torch.ones_like(scale, dtype=torch.float32)
     acc = _int8_y(L, xq, codes.contiguous(), ones, None, out_features, in_features)
-    y = acc * s_x * scale.float().view(1, -1)
+    y = acc * scale.float().view(1, -1) * s_x  # the weight scale first: acc * s_x alone can overflow
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
 
 # The "cpu" kernels of the ops, found by name (see ops.register_kernels).
-ops.register_kernels("cpu", lambda name: globals().get(name))
+ops.register_kernels("cpu", lambda name: finite.wrap(name, globals().get(name)))
