@@ -107,12 +107,12 @@ def guard_weights(
     def changed(entry, param: torch.Tensor) -> None:
         if freezing:
             raise StaleWeightError(
-                f"qbackend: weight of layer {entry.name!r} was changed after compiling, but Inductor "
+                f"qbackend: weight of layer {entry.name!r} was changed in place after compiling, but Inductor "
                 "freezing baked the quantized weight into the compiled code; recompile (torch._dynamo.reset())"
             )
         if not requantize:
             raise StaleWeightError(
-                f"qbackend: weight of layer {entry.name!r} was changed after compiling "
+                f"qbackend: weight of layer {entry.name!r} was changed in place after compiling "
                 "(on_weight_change='error'); recompile (torch._dynamo.reset()) or use on_weight_change='requantize'"
             )
         log.info("qbackend: weight of %s changed after compiling; re-quantizing", entry.name)
@@ -129,7 +129,7 @@ def guard_weights(
         for fc, p in folded:
             if not fc.ok(p, check):
                 raise StaleWeightError(
-                    f"qbackend: parameter {fc.name!r} was changed after compiling, but Inductor freezing "
+                    f"qbackend: parameter {fc.name!r} was changed in place after compiling, but Inductor freezing "
                     "baked it into the compiled code; recompile (torch._dynamo.reset()) to use the new value"
                 )
         return compiled(*args)

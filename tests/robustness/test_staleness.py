@@ -177,7 +177,7 @@ def test_on_weight_change_error_raises_for_a_data_write():
     c = torch.compile(m, backend="qbackend", options=opts)
     _check_fresh(m, c, X, opts)
     m.a.weight.data.mul_(0.5)
-    with pytest.raises(StaleWeightError, match="'a' was changed after compiling .on_weight_change='error'"):
+    with pytest.raises(StaleWeightError, match="'a' was changed in place after compiling .on_weight_change='error'"):
         with torch.no_grad():
             c(X)
 

@@ -64,7 +64,7 @@ class W8A8Result(LoweringResult):
                 p = args[idx] if idx is not None else held
                 if not fc.ok(p, check):
                     raise StaleWeightError(
-                        f"qbackend: parameter {fc.name!r} was changed after compiling, but SmoothQuant folded "
+                        f"qbackend: parameter {fc.name!r} was changed in place after compiling, but SmoothQuant folded "
                         "it into constants; recompile (torch._dynamo.reset()) to use the new value"
                     )
             return compiled(*args)
