@@ -248,3 +248,32 @@ qbackend.save(m, {str(tmp_path / "m.safetensors")!r})
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
     assert _temps(tmp_path) == [] and not (tmp_path / "m.safetensors").exists()
+
+
+# ---- format 1 (no manifest checksum): a deleted alias --------------------------------------------------
+
+
+def _fixture_models():
+    import importlib.util
+
+    folder = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
+    spec = importlib.util.spec_from_file_location("checkpoint_fixture_models_r", folder / "models.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return folder, mod
+
+
+@pytest.mark.parametrize(("alias", "fragment"), [("tied.codes", "layer 'tied': tied.codes: missing"),
+                                                 ("tied.nested_offset", "layer 'tied': tied.nested_offset: missing")])
+def test_a_format_1_file_with_an_alias_deleted_is_refused(tmp_path, alias, fragment):
+    folder, models = _fixture_models()
+    path = tmp_path / "nf4.safetensors"
+    path.write_bytes((folder / "nf4.safetensors").read_bytes())
+    header, body = _header(path)
+    manifest = json.loads(header["__metadata__"]["qbackend"])
+    assert manifest["format_version"] == 1
+    del manifest["aliases"][alias]
+    header["__metadata__"]["qbackend"] = json.dumps(manifest)
+    _write(path, header, body)
+    with pytest.raises(CheckpointError, match=fragment):
+        load(path, model=models.net)
