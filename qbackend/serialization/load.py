@@ -188,6 +188,7 @@ def _build_transformers(cls_name: str, cfg: dict[str, Any], path: Path) -> nn.Mo
         raise CheckpointError(f"{path}: transformers has no model class {cls_name!r}; pass model= to build it yourself")
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: corrupt qbackend manifest: the transformers config is {type(cfg).__name__}")
+    _check_config_types(cls.config_class, cfg, cls_name, path)
     try:
         config = cls.config_class.from_dict(cfg)
         with torch.device("meta"):
@@ -197,6 +198,26 @@ def _build_transformers(cls_name: str, cfg: dict[str, Any], path: Path) -> nn.Mo
             f"{path}: cannot build {cls_name} from the stored config ({type(e).__name__}: {_first_line(e)}); "
             "the manifest is corrupt, or pass model="
         ) from None
+
+
+def _kind(v: Any) -> str:
+    return "bool" if isinstance(v, bool) else "number" if isinstance(v, (int, float)) else type(v).__name__
+
+
+def _check_config_types(config_class: type, cfg: dict[str, Any], cls_name: str, path: Path) -> None:
+    """Each stored config field must have the JSON type of the config class's default for it (the
+    model code trusts them: a list where an int belongs fails deep inside a forward)."""
+    try:
+        defaults = config_class().to_dict()
+    except Exception:  # noqa: BLE001  (a config class without usable defaults: nothing to compare with)
+        return
+    for key, value in cfg.items():
+        want = defaults.get(key)
+        if want is not None and value is not None and _kind(want) != _kind(value):
+            raise CheckpointError(
+                f"{path}: corrupt qbackend manifest: {cls_name} config field {key!r} is {_kind(value)}, "
+                f"where {config_class.__name__} has {_kind(want)}"
+            )
 
 
 def _assemble(
