@@ -351,7 +351,7 @@ def w8a8_linear(
     xq = torch.clamp(torch.round(xf / safe), -127, 127).contiguous()
     ones = torch.ones_like(scale, dtype=torch.float32)
     acc = _int8_y(L, xq, codes.contiguous(), ones, None, out_features, in_features)
-    y = acc * scale.float().view(1, -1) * s_x  # the weight scale first: acc * s_x alone can overflow
+    y = acc * s_x * scale.float().view(1, -1)
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
