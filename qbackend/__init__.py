@@ -15,9 +15,11 @@ import importlib
 
 from . import qat, smoothquant
 from ._version import __version__
+from .core.backend import StaleWeightError
 from .core.config import QuantConfig
 from .core.explain import explain
 from .core.quantize import quantize_
+from .core.refresh import refresh
 from .core.registry import Workflow, register_workflow
 from .passes.report import LayerReport, Report
 from .workflows.qat import QATConfig
@@ -32,6 +34,7 @@ __all__ = [
     "QuantConfig",
     "QuantizedLinear",
     "Report",
+    "StaleWeightError",
     "W8A8Linear",
     "Workflow",
     "__version__",
@@ -40,6 +43,7 @@ __all__ = [
     "explain",
     "qat",
     "quantize_",
+    "refresh",
     "smoothquant",
     "register_workflow",
 ]

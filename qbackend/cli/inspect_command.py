@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,10 @@ def add_parser(sub: Any, name: str) -> None:
     i = sub.add_parser(name, help="per-layer formats and weight errors of a model directory or .safetensors file")
     i.add_argument("path", metavar="MODEL_DIR_OR_FILE")
     i.add_argument("--preset", default="nf4", help="nf4 (default), fp4, int4, int4-g64, int8, w8a8")
-    i.add_argument("--plot", metavar="FILE", help="PNG of the per-layer error (default: <name>-<preset>-error.png)")
-    i.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    i.add_argument("--plot", metavar="FILE", nargs="?", const="", default=None,
+                   help="also write a PNG of the per-layer error (needs matplotlib; FILE default: "
+                        "<name>-<preset>-error.png; with --json, FILE must be given)")  # fmt: skip
+    i.add_argument("--no-plot", action="store_true", help="no PNG (the default; kept for scripts)")
     i.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -27,9 +30,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with progress(None, quiet=args.json) as step, step(f"quantizing the weights of {path.name} ({args.preset})"):
             result = inspect_path(path, args.preset)
-        if not args.no_plot and any(r.rel_error is not None for r in result.layers):
-            stem = path.stem if path.is_file() else model_name(path)
-            result.plot = str(plot_errors(result, args.plot or f"{stem}-{args.preset}-error.png", name=stem))
+        if args.plot is not None and not args.no_plot:
+            result.plot = _plot(result, path, args)
     except InspectError as e:
         raise CLIError(str(e)) from None
     if args.json:
@@ -40,6 +42,18 @@ def run(args: argparse.Namespace) -> int:
     if result.plot:
         out.print(f"per-layer error plot: {result.plot}")
     return 0
+
+
+def _plot(result: Any, path: Path, args: argparse.Namespace) -> str | None:
+    """Write the PNG asked for with --plot (a clear error without matplotlib; nothing if no layer has an error)."""
+    if args.json and not args.plot:
+        raise CLIError("--plot with --json needs a FILE (no PNG is written to the current directory under --json)")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CLIError("--plot needs matplotlib, which is not installed: pip install matplotlib (or drop --plot)")
+    if not any(r.rel_error is not None for r in result.layers):
+        return None
+    stem = path.stem if path.is_file() else model_name(path)
+    return str(plot_errors(result, args.plot or f"{stem}-{args.preset}-error.png", name=stem))
 
 
 def model_name(directory: Path) -> str:

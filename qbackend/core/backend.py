@@ -9,9 +9,10 @@
    Inductor's caches key on the rewritten graph (a rewrite inside ``inner_compile`` would be
    skipped on a warm cache hit).
 3. Inductor (``compile_fx``) compiles the rewritten graph.
-4. The compiled callable is wrapped by a per-call weight check: a quantized weight changed in place
-   since it was quantized (``_version``/storage) is re-quantized into the same buffers, or raises
-   (``on_weight_change="error"``). Never a silently stale result. The workflow may add its own
+4. The compiled callable is wrapped by a per-call weight check: a quantized weight changed since it
+   was quantized (version, storage and a sampled fingerprint, see :mod:`qbackend.passes.weight_stamp`)
+   is re-quantized into the same buffers, or raises (``on_weight_change="error"``). Never a silently
+   stale result. The workflow may add its own
    guard (SmoothQuant: parameters folded into constants must not change).
 """
 
@@ -25,7 +26,8 @@ import torch
 import torch.fx as fx
 
 from ..passes import LoweringResult, graph_params
-from ..passes.weight_cache import StaleWeightError, version_of
+from ..passes.weight_cache import StaleWeightError
+from ..passes.weight_stamp import FoldedCheck, check_mode
 from . import registry
 from .config import QuantConfig
 
@@ -78,20 +80,28 @@ def guard_weights(
     compiled: Callable,
     result: LoweringResult,
     config: Any,
-    frozen: list[tuple[str, torch.Tensor, int]] = (),  # type: ignore[assignment]
+    frozen: list[tuple[str, torch.Tensor]] = (),  # type: ignore[assignment]
     freezing: bool = False,
 ) -> Callable:
-    """Wrap ``compiled`` (called as ``compiled(*args)``) with a per-call check of the quantized weights' versions.
+    """Wrap ``compiled`` (called as ``compiled(*args)``) with a per-call check of the quantized weights.
 
     Parameters that are graph inputs are read from the call's arguments (no reference kept);
     ``get_attr`` parameters (Inductor freezing) are referenced (they are the user's own tensors).
     ``frozen``: float parameters Inductor froze into constants: a change raises (cannot be refreshed).
     ``freezing``: Inductor froze the quantized buffers too: a changed quantized weight raises as well.
+    The check (``config.weight_check``) is described in :mod:`qbackend.passes.weight_stamp`.
     """
+    check = check_mode(config)
+    if check == "full":  # the strict checksum of what was quantized, taken now rather than on first call
+        for lw in result.lowered:
+            stamp = getattr(lw.entry, "stamp", None)
+            if stamp is not None and stamp.matches(lw.param.tensor, "sampled"):
+                stamp.matches(lw.param.tensor, "full")
     from_args = [(lw.param.input_index, lw.entry) for lw in result.lowered if lw.param.input_index is not None]
     held = [(lw.param.tensor, lw.entry) for lw in result.lowered if lw.param.input_index is None]
+    folded = [(FoldedCheck(name, p, check), p) for name, p in frozen]
     requantize = getattr(config, "on_weight_change", "requantize") == "requantize"
-    if not (from_args or held or frozen):
+    if not (from_args or held or folded):
         return compiled
 
     def changed(entry, param: torch.Tensor) -> None:
@@ -106,20 +116,20 @@ def guard_weights(
                 "(on_weight_change='error'); recompile (torch._dynamo.reset()) or use on_weight_change='requantize'"
             )
         log.info("qbackend: weight of %s changed after compiling; re-quantizing", entry.name)
-        entry.refresh(param)
+        entry.refresh(param, check)
 
     def run(*args: Any) -> Any:
         for idx, entry in from_args:
             p = args[idx]
-            if entry.is_stale(p):
+            if entry.is_stale(p, check):
                 changed(entry, p)
         for p, entry in held:
-            if entry.is_stale(p):
+            if entry.is_stale(p, check):
                 changed(entry, p)
-        for name, p, version in frozen:
-            if p._version != version:
+        for fc, p in folded:
+            if not fc.ok(p, check):
                 raise StaleWeightError(
-                    f"qbackend: parameter {name!r} was changed in place after compiling, but Inductor freezing "
+                    f"qbackend: parameter {fc.name!r} was changed in place after compiling, but Inductor freezing "
                     "baked it into the compiled code; recompile (torch._dynamo.reset()) to use the new value"
                 )
         return compiled(*args)
@@ -127,14 +137,11 @@ def guard_weights(
     return run
 
 
-def _frozen_params(gm: fx.GraphModule, result: LoweringResult) -> list[tuple[str, torch.Tensor, int]]:
+def _frozen_params(gm: fx.GraphModule, result: LoweringResult) -> list[tuple[str, torch.Tensor]]:
     """Float parameters the graph holds as attributes (Inductor freezing on): Inductor may fold them."""
     lowered = {id(lw.param.tensor) for lw in result.lowered}
-    out = []
-    for ref in graph_params(gm).values():
-        if ref.input_index is None and id(ref.tensor) not in lowered and version_of(ref.tensor) >= 0:
-            out.append((ref.fqn, ref.tensor, ref.tensor._version))
-    return out
+    return [(ref.fqn, ref.tensor) for ref in graph_params(gm).values()
+            if ref.input_index is None and id(ref.tensor) not in lowered]  # fmt: skip
 
 
 def _log(result: LoweringResult, gm: fx.GraphModule) -> None:

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-from ..formats import FormatError, Scheme
+from ..formats import FormatError, Scheme, short_repr
 from . import registry
 
 Format = Literal["nf4", "fp4", "int4", "int8"]
 FORMATS: tuple[str, ...] = ("nf4", "fp4", "int4", "int8")
 ON_WEIGHT_CHANGE: tuple[str, ...] = ("requantize", "error")
+WEIGHT_CHECKS: tuple[str, ...] = ("sampled", "full", "version")  # see qbackend.passes.weight_stamp
 
 #: preset name -> field values. "nf4" is the default (QLoRA storage: blocks of 64, nested constants).
 PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
@@ -70,6 +71,10 @@ class QuantConfig:
     min_params: layers with fewer weight elements stay float (too small to gain; reported).
     on_weight_change: a weight changed in place after compiling is re-quantized on the next call
         ("requantize") or raises naming the layer ("error").
+    weight_check: how each call checks that the quantized weights are current: "sampled" (default:
+        version counter, storage and a sampled fingerprint of the weight's bytes), "full" (strict:
+        also a checksum of every byte, on every call; slow) or "version" (version counter and storage
+        only: free, but blind to ``.data`` writes). See :mod:`qbackend.passes.weight_stamp`.
     inductor: Inductor config patches for the rest of the graph (``torch._inductor.config`` names).
     mode: Inductor's mode, as ``torch.compile(mode=...)`` (e.g. "reduce-overhead": CUDA graphs), for
         use with other options: torch.compile refuses ``mode=`` and ``options=`` together. Patches in
@@ -93,6 +98,7 @@ class QuantConfig:
     exclude: tuple[Pattern, ...] = ()
     min_params: int = 16384
     on_weight_change: Literal["requantize", "error"] = "requantize"
+    weight_check: Literal["sampled", "full", "version"] = "sampled"
     inductor: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     mode: str | None = None
     qat: Any = None  # a QATConfig once validated
@@ -102,11 +108,19 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
-            raise ConfigError(f"unknown format {self.format!r}; valid: {', '.join(FORMATS)}")
+            raise ConfigError(f"unknown format {short_repr(self.format)}; valid: {', '.join(FORMATS)}")
+        _check_optional_int("blocksize", self.blocksize, minimum=1)
+        for name in ("nested", "symmetric"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True, False or None; got {type(getattr(self, name)).__name__}")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, (str, re.Pattern)):  # a single pattern is a common slip: accept it
                 value = (value,)
+            if not isinstance(value, (list, tuple, set, frozenset)):
+                raise ConfigError(
+                    f"{name} must be a list of module names or regexes (str or re.Pattern); got {type(value).__name__}"
+                )
             value = tuple(value)
             for p in value:
                 if not isinstance(p, (str, re.Pattern)):
@@ -117,18 +131,22 @@ class QuantConfig:
                     except re.error as e:
                         raise ConfigError(f"{name} pattern {p!r} is not a valid regex: {e}") from None
             object.__setattr__(self, name, value)
-        if not isinstance(self.min_params, int) or self.min_params < 0:
-            raise ConfigError(f"min_params must be an int >= 0; got {self.min_params!r}")
+        _check_optional_int("min_params", self.min_params, minimum=0, optional=False)
         if self.on_weight_change not in ON_WEIGHT_CHANGE:
             raise ConfigError(
-                f"on_weight_change must be one of {', '.join(ON_WEIGHT_CHANGE)}; got {self.on_weight_change!r}"
+                f"on_weight_change must be one of {', '.join(ON_WEIGHT_CHANGE)}; "
+                f"got {short_repr(self.on_weight_change)}"
+            )
+        if self.weight_check not in WEIGHT_CHECKS:
+            raise ConfigError(
+                f"weight_check must be one of {', '.join(WEIGHT_CHECKS)}; got {short_repr(self.weight_check)}"
             )
         if not isinstance(self.inductor, Mapping):
             raise ConfigError(f"inductor must be a dict of Inductor config patches; got {type(self.inductor).__name__}")
         object.__setattr__(self, "inductor", MappingProxyType(dict(self.inductor)))
         if self.mode is not None and self.mode not in MODES:
-            raise ConfigError(f"unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
-        active = [n for n in registry.selecting_fields() if getattr(self, n) not in (None, False)]
+            raise ConfigError(f"unknown mode {short_repr(self.mode)}; valid: {', '.join(MODES)}")
+        active = [n for n in registry.selecting_fields() if not (getattr(self, n) is None or getattr(self, n) is False)]
         if len(active) > 1:
             raise ConfigError(f"{' and '.join(active)} cannot be combined: choose one workflow")
         try:  # the workflow fields: validated by the workflows owning them
@@ -154,7 +172,7 @@ class QuantConfig:
     def preset(cls, name: str, **overrides: Any) -> QuantConfig:
         """A preset ("nf4", "fp4", "int4", "int4-g64", "int8"), optionally with fields overridden."""
         if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {short_repr(name)}; valid presets: {', '.join(PRESETS)}")
         return cls.from_options({**PRESETS[name], **overrides})
 
     @classmethod
@@ -175,7 +193,7 @@ class QuantConfig:
         if "preset" in opts:
             name = opts.pop("preset")
             if name not in PRESETS:
-                raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+                raise ConfigError(f"unknown preset {short_repr(name)}; valid presets: {', '.join(PRESETS)}")
             base = dict(PRESETS[name])
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in opts if k not in valid]
@@ -210,6 +228,10 @@ class QuantConfig:
         if self.include and not any(_matches(p, layer) for p in self.include):
             return False, "not in include list"
         return True, ""
+
+    def unmatched_includes(self, layers: list[str]) -> list[str]:
+        """The ``include`` patterns that match none of ``layers`` (module names), as text."""
+        return [_pattern_text(p) for p in self.include if not any(_matches(p, n) for n in layers)]
 
     def fingerprint(self) -> str:
         """A stable text of every field (for cache keys and logs)."""
@@ -305,6 +327,15 @@ class QuantConfig:
             except (TypeError, ValueError):
                 skipped.append(k)
         return kept, skipped
+
+
+def _check_optional_int(name: str, value: Any, minimum: int, optional: bool = True) -> None:
+    """An int field (bools refused: ``True`` is not a count): None (if ``optional``) or >= ``minimum``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        want = f"an int >= {minimum}" + (" or None" if optional else "")
+        raise ConfigError(f"{name} must be {want}; got {short_repr(value)}")
 
 
 def _pattern_text(p: Pattern) -> str:

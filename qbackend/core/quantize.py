@@ -11,6 +11,7 @@ The workflow handling the config (:mod:`qbackend.core.registry`) does the swap.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -47,4 +48,20 @@ def quantize_(model: nn.Module, config: Any = None, *, example_inputs: Any = Non
         raise registry.WorkflowError(
             f"workflow {workflow.name!r} has no module form: compile the model with torch.compile(backend='qbackend')"
         )
-    return workflow.quantize(model, config, example_inputs)
+    report = workflow.quantize(model, config, example_inputs)
+    _warn_unmatched(config, report)
+    return report
+
+
+def _warn_unmatched(config: Any, report: Report) -> None:
+    """An ``include`` pattern matching no linear layer is almost always a typo: say so."""
+    unmatched = getattr(config, "unmatched_includes", None)
+    names = [r.name for r in report.layers]
+    missed = unmatched(names) if unmatched is not None else []
+    if missed:
+        examples = ", ".join(repr(n) for n in names[:3]) or "none"
+        warnings.warn(
+            f"qbackend: include pattern(s) {', '.join(map(repr, missed))} matched no linear layer "
+            f"(layers are named like {examples}); nothing was quantized for them",
+            UserWarning, stacklevel=3,
+        )  # fmt: skip

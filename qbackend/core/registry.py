@@ -164,7 +164,7 @@ def normalize_options(config: Any) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for name, (_module, fields) in BUILTIN.items():
-        if any(getattr(config, f, None) not in (None, False) for f in fields):
+        if any(not (getattr(config, f, None) is None or getattr(config, f, None) is False) for f in fields):
             normalize = get_workflow(name).normalize
             if normalize is not None:
                 out.update(normalize(config))

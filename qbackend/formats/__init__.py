@@ -15,8 +15,10 @@ from .qweight import (
     quantize,
 )
 from .scheme import BNB_BLOCKSIZES, SCHEME_DICT_VERSION, SUPPORTED_DTYPES, FormatError, Scheme
+from .text import short_repr
 
 __all__ = [
+    "short_repr",
     "BNB_BLOCKSIZES",
     "FORMAT_VERSION",
     "QWEIGHT_DICT_VERSION",

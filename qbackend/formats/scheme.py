@@ -159,6 +159,11 @@ def check_weight(w: torch.Tensor, name: str, check_finite: bool = True) -> None:
             f"{name}: dtype {w.dtype} is not supported; supported: float32, float16, bfloat16 "
             "(convert the weight first, e.g. w.float())"
         )
+    if w.device.type == "meta":
+        raise FormatError(
+            f"{name}: is on the meta device (shape only, no values); materialise the model's weights first "
+            "(load them, or model.to_empty(device=...) and initialise) before quantizing"
+        )
     if w.numel() == 0:
         raise FormatError(f"{name}: cannot quantize an empty tensor (shape {tuple(w.shape)})")
     if check_finite and not bool(torch.isfinite(w).all()):

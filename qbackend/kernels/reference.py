@@ -223,6 +223,8 @@ def w8a8_linear(
     # int8 x int8 products summed in float64 are exact integers, like the int32 accumulator.
     acc = (xq.double() @ codes.view(out_features, in_features).double().t()).float()
     y = acc * s_x * scale.float().view(1, -1)
+    # acc * s_x alone overflows fp32 for |x| ~ 1e36 where x @ W^T does not: there, the weight scale first.
+    y = torch.where(torch.isfinite(y), y, acc * scale.float().view(1, -1) * s_x)
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*x.shape[:-1], out_features).to(x.dtype)

@@ -9,9 +9,10 @@ exists. Nothing here keeps a float copy of a weight.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +20,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..formats import QuantizedWeight, Scheme, quantize
 from ..kernels import KernelWeight, prepare_weight
+from .weight_stamp import WeightStamp, version_of, watch
+
+__all__ = ["QuantEntry", "StaleWeightError", "get_entry", "version_of"]
 
 
 class StaleWeightError(RuntimeError):
@@ -30,9 +34,11 @@ _entries: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> {(scheme, tran
 
 @dataclass(eq=False)
 class QuantEntry:
-    """A parameter's quantized form and the version of the parameter it was made from.
+    """A parameter's quantized form and the stamp of the parameter it was made from.
 
     kw.tensors are updated IN PLACE by :meth:`refresh`, so graphs that registered them see new values.
+    The stamp is taken before reading the parameter, so a write racing a re-quantization is seen on
+    the next check; concurrent refreshes of one entry are serialised.
     """
 
     name: str
@@ -41,10 +47,10 @@ class QuantEntry:
     kw: KernelWeight
     storage_bits: int
     numel: int
-    version: int
-    data_ptr: int
+    stamp: WeightStamp
     rel_error: float | None = None
     quantizer: Any = None  # a calibrated method's ``quantizer(w [N, K]) -> QuantizedWeight`` (None: round to nearest)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def bits_per_param(self) -> float:
@@ -54,30 +60,39 @@ class QuantEntry:
     def nbytes(self) -> int:
         return (self.storage_bits + 7) // 8
 
-    def is_stale(self, param: torch.Tensor) -> bool:
-        """Cheap per-call check: the parameter was written in place (or its storage swapped) since quantizing."""
-        return version_of(param) != self.version or param.data_ptr() != self.data_ptr
+    def is_stale(self, param: torch.Tensor, check: str = "sampled") -> bool:
+        """Cheap per-call check (see :mod:`.weight_stamp`): the parameter changed since quantizing."""
+        return not self.stamp.matches(param, check)
 
-    def refresh(self, param: torch.Tensor) -> None:
-        """Re-quantize from the parameter's current value into the existing tensors (same shapes)."""
-        qw = _quantize(param, self.scheme, self.transposed, self.name, self.quantizer)
-        kw = prepare_weight(qw)
-        for old, new, tname in zip(self.kw.tensors, kw.tensors, kw.names, strict=True):
-            if old is None or new is None:
-                if old is not new:
-                    raise RuntimeError(f"{self.name}: re-quantized {tname} changed presence; recompile the model")
-                continue
-            if old is new:  # a shared code table
-                continue
-            if old.shape != new.shape or old.dtype != new.dtype:
-                raise RuntimeError(
-                    f"{self.name}: re-quantized {tname} has shape {tuple(new.shape)} {new.dtype}, was "
-                    f"{tuple(old.shape)} {old.dtype}; recompile the model (torch._dynamo.reset())"
-                )
-            with torch.no_grad():
-                old.copy_(new)
-        self.version, self.data_ptr = version_of(param), param.data_ptr()
-        self.rel_error = None
+    def refresh(self, param: torch.Tensor, check: str | None = None) -> None:
+        """Re-quantize from the parameter's current value into the existing tensors (same shapes).
+
+        ``check``: refresh only if still stale by that check once the lock is held (another thread
+        may have just refreshed); None: always.
+        """
+        with self._lock:
+            if check is not None and self.stamp.matches(param, check):
+                return
+            stamp = WeightStamp(param, full=self.stamp._full is not None)
+            qw = _quantize(param, self.scheme, self.transposed, self.name, self.quantizer)
+            kw = prepare_weight(qw)
+            for old, new, tname in zip(self.kw.tensors, kw.tensors, kw.names, strict=True):
+                if old is None or new is None:
+                    if old is not new:
+                        raise StaleWeightError(f"{self.name}: re-quantized {tname} changed presence; recompile "
+                                               "the model (torch._dynamo.reset())")  # fmt: skip
+                    continue
+                if old is new:  # a shared code table
+                    continue
+                if old.shape != new.shape or old.dtype != new.dtype:
+                    raise StaleWeightError(
+                        f"{self.name}: re-quantized {tname} has shape {tuple(new.shape)} {new.dtype}, was "
+                        f"{tuple(old.shape)} {old.dtype}; recompile the model (torch._dynamo.reset())"
+                    )
+                with torch.no_grad():
+                    old.copy_(new)
+            self.stamp = stamp
+            self.rel_error = None
 
     def relative_error(self, param: torch.Tensor) -> float:
         """||W - dequant(W_q)|| / ||W|| (Frobenius); measured once (temporary fp32 copies), then remembered."""
@@ -108,12 +123,13 @@ def get_entry(
     entry = ref() if ref is not None else None
     if entry is not None:
         if entry.is_stale(param):
-            entry.refresh(param)
+            entry.refresh(param, "sampled")
         return entry
+    stamp = WeightStamp(param)  # before reading it: a concurrent write is seen on the next check
     qw = _quantize(param, scheme, transposed, name, quantizer)
     kw = prepare_weight(qw)
-    entry = QuantEntry(name, scheme, transposed, kw, qw.storage_bits(), qw.numel, version_of(param), param.data_ptr(),
-                       quantizer=quantizer)  # fmt: skip
+    entry = QuantEntry(name, scheme, transposed, kw, qw.storage_bits(), qw.numel, stamp, quantizer=quantizer)
+    watch(param, entry)
     if measure_error:
         entry.rel_error = _rel_error(effective_weight(param, transposed), qw.dequantize(torch.float32))
     per_param[key] = weakref.ref(entry)
@@ -132,17 +148,6 @@ def _quantize(
     if transposed:
         w = w.contiguous()  # a temporary: freed once quantized
     return quantize(w, scheme, name=name) if quantizer is None else quantizer(w)
-
-
-def version_of(t: torch.Tensor | None) -> int:
-    """``t._version``; -1 for a tensor without a version counter (inference tensors: data_ptr still catches
-    swaps), 0 for None."""
-    if t is None:
-        return 0
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
 
 
 def _rel_error(w: torch.Tensor, deq: torch.Tensor) -> float:

@@ -7,8 +7,8 @@ Loading never re-quantizes. Format-1 checkpoints (:mod:`.legacy`) and bitsandbyt
 checkpoints load too.
 """
 
-from .load import load, load_config
+from .load import LoadResult, load, load_config
 from .manifest import FORMAT_VERSION, CheckpointError
 from .save import save
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "load", "load_config", "save"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "LoadResult", "load", "load_config", "save"]

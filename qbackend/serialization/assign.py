@@ -30,6 +30,26 @@ def set_tensor(root: nn.Module, name: str, value: torch.Tensor, kind: str, path:
         owner._buffers[attr] = value
 
 
+def has_module(root: nn.Module, name: str) -> bool:
+    """Whether ``root`` has a submodule ``name`` (a layer a record can replace)."""
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = root.get_submodule(parent_name)
+    except AttributeError:
+        return False
+    return isinstance(getattr(parent, child, None), nn.Module)
+
+
+def has_tensor(root: nn.Module, name: str) -> bool:
+    """Whether ``root`` has a parameter or buffer slot ``name``."""
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = root.get_submodule(owner_name)
+    except AttributeError:
+        return False
+    return attr in owner._parameters or attr in owner._buffers
+
+
 def swap_module(model: nn.Module, name: str, layer: nn.Module, path: str, shape: tuple[int, ...] | None = None) -> None:
     """Replace the submodule ``name`` of ``model`` by ``layer``; ``shape``: the ``(out, in)`` of the
     record's weight, checked against the module replaced."""

@@ -13,24 +13,34 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from ..core.config import ConfigError, QuantConfig
 from ..formats import FormatError, LayerRecord
-from .assign import check_materialised, set_tensor, swap_module
+from .assign import check_materialised, has_module, has_tensor, set_tensor, swap_module
 from .bnb import is_bnb_checkpoint, load_bnb
 from .layers import build_layer
 from .legacy import read_layers_v1
-from .manifest import METADATA_KEY, CheckpointError, digest, parse_manifest
+from .manifest import METADATA_KEY, CheckpointError, check_tensor, parse_manifest
 from .records import read_layers
 
 ModelSource = nn.Module | Callable[[], nn.Module] | None
 
 
-def load(path: str | os.PathLike, model: ModelSource = None, *, device: str | torch.device = "cpu") -> nn.Module:
+class LoadResult(NamedTuple):
+    """What ``load(..., strict=False)`` returns: the model and what did not match (as ``load_state_dict``)."""
+
+    model: nn.Module
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def load(
+    path: str | os.PathLike, model: ModelSource = None, *, device: str | torch.device = "cpu", strict: bool = True
+) -> Any:
     """Load a checkpoint written by :func:`qbackend.save`, or a bitsandbytes/QLoRA 4-bit checkpoint.
 
     path: a ``.safetensors`` file, or a directory holding one (or HF-style shards and config.json).
@@ -42,23 +52,33 @@ def load(path: str | os.PathLike, model: ModelSource = None, *, device: str | to
         * a module: used as is and modified in place (its quantized layers are swapped; their float
           weights are dropped).
     device: where the loaded tensors go.
+    strict: as ``load_state_dict``: a layer or tensor of the model that the checkpoint lacks
+        (missing), or one of the checkpoint that the model lacks (unexpected), is an error listing
+        them. ``strict=False``: loads what matches and returns a `LoadResult` ``(model,
+        missing_keys, unexpected_keys)`` instead of the model (a model built on the meta device
+        still needs every tensor).
 
     Returns the model in eval mode. Raises `CheckpointError` naming the file and the problem
     (not a checkpoint, truncated, corrupt, newer format, does not fit the model).
     """
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False; got {type(strict).__name__}")
     files, config_json = _resolve(Path(path))
     tensors, metadata = _read(files, device)
     if metadata is not None and METADATA_KEY in metadata:
         manifest = parse_manifest(metadata, str(files[0]))
         _verify(tensors, manifest, files[0])
+        _check_config(manifest, files[0])
         skeleton = _skeleton(model, manifest["model"], config_json, files[0])
         read = read_layers_v1 if manifest["format_version"] == 1 else read_layers
         layers, assigns = read(manifest, tensors, str(files[0]))
-        return _assemble(skeleton, layers, assigns, str(files[0]))
+        result = _assemble(skeleton, layers, assigns, str(files[0]), strict)
+        return result if not strict else result.model
     if is_bnb_checkpoint(tensors):
         info = {"transformers_from_config_json": config_json} if config_json else {}
         skeleton = _skeleton(model, info, config_json, files[0])
-        return load_bnb(skeleton, tensors, str(files[0]))
+        loaded = load_bnb(skeleton, tensors, str(files[0]))
+        return loaded if strict else LoadResult(loaded, [], [])
     raise CheckpointError(
         f"{files[0]}: not a qbackend checkpoint (no 'qbackend' entry in its metadata) "
         "and not a bitsandbytes 4-bit checkpoint"
@@ -113,8 +133,21 @@ def _verify(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: Pa
     if missing:
         raise CheckpointError(f"{path}: corrupt checkpoint: {len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
     for name, info in want.items():
-        if digest(tensors[name]) != info.get("digest"):
-            raise CheckpointError(f"{path}: corrupt checkpoint: tensor {name!r} does not match its checksum")
+        check_tensor(name, tensors[name], info, str(path))
+
+
+def _check_config(manifest: dict[str, Any], path: Path) -> None:
+    """The stored QuantConfig record must rebuild (it describes how the layers were made)."""
+    if manifest["format_version"] == 1 or manifest.get("config") is None:
+        return
+    try:
+        QuantConfig.from_dict(manifest["config"])
+    except (ConfigError, FormatError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt config record: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
 # ---- the model -----------------------------------------------------------------------------------
@@ -151,23 +184,73 @@ def _build_transformers(cls_name: str, cfg: dict[str, Any], path: Path) -> nn.Mo
     except ImportError:
         raise CheckpointError(f"{path}: rebuilding {cls_name} needs transformers (pip install transformers)") from None
     cls = getattr(transformers, cls_name, None)
-    if cls is None:
-        raise CheckpointError(f"{path}: transformers has no class {cls_name!r}; pass model= to build it yourself")
-    config = cls.config_class.from_dict(cfg)
-    with torch.device("meta"):
-        return cls(config)
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module) or not hasattr(cls, "config_class"):
+        raise CheckpointError(f"{path}: transformers has no model class {cls_name!r}; pass model= to build it yourself")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: corrupt qbackend manifest: the transformers config is {type(cfg).__name__}")
+    _check_config_types(cls.config_class, cfg, cls_name, path)
+    try:
+        config = cls.config_class.from_dict(cfg)
+        with torch.device("meta"):
+            return cls(config)
+    except Exception as e:  # noqa: BLE001  (a corrupt config can fail anywhere in a model's constructor)
+        raise CheckpointError(
+            f"{path}: cannot build {cls_name} from the stored config ({type(e).__name__}: {_first_line(e)}); "
+            "the manifest is corrupt, or pass model="
+        ) from None
+
+
+def _kind(v: Any) -> str:
+    return "bool" if isinstance(v, bool) else "number" if isinstance(v, (int, float)) else type(v).__name__
+
+
+def _check_config_types(config_class: type, cfg: dict[str, Any], cls_name: str, path: Path) -> None:
+    """Each stored config field must have the JSON type of the config class's default for it (the
+    model code trusts them: a list where an int belongs fails deep inside a forward)."""
+    try:
+        defaults = config_class().to_dict()
+    except Exception:  # noqa: BLE001  (a config class without usable defaults: nothing to compare with)
+        return
+    for key, value in cfg.items():
+        want = defaults.get(key)
+        if want is not None and value is not None and _kind(want) != _kind(value):
+            raise CheckpointError(
+                f"{path}: corrupt qbackend manifest: {cls_name} config field {key!r} is {_kind(value)}, "
+                f"where {config_class.__name__} has {_kind(want)}"
+            )
 
 
 def _assemble(
-    model: nn.Module, layers: dict[str, LayerRecord], assigns: list[tuple[str, str, torch.Tensor]], path: str
-) -> nn.Module:
+    model: nn.Module, layers: dict[str, LayerRecord], assigns: list[tuple[str, str, torch.Tensor]], path: str,
+    strict: bool,
+) -> LoadResult:  # fmt: skip
+    unexpected = [n for n in layers if not has_module(model, n)]
+    unexpected += [n for n, _, _ in assigns if not has_tensor(model, n)]
+    if unexpected and strict:
+        raise CheckpointError(f"{path}: the model has no {_listing(unexpected)}, which the checkpoint holds; "
+                              "is this the right model? (strict=False loads the rest)")  # fmt: skip
+    skip = set(unexpected)
     kernel_weights: dict = {}  # tied layers share one set of kernel tensors
     for name, rec in layers.items():
-        swap_module(model, name, build_layer(name, rec, kernel_weights, path), path, rec.weight.shape)
+        if name not in skip:
+            swap_module(model, name, build_layer(name, rec, kernel_weights, path), path, rec.weight.shape)
+    done = {n for n, _, _ in assigns if n not in skip}
     for name, kind, t in assigns:
-        set_tensor(model, name, t, kind, path)
+        if name not in skip:
+            set_tensor(model, name, t, kind, path)
+    prefixes = tuple(f"{n}." for n in layers if n not in skip)
+    missing = [k for k in model.state_dict(keep_vars=True) if k not in done and not k.startswith(prefixes)]
     check_materialised(model, path)
-    return model.eval()
+    if missing and strict:
+        raise CheckpointError(f"{path}: the checkpoint does not hold {_listing(missing)}, which the model has; "
+                              "is this the right model? (strict=False keeps their current values)")  # fmt: skip
+    return LoadResult(model.eval(), missing, unexpected)
+
+
+def _listing(names: list[str], first: int = 3) -> str:
+    """``'a', 'b', 'c' and 5 more`` (a count, never a wall of names)."""
+    more = f" and {len(names) - first} more" if len(names) > first else ""
+    return ", ".join(repr(n) for n in names[:first]) + more + f" ({len(names)} in all)"
 
 
 def load_config(path: str | os.PathLike) -> QuantConfig | None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +17,7 @@ import torch
 from torch import nn
 
 from .layers import layer_record
-from .manifest import METADATA_KEY, CheckpointError, digest, new_manifest
+from .manifest import CheckpointError, new_manifest, seal, tensor_entry
 from .records import record_to_json
 from .source import quantized_module
 
@@ -50,8 +55,7 @@ def save(model: Any, path: str | os.PathLike, *, example_inputs: Any = None, **o
     for name, t, kind in named:
         if name.rpartition(".")[0] not in quantized:  # a quantized layer's tensors are in its record
             store.add(name, t, [name, kind])
-    metadata = {METADATA_KEY: json.dumps(manifest, sort_keys=True)}
-    _atomic_save(store.tensors, metadata, path)
+    _atomic_save(store.tensors, seal(manifest), path)
     return path
 
 
@@ -90,22 +94,66 @@ class _Store:
             t = t.clone() if t.numel() and (ptr in self._storages or partial) else t.contiguous()
             self._storages.add(ptr)
             t = self.tensors[name] = t.cpu()
-            self.entries[name] = {"digest": digest(t), "uses": []}
+            self.entries[name] = tensor_entry(t)
         if use is not None:
             self.entries[stored]["uses"].append(use)
         return stored
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    """Write to a hidden temp file next to ``path``, then rename: a reader never sees a half-written file.
+
+    An interrupted save removes its temp file (Ctrl-C, an exception, and SIGTERM: turned into an
+    exception while saving, when the process has no handler of its own); a save killed outright
+    (SIGKILL) leaves it, and the next save into that directory removes it (the temp name holds the
+    writer's pid).
+    """
     from safetensors.torch import save_file  # deferred: only writing a file needs it
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _sigterm_as_exit():
+            save_file(tensors, tmp, metadata=metadata)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete temp files of earlier saves to ``path`` whose writing process no longer exists."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """While saving, SIGTERM raises SystemExit (so the temp file is removed) if nobody handles it."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -2,6 +2,7 @@
 linears in every form (hypothesis strategies), and check a rewrite's invariants.
 
 The strategies need ``hypothesis`` (the ``test`` extra); they load on first use.
+:mod:`.fuzz_checkpoints` mutates checkpoint files and loads each in a worker subprocess.
 """
 
 from __future__ import annotations

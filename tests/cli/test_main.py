@@ -72,7 +72,8 @@ def test_unknown_demo_preset_and_bad_arguments(capsys):
 
 def test_inspect_safetensors_file_json_and_plot(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["inspect", str(_weights(tmp_path)), "--preset", "int8", "--json"]) == 0
+    args = ["--preset", "int8", "--json", "--plot", "tiny-int8-error.png"]
+    assert main(["inspect", str(_weights(tmp_path)), *args]) == 0
     out = json.loads(capsys.readouterr().out)
     layers = {r["name"]: r for r in out["layers"]}
     assert set(layers) == {"layers.0.fc1", "layers.0.fc2", "head"}  # the embedding table is not a linear

@@ -108,7 +108,7 @@ def test_inspect_a_checkpoint_and_a_float_file(installed):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["checkpoint"] and [row["format"] for row in out["layers"]] == ["nf4-b64-nested"] * 2
-    r = installed.qbackend("inspect", str(float_file), "--preset", "int8")  # table and plot
+    r = installed.qbackend("inspect", str(float_file), "--preset", "int8", "--plot")  # table and plot
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2/2 linear layers quantized" in r.stdout and "int8-sym-ch0" in r.stdout
     assert (installed.work / "float-int8-error.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib from the venv

@@ -18,7 +18,7 @@ import qbackend
 from qbackend import QATConfig, QuantizedLinear
 from qbackend.formats import Scheme
 from qbackend.serialization import CheckpointError, load, load_config, save
-from qbackend.serialization.manifest import digest
+from qbackend.serialization.manifest import seal, tensor_entry
 
 
 def _fixtures_dir() -> Path:
@@ -50,7 +50,7 @@ def _edit_manifest(path: Path, edit) -> None:
     header = json.loads(data[8 : 8 + n])
     manifest = json.loads(header["__metadata__"]["qbackend"])
     edit(manifest)
-    header["__metadata__"]["qbackend"] = json.dumps(manifest)
+    header["__metadata__"].update(seal(manifest))
     raw = json.dumps(header).encode()
     raw += b" " * ((8 - len(raw) % 8) % 8)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
@@ -63,8 +63,8 @@ def _replace_tensor(path: Path, name: str, value: torch.Tensor) -> None:
         metadata = st.metadata()
     tensors[name] = value
     manifest = json.loads(metadata["qbackend"])
-    manifest["tensors"][name]["digest"] = digest(value)
-    save_file(tensors, str(path), metadata={"qbackend": json.dumps(manifest)})
+    manifest["tensors"][name].update({k: v for k, v in tensor_entry(value).items() if k != "uses"})
+    save_file(tensors, str(path), metadata=seal(manifest))
 
 
 def _v1_copy(tmp_path: Path, name: str) -> Path:

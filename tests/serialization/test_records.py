@@ -17,6 +17,7 @@ import qbackend
 from qbackend import QATConfig, QuantConfig, QuantizedLinear
 from qbackend.formats import Scheme
 from qbackend.serialization import CheckpointError, load, load_config, save
+from qbackend.serialization.manifest import seal
 from qbackend.workflows.qat.deploy import QATQuantizedLinear
 
 SCHEMES = [
@@ -145,7 +146,7 @@ def _edit_manifest(path: Path, edit) -> None:
     header = json.loads(data[8 : 8 + n])
     manifest = json.loads(header["__metadata__"]["qbackend"])
     edit(manifest)
-    header["__metadata__"]["qbackend"] = json.dumps(manifest)
+    header["__metadata__"].update(seal(manifest))
     raw = json.dumps(header).encode()
     raw += b" " * ((8 - len(raw) % 8) % 8)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])

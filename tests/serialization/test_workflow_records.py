@@ -21,6 +21,7 @@ from qbackend.formats import LayerRecord, QuantizedWeight, RecordError, Scheme, 
 from qbackend.passes.modules import linear_modules
 from qbackend.passes.report import Report
 from qbackend.serialization import CheckpointError, load, save
+from qbackend.serialization.manifest import seal
 
 TOY_SCHEME = Scheme("int", 8, symmetric=True, granularity="channel", axis=0)
 
@@ -107,7 +108,7 @@ def _edit_manifest(path: Path, edit) -> None:
     header = json.loads(data[8 : 8 + n])
     manifest = json.loads(header["__metadata__"]["qbackend"])
     edit(manifest)
-    header["__metadata__"]["qbackend"] = json.dumps(manifest)
+    header["__metadata__"].update(seal(manifest))
     raw = json.dumps(header).encode()
     raw += b" " * ((8 - len(raw) % 8) % 8)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])

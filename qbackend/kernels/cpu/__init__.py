@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import ops
 from .. import reference as ref
-from . import _build
+from . import _build, finite
 from . import compute as _compute
 
 # Fused kernels up to this many rows; above, dequantized panels + sgemm (measured on one core: the
@@ -368,4 +368,4 @@ def w8a8_linear(
 
 
 # The "cpu" kernels of the ops, found by name (see ops.register_kernels).
-ops.register_kernels("cpu", lambda name: globals().get(name))
+ops.register_kernels("cpu", lambda name: finite.wrap(name, globals().get(name)))

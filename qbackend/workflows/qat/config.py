@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from ...formats import short_repr
+
 Activations = Literal["none", "dynamic", "static"]
 ACTIVATIONS: tuple[str, ...] = ("none", "dynamic", "static")
 
@@ -45,11 +47,13 @@ class QATConfig:
 
     def __post_init__(self) -> None:
         if self.activations not in ACTIVATIONS:
-            raise QATConfigError(f"activations must be one of {', '.join(ACTIVATIONS)}; got {self.activations!r}")
+            raise QATConfigError(
+                f"activations must be one of {', '.join(ACTIVATIONS)}; got {short_repr(self.activations)}"
+            )
         if not 0.0 < self.observer_momentum <= 1.0:
-            raise QATConfigError(f"observer_momentum must be in (0, 1]; got {self.observer_momentum!r}")
+            raise QATConfigError(f"observer_momentum must be in (0, 1]; got {short_repr(self.observer_momentum)}")
         if not 0.0 < self.min_ratio <= 1.0:
-            raise QATConfigError(f"min_ratio must be in (0, 1]; got {self.min_ratio!r}")
+            raise QATConfigError(f"min_ratio must be in (0, 1]; got {short_repr(self.min_ratio)}")
 
     @property
     def stateful(self) -> bool:

@@ -11,15 +11,16 @@ orientation), shared by every compile, re-quantized IN PLACE when the weight or 
 
 from __future__ import annotations
 
+import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ...formats import QuantizedWeight, Scheme, quantize
 from ...kernels import KernelWeight, prepare_weight
-from ...passes.weight_cache import version_of
+from ...passes.weight_stamp import WeightStamp, version_of, watch
 from ..weight_only.linear import QuantizedLinear
 from .fake_quant import clip_weight, fake_quantize_activation
 from .state import LinearQAT
@@ -55,7 +56,9 @@ class DeployedLinear:
     kw: KernelWeight
     storage_bits: int
     numel: int
-    stamp: tuple[int, int, int]
+    stamp: WeightStamp
+    ratio_version: int
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def bits_per_param(self) -> float:
@@ -65,22 +68,26 @@ class DeployedLinear:
     def nbytes(self) -> int:
         return (self.storage_bits + 7) // 8
 
-    def _stamp_of(self, param: torch.Tensor) -> tuple[int, int, int]:
-        ratio = None if self.state is None else self.state.weight_ratio
-        return (version_of(param), param.data_ptr(), version_of(ratio))
+    def _ratio_version(self) -> int:
+        return version_of(None if self.state is None else self.state.weight_ratio)
 
-    def is_stale(self, param: torch.Tensor) -> bool:
-        """The weight or its learned ratios changed (in place, or storage swapped) since quantizing."""
-        return self._stamp_of(param) != self.stamp
+    def is_stale(self, param: torch.Tensor, check: str = "sampled") -> bool:
+        """The weight (see :mod:`qbackend.passes.weight_stamp`) or its learned ratios changed since quantizing."""
+        return not self.stamp.matches(param, check) or self._ratio_version() != self.ratio_version
 
-    def refresh(self, param: torch.Tensor) -> None:
-        """Re-quantize into the existing tensors (compiled graphs hold them)."""
-        kw = prepare_weight(deployed_weight(param, self.scheme, self.state, self.transposed, self.name))
-        with torch.no_grad():
-            for old, new in zip(self.kw.tensors, kw.tensors, strict=True):
-                if old is not None and new is not None and old is not new:
-                    old.copy_(new)
-        self.stamp = self._stamp_of(param)
+    def refresh(self, param: torch.Tensor, check: str | None = None) -> None:
+        """Re-quantize into the existing tensors (compiled graphs hold them); ``check``: only if still
+        stale by that check once the lock is held."""
+        with self._lock:
+            if check is not None and not self.is_stale(param, check):
+                return
+            stamp, ratio_version = WeightStamp(param, full=self.stamp._full is not None), self._ratio_version()
+            kw = prepare_weight(deployed_weight(param, self.scheme, self.state, self.transposed, self.name))
+            with torch.no_grad():
+                for old, new in zip(self.kw.tensors, kw.tensors, strict=True):
+                    if old is not None and new is not None and old is not new:
+                        old.copy_(new)
+            self.stamp, self.ratio_version = stamp, ratio_version
 
 
 _entries: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> {(scheme, transposed): weakref(entry)}
@@ -94,13 +101,15 @@ def get_deployed(
     ref = per_param.get((scheme, transposed))
     entry = ref() if ref is not None else None
     if entry is None:
+        stamp = WeightStamp(param)  # before reading it: a concurrent write is seen on the next check
+        ratio_version = version_of(None if state is None else state.weight_ratio)
         qw = deployed_weight(param, scheme, state, transposed, name)
         kw = prepare_weight(qw)
-        entry = DeployedLinear(name, scheme, transposed, state, kw, qw.storage_bits(), qw.numel, (0, 0, 0))
-        entry.stamp = entry._stamp_of(param)
+        entry = DeployedLinear(name, scheme, transposed, state, kw, qw.storage_bits(), qw.numel, stamp, ratio_version)
         per_param[(scheme, transposed)] = weakref.ref(entry)
+        watch(param, entry)
     elif entry.is_stale(param):
-        entry.refresh(param)
+        entry.refresh(param, "sampled")
     return entry
 
 

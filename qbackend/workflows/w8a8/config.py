@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ...formats import short_repr
 from ...passes.calibration_result import CalibrationResult
 
 ACTIVATIONS = ("token", "tensor")
@@ -58,7 +59,9 @@ class SmoothQuantConfig:
         norm: list[tuple[str, float]] = []
         for item in pairs:
             if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
-                raise SmoothQuantConfigError(f"layer_alpha entries must be (pattern, alpha) pairs; got {item!r}")
+                raise SmoothQuantConfigError(
+                    f"layer_alpha entries must be (pattern, alpha) pairs; got {short_repr(item)}"
+                )
             try:
                 re.compile(item[0])
             except re.error as e:
@@ -73,17 +76,23 @@ class SmoothQuantConfig:
             _check_alpha("alpha_grid entry", a)
         object.__setattr__(self, "alpha_grid", grid)
         if self.activation not in ACTIVATIONS:
-            raise SmoothQuantConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}")
+            raise SmoothQuantConfigError(
+                f"activation must be one of {', '.join(ACTIVATIONS)}; got {short_repr(self.activation)}"
+            )
         if self.outlier_threshold is not None and not (
             isinstance(self.outlier_threshold, (int, float)) and self.outlier_threshold > 0
         ):
             raise SmoothQuantConfigError(
-                f"outlier_threshold must be a number > 0 or None; got {self.outlier_threshold!r}"
+                f"outlier_threshold must be a number > 0 or None; got {short_repr(self.outlier_threshold)}"
             )
         if self.explicit not in EXPLICIT:
-            raise SmoothQuantConfigError(f"explicit must be one of {', '.join(EXPLICIT)}; got {self.explicit!r}")
+            raise SmoothQuantConfigError(
+                f"explicit must be one of {', '.join(EXPLICIT)}; got {short_repr(self.explicit)}"
+            )
         if self.unfoldable not in UNFOLDABLE:
-            raise SmoothQuantConfigError(f"unfoldable must be one of {', '.join(UNFOLDABLE)}; got {self.unfoldable!r}")
+            raise SmoothQuantConfigError(
+                f"unfoldable must be one of {', '.join(UNFOLDABLE)}; got {short_repr(self.unfoldable)}"
+            )
 
     @classmethod
     def from_options(cls, options: SmoothQuantConfig | Mapping[str, Any] | None) -> SmoothQuantConfig:
@@ -93,7 +102,9 @@ class SmoothQuantConfig:
         if isinstance(options, SmoothQuantConfig):
             return options
         if not isinstance(options, Mapping):
-            raise SmoothQuantConfigError(f"smoothquant options must be a dict or SmoothQuantConfig; got {options!r}")
+            raise SmoothQuantConfigError(
+                f"smoothquant options must be a dict or SmoothQuantConfig; got {type(options).__name__}"
+            )
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in options if k not in valid]
         if unknown:
@@ -114,7 +125,7 @@ class SmoothQuantConfig:
 
 def _check_alpha(name: str, a: object) -> None:
     if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= float(a) <= 1.0:
-        raise SmoothQuantConfigError(f"{name} must be a number in [0, 1]; got {a!r}")
+        raise SmoothQuantConfigError(f"{name} must be a number in [0, 1]; got {short_repr(a)}")
 
 
 def backend_options(smoothquant: Any, calibration: Any, weight_format: str) -> tuple[SmoothQuantConfig | None, Any]:
@@ -132,7 +143,7 @@ def backend_options(smoothquant: Any, calibration: Any, weight_format: str) -> t
         return None, None
     sq = SmoothQuantConfig() if smoothquant is True else SmoothQuantConfig.from_options(smoothquant)
     if weight_format != "int8":
-        raise SmoothQuantConfigError(f"W8A8 uses int8 weights; format must be 'int8', got {weight_format!r} "
+        raise SmoothQuantConfigError(f"W8A8 uses int8 weights; format must be 'int8', got {short_repr(weight_format)} "
                                      "(use preset='w8a8')")  # fmt: skip
     if calibration is not None and not isinstance(calibration, CalibrationResult):
         if isinstance(calibration, (str, bytes)) or hasattr(calibration, "__fspath__"):

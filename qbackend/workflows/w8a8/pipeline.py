@@ -21,7 +21,8 @@ from ...passes.lowering import Lowered, LoweringResult
 from ...passes.params import ParamRef
 from ...passes.report import LayerReport, Report, float_row
 from ...passes.select_layers import LayerPlan
-from ...passes.weight_cache import StaleWeightError, version_of
+from ...passes.weight_cache import StaleWeightError
+from ...passes.weight_stamp import FoldedCheck, check_mode
 from .config import SmoothQuantConfig
 from .fold import FoldReport, smoothquant_fold
 from .lower import ActQuant, W8A8Lowered, lower_w8a8, mark_quantized
@@ -37,31 +38,33 @@ class W8A8Result(LoweringResult):
 
     fold: per-group smoothing (None when not smoothing); w8a8: the lowered layers; notes: fallbacks
     worth a log line (no calibration, per-tensor without statistics...); sources: parameters folded
-    into constants (checked on every call by :meth:`guard_folded`).
+    into constants (checked on every call by :meth:`guard_folded`, with ``weight_check``).
     """
 
     fold: FoldReport | None = None
     w8a8: list[W8A8Lowered] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sources: list[ParamRef] = field(default_factory=list)
+    weight_check: str = "sampled"
 
     def guard_folded(self, compiled: Callable) -> Callable:
-        """Wrap ``compiled`` with a per-call check that no folded parameter changed in place.
+        """Wrap ``compiled`` with a per-call check that no folded parameter changed (``weight_check``).
 
         Folded constants (``W * s``, LayerNorm weights / s) cannot be refreshed from one parameter
-        alone, so a change raises (with either ``on_weight_change``): recompile to use new weights.
+        alone, so a change (or ``qbackend.refresh``) raises with either ``on_weight_change``: recompile.
         """
-        checks = [(r.fqn, r.input_index, None if r.input_index is not None else r.tensor, version_of(r.tensor),
-                   r.tensor.data_ptr()) for r in self.sources]  # fmt: skip
+        check = self.weight_check
+        checks = [(FoldedCheck(r.fqn, r.tensor, check), r.input_index, None if r.input_index is not None else r.tensor)
+                  for r in self.sources]  # fmt: skip
         if not checks:
             return compiled
 
         def run(*args: Any) -> Any:
-            for fqn, idx, held, version, ptr in checks:
+            for fc, idx, held in checks:
                 p = args[idx] if idx is not None else held
-                if version_of(p) != version or p.data_ptr() != ptr:
+                if not fc.ok(p, check):
                     raise StaleWeightError(
-                        f"qbackend: parameter {fqn!r} was changed in place after compiling, but SmoothQuant folded "
+                        f"qbackend: parameter {fc.name!r} was changed in place after compiling, but SmoothQuant folded "
                         "it into constants; recompile (torch._dynamo.reset()) to use the new value"
                     )
             return compiled(*args)
@@ -73,7 +76,7 @@ def run_w8a8(gm: fx.GraphModule, config: Any, measure_error: bool = False) -> W8
     """Rewrite ``gm`` in place for ``config`` (a ``QuantConfig`` with ``smoothquant`` set)."""
     sq: SmoothQuantConfig = config.smoothquant
     cal: CalibrationResult | None = config.calibration
-    result = W8A8Result(Report(graphs=1))
+    result = W8A8Result(Report(graphs=1), weight_check=check_mode(config))
     sites = find_linears(gm)
     plans = select_layers(sites, config)
     lowered_nodes = {s.node for p in plans for s in p.lowerable_sites}

@@ -1,0 +1,68 @@
+"""Keep the CPU kernels finite wherever the fp32 product is.
+
+The fused kernels sum ``x * code`` and apply the (block, group or channel) scale after the sum, so
+with ``|x|`` near 1e36 the unscaled partial sums overflow fp32 while ``x @ W^T`` itself is finite.
+Rather than slow every kernel down, the output is checked (one pass over it) and, only when it is
+not finite although ``x`` is, the call is repeated on ``x * 2^-k`` (exact: a power of two) with the
+bias (and a static activation scale) scaled alike, and the result multiplied back by ``2^k``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+# Inputs are brought below 2^64: partial sums then stay far from fp32's 3.4e38 for any K.
+_TARGET_EXPONENT = 64
+
+
+def keep_finite(fn: Callable[..., Tensor], bias_at: int | None, act_scale_at: int | None = None) -> Callable:
+    """``fn`` (a kernel taking ``x`` or ``grad_y`` first) with the overflow retry described above.
+
+    bias_at / act_scale_at: positions of the bias and of a static activation scale (None: none).
+    """
+
+    @functools.wraps(fn)
+    def run(*args: object) -> Tensor:
+        y = fn(*args)
+        if y.numel() == 0 or bool(torch.isfinite(y).all()):
+            return y
+        x = args[0]
+        assert isinstance(x, Tensor)
+        amax = float(x.abs().amax()) if x.numel() else 0.0
+        if not math.isfinite(amax) or amax == 0.0:
+            return y  # non-finite input: a non-finite output is the right answer
+        k = math.frexp(amax)[1] - _TARGET_EXPONENT
+        if k <= 0:
+            return y  # the overflow is not from large inputs (e.g. a huge weight scale): as fp32 would
+        scaled = list(args)
+        scaled[0] = x.float() * 2.0**-k
+        for at in (bias_at, act_scale_at):
+            if at is not None and isinstance(args[at], Tensor):
+                scaled[at] = args[at].float() * 2.0**-k
+        return (fn(*scaled).float() * 2.0**k).to(y.dtype)
+
+    return run
+
+
+#: kernel function name -> (bias position, static activation scale position)
+POSITIONS: dict[str, tuple[int | None, int | None]] = {
+    "codebook_linear": (8, None),
+    "int4_linear": (4, None),
+    "int8_linear": (3, None),
+    "w8a8_linear": (3, 4),
+    "codebook_linear_grad_input": (None, None),
+    "int4_linear_grad_input": (None, None),
+    "int8_linear_grad_input": (None, None),
+}
+
+
+def wrap(name: str, fn: Callable[..., Tensor] | None) -> Callable[..., Tensor] | None:
+    """The CPU kernel ``name`` made finite-preserving (None stays None: no kernel)."""
+    if fn is None or name not in POSITIONS:
+        return fn
+    return keep_finite(fn, *POSITIONS[name])
