@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..demo import WEIGHT_ONLY_PRESETS, DemoOptions, render, run_demo
+from ..kernels.compute_policy import COMPUTE_OPTIONS, ComputeUnavailable
 from .common import CLIError, console, print_json, progress
 
 
@@ -15,6 +16,9 @@ def add_parser(sub: Any, name: str) -> None:
     d.add_argument("--quick", action="store_true", help="nf4 only, shorter timings")
     d.add_argument("--no-compile", dest="compile", action="store_false",
                    help="run the quantized layers eagerly, skip torch.compile (fast)")  # fmt: skip
+    d.add_argument("--compute", default="auto", choices=COMPUTE_OPTIONS,
+                   help="arithmetic of the quantized layers: auto (default: the fastest within the error bound "
+                   "on this CPU), fp32 (exact), bf16, int8")  # fmt: skip
     d.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -23,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     bad = [p for p in presets if p not in WEIGHT_ONLY_PRESETS]
     if bad:
         raise CLIError(f"unknown demo preset {bad[0]!r}; valid: {', '.join(WEIGHT_ONLY_PRESETS)}")
-    opts = DemoOptions(presets=presets, compile=args.compile)
+    opts = DemoOptions(presets=presets, compile=args.compile, compute=args.compute)
     if args.quick:
         opts.time_budget_s, opts.min_runs = 0.5, 1
     variants = 1 + int(opts.compile) + len(presets)
@@ -33,8 +37,11 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         missing = f"the demo needs the 'examples' extra ({e.name} is missing)"
         raise CLIError(f"{missing}: pip install 'qbackend[examples]'") from None
-    with progress(1 + variants * (1 + 2 * len(opts.batches)), quiet=False) as step:
-        result = run_demo(opts, step)
+    try:
+        with progress(1 + variants * (1 + 2 * len(opts.batches)), quiet=False) as step:
+            result = run_demo(opts, step)
+    except ComputeUnavailable as e:
+        raise CLIError(str(e)) from None
     if args.json:
         print_json(result.to_dict())
     else:

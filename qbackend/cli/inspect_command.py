@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import PRESETS
+from ..kernels.compute_policy import COMPUTE_OPTIONS, ComputeUnavailable
 from .common import CLIError, console, print_json, progress
 from .inspect import InspectError, inspect_path, plot_errors, render
 
@@ -17,6 +18,8 @@ def add_parser(sub: Any, name: str) -> None:
     i.add_argument("--preset", default="nf4", help="nf4 (default), fp4, int4, int4-g64, int8, w8a8")
     i.add_argument("--plot", metavar="FILE", help="PNG of the per-layer error (default: <name>-<preset>-error.png)")
     i.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    i.add_argument("--compute", default="auto", choices=COMPUTE_OPTIONS,
+                   help="arithmetic option of the quantized layers (default auto): shows what each resolves to here")
     i.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -26,11 +29,11 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.path)
     try:
         with progress(None, quiet=args.json) as step, step(f"quantizing the weights of {path.name} ({args.preset})"):
-            result = inspect_path(path, args.preset)
+            result = inspect_path(path, args.preset, args.compute)
         if not args.no_plot and any(r.rel_error is not None for r in result.layers):
             stem = path.stem if path.is_file() else model_name(path)
             result.plot = str(plot_errors(result, args.plot or f"{stem}-{args.preset}-error.png", name=stem))
-    except InspectError as e:
+    except (InspectError, ComputeUnavailable) as e:
         raise CLIError(str(e)) from None
     if args.json:
         print_json(result.to_dict())

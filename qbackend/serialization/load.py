@@ -30,7 +30,10 @@ from .records import read_layers
 ModelSource = nn.Module | Callable[[], nn.Module] | None
 
 
-def load(path: str | os.PathLike, model: ModelSource = None, *, device: str | torch.device = "cpu") -> nn.Module:
+def load(
+    path: str | os.PathLike, model: ModelSource = None, *, device: str | torch.device = "cpu",
+    compute: str | None = None,
+) -> nn.Module:  # fmt: skip
     """Load a checkpoint written by :func:`qbackend.save`, or a bitsandbytes/QLoRA 4-bit checkpoint.
 
     path: a ``.safetensors`` file, or a directory holding one (or HF-style shards and config.json).
@@ -42,6 +45,9 @@ def load(path: str | os.PathLike, model: ModelSource = None, *, device: str | to
         * a module: used as is and modified in place (its quantized layers are swapped; their float
           weights are dropped).
     device: where the loaded tensors go.
+    compute: the quantized layers' arithmetic option (``QuantConfig.compute``); None: the one the
+        checkpoint's config asked for, else "auto". A run-time choice, resolved on this machine (the
+        checkpoint holds the canonical weights whatever the mode).
 
     Returns the model in eval mode. Raises `CheckpointError` naming the file and the problem
     (not a checkpoint, truncated, corrupt, newer format, does not fit the model).
@@ -54,15 +60,25 @@ def load(path: str | os.PathLike, model: ModelSource = None, *, device: str | to
         skeleton = _skeleton(model, manifest["model"], config_json, files[0])
         read = read_layers_v1 if manifest["format_version"] == 1 else read_layers
         layers, assigns = read(manifest, tensors, str(files[0]))
-        return _assemble(skeleton, layers, assigns, str(files[0]))
+        saved = manifest["config"].get("compute") if isinstance(manifest.get("config"), dict) else None
+        return _set_compute(_assemble(skeleton, layers, assigns, str(files[0])), compute or saved)
     if is_bnb_checkpoint(tensors):
         info = {"transformers_from_config_json": config_json} if config_json else {}
         skeleton = _skeleton(model, info, config_json, files[0])
-        return load_bnb(skeleton, tensors, str(files[0]))
+        return _set_compute(load_bnb(skeleton, tensors, str(files[0])), compute)
     raise CheckpointError(
         f"{files[0]}: not a qbackend checkpoint (no 'qbackend' entry in its metadata) "
         "and not a bitsandbytes 4-bit checkpoint"
     )
+
+
+def _set_compute(model: nn.Module, compute: str | None) -> nn.Module:
+    """Give the loaded quantized layers (those with a ``set_compute``) the ``compute`` option."""
+    if compute is not None:
+        for m in model.modules():
+            if callable(getattr(m, "set_compute", None)):
+                m.set_compute(compute)
+    return model
 
 
 # ---- files ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def _json_round_trip(c: QuantConfig) -> QuantConfig:
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_round_trips(preset):
     c = QuantConfig.preset(preset)
-    assert c.to_dict()["version"] == 1
+    assert c.to_dict()["version"] == 2
     assert _json_round_trip(c) == c
 
 
@@ -65,7 +65,7 @@ def test_inductor_values_that_are_not_json_are_named_not_recorded():
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d.update(version=2), "QuantConfig dict version 2 is not supported"),
+        (lambda d: d.update(version=3), "QuantConfig dict version 3 is not supported"),
         (lambda d: d.pop("version"), "QuantConfig dict version None is not supported"),
         (lambda d: d.update(group_size=3), r"unknown QuantConfig dict key\(s\) \['group_size'\]"),
         (lambda d: d.update(format="int3"), "unknown format 'int3'"),
