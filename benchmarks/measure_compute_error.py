@@ -21,9 +21,10 @@ import json
 import sys
 
 import torch
+from torch import nn
 
+from qbackend.demo import sentences as demo_sentences
 from qbackend.demo.minilm import load_minilm
-from qbackend.demo.sentences import EVALUATION_SENTENCES
 from qbackend.formats import quantize
 from qbackend.kernels import prepare_weight, reference
 from qbackend.kernels.families import FAMILIES
@@ -41,12 +42,16 @@ FORMATS = {
 }
 
 
-def layer_inputs(n_sentences: int) -> tuple[dict[str, torch.nn.Linear], dict[str, torch.Tensor]]:
+def _sentences(which: str, n: int) -> list[str]:
+    return list(getattr(demo_sentences, f"{which.upper()}_SENTENCES"))[:n]
+
+
+def layer_inputs(n_sentences: int, which: str = "evaluation") -> tuple[dict[str, nn.Linear], dict[str, torch.Tensor]]:
     """MiniLM's linear layers and the real input rows each sees on the demo sentences (padding rows dropped)."""
     mini = load_minilm()
-    batch = mini.tokenize(list(EVALUATION_SENTENCES)[:n_sentences])
+    batch = mini.tokenize(_sentences(which, n_sentences))
     keep = batch["attention_mask"].reshape(-1).bool()
-    linears = {n: m for n, m in mini.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = {n: m for n, m in mini.model.named_modules() if isinstance(m, nn.Linear)}
     seen: dict[str, torch.Tensor] = {}
     hooks = [
         m.register_forward_hook(lambda _m, args, _out, n=n: seen.__setitem__(n, args[0].reshape(-1, args[0].shape[-1])))
@@ -59,11 +64,11 @@ def layer_inputs(n_sentences: int) -> tuple[dict[str, torch.nn.Linear], dict[str
     return linears, {n: x[keep] if x.shape[0] == keep.numel() else x for n, x in seen.items()}
 
 
-def measure(n_sentences: int) -> dict[str, dict[str, list[float]]]:
+def measure(n_sentences: int, which: str = "evaluation") -> dict[str, dict[str, list[float]]]:
     """format name -> {"format": [...], mode: [...]} relative output errors, one entry per layer."""
     from qbackend.core.config import QuantConfig
 
-    linears, inputs = layer_inputs(n_sentences)
+    linears, inputs = layer_inputs(n_sentences, which)
     out: dict[str, dict[str, list[float]]] = {}
     for fname, opts in FORMATS.items():
         scheme = QuantConfig.from_options(opts).scheme
@@ -89,7 +94,7 @@ def measure(n_sentences: int) -> dict[str, dict[str, list[float]]]:
     return out
 
 
-def end_to_end(n_sentences: int) -> dict[str, dict[str, float]]:
+def end_to_end(n_sentences: int, which: str = "evaluation") -> dict[str, dict[str, float]]:
     """format -> {mode: mean embedding cosine vs the float model} with every layer in that compute mode."""
     import copy
 
@@ -97,7 +102,7 @@ def end_to_end(n_sentences: int) -> dict[str, dict[str, float]]:
     from qbackend.demo.minilm import pooled_embeddings
 
     mini = load_minilm()
-    batch = mini.tokenize(list(EVALUATION_SENTENCES)[:n_sentences])
+    batch = mini.tokenize(_sentences(which, n_sentences))
     with torch.no_grad():
         ref_emb = pooled_embeddings(mini.model, batch)
     out: dict[str, dict[str, float]] = {}
@@ -148,16 +153,19 @@ def ratio_table(results: dict[str, dict[str, list[float]]], e2e: dict[str, dict[
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sentences", type=int, default=64, help="held-out demo sentences to run (activations; default 64)")
+    p.add_argument("--sentences", type=int, default=64, help="demo sentences to run (at most; default 64)")
+    p.add_argument("--set", default="evaluation", choices=("evaluation", "calibration", "training"),
+                   help="which demo sentence list (default: the 32 held-out evaluation sentences)")
     p.add_argument("--json", help="also write the per-layer errors here")
     p.add_argument("--no-end-to-end", action="store_true", help="skip the whole-model embedding cosines")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    results = measure(args.sentences)
-    print(f"MiniLM (all-MiniLM-L6-v2), {args.sentences} demo sentences, every linear layer; "
+    n = len(_sentences(args.set, args.sentences))
+    results = measure(n, args.set)
+    print(f"MiniLM (all-MiniLM-L6-v2), {n} demo {args.set} sentences, every linear layer; "
           "errors relative to ||x W^T|| of the float layer\n")  # fmt: skip
     print(table(results))
-    e2e = {} if args.no_end_to_end else end_to_end(args.sentences)
+    e2e = {} if args.no_end_to_end else end_to_end(n, args.set)
     print()
     print(ratio_table(results, e2e))
     if args.json:

@@ -208,7 +208,8 @@ def render(result: DemoResult) -> Table:
     t.add_column("cosine mean / min", justify="right")
     for r in result.rows:
         modes = ", ".join(f"{m} x{n}" if len(r.compute) > 1 else m for m, n in sorted(r.compute.items()))
-        cells = [r.name + (f" (compute {modes})" if modes else ""), f"{r.size_mb:.1f}", f"{r.linear_mb:.2f}", f"{r.linear_bits_per_param:.2f}"]
+        name = r.name + (f" (compute {modes})" if modes else "")
+        cells = [name, f"{r.size_mb:.1f}", f"{r.linear_mb:.2f}", f"{r.linear_bits_per_param:.2f}"]
         cells += [f"{r.latency_ms[b]:.1f} ({r.speedup[b]:.2f}x)" for b in batches]
         q = r.quality
         cells.append(f"{q['cosine_mean']:.4f} / {q['cosine_min']:.4f}")

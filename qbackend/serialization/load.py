@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +21,15 @@ from torch import nn
 
 from ..core.config import ConfigError, QuantConfig
 from ..formats import FormatError, LayerRecord
+from ..kernels.compute_policy import ComputeUnavailable
 from .assign import check_materialised, set_tensor, swap_module
 from .bnb import is_bnb_checkpoint, load_bnb
 from .layers import build_layer
 from .legacy import read_layers_v1
 from .manifest import METADATA_KEY, CheckpointError, digest, parse_manifest
 from .records import read_layers
+
+log = logging.getLogger("qbackend")
 
 ModelSource = nn.Module | Callable[[], nn.Module] | None
 
@@ -61,7 +65,8 @@ def load(
         read = read_layers_v1 if manifest["format_version"] == 1 else read_layers
         layers, assigns = read(manifest, tensors, str(files[0]))
         saved = manifest["config"].get("compute") if isinstance(manifest.get("config"), dict) else None
-        return _set_compute(_assemble(skeleton, layers, assigns, str(files[0])), compute or saved)
+        model = _assemble(skeleton, layers, assigns, str(files[0]))
+        return _set_compute(model, compute) if compute is not None else _saved_compute(model, saved, files[0])
     if is_bnb_checkpoint(tensors):
         info = {"transformers_from_config_json": config_json} if config_json else {}
         skeleton = _skeleton(model, info, config_json, files[0])
@@ -79,6 +84,15 @@ def _set_compute(model: nn.Module, compute: str | None) -> nn.Module:
             if callable(getattr(m, "set_compute", None)):
                 m.set_compute(compute)
     return model
+
+
+def _saved_compute(model: nn.Module, saved: str | None, path: Path) -> nn.Module:
+    """The checkpoint's requested compute; one this machine cannot run becomes "auto" (with a warning)."""
+    try:
+        return _set_compute(model, saved)
+    except ComputeUnavailable as e:
+        log.warning("qbackend: %s: the checkpoint asks for %s; using compute='auto'", path, e)
+        return _set_compute(model, "auto")
 
 
 # ---- files ---------------------------------------------------------------------------------------

@@ -100,3 +100,14 @@ def test_malformed_patterns_name_their_field(field, value, message):
     d[field] = value
     with pytest.raises(ConfigError, match=message):
         QuantConfig.from_dict(d)
+
+
+def test_compute_is_recorded_and_version_1_reads_as_auto():
+    c = QuantConfig.preset("nf4", compute="int8")
+    assert c.to_dict()["compute"] == "int8"
+    assert _json_round_trip(c).compute == "int8"
+    old = {k: v for k, v in QuantConfig.preset("int8").to_dict().items() if k != "compute"}
+    old["version"] = 1  # written before the compute option existed
+    assert QuantConfig.from_dict(old) == QuantConfig.preset("int8")
+    with pytest.raises(ConfigError, match="version 1 has no 'compute' key"):
+        QuantConfig.from_dict({**old, "compute": "fp32"})
