@@ -23,23 +23,24 @@ def test_fp32_always_and_auto_is_fp32_without_fast_kernels(cpu):
 
 def test_auto_picks_the_fastest_mode_within_the_bound(cpu):
     cpu(fast=[(m, f) for m in ("int8", "bf16") for f in cp.COMPUTE_FAMILIES])
-    assert cp.resolve("auto", "nf4", INTS).mode == "int8"
     assert cp.resolve("auto", "int4", {**INTS, "groupsize": 128}).mode == "int8"
-    # int8 weights: no faster mode keeps the added error within a tenth of int8's own error
-    assert cp.resolve("auto", "int8", INTS).mode == "fp32"
-    cpu(fast=[("bf16", "nf4")])  # no int8 kernel for this layer: the next allowed mode
+    assert cp.resolve("auto", "fp4", INTS).mode == "int8"
+    # nf4's int8 path adds a hair over a tenth of its own error; int8 weights: any faster mode adds too much
     assert cp.resolve("auto", "nf4", INTS).mode == "bf16"
+    assert cp.resolve("auto", "int8", INTS).mode == "fp32"
+    cpu(fast=[("bf16", "int4")])  # no int8 kernel for this layer: the next allowed mode
+    assert cp.resolve("auto", "int4", INTS).mode == "bf16"
 
 
 def test_auto_skips_modes_the_cpu_lacks_and_logs_the_fallback_once(cpu, caplog):
-    cpu(features={"avx512f", "avx2"}, fast=[("int8", "nf4"), ("bf16", "nf4")])
+    cpu(features={"avx512f", "avx2"}, fast=[("int8", "int4"), ("bf16", "int4")])
     with caplog.at_level(logging.INFO, logger="qbackend"):
-        r = cp.resolve("auto", "nf4", INTS)
-        cp.resolve("auto", "nf4", INTS)
+        r = cp.resolve("auto", "int4", INTS)
+        cp.resolve("auto", "int4", INTS)
     assert r.mode == "fp32" and "VNNI" in r.note and "BF16" in r.note
-    assert sum("compute='auto' runs nf4 layers in fp32" in m for m in caplog.messages) == 1
-    cpu(features={"avx512_bf16"}, fast=[("int8", "nf4"), ("bf16", "nf4")])
-    assert cp.resolve("auto", "nf4", INTS).mode == "bf16"
+    assert sum("compute='auto' runs int4 layers in fp32" in m for m in caplog.messages) == 1
+    cpu(features={"avx512_bf16"}, fast=[("int8", "int4"), ("bf16", "int4")])
+    assert cp.resolve("auto", "int4", INTS).mode == "bf16"
 
 
 def test_explicit_mode_the_cpu_lacks_names_what_is_missing(cpu):

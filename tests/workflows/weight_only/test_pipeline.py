@@ -221,8 +221,8 @@ def test_compute_option_is_the_op_argument_and_in_the_report(cpu_compute):
     m = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 40))
     x = torch.randn(3, 64)
     outs = {}
-    for option, fast, want in [("int8", (), "int8"), ("auto", (), "fp32"), ("auto", [("int8", "nf4")], "int8"),
-                               ("bf16", (), "bf16"), ("fp32", [("int8", "nf4")], "fp32")]:  # fmt: skip
+    for option, fast, want in [("int8", (), "int8"), ("auto", (), "fp32"), ("auto", [("bf16", "nf4")], "bf16"),
+                               ("fp32", [("bf16", "nf4")], "fp32")]:  # fmt: skip
         cpu_compute(fast=fast)
         g = capture_graph(m, x)
         result = run_passes(g.gm, QuantConfig(min_params=0, compute=option))
