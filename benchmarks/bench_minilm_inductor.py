@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     _common.add_threads_option(p)
     args = p.parse_args(argv)
     _common.apply_threads(args)
+    # every variant compiles the same forward code once per batch shape: keep them all compiled
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 512
     mini = load_minilm()
     base = mini.model
     batches = {int(b): mini.tokenize(list(EVALUATION_SENTENCES)[: int(b)]) for b in args.batches.split(",")}
