@@ -8,7 +8,7 @@ bf16; the quantized ops take and return bf16). Every variant is compiled first; 
 rounds are interleaved (one call of each variant per round) under ``flock /tmp/qb-bench.lock``
 so that other timing jobs on the machine wait.
 
-    .venv/bin/python benchmarks/bench_minilm_inductor.py [--preset nf4] [--compute auto] [--rounds 30]
+    .venv/bin/python benchmarks/bench_minilm_inductor.py [--preset nf4] [--compute auto] [--rounds 30] [--quick]
 """
 
 from __future__ import annotations
@@ -70,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--batches", default="1,32")
     p.add_argument("--only", help="comma-separated variant names (default: all)")
+    p.add_argument("--quick", action="store_true", help="batch 1, fp32 eager / nf4 default / nf4 freezing, 5 rounds")
     _common.add_threads_option(p)
     args = p.parse_args(argv)
+    if args.quick:
+        args.batches, args.rounds = "1", 5
+        args.only = args.only or f"fp32 eager,{args.preset} default,{args.preset} freezing"
     _common.apply_threads(args)
     # every variant compiles the same forward code once per batch shape: keep them all compiled
     torch._dynamo.config.recompile_limit = 64
