@@ -41,3 +41,20 @@ def no_quantize(monkeypatch):
         monkeypatch.setattr(qbackend.workflows.w8a8.module_form, "quantize", boom)
 
     return arm
+
+
+@pytest.fixture
+def cpu_compute(monkeypatch):
+    """``cpu_compute(features, fast)``: the CPU has these instruction flags and fast ``compute`` kernels for the
+    (mode, family) pairs in ``fast`` (default: VNNI and AVX512-BF16, no fast kernel), whatever this machine has."""
+    from qbackend.kernels import compute_policy
+    from qbackend.kernels.cpu import compute
+
+    monkeypatch.setattr(compute_policy, "_logged", set())
+
+    def set_(features=("avx512f", "avx2", "avx512_vnni", "avx512_bf16"), fast=()) -> None:
+        monkeypatch.setattr(compute_policy, "cpu_features", lambda: frozenset(features))
+        monkeypatch.setattr(compute, "has_fast_kernel", lambda mode, family, ints: (mode, family) in set(fast))
+
+    set_()
+    return set_

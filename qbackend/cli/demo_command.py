@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..demo import WEIGHT_ONLY_PRESETS, DemoOptions, render, render_llm, run_demo
+from ..kernels.compute_policy import COMPUTE_OPTIONS, ComputeUnavailable
 from .common import CLIError, console, print_json, progress
 
 
@@ -17,6 +18,9 @@ def add_parser(sub: Any, name: str) -> None:
                    help="run the quantized layers eagerly, skip torch.compile (fast)")  # fmt: skip
     d.add_argument("--no-ort", dest="ort", action="store_false", help="skip the ONNX Runtime rows")
     d.add_argument("--no-llm", dest="llm", action="store_false", help="skip the small-Llama decode table")
+    d.add_argument("--compute", default="auto", choices=COMPUTE_OPTIONS,
+                   help="arithmetic of the quantized layers: auto (default: the fastest within the error bound "
+                   "on this CPU), fp32 (exact), bf16, int8")  # fmt: skip
     d.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -25,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     bad = [p for p in presets if p not in WEIGHT_ONLY_PRESETS]
     if bad:
         raise CLIError(f"unknown demo preset {bad[0]!r}; valid: {', '.join(WEIGHT_ONLY_PRESETS)}")
-    opts = DemoOptions(presets=presets, compile=args.compile, ort=args.ort, llm=args.llm)
+    opts = DemoOptions(presets=presets, compile=args.compile, ort=args.ort, llm=args.llm, compute=args.compute)
     if args.quick:  # the MiniLM rows of nf4 only: no ONNX Runtime rows, no LLM table
         opts.time_budget_s, opts.min_runs, opts.ort, opts.llm = 0.5, 1, False, False
     variants = 1 + int(opts.compile) + len(presets)
@@ -36,8 +40,11 @@ def run(args: argparse.Namespace) -> int:
         missing = f"the demo needs the 'examples' extra ({e.name} is missing)"
         raise CLIError(f"{missing}: pip install 'qbackend[examples]'") from None
     ort_steps = 1 + 3 * len(opts.batches) if opts.ort else 0
-    with progress(1 + variants * (1 + 2 * len(opts.batches)) + ort_steps + int(opts.llm), quiet=False) as step:
-        result = run_demo(opts, step)
+    try:
+        with progress(1 + variants * (1 + 2 * len(opts.batches)) + ort_steps + int(opts.llm), quiet=False) as step:
+            result = run_demo(opts, step)
+    except ComputeUnavailable as e:
+        raise CLIError(str(e)) from None
     if args.json:
         print_json(result.to_dict())
     else:

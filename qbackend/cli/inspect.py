@@ -20,6 +20,8 @@ from safetensors import SafetensorError, safe_open
 
 from ..core.config import QuantConfig
 from ..formats import FormatError, Scheme, quantize
+from ..kernels import prepare_weight
+from ..kernels.compute_policy import resolve_weight
 from ..passes.select_layers import decide_layer
 from ..serialization.manifest import CheckpointError, parse_manifest
 
@@ -37,6 +39,7 @@ class LayerRow:
     bits_per_param: float = 32.0
     rel_error: float | None = None
     note: str = ""  # why it stays float / what else happens at run time
+    compute: str = ""  # the arithmetic the layer would run in on this machine (weight-only formats)
 
 
 @dataclass
@@ -80,10 +83,11 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def inspect_path(path: str | Path, preset: str = "nf4") -> Inspection:
-    """Per-layer decisions and weight errors for the weights at ``path`` under ``preset``."""
+def inspect_path(path: str | Path, preset: str = "nf4", compute: str = "auto") -> Inspection:
+    """Per-layer decisions and weight errors for the weights at ``path`` under ``preset`` (and the
+    ``compute`` option resolved per layer for this machine)."""
     path = Path(path)
-    config = QuantConfig.preset(preset)
+    config = QuantConfig.preset(preset, **({} if preset == "w8a8" else {"compute": compute}))
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, str] = {}
     for f in weight_files(path):
@@ -172,6 +176,9 @@ def _inspect_linear(name: str, w: torch.Tensor, config: Any, preset: str) -> Lay
     row.rel_error = float((wf - qw.dequantize(torch.float32)).norm() / wf.norm().clamp(min=1e-30))
     if preset == "w8a8":
         row.note = "activations int8 per token at run time (SmoothQuant scales from calibration)"
+    else:
+        kw = prepare_weight(qw)
+        row.compute = resolve_weight(config.compute, kw.op._opname, kw.statics, "cpu").mode
     return row
 
 
@@ -248,16 +255,18 @@ def render(result: Inspection) -> Table:
     t.add_column("layer", footer=f"{len(q)}/{len(result.layers)} linear layers quantized")
     t.add_column("shape")
     t.add_column("format")
+    t.add_column("compute")
     t.add_column("bits/param", justify="right")
     errors = [r.rel_error for r in q if r.rel_error is not None]
     t.add_column("rel. weight error", justify="right", footer=f"mean {_mean(errors):.4f}" if errors else "")
     t.add_column("note (why float)")
     for r in result.layers:
         err = "" if r.rel_error is None else f"{r.rel_error:.4f}"
-        t.add_row(r.name, "x".join(map(str, r.shape)), r.format or "float", f"{r.bits_per_param:.3f}", err, r.note)
+        t.add_row(r.name, "x".join(map(str, r.shape)), r.format or "float", r.compute, f"{r.bits_per_param:.3f}", err,
+                  r.note)  # fmt: skip
     for g in result.floats:
         count = f"{g.tensors} tensor{'s' if g.tensors != 1 else ''}"
-        t.add_row(f"[dim]{count}[/dim]", f"{g.params / 1e6:.2f}M params", "float", "", "", g.reason)
+        t.add_row(f"[dim]{count}[/dim]", f"{g.params / 1e6:.2f}M params", "float", "", "", "", g.reason)
     return t
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import PRESETS
+from ..kernels.compute_policy import COMPUTE_OPTIONS, ComputeUnavailable
 from .common import CLIError, console, print_json, progress
 from .inspect import InspectError, inspect_path, plot_errors, render
 
@@ -20,6 +21,8 @@ def add_parser(sub: Any, name: str) -> None:
                    help="also write a PNG of the per-layer error (needs matplotlib; FILE default: "
                         "<name>-<preset>-error.png; with --json, FILE must be given)")  # fmt: skip
     i.add_argument("--no-plot", action="store_true", help="no PNG (the default; kept for scripts)")
+    i.add_argument("--compute", default="auto", choices=COMPUTE_OPTIONS,
+                   help="arithmetic option of the quantized layers (default auto): shows what each resolves to here")
     i.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -29,10 +32,10 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.path)
     try:
         with progress(None, quiet=args.json) as step, step(f"quantizing the weights of {path.name} ({args.preset})"):
-            result = inspect_path(path, args.preset)
+            result = inspect_path(path, args.preset, args.compute)
         if args.plot is not None and not args.no_plot:
             result.plot = _plot(result, path, args)
-    except InspectError as e:
+    except (InspectError, ComputeUnavailable) as e:
         raise CLIError(str(e)) from None
     if args.json:
         print_json(result.to_dict())

@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from ..formats import FormatError, Scheme, short_repr
+from ..kernels.compute_policy import COMPUTE_OPTIONS, DEFAULT_OPTION
 from . import registry
 
 Format = Literal["nf4", "fp4", "int4", "int8"]
@@ -79,6 +80,11 @@ class QuantConfig:
     mode: Inductor's mode, as ``torch.compile(mode=...)`` (e.g. "reduce-overhead": CUDA graphs), for
         use with other options: torch.compile refuses ``mode=`` and ``options=`` together. Patches in
         ``inductor`` apply on top of it.
+    compute: the arithmetic of the weight-only kernels: "auto" (default: per layer, the fastest mode
+        this machine runs whose added error stays within a tenth of the format's own error; see
+        :mod:`qbackend.kernels.compute_policy`), "fp32" (exact), "bf16" or "int8" (dynamic int8
+        activations). A run-time choice: checkpoints keep the canonical weights; a loaded model
+        resolves "auto" again on the loading machine. Not for W8A8 (int8 by definition).
     qat: quantization-aware training (:class:`qbackend.QATConfig`; True for its defaults, or a
         dict of its fields): when grad is enabled, linear layers get fake quantization instead of
         the quantized op. None (default): off.
@@ -101,6 +107,7 @@ class QuantConfig:
     weight_check: Literal["sampled", "full", "version"] = "sampled"
     inductor: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     mode: str | None = None
+    compute: str = DEFAULT_OPTION
     qat: Any = None  # a QATConfig once validated
     smoothquant: Any = None  # a SmoothQuantConfig once validated
     calibration: Any = None  # a CalibrationResult once validated
@@ -146,6 +153,8 @@ class QuantConfig:
         object.__setattr__(self, "inductor", MappingProxyType(dict(self.inductor)))
         if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"unknown mode {short_repr(self.mode)}; valid: {', '.join(MODES)}")
+        if self.compute not in COMPUTE_OPTIONS:
+            raise ConfigError(f"unknown compute {short_repr(self.compute)}; valid: {', '.join(COMPUTE_OPTIONS)}")
         active = [n for n in registry.selecting_fields() if not (getattr(self, n) is None or getattr(self, n) is False)]
         if len(active) > 1:
             raise ConfigError(f"{' and '.join(active)} cannot be combined: choose one workflow")
@@ -253,7 +262,8 @@ class QuantConfig:
         return hash(self.fingerprint())
 
     # ---- versioned dict (what checkpoints store) ---------------------------------------------
-    _dict_version = 1  # not a field (no annotation): bump when to_dict's layout changes
+    _dict_version = 2  # not a field (no annotation): bump when to_dict's layout changes
+    _dict_versions_read = (1, 2)  # 1: before ``compute`` (reads as "auto")
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as JSON-ready values with a ``version`` key; :meth:`from_dict` rebuilds the config.
@@ -286,11 +296,13 @@ class QuantConfig:
         """Inverse of :meth:`to_dict` (calibration comes back as None); `ConfigError` on an unknown version or key."""
         if not isinstance(d, Mapping):
             raise ConfigError(f"expected a QuantConfig dict, got {type(d).__name__}")
-        if d.get("version") != cls._dict_version:
+        if d.get("version") not in cls._dict_versions_read:
             raise ConfigError(
-                f"QuantConfig dict version {d.get('version')!r} is not supported (this qbackend reads version "
-                f"{cls._dict_version}); upgrade qbackend"
+                f"QuantConfig dict version {d.get('version')!r:.20} is not supported (this qbackend reads versions "
+                f"{', '.join(map(str, cls._dict_versions_read))}); upgrade qbackend"
             )
+        if d.get("version") == 1 and "compute" in d:
+            raise ConfigError("QuantConfig dict version 1 has no 'compute' key; the record is corrupt")
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(k for k in d if k not in valid and k not in ("version", "not_recorded"))
         if unknown:

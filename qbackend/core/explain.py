@@ -21,7 +21,8 @@ def explain(
 
     ``options`` are :class:`~qbackend.core.config.QuantConfig` fields (or ``preset=``), as in
     ``torch.compile(..., options=...)``, or ``config=`` a registered workflow's config object. The
-    report measures each layer's relative weight error. ``print(report)`` shows a table;
+    report measures each layer's relative weight error and gives the arithmetic each quantized layer
+    runs in on this machine (``compute``: the option resolved per layer). ``print(report)`` shows a table;
     ``report.layers`` holds the records; ``report.sections`` what the workflow reports besides
     (``report.sections["smoothquant"]``: the SmoothQuant fold of each graph, ``.table()`` prints it).
     Layers already swapped by :func:`qbackend.quantize_` are listed as pre-quantized. Runs the model

@@ -40,6 +40,7 @@ class DemoOptions:
     min_runs: int = 3
     ort: bool = True  # ONNX Runtime's fp32 / 4-bit / int8 MiniLM side by side (where onnxruntime imports)
     llm: bool = True  # the small-Llama decode table
+    compute: str = "auto"  # the quantized layers' arithmetic (QuantConfig.compute)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class DemoRow:
     speedup: dict[int, float] = field(default_factory=dict)  # batch -> fp32 eager time / this time
     quality: dict[str, float] = field(default_factory=dict)  # cosine_mean, cosine_min, similarity_corr
     compile_s: float = 0.0
+    compute: dict[str, int] = field(default_factory=dict)  # resolved compute mode -> quantized layers using it
 
 
 @dataclass
@@ -90,7 +92,7 @@ def run_demo(options: DemoOptions | None = None, step: Step = _no_progress) -> D
     if opts.compile:
         variants.append(("fp32 Inductor", lambda: torch.compile(base, dynamic=False)))
     for preset in opts.presets:
-        variants.append((f"qbackend {preset}", _quantized(base, preset, opts.compile)))
+        variants.append((f"qbackend {preset}", _quantized(base, preset, opts.compile, opts.compute)))
 
     rows: list[DemoRow] = []
     reference = None
@@ -99,6 +101,7 @@ def run_demo(options: DemoOptions | None = None, step: Step = _no_progress) -> D
             model = make()
         size, lin_bytes, lin_numel = _sizes(model)
         row = DemoRow(name, size / 1e6, lin_bytes / 1e6, 8 * lin_bytes / max(lin_numel, 1))
+        row.compute = _compute_modes(model)
         emb = None
         for b, batch in batches.items():
             with step(f"{name}: {'compiling + ' if 'eager' not in name and opts.compile else ''}"
@@ -176,14 +179,25 @@ def _sentences(pool: tuple[str, ...], n: int) -> list[str]:
     return [pool[i % len(pool)] for i in range(n)]
 
 
-def _quantized(base: nn.Module, preset: str, compile_: bool) -> Callable[[], nn.Module]:
+def _quantized(base: nn.Module, preset: str, compile_: bool, compute: str = "auto") -> Callable[[], nn.Module]:
     def make() -> nn.Module:
         if preset not in WEIGHT_ONLY_PRESETS:
             raise ValueError(f"the demo runs weight-only presets ({', '.join(WEIGHT_ONLY_PRESETS)}); got {preset!r}")
-        model, _ = quantized_module(base, {"preset": preset})  # shares the float embeddings/norms with base
+        # shares the float embeddings/norms with base
+        model, _ = quantized_module(base, {"preset": preset, "compute": compute})
         return torch.compile(model, backend="qbackend", dynamic=False) if compile_ else model
 
     return make
+
+
+def _compute_modes(model: nn.Module) -> dict[str, int]:
+    """Resolved compute mode -> number of quantized layers running in it."""
+    out: dict[str, int] = {}
+    for m in getattr(model, "_orig_mod", model).modules():
+        mode = getattr(m, "compute", None)
+        if isinstance(mode, str):
+            out[mode] = out.get(mode, 0) + 1
+    return out
 
 
 def _embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -245,7 +259,9 @@ def render(result: DemoResult) -> Table:
         t.add_column(f"batch {b} ms (speed-up)", justify="right")
     t.add_column("cosine mean / min", justify="right")
     for r in result.rows:
-        cells = [r.name, f"{r.size_mb:.1f}", f"{r.linear_mb:.2f}", f"{r.linear_bits_per_param:.2f}"]
+        modes = ", ".join(f"{m} x{n}" if len(r.compute) > 1 else m for m, n in sorted(r.compute.items()))
+        name = r.name + (f" (compute {modes})" if modes else "")
+        cells = [name, f"{r.size_mb:.1f}", f"{r.linear_mb:.2f}", f"{r.linear_bits_per_param:.2f}"]
         cells += [f"{r.latency_ms[b]:.1f} ({r.speedup[b]:.2f}x)" for b in batches]
         q = r.quality
         cells.append(f"{q['cosine_mean']:.4f} / {q['cosine_min']:.4f}")

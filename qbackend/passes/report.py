@@ -20,6 +20,8 @@ class LayerReport:
     format: the storage format name (``nf4-b64-nested``) when quantized.
     bits_per_param: stored bits per weight element (codes + constants), float bits when not quantized.
     rel_error: ||W - dequant(W_q)|| / ||W|| when measured.
+    compute: the arithmetic the quantized op runs in on this machine ("fp32", "bf16", "int8"; the
+        config's ``compute`` option resolved for this layer), None when it has no choice (float, W8A8).
     """
 
     name: str
@@ -33,6 +35,7 @@ class LayerReport:
     rel_error: float | None = None
     bytes_before: int = 0
     bytes_after: int = 0
+    compute: str | None = None
     transposed: bool = False  # the parameter is stored [in, out] (e.g. GPT-2 Conv1D); W is its transpose
 
     @property
@@ -121,6 +124,12 @@ class Report:
             + (f" to {', '.join(fmts)}" if fmts else "")
             + f" (weights {_mb(self.bytes_before)} -> {_mb(self.bytes_after)})"
         )
+        modes: dict[str, int] = {}
+        for r in q:
+            if r.compute:
+                modes[r.compute] = modes.get(r.compute, 0) + 1
+        if modes:
+            line += "; compute " + ", ".join(f"{m} x{n}" for m, n in sorted(modes.items()))
         if f:
             reasons: dict[str, int] = {}
             for r in f:
@@ -138,6 +147,7 @@ class Report:
         t.add_column("shape")
         t.add_column("quantized")
         t.add_column("format / reason")
+        t.add_column("compute")
         t.add_column("bits/param", justify="right")
         t.add_column("rel. weight error", justify="right")
         t.add_column("MB before", justify="right", footer=f"{self.bytes_before / 1e6:.3f}")
@@ -149,6 +159,7 @@ class Report:
                 f"{r.shape[0]}x{r.shape[1]}",
                 "yes" if r.quantized else "no",
                 r.format if r.quantized else r.reason,
+                r.compute or "",
                 f"{r.bits_per_param:.3f}",
                 "" if r.rel_error is None else f"{r.rel_error:.4f}",
                 f"{r.bytes_before / 1e6:.3f}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +21,15 @@ from torch import nn
 
 from ..core.config import ConfigError, QuantConfig
 from ..formats import FormatError, LayerRecord
+from ..kernels.compute_policy import ComputeUnavailable
 from .assign import check_materialised, has_module, has_tensor, set_tensor, swap_module
 from .bnb import is_bnb_checkpoint, load_bnb
 from .layers import build_layer
 from .legacy import read_layers_v1
 from .manifest import METADATA_KEY, CheckpointError, check_tensor, parse_manifest
 from .records import read_layers
+
+log = logging.getLogger("qbackend")
 
 ModelSource = nn.Module | Callable[[], nn.Module] | None
 
@@ -39,8 +43,9 @@ class LoadResult(NamedTuple):
 
 
 def load(
-    path: str | os.PathLike, model: ModelSource = None, *, device: str | torch.device = "cpu", strict: bool = True
-) -> Any:
+    path: str | os.PathLike, model: ModelSource = None, *, device: str | torch.device = "cpu", strict: bool = True,
+    compute: str | None = None,
+) -> Any:  # fmt: skip
     """Load a checkpoint written by :func:`qbackend.save`, or a bitsandbytes/QLoRA 4-bit checkpoint.
 
     path: a ``.safetensors`` file, or a directory holding one (or HF-style shards and config.json).
@@ -57,6 +62,9 @@ def load(
         them. ``strict=False``: loads what matches and returns a `LoadResult` ``(model,
         missing_keys, unexpected_keys)`` instead of the model (a model built on the meta device
         still needs every tensor).
+    compute: the quantized layers' arithmetic option (``QuantConfig.compute``); None: the one the
+        checkpoint's config asked for, else "auto". A run-time choice, resolved on this machine (the
+        checkpoint holds the canonical weights whatever the mode).
 
     Returns the model in eval mode. Raises `CheckpointError` naming the file and the problem
     (not a checkpoint, truncated, corrupt, newer format, does not fit the model).
@@ -72,17 +80,38 @@ def load(
         skeleton = _skeleton(model, manifest["model"], config_json, files[0])
         read = read_layers_v1 if manifest["format_version"] == 1 else read_layers
         layers, assigns = read(manifest, tensors, str(files[0]))
+        saved = manifest["config"].get("compute") if isinstance(manifest.get("config"), dict) else None
         result = _assemble(skeleton, layers, assigns, str(files[0]), strict)
-        return result if not strict else result.model
+        model = _set_compute(result.model, compute) if compute is not None else _saved_compute(result.model, saved,
+                                                                                               files[0])
+        return model if strict else LoadResult(model, result.missing_keys, result.unexpected_keys)
     if is_bnb_checkpoint(tensors):
         info = {"transformers_from_config_json": config_json} if config_json else {}
         skeleton = _skeleton(model, info, config_json, files[0])
-        loaded = load_bnb(skeleton, tensors, str(files[0]))
+        loaded = _set_compute(load_bnb(skeleton, tensors, str(files[0])), compute)
         return loaded if strict else LoadResult(loaded, [], [])
     raise CheckpointError(
         f"{files[0]}: not a qbackend checkpoint (no 'qbackend' entry in its metadata) "
         "and not a bitsandbytes 4-bit checkpoint"
     )
+
+
+def _set_compute(model: nn.Module, compute: str | None) -> nn.Module:
+    """Give the loaded quantized layers (those with a ``set_compute``) the ``compute`` option."""
+    if compute is not None:
+        for m in model.modules():
+            if callable(getattr(m, "set_compute", None)):
+                m.set_compute(compute)
+    return model
+
+
+def _saved_compute(model: nn.Module, saved: str | None, path: Path) -> nn.Module:
+    """The checkpoint's requested compute; one this machine cannot run becomes "auto" (with a warning)."""
+    try:
+        return _set_compute(model, saved)
+    except ComputeUnavailable as e:
+        log.warning("qbackend: %s: the checkpoint asks for %s; using compute='auto'", path, e)
+        return _set_compute(model, "auto")
 
 
 # ---- files ---------------------------------------------------------------------------------------

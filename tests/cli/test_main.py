@@ -211,3 +211,15 @@ def test_demo_quick_eager_json():  # through `python -m qbackend`, as `make demo
     assert nf4["quality"]["cosine_mean"] > 0.95
     assert set(nf4["latency_ms"]) == {"1", "32"}
     assert "✓ loading all-MiniLM-L6-v2" in r.stderr  # progress, on stderr
+
+
+def test_inspect_compute_option_per_layer_and_what_the_cpu_lacks(capsys, tmp_path, cpu_compute):
+    argv = ["inspect", str(_weights(tmp_path)), "--preset", "int4", "--no-plot", "--json"]
+    assert main([*argv, "--compute", "int8"]) == 0
+    layers = {r["name"]: r for r in json.loads(capsys.readouterr().out)["layers"]}
+    assert layers["layers.0.fc1"]["compute"] == "int8" and layers["head"]["compute"] == ""  # float: no compute
+    assert main(argv) == 0  # auto, no fast kernel here: fp32
+    assert json.loads(capsys.readouterr().out)["layers"][1]["compute"] == "fp32"
+    cpu_compute(features=("avx2",))
+    err = _one_line_error(capsys, [*argv, "--compute", "bf16"])
+    assert "compute='bf16' needs AVX512-BF16" in err and "supports compute = auto, fp32" in err

@@ -222,3 +222,25 @@ def test_freezing_never_gives_stale_results():
         model.up.weight.mul_(2.0)  # quantized
         with pytest.raises(StaleWeightError, match="layer 'up'.*freezing"):
             compiled(x)
+
+
+def test_compute_option_reaches_the_compiled_op_without_recompiles(cpu_compute):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP().eval()
+    opts = {"preset": "nf4", "compute": "int8", "min_params": 0}
+    counter = counting(**opts)
+    compiled = torch.compile(model, backend=counter, dynamic=False)
+    x = torch.randn(2, 5, 128)
+    with torch.no_grad():
+        out, codes = run_and_get_code(compiled, x)
+        for _ in range(3):
+            compiled(torch.randn(2, 5, 128))
+        want = quantized_reference(model, QuantConfig.from_options(opts))(x)
+        exact = quantized_reference(model, QuantConfig.from_options({**opts, "compute": "fp32"}))(x)
+    code = "\n".join(codes)
+    assert code.count("torch.ops.qbackend.nf4_linear.default(") == 3
+    assert code.count("'int8')") >= 3  # the op's trailing compute argument
+    assert counter.frame_count == 1
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)  # the module form computes the same
+    assert not torch.allclose(out, exact, atol=1e-6)  # int8 arithmetic really ran

@@ -109,3 +109,17 @@ def test_single_pattern_string_is_accepted():
 def test_two_workflows_in_one_config_is_an_error():
     with pytest.raises(ConfigError, match=r"^smoothquant and qat cannot be combined: choose one workflow$"):
         QuantConfig(format="int8", smoothquant=True, qat=True)
+
+
+def test_compute_option_defaults_to_auto_and_is_validated():
+    assert QuantConfig().compute == "auto"
+    assert QuantConfig.from_options({"preset": "int4", "compute": "int8"}).compute == "int8"
+    assert QuantConfig.preset("nf4", compute="bf16").scheme == QuantConfig.preset("nf4").scheme
+    with pytest.raises(ConfigError, match=r"^unknown compute 'fp16'; valid: auto, fp32, bf16, int8$"):
+        QuantConfig(compute="fp16")
+
+
+def test_compute_does_not_apply_to_w8a8():
+    assert QuantConfig.preset("w8a8").compute == "auto"
+    with pytest.raises(ConfigError, match=r"compute='int8' does not apply to W8A8: its activations are int8"):
+        QuantConfig.preset("w8a8", compute="int8")

@@ -20,7 +20,7 @@ def _json_round_trip(c: QuantConfig) -> QuantConfig:
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_round_trips(preset):
     c = QuantConfig.preset(preset)
-    assert c.to_dict()["version"] == 1
+    assert c.to_dict()["version"] == 2
     assert _json_round_trip(c) == c
 
 
@@ -65,7 +65,7 @@ def test_inductor_values_that_are_not_json_are_named_not_recorded():
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d.update(version=2), "QuantConfig dict version 2 is not supported"),
+        (lambda d: d.update(version=3), "QuantConfig dict version 3 is not supported"),
         (lambda d: d.pop("version"), "QuantConfig dict version None is not supported"),
         (lambda d: d.update(group_size=3), r"unknown QuantConfig dict key\(s\) \['group_size'\]"),
         (lambda d: d.update(format="int3"), "unknown format 'int3'"),
@@ -100,3 +100,14 @@ def test_malformed_patterns_name_their_field(field, value, message):
     d[field] = value
     with pytest.raises(ConfigError, match=message):
         QuantConfig.from_dict(d)
+
+
+def test_compute_is_recorded_and_version_1_reads_as_auto():
+    c = QuantConfig.preset("nf4", compute="int8")
+    assert c.to_dict()["compute"] == "int8"
+    assert _json_round_trip(c).compute == "int8"
+    old = {k: v for k, v in QuantConfig.preset("int8").to_dict().items() if k != "compute"}
+    old["version"] = 1  # written before the compute option existed
+    assert QuantConfig.from_dict(old) == QuantConfig.preset("int8")
+    with pytest.raises(ConfigError, match="version 1 has no 'compute' key"):
+        QuantConfig.from_dict({**old, "compute": "fp32"})

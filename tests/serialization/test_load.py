@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from pathlib import Path
 
@@ -223,3 +224,24 @@ def test_a_failed_save_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
         save(_quantized("int8"), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.safetensors"]
+
+
+def test_checkpoint_keeps_the_requested_compute_and_load_resolves_it(cpu_compute, tmp_path, caplog):
+    def make():
+        return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 40))
+
+    torch.manual_seed(0)
+    path = save(make(), tmp_path / "m.safetensors", preset="nf4", min_params=0, compute="int8")
+    assert qbackend.serialization.load_config(path).compute == "int8"
+    loaded = load(path, model=make)
+    assert (loaded[0].compute_option, loaded[0].compute) == ("int8", "int8")
+    again = load(path, model=make, compute="fp32")
+    assert again[2].compute == "fp32"
+    for a, b in zip(loaded[0].buffers(), again[0].buffers(), strict=True):  # the same canonical weights
+        assert torch.equal(a, b)
+    cpu_compute(features=("avx2",))  # a machine without VNNI: the saved "int8" becomes "auto", asked for it raises
+    with caplog.at_level(logging.WARNING, logger="qbackend"):
+        assert load(path, model=make)[0].compute_option == "auto"
+    assert "compute='int8' needs AVX512-VNNI" in caplog.text
+    with pytest.raises(ValueError, match="compute='int8' needs AVX512-VNNI"):
+        load(path, model=make, compute="int8")

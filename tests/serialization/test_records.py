@@ -132,7 +132,7 @@ def test_the_config_is_stored_as_a_record_that_rebuilds_it(tmp_path):
     torch.manual_seed(0)
     options = {"preset": "int4", "blocksize": 32, "min_params": 0, "exclude": ["2"]}
     path = save(_skeleton(), tmp_path / "m.safetensors", **options)
-    assert _manifest(path)["config"]["version"] == 1
+    assert _manifest(path)["config"]["version"] == 2
     assert load_config(path) == QuantConfig.from_options(options)
     assert load_config(save(_model(Scheme("nf4")), tmp_path / "q.safetensors")) is None  # quantized before save
 

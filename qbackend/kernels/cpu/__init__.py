@@ -53,19 +53,25 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+# The wrappers below run on every call: the common case (fp32, contiguous, 2-D) takes no tensor op.
+
+
 def _x2d(x: Tensor, k: int) -> Tensor:
-    """x as contiguous fp32 [M, K] (a view when it already is)."""
+    """x as contiguous fp32 [M, K] (x itself or a view when it already is)."""
     if x.dtype is torch.float32 and x.is_contiguous():
-        return x.view(-1, k)
+        return x if x.dim() == 2 else x.view(-1, k)
     return x.reshape(-1, k).to(torch.float32).contiguous()
 
 
 def _bias32(bias: Tensor | None) -> Tensor | None:
-    return None if bias is None else bias.to(torch.float32).contiguous()
+    if bias is None or (bias.dtype is torch.float32 and bias.is_contiguous()):
+        return bias
+    return bias.to(torch.float32).contiguous()
 
 
 def _out(y: Tensor, x: Tensor, n: int) -> Tensor:
-    y = y.view(*x.shape[:-1], n)
+    if x.dim() != 2:
+        y = y.view(*x.shape[:-1], n)
     return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
@@ -74,7 +80,8 @@ def _contig(ts: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
 
 
 # The kernel descriptor holds only pointers and sizes, so one built for the same pointers and sizes
-# is valid whatever tensors now live there: cache them (saves microseconds per call at M=1).
+# is valid whatever tensors now live there: cache them (saves microseconds per call at M=1), with
+# what depends on the descriptor alone: its ctypes reference and whether the fused kernels take it.
 _qw4_cache: dict[tuple, _build.QW4] = {}
 
 
@@ -83,7 +90,10 @@ def _qw4(key: tuple, make) -> _build.QW4:
     if q is None:
         if len(_qw4_cache) > 1024:
             _qw4_cache.clear()
-        q = _qw4_cache[key] = make()
+        q = make()
+        q.ref = ctypes.byref(q)
+        q.fast_ok = bool(lib().qb4_fast_ok(q.ref))
+        _qw4_cache[key] = q
     return q
 
 
@@ -157,13 +167,13 @@ def _qw4_int4(codes, scale, zero_point, n, k, g):
 def _linear4(L, q, x: Tensor, bias: Tensor | None, n: int, k: int) -> Tensor:
     x2 = _x2d(x, k)
     m = x2.shape[0]
-    b = _bias32(bias)
-    nt = torch.get_num_threads()
     if m == 0:
         return _out(x2.new_empty(0, n), x, n)
-    if m <= FUSED_MAX_M and not _force_portable and L.qb4_fast_ok(ctypes.byref(q)):
+    b = _bias32(bias)
+    nt = torch.get_num_threads()
+    if m <= FUSED_MAX_M and q.fast_ok and not _force_portable:
         y = torch.empty(m, n, dtype=torch.float32)
-        if L.qb4_linear(ctypes.byref(q), x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt, 0) == 0:
+        if L.qb4_linear(q.ref, x2.data_ptr(), m, None if b is None else b.data_ptr(), y.data_ptr(), nt, 0) == 0:
             return _out(y, x, n)
 
     if _build.has_blas():

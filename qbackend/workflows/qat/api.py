@@ -86,12 +86,14 @@ def _qat_forward(mod: nn.Linear, state: LinearQAT):
     return forward
 
 
-def convert(model: nn.Module) -> nn.Module:
+def convert(model: nn.Module, compute: str = "auto") -> nn.Module:
     """Deploy every prepared layer of ``model`` in place: ``nn.Linear`` + ``.qat`` -> `QuantizedLinear`.
 
     The deployed weight is exactly what the QAT forward fake-quantized (``deployed_weight``); the
     float weight and the QAT state are dropped. Layers tied to one weight share one quantized
-    weight. Returns ``model`` (the new module if ``model`` itself is a prepared ``nn.Linear``).
+    weight. ``compute``: the deployed layers' arithmetic option (as ``QuantConfig.compute``; training
+    itself always computes in fp32). Returns ``model`` (the new module if ``model`` itself is a
+    prepared ``nn.Linear``).
     """
     shared: dict[int, Any] = {}
     for name, mod in list(model.named_modules()):
@@ -103,10 +105,10 @@ def convert(model: nn.Module) -> nn.Module:
             kw = shared[id(mod.weight)] = prepare_weight(deployed_weight(mod.weight, state.scheme, state, name=name))
         bias = None if mod.bias is None else mod.bias.detach()
         if state.activations == "none":
-            new: nn.Module = QuantizedLinear(kw, bias, state.scheme)
+            new: nn.Module = QuantizedLinear(kw, bias, state.scheme, compute)
         else:
             scale = state.static_scale() if state.activations == "static" else None
-            new = QATQuantizedLinear(kw, bias, state.scheme, state.activations, scale)
+            new = QATQuantizedLinear(kw, bias, state.scheme, state.activations, scale, compute)
         if not name:
             return new
         parent_name, _, child = name.rpartition(".")

@@ -123,8 +123,9 @@ class QATQuantizedLinear(QuantizedLinear):
         scheme: Scheme,
         activations: str,
         act_scale: torch.Tensor | None = None,
+        compute: str = "auto",
     ) -> None:
-        super().__init__(kw, bias, scheme)
+        super().__init__(kw, bias, scheme, compute)
         self.activations = activations
         if activations == "static":
             self.register_buffer("act_scale", act_scale.detach().float().reshape(()).clone())

@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from ...formats import Scheme
+from ...kernels.compute_policy import resolve_weight
 from ...passes.find_linears import LinearSite
 from ...passes.graph import attach_tensor, attr_name, become
 from ...passes.lowering import BUFFER_PREFIX, Lowered, LoweringResult
@@ -48,7 +49,11 @@ _PREFIX = BUFFER_PREFIX + "qat_"
 def insert_qat(
     gm: fx.GraphModule, plans: list[LayerPlan], config: Any
 ) -> tuple[LoweringResult, list[LayerPlan]]:
-    """Rewrite the QAT layers of ``gm`` (in place); returns their result and the plans left to lower."""
+    """Rewrite the QAT layers of ``gm`` (in place); returns their result and the plans left to lower.
+
+    Deployed layers (grad disabled) run in the config's ``compute`` option resolved per layer, as
+    weight-only layers do; training computes in fp32.
+    """
     result = LoweringResult(Report(graphs=1))
     if config.qat is None and not any(state_of(p.param.tensor) is not None for p in plans):
         return result, plans
@@ -75,11 +80,15 @@ def insert_qat(
             row.reason = "QAT: fake-quantized (grad enabled)"
         else:
             entry = get_deployed(plan.param.tensor, scheme, state, plan.transposed, plan.name)
+            kw = entry.kw
+            device = next(t for t in kw.tensors if t is not None).device.type
+            mode = resolve_weight(getattr(config, "compute", "auto"), kw.op._opname, kw.statics, device).mode
             kw_nodes = _register(gm, plan.name, entry)
             for site in sites:
-                _deploy_site(gm.graph, site, entry, qat, kw_nodes, attrs)
+                _deploy_site(gm.graph, site, entry, qat, kw_nodes, attrs, mode)
             result.lowered.append(Lowered(entry, plan.param))
             row.quantized, row.bits_per_param, row.bytes_after = True, entry.bits_per_param, entry.nbytes
+            row.compute = mode
         result.nodes += len(sites)
     if result.nodes:
         gm.graph.lint()
@@ -107,11 +116,12 @@ def _fake_quant_site(graph: fx.Graph, site: LinearSite, wq: fx.Node, qat: QATCon
 
 
 def _deploy_site(
-    graph: fx.Graph, site: LinearSite, entry: DeployedLinear, qat: QATConfig, kw_nodes: list, attrs: dict
-) -> None:
+    graph: fx.Graph, site: LinearSite, entry: DeployedLinear, qat: QATConfig, kw_nodes: list, attrs: dict,
+    compute: str,
+) -> None:  # fmt: skip
     with graph.inserting_before(site.node):
         x = _act(graph, site.x, qat, attrs, observe=False)
-    become(graph, site, entry.kw.op, (x, *kw_nodes, site.bias, *entry.kw.statics))
+    become(graph, site, entry.kw.op, (x, *kw_nodes, site.bias, *entry.kw.statics, compute))
 
 
 def _act(graph: fx.Graph, x: fx.Node, qat: QATConfig, attrs: dict, observe: bool) -> fx.Node:

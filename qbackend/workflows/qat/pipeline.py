@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from ...passes import find_linears, graph_params, select_layers
@@ -19,10 +20,11 @@ from .state import state_of
 
 def run_qat(gm: fx.GraphModule, config: Any, measure_error: bool = False) -> LoweringResult:
     """Rewrite ``gm`` in place: QAT layers get fake quantization (grad enabled) or their deployment; the
-    other selected layers are lowered as weight-only."""
+    other selected layers are lowered as weight-only (in the config's ``compute``; fp32 while training)."""
     plans = select_layers(find_linears(gm), config)
     qat, plans = insert_qat(gm, plans, config)
-    result = lower_linears(gm, plans, measure_error=measure_error)
+    compute = "fp32" if torch.is_grad_enabled() else getattr(config, "compute", "auto")
+    result = lower_linears(gm, plans, measure_error=measure_error, compute=compute)
     result.report.layers[:0] = qat.report.layers
     result.lowered[:0] = qat.lowered
     result.nodes += qat.nodes

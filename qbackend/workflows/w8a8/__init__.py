@@ -28,6 +28,12 @@ def _normalize(config: Any) -> dict[str, Any]:
     """The W8A8 fields of a ``QuantConfig``, validated (raises `SmoothQuantConfigError`)."""
     if config.smoothquant in (None, False) and getattr(config, "method", None) not in (None, False):
         return {}  # the calibration of a weight-only method (GPTQ): the weight-only workflow checks it
+    compute = getattr(config, "compute", "auto")
+    if compute != "auto":
+        raise SmoothQuantConfigError(
+            f"compute={compute!r:.20} does not apply to W8A8: its activations are int8 by definition "
+            "(compute chooses the arithmetic of weight-only formats); leave compute='auto'"
+        )
     sq, cal = backend_options(config.smoothquant, config.calibration, config.format)
     return {"smoothquant": sq, "calibration": cal}
 

@@ -2,6 +2,8 @@
 
 `QuantizedLinear` holds only the kernel tensors (buffers) and the bias, and calls the same op the
 backend lowers to, so eager, ``torch.compile`` with any backend and ``state_dict`` all work.
+Its arithmetic is the ``compute`` option (``"auto"``, "fp32", "bf16", "int8") resolved for the
+device its buffers are on, again after every move (:mod:`qbackend.kernels.compute_policy`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from torch import nn
 
 from ...formats import Scheme, quantize
 from ...kernels import KernelWeight, prepare_weight
+from ...kernels.compute_policy import DEFAULT_OPTION, check_option, resolve_weight
 from ...passes.modules import apply_keeping_dtypes
 
 
@@ -20,9 +23,14 @@ class QuantizedLinear(nn.Module):
     The kernel tensors are buffers named as the op's arguments (``codes``, ``absmax``, ...); ``None``
     arguments are not stored. They keep their dtypes under ``.half()``/``.to(dtype)`` (the op needs
     fp32 constants); device moves apply.
+
+    compute_option: the ``compute`` option asked for; compute: the mode the op runs in here (resolved
+    from it for the buffers' device; :meth:`set_compute` changes it).
     """
 
-    def __init__(self, kw: KernelWeight, bias: torch.Tensor | None, scheme: Scheme) -> None:
+    def __init__(
+        self, kw: KernelWeight, bias: torch.Tensor | None, scheme: Scheme, compute: str = DEFAULT_OPTION
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = kw.in_features, kw.out_features
         self.scheme = scheme
@@ -33,17 +41,27 @@ class QuantizedLinear(nn.Module):
             if t is not None:
                 self.register_buffer(name, t)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+        self.set_compute(compute)
+
+    def set_compute(self, compute: str) -> None:
+        """Use the ``compute`` option (resolved now for this layer and device; raises ``ComputeUnavailable``
+        for an explicit mode this CPU lacks the instructions for)."""
+        check_option(compute)
+        device = next(self.buffers()).device.type
+        self.compute = resolve_weight(compute, self.op._opname, self.statics, device).mode
+        self.compute_option = compute
 
     @classmethod
     def from_weight(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None, scheme: Scheme, name: str = "weight"
-    ) -> QuantizedLinear:
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, scheme: Scheme, name: str = "weight",
+        compute: str = DEFAULT_OPTION,
+    ) -> QuantizedLinear:  # fmt: skip
         """Quantize a float ``[out, in]`` weight (errors name ``name``)."""
-        return cls(prepare_weight(quantize(weight.detach(), scheme, name=name)), bias, scheme)
+        return cls(prepare_weight(quantize(weight.detach(), scheme, name=name)), bias, scheme, compute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = [None if n is None else getattr(self, n) for n in self._arg_names]
-        return self.op(x, *tensors, self.bias, *self.statics)
+        return self.op(x, *tensors, self.bias, *self.statics, self.compute)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The fp32 ``[out, in]`` weight the codes stand for (for checks; allocates a float copy)."""
@@ -52,8 +70,11 @@ class QuantizedLinear(nn.Module):
         return self.op(eye, *tensors, None, *self.statics).t()
 
     def _apply(self, fn, recurse: bool = True):
-        return apply_keeping_dtypes(self, super()._apply, fn, recurse, tuple(self._buffers))
+        out = apply_keeping_dtypes(self, super()._apply, fn, recurse, tuple(self._buffers))
+        if hasattr(self, "compute_option"):  # a device move may change what the option resolves to
+            self.set_compute(self.compute_option)
+        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, format={self.scheme.name}")  # fmt: skip
+                f"bias={self.bias is not None}, format={self.scheme.name}, compute={self.compute}")  # fmt: skip

@@ -3,7 +3,10 @@
 For each planned layer the weight is quantized once (from the real parameter, at compile time;
 shared through :mod:`qbackend.passes.weight_cache`), its kernel tensors become buffers of the
 GraphModule read by ``get_attr`` (so they are inputs of the compiled graph, never baked-in copies),
-and every lowerable site becomes ``op(x, *weight_tensors, bias, *statics)``.
+and every lowerable site becomes ``op(x, *weight_tensors, bias, *statics, compute)``, ``compute`` the
+layer's arithmetic resolved from the config's option for this machine
+(:func:`qbackend.kernels.compute_policy.resolve_weight`; it is an op argument, so Inductor's caches
+key on it and the weight cache does not).
 
 Invariant: the rewritten graph computes, for every lowered site, ``F.linear(x, dequant(quant(W)), b)``
 and is otherwise unchanged; layers not lowered keep their float computation and are reported with
@@ -18,7 +21,8 @@ from typing import Any
 
 import torch.fx as fx
 
-from ...kernels import UnsupportedWeight
+from ...kernels import KernelWeight, UnsupportedWeight
+from ...kernels.compute_policy import DEFAULT_OPTION, resolve_weight
 from ...passes.graph import attach_tensor, attr_name, become
 from ...passes.lowering import BUFFER_PREFIX, Lowered, LoweringResult
 from ...passes.report import Report, float_row
@@ -29,11 +33,14 @@ from ...passes.weight_cache import QuantEntry, get_entry
 def lower_linears(
     gm: fx.GraphModule, plans: list[LayerPlan], measure_error: bool = False,
     quantizer_for: Callable[[LayerPlan], Any] | None = None, progress: Callable[[list], Iterable] | None = None,
+    compute: str = DEFAULT_OPTION,
 ) -> LoweringResult:  # fmt: skip
     """Rewrite ``gm`` in place for ``plans``; returns the per-layer report and the quantized weights.
 
     quantizer_for: a calibrated method's quantizer of a plan (None: round to nearest); progress:
-    wraps the plans for a progress bar.
+    wraps the plans for a progress bar. ``compute``: the config's option ("auto", "fp32", "bf16",
+    "int8"), resolved per layer; raises ``ComputeUnavailable`` for an explicit mode this CPU lacks
+    the instructions for.
     """
     result = LoweringResult(Report(graphs=1))
     for plan in progress(plans) if progress is not None else plans:
@@ -50,13 +57,14 @@ def lower_linears(
         except UnsupportedWeight as e:
             row.reason = f"unsupported: {e.reason}"
             continue
-        attrs = _register(gm, plan.name, entry)
         kw = entry.kw
+        mode = resolve_weight(compute, kw.op._opname, kw.statics, _device_type(kw)).mode
+        attrs = _register(gm, plan.name, entry)
         for site in sites:
-            become(gm.graph, site, kw.op, (site.x, *attrs, site.bias, *kw.statics))
+            become(gm.graph, site, kw.op, (site.x, *attrs, site.bias, *kw.statics, mode))
             result.nodes += 1
         result.lowered.append(Lowered(entry, plan.param))
-        row.quantized, row.format = True, entry.scheme.name
+        row.quantized, row.format, row.compute = True, entry.scheme.name, mode
         row.bits_per_param, row.bytes_after = entry.bits_per_param, entry.nbytes
         if measure_error:
             row.rel_error = entry.relative_error(plan.param.tensor)
@@ -72,3 +80,7 @@ def _register(gm: fx.GraphModule, layer: str, entry: QuantEntry) -> list[fx.Node
         None if t is None else attach_tensor(gm, BUFFER_PREFIX + attr_name(layer, tname), t)
         for t, tname in zip(entry.kw.tensors, entry.kw.names, strict=True)
     ]
+
+
+def _device_type(kw: KernelWeight) -> str:
+    return next(t for t in kw.tensors if t is not None).device.type

@@ -18,16 +18,18 @@ from .method import CalibratedQuantizer, calibrated_quantizer, layer_progress, m
 
 
 def run_weight_only(gm: fx.GraphModule, config: Any, measure_error: bool = False) -> LoweringResult:
-    """Rewrite ``gm`` in place for ``config`` (a ``QuantConfig``: format, include/exclude, min_params, method)."""
+    """Rewrite ``gm`` in place for ``config`` (a ``QuantConfig``: format, include/exclude, min_params, method,
+    compute)."""
     plans = select_layers(find_linears(gm), config)
     method = getattr(config, "method", None)
+    compute = getattr(config, "compute", "auto")
     if method is None or not method.calibrated:
-        return lower_linears(gm, plans, measure_error=measure_error)
+        return lower_linears(gm, plans, measure_error=measure_error, compute=compute)
 
     def quantizer_for(plan: LayerPlan) -> CalibratedQuantizer | None:
         return calibrated_quantizer(plan.name, plan.scheme, config)
 
-    result = lower_linears(gm, plans, measure_error, quantizer_for, layer_progress(method.name))
+    result = lower_linears(gm, plans, measure_error, quantizer_for, layer_progress(method.name), compute)
     # A weight quantized by an earlier compile is shared: report the run that made it.
     runs = [getattr(low.entry, "quantizer", None) for low in result.lowered]
     result.report.sections[method.name] = [method_section(method, runs)]

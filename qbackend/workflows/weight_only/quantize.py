@@ -25,7 +25,7 @@ from .method import calibrated_quantizer, layer_progress, method_section
 def quantize_weight_only(model: nn.Module, config: Any, example_inputs: Any = None) -> Report:
     """Replace eligible linear modules of ``model`` (in place) by `QuantizedLinear`; returns the report.
 
-    ``config``: a ``QuantConfig`` (its format, include/exclude, min_params, method). ``example_inputs``
+    ``config``: a ``QuantConfig`` (its format, include/exclude, min_params, method, compute). ``example_inputs``
     is not used. Modules sharing one weight (tied) share one set of quantized tensors. With a
     calibrated ``method`` the per-layer outcome is in ``report.sections[method]``.
     """
@@ -63,8 +63,9 @@ def quantize_weight_only(model: nn.Module, config: Any, example_inputs: Any = No
         else:
             row.bytes_after = 0  # shares the tensors counted on the first layer
             row.bits_per_param = 0.0
-        setattr(parent, child_name, QuantizedLinear(kw, mod.bias, scheme))
-        row.quantized, row.format = True, scheme.name
+        new = QuantizedLinear(kw, mod.bias, scheme, getattr(config, "compute", "auto"))
+        setattr(parent, child_name, new)
+        row.quantized, row.format, row.compute = True, scheme.name, new.compute
     if calibrated:
         report.sections[method.name] = [method_section(method, runs)]
     return report
@@ -81,5 +82,6 @@ def prequantized_rows(model: nn.Module) -> list[LayerReport]:
             rows.append(LayerReport(
                 name=name, param=f"{name}.weight", shape=(m.out_features, m.in_features), forms=("QuantizedLinear",),
                 quantized=True, format=m.scheme.name, bits_per_param=8 * nbytes / numel, bytes_after=nbytes,
+                compute=m.compute,
             ))  # fmt: skip
     return rows

@@ -212,3 +212,24 @@ def prepare_copy(model: nn.Module, opts) -> nn.Module:
     m = copy.deepcopy(model)
     prepare(m, opts)
     return m
+
+
+def test_compute_applies_to_deployment_not_training(cpu_compute):
+    from qbackend.testing import capture_graph, quantized_op_nodes
+
+    model = Net()
+    opts = {**OPTS, "compute": "int8"}
+    prepare(model, opts)
+    x = torch.randn(4, 72)
+    with torch.no_grad():  # deployed: the QAT layers' ops carry the mode like weight-only layers
+        g = capture_graph(model, x)
+        report = run_passes(g.gm, QuantConfig.from_options(opts)).report
+    nf4 = torch.ops.qbackend.nf4_linear.default
+    assert [n.args[-1] for n in quantized_op_nodes(g.gm) if n.target is nf4] == ["int8"] * 3
+    assert [r.compute for r in report.layers] == ["int8"] * 3
+    plain = {"preset": "nf4", "min_params": 0, "qat": QATConfig(), "compute": "int8"}
+    g = capture_graph(Net(), x)  # grad enabled: training computes in fp32 (fake quant, no quantized op)
+    run_passes(g.gm, QuantConfig.from_options(plain))
+    assert [n for n in quantized_op_nodes(g.gm) if n.target is nf4] == []
+    deployed = qbackend.convert(model, compute="int8")
+    assert {m.compute for m in deployed.modules() if hasattr(m, "compute_option")} == {"int8"}

@@ -215,3 +215,31 @@ def test_functional_linear_reads_param_from_kwargs():
     g = capture_graph(lambda x: F.linear(input=x, weight=lin.weight, bias=lin.bias), torch.randn(3, 64))
     check = check_rewrite(g, passes())
     assert check.result.report.layers[0].quantized
+
+
+def test_compute_option_is_the_op_argument_and_in_the_report(cpu_compute):
+    m = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 40))
+    x = torch.randn(3, 64)
+    outs = {}
+    for option, fast, want in [("int8", (), "int8"), ("auto", (), "fp32"), ("auto", [("bf16", "nf4")], "bf16"),
+                               ("fp32", [("bf16", "nf4")], "fp32")]:  # fmt: skip
+        cpu_compute(fast=fast)
+        g = capture_graph(m, x)
+        result = run_passes(g.gm, QuantConfig(min_params=0, compute=option))
+        assert [n.args[-1] for n in quantized_op_nodes(g.gm)] == [want, want], option
+        assert [r.compute for r in result.report.layers] == [want, want]
+        assert f"compute {want} x2" in result.report.summary()
+        with torch.no_grad():
+            outs[want] = g.run()[0]
+    # the same model, only the arithmetic differs: int8 really ran, and stays close to exact
+    assert (outs["int8"] - outs["fp32"]).abs().max() > 0
+    assert torch.allclose(outs["int8"], outs["fp32"], rtol=0, atol=0.05 * float(outs["fp32"].abs().max()))
+
+
+def test_explicit_compute_the_cpu_lacks_fails_the_compile(cpu_compute):
+    from qbackend.kernels.compute_policy import ComputeUnavailable
+
+    cpu_compute(features=("avx2",))
+    g = capture_graph(nn.Linear(64, 64), torch.randn(2, 64))
+    with pytest.raises(ComputeUnavailable, match="compute='bf16' needs AVX512-BF16"):
+        run_passes(g.gm, QuantConfig(min_params=0, compute="bf16"))

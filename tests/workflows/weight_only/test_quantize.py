@@ -157,3 +157,31 @@ def test_explain_lists_prequantized_layers():
         ("2", True, ("QuantizedLinear",)),
     ]
     assert report.bytes_before == 0
+
+
+def test_quantize_compute_option_resolved_per_module_and_changeable(cpu_compute, tmp_path):
+    from qbackend.kernels.compute_policy import ComputeUnavailable
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 40))
+    x = torch.randn(3, 64)
+    report = qbackend.quantize_(m, {"preset": "int4", "min_params": 0, "compute": "int8"})
+    assert [r.compute for r in report.layers] == ["int8", "int8"]
+    assert [(q.compute_option, q.compute) for q in (m[0], m[2])] == [("int8", "int8")] * 2
+    assert "compute=int8" in repr(m[0])
+    with torch.no_grad():
+        y8 = m(x)
+        m[0].set_compute("auto"), m[2].set_compute("auto")  # no fast kernel here: auto is fp32
+        assert m[0].compute == "fp32"
+        y32 = m(x)
+    assert (y8 - y32).abs().max() > 0 and torch.allclose(y8, y32, atol=0.05 * float(y32.abs().max()))
+    g = capture_graph(m, x)  # the module form's op call carries the mode too
+    assert [n.args[-1] for n in quantized_op_nodes(g.gm)] == ["fp32", "fp32"]
+    cpu_compute(features=("avx2",))
+    with pytest.raises(ComputeUnavailable, match="compute='int8' needs"):
+        m[0].set_compute("int8")
+    assert m[0].compute == "fp32"  # unchanged by the refused request
+    cpu_compute()
+    rows = qbackend.explain(m, x).layers
+    assert [r.compute for r in rows] == ["fp32", "fp32"]
+

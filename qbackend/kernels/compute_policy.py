@@ -1,0 +1,218 @@
+"""Which arithmetic (``compute`` mode) a weight-only layer runs in: the ``compute`` option resolved per layer.
+
+The option is ``"auto"`` (default) or one of :data:`~qbackend.kernels.spec.COMPUTE_MODES` ("fp32",
+"bf16", "int8"; their numerics are defined in :mod:`qbackend.kernels.reference`). It is resolved
+here, once per layer when a model is compiled or its modules are swapped, never inside an op:
+
+* ``"fp32"``: always (exact; every device).
+* an explicit ``"bf16"`` / ``"int8"`` on a CPU: needs the instructions of that mode
+  (:data:`REQUIRED_FEATURES`); without them :class:`ComputeUnavailable` names what the CPU lacks
+  and the modes it supports. With them the mode runs even where no fast kernel covers the layer
+  (the reference numerics, correct and slow; logged once). On CUDA explicit modes run the
+  reference numerics too (the Triton kernels compute in fp32; logged once).
+* ``"auto"``: the fastest mode that (1) keeps the added output error within :data:`ERROR_BOUND`
+  of the format's own quantization error on real activations (:data:`AUTO_MODES`, measured
+  below), (2) the CPU has the instructions for and (3) has a fast kernel for this layer
+  (``qbackend.kernels.cpu.compute.has_fast_kernel``); otherwise "fp32" (the fallback is logged
+  once per reason). On CUDA: "fp32" (today's Triton kernels).
+
+Measured (``benchmarks/measure_compute_error.py``: every linear layer of all-MiniLM-L6-v2 on its real
+inputs from 64 held-out demo sentences; "added" is a mode's reference numerics against exact fp32
+compute on the same quantized weight, "own" the format's output error against the float layer,
+both relative to ``||x W^T||``; all layers together = root sum of squares over layers; cosine:
+the whole model's mean embedding cosine against the float model, every layer in that mode):
+
+| format | mode | added/own: median layer | worst layer | all layers | embedding cosine: fp32 -> mode |
+|---|---|---:|---:|---:|---|
+| nf4 | int8 | 0.106 | 0.133 | 0.101 | 0.97401 -> 0.97365 |
+| nf4 | bf16 (W rounded too) | 0.025 | 0.123 | 0.026 | 0.97401 -> 0.97395 (x, table rounded) |
+| fp4 | int8 | 0.070 | 0.101 | 0.071 | 0.95047 -> 0.95294 |
+| fp4 | bf16 (W rounded too) | 0.019 | 0.089 | 0.019 | 0.95047 -> 0.95052 |
+| int4 g128 | int8 | 0.072 | 0.095 | 0.073 | 0.96083 -> 0.96093 |
+| int4 g64 | int8 | 0.081 | 0.107 | 0.082 | 0.96867 -> 0.96877 |
+| int4 g64/g128 | bf16 (W rounded too) | 0.025 | 0.089 | 0.024 | unchanged to 1e-5 |
+| int8 | int8 | 0.927 | 1.333 | 0.942 | 0.99962 -> 0.99941 |
+| int8 | bf16 (W rounded too) | 0.294 | 0.574 | 0.290 | 0.99962 -> 0.99962 (x rounded) |
+
+The same figures on 128 of the demo's training sentences (other data) differ by at most 0.001
+(nf4 int8: 0.102). The rule: "auto" may use a mode for a format when its all-layers ratio is at
+most :data:`ERROR_BOUND` = 1/10 (the format's error grows by at most 0.5 % in quadrature);
+:data:`MEASURED_RATIO` holds those figures (int4: the worse of g64/g128; bf16: the worse of x-only
+and weight-also rounding) and :data:`AUTO_MODES` follows from them:
+
+* fp4 and int4 layers: "int8", else "bf16";
+* nf4 layers: "bf16" only: "int8" misses the bound by a hair (0.101-0.102), half of it from the
+  int8 image of the NF4 code table (``reference.int8_table``); a more exact table image would
+  bring it to the int4 figure (~0.08);
+* int8-weight layers: "fp32": their own error is so small (7e-3) that any faster arithmetic adds
+  more than a tenth of it (they can still ask for "bf16" or "int8" explicitly).
+
+Speed order when several are allowed: "int8" (VNNI: 4 multiply-adds per 32-bit lane per
+instruction) before "bf16" (2 per lane) before "fp32".
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .spec import COMPUTE_MODES, DEFAULT_COMPUTE
+
+log = logging.getLogger("qbackend")
+
+#: the values of the ``compute`` option: "auto" plus the op modes
+COMPUTE_OPTIONS: tuple[str, ...] = ("auto", *COMPUTE_MODES)
+DEFAULT_OPTION = "auto"
+#: the formats the option applies to (the weight-only op families)
+COMPUTE_FAMILIES: tuple[str, ...] = ("nf4", "fp4", "int4", "int8")
+#: "auto" allows a mode when its added output error is at most this fraction of the format's own
+#: error (all layers of the measured model together)
+ERROR_BOUND = 0.1
+#: added / own output error of each (format, mode), all MiniLM layers together (table above)
+MEASURED_RATIO: Mapping[tuple[str, str], float] = {
+    ("nf4", "int8"): 0.101, ("nf4", "bf16"): 0.026,
+    ("fp4", "int8"): 0.071, ("fp4", "bf16"): 0.019,
+    ("int4", "int8"): 0.082, ("int4", "bf16"): 0.024,
+    ("int8", "int8"): 0.942, ("int8", "bf16"): 0.290,
+}  # fmt: skip
+#: speed order of the faster modes (fastest first)
+FAST_MODES: tuple[str, ...] = ("int8", "bf16")
+#: modes "auto" may pick per format, fastest first (ratio within ERROR_BOUND)
+AUTO_MODES: Mapping[str, tuple[str, ...]] = {
+    f: tuple(m for m in FAST_MODES if MEASURED_RATIO[(f, m)] <= ERROR_BOUND) for f in ("nf4", "fp4", "int4", "int8")
+}
+#: CPU flags (as /proc/cpuinfo spells them) a mode needs: any one of the alternatives
+REQUIRED_FEATURES: Mapping[str, tuple[tuple[str, ...], str]] = {
+    "int8": (("avx512_vnni", "avx_vnni", "amx_int8"), "AVX512-VNNI or AVX-VNNI (int8 dot products)"),
+    "bf16": (("avx512_bf16", "amx_bf16"), "AVX512-BF16 or AMX-BF16 (bf16 dot products)"),
+}
+
+
+class ComputeUnavailable(ValueError):
+    """An explicit ``compute`` mode this machine cannot run; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A layer's compute: ``mode`` (an op argument) and, when it differs from what was asked, why."""
+
+    mode: str
+    note: str = ""
+
+
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """The CPU's instruction-set flags that matter here (detected once; empty when unknown)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:  # not Linux: ask torch what it dispatches to (AVX512 implies no more than F/BW/VL/DQ)
+        pass
+    if not flags:
+        try:
+            import torch
+
+            if torch.backends.cpu.get_cpu_capability() == "AVX512":
+                flags.add("avx512f")
+        except Exception:  # pragma: no cover - a torch without the query
+            pass
+    wanted = {f for alts, _ in REQUIRED_FEATURES.values() for f in alts} | {"avx512f", "avx2"}
+    return frozenset(flags & wanted)
+
+
+def cpu_modes(features: frozenset[str] | None = None) -> tuple[str, ...]:
+    """The modes this CPU has the instructions for (always "fp32")."""
+    feats = cpu_features() if features is None else features
+    return tuple(m for m in COMPUTE_MODES if m not in REQUIRED_FEATURES or _has(m, feats))
+
+
+def _has(mode: str, feats: frozenset[str]) -> bool:
+    return any(f in feats for f in REQUIRED_FEATURES[mode][0])
+
+
+def check_option(value: object) -> str:
+    """``value`` if it is a valid ``compute`` option, else ValueError listing the valid ones."""
+    if value not in COMPUTE_OPTIONS:
+        raise ValueError(f"compute must be one of {', '.join(COMPUTE_OPTIONS)}; got {value!r:.40}")
+    return value  # type: ignore[return-value]
+
+
+def resolve(requested: str, family: str, ints: Mapping[str, int], device_type: str = "cpu") -> Resolved:
+    """The mode a layer of op family ``family`` (nf4, fp4, int4, int8) with op ints ``ints``
+    (out_features, in_features, blocksize/groupsize...) runs in on ``device_type`` for the option ``requested``.
+
+    Raises :class:`ComputeUnavailable` for an explicit mode the CPU lacks the instructions for.
+    """
+    check_option(requested)
+    if family not in COMPUTE_FAMILIES:
+        raise ValueError(f"compute applies to the weight-only formats ({', '.join(COMPUTE_FAMILIES)}); got {family!r}")
+    if requested == "fp32":
+        return Resolved("fp32")
+    if device_type != "cpu":
+        if requested == "auto":
+            return Resolved(DEFAULT_COMPUTE)
+        _once(f"{device_type}:{requested}", "qbackend: compute=%r on %s runs the reference numerics (no fast kernel)",
+              requested, device_type)  # fmt: skip
+        return Resolved(requested, f"{requested} on {device_type}: reference numerics, slow")
+    feats = cpu_features()
+    if requested != "auto":
+        if not _has(requested, feats):
+            raise ComputeUnavailable(
+                f"compute={requested!r} needs {REQUIRED_FEATURES[requested][1]}, which this CPU lacks; "
+                f"this CPU supports compute = {', '.join(('auto', *cpu_modes(feats)))}"
+            )
+        if not _fast(requested, family, ints):
+            _once_warn(f"slow:{requested}:{family}", "qbackend: compute=%r has no fast kernel for %s layers like %s "
+                       "yet; they run the reference numerics (slow)", requested, family, _shape(ints))  # fmt: skip
+            return Resolved(requested, "no fast kernel: reference numerics")
+        return Resolved(requested)
+    missing = []
+    for mode in AUTO_MODES[family]:
+        if not _has(mode, feats):
+            missing.append(f"{mode}: CPU lacks {REQUIRED_FEATURES[mode][1]}")
+        elif not _fast(mode, family, ints):
+            missing.append(f"{mode}: no fast kernel")
+        else:
+            return Resolved(mode)
+    why = "; ".join(missing)
+    _once(f"auto:{family}:{why}", "qbackend: compute='auto' runs %s layers in fp32 (%s)", family, why)
+    return Resolved("fp32", f"auto -> fp32 ({why})" if why else "")
+
+
+def resolve_weight(requested: str, op_name: str, statics: tuple[int, ...], device_type: str) -> Resolved:
+    """:func:`resolve` for a layer given as its op name (``nf4_linear``) and op ints (``KernelWeight.statics``)."""
+    from .families import by_op_name
+
+    family, _grad = by_op_name(op_name)
+    return resolve(requested, family.name, dict(zip(family.ints, statics, strict=True)), device_type)
+
+
+def _fast(mode: str, family: str, ints: Mapping[str, int]) -> bool:
+    from .cpu import compute  # the CPU kernels load their library on import: only when asked
+
+    return bool(compute.has_fast_kernel(mode, family, ints))
+
+
+def _shape(ints: Mapping[str, int]) -> str:
+    return f"{ints.get('out_features')}x{ints.get('in_features')}"
+
+
+_logged: set[str] = set()
+
+
+def _once_warn(key: str, msg: str, *args: object) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.warning(msg, *args)
+
+
+def _once(key: str, msg: str, *args: object) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.info(msg, *args)

@@ -1,0 +1,97 @@
+"""The ``compute`` option resolved per layer: CPU features, fast kernels, the measured error bound."""
+
+import logging
+
+import pytest
+
+from qbackend.kernels import compute_policy as cp
+
+INTS = {"out_features": 1536, "in_features": 384, "blocksize": 64, "nested_blocksize": 256}
+
+
+@pytest.fixture
+def cpu(cpu_compute):
+    return cpu_compute
+
+
+def test_fp32_always_and_auto_is_fp32_without_fast_kernels(cpu):
+    cpu(fast=())
+    for fam in cp.COMPUTE_FAMILIES:
+        assert cp.resolve("fp32", fam, INTS).mode == "fp32"
+        assert cp.resolve("auto", fam, INTS).mode == "fp32"
+
+
+def test_auto_picks_the_fastest_mode_within_the_bound(cpu):
+    cpu(fast=[(m, f) for m in ("int8", "bf16") for f in cp.COMPUTE_FAMILIES])
+    assert cp.resolve("auto", "int4", {**INTS, "groupsize": 128}).mode == "int8"
+    assert cp.resolve("auto", "fp4", INTS).mode == "int8"
+    # nf4's int8 path adds a hair over a tenth of its own error; int8 weights: any faster mode adds too much
+    assert cp.resolve("auto", "nf4", INTS).mode == "bf16"
+    assert cp.resolve("auto", "int8", INTS).mode == "fp32"
+    cpu(fast=[("bf16", "int4")])  # no int8 kernel for this layer: the next allowed mode
+    assert cp.resolve("auto", "int4", INTS).mode == "bf16"
+
+
+def test_auto_skips_modes_the_cpu_lacks_and_logs_the_fallback_once(cpu, caplog):
+    cpu(features={"avx512f", "avx2"}, fast=[("int8", "int4"), ("bf16", "int4")])
+    with caplog.at_level(logging.INFO, logger="qbackend"):
+        r = cp.resolve("auto", "int4", INTS)
+        cp.resolve("auto", "int4", INTS)
+    assert r.mode == "fp32" and "VNNI" in r.note and "BF16" in r.note
+    assert sum("compute='auto' runs int4 layers in fp32" in m for m in caplog.messages) == 1
+    cpu(features={"avx512_bf16"}, fast=[("int8", "int4"), ("bf16", "int4")])
+    assert cp.resolve("auto", "int4", INTS).mode == "bf16"
+
+
+def test_explicit_mode_the_cpu_lacks_names_what_is_missing(cpu):
+    cpu(features={"avx512f", "avx512_vnni"})
+    with pytest.raises(cp.ComputeUnavailable, match=r"compute='bf16' needs AVX512-BF16.*lacks.*auto, fp32, int8$"):
+        cp.resolve("bf16", "nf4", INTS)
+    cpu(features={"avx2"})
+    with pytest.raises(cp.ComputeUnavailable, match=r"AVX512-VNNI or AVX-VNNI.*supports compute = auto, fp32$"):
+        cp.resolve("int8", "int4", INTS)
+
+
+def test_explicit_mode_without_fast_kernel_runs_the_reference_and_warns_once(cpu, caplog):
+    cpu(fast=())
+    with caplog.at_level(logging.WARNING, logger="qbackend"):
+        assert cp.resolve("int8", "nf4", INTS) == cp.Resolved("int8", "no fast kernel: reference numerics")
+        cp.resolve("int8", "nf4", INTS)
+    assert sum("has no fast kernel" in m for m in caplog.messages) == 1
+    cpu(fast=[("int8", "nf4")])
+    assert cp.resolve("int8", "nf4", INTS) == cp.Resolved("int8")
+
+
+def test_cuda_auto_is_fp32_and_explicit_modes_pass(cpu):
+    cpu(features=set())  # CPU features do not matter on CUDA
+    assert cp.resolve("auto", "nf4", INTS, "cuda").mode == "fp32"
+    assert cp.resolve("bf16", "nf4", INTS, "cuda").mode == "bf16"
+
+
+def test_bad_option_and_non_weight_only_family():
+    with pytest.raises(ValueError, match="compute must be one of auto, fp32, bf16, int8; got 'fast'"):
+        cp.resolve("fast", "nf4", INTS)
+    with pytest.raises(ValueError, match="weight-only formats"):
+        cp.resolve("auto", "w8a8", INTS)
+
+
+def test_resolve_weight_reads_the_family_from_the_op_name(cpu):
+    cpu(fast=[("int8", "int4")])
+    assert cp.resolve_weight("auto", "int4_linear", (1536, 384, 128), "cpu").mode == "int8"
+    assert cp.resolve_weight("auto", "nf4_linear", (1536, 384, 64, 256), "cpu").mode == "fp32"
+
+
+def test_auto_modes_follow_from_the_measured_ratios():
+    for fam, modes in cp.AUTO_MODES.items():
+        for m in cp.FAST_MODES:
+            assert (m in modes) == (cp.MEASURED_RATIO[(fam, m)] <= cp.ERROR_BOUND)
+        assert list(modes) == [m for m in cp.FAST_MODES if m in modes]  # fastest first
+
+
+def test_cpu_features_are_the_flags_that_matter():
+    feats = cp.cpu_features()
+    assert isinstance(feats, frozenset)
+    wanted = {f for alts, _ in cp.REQUIRED_FEATURES.values() for f in alts} | {"avx512f", "avx2"}
+    assert feats <= wanted
+    assert "fp32" in cp.cpu_modes()
+    assert cp.cpu_modes(frozenset({"avx_vnni"})) == ("fp32", "int8")
