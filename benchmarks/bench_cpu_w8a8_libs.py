@@ -1,0 +1,97 @@
+"""Which int8 GEMM should CPU W8A8 use? The library options measured against fp32 ``F.linear``.
+
+One process, interleaved rounds, medians; ratio = fp32 ``F.linear`` time / method time (higher is
+faster). Methods (all compute x_int8 @ W_int8^T in int32, exact):
+
+* ``qbackend w8a8``: the ``torch.ops.qbackend.w8a8_linear`` op as it is now (activation quantization included);
+* ``torch._int_mm``: oneDNN/own s8s8 GEMM of torch (int32 out) on the already-quantized activations;
+* ``onednn qlinear s8`` / ``u8``: ``torch.ops.onednn.qlinear_pointwise`` (what Inductor's x86 int8
+  lowering calls) on a prepacked weight, int8 or uint8 (+128 zero point) activations, fp32 out;
+* ``fbgemm dynamic``: ``torch.ops.quantized.linear_dynamic`` (per-tensor dynamic activations, so
+  not the per-token numerics; speed figure only), activation quantization included.
+
+``--compiled`` also times ``torch.compile(mode="max-autotune")`` of the ``_int_mm`` call (Inductor's
+CPP GEMM template); slow to compile.
+
+Usage: ``python benchmarks/bench_cpu_w8a8_libs.py [--threads 2] [--rounds 7]``
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import _common
+import torch
+import torch.nn.functional as F
+
+import qbackend  # noqa: F401  (registers torch.ops.qbackend.*)
+
+SHAPES = [(4096, 4096, m) for m in (1, 8, 64, 480)] + [(1536, 384, 16)]
+
+
+def _methods(n: int, k: int, m: int, compiled: bool) -> dict:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g) * 0.02
+    x = torch.randn(m, k, generator=g)
+    scale = w.abs().amax(1) / 127
+    codes = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+    xs = x.abs().amax(1, keepdim=True) / 127
+    xq = torch.clamp(torch.round(x / xs), -127, 127).to(torch.int8)
+    xu = (xq.to(torch.int16) + 128).to(torch.uint8)
+    wt = codes.t()  # [K, N] view
+    wtc = codes.t().contiguous()
+    packed = torch.ops.onednn.qlinear_prepack(codes, [m, k])
+    ones = torch.ones(n)
+    zeros = torch.zeros(n, dtype=torch.int64)
+    onednn = torch.ops.onednn.qlinear_pointwise
+    meths = {
+        "fp32 F.linear": lambda: F.linear(x, w),
+        "bf16 F.linear": (lambda wb, xb: lambda: F.linear(xb, wb))(w.bfloat16(), x.bfloat16()),
+        "qbackend w8a8": lambda: torch.ops.qbackend.w8a8_linear(x, codes.view(-1), scale, None, None, n, k),
+        "torch._int_mm (W^T view)": lambda: torch._int_mm(xq, wt),
+        "torch._int_mm (W^T contiguous)": lambda: torch._int_mm(xq, wtc),
+        "onednn qlinear s8": lambda: onednn(xq, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""),
+        "onednn qlinear u8": lambda: onednn(xu, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""),
+    }
+    try:
+        qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+        pk = torch.ops.quantized.linear_prepack(qw, None)
+        meths["fbgemm dynamic (per-tensor act)"] = lambda: torch.ops.quantized.linear_dynamic(x, pk, False)
+    except (RuntimeError, AttributeError) as e:
+        print(f"# fbgemm dynamic unavailable: {str(e).splitlines()[0][:100]}")
+    if compiled:
+        f = torch.compile(lambda a, b: torch._int_mm(a, b), mode="max-autotune", dynamic=False)
+        meths["inductor max-autotune _int_mm"] = lambda: f(xq, wtc)
+    ref = (xq.double() @ codes.double().t())
+    for name in ("torch._int_mm (W^T view)", "onednn qlinear s8", "onednn qlinear u8"):
+        assert torch.equal(meths[name]().double(), ref), name
+    return meths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _common.add_threads_option(ap)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--compiled", action="store_true", help="also Inductor max-autotune of _int_mm (slow)")
+    args = ap.parse_args()
+    _common.apply_threads(args)
+    print(_common.header(extra=f"threads {torch.get_num_threads()}"))
+    rows = []
+    for n, k, m in SHAPES:
+        meths = _methods(n, k, m, args.compiled)
+        samples = _common.interleaved(meths, args.rounds, 5 if m < 64 else 2, warmup=2, alternate=True)
+        med = _common.medians(samples)
+        rows.append(((n, k, m), med))
+        print(f"# done {k}->{n} M={m}; {_common.load_line()}", flush=True)
+    names = list(rows[0][1])
+    print("\n| shape | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for (n, k, m), med in rows:
+        base = med["fp32 F.linear"]
+        cells = [f"{base * 1e6:.0f} us" if nm == "fp32 F.linear" else f"{base / med[nm]:.2f}x" for nm in names]
+        print(f"| {k}->{n} M={m} | " + " | ".join(cells) + " |")
+    print(f"\n# {_common.load_line('load average at the end')}")
+
+
+if __name__ == "__main__":
+    main()
