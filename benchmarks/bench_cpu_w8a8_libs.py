@@ -76,20 +76,18 @@ def main() -> None:
     args = ap.parse_args()
     _common.apply_threads(args)
     print(_common.header(extra=f"threads {torch.get_num_threads()}"))
-    rows = []
+    names: list[str] = []
     for n, k, m in SHAPES:
         meths = _methods(n, k, m, args.compiled)
         samples = _common.interleaved(meths, args.rounds, 5 if m < 64 else 2, warmup=2, alternate=True)
         med = _common.medians(samples)
-        rows.append(((n, k, m), med))
-        print(f"# done {k}->{n} M={m}; {_common.load_line()}", flush=True)
-    names = list(rows[0][1])
-    print("\n| shape | " + " | ".join(names) + " |")
-    print("|---|" + "---:|" * len(names))
-    for (n, k, m), med in rows:
+        if not names:
+            names = list(med)
+            print("\n| shape | " + " | ".join(names) + " |")
+            print("|---|" + "---:|" * len(names))
         base = med["fp32 F.linear"]
         cells = [f"{base * 1e6:.0f} us" if nm == "fp32 F.linear" else f"{base / med[nm]:.2f}x" for nm in names]
-        print(f"| {k}->{n} M={m} | " + " | ".join(cells) + " |")
+        print(f"| {k}->{n} M={m} | " + " | ".join(cells) + f" |  <!-- {_common.load_line()} -->", flush=True)
     print(f"\n# {_common.load_line('load average at the end')}")
 
 
