@@ -75,7 +75,7 @@ def main() -> None:
                     ref = next((outs[o] for o in outs if o.endswith(" fp32") and nm.startswith(o[:-5])), None)
                     if ref is not None and not nm.endswith(" fp32"):
                         errs[nm] = float((y - ref).abs().max() / ref.abs().max())
-                calls = {nm: (lambda f=f: f(x)) for nm, f in meths.items()}
+                calls = {nm: (lambda f=f, x=x: f(x)) for nm, f in meths.items()}
                 samples = _common.interleaved(calls, args.rounds, 5 if m < 64 else 2, warmup=1, alternate=True)
             med = _common.medians(samples)
             base = med["fp32 F.linear"]

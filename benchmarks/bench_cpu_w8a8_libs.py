@@ -44,14 +44,15 @@ def _methods(n: int, k: int, m: int, compiled: bool) -> dict:
     ones = torch.ones(n)
     zeros = torch.zeros(n, dtype=torch.int64)
     onednn = torch.ops.onednn.qlinear_pointwise
+    f32 = torch.float32
     meths = {
         "fp32 F.linear": lambda: F.linear(x, w),
         "bf16 F.linear": (lambda wb, xb: lambda: F.linear(xb, wb))(w.bfloat16(), x.bfloat16()),
         "qbackend w8a8": lambda: torch.ops.qbackend.w8a8_linear(x, codes.view(-1), scale, None, None, n, k),
         "torch._int_mm (W^T view)": lambda: torch._int_mm(xq, wt),
         "torch._int_mm (W^T contiguous)": lambda: torch._int_mm(xq, wtc),
-        "onednn qlinear s8": lambda: onednn(xq, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""),
-        "onednn qlinear u8": lambda: onednn(xu, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""),
+        "onednn qlinear s8": lambda: onednn(xq, 1.0, 0, packed, ones, zeros, None, 1.0, 0, f32, "none", [], ""),
+        "onednn qlinear u8": lambda: onednn(xu, 1.0, 128, packed, ones, zeros, None, 1.0, 0, f32, "none", [], ""),
     }
     try:
         qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8)

@@ -176,7 +176,8 @@ def int4_linear(
     z = None if zero_point is None else zero_point.contiguous()
     g = -(-in_features // groupsize)
     q = QBF(codes=c.data_ptr(), absmax=None, ncodes=None, nabsmax=None, ntable=None, noffset=None, table=None,
-            scale=s.data_ptr(), zp=_ptr(z), is_int4=1, N=out_features, K=in_features, bs=groupsize, nbs=0, G=g)  # fmt: skip
+            scale=s.data_ptr(), zp=_ptr(z), is_int4=1, N=out_features, K=in_features, bs=groupsize, nbs=0,
+            G=g)  # fmt: skip
     if not _fast4(lib, q):
         return ref.int4_linear(x, codes, scale, zero_point, bias, out_features, in_features, groupsize, "bf16")
     assert lib is not None
