@@ -72,7 +72,7 @@ def test_w8a8_op_16bit_and_3d_input(dtype):
 
 @needs_vnni
 @pytest.mark.parametrize("static_scale", [False, True])
-def test_w8a8_nonfinite_and_huge_activations(static_scale):
+def test_w8a8_nonfinite_and_huge_activations(static_scale, monkeypatch):
     n, k = 19, 130
     codes, scale = _weight(n, k, 5)
     x = _x(7, k, 5)
@@ -101,7 +101,9 @@ def test_w8a8_degenerate_static_scale(act):
 
 
 @needs_vnni
-def test_w8a8_large_m_and_the_op_uses_the_kernel(monkeypatch):
+@pytest.mark.parametrize("library_min_m", [0, 1 << 30], ids=["int_mm", "vnni-tiles"])
+def test_w8a8_large_m_and_the_op_uses_the_kernel(library_min_m, monkeypatch):
+    monkeypatch.setattr(w8a8, "LIBRARY_MIN_M", library_min_m)
     n, k, m = 130, 520, 300
     codes, scale = _weight(n, k, 9)
     x = _x(m, k, 9)

@@ -210,16 +210,46 @@ int qbw8_available() {
 #endif
 }
 
-// Prologue alone: xq [M, Kp], xsum [M], sx [M], bad [M] (1: NaN row). Returns Kp. Exposed for the tests.
-int64_t qbw8_quantize(const float* x, int64_t M, int64_t K, const float* act_scale, int8_t* xq, int32_t* xsum,
-                      float* sx, uint8_t* bad, int nthreads) {
-    const int64_t Kp = (K + 63) / 64 * 64;
+// Prologue alone: xq [M, ld] (ld >= K, zero padded), xsum [M], sx [M], bad [M] (1: NaN row; its xq is zeros).
+// Used by the kernel below and, for large M, before a library int8 GEMM (then ld = K).
+void qbw8_quantize(const float* x, int64_t M, int64_t K, const float* act_scale, int8_t* xq, int64_t ld,
+                   int32_t* xsum, float* sx, uint8_t* bad, int nthreads) {
+    const int64_t Kp = ld;
     const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
     par_chunks((M + grain - 1) / grain, nthreads, [&](int64_t c, int) {
         for (int64_t m = c * grain; m < std::min(M, (c + 1) * grain); ++m)
-            bad[m] = quantize_row(x + m * K, K, Kp, act_scale, xq + m * Kp, xsum + m, sx + m) ? 0 : 1;
+            if (!quantize_row(x + m * K, K, Kp, act_scale, xq + m * Kp, xsum + m, sx + m)) {
+                bad[m] = 1;
+                std::memset(xq + m * Kp, 0, (size_t)Kp);  // the GEMM stays finite; the row becomes NaN after
+                xsum[m] = 0;
+            } else {
+                bad[m] = 0;
+            }
     });
-    return Kp;
+}
+
+// Epilogue after an int32 GEMM: y[m, n] = float(acc[m, n]) * sx[m] * scale[n] (+ bias[n]); NaN rows where bad.
+void qbw8_epilogue(const int32_t* acc, int64_t M, int64_t N, const float* sx, const float* scale, const float* bias,
+                   const uint8_t* bad, float* y, int nthreads) {
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(N, 1));
+    const float qnan = std::numeric_limits<float>::quiet_NaN();
+    par_chunks((M + grain - 1) / grain, nthreads, [&](int64_t c, int) {
+        for (int64_t m = c * grain; m < std::min(M, (c + 1) * grain); ++m) {
+            const int32_t* a = acc + m * N;
+            float* o = y + m * N;
+            if (bad[m]) {
+                for (int64_t n = 0; n < N; ++n) o[n] = qnan;
+                continue;
+            }
+            const float s = sx[m];
+            for (int64_t n = 0; n < N; ++n) {
+                float t = (float)a[n] * s;  // the reference's order, no FMA contraction
+                t = t * scale[n];
+                if (bias) t = t + bias[n];
+                o[n] = t;
+            }
+        }
+    });
 }
 
 // y[M, N] = w8a8(x[M, K], codes[N, K] int8, scale[N]) (+ bias) with x fp32 contiguous; act_scale null for
@@ -233,12 +263,7 @@ int qbw8_linear(const float* x, int64_t M, int64_t K, const int8_t* codes, const
     int32_t* xsum = (int32_t*)std::malloc(sizeof(int32_t) * (size_t)std::max<int64_t>(M, 1));
     float* sx = (float*)std::malloc(sizeof(float) * (size_t)std::max<int64_t>(M, 1));
     uint8_t* bad = (uint8_t*)std::malloc((size_t)std::max<int64_t>(M, 1));
-    qbw8_quantize(x, M, K, act_scale, xq, xsum, sx, bad, nthreads);
-    for (int64_t m = 0; m < M; ++m)
-        if (bad[m]) {  // zero codes: the tiles stay finite; the row is set to NaN below
-            std::memset(xq + m * Kp, 0, (size_t)Kp);
-            xsum[m] = 0;
-        }
+    qbw8_quantize(x, M, K, act_scale, xq, Kp, xsum, sx, bad, nthreads);
     // Threads split N; each chunk runs all of M in tiles (x stays in cache, W streams once for small M).
     // Large M: chunks of (m block, n block) so W's block is reused from L2 across the m tiles.
     const int64_t nb = M <= 8 ? 32 : 64;

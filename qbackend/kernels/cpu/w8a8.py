@@ -20,6 +20,10 @@ from torch import Tensor
 
 from . import _build
 
+# From this many rows of x, torch's int8 GEMM (oneDNN) instead of the VNNI tiles (measured with
+# benchmarks/bench_cpu_w8a8_libs.py on the project's 2-core Zen 4).
+LIBRARY_MIN_M = 64
+
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
@@ -30,8 +34,10 @@ def _lib() -> ctypes.CDLL | None:
     lib.qbw8_available.restype = INT
     lib.qbw8_linear.argtypes = [P, I64, I64, P, P, I64, P, P, P, INT]
     lib.qbw8_linear.restype = INT
-    lib.qbw8_quantize.argtypes = [P, I64, I64, P, P, P, P, P, INT]
-    lib.qbw8_quantize.restype = I64
+    lib.qbw8_quantize.argtypes = [P, I64, I64, P, P, I64, P, P, P, INT]
+    lib.qbw8_quantize.restype = None
+    lib.qbw8_epilogue.argtypes = [P, I64, I64, P, P, P, P, P, INT]
+    lib.qbw8_epilogue.restype = None
     return lib if lib.qbw8_available() else None
 
 
@@ -58,10 +64,35 @@ def w8a8_linear(
         sc = scale.to(torch.float32).contiguous()
         b = None if bias is None else bias.to(torch.float32).contiguous()
         a = None if act_scale is None else act_scale.to(torch.float32).reshape(1).contiguous()
+        nt = torch.get_num_threads()
+        # (torch 2.13's CPU _int_mm returns wrong sums for K = 1: found by the tests; short K gains nothing)
+        if m >= LIBRARY_MIN_M and in_features >= 64:
+            _library_gemm(lib, xf, codes, sc, b, a, y, out_features, in_features, nt)
+            return _out(y, x, out_features)
         rc = lib.qbw8_linear(xf.data_ptr(), m, in_features, codes.data_ptr(), sc.data_ptr(), out_features,
                              None if b is None else b.data_ptr(), None if a is None else a.data_ptr(), y.data_ptr(),
-                             torch.get_num_threads())  # fmt: skip
+                             nt)  # fmt: skip
         if rc != 0:
             return None
-    y = y.view(*x.shape[:-1], out_features)
+    return _out(y, x, out_features)
+
+
+def _out(y: Tensor, x: Tensor, n: int) -> Tensor:
+    y = y.view(*x.shape[:-1], n)
     return y if x.dtype is torch.float32 else y.to(x.dtype)
+
+
+def _library_gemm(lib, xf: Tensor, codes: Tensor, sc: Tensor, b: Tensor | None, a: Tensor | None, y: Tensor,
+                  n: int, k: int, nt: int) -> None:  # fmt: skip
+    """Large M: this module's quantization prologue, torch's int8 GEMM (``torch._int_mm``, exact int32), and
+    this module's epilogue (the reference's scale order)."""
+    m = xf.shape[0]
+    xq = torch.empty(m, k, dtype=torch.int8)
+    xsum = torch.empty(m, dtype=torch.int32)
+    sx = torch.empty(m, dtype=torch.float32)
+    bad = torch.empty(m, dtype=torch.uint8)
+    lib.qbw8_quantize(xf.data_ptr(), m, k, None if a is None else a.data_ptr(), xq.data_ptr(), k, xsum.data_ptr(),
+                      sx.data_ptr(), bad.data_ptr(), nt)  # fmt: skip
+    acc = torch._int_mm(xq, codes.view(n, k).t())
+    lib.qbw8_epilogue(acc.data_ptr(), m, n, sx.data_ptr(), sc.data_ptr(), None if b is None else b.data_ptr(),
+                      bad.data_ptr(), y.data_ptr(), nt)  # fmt: skip
