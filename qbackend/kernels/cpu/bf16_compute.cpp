@@ -129,22 +129,45 @@ int64_t row_consts(const QBF& q, int64_t n, float* s, float* z, int64_t* count_o
 
 inline int shift_of(const QBF& q) { return (q.is_int4 && q.G == 1) ? 40 : ilog2(q.bs); }
 
-// Rows of x as bf16, permuted per step of 128 to match the decoded order, zero padded to Kp.
-void prep_x4(const float* x, int64_t M, int64_t K, int64_t Kp, uint16_t* xp) {
-    for (int64_t m = 0; m < M; ++m) {
-        const float* xr = x + m * K;
-        uint16_t* o = xp + m * Kp;
-        std::memset(o, 0, sizeof(uint16_t) * (size_t)Kp);
-        for (int64_t k = 0; k < K; ++k) {
-            const int64_t c = k / 128, r = k % 128;
-            o[c * 128 + 32 * (r % 4) + r / 4] = to_bf16(xr[k]);
-        }
-    }
-}
-
 #if QBBF_AVX512
 
 #define QBBF_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+// Rows of x as bf16 in the decoded order (xp[32 t + j] = x[4 j + t] per step of 128), zero padded to Kp:
+// a step of 128 fp32 -> 4 x 32 bf16 (natural order) -> the permuted order, by
+// two-source word permutes (two values of t per permute) and 256-bit half swaps.
+QBBF_TARGET void prep_x4_avx512(const float* x, int64_t M, int64_t K, int64_t Kp, uint16_t* xp) {
+    alignas(64) uint16_t ia[32], ib[32];
+    for (int i = 0; i < 16; ++i) {
+        ia[i] = (uint16_t)(4 * i), ia[i + 16] = (uint16_t)(4 * i + 1);
+        ib[i] = (uint16_t)(4 * i + 2), ib[i + 16] = (uint16_t)(4 * i + 3);
+    }
+    const __m512i idx01 = _mm512_load_si512(ia), idx23 = _mm512_load_si512(ib);
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * K;
+        uint16_t* o = xp + m * Kp;
+        for (int64_t k = 0; k < Kp; k += 128) {
+            alignas(64) float tail[128];
+            const float* src = xr + k;
+            if (K - k < 128) {
+                std::memset(tail, 0, sizeof(tail));
+                if (K > k) std::memcpy(tail, xr + k, sizeof(float) * (size_t)(K - k));
+                src = tail;
+            }
+            __m512i v[4];
+            for (int i = 0; i < 4; ++i)
+                v[i] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 32 * i + 16), _mm512_loadu_ps(src + 32 * i));
+            const __m512i a01 = _mm512_permutex2var_epi16(v[0], idx01, v[1]);  // t0 | t1 of elements 0..63
+            const __m512i a23 = _mm512_permutex2var_epi16(v[0], idx23, v[1]);
+            const __m512i b01 = _mm512_permutex2var_epi16(v[2], idx01, v[3]);  // the same of 64..127
+            const __m512i b23 = _mm512_permutex2var_epi16(v[2], idx23, v[3]);
+            _mm512_storeu_si512(o + k, _mm512_shuffle_i64x2(a01, b01, 0x44));
+            _mm512_storeu_si512(o + k + 32, _mm512_shuffle_i64x2(a01, b01, 0xEE));
+            _mm512_storeu_si512(o + k + 64, _mm512_shuffle_i64x2(a23, b23, 0x44));
+            _mm512_storeu_si512(o + k + 96, _mm512_shuffle_i64x2(a23, b23, 0xEE));
+        }
+    }
+}
 
 // The 16-entry table as bf16 words, twice (vpermw reads 5 index bits).
 QBBF_TARGET inline __m512i lut_words(const QBF& q, bool affine) {
@@ -443,7 +466,11 @@ int qbbf_linear4(const QBF* qp, const float* x, int64_t M, const float* bias, fl
     const int64_t K = q.K, Kp = (K + 127) / 128 * 128;
     const bool affine = q.is_int4 && q.zp;
     uint16_t* xp = (uint16_t*)std::aligned_alloc(64, sizeof(uint16_t) * (size_t)(std::max<int64_t>(M, 1) * Kp));
-    prep_x4(x, M, K, Kp, xp);
+    const int64_t xgrain = std::max<int64_t>(1, 32768 / Kp);
+    par_chunks((M + xgrain - 1) / xgrain, nthreads, [&](int64_t c, int) {
+        const int64_t m0 = c * xgrain, m1 = std::min(M, m0 + xgrain);
+        prep_x4_avx512(x + m0 * K, m1 - m0, K, Kp, xp + m0 * Kp);
+    });
     std::vector<float> xg;
     if (affine) {  // sums of the bf16 x per group, for the zero point term
         xg.assign((size_t)(M * q.G), 0.0f);
