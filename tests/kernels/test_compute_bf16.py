@@ -85,6 +85,19 @@ def test_large_m_panel_path_matches_reference(scheme, n, k, seed):
 
 
 @needs_bf16
+@pytest.mark.parametrize("fused_max_m", [1 << 62, 4], ids=["fused", "mkl-panels"])
+@pytest.mark.parametrize("m", [1, 7, 40])
+def test_bf16_int8_kernel_matches_reference(m, fused_max_m, monkeypatch):
+    # int8 weights run the fp32 int8 kernel on bf16 x by default; this module's own bf16 int8 kernel
+    # (USE_BF16_INT8) is kept and checked here.
+    monkeypatch.setattr(bf16_compute, "USE_BF16_INT8", True)
+    monkeypatch.setattr(bf16_compute, "FUSED_MAX_M", fused_max_m)
+    for n, k in [(37, 200), (5, 7), (64, 256)]:
+        kw, x, b, y_ref, mag = _case(Scheme("int", bits=8, granularity="channel"), n, k, m, n + k)
+        _check(quantized_linear(x, kw, b), y_ref, mag, fused_max_m == 4, f"int8 N={n} K={k} M={m}")
+
+
+@needs_bf16
 def test_panel_path_uses_mkl_bf16_gemm():
     assert bf16_compute._has_gemm(), "MKL's cblas_gemm_bf16bf16f32 was not found or failed its check"
 

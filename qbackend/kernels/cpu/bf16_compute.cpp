@@ -106,10 +106,19 @@ int64_t row_consts(const QBF& q, int64_t n, float* s, float* z, int64_t* count_o
             std::memcpy(s, q.absmax + first, sizeof(float) * (size_t)count);
         } else {
             const float o = *q.noffset;
-            for (int64_t j = 0; j < count; ++j) {
-                const int64_t b = first + j;
-                const float t = q.ntable[q.ncodes[b]] * q.nabsmax[b / q.nbs];
-                s[j] = t + o;
+            if (is_pow2(q.nbs)) {  // a shift, not a 64-bit division per block (measured: a third of the GEMV)
+                const int lnb = ilog2(q.nbs);
+                for (int64_t j = 0; j < count; ++j) {
+                    const int64_t b = first + j;
+                    const float t = q.ntable[q.ncodes[b]] * q.nabsmax[b >> lnb];
+                    s[j] = t + o;
+                }
+            } else {
+                for (int64_t j = 0; j < count; ++j) {
+                    const int64_t b = first + j;
+                    const float t = q.ntable[q.ncodes[b]] * q.nabsmax[b / q.nbs];
+                    s[j] = t + o;
+                }
             }
         }
     } else {

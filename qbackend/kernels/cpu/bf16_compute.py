@@ -5,9 +5,10 @@ to bf16, block/group constants fp32, int4/int8 codes exact; fp32 accumulation. T
 
 * small M (<= :data:`FUSED_MAX_M`): codes decoded to bf16 in registers, ``vdpbf16ps`` dot products,
   the block constant applied to the fp32 accumulator lane by lane (exactly the reference's operands);
-* large M: panels of W decoded to bf16 (so the weight itself is rounded to bf16, which the contract
-  allows: a relative 2^-8 per product) and multiplied by MKL's bf16 x bf16 -> fp32 GEMM
-  (``cblas_gemm_bf16bf16f32`` from torch's own MKL), one panel per pool thread.
+* large M (off by default, see :data:`FUSED_MAX_M`): panels of W decoded to bf16 (so the weight itself
+  is rounded to bf16, which the contract allows: a relative 2^-8 per product) and multiplied by MKL's
+  bf16 x bf16 -> fp32 GEMM (``cblas_gemm_bf16bf16f32`` from torch's own MKL), one panel per pool thread;
+* int8 weights: the fp32 int8 kernels on x rounded to bf16 (the same operands, measured faster).
 
 Cases without a kernel (no AVX512-BF16, K % 8 != 0 or non-power-of-two blocks for 4-bit weights,
 no C++ library) run the reference: correct, slow; :func:`has_fast_kernel` says which.
@@ -29,9 +30,13 @@ from . import _build
 
 log = logging.getLogger(__name__)
 
-# Up to this many rows the fused kernel; above, bf16 panels + MKL's bf16 GEMM (measured with
-# benchmarks/bench_cpu_compute_bf16.py on the project's 2-core Zen 4).
-FUSED_MAX_M = 48
+# Up to this many rows the fused kernel; above, bf16 panels + MKL's bf16 GEMM. On the project's 2-core
+# Zen 4 MKL's bf16 GEMM measured slower than the fused kernel at every M (M = 64: 1.2x vs 2.9x fp32
+# F.linear; M = 480: 0.64x vs 1.46x; benchmarks/bench_cpu_compute_bf16.py), so it is off by default; it
+# is a switch for CPUs where MKL's bf16 GEMM is fast.
+FUSED_MAX_M = 1 << 62
+# int8 weights: this module's bf16 kernel instead of the fp32 int8 kernel on bf16-rounded x (slower here).
+USE_BF16_INT8 = False
 # Rows of W per decoded bf16 panel (per thread): 64 x 4096 x 2 bytes = 512 KiB.
 PANEL_ELEMS = 64 * 4096
 
@@ -187,10 +192,25 @@ def int4_linear(
 def int8_linear(
     x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, out_features: int, in_features: int
 ) -> Tensor:
-    """``int8_linear`` in "bf16" compute."""
+    """``int8_linear`` in "bf16" compute: the fp32 int8 kernels on x rounded to bf16.
+
+    int8 codes are exact in bf16, so this is exactly the reference's "bf16" operands; measured faster
+    than this module's bf16 int8 kernel (``qbbf_linear8``, kept for :data:`USE_BF16_INT8`) at every M on
+    the project's Zen 4 (the int8 decode, not the dot product, is the cost).
+    """
+    if USE_BF16_INT8 and _lib() is not None:
+        return _int8_bf16_kernel(x, codes, scale, bias, out_features, in_features)
+    from . import int8_linear as fp32_int8_linear  # the package's fp32 kernel (imported late: no cycle)
+
+    y = fp32_int8_linear(x.to(torch.bfloat16).float(), codes, scale, bias, out_features, in_features)
+    return y.to(x.dtype)
+
+
+def _int8_bf16_kernel(
+    x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, out_features: int, in_features: int
+) -> Tensor:
     lib = _lib()
-    if lib is None:
-        return ref.int8_linear(x, codes, scale, bias, out_features, in_features, "bf16")
+    assert lib is not None
     x2 = _x2d(x, in_features)
     m = x2.shape[0]
     n, k = out_features, in_features
