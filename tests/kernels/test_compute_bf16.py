@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qbackend.formats import Scheme, quantize
@@ -72,6 +72,7 @@ def test_fused_kernel_matches_reference(scheme, n, k, m, use_bias, seed):
 
 
 @needs_bf16
+@settings(max_examples=30)
 @given(all_schemes, dims, st.sampled_from([8, 136, 264, 100]), st.integers(0, 2**16))
 def test_large_m_panel_path_matches_reference(scheme, n, k, seed):
     kw, x, b, y_ref, mag = _case(scheme, n, k, 11, seed)
