@@ -20,9 +20,10 @@ from torch import Tensor
 
 from . import _build
 
-# From this many rows of x, torch's int8 GEMM (oneDNN) instead of the VNNI tiles (measured with
-# benchmarks/bench_cpu_w8a8_libs.py on the project's 2-core Zen 4).
-LIBRARY_MIN_M = 64
+# From this many rows of x, torch's int8 GEMM (oneDNN) instead of the VNNI tiles. Measured on the
+# project's 2-core Zen 4 under load (4096x4096, best call / median): M = 64 tiles 3.3 / 9.6 ms vs
+# _int_mm 6.5 / 8.3 ms; M = 480 tiles 42 / 56 ms vs _int_mm 22 / 41 ms. Between them: unmeasured.
+LIBRARY_MIN_M = 128
 
 
 @functools.cache
