@@ -31,6 +31,7 @@ from .. import ops
 from .. import reference as ref
 from . import _build, finite
 from . import compute as _compute
+from . import w8a8 as _w8a8
 
 # Fused kernels up to this many rows; above, dequantized panels + sgemm (measured on one core: the
 # fused kernels win at M = 64, tie around M = 256; MKL's cache blocking wins for prefill-sized M).
@@ -354,11 +355,14 @@ def w8a8_linear(
     x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, act_scale: Tensor | None,
     out_features: int, in_features: int,
 ) -> Tensor:  # fmt: skip
-    """CPU ``w8a8_linear``: activations rounded to int8 exactly as the reference, then the int8 kernel.
+    """CPU ``w8a8_linear``: the exact int8 GEMM of :mod:`.w8a8` (AVX512-VNNI) where it runs.
 
-    The integer products are summed in fp32 rather than int32 (exact up to 2^24 per partial sum;
-    beyond that a float-reordering-sized error), which on CPU is far faster than an integer GEMM.
+    Elsewhere: activations rounded to int8 exactly as the reference, then the fp32 int8-weight kernel
+    (integer products summed in fp32: exact up to 2^24 per partial sum).
     """
+    y = _w8a8.w8a8_linear(x, codes, scale, bias, act_scale, out_features, in_features)
+    if y is not None:
+        return y
     L = lib()
     if L is None:
         return ref.w8a8_linear(x, codes, scale, bias, act_scale, out_features, in_features)

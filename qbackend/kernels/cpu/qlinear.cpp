@@ -720,6 +720,13 @@ int qb4_linear(const QW4* qp, const float* x, int64_t M, const float* bias, floa
 
 void qb_set_nr(int nr) { g_nr = nr; }
 
+// The RowPool for the other kernel files of this library (w8a8.cpp, bf16_compute.cpp, ...): runs
+// fn(ctx, chunk, slot) for chunk in [0, nchunks) on up to nthreads threads, slot in [0, nthreads).
+void qb_pool_run(int64_t nchunks, int nthreads, void (*fn)(void*, int64_t, int), void* ctx) {
+    auto body = [&](int64_t c, int slot) { fn(ctx, c, slot); };
+    RowPool::get().run(nchunks, (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, nchunks)), body);
+}
+
 int qb4_fast_ok(const QW4* q) { return QB_AVX512 && fused4_ok(*q); }
 
 // out[(n - n0) * K + k] = W[n, k] in fp32 for n in [n0, n1); exact (matches the reference bit for bit).

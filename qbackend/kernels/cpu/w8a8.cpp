@@ -1,0 +1,295 @@
+// W8A8 (SmoothQuant) linear on CPU: int8 activations x int8 per-channel weights -> exact int32 sums
+// with AVX512-VNNI (vpdpbusd), then y = float(acc) * s_x[m] * scale[n] (+ bias[n]) in the
+// reference's operation order (so the result matches qbackend.kernels.reference.w8a8_linear bit for bit).
+//
+// vpdpbusd multiplies unsigned by signed bytes. The weight is the unsigned operand: w ^ 0x80 == w + 128
+// (one vpxorq per 64 weights, no repacked copy), and the bias this adds, 128 * sum_k xq[m, k], is taken
+// off per row of x (computed in the prologue). int32 wrap-around is harmless: the true sum fits in int32
+// for K <= 131072 (127 * 127 * K < 2^31), and modular arithmetic gives it exactly.
+//
+// Prologue: each row of x is quantized here (per-token scale amax / 127, or a static scale), with a
+// true division and round-half-to-even as the reference, into a zero-padded int8 copy (K rounded up to 64).
+// Rows holding NaN (or, with per-token scales, Inf) give NaN rows, as the reference does.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define QBW8_AVX512 1
+#else
+#define QBW8_AVX512 0
+#endif
+
+extern "C" {
+void qb_pool_run(int64_t nchunks, int nthreads, void (*fn)(void*, int64_t, int), void* ctx);  // qlinear.cpp
+}
+
+namespace {
+
+template <typename F>
+void par_chunks(int64_t n, int nthreads, F&& f) {
+    using G = typename std::remove_reference<F>::type;
+    qb_pool_run(n, nthreads, [](void* c, int64_t i, int slot) { (*static_cast<G*>(c))(i, slot); }, &f);
+}
+
+constexpr int64_t kMaxK = 131072;  // 127 * 127 * K < 2^31: the exact sum fits int32
+
+// Row m of x quantized: xq (Kp bytes, zero padded), its sum, its scale; returns false for a NaN row.
+// Same arithmetic as the reference: s = amax / 127 (or the static scale), q = clamp(round(x / s)),
+// a true division and rounding half to even.
+bool quantize_row(const float* x, int64_t K, int64_t Kp, const float* act_scale, int8_t* xq, int32_t* xsum,
+                  float* sx) {
+    constexpr float fmax = std::numeric_limits<float>::max();
+    float s;
+    if (act_scale == nullptr) {
+        float amax = 0.0f;
+        bool finite = true;
+        int64_t k = 0;
+#if QBW8_AVX512
+        __m512 va = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        for (; k < K; k += 16) {
+            const __mmask16 mk = (K - k) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, x + k));
+            bad |= _mm512_mask_cmp_ps_mask(mk, a, _mm512_set1_ps(fmax), _CMP_NLE_UQ);  // NaN or Inf
+            va = _mm512_max_ps(va, a);
+        }
+        amax = _mm512_reduce_max_ps(va);
+        finite = bad == 0;
+#endif
+        for (; k < K; ++k) {
+            const float a = std::fabs(x[k]);
+            if (!(a <= fmax)) finite = false;
+            amax = a > amax ? a : amax;
+        }
+        if (!finite) {  // reference: s_x = NaN or Inf, and every product NaN
+            *sx = std::numeric_limits<float>::quiet_NaN();
+            return false;
+        }
+        s = amax / 127.0f;
+    } else {
+        s = *act_scale;
+    }
+    *sx = s;
+    const float safe = s > 0.0f ? s : 1.0f;
+    int32_t sum = 0;
+    int64_t k = 0;
+#if QBW8_AVX512
+    {
+        const __m512 vs = _mm512_set1_ps(safe), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+        __m512i vsum = _mm512_setzero_si512();
+        __mmask16 nan = 0;
+        for (; k < K; k += 16) {
+            const __mmask16 mk = (K - k) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mk, x + k), vs);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+            const __m512i q = _mm512_cvtps_epi32(r);
+            vsum = _mm512_add_epi32(vsum, q);
+            _mm512_mask_cvtepi32_storeu_epi8(xq + k, mk, q);
+        }
+        if (nan) return false;
+        sum = _mm512_reduce_add_epi32(vsum);
+    }
+#endif
+    for (; k < K; ++k) {
+        const float v = x[k] / safe;
+        if (v != v) return false;
+        float r = std::nearbyint(v);  // default rounding mode: half to even, as torch.round
+        r = r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r);
+        const int q = (int)r;
+        xq[k] = (int8_t)q;
+        sum += q;
+    }
+    std::memset(xq + K, 0, (size_t)(Kp - K));
+    *xsum = sum;
+    return true;
+}
+
+#if QBW8_AVX512
+
+#define QBW8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+// NR rows of W x MT rows of xq per register tile, the whole of K per tile; int32 sums out.
+template <int NR, int MT>
+QBW8_TARGET void tile(const int8_t* w, int64_t K, const int8_t* xq, int64_t Kp, int32_t* acc_out) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[NR][MT];
+    for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_si512();
+    const int64_t K64 = K / 64 * 64;
+    for (int64_t k = 0; k < K64; k += 64) {
+        __m512i wv[NR];
+        for (int r = 0; r < NR; ++r) {
+            const int8_t* p = w + r * K + k;
+            if (MT <= 2) _mm_prefetch((const char*)(p + 2048), _MM_HINT_T0);
+            wv[r] = _mm512_xor_si512(_mm512_loadu_si512(p), flip);
+        }
+        for (int m = 0; m < MT; ++m) {
+            const __m512i xv = _mm512_load_si512(xq + m * Kp + k);
+            for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], wv[r], xv);
+        }
+    }
+    if (K64 < K) {
+        const __mmask64 mk = ~0ULL >> (64 - (K - K64));
+        __m512i wv[NR];
+        for (int r = 0; r < NR; ++r) wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + r * K + K64), flip);
+        for (int m = 0; m < MT; ++m) {
+            const __m512i xv = _mm512_load_si512(xq + m * Kp + K64);  // zero padded: the flipped 0 lanes add 0
+            for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], wv[r], xv);
+        }
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MT; ++m) acc_out[m * NR + r] = _mm512_reduce_add_epi32(acc[r][m]);
+}
+
+template <int NR, int MT>
+QBW8_TARGET void tile_epilogue(const int8_t* codes, const float* scale, const float* bias, int64_t N, int64_t K,
+                               const int8_t* xq, int64_t Kp, const int32_t* xsum, const float* sx, int64_t m0,
+                               int64_t n, float* y) {
+    int32_t acc[NR * MT];
+    tile<NR, MT>(codes + n * K, K, xq + m0 * Kp, Kp, acc);
+    for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < NR; ++r) {
+            const int32_t a = (int32_t)((uint32_t)acc[m * NR + r] - 128u * (uint32_t)xsum[m0 + m]);
+            // The reference's order: float(acc) * s_x, then * scale, then + bias (no FMA contraction).
+            float t = (float)a * sx[m0 + m];
+            t = t * scale[n + r];
+            if (bias) t = t + bias[n + r];
+            y[(m0 + m) * N + n + r] = t;
+        }
+}
+
+// Rows [n0, n1) of W against rows [m0, m1) of xq.
+template <int NR>
+QBW8_TARGET void rows(const int8_t* codes, const float* scale, const float* bias, int64_t N, int64_t K,
+                      const int8_t* xq, int64_t Kp, const int32_t* xsum, const float* sx, int64_t m0, int64_t m1,
+                      int64_t n0, int64_t n1, float* y) {
+    constexpr int MTMAX = 6;
+    for (int64_t m = m0; m < m1; m += MTMAX) {
+        const int mt = (int)std::min<int64_t>(MTMAX, m1 - m);
+        int64_t n = n0;
+        for (; n + NR <= n1; n += NR) {
+            switch (mt) {
+#define QBW8_CASE(MT) case MT: tile_epilogue<NR, MT>(codes, scale, bias, N, K, xq, Kp, xsum, sx, m, n, y); break;
+                QBW8_CASE(1) QBW8_CASE(2) QBW8_CASE(3) QBW8_CASE(4) QBW8_CASE(5) QBW8_CASE(6)
+                default: break;
+#undef QBW8_CASE
+            }
+        }
+        for (; n < n1; ++n) {
+            switch (mt) {
+#define QBW8_CASE(MT) case MT: tile_epilogue<1, MT>(codes, scale, bias, N, K, xq, Kp, xsum, sx, m, n, y); break;
+                QBW8_CASE(1) QBW8_CASE(2) QBW8_CASE(3) QBW8_CASE(4) QBW8_CASE(5) QBW8_CASE(6)
+#undef QBW8_CASE
+                default: break;
+            }
+        }
+    }
+}
+
+#endif  // QBW8_AVX512
+
+}  // namespace
+
+extern "C" {
+
+int qbw8_abi_version() { return 1; }
+
+// 1 if this build and CPU run the VNNI kernel.
+int qbw8_available() {
+#if QBW8_AVX512
+    return __builtin_cpu_supports("avx512vnni") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+// Prologue alone: xq [M, ld] (ld >= K, zero padded), xsum [M], sx [M], bad [M] (1: NaN row; its xq is zeros).
+// Used by the kernel below and, for large M, before a library int8 GEMM (then ld = K).
+void qbw8_quantize(const float* x, int64_t M, int64_t K, const float* act_scale, int8_t* xq, int64_t ld,
+                   int32_t* xsum, float* sx, uint8_t* bad, int nthreads) {
+    const int64_t Kp = ld;
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
+    par_chunks((M + grain - 1) / grain, nthreads, [&](int64_t c, int) {
+        for (int64_t m = c * grain; m < std::min(M, (c + 1) * grain); ++m)
+            if (!quantize_row(x + m * K, K, Kp, act_scale, xq + m * Kp, xsum + m, sx + m)) {
+                bad[m] = 1;
+                std::memset(xq + m * Kp, 0, (size_t)Kp);  // the GEMM stays finite; the row becomes NaN after
+                xsum[m] = 0;
+            } else {
+                bad[m] = 0;
+            }
+    });
+}
+
+// Epilogue after an int32 GEMM: y[m, n] = float(acc[m, n]) * sx[m] * scale[n] (+ bias[n]); NaN rows where bad.
+void qbw8_epilogue(const int32_t* acc, int64_t M, int64_t N, const float* sx, const float* scale, const float* bias,
+                   const uint8_t* bad, float* y, int nthreads) {
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(N, 1));
+    const float qnan = std::numeric_limits<float>::quiet_NaN();
+    par_chunks((M + grain - 1) / grain, nthreads, [&](int64_t c, int) {
+        for (int64_t m = c * grain; m < std::min(M, (c + 1) * grain); ++m) {
+            const int32_t* a = acc + m * N;
+            float* o = y + m * N;
+            if (bad[m]) {
+                for (int64_t n = 0; n < N; ++n) o[n] = qnan;
+                continue;
+            }
+            const float s = sx[m];
+            for (int64_t n = 0; n < N; ++n) {
+                float t = (float)a[n] * s;  // the reference's order, no FMA contraction
+                t = t * scale[n];
+                if (bias) t = t + bias[n];
+                o[n] = t;
+            }
+        }
+    });
+}
+
+// y[M, N] = w8a8(x[M, K], codes[N, K] int8, scale[N]) (+ bias) with x fp32 contiguous; act_scale null for
+// per-token scales. Returns 0, or 1 (nothing done) when this build/CPU/shape is not covered.
+int qbw8_linear(const float* x, int64_t M, int64_t K, const int8_t* codes, const float* scale, int64_t N,
+                const float* bias, const float* act_scale, float* y, int nthreads) {
+#if QBW8_AVX512
+    if (!qbw8_available() || K > kMaxK || K <= 0) return 1;
+    const int64_t Kp = (K + 63) / 64 * 64;
+    int8_t* xq = (int8_t*)std::aligned_alloc(64, (size_t)(std::max<int64_t>(M, 1) * Kp));
+    int32_t* xsum = (int32_t*)std::malloc(sizeof(int32_t) * (size_t)std::max<int64_t>(M, 1));
+    float* sx = (float*)std::malloc(sizeof(float) * (size_t)std::max<int64_t>(M, 1));
+    uint8_t* bad = (uint8_t*)std::malloc((size_t)std::max<int64_t>(M, 1));
+    qbw8_quantize(x, M, K, act_scale, xq, Kp, xsum, sx, bad, nthreads);
+    // Threads split N; each chunk runs all of M in tiles (x stays in cache, W streams once for small M).
+    // Large M: chunks of (m block, n block) so W's block is reused from L2 across the m tiles.
+    const int64_t nb = M <= 8 ? 32 : 64;
+    const int64_t mb = M <= 8 ? M : 96;
+    const int64_t nchunks_n = (N + nb - 1) / nb, nchunks_m = (M + mb - 1) / mb;
+    par_chunks(nchunks_n * nchunks_m, nthreads, [&](int64_t c, int) {
+        const int64_t cn = c % nchunks_n, cm = c / nchunks_n;
+        const int64_t n0 = cn * nb, n1 = std::min(N, n0 + nb);
+        const int64_t m0 = cm * mb, m1 = std::min(M, m0 + mb);
+        if (M == 1) rows<8>(codes, scale, bias, N, K, xq, Kp, xsum, sx, m0, m1, n0, n1, y);
+        else rows<4>(codes, scale, bias, N, K, xq, Kp, xsum, sx, m0, m1, n0, n1, y);
+    });
+    const float qnan = std::numeric_limits<float>::quiet_NaN();
+    for (int64_t m = 0; m < M; ++m)
+        if (bad[m])
+            for (int64_t n = 0; n < N; ++n) y[m * N + n] = qnan;
+    std::free(xq);
+    std::free(xsum);
+    std::free(sx);
+    std::free(bad);
+    return 0;
+#else
+    (void)x, (void)M, (void)K, (void)codes, (void)scale, (void)N, (void)bias, (void)act_scale, (void)y;
+    (void)nthreads;
+    return 1;
+#endif
+}
+
+}  // extern "C"

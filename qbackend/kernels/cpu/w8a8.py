@@ -1,0 +1,99 @@
+"""CPU W8A8 (SmoothQuant) linear on an exact int8 GEMM (``w8a8.cpp``: AVX512-VNNI ``vpdpbusd``).
+
+The activations are quantized in the kernel's prologue (per token, or with the static scale) exactly as
+:func:`qbackend.kernels.reference.w8a8_linear` does, the int8 x int8 products are summed in int32
+(exact), and the scales are applied in the epilogue in the reference's order, so the result equals the
+reference bit for bit. Measured against the library int8 GEMMs of torch (``torch._int_mm``, oneDNN's
+``qlinear_pointwise``) with ``benchmarks/bench_cpu_w8a8_libs.py``; see that script for the figures.
+
+:func:`w8a8_linear` returns None where this kernel does not run (no library, no VNNI, K > 131072):
+the caller then uses its own path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+from torch import Tensor
+
+from . import _build
+
+# From this many rows of x, torch's int8 GEMM (oneDNN) instead of the VNNI tiles. Measured on the
+# project's 2-core Zen 4 under load (4096x4096, best call / median): M = 64 tiles 3.3 / 9.6 ms vs
+# _int_mm 6.5 / 8.3 ms; M = 480 tiles 42 / 56 ms vs _int_mm 22 / 41 ms. Between them: unmeasured.
+LIBRARY_MIN_M = 128
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    lib = _build.load()
+    if lib is None:
+        return None
+    P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.qbw8_available.restype = INT
+    lib.qbw8_linear.argtypes = [P, I64, I64, P, P, I64, P, P, P, INT]
+    lib.qbw8_linear.restype = INT
+    lib.qbw8_quantize.argtypes = [P, I64, I64, P, P, I64, P, P, P, INT]
+    lib.qbw8_quantize.restype = None
+    lib.qbw8_epilogue.argtypes = [P, I64, I64, P, P, P, P, P, INT]
+    lib.qbw8_epilogue.restype = None
+    return lib if lib.qbw8_available() else None
+
+
+def available() -> bool:
+    """Whether the VNNI W8A8 kernel runs on this CPU (else :func:`w8a8_linear` returns None)."""
+    return _lib() is not None
+
+
+def w8a8_linear(
+    x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, act_scale: Tensor | None,
+    out_features: int, in_features: int,
+) -> Tensor | None:  # fmt: skip
+    """``w8a8_linear`` (the reference's signature) on the VNNI kernel, or None where it does not run."""
+    lib = _lib()
+    if lib is None or in_features > 131072:
+        return None
+    xf = x.reshape(-1, in_features)
+    if xf.dtype is not torch.float32 or not xf.is_contiguous():
+        xf = xf.to(torch.float32).contiguous()
+    m = xf.shape[0]
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    if m:
+        codes = codes.contiguous()
+        sc = scale.to(torch.float32).contiguous()
+        b = None if bias is None else bias.to(torch.float32).contiguous()
+        a = None if act_scale is None else act_scale.to(torch.float32).reshape(1).contiguous()
+        nt = torch.get_num_threads()
+        # (torch 2.13's CPU _int_mm returns wrong sums for K = 1: found by the tests; short K gains nothing)
+        if m >= LIBRARY_MIN_M and in_features >= 64:
+            _library_gemm(lib, xf, codes, sc, b, a, y, out_features, in_features, nt)
+            return _out(y, x, out_features)
+        rc = lib.qbw8_linear(xf.data_ptr(), m, in_features, codes.data_ptr(), sc.data_ptr(), out_features,
+                             None if b is None else b.data_ptr(), None if a is None else a.data_ptr(), y.data_ptr(),
+                             nt)  # fmt: skip
+        if rc != 0:
+            return None
+    return _out(y, x, out_features)
+
+
+def _out(y: Tensor, x: Tensor, n: int) -> Tensor:
+    y = y.view(*x.shape[:-1], n)
+    return y if x.dtype is torch.float32 else y.to(x.dtype)
+
+
+def _library_gemm(lib, xf: Tensor, codes: Tensor, sc: Tensor, b: Tensor | None, a: Tensor | None, y: Tensor,
+                  n: int, k: int, nt: int) -> None:  # fmt: skip
+    """Large M: this module's quantization prologue, torch's int8 GEMM (``torch._int_mm``, exact int32), and
+    this module's epilogue (the reference's scale order)."""
+    m = xf.shape[0]
+    xq = torch.empty(m, k, dtype=torch.int8)
+    xsum = torch.empty(m, dtype=torch.int32)
+    sx = torch.empty(m, dtype=torch.float32)
+    bad = torch.empty(m, dtype=torch.uint8)
+    lib.qbw8_quantize(xf.data_ptr(), m, k, None if a is None else a.data_ptr(), xq.data_ptr(), k, xsum.data_ptr(),
+                      sx.data_ptr(), bad.data_ptr(), nt)  # fmt: skip
+    acc = torch._int_mm(xq, codes.view(n, k).t())
+    lib.qbw8_epilogue(acc.data_ptr(), m, n, sx.data_ptr(), sc.data_ptr(), None if b is None else b.data_ptr(),
+                      bad.data_ptr(), y.data_ptr(), nt)  # fmt: skip
