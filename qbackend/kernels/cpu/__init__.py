@@ -30,6 +30,7 @@ from torch import Tensor
 from .. import ops
 from .. import reference as ref
 from . import _build
+from . import avx2 as _avx2
 from . import compute as _compute
 
 # Fused kernels up to this many rows; above, dequantized panels + sgemm (measured on one core: the
@@ -165,6 +166,10 @@ def _linear4(L, q, x: Tensor, bias: Tensor | None, n: int, k: int) -> Tensor:
         y = torch.empty(m, n, dtype=torch.float32)
         if L.qb4_linear(ctypes.byref(q), x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt, 0) == 0:
             return _out(y, x, n)
+    elif m <= FUSED_MAX_M and not _force_portable:
+        y = _avx2.linear4(L, q, x2, b, n, nt)
+        if y is not None:
+            return _out(y, x, n)
 
     if _build.has_blas():
         y = torch.empty(m, n, dtype=torch.float32)
@@ -283,6 +288,10 @@ def _int8_y(L, x2: Tensor, codes: Tensor, scale: Tensor, b: Tensor | None, n: in
     if m <= FUSED_MAX_M_INT8 and not _force_portable and L.qb_has_avx512():
         y = torch.empty(m, n, dtype=torch.float32)
         if L.qb8_linear(codes.data_ptr(), scale.data_ptr(), n, k, x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt, 0) == 0:
+            return y
+    elif m <= FUSED_MAX_M_INT8 and not _force_portable:
+        y = _avx2.linear8(L, codes, scale, x2, b, n, k, nt)
+        if y is not None:
             return y
 
     if _build.has_blas():

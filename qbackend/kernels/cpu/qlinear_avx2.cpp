@@ -1,0 +1,482 @@
+// Fused fp32 kernels for CPUs with AVX2 + FMA but no AVX-512 (the "avx2" build variant): the
+// same jobs as qlinear.cpp's AVX-512 kernels, in 256-bit registers.
+//
+// * 4-bit GEMV (M = 1) and small-M GEMM (NF4/FP4 with plain or nested block constants, int4 with
+//   symmetric or affine groups): K % 32 == 0, power-of-two blocks/groups >= 32 (or one group per
+//   row). Codes are decoded in registers and never materialised.
+// * int8 per-channel GEMV / small-M GEMM, any K.
+//
+// Decoding: 8 code bytes are zero-extended to dwords (vpmovzxbd from memory). AVX2 has only an
+// 8-entry vpermps, so a codebook value is table[0..7] or table[8..15] permuted by the low 3 bits
+// of the nibble and the two picked by vblendvps on bit 3 (shifted into the sign bit). int4 codes
+// are converted directly (code - 8, or code for affine groups: exact integers). High nibbles hold
+// even k and low nibbles odd k, so x is split into even/odd halves per 16 once per call (xq).
+// A group of 32 never straddles a block, so each needs one constant.
+//
+// Numerics are those of the AVX-512 kernels: per group sum(table[c] * x) * constant, affine int4
+// as sum(c * x) * s - zp * s * sum(x) (GEMV) or (c * s - zp * s) * x (GEMM); nested constants
+// decoded exactly as the reference (table * absmax2, then + offset). Only the fp32 summation order
+// differs from the reference.
+//
+// In any other build the entry points exist but return 1 ("not covered"): the AVX-512 build keeps
+// its own kernels, the generic build the scalar dequantization + BLAS path.
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "qlinear_common.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#define QBA2 1
+#else
+#define QBA2 0
+#endif
+
+extern "C" {
+int qba2_available();
+int qba2_fast4_ok(const QW4* q);
+int qba2_linear4(const QW4* q, const float* x, int64_t M, const float* bias, float* y, int nthreads);
+int qba2_linear8(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t M,
+                 const float* bias, float* y, int nthreads);
+}
+
+namespace {
+
+inline int ilog2(int64_t v) {
+    int l = 0;
+    while ((int64_t(1) << l) < v) ++l;
+    return l;
+}
+
+inline bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+
+// The shapes the fused 4-bit kernels cover (the same as the AVX-512 ones).
+bool fused4_ok(const QW4& q) {
+    if (q.K % 32 != 0 || q.N <= 0) return false;
+    if (q.layout == LAYOUT_CODEBOOK) {
+        if (!q.absmax && !is_pow2(q.nbs)) return false;  // inline de-nesting shifts by log2(nbs)
+        return is_pow2(q.bs) && q.bs >= 32;
+    }
+    return q.G == 1 || (is_pow2(q.bs) && q.bs >= 32);
+}
+
+#if QBA2
+
+// Per-thread scratch, grown as needed and reused across calls.
+float* scratch(int slot, size_t n) {
+    thread_local std::vector<float> bufs[2];
+    if (bufs[slot].size() < n) bufs[slot].resize(n);
+    return bufs[slot].data();
+}
+
+inline float hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
+    return _mm_cvtss_f32(a);
+}
+
+// How codes become values: a 16-entry table (nf4, fp4), code - 8 (symmetric int4), code (affine int4).
+enum Dec { DEC_TABLE = 0, DEC_SYM = 1, DEC_AFF = 2 };
+
+struct Lut {
+    __m256 lo, hi;  // table[0..7], table[8..15]
+};
+
+inline Lut make_lut(const QW4& q) {
+    Lut l;
+    if (q.layout == LAYOUT_CODEBOOK) {
+        l.lo = _mm256_loadu_ps(q.table);
+        l.hi = _mm256_loadu_ps(q.table + 8);
+    } else {
+        l.lo = l.hi = _mm256_setzero_ps();
+    }
+    return l;
+}
+
+// 8 code bytes at p -> wh (high nibbles: even k) and wl (low nibbles: odd k), as fp32.
+template <int DEC>
+inline void decode16(const uint8_t* p, const Lut& L, __m256& wh, __m256& wl) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+    const __m256i h = _mm256_srli_epi32(v, 4);
+    if (DEC == DEC_TABLE) {
+        // vpermps reads the low 3 bits of each index; bit 3 of the nibble picks the table half.
+        wh = _mm256_blendv_ps(_mm256_permutevar8x32_ps(L.lo, h), _mm256_permutevar8x32_ps(L.hi, h),
+                              _mm256_castsi256_ps(_mm256_slli_epi32(v, 24)));
+        wl = _mm256_blendv_ps(_mm256_permutevar8x32_ps(L.lo, v), _mm256_permutevar8x32_ps(L.hi, v),
+                              _mm256_castsi256_ps(_mm256_slli_epi32(v, 28)));
+    } else {
+        wh = _mm256_cvtepi32_ps(h);
+        wl = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
+        if (DEC == DEC_SYM) {
+            const __m256 eight = _mm256_set1_ps(8.0f);
+            wh = _mm256_sub_ps(wh, eight);
+            wl = _mm256_sub_ps(wl, eight);
+        }
+    }
+}
+
+// sum over one group of 32 weights (16 code bytes at c) of value * x, x in xq order.
+template <int DEC>
+inline __m256 group_dot(const uint8_t* c, const float* xq, const Lut& L) {
+    __m256 h0, l0, h1, l1;
+    decode16<DEC>(c, L, h0, l0);
+    decode16<DEC>(c + 8, L, h1, l1);
+    __m256 a = _mm256_mul_ps(h0, _mm256_load_ps(xq));
+    __m256 b = _mm256_mul_ps(h1, _mm256_load_ps(xq + 16));
+    a = _mm256_fmadd_ps(l0, _mm256_load_ps(xq + 8), a);
+    b = _mm256_fmadd_ps(l1, _mm256_load_ps(xq + 24), b);
+    return _mm256_add_ps(a, b);
+}
+
+inline int shift_of(const QW4& q) {
+    // One int4 group per row maps every group of 32 to constant 0.
+    if (q.layout == LAYOUT_INT4 && q.G == 1) return 30;
+    return ilog2(q.bs);
+}
+
+// One row of W against one row of x, 4 groups of 32 per step; GPB: groups sharing a constant
+// within a step (4, 2 or 1). sc(j): the row's j-th block constant (nested ones decoded here).
+template <int DEC, int GPB, typename Scale>
+inline float gemv4_row(const uint8_t* cr, const float* xq, int64_t G32, int64_t off, int lb, Scale&& sc,
+                       const Lut& L) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 4 <= G32; g += 4) {
+        __m256 a[4];
+        for (int u = 0; u < 4; ++u) a[u] = group_dot<DEC>(cr + 16 * (g + u), xq + 32 * (g + u), L);
+        const int64_t j = (off + 32 * g) >> lb;
+        if (GPB == 4) {
+            acc0 = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+                                   _mm256_set1_ps(sc(j)), acc0);
+        } else if (GPB == 2) {
+            acc0 = _mm256_fmadd_ps(_mm256_add_ps(a[0], a[1]), _mm256_set1_ps(sc(j)), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_add_ps(a[2], a[3]), _mm256_set1_ps(sc(j + 1)), acc1);
+        } else {
+            for (int u = 0; u < 4; ++u) {
+                const __m256 sv = _mm256_set1_ps(sc((off + 32 * (g + u)) >> lb));
+                if (u & 1) acc1 = _mm256_fmadd_ps(a[u], sv, acc1);
+                else acc0 = _mm256_fmadd_ps(a[u], sv, acc0);
+            }
+        }
+    }
+    for (; g < G32; ++g) {
+        const __m256 a = group_dot<DEC>(cr + 16 * g, xq + 32 * g, L);
+        acc0 = _mm256_fmadd_ps(a, _mm256_set1_ps(sc((off + 32 * g) >> lb)), acc0);
+    }
+    return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+template <int DEC, typename Scale>
+inline float gemv4_row_any(const uint8_t* cr, const float* xq, int64_t G32, int64_t off, int lb, Scale&& sc,
+                           const Lut& L) {
+    if (lb >= 7 && off % 128 == 0) return gemv4_row<DEC, 4>(cr, xq, G32, off, lb, sc, L);
+    if (lb == 6 && off % 64 == 0) return gemv4_row<DEC, 2>(cr, xq, G32, off, lb, sc, L);
+    return gemv4_row<DEC, 1>(cr, xq, G32, off, lb, sc, L);
+}
+
+// Rows [n0, n1) of W against one row of x. Affine int4: - zp * s * sum(x over the group) is added
+// from the per-group sums of x (xg).
+template <int DEC>
+void gemv4(const QW4& q, const float* xq, const float* xg, const float* bias, float* y, int64_t n0, int64_t n1) {
+    const int64_t K = q.K, G32 = K / 32;
+    const Lut L = make_lut(q);
+    const int lb = shift_of(q);
+    const int lnb = q.nbs > 0 ? ilog2(q.nbs) : 0;
+    for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* cr = q.codes + n * K / 2;
+        float t;
+        if (q.layout == LAYOUT_CODEBOOK) {
+            const int64_t e0 = n * K, first = e0 >> lb, off = e0 - (first << lb);
+            if (q.absmax) {
+                const float* a = q.absmax + first;
+                t = gemv4_row_any<DEC>(cr, xq, G32, off, lb, [a](int64_t j) { return a[j]; }, L);
+            } else {
+                const uint8_t* nc = q.ncodes + first;
+                const float *nt = q.ntable, *na = q.nabsmax, o = *q.noffset;
+                // The reference's operations: table * absmax2, then + offset (no FMA contraction).
+                t = gemv4_row_any<DEC>(cr, xq, G32, off, lb,
+                                       [=](int64_t j) { return nt[nc[j]] * na[(first + j) >> lnb] + o; }, L);
+            }
+        } else {
+            const float* sr = q.scale + n * q.G;
+            t = gemv4_row_any<DEC>(cr, xq, G32, 0, lb, [sr](int64_t j) { return sr[j]; }, L);
+            if (DEC == DEC_AFF) {
+                const uint8_t* zr = q.zp + n * q.G;
+                float c = 0.0f;
+                for (int64_t j = 0; j < q.G; ++j) c += ((float)zr[j] * sr[j]) * xg[j];
+                t -= c;
+            }
+        }
+        if (bias) t += bias[n];
+        y[n] = t;
+    }
+}
+
+// The constants row n uses, indexed by its block/group j from the row's first one: s[j]; z[j] =
+// -zp * s (affine int4); off: the row's first element's offset in its block.
+struct RowConsts {
+    const float* s = nullptr;
+    const float* z = nullptr;
+    int64_t off = 0;
+};
+
+template <int DEC>
+RowConsts row_consts(const QW4& q, int64_t n, float* sbuf, float* zbuf) {
+    RowConsts r;
+    if (q.layout == LAYOUT_CODEBOOK) {
+        const int lb = ilog2(q.bs);
+        const int64_t e0 = n * q.K, first = e0 >> lb;
+        r.off = e0 - (first << lb);
+        if (q.absmax) {
+            r.s = q.absmax + first;
+        } else {
+            const int64_t count = ((e0 + q.K - 1) >> lb) - first + 1;
+            const int lnb = ilog2(q.nbs);
+            const float o = *q.noffset;
+            for (int64_t j = 0; j < count; ++j) {
+                const int64_t b = first + j;
+                const float t = q.ntable[q.ncodes[b]] * q.nabsmax[b >> lnb];
+                sbuf[j] = t + o;
+            }
+            r.s = sbuf;
+        }
+    } else {
+        r.s = q.scale + n * q.G;
+        if (DEC == DEC_AFF) {
+            const uint8_t* zr = q.zp + n * q.G;
+            for (int64_t j = 0; j < q.G; ++j) zbuf[j] = -(float)zr[j] * r.s[j];
+            r.z = zbuf;
+        }
+    }
+    return r;
+}
+
+// Small M: one row of W x MT rows of x per register tile (MT accumulators + the decoded weights
+// fit the 16 ymm registers). Decoding costs more than the FMAs here, so it is shared by MT rows;
+// the weights are scaled once (w = q * s, or q * s - zp * s for affine int4).
+template <int MT, int DEC>
+void gemm4_block(const QW4& q, const float* xq, int64_t m0, const float* bias, float* y, int64_t n0, int64_t n1,
+                 float* sbuf, float* zbuf) {
+    const int64_t K = q.K, N = q.N, G32 = K / 32;
+    const Lut L = make_lut(q);
+    const int lb = shift_of(q);
+    for (int64_t n = n0; n < n1; ++n) {
+        const RowConsts rc = row_consts<DEC>(q, n, sbuf, zbuf);
+        const uint8_t* cr = q.codes + n * K / 2;
+        __m256 acc[MT];
+        for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G32; ++g) {
+            const int64_t j = (rc.off + 32 * g) >> lb;
+            const __m256 sv = _mm256_set1_ps(rc.s[j]);
+            for (int h = 0; h < 2; ++h) {
+                __m256 wh, wl;
+                decode16<DEC>(cr + 16 * g + 8 * h, L, wh, wl);
+                if (DEC == DEC_AFF) {
+                    const __m256 bv = _mm256_set1_ps(rc.z[j]);
+                    wh = _mm256_fmadd_ps(wh, sv, bv);
+                    wl = _mm256_fmadd_ps(wl, sv, bv);
+                } else {
+                    wh = _mm256_mul_ps(wh, sv);
+                    wl = _mm256_mul_ps(wl, sv);
+                }
+                for (int m = 0; m < MT; ++m) {
+                    const float* xm = xq + (m0 + m) * K + 32 * g + 16 * h;
+                    acc[m] = _mm256_fmadd_ps(wh, _mm256_load_ps(xm), acc[m]);
+                    acc[m] = _mm256_fmadd_ps(wl, _mm256_load_ps(xm + 8), acc[m]);
+                }
+            }
+        }
+        for (int m = 0; m < MT; ++m) {
+            float t = hsum(acc[m]);
+            if (bias) t += bias[n];
+            y[(m0 + m) * N + n] = t;
+        }
+    }
+}
+
+constexpr int MT4 = 8;  // rows of x per 4-bit tile
+
+template <int DEC>
+void gemm4_rows(const QW4& q, const float* xq, const float* xg, int64_t M, const float* bias, float* y, int64_t n0,
+                int64_t n1, float* sbuf, float* zbuf) {
+    if (M == 1) {
+        gemv4<DEC>(q, xq, xg, bias, y, n0, n1);
+        return;
+    }
+    for (int64_t m = 0; m < M; m += MT4) {
+        switch (std::min<int64_t>(MT4, M - m)) {
+#define QBA2_CASE(MT) case MT: gemm4_block<MT, DEC>(q, xq, m, bias, y, n0, n1, sbuf, zbuf); break;
+            QBA2_CASE(1) QBA2_CASE(2) QBA2_CASE(3) QBA2_CASE(4) QBA2_CASE(5) QBA2_CASE(6) QBA2_CASE(7) QBA2_CASE(8)
+#undef QBA2_CASE
+            default: break;
+        }
+    }
+}
+
+// ---- int8 per channel: vpmovsxbd + cvt + FMA; the scale once per output --------------------------
+
+#ifndef QBA2_PF8
+#define QBA2_PF8 2048
+#endif
+
+// sum over k in [K8, K) of codes[k] * x[k] (the K % 8 tail), scalar.
+inline float tail8(const int8_t* cr, const float* xr, int64_t K8, int64_t K) {
+    float t = 0.0f;
+    for (int64_t k = K8; k < K; ++k) t += (float)cr[k] * xr[k];
+    return t;
+}
+
+inline __m256 load8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
+void gemv8(const int8_t* codes, const float* scale, int64_t K, const float* x, const float* bias, float* y,
+           int64_t n0, int64_t n1) {
+    const int64_t K32 = K / 32 * 32, K8 = K / 8 * 8;
+    for (int64_t n = n0; n < n1; ++n) {
+        const int8_t* cr = codes + n * K;
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        int64_t k = 0;
+        for (; k < K32; k += 32) {
+            // Memory-bound: prefetch 2 KiB ahead (as the AVX-512 kernel).
+            _mm_prefetch((const char*)(cr + k + QBA2_PF8), _MM_HINT_T0);
+            for (int u = 0; u < 4; ++u)
+                acc[u] = _mm256_fmadd_ps(load8(cr + k + 8 * u), _mm256_loadu_ps(x + k + 8 * u), acc[u]);
+        }
+        for (; k < K8; k += 8) acc[0] = _mm256_fmadd_ps(load8(cr + k), _mm256_loadu_ps(x + k), acc[0]);
+        float t = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+        t = (t + tail8(cr, x, K8, K)) * scale[n];
+        if (bias) t += bias[n];
+        y[n] = t;
+    }
+}
+
+// NR rows of W x MT rows of x per register tile; each x load feeds NR FMAs.
+template <int NR, int MT>
+void gemm8_block(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t m0,
+                 const float* bias, float* y, int64_t n0, int64_t n1) {
+    const int64_t K8 = K / 8 * 8;
+    for (int64_t n = n0; n < n1; n += NR) {
+        __m256 acc[NR][MT];
+        for (int r = 0; r < NR; ++r)
+            for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K8; k += 8) {
+            __m256 w[NR];
+            for (int r = 0; r < NR; ++r) w[r] = load8(codes + (n + r) * K + k);
+            for (int m = 0; m < MT; ++m) {
+                const __m256 xv = _mm256_loadu_ps(x + (m0 + m) * K + k);
+                for (int r = 0; r < NR; ++r) acc[r][m] = _mm256_fmadd_ps(w[r], xv, acc[r][m]);
+            }
+        }
+        for (int r = 0; r < NR; ++r)
+            for (int m = 0; m < MT; ++m) {
+                const int8_t* cr = codes + (n + r) * K;
+                float t = (hsum(acc[r][m]) + tail8(cr, x + (m0 + m) * K, K8, K)) * scale[n + r];
+                if (bias) t += bias[n + r];
+                y[(m0 + m) * N + n + r] = t;
+            }
+    }
+}
+
+constexpr int NR8 = 2, MT8 = 6;  // 12 accumulators + 2 weight vectors + x: the 16 ymm registers
+
+template <int NR>
+void gemm8_blocks(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t M,
+                  const float* bias, float* y, int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; m += MT8) {
+        switch (std::min<int64_t>(MT8, M - m)) {
+#define QBA2_CASE(MT) case MT: gemm8_block<NR, MT>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
+            QBA2_CASE(1) QBA2_CASE(2) QBA2_CASE(3) QBA2_CASE(4) QBA2_CASE(5) QBA2_CASE(6)
+#undef QBA2_CASE
+            default: break;
+        }
+    }
+}
+
+void gemm8_rows(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t M,
+                const float* bias, float* y, int64_t n0, int64_t n1) {
+    if (M == 1) {
+        gemv8(codes, scale, K, x, bias, y, n0, n1);
+        return;
+    }
+    const int64_t nfull = n0 + (n1 - n0) / NR8 * NR8;
+    gemm8_blocks<NR8>(codes, scale, N, K, x, M, bias, y, n0, nfull);
+    if (nfull < n1) gemm8_blocks<1>(codes, scale, N, K, x, M, bias, y, nfull, n1);
+}
+
+// x [M, K] -> xq: each 16 elements as 8 even then 8 odd ones (the decoded lane order).
+void split_even_odd(const float* x, int64_t n16, float* xq) {
+    for (int64_t i = 0; i < n16; ++i) {
+        const __m256 a = _mm256_loadu_ps(x + 16 * i), b = _mm256_loadu_ps(x + 16 * i + 8);
+        // shuffle_ps works per 128-bit lane: [a0 a2 b0 b2 | a4 a6 b4 b6] -> qwords (0, 2, 1, 3).
+        const __m256 ev = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+        const __m256 od = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+        _mm256_store_ps(xq + 16 * i, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
+        _mm256_store_ps(xq + 16 * i + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
+    }
+}
+
+template <int DEC>
+void linear4(const QW4& q, const float* x, int64_t M, const float* bias, float* y, int nthreads) {
+    const int64_t K = q.K;
+    const size_t nx = (size_t)(M * K);
+    float* xq = (float*)std::aligned_alloc(32, sizeof(float) * std::max<size_t>(16, (nx + 15) / 16 * 16));
+    split_even_odd(x, (int64_t)(nx / 16), xq);
+    std::vector<float> xg;  // affine int4 at M == 1: sums of x per group
+    if (DEC == DEC_AFF && M == 1) {
+        xg.assign((size_t)q.G, 0.0f);
+        for (int64_t k = 0; k < K; ++k) xg[(size_t)(q.G == 1 ? 0 : k / q.bs)] += x[k];
+    }
+    // Constants of one row: blocks it touches (+1 when it straddles) or its groups.
+    const size_t cl = (size_t)(q.layout == LAYOUT_CODEBOOK ? K / q.bs + 2 : q.G) + 8;
+    auto body = [&](int64_t n0, int64_t n1) {
+        gemm4_rows<DEC>(q, xq, xg.data(), M, bias, y, n0, n1, scratch(0, cl), scratch(1, cl));
+    };
+    qb::pool_rows(q.N, 16, nthreads, body);
+    std::free(xq);
+}
+
+#endif  // QBA2
+
+}  // namespace
+
+extern "C" {
+
+int qba2_available() { return QBA2; }
+
+int qba2_fast4_ok(const QW4* q) { return QBA2 && fused4_ok(*q); }
+
+// y[M, N] = x[M, K] @ W^T (+ bias), fp32 contiguous. Returns 0, or 1 (nothing computed) when this
+// build or shape has no fused kernel: the caller then uses another path.
+int qba2_linear4(const QW4* qp, const float* x, int64_t M, const float* bias, float* y, int nthreads) {
+#if QBA2
+    const QW4& q = *qp;
+    if (M <= 0 || !fused4_ok(q)) return 1;
+    if (q.layout == LAYOUT_CODEBOOK) linear4<DEC_TABLE>(q, x, M, bias, y, nthreads);
+    else if (q.zp) linear4<DEC_AFF>(q, x, M, bias, y, nthreads);
+    else linear4<DEC_SYM>(q, x, M, bias, y, nthreads);
+    return 0;
+#else
+    (void)qp, (void)x, (void)M, (void)bias, (void)y, (void)nthreads;
+    return 1;
+#endif
+}
+
+int qba2_linear8(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t M,
+                 const float* bias, float* y, int nthreads) {
+#if QBA2
+    if (M <= 0 || N <= 0 || K <= 0) return 1;
+    auto body = [&](int64_t n0, int64_t n1) { gemm8_rows(codes, scale, N, K, x, M, bias, y, n0, n1); };
+    qb::pool_rows(N, 16, nthreads, body);
+    return 0;
+#else
+    (void)codes, (void)scale, (void)N, (void)K, (void)x, (void)M, (void)bias, (void)y, (void)nthreads;
+    return 1;
+#endif
+}
+
+}  // extern "C"
