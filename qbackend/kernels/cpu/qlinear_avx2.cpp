@@ -65,13 +65,6 @@ bool fused4_ok(const QW4& q) {
 
 #if QBA2
 
-// Per-thread scratch, grown as needed and reused across calls.
-float* scratch(int slot, size_t n) {
-    thread_local std::vector<float> bufs[2];
-    if (bufs[slot].size() < n) bufs[slot].resize(n);
-    return bufs[slot].data();
-}
-
 inline float hsum(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     a = _mm_add_ps(a, _mm_movehl_ps(a, a));
@@ -216,67 +209,52 @@ void gemv4(const QW4& q, const float* xq, const float* xg, const float* bias, fl
     }
 }
 
-// The constants row n uses, indexed by its block/group j from the row's first one: s[j]; z[j] =
-// -zp * s (affine int4); off: the row's first element's offset in its block.
-struct RowConsts {
-    const float* s = nullptr;
-    const float* z = nullptr;
-    int64_t off = 0;
-};
-
-template <int DEC>
-RowConsts row_consts(const QW4& q, int64_t n, float* sbuf, float* zbuf) {
-    RowConsts r;
-    if (q.layout == LAYOUT_CODEBOOK) {
-        const int lb = ilog2(q.bs);
-        const int64_t e0 = n * q.K, first = e0 >> lb;
-        r.off = e0 - (first << lb);
-        if (q.absmax) {
-            r.s = q.absmax + first;
-        } else {
-            const int64_t count = ((e0 + q.K - 1) >> lb) - first + 1;
-            const int lnb = ilog2(q.nbs);
-            const float o = *q.noffset;
-            for (int64_t j = 0; j < count; ++j) {
-                const int64_t b = first + j;
-                const float t = q.ntable[q.ncodes[b]] * q.nabsmax[b >> lnb];
-                sbuf[j] = t + o;
-            }
-            r.s = sbuf;
-        }
-    } else {
-        r.s = q.scale + n * q.G;
-        if (DEC == DEC_AFF) {
-            const uint8_t* zr = q.zp + n * q.G;
-            for (int64_t j = 0; j < q.G; ++j) zbuf[j] = -(float)zr[j] * r.s[j];
-            r.z = zbuf;
-        }
-    }
-    return r;
-}
-
 // Small M: one row of W x MT rows of x per register tile (MT accumulators + the decoded weights
-// fit the 16 ymm registers). Decoding costs more than the FMAs here, so it is shared by MT rows;
-// the weights are scaled once (w = q * s, or q * s - zp * s for affine int4).
+// fit the 16 ymm registers); decoding costs more than the FMAs, so it is shared by MT rows, and
+// the weights are scaled once (w = q * s, or q * s - zp * s for affine int4). K is walked in
+// chunks of KC4 groups so that the MT rows of x stay in L1 while a block of rows of W passes
+// (from L2 they measured load-bound); each chunk's sums are added into y.
+constexpr int MT4 = 8;    // rows of x per 4-bit tile
+constexpr int KC4 = 16;   // groups of 32 per K chunk: 8 x 512 fp32 = 16 KiB of x
+
 template <int MT, int DEC>
-void gemm4_block(const QW4& q, const float* xq, int64_t m0, const float* bias, float* y, int64_t n0, int64_t n1,
-                 float* sbuf, float* zbuf) {
-    const int64_t K = q.K, N = q.N, G32 = K / 32;
+void gemm4_block(const QW4& q, const float* xq, int64_t m0, float* y, int64_t n0, int64_t n1, int64_t g0,
+                 int64_t g1) {
+    const int64_t K = q.K, N = q.N;
     const Lut L = make_lut(q);
     const int lb = shift_of(q);
+    const int lnb = q.nbs > 0 ? ilog2(q.nbs) : 0;
     for (int64_t n = n0; n < n1; ++n) {
-        const RowConsts rc = row_consts<DEC>(q, n, sbuf, zbuf);
         const uint8_t* cr = q.codes + n * K / 2;
+        // Block/group j of this row (j from the row's first one): the constant, and -zp * s (affine).
+        int64_t first = 0, off = 0;
+        if (q.layout == LAYOUT_CODEBOOK) {
+            first = (n * K) >> lb;
+            off = n * K - (first << lb);
+        }
         __m256 acc[MT];
         for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
-        for (int64_t g = 0; g < G32; ++g) {
-            const int64_t j = (rc.off + 32 * g) >> lb;
-            const __m256 sv = _mm256_set1_ps(rc.s[j]);
+        for (int64_t g = g0; g < g1; ++g) {
+            const int64_t j = (off + 32 * g) >> lb;
+            float sc, zs = 0.0f;
+            if (q.layout == LAYOUT_CODEBOOK) {
+                const int64_t b = first + j;
+                if (q.absmax) {
+                    sc = q.absmax[b];
+                } else {  // the reference's operations: table * absmax2, then + offset
+                    const float t = q.ntable[q.ncodes[b]] * q.nabsmax[b >> lnb];
+                    sc = t + *q.noffset;
+                }
+            } else {
+                sc = q.scale[n * q.G + j];
+                if (DEC == DEC_AFF) zs = -(float)q.zp[n * q.G + j] * sc;
+            }
+            const __m256 sv = _mm256_set1_ps(sc);
             for (int h = 0; h < 2; ++h) {
                 __m256 wh, wl;
                 decode16<DEC>(cr + 16 * g + 8 * h, L, wh, wl);
                 if (DEC == DEC_AFF) {
-                    const __m256 bv = _mm256_set1_ps(rc.z[j]);
+                    const __m256 bv = _mm256_set1_ps(zs);
                     wh = _mm256_fmadd_ps(wh, sv, bv);
                     wl = _mm256_fmadd_ps(wl, sv, bv);
                 } else {
@@ -290,29 +268,36 @@ void gemm4_block(const QW4& q, const float* xq, int64_t m0, const float* bias, f
                 }
             }
         }
-        for (int m = 0; m < MT; ++m) {
-            float t = hsum(acc[m]);
-            if (bias) t += bias[n];
-            y[(m0 + m) * N + n] = t;
-        }
+        for (int m = 0; m < MT; ++m) y[(m0 + m) * N + n] += hsum(acc[m]);
     }
 }
 
-constexpr int MT4 = 8;  // rows of x per 4-bit tile
+// y rows [m0, m0 + mt), columns [n0, n1): bias (or 0), to which the K chunks' sums are added.
+inline void init_y(float* y, int64_t N, int64_t m0, int64_t mt, const float* bias, int64_t n0, int64_t n1) {
+    for (int64_t m = m0; m < m0 + mt; ++m)
+        for (int64_t n = n0; n < n1; ++n) y[m * N + n] = bias ? bias[n] : 0.0f;
+}
 
 template <int DEC>
 void gemm4_rows(const QW4& q, const float* xq, const float* xg, int64_t M, const float* bias, float* y, int64_t n0,
-                int64_t n1, float* sbuf, float* zbuf) {
+                int64_t n1) {
     if (M == 1) {
         gemv4<DEC>(q, xq, xg, bias, y, n0, n1);
         return;
     }
+    const int64_t G32 = q.K / 32;
     for (int64_t m = 0; m < M; m += MT4) {
-        switch (std::min<int64_t>(MT4, M - m)) {
-#define QBA2_CASE(MT) case MT: gemm4_block<MT, DEC>(q, xq, m, bias, y, n0, n1, sbuf, zbuf); break;
-            QBA2_CASE(1) QBA2_CASE(2) QBA2_CASE(3) QBA2_CASE(4) QBA2_CASE(5) QBA2_CASE(6) QBA2_CASE(7) QBA2_CASE(8)
+        const int64_t mt = std::min<int64_t>(MT4, M - m);
+        init_y(y, q.N, m, mt, bias, n0, n1);
+        for (int64_t g0 = 0; g0 < G32; g0 += KC4) {
+            const int64_t g1 = std::min<int64_t>(G32, g0 + KC4);
+            switch (mt) {
+#define QBA2_CASE(MT) case MT: gemm4_block<MT, DEC>(q, xq, m, y, n0, n1, g0, g1); break;
+                QBA2_CASE(1) QBA2_CASE(2) QBA2_CASE(3) QBA2_CASE(4) QBA2_CASE(5) QBA2_CASE(6) QBA2_CASE(7)
+                QBA2_CASE(8)
 #undef QBA2_CASE
-            default: break;
+                default: break;
+            }
         }
     }
 }
@@ -355,16 +340,17 @@ void gemv8(const int8_t* codes, const float* scale, int64_t K, const float* x, c
     }
 }
 
-// NR rows of W x MT rows of x per register tile; each x load feeds NR FMAs.
+// NR rows of W x MT rows of x per register tile over k in [k0, k1) (k1 - k0 % 8 only in the last
+// chunk); each x load feeds NR FMAs. The chunk's sum times the channel scale is added into y.
 template <int NR, int MT>
 void gemm8_block(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t m0,
-                 const float* bias, float* y, int64_t n0, int64_t n1) {
-    const int64_t K8 = K / 8 * 8;
+                 float* y, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+    const int64_t k8 = k0 + (k1 - k0) / 8 * 8;
     for (int64_t n = n0; n < n1; n += NR) {
         __m256 acc[NR][MT];
         for (int r = 0; r < NR; ++r)
             for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
-        for (int64_t k = 0; k < K8; k += 8) {
+        for (int64_t k = k0; k < k8; k += 8) {
             __m256 w[NR];
             for (int r = 0; r < NR; ++r) w[r] = load8(codes + (n + r) * K + k);
             for (int m = 0; m < MT; ++m) {
@@ -375,25 +361,22 @@ void gemm8_block(const int8_t* codes, const float* scale, int64_t N, int64_t K, 
         for (int r = 0; r < NR; ++r)
             for (int m = 0; m < MT; ++m) {
                 const int8_t* cr = codes + (n + r) * K;
-                float t = (hsum(acc[r][m]) + tail8(cr, x + (m0 + m) * K, K8, K)) * scale[n + r];
-                if (bias) t += bias[n + r];
-                y[(m0 + m) * N + n + r] = t;
+                y[(m0 + m) * N + n + r] += (hsum(acc[r][m]) + tail8(cr, x + (m0 + m) * K, k8, k1)) * scale[n + r];
             }
     }
 }
 
 constexpr int NR8 = 2, MT8 = 6;  // 12 accumulators + 2 weight vectors + x: the 16 ymm registers
+constexpr int64_t KC8 = 512;     // k per chunk: 6 x 512 fp32 = 12 KiB of x stays in L1
 
 template <int NR>
-void gemm8_blocks(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t M,
-                  const float* bias, float* y, int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M; m += MT8) {
-        switch (std::min<int64_t>(MT8, M - m)) {
-#define QBA2_CASE(MT) case MT: gemm8_block<NR, MT>(codes, scale, N, K, x, m, bias, y, n0, n1); break;
-            QBA2_CASE(1) QBA2_CASE(2) QBA2_CASE(3) QBA2_CASE(4) QBA2_CASE(5) QBA2_CASE(6)
+void gemm8_blocks(const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x, int64_t m,
+                  int64_t mt, float* y, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+    switch (mt) {
+#define QBA2_CASE(MT) case MT: gemm8_block<NR, MT>(codes, scale, N, K, x, m, y, n0, n1, k0, k1); break;
+        QBA2_CASE(1) QBA2_CASE(2) QBA2_CASE(3) QBA2_CASE(4) QBA2_CASE(5) QBA2_CASE(6)
 #undef QBA2_CASE
-            default: break;
-        }
+        default: break;
     }
 }
 
@@ -404,8 +387,15 @@ void gemm8_rows(const int8_t* codes, const float* scale, int64_t N, int64_t K, c
         return;
     }
     const int64_t nfull = n0 + (n1 - n0) / NR8 * NR8;
-    gemm8_blocks<NR8>(codes, scale, N, K, x, M, bias, y, n0, nfull);
-    if (nfull < n1) gemm8_blocks<1>(codes, scale, N, K, x, M, bias, y, nfull, n1);
+    for (int64_t m = 0; m < M; m += MT8) {
+        const int64_t mt = std::min<int64_t>(MT8, M - m);
+        init_y(y, N, m, mt, bias, n0, n1);
+        for (int64_t k0 = 0; k0 < K; k0 += KC8) {
+            const int64_t k1 = std::min<int64_t>(K, k0 + KC8);
+            gemm8_blocks<NR8>(codes, scale, N, K, x, m, mt, y, n0, nfull, k0, k1);
+            if (nfull < n1) gemm8_blocks<1>(codes, scale, N, K, x, m, mt, y, nfull, n1, k0, k1);
+        }
+    }
 }
 
 // x [M, K] -> xq: each 16 elements as 8 even then 8 odd ones (the decoded lane order).
@@ -431,11 +421,7 @@ void linear4(const QW4& q, const float* x, int64_t M, const float* bias, float* 
         xg.assign((size_t)q.G, 0.0f);
         for (int64_t k = 0; k < K; ++k) xg[(size_t)(q.G == 1 ? 0 : k / q.bs)] += x[k];
     }
-    // Constants of one row: blocks it touches (+1 when it straddles) or its groups.
-    const size_t cl = (size_t)(q.layout == LAYOUT_CODEBOOK ? K / q.bs + 2 : q.G) + 8;
-    auto body = [&](int64_t n0, int64_t n1) {
-        gemm4_rows<DEC>(q, xq, xg.data(), M, bias, y, n0, n1, scratch(0, cl), scratch(1, cl));
-    };
+    auto body = [&](int64_t n0, int64_t n1) { gemm4_rows<DEC>(q, xq, xg.data(), M, bias, y, n0, n1); };
     qb::pool_rows(q.N, 16, nthreads, body);
     std::free(xq);
 }
