@@ -12,8 +12,10 @@ machines with ``benchmarks/bench_cpu_linear.py``; figures in ``benchmarks/result
 * larger M: each thread dequantizes panels of rows of W (exactly) into a cache-sized buffer and
   multiplies them with torch's own BLAS ``sgemm_`` called single-threaded from C++ (without that
   BLAS: the same panels multiplied with torch.mm from Python).
-* CPUs without AVX-512, and shapes the fused kernels do not cover (K % 32 != 0, block/group sizes
-  that are not powers of two >= 32): the same exact dequantization (scalar) + BLAS path.
+* CPUs with AVX2 + FMA but no AVX-512 (the "avx2" build): the same fused kernels in 256-bit
+  registers (``qlinear_avx2.cpp``, called through :mod:`.avx2`), same coverage and numerics.
+* Shapes the fused kernels do not cover (K % 32 != 0, block/group sizes that are not powers of two
+  >= 32), larger M on AVX2, and CPUs without AVX2: the same exact dequantization (scalar) + BLAS path.
   Without the C++ library at all (no compiler): the pure-torch reference, with a warning.
 
 All paths compute in fp32 and return x's dtype. The ``*_grad_input`` functions compute

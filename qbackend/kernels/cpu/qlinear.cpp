@@ -9,7 +9,8 @@
 // the high nibble of byte i/2 when i is even). Codebook blocks run over the flattened weight
 // (they may straddle rows); int4 groups run along K within a row.
 //
-// Kernels (AVX-512 builds; other CPUs get the exact scalar dequantization + BLAS path only):
+// Kernels (AVX-512 builds; AVX2 builds have their own fused kernels in qlinear_avx2.cpp, other
+// CPUs the exact scalar dequantization + BLAS path only):
 // * fused 4-bit GEMV / small-M GEMM (K % 32 == 0, power-of-two blocks/groups >= 32): see the
 //   comment above gemv4_row; codes are decoded in registers and never materialised.
 // * int8 GEMV / small-M GEMM: vpmovsxbd + cvt + FMA, per-channel scale once per output.

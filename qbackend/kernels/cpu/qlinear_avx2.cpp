@@ -6,12 +6,13 @@
 //   row). Codes are decoded in registers and never materialised.
 // * int8 per-channel GEMV / small-M GEMM, any K.
 //
-// Decoding: 8 code bytes are zero-extended to dwords (vpmovzxbd from memory). AVX2 has only an
-// 8-entry vpermps, so a codebook value is table[0..7] or table[8..15] permuted by the low 3 bits
-// of the nibble and the two picked by vblendvps on bit 3 (shifted into the sign bit). int4 codes
-// are converted directly (code - 8, or code for affine groups: exact integers). High nibbles hold
-// even k and low nibbles odd k, so x is split into even/odd halves per 16 once per call (xq).
-// A group of 32 never straddles a block, so each needs one constant.
+// Decoding: AVX2 has no 16-entry float permute. A codebook value is assembled from the table's 4
+// byte planes: the 32 nibbles of 16 code bytes index each plane with one vpshufb (16 entries per
+// 128-bit lane) and two rounds of unpacks rebuild the floats (with QBA2_PSHUFB=0: vpermps on each
+// table half + vblendvps on bit 3, measured slower). int4 codes are converted directly (code - 8,
+// or code for affine groups: exact integers). The decoded lanes hold the nibbles in a fixed
+// permuted order, so x is permuted to match once per call (xq). A group of 32 never straddles a
+// block, so each needs one constant.
 //
 // Numerics are those of the AVX-512 kernels: per group sum(table[c] * x) * constant, affine int4
 // as sum(c * x) * s - zp * s * sum(x) (GEMV) or (c * s - zp * s) * x (GEMM); nested constants
@@ -75,8 +76,13 @@ inline float hsum(__m256 v) {
 // How codes become values: a 16-entry table (nf4, fp4), code - 8 (symmetric int4), code (affine int4).
 enum Dec { DEC_TABLE = 0, DEC_SYM = 1, DEC_AFF = 2 };
 
+#ifndef QBA2_PSHUFB
+#define QBA2_PSHUFB 1  // codebook decode by byte-plane vpshufb (1) or vpermps + vblendvps (0)
+#endif
+
 struct Lut {
-    __m256 lo, hi;  // table[0..7], table[8..15]
+    __m256 lo, hi;      // table[0..7], table[8..15]
+    __m256i plane[4];   // byte b of the 16 table values, in both 128-bit lanes
 };
 
 inline Lut make_lut(const QW4& q) {
@@ -84,8 +90,16 @@ inline Lut make_lut(const QW4& q) {
     if (q.layout == LAYOUT_CODEBOOK) {
         l.lo = _mm256_loadu_ps(q.table);
         l.hi = _mm256_loadu_ps(q.table + 8);
+        alignas(32) uint8_t b[4][32];
+        for (int c = 0; c < 16; ++c) {
+            uint32_t u;
+            std::memcpy(&u, q.table + c, 4);
+            for (int p = 0; p < 4; ++p) b[p][c] = b[p][c + 16] = (uint8_t)(u >> (8 * p));
+        }
+        for (int p = 0; p < 4; ++p) l.plane[p] = _mm256_load_si256((const __m256i*)b[p]);
     } else {
         l.lo = l.hi = _mm256_setzero_ps();
+        for (int p = 0; p < 4; ++p) l.plane[p] = _mm256_setzero_si256();
     }
     return l;
 }
@@ -112,16 +126,46 @@ inline void decode16(const uint8_t* p, const Lut& L, __m256& wh, __m256& wl) {
     }
 }
 
+// Whether x is laid out per 8 as [x0 x2 x4 x6 x1 x3 x5 x7] (byte-plane decode) rather than per 16
+// as 8 even then 8 odd elements.
+template <int DEC>
+constexpr bool by_planes() {
+    return DEC == DEC_TABLE && QBA2_PSHUFB;
+}
+
+// 16 code bytes at p (32 weights) -> w[0..3], to be multiplied with xq[0..7], [8..15], ... of the
+// group. Byte planes: the 32 nibbles index the table's 4 byte planes (vpshufb: 16 entries per
+// lane, 2 per cycle), and two rounds of unpacks reassemble the floats: lane 0 of w[i] holds
+// elements 8i + 0, 2, 4, 6 (high nibbles), lane 1 elements 8i + 1, 3, 5, 7 (low nibbles).
+template <int DEC>
+inline void decode32(const uint8_t* p, const Lut& L, __m256 w[4]) {
+    if (by_planes<DEC>()) {
+        const __m128i c = _mm_loadu_si128((const __m128i*)p), m = _mm_set1_epi8(0x0F);
+        const __m256i idx = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(_mm_srli_epi16(c, 4), m)),
+                                                    _mm_and_si128(c, m), 1);
+        const __m256i b0 = _mm256_shuffle_epi8(L.plane[0], idx), b1 = _mm256_shuffle_epi8(L.plane[1], idx);
+        const __m256i b2 = _mm256_shuffle_epi8(L.plane[2], idx), b3 = _mm256_shuffle_epi8(L.plane[3], idx);
+        const __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);
+        const __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);
+        w[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+        w[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+        w[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+        w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+    } else {
+        decode16<DEC>(p, L, w[0], w[1]);
+        decode16<DEC>(p + 8, L, w[2], w[3]);
+    }
+}
+
 // sum over one group of 32 weights (16 code bytes at c) of value * x, x in xq order.
 template <int DEC>
 inline __m256 group_dot(const uint8_t* c, const float* xq, const Lut& L) {
-    __m256 h0, l0, h1, l1;
-    decode16<DEC>(c, L, h0, l0);
-    decode16<DEC>(c + 8, L, h1, l1);
-    __m256 a = _mm256_mul_ps(h0, _mm256_load_ps(xq));
-    __m256 b = _mm256_mul_ps(h1, _mm256_load_ps(xq + 16));
-    a = _mm256_fmadd_ps(l0, _mm256_load_ps(xq + 8), a);
-    b = _mm256_fmadd_ps(l1, _mm256_load_ps(xq + 24), b);
+    __m256 w[4];
+    decode32<DEC>(c, L, w);
+    __m256 a = _mm256_mul_ps(w[0], _mm256_load_ps(xq));
+    __m256 b = _mm256_mul_ps(w[2], _mm256_load_ps(xq + 16));
+    a = _mm256_fmadd_ps(w[1], _mm256_load_ps(xq + 8), a);
+    b = _mm256_fmadd_ps(w[3], _mm256_load_ps(xq + 24), b);
     return _mm256_add_ps(a, b);
 }
 
@@ -250,22 +294,13 @@ void gemm4_block(const QW4& q, const float* xq, int64_t m0, float* y, int64_t n0
                 if (DEC == DEC_AFF) zs = -(float)q.zp[n * q.G + j] * sc;
             }
             const __m256 sv = _mm256_set1_ps(sc);
-            for (int h = 0; h < 2; ++h) {
-                __m256 wh, wl;
-                decode16<DEC>(cr + 16 * g + 8 * h, L, wh, wl);
-                if (DEC == DEC_AFF) {
-                    const __m256 bv = _mm256_set1_ps(zs);
-                    wh = _mm256_fmadd_ps(wh, sv, bv);
-                    wl = _mm256_fmadd_ps(wl, sv, bv);
-                } else {
-                    wh = _mm256_mul_ps(wh, sv);
-                    wl = _mm256_mul_ps(wl, sv);
-                }
-                for (int m = 0; m < MT; ++m) {
-                    const float* xm = xq + (m0 + m) * K + 32 * g + 16 * h;
-                    acc[m] = _mm256_fmadd_ps(wh, _mm256_load_ps(xm), acc[m]);
-                    acc[m] = _mm256_fmadd_ps(wl, _mm256_load_ps(xm + 8), acc[m]);
-                }
+            __m256 w[4];
+            decode32<DEC>(cr + 16 * g, L, w);
+            for (int i = 0; i < 4; ++i) w[i] = DEC == DEC_AFF ? _mm256_fmadd_ps(w[i], sv, _mm256_set1_ps(zs))
+                                                              : _mm256_mul_ps(w[i], sv);
+            for (int m = 0; m < MT; ++m) {
+                const float* xm = xq + (m0 + m) * K + 32 * g;
+                for (int i = 0; i < 4; ++i) acc[m] = _mm256_fmadd_ps(w[i], _mm256_load_ps(xm + 8 * i), acc[m]);
             }
         }
         for (int m = 0; m < MT; ++m) y[(m0 + m) * N + n] += hsum(acc[m]);
@@ -398,8 +433,15 @@ void gemm8_rows(const int8_t* codes, const float* scale, int64_t N, int64_t K, c
     }
 }
 
-// x [M, K] -> xq: each 16 elements as 8 even then 8 odd ones (the decoded lane order).
-void split_even_odd(const float* x, int64_t n16, float* xq) {
+// x [M, K] -> xq in the decoded lane order: each 16 elements as 8 even then 8 odd ones, or
+// (by_planes) each 8 as [x0 x2 x4 x6 x1 x3 x5 x7].
+void split_even_odd(const float* x, int64_t n16, float* xq, bool planes) {
+    if (planes) {
+        const __m256i perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+        for (int64_t i = 0; i < 2 * n16; ++i)
+            _mm256_store_ps(xq + 8 * i, _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8 * i), perm));
+        return;
+    }
     for (int64_t i = 0; i < n16; ++i) {
         const __m256 a = _mm256_loadu_ps(x + 16 * i), b = _mm256_loadu_ps(x + 16 * i + 8);
         // shuffle_ps works per 128-bit lane: [a0 a2 b0 b2 | a4 a6 b4 b6] -> qwords (0, 2, 1, 3).
@@ -415,7 +457,7 @@ void linear4(const QW4& q, const float* x, int64_t M, const float* bias, float* 
     const int64_t K = q.K;
     const size_t nx = (size_t)(M * K);
     float* xq = (float*)std::aligned_alloc(32, sizeof(float) * std::max<size_t>(16, (nx + 15) / 16 * 16));
-    split_even_odd(x, (int64_t)(nx / 16), xq);
+    split_even_odd(x, (int64_t)(nx / 16), xq, by_planes<DEC>());
     std::vector<float> xg;  // affine int4 at M == 1: sums of x per group
     if (DEC == DEC_AFF && M == 1) {
         xg.assign((size_t)q.G, 0.0f);
