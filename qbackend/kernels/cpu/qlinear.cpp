@@ -796,7 +796,7 @@ void dequant4_rows(const QW4& q, int64_t n0, int64_t n1, float* buf, int force_p
         return;
     }
 #endif
-    (void)force_portable;
+    if (!force_portable && qb::avx2_dequant4_rows(q, n0, n1, buf)) return;  // false outside the avx2 build
     dequant4_rows_scalar(q, n0, n1, buf, s, z);
 }
 

@@ -468,9 +468,74 @@ void linear4(const QW4& q, const float* x, int64_t M, const float* bias, float* 
     std::free(xq);
 }
 
+// Rows [n0, n1) of W in natural order, exactly as the reference: table[c] * constant, or
+// (c - zero point) * scale (one rounding each).
+template <int DEC>
+void dequant4_rows(const QW4& q, int64_t n0, int64_t n1, float* out) {
+    const int64_t K = q.K, G32 = K / 32;
+    const Lut L = make_lut(q);
+    const int lb = shift_of(q);
+    const int lnb = q.nbs > 0 ? ilog2(q.nbs) : 0;
+    const __m256i unplane = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // inverse of [0 2 4 6 1 3 5 7]
+    for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* cr = q.codes + n * K / 2;
+        float* o = out + (n - n0) * K;
+        int64_t first = 0, off = 0;
+        if (q.layout == LAYOUT_CODEBOOK) {
+            first = (n * K) >> lb;
+            off = n * K - (first << lb);
+        }
+        for (int64_t g = 0; g < G32; ++g) {
+            const int64_t j = (off + 32 * g) >> lb;
+            float sc, zp = 8.0f;
+            if (q.layout == LAYOUT_CODEBOOK) {
+                const int64_t b = first + j;
+                if (q.absmax) {
+                    sc = q.absmax[b];
+                } else {
+                    const float t = q.ntable[q.ncodes[b]] * q.nabsmax[b >> lnb];
+                    sc = t + *q.noffset;
+                }
+            } else {
+                sc = q.scale[n * q.G + j];
+                if (DEC == DEC_AFF) zp = (float)q.zp[n * q.G + j];
+            }
+            const __m256 sv = _mm256_set1_ps(sc);
+            __m256 w[4];
+            decode32<DEC>(cr + 16 * g, L, w);
+            if (DEC == DEC_AFF)
+                for (int i = 0; i < 4; ++i) w[i] = _mm256_sub_ps(w[i], _mm256_set1_ps(zp));
+            if (by_planes<DEC>()) {
+                for (int i = 0; i < 4; ++i)
+                    _mm256_storeu_ps(o + 32 * g + 8 * i, _mm256_mul_ps(_mm256_permutevar8x32_ps(w[i], unplane), sv));
+            } else {
+                for (int h = 0; h < 2; ++h) {  // 8 even + 8 odd elements -> 16 in order
+                    const __m256 lo = _mm256_unpacklo_ps(w[2 * h], w[2 * h + 1]);
+                    const __m256 hi = _mm256_unpackhi_ps(w[2 * h], w[2 * h + 1]);
+                    _mm256_storeu_ps(o + 32 * g + 16 * h, _mm256_mul_ps(_mm256_permute2f128_ps(lo, hi, 0x20), sv));
+                    _mm256_storeu_ps(o + 32 * g + 16 * h + 8, _mm256_mul_ps(_mm256_permute2f128_ps(lo, hi, 0x31), sv));
+                }
+            }
+        }
+    }
+}
+
 #endif  // QBA2
 
 }  // namespace
+
+bool qb::avx2_dequant4_rows(const QW4& q, int64_t n0, int64_t n1, float* out) {
+#if QBA2
+    if (!fused4_ok(q)) return false;
+    if (q.layout == LAYOUT_CODEBOOK) dequant4_rows<DEC_TABLE>(q, n0, n1, out);
+    else if (q.zp) dequant4_rows<DEC_AFF>(q, n0, n1, out);
+    else dequant4_rows<DEC_SYM>(q, n0, n1, out);
+    return true;
+#else
+    (void)q, (void)n0, (void)n1, (void)out;
+    return false;
+#endif
+}
 
 extern "C" {
 

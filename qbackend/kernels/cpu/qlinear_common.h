@@ -40,4 +40,8 @@ void pool_rows(int64_t N, int64_t grain, int nthreads, F& body) {
                  static_cast<void*>(&body));
 }
 
+// Exact dequantization of rows [n0, n1) of W into out[(n - n0) * K + k] by the AVX2 kernels
+// (qlinear_avx2.cpp); false (nothing written) outside the avx2 build or for shapes they don't cover.
+bool avx2_dequant4_rows(const QW4& q, int64_t n0, int64_t n1, float* out);
+
 }  // namespace qb
