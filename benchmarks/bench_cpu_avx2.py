@@ -94,7 +94,7 @@ def main() -> None:
             for m in args.ms:
                 x = torch.randn(m, k, generator=gen)
                 methods: dict[str, Callable[[], torch.Tensor]] = {}
-                methods["fp32 F.linear"] = lambda x=x: F.linear(x, w)
+                methods["fp32 F.linear"] = lambda x=x, w=w: F.linear(x, w)
                 errs: dict[str, float] = {}
                 for f, kw in weights.items():
                     want = F.linear(x, deq[f])
