@@ -3,13 +3,15 @@ fused kernels, against fp32 ``F.linear``, on any CPU with AVX2.
 
 Per layer shape and M: fp32 ``F.linear`` (torch's own, which uses whatever ISA this CPU has: on an
 AVX-512 machine it is NOT what an AVX2-only CPU would run), then per format the quantized op with
-the library built for "avx2" taking its old path (exact dequantization + BLAS: "avx2 panels") and
-its fused kernels ("avx2 fused"), and the "avx512" build where this CPU runs it. One process, the
+the library built for "avx2" as it was before its AVX2 kernels ("avx2 before": the portable
+path, scalar dequantization + BLAS) and as it is ("avx2"), and the "avx512" build where this CPU
+runs it. One process, the
 methods timed in interleaved rounds, medians; each method's max error against fp32 ``F.linear``
 on its own dequantized weight is checked (relative to max |y|) and printed.
 
     python benchmarks/bench_cpu_avx2.py                 # 4096x4096 and 384->1536, M in 1, 8, 64
     python benchmarks/bench_cpu_avx2.py --threads 1
+    python benchmarks/bench_cpu_avx2.py --ms 1 8 64 480
     python benchmarks/bench_cpu_avx2.py --rounds 1 --budget 0.002   # plumbing only
 """
 
@@ -35,33 +37,22 @@ FORMATS = {
 SHAPES = {"4096x4096": (4096, 4096), "384->1536": (1536, 384)}  # (N, K)
 
 
-class _NoFused:
-    """Stands in for the AVX2 kernel module: every fused call reports "not covered" (the old path)."""
-
-    @staticmethod
-    def linear4(*_args) -> None:
-        return None
-
-    @staticmethod
-    def linear8(*_args) -> None:
-        return None
-
-
 def _variants() -> dict[str, tuple]:
-    """name -> (library, AVX2 kernel module) of each build this CPU can run."""
+    """name -> (library, portable) of each build this CPU can run. "avx2 before" is the avx2 build as
+    it was without its AVX2 kernels: the portable path (scalar dequantization + BLAS)."""
     avx2 = _build.load_variant("avx2")
     _build.set_blas(avx2)
-    out = {"avx2 panels": (avx2, _NoFused), "avx2 fused": (avx2, cpu._avx2)}
+    out = {"avx2 before": (avx2, True), "avx2": (avx2, False)}
     if _build.cpu_variant() == "avx512":
         avx512 = _build.load_variant("avx512")
         _build.set_blas(avx512)
-        out["avx512"] = (avx512, cpu._avx2)
+        out["avx512"] = (avx512, False)
     return out
 
 
-def _with(lib, fused, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+def _with(lib, portable: bool, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     def call() -> torch.Tensor:
-        cpu.lib, cpu._avx2 = (lambda: lib), fused
+        cpu.lib, cpu._force_portable = (lambda: lib), portable
         return fn()
 
     return call
@@ -83,7 +74,7 @@ def main() -> None:
     _common.apply_threads(args)
     print(_common.header(extra=f"threads {torch.get_num_threads()}"))
     variants = _variants()
-    saved = cpu.lib, cpu._avx2
+    saved = cpu.lib, cpu._force_portable
     gen = torch.Generator().manual_seed(0)
     rows = []
     try:
@@ -98,8 +89,8 @@ def main() -> None:
                 errs: dict[str, float] = {}
                 for f, kw in weights.items():
                     want = F.linear(x, deq[f])
-                    for v, (lib, fused) in variants.items():
-                        fn = _with(lib, fused, lambda x=x, kw=kw: quantized_linear(x, kw))
+                    for v, (lib, portable) in variants.items():
+                        fn = _with(lib, portable, lambda x=x, kw=kw: quantized_linear(x, kw))
                         errs[f"{f} | {v}"] = float((fn() - want).abs().max() / want.abs().max())
                         methods[f"{f} | {v}"] = fn
                 calls = {name: _calls(fn, args.budget) for name, fn in methods.items()}
@@ -108,7 +99,7 @@ def main() -> None:
                 rows.append((shape, m, med, errs))
                 print(f"# {shape} M={m} done; {_common.load_line()}", flush=True)
     finally:
-        cpu.lib, cpu._avx2 = saved
+        cpu.lib, cpu._force_portable = saved
 
     names = list(variants)
     print(f"\n## Time per call (us) and speed vs fp32 F.linear (x), threads {torch.get_num_threads()}\n")
