@@ -8,11 +8,11 @@
 //
 // Decoding: AVX2 has no 16-entry float permute. A codebook value is assembled from the table's 4
 // byte planes: the 32 nibbles of 16 code bytes index each plane with one vpshufb (16 entries per
-// 128-bit lane) and two rounds of unpacks rebuild the floats (with QBA2_PSHUFB=0: vpermps on each
-// table half + vblendvps on bit 3, measured slower). int4 codes are converted directly (code - 8,
-// or code for affine groups: exact integers). The decoded lanes hold the nibbles in a fixed
-// permuted order, so x is permuted to match once per call (xq). A group of 32 never straddles a
-// block, so each needs one constant.
+// 128-bit lane) and two rounds of unpacks rebuild the floats (QBA2_PSHUFB=0: vpermps on each table
+// half + vblendvps on bit 3, ~10% slower at M = 1 on Zen 4). int4 codes are converted directly
+// (code - 8, or code for affine groups: exact integers). The decoded lanes hold the nibbles in a
+// fixed permuted order, so x is permuted to match once per call (xq). A group of 32 never
+// straddles a block, so each needs one constant.
 //
 // Numerics are those of the AVX-512 kernels: per group sum(table[c] * x) * constant, affine int4
 // as sum(c * x) * s - zp * s * sum(x) (GEMV) or (c * s - zp * s) * x (GEMM); nested constants
