@@ -12,8 +12,10 @@ machines with ``benchmarks/bench_cpu_linear.py``; figures in ``benchmarks/result
 * larger M: each thread dequantizes panels of rows of W (exactly) into a cache-sized buffer and
   multiplies them with torch's own BLAS ``sgemm_`` called single-threaded from C++ (without that
   BLAS: the same panels multiplied with torch.mm from Python).
-* CPUs without AVX-512, and shapes the fused kernels do not cover (K % 32 != 0, block/group sizes
-  that are not powers of two >= 32): the same exact dequantization (scalar) + BLAS path.
+* CPUs with AVX2 + FMA but no AVX-512 (the "avx2" build): the same fused kernels in 256-bit
+  registers (``qlinear_avx2.cpp``, called through :mod:`.avx2`), same coverage and numerics.
+* Shapes the fused kernels do not cover (K % 32 != 0, block/group sizes that are not powers of two
+  >= 32), larger M on AVX2, and CPUs without AVX2: the same exact dequantization (scalar) + BLAS path.
   Without the C++ library at all (no compiler): the pure-torch reference, with a warning.
 
 All paths compute in fp32 and return x's dtype. The ``*_grad_input`` functions compute
@@ -30,6 +32,7 @@ from torch import Tensor
 from .. import ops
 from .. import reference as ref
 from . import _build, finite
+from . import avx2 as _avx2
 from . import compute as _compute
 from . import w8a8 as _w8a8
 
@@ -176,6 +179,10 @@ def _linear4(L, q, x: Tensor, bias: Tensor | None, n: int, k: int) -> Tensor:
         y = torch.empty(m, n, dtype=torch.float32)
         if L.qb4_linear(q.ref, x2.data_ptr(), m, None if b is None else b.data_ptr(), y.data_ptr(), nt, 0) == 0:
             return _out(y, x, n)
+    elif m <= FUSED_MAX_M and not _force_portable:
+        y = _avx2.linear4(L, q, x2, b, n, nt)
+        if y is not None:
+            return _out(y, x, n)
 
     if _build.has_blas():
         y = torch.empty(m, n, dtype=torch.float32)
@@ -294,6 +301,10 @@ def _int8_y(L, x2: Tensor, codes: Tensor, scale: Tensor, b: Tensor | None, n: in
     if m <= FUSED_MAX_M_INT8 and not _force_portable and L.qb_has_avx512():
         y = torch.empty(m, n, dtype=torch.float32)
         if L.qb8_linear(codes.data_ptr(), scale.data_ptr(), n, k, x2.data_ptr(), m, _ptr(b), y.data_ptr(), nt, 0) == 0:
+            return y
+    elif m <= FUSED_MAX_M_INT8 and not _force_portable:
+        y = _avx2.linear8(L, codes, scale, x2, b, n, k, nt)
+        if y is not None:
             return y
 
     if _build.has_blas():

@@ -30,6 +30,7 @@ ABI_VERSION = 5
 # Every C++ source beside this file goes into the one library (each kernel family in its own file;
 # code for ISA extensions beyond the variant's flags uses target attributes + a run-time CPU check).
 _SRCS = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
+_HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))  # part of the cache key, not compiled on their own
 
 # Explicit ISA flags instead of -march=native: the binary then runs on every CPU of that class.
 _VARIANTS = {
@@ -115,7 +116,7 @@ def library_path(variant: str) -> tuple[Path, list[str], str]:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
     flags = _BASE_FLAGS + _VARIANTS[variant]
     h = hashlib.sha256()
-    for part in (*(src.read_bytes() for src in _SRCS), " ".join(flags).encode(), str(version).encode(),
+    for part in (*(src.read_bytes() for src in (*_SRCS, *_HEADERS)), " ".join(flags).encode(), str(version).encode(),
                  str(ABI_VERSION).encode()):  # fmt: skip
         h.update(part)
     path = _cache_dir() / f"qlinear_{variant}_{h.hexdigest()[:16]}.so"

@@ -9,7 +9,8 @@
 // the high nibble of byte i/2 when i is even). Codebook blocks run over the flattened weight
 // (they may straddle rows); int4 groups run along K within a row.
 //
-// Kernels (AVX-512 builds; other CPUs get the exact scalar dequantization + BLAS path only):
+// Kernels (AVX-512 builds; AVX2 builds have their own fused kernels in qlinear_avx2.cpp, other
+// CPUs the exact scalar dequantization + BLAS path only):
 // * fused 4-bit GEMV / small-M GEMM (K % 32 == 0, power-of-two blocks/groups >= 32): see the
 //   comment above gemv4_row; codes are decoded in registers and never materialised.
 // * int8 GEMV / small-M GEMM: vpmovsxbd + cvt + FMA, per-channel scale once per output.
@@ -24,6 +25,8 @@
 #include <thread>
 #include <vector>
 #include <unistd.h>
+
+#include "qlinear_common.h"
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #define QB_AVX512 1
@@ -32,27 +35,6 @@
 #endif
 
 extern "C" {
-
-// How a 4-bit code becomes a value; mirrors qbackend.kernels.cpu._build.CODEBOOK / INT4.
-enum Layout : int32_t {
-    LAYOUT_CODEBOOK = 0,  // nf4, fp4: table[code] * absmax[block]
-    LAYOUT_INT4 = 1,      // (code - zero point) * scale[group]
-};
-
-// Mirrors qbackend.kernels.cpu._build.QW4 (ctypes.Structure); keep the two in sync.
-struct QW4 {
-    const uint8_t* codes;    // (N*K+1)/2 packed bytes
-    const float* absmax;     // codebook, plain constants: [ceil(N*K/bs)], else null
-    const uint8_t* ncodes;   // codebook, nested: 8-bit codes of the centred constants
-    const float* nabsmax;    // codebook, nested: fp32 absmax per nested block
-    const float* ntable;     // codebook, nested: 256-entry dynamic map
-    const float* table;      // codebook: 16-entry code table; null for int4
-    const float* scale;      // int4: [N, G]
-    const uint8_t* zp;       // int4 affine: [N, G]; null for symmetric (zero point 8)
-    const float* noffset;    // codebook, nested: offset (1 value)
-    int32_t layout;          // enum Layout
-    int64_t N, K, bs, nbs, G;
-};
 
 int qb_abi_version() { return 5; }
 int qb_has_avx512() { return QB_AVX512; }
@@ -672,6 +654,15 @@ void pool_rows(int64_t N, int64_t grain, int nthreads, F&& body) {
     pool_rows_slot(N, grain, nthreads, [&](int64_t n0, int64_t n1, int) { body(n0, n1); });
 }
 
+}  // namespace
+
+// The pool for the other kernel files (declared in qlinear_common.h).
+void qb::pool_rows_fn(int64_t N, int64_t grain, int nthreads, void (*fn)(void*, int64_t, int64_t), void* ctx) {
+    ::pool_rows(N, grain, nthreads, [&](int64_t a, int64_t b) { fn(ctx, a, b); });
+}
+
+namespace {
+
 // Exact dequantization of rows [n0, n1) into buf (defined with the panel paths below).
 void dequant4_rows(const QW4& q, int64_t n0, int64_t n1, float* buf, int force_portable);
 void dequant8_rows(const int8_t* codes, const float* scale, int64_t K, int64_t n0, int64_t n1, float* buf);
@@ -812,7 +803,7 @@ void dequant4_rows(const QW4& q, int64_t n0, int64_t n1, float* buf, int force_p
         return;
     }
 #endif
-    (void)force_portable;
+    if (!force_portable && qb::avx2_dequant4_rows(q, n0, n1, buf)) return;  // false outside the avx2 build
     dequant4_rows_scalar(q, n0, n1, buf, s, z);
 }
 
