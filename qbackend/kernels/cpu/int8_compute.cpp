@@ -9,8 +9,8 @@
 // Layout tricks (no weight repacking; the canonical tensors are read directly):
 // * Weights go to vpdpbusd as UNSIGNED bytes: 4-bit codes through a 16-entry vpshufb LUT holding the
 //   table image + 128 (NF4/FP4) or as the code itself (int4), int8 codes xor 0x80 (= w + 128). The
-//   offset costs one correction per 32-block, - offset * sum(xq of the block), shared by all rows of
-//   W and folded into the int32 accumulator's start value (affine int4: - zp * sum per row, vpmaddwd).
+//   offset costs one correction per int32 lane, - offset * sum(the xq of that lane), shared by all
+//   rows of W and made the accumulator's start value (affine int4: - zp * sum per row, vpmaddwd).
 // * Canonical 4-bit codes hold element 2i in the high nibble of byte i: the activations of each
 //   128-element chunk are stored as [64 even k, 64 odd k] once per call, so one 64-byte code load
 //   gives two u8 vectors (high and low nibbles) that line up with the two activation vectors.
@@ -66,7 +66,7 @@ int ilog2(int64_t v) {
 // Quantized activations of one call. Chunks of CH = 128 (4-bit weights: [64 even k, 64 odd k]) or
 // 64 (int8 weights: natural order) elements of K; per chunk a 16-lane fp32 scale vector (the scale
 // of the block each int32 lane of the accumulator belongs to) and a 16-lane int32 start vector
-// (-offset * block sum in the first lane of each block, or the bare block sum for affine int4).
+// (-offset * the sum of the int8 values that lane multiplies, or the bare sum for affine int4).
 struct Act {
     int64_t M = 0, K = 0, Kp = 0, nch = 0, ch = 0;
     int8_t* xq = nullptr;   // [M, Kp]
@@ -103,7 +103,6 @@ QBI8_TARGET void quantize_rows(const float* x, Act& a, int64_t m0, int64_t m1, i
         for (int64_t c = 0; c < nch; ++c) {
             alignas(64) int8_t q[128];
             alignas(64) float s[4];
-            alignas(64) int32_t sums[4];
             for (int b = 0; b < bpc; ++b) {
                 const int64_t k0 = c * ch + 32 * b;
                 const int64_t rem = K - k0;
@@ -132,26 +131,30 @@ QBI8_TARGET void quantize_rows(const float* x, Act& a, int64_t m0, int64_t m1, i
                     q1 = _mm512_min_epi32(_mm512_max_epi32(q1, lo127), hi127);
                 }
                 s[b] = sc;
-                sums[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
                 _mm_store_si128((__m128i*)(q + 32 * b), _mm512_cvtepi32_epi8(q0));
                 _mm_store_si128((__m128i*)(q + 32 * b + 16), _mm512_cvtepi32_epi8(q1));
             }
+            // Lane sums of the int8 values: the offset correction of each int32 lane is made in that
+            // lane, so every lane holds an exact signed partial dot product (no large offset terms
+            // cancelling across lanes in fp32).
+            __m512i lsum;
+            const __m512i ones = _mm512_set1_epi8(1);
             if (ch == 128) {
                 const __m512i lo = _mm512_load_si512(q), hi = _mm512_load_si512(q + 64);
-                _mm512_storeu_si512(qr + c * 128, _mm512_permutex2var_epi8(lo, ev, hi));
-                _mm512_storeu_si512(qr + c * 128 + 64, _mm512_permutex2var_epi8(lo, od, hi));
+                const __m512i xe = _mm512_permutex2var_epi8(lo, ev, hi), xo = _mm512_permutex2var_epi8(lo, od, hi);
+                _mm512_storeu_si512(qr + c * 128, xe);
+                _mm512_storeu_si512(qr + c * 128 + 64, xo);
+                lsum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xe), ones, xo);
             } else {
-                _mm512_storeu_si512(qr + c * 64, _mm512_load_si512(q));
+                const __m512i xv = _mm512_load_si512(q);
+                _mm512_storeu_si512(qr + c * 64, xv);
+                lsum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xv);
             }
             alignas(64) float svl[16];
-            alignas(64) int32_t cvl[16];
-            for (int l = 0; l < 16; ++l) {
-                const int b = l / lanes_per_block;
-                svl[l] = s[b] * sv_mul;
-                cvl[l] = (l % lanes_per_block == 0) ? (affine ? sums[b] : -off * sums[b]) : 0;
-            }
+            for (int l = 0; l < 16; ++l) svl[l] = s[l / lanes_per_block] * sv_mul;
             _mm512_storeu_ps(a.sv + (m * nch + c) * 16, _mm512_load_ps(svl));
-            _mm512_storeu_si512(a.cv + (m * nch + c) * 16, _mm512_load_si512(cvl));
+            const __m512i cvv = affine ? lsum : _mm512_mullo_epi32(lsum, _mm512_set1_epi32(-off));
+            _mm512_storeu_si512(a.cv + (m * nch + c) * 16, cvv);
         }
         a.bad[m] = bad;
     }
