@@ -32,6 +32,10 @@ FORMATS = {
 SHAPES = {"4096x4096": (4096, 4096), "384->1536": (1536, 384), "1536->384": (384, 1536)}
 
 
+def _row(r: dict) -> str:
+    return f"| {r['shape']} | {r['M']} | {r['method']} | {r['median_ms']:.3f} | {r['ratio']:.2f}x | {r['rel_err']:.1e} |"
+
+
 def bench(shape: str, ms: list[int], rounds: int, calls: int, fp32_kernels: bool) -> list[dict]:
     torch.manual_seed(0)
     n, k = SHAPES[shape]
@@ -67,6 +71,7 @@ def bench(shape: str, ms: list[int], rounds: int, calls: int, fp32_kernels: bool
                 med = statistics.median(ts)
                 rows.append({"shape": shape, "M": m, "method": name, "median_ms": med * 1e3, "ratio": base / med,
                              "rel_err": errors[name], "calls": len(ts)})  # fmt: skip
+                print(_row(rows[-1]), flush=True)
     return rows
 
 
@@ -85,15 +90,19 @@ def main() -> None:
         a.rounds, a.calls = 2, 5
     ms = [int(v) for v in a.ms.split(",")]
     print(_common.header(extra=f"threads {torch.get_num_threads()}"))
+    print("\n| shape | M | method | median ms | ratio to fp32 F.linear | rel. error |")
+    print("|---|---:|---|---:|---:|---:|", flush=True)
     rows = []
     for shape in a.shapes.split(","):
         rows += bench(shape, ms, a.rounds, a.calls, not a.no_fp32_kernels)
-    print(f"# {_common.load_line('load average at the end')}")
-    print("\n| shape | M | method | median ms | ratio to fp32 F.linear | rel. error |")
-    print("|---|---:|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['shape']} | {r['M']} | {r['method']} | {r['median_ms']:.3f} | {r['ratio']:.2f}x "
-              f"| {r['rel_err']:.1e} |")  # fmt: skip
+    print(f"\n# {_common.load_line('load average at the end')}")
+    print("\n| shape | M | " + " | ".join(FORMATS) + " | (int8 compute, ratio to fp32 F.linear) |")
+    print("|---|---:|" + "---:|" * (len(FORMATS) + 1))
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for m in dict.fromkeys(r["M"] for r in rows if r["shape"] == shape):
+            got = {r["method"]: r["ratio"] for r in rows if r["shape"] == shape and r["M"] == m}
+            print(f"| {shape} | {m} | " + " | ".join(_common.fmt(got.get(f"{f} int8"), ".2f", "x") for f in FORMATS)
+                  + " | |")  # fmt: skip
 
 
 if __name__ == "__main__":

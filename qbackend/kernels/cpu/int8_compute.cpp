@@ -345,6 +345,185 @@ QBI8_TARGET void tile8(const Ctx8& cx, int64_t m0, int64_t n0) {
         }
 }
 
+// ---- larger M: a GEMM with 16 rows of x per vector ----------------------------------------------
+//
+// For M >= g_gemm_min_m the activations are transposed once per call into groups of 16 rows, 4 bytes
+// (one vpdpbusd word) per lane: xT[group][block j][word w][16 rows]. Rows of W are decoded once per
+// tile into unsigned bytes in the same block-major word order, and each weight word is broadcast
+// against the 16-row activation vectors: an int32 lane then sums a whole 32-block (8 words) of one
+// row of x before the one fp32 scaling of that block, so 8 vpdpbusd share each conversion.
+int64_t g_gemm_min_m = 32;  // tuning knob (qbi8_set_gemm_min_m)
+
+struct ActT {
+    int64_t G = 0, nblk = 0;  // groups of 16 rows, 32-blocks of K
+    int32_t* xT = nullptr;    // [G, nblk, 8, 16]
+    int32_t* cT = nullptr;    // [G, nblk, 16]: start values (-offset * block sum, affine: block sum)
+    float* sT = nullptr;      // [G, nblk, 16]: activation block scales (times the table's 1/c)
+};
+
+// Byte offset in a row of Act.xq of word w (0..7) of block j, in the order the decoded weights use.
+inline int64_t word_offset(int64_t ch, int64_t j, int w) {
+    if (ch == 64) return 32 * j + 4 * w;
+    const int64_t c = j / 4, b = j % 4;
+    return 128 * c + (w < 4 ? 16 * b + 4 * w : 64 + 16 * b + 4 * (w - 4));
+}
+
+QBI8_TARGET void transpose_groups(const Act& a, ActT& t, int64_t g0, int64_t g1) {
+    const int bpc = (int)(a.ch / 32), lpb = 16 / bpc;
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t g = g0; g < g1; ++g) {
+        const int64_t rows = std::min<int64_t>(16, a.M - 16 * g);
+        const __mmask16 mk = (__mmask16)((1u << rows) - 1);
+        const __m512i m = _mm512_add_epi32(_mm512_set1_epi32((int)(16 * g)), iota);
+        const __m512i xrow = _mm512_mullo_epi32(m, _mm512_set1_epi32((int)a.Kp));
+        const __m512i vrow = _mm512_mullo_epi32(m, _mm512_set1_epi32((int)(a.nch * 16)));
+        for (int64_t j = 0; j < t.nblk; ++j) {
+            int32_t* xo = t.xT + ((g * t.nblk + j) * 8) * 16;
+            for (int w = 0; w < 8; ++w) {
+                const __m512i idx = _mm512_add_epi32(xrow, _mm512_set1_epi32((int)word_offset(a.ch, j, w)));
+                _mm512_store_si512(xo + 16 * w, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, idx, a.xq, 1));
+            }
+            const int64_t c = j / bpc, b = j % bpc;
+            const __m512i vi = _mm512_add_epi32(vrow, _mm512_set1_epi32((int)(c * 16 + b * lpb)));
+            __m512i cs = _mm512_setzero_si512();
+            for (int l = 0; l < lpb; ++l)
+                cs = _mm512_add_epi32(cs, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk,
+                                                                       _mm512_add_epi32(vi, _mm512_set1_epi32(l)), a.cv, 4));
+            _mm512_store_si512(t.cT + (g * t.nblk + j) * 16, cs);
+            _mm512_store_ps(t.sT + (g * t.nblk + j) * 16, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, vi, a.sv, 4));
+        }
+    }
+}
+
+// Row n of W as unsigned bytes (weight + offset), block-major: block j at d + 32 j, its 8 words in
+// word_offset order.
+template <int KIND>  // 0 codebook, 1/2 int4, 3 int8
+QBI8_TARGET void decode_row(const QI8W& w, int64_t n, uint8_t* d) {
+    const int64_t K = w.K;
+    if (KIND == 3) {
+        const uint8_t* src = w.codes + n * K;
+        const __m512i flip = _mm512_set1_epi8((char)0x80);
+        for (int64_t k = 0; k < K; k += 64) {
+            const __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (__mmask64)((uint64_t(1) << (K - k)) - 1);
+            _mm512_store_si512(d + k, _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, src + k), flip));
+        }
+        return;
+    }
+    const uint8_t* src = w.codes + n * (K / 2);
+    const __m512i lut = _mm512_broadcast_i32x4(_mm_add_epi8(_mm_loadu_si128((const __m128i*)w.lut), _mm_set1_epi8((char)0x80)));
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    const __m512i i0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), i1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    for (int64_t c = 0; 128 * c < K; ++c) {
+        const int64_t nb = std::min<int64_t>(64, (K - 128 * c) / 2);
+        const __mmask64 mk = nb == 64 ? ~(__mmask64)0 : (__mmask64)((uint64_t(1) << nb) - 1);
+        const __m512i v = _mm512_maskz_loadu_epi8(mk, src + 64 * c);
+        __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        if (KIND == 0) {
+            lo = _mm512_shuffle_epi8(lut, lo);
+            hi = _mm512_shuffle_epi8(lut, hi);
+        }
+        _mm512_store_si512(d + 128 * c, _mm512_permutex2var_epi64(hi, i0, lo));
+        _mm512_store_si512(d + 128 * c + 64, _mm512_permutex2var_epi64(hi, i1, lo));
+    }
+}
+
+struct CtxG {
+    const QI8W* w;
+    const ActT* t;
+    const float* bias;
+    float* y;
+    int64_t M;
+    int sh;
+};
+
+template <int NR, int MV, int KIND>
+QBI8_TARGET void gemm_tile(const CtxG& cx, int64_t n0, int64_t g0, const uint8_t* const* d, const float* const* ws,
+                           const int32_t* const* zb) {
+    const ActT& t = *cx.t;
+    const int64_t nblk = t.nblk;
+    const int sh = cx.sh;
+    __m512 acc[NR][MV];
+    for (int r = 0; r < NR; ++r)
+        for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nblk; ++j) {
+        __m512i ia[NR][MV];
+        for (int v = 0; v < MV; ++v) {
+            const __m512i c0 = _mm512_load_si512(t.cT + ((g0 + v) * nblk + j) * 16);
+            for (int r = 0; r < NR; ++r)
+                ia[r][v] = KIND == 2 ? _mm512_mullo_epi32(c0, _mm512_set1_epi32((int16_t)zb[r][j >> sh])) : c0;
+        }
+        for (int wd = 0; wd < 8; ++wd) {
+            __m512i xv[MV];
+            for (int v = 0; v < MV; ++v) xv[v] = _mm512_load_si512(t.xT + (((g0 + v) * nblk + j) * 8 + wd) * 16);
+            for (int r = 0; r < NR; ++r) {
+                int32_t word;
+                std::memcpy(&word, d[r] + 32 * j + 4 * wd, 4);
+                const __m512i wb = _mm512_set1_epi32(word);
+                for (int v = 0; v < MV; ++v) ia[r][v] = _mm512_dpbusd_epi32(ia[r][v], wb, xv[v]);
+            }
+        }
+        for (int v = 0; v < MV; ++v) {
+            const __m512 st = _mm512_load_ps(t.sT + ((g0 + v) * nblk + j) * 16);
+            for (int r = 0; r < NR; ++r) {
+                const __m512 sc = KIND == 3 ? st : _mm512_mul_ps(st, _mm512_set1_ps(ws[r][j >> sh]));
+                acc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r][v]), sc, acc[r][v]);
+            }
+        }
+    }
+    const QI8W& w = *cx.w;
+    for (int r = 0; r < NR; ++r) {
+        const int64_t n = n0 + r;
+        const float rs = KIND == 3 ? w.scale[n] : 1.0f;
+        const float b = cx.bias ? cx.bias[n] : 0.0f;
+        for (int v = 0; v < MV; ++v) {
+            alignas(64) float out[16];
+            _mm512_store_ps(out, acc[r][v]);
+            const int64_t mbase = 16 * (g0 + v);
+            const int64_t cnt = std::min<int64_t>(16, cx.M - mbase);
+            for (int64_t l = 0; l < cnt; ++l) cx.y[(mbase + l) * w.N + n] = (KIND == 3 ? out[l] * rs : out[l]) + b;
+        }
+    }
+}
+
+template <int NR, int KIND>
+QBI8_TARGET void gemm_rows(const CtxG& cx, int64_t n0, int64_t g0, int64_t g1, const uint8_t* const* d,
+                           const float* const* ws, const int32_t* const* zb) {
+    int64_t g = g0;
+    for (; g + 2 <= g1; g += 2) gemm_tile<NR, 2, KIND>(cx, n0, g, d, ws, zb);
+    if (g < g1) gemm_tile<NR, 1, KIND>(cx, n0, g, d, ws, zb);
+}
+
+template <int KIND>
+QBI8_TARGET void run_gemm(const CtxG& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t g0, int64_t g1) {
+    const QI8W& w = *cx.w;
+    constexpr int NR = 4;
+    const size_t len = (size_t)(w.K / 32 + 16);
+    const size_t dlen = (size_t)((w.K + 127) / 128 * 128);
+    float* wsb = scratch<float>(0, NR * len);
+    int32_t* zbb = scratch<int32_t>(1, NR * len);
+    uint8_t* db = (uint8_t*)(((uintptr_t)scratch<uint8_t>(2, NR * dlen + 64) + 63) & ~(uintptr_t)63);
+    const uint8_t* d[NR];
+    const float* ws[NR];
+    const int32_t* zb[NR];
+    int64_t n = n0;
+    while (n < n1) {
+        const int nr = (int)std::min<int64_t>(NR, n1 - n);
+        for (int r = 0; r < nr; ++r) {
+            uint8_t* dr = db + r * dlen;
+            decode_row<KIND>(w, n + r, dr);
+            if (KIND != 3) row_scales(w, rs, n + r, wsb + r * len, KIND == 2 ? zbb + r * len : nullptr);
+            d[r] = dr;
+            ws[r] = wsb + r * len;
+            zb[r] = zbb + r * len;
+        }
+        if (nr == 4) gemm_rows<4, KIND>(cx, n, g0, g1, d, ws, zb);
+        else if (nr == 3) gemm_rows<3, KIND>(cx, n, g0, g1, d, ws, zb);
+        else if (nr == 2) gemm_rows<2, KIND>(cx, n, g0, g1, d, ws, zb);
+        else gemm_rows<1, KIND>(cx, n, g0, g1, d, ws, zb);
+        n += nr;
+    }
+}
+
 // ---- drivers ----------------------------------------------------------------------------------------
 
 constexpr int MR_MAX = 6;
@@ -473,6 +652,36 @@ QBI8_TARGET void quantize_all(const float* x, Act& a, int32_t off, bool affine, 
     pool_run(nblk, nthreads, body);
 }
 
+QBI8_TARGET void gemm_all(const QI8W& w, const Act& a, const float* bias, float* y, int nthreads, bool affine) {
+    ActT t;
+    t.G = (a.M + 15) / 16;
+    t.nblk = w.K / 32;
+    thread_local std::vector<int32_t> tbuf;
+    const size_t xn = (size_t)(t.G * t.nblk * 8 * 16), vn = (size_t)(t.G * t.nblk * 16);
+    if (tbuf.size() < xn + 2 * vn + 16) tbuf.resize(xn + 2 * vn + 16);
+    int32_t* p = (int32_t*)(((uintptr_t)tbuf.data() + 63) & ~(uintptr_t)63);
+    t.xT = p;
+    t.cT = p + xn;
+    t.sT = (float*)(p + xn + vn);
+    auto tr = [&](int64_t g, int) { transpose_groups(a, t, g, g + 1); };
+    pool_run(t.G, nthreads, tr);
+
+    const RowScales rs = row_scale_form(w);
+    const CtxG cx{&w, &t, bias, y, a.M, rs.sh};
+    const int64_t gb = 8;  // groups of 16 rows per unit: 128 rows of x stay in L2 while W streams
+    const Units u(w.N, t.G, pick_nb(w.N, a.M, nthreads), gb);
+    auto body = [&](int64_t i, int) {
+        const int64_t in = i / u.n_units_m, im = i % u.n_units_m;
+        const int64_t n0 = in * u.nb, n1 = std::min(w.N, n0 + u.nb);
+        const int64_t g0 = im * u.mb, g1 = std::min(t.G, g0 + u.mb);
+        if (w.kind == KIND_INT8) run_gemm<3>(cx, rs, n0, n1, g0, g1);
+        else if (w.kind == KIND_CODEBOOK) run_gemm<0>(cx, rs, n0, n1, g0, g1);
+        else if (affine) run_gemm<2>(cx, rs, n0, n1, g0, g1);
+        else run_gemm<1>(cx, rs, n0, n1, g0, g1);
+    };
+    pool_run(u.count(), nthreads, body);
+}
+
 QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const float* bias, float* y, int nthreads) {
     const bool four = w.kind != KIND_INT8;
     const bool affine = w.kind == KIND_INT4 && w.zp != nullptr;
@@ -500,6 +709,10 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
     int64_t nbad = 0;
     for (int64_t m = 0; m < M; ++m) nbad += a.bad[m];
 
+    if (M >= g_gemm_min_m) {
+        gemm_all(w, a, bias, y, nthreads, affine);
+        return nbad;
+    }
     const int64_t mb = 64;
     const Units u(w.N, M, pick_nb(w.N, M, nthreads), mb);
     const int64_t tail = w.K % a.ch;
@@ -533,6 +746,9 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
 extern "C" {
 
 int qbi8_supported(const QI8W* w) { return cpu_ok() && shape_ok(*w); }
+
+// Rows of x from which the GEMM kernel runs (benchmarks tune it).
+void qbi8_set_gemm_min_m(int64_t m) { g_gemm_min_m = m; }
 
 // y[M, N] = x[M, K] @ W^T (+ bias) in the "int8" compute mode. Returns the number of rows of x
 // holding NaN/Inf (their y rows are garbage: the caller recomputes them in fp32), or -1 if the
