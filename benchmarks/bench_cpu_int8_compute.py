@@ -33,7 +33,8 @@ SHAPES = {"4096x4096": (4096, 4096), "384->1536": (1536, 384), "1536->384": (384
 
 
 def _row(r: dict) -> str:
-    return f"| {r['shape']} | {r['M']} | {r['method']} | {r['median_ms']:.3f} | {r['ratio']:.2f}x | {r['rel_err']:.1e} |"
+    return (f"| {r['shape']} | {r['M']} | {r['method']} | {r['median_ms']:.3f} | {r['ratio']:.2f}x "
+            f"| {r['rel_err']:.1e} |")  # fmt: skip
 
 
 def bench(shape: str, ms: list[int], rounds: int, calls: int, fp32_kernels: bool) -> list[dict]:
