@@ -537,15 +537,25 @@ QBI8_TARGET void rows4_mtile(const Ctx4& cx, int64_t m0, int64_t m1, int64_t n0,
     }
 }
 
-template <int KIND>
-QBI8_TARGET void run4(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
+int g_small_nr = 4;  // rows of W per tile when M <= 2 (tuning knob, qbi8_set_small_nr): 2 or 4
+
+// M <= 2: the only tile heights.
+template <int NR, int KIND>
+QBI8_TARGET void rows4_small(const Ctx4& cx, int64_t m0, int64_t m1, int64_t n0, const float* const* ws,
+                             const int32_t* const* zb) {
+    if (m1 - m0 == 2) tile4<2, NR, KIND>(cx, m0, n0, ws, zb);
+    else tile4<1, NR, KIND>(cx, m0, n0, ws, zb);
+}
+
+template <int NR, int KIND>
+QBI8_TARGET void run4_nr(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
     const QI8W& w = *cx.w;
     const size_t len = (size_t)(w.K / 32 + 16);
-    constexpr int NR = 2;
     float* wsb = scratch<float>(0, NR * len);
     int32_t* zbb = scratch<int32_t>(1, NR * len);
     const float* ws[NR];
     const int32_t* zb[NR];
+    const bool small = m1 - m0 <= 2;
     int64_t n = n0;
     for (; n + NR <= n1; n += NR) {
         for (int r = 0; r < NR; ++r) {
@@ -553,7 +563,8 @@ QBI8_TARGET void run4(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n
             ws[r] = wsb + r * len;
             zb[r] = zbb + r * len;
         }
-        rows4_mtile<NR, KIND>(cx, m0, m1, n, ws, zb);
+        if (small) rows4_small<NR, KIND>(cx, m0, m1, n, ws, zb);
+        else rows4_mtile<NR, KIND>(cx, m0, m1, n, ws, zb);
     }
     for (; n < n1; ++n) {
         row_scales(w, rs, n, wsb, KIND == 2 ? zbb : nullptr);
@@ -561,6 +572,12 @@ QBI8_TARGET void run4(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n
         zb[0] = zbb;
         rows4_mtile<1, KIND>(cx, m0, m1, n, ws, zb);
     }
+}
+
+template <int KIND>
+QBI8_TARGET void run4(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
+    if (m1 - m0 <= 2 && g_small_nr == 4) run4_nr<4, KIND>(cx, rs, n0, n1, m0, m1);
+    else run4_nr<2, KIND>(cx, rs, n0, n1, m0, m1);
 }
 
 template <int NR>
@@ -577,11 +594,20 @@ QBI8_TARGET void rows8_mtile(const Ctx8& cx, int64_t m0, int64_t m1, int64_t n0)
     }
 }
 
-QBI8_TARGET void run8(const Ctx8& cx, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
-    constexpr int NR = 2;
+template <int NR>
+QBI8_TARGET void run8_nr(const Ctx8& cx, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
     int64_t n = n0;
-    for (; n + NR <= n1; n += NR) rows8_mtile<NR>(cx, m0, m1, n);
+    for (; n + NR <= n1; n += NR) {
+        if (m1 - m0 == 1) tile8<1, NR>(cx, m0, n);
+        else if (m1 - m0 == 2) tile8<2, NR>(cx, m0, n);
+        else rows8_mtile<NR>(cx, m0, m1, n);
+    }
     for (; n < n1; ++n) rows8_mtile<1>(cx, m0, m1, n);
+}
+
+QBI8_TARGET void run8(const Ctx8& cx, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
+    if (m1 - m0 <= 2 && g_small_nr == 4) run8_nr<4>(cx, n0, n1, m0, m1);
+    else run8_nr<2>(cx, n0, n1, m0, m1);
 }
 
 // Work units: (block of rows of W) x (block of rows of x), W-block major.
@@ -743,6 +769,9 @@ int qbi8_supported(const QI8W* w) { return cpu_ok() && shape_ok(*w); }
 
 // Rows of x from which the GEMM kernel runs (benchmarks tune it).
 void qbi8_set_gemm_min_m(int64_t m) { g_gemm_min_m = m; }
+
+// Rows of W per tile when M <= 2 (benchmarks tune it): 2 or 4.
+void qbi8_set_small_nr(int nr) { g_small_nr = nr; }
 
 // y[M, N] = x[M, K] @ W^T (+ bias) in the "int8" compute mode. Returns the number of rows of x
 // holding NaN/Inf (their y rows are garbage: the caller recomputes them in fp32), or -1 if the
