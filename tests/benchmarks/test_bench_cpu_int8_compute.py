@@ -24,6 +24,7 @@ def test_one_round_on_the_small_layer():
         for f in FORMATS:
             for mode, lo, hi in (("fp32", 0.0, 1e-5), ("int8", 1e-3, 1.5e-2)):
                 name = re.escape(f"{f} {mode}")
-                row = re.search(rf"^\| 384->1536 \| {m} \| {name} \| [\d.]+ \| [\d.]+x \| ([\d.e+-]+) \|$", r.stdout, re.M)
+                pattern = rf"^\| 384->1536 \| {m} \| {name} \| [\d.]+ \| [\d.]+x \| ([\d.e+-]+) \|$"
+                row = re.search(pattern, r.stdout, re.M)
                 assert row, (m, f, mode, r.stdout[-2000:])
                 assert lo <= float(row.group(1)) <= hi, (m, f, mode, row.group(0))
