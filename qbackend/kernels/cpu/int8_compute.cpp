@@ -346,7 +346,7 @@ QBI8_TARGET void tile8(const Ctx8& cx, int64_t m0, int64_t n0) {
 // tile into unsigned bytes in the same block-major word order, and each weight word is broadcast
 // against the 16-row activation vectors: an int32 lane then sums a whole 32-block (8 words) of one
 // row of x before the one fp32 scaling of that block, so 8 vpdpbusd share each conversion.
-int64_t g_gemm_min_m = 32;  // tuning knob (qbi8_set_gemm_min_m)
+int64_t g_gemm_min_m = 16;  // measured: the GEMM wins from M = 16 (tuning knob, qbi8_set_gemm_min_m)
 
 struct ActT {
     int64_t G = 0, nblk = 0;  // groups of 16 rows, 32-blocks of K
