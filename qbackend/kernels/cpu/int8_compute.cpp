@@ -16,6 +16,12 @@
 //   gives two u8 vectors (high and low nibbles) that line up with the two activation vectors.
 //   Lanes 4b..4b+3 of the int32 accumulator then hold block b of the chunk: the block scales are
 //   applied per lane (fma with a 16-lane scale vector), one horizontal sum per output only.
+//   This is the kernel for M < 16 (GEMV-like; no per-call work on W at all).
+// * M >= 16: a GEMM (see gemm_tile): x transposed once per call to 16 rows per vector, rows of W
+//   decoded per tile into a small per-thread buffer (the same unsigned bytes, block-major), each
+//   4-byte weight word broadcast against 16 rows of x, so an int32 lane sums a whole 32-block.
+//   No copy of W outlives the call.
+// Threads: the library's RowPool (qb_pool_run in qlinear.cpp), rows of W split into units.
 //
 // The code is compiled for the library's variant flags; the VNNI/VBMI parts carry target
 // attributes and run only when the CPU has them (qbi8_supported).

@@ -2,7 +2,8 @@
 
 Activations are quantized to int8 per row and per 32-block of K in the kernel's prologue (once per
 call); the weights stay in their canonical layout and go to AVX512-VNNI ``vpdpbusd`` as unsigned
-bytes (see ``int8_compute.cpp``). Needs a CPU with AVX512-VNNI and VBMI and the library's AVX-512
+bytes (see ``int8_compute.cpp``: a GEMV-like kernel for M < 16, a GEMM from M = 16; no repacked
+copy of the weight is kept). Needs a CPU with AVX512-VNNI and VBMI and the library's AVX-512
 build; shapes with ``in_features % 32 != 0`` or block/group sizes that are not multiples of 32 run
 the reference (:func:`has_fast_kernel` says which). Rows of x holding NaN/Inf are recomputed by
 the reference, which computes them in fp32 as the contract says.
