@@ -1,0 +1,797 @@
+// qbackend CPU kernels of the "int8" compute mode (see qbackend.kernels.reference): dynamic int8
+// activations times integer weights with AVX512-VNNI vpdpbusd (u8 x s8 -> s32).
+//
+// Numerics (the reference's): each row of x is quantized symmetrically per block of 32 along K
+// (scale = amax / 127, round(x / scale) half to even, clamp +-127); weights are integers already
+// (int4: code - zero point; int8: code) or the int8 image of the NF4/FP4 table. Products are summed
+// exactly in int32 per 32-block, then scaled by (activation scale * weight block scale) in fp32.
+//
+// Layout tricks (no weight repacking; the canonical tensors are read directly):
+// * Weights go to vpdpbusd as UNSIGNED bytes: 4-bit codes through a 16-entry vpshufb LUT holding the
+//   table image + 128 (NF4/FP4) or as the code itself (int4), int8 codes xor 0x80 (= w + 128). The
+//   offset costs one correction per int32 lane, - offset * sum(the xq of that lane), shared by all
+//   rows of W and made the accumulator's start value (affine int4: - zp * sum per row, vpmaddwd).
+// * Canonical 4-bit codes hold element 2i in the high nibble of byte i: the activations of each
+//   128-element chunk are stored as [64 even k, 64 odd k] once per call, so one 64-byte code load
+//   gives two u8 vectors (high and low nibbles) that line up with the two activation vectors.
+//   Lanes 4b..4b+3 of the int32 accumulator then hold block b of the chunk: the block scales are
+//   applied per lane (fma with a 16-lane scale vector), one horizontal sum per output only.
+//   This is the kernel for M < 16 (GEMV-like; no per-call work on W at all).
+// * M >= 16: a GEMM (see gemm_tile): x transposed once per call to 16 rows per vector, rows of W
+//   decoded per tile into a small per-thread buffer (the same unsigned bytes, block-major), each
+//   4-byte weight word broadcast against 16 rows of x, so an int32 lane sums a whole 32-block.
+//   No copy of W outlives the call.
+// Threads: the library's RowPool (qb_pool_run in qlinear.cpp), rows of W split into units.
+//
+// The code is compiled for the library's variant flags; the VNNI/VBMI parts carry target
+// attributes and run only when the CPU has them (qbi8_supported).
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#include <immintrin.h>
+
+extern "C" {
+// The library's thread pool (qlinear.cpp).
+void qb_pool_run(int64_t nchunks, int nthreads, void (*fn)(void*, int64_t, int), void* ctx);
+
+// Weight kinds; mirrors qbackend.kernels.cpu.int8_compute.
+enum QI8Kind : int32_t { KIND_CODEBOOK = 0, KIND_INT4 = 1, KIND_INT8 = 2 };
+
+// Mirrors qbackend.kernels.cpu.int8_compute.QI8W (ctypes.Structure); keep the two in sync.
+struct QI8W {
+    const uint8_t* codes;   // 4-bit: (N*K+1)/2 packed bytes; int8: N*K int8
+    const float* absmax;    // codebook, plain constants [ceil(N*K/bs)]
+    const uint8_t* ncodes;  // codebook, nested: 8-bit codes of the centred constants
+    const float* nabsmax;   // codebook, nested: absmax per nested block
+    const float* ntable;    // codebook, nested: 256-entry map
+    const float* noffset;   // codebook, nested: offset (1 value)
+    const float* scale;     // int4: [N, G]; int8: [N]
+    const uint8_t* zp;      // int4 affine: [N, G]; null: symmetric (zero point 8)
+    int8_t lut[16];         // codebook: int8 image of the table (round(c * t))
+    float inv_c;            // codebook: 1 / c
+    int32_t kind;           // QI8Kind
+    int64_t N, K, bs, nbs, G;  // bs: codebook blocksize or int4 groupsize
+};
+}
+
+namespace {
+
+#define QBI8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,fma,bmi2")))
+
+bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+int ilog2(int64_t v) {
+    int s = 0;
+    while ((int64_t(1) << s) < v) ++s;
+    return s;
+}
+
+// Quantized activations of one call. Chunks of CH = 128 (4-bit weights: [64 even k, 64 odd k]) or
+// 64 (int8 weights: natural order) elements of K; per chunk a 16-lane fp32 scale vector (the scale
+// of the block each int32 lane of the accumulator belongs to) and a 16-lane int32 start vector
+// (-offset * the sum of the int8 values that lane multiplies, or the bare sum for affine int4).
+struct Act {
+    int64_t M = 0, K = 0, Kp = 0, nch = 0, ch = 0;
+    int8_t* xq = nullptr;   // [M, Kp]
+    float* sv = nullptr;    // [M, nch, 16]
+    int32_t* cv = nullptr;  // [M, nch, 16]
+    uint8_t* bad = nullptr; // [M]: row holds NaN/Inf
+};
+
+// Per-thread scratch, grown as needed and reused across calls.
+template <typename T>
+T* scratch(int slot, size_t n) {
+    thread_local std::vector<T> bufs[4];
+    if (bufs[slot].size() < n + 64) bufs[slot].resize(n + 64);
+    T* p = bufs[slot].data();
+    return p;
+}
+
+// Quantizes rows [m0, m1) of x into a; off: weight offset folded into cv (0 with affine: bare sums).
+QBI8_TARGET void quantize_rows(const float* x, Act& a, int64_t m0, int64_t m1, int32_t off, bool affine, float sv_mul) {
+    const int64_t K = a.K, ch = a.ch, nch = a.nch;
+    const int bpc = (int)(ch / 32);  // blocks per chunk
+    const int lanes_per_block = 16 / bpc;
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    const __m512 fmax = _mm512_set1_ps(FLT_MAX);
+    const __m512i lo127 = _mm512_set1_epi32(-127), hi127 = _mm512_set1_epi32(127);
+    // Byte permutation of a 128-byte chunk into [even, odd].
+    alignas(64) uint8_t ev_idx[64], od_idx[64];
+    for (int i = 0; i < 64; ++i) ev_idx[i] = (uint8_t)(2 * i), od_idx[i] = (uint8_t)(2 * i + 1);
+    const __m512i ev = _mm512_load_si512(ev_idx), od = _mm512_load_si512(od_idx);
+    for (int64_t m = m0; m < m1; ++m) {
+        const float* xr = x + m * K;
+        int8_t* qr = a.xq + m * a.Kp;
+        bool bad = false;
+        for (int64_t c = 0; c < nch; ++c) {
+            alignas(64) int8_t q[128];
+            alignas(64) float s[4];
+            for (int b = 0; b < bpc; ++b) {
+                const int64_t k0 = c * ch + 32 * b;
+                const int64_t rem = K - k0;
+                __m512 v0, v1;
+                if (rem >= 32) {
+                    v0 = _mm512_loadu_ps(xr + k0);
+                    v1 = _mm512_loadu_ps(xr + k0 + 16);
+                } else {
+                    const int r0 = (int)std::max<int64_t>(0, std::min<int64_t>(16, rem));
+                    const int r1 = (int)std::max<int64_t>(0, std::min<int64_t>(16, rem - 16));
+                    v0 = _mm512_maskz_loadu_ps((__mmask16)((1u << r0) - 1), rem > 0 ? xr + k0 : xr);
+                    v1 = _mm512_maskz_loadu_ps((__mmask16)((1u << r1) - 1), rem > 16 ? xr + k0 + 16 : xr);
+                }
+                const __m512 a0 = _mm512_and_ps(v0, absmask), a1 = _mm512_and_ps(v1, absmask);
+                // not (|x| <= FLT_MAX) holds for NaN and +-Inf
+                if (_mm512_cmp_ps_mask(a0, fmax, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(a1, fmax, _CMP_NLE_UQ)) bad = true;
+                const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+                const float sc = amax / 127.0f;
+                __m512i q0 = _mm512_setzero_si512(), q1 = _mm512_setzero_si512();
+                if (sc > 0.0f) {
+                    const __m512 d = _mm512_set1_ps(sc);
+                    // true division and round half to even, as the reference
+                    q0 = _mm512_cvt_roundps_epi32(_mm512_div_ps(v0, d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    q1 = _mm512_cvt_roundps_epi32(_mm512_div_ps(v1, d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    q0 = _mm512_min_epi32(_mm512_max_epi32(q0, lo127), hi127);
+                    q1 = _mm512_min_epi32(_mm512_max_epi32(q1, lo127), hi127);
+                }
+                s[b] = sc;
+                _mm_store_si128((__m128i*)(q + 32 * b), _mm512_cvtepi32_epi8(q0));
+                _mm_store_si128((__m128i*)(q + 32 * b + 16), _mm512_cvtepi32_epi8(q1));
+            }
+            // Lane sums of the int8 values: the offset correction of each int32 lane is made in that
+            // lane, so every lane holds an exact signed partial dot product (no large offset terms
+            // cancelling across lanes in fp32).
+            __m512i lsum;
+            const __m512i ones = _mm512_set1_epi8(1);
+            if (ch == 128) {
+                const __m512i lo = _mm512_load_si512(q), hi = _mm512_load_si512(q + 64);
+                const __m512i xe = _mm512_permutex2var_epi8(lo, ev, hi), xo = _mm512_permutex2var_epi8(lo, od, hi);
+                _mm512_storeu_si512(qr + c * 128, xe);
+                _mm512_storeu_si512(qr + c * 128 + 64, xo);
+                lsum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xe), ones, xo);
+            } else {
+                const __m512i xv = _mm512_load_si512(q);
+                _mm512_storeu_si512(qr + c * 64, xv);
+                lsum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xv);
+            }
+            alignas(64) float svl[16];
+            for (int l = 0; l < 16; ++l) svl[l] = s[l / lanes_per_block] * sv_mul;
+            _mm512_storeu_ps(a.sv + (m * nch + c) * 16, _mm512_load_ps(svl));
+            const __m512i cvv = affine ? lsum : _mm512_mullo_epi32(lsum, _mm512_set1_epi32(-off));
+            _mm512_storeu_si512(a.cv + (m * nch + c) * 16, cvv);
+        }
+        a.bad[m] = bad;
+    }
+}
+
+// ---- weight block scales of one row, in the form the kernels read -------------------------------
+//
+// ws[j] is the scale of the weight block j of the row in steps of (1 << sh) 32-blocks: chunk c uses
+// ws[(4c) >> sh ...] through a lane permutation; padded with zeros past the row's end.
+struct RowScales {
+    int sh = 0;               // log2(32-blocks per entry), <= 2 handled by the lane index, more by the base shift
+    bool compact = true;      // entries are whole weight blocks (else one per 32-block)
+};
+
+inline float nested_const(const QI8W& w, int64_t blk) {
+    const float t = w.ntable[w.ncodes[blk]] * w.nabsmax[blk / w.nbs];  // the reference's order, no FMA
+    return t + w.noffset[0];
+}
+
+// -zp as the low int16 of an int32 lane, high half zero (the vpmaddwd operand against block sums).
+inline int32_t neg16(uint8_t zp) { return (int32_t)(uint16_t)(int16_t)(-(int32_t)zp); }
+
+// Fills ws (and zb for affine int4) for row n; returns the entries written (<= K/32 + 4 padding).
+QBI8_TARGET void row_scales(const QI8W& w, const RowScales& rs, int64_t n, float* ws, int32_t* zb) {
+    const int64_t K = w.K, nb32 = K / 32;
+    if (w.kind == KIND_INT4) {
+        const float* s = w.scale + n * w.G;
+        if (rs.compact) {
+            std::memcpy(ws, s, sizeof(float) * (size_t)w.G);
+            std::memset(ws + w.G, 0, sizeof(float) * 8);
+            if (zb) {
+                const uint8_t* z = w.zp + n * w.G;
+                for (int64_t j = 0; j < w.G; ++j) zb[j] = neg16(z[j]);
+                std::memset(zb + w.G, 0, sizeof(int32_t) * 8);
+            }
+        } else {
+            for (int64_t b = 0; b < nb32; ++b) ws[b] = s[(32 * b) / w.bs];
+            std::memset(ws + nb32, 0, sizeof(float) * 8);
+            if (zb) {
+                const uint8_t* z = w.zp + n * w.G;
+                for (int64_t b = 0; b < nb32; ++b) zb[b] = neg16(z[(32 * b) / w.bs]);
+                std::memset(zb + nb32, 0, sizeof(int32_t) * 8);
+            }
+        }
+        return;
+    }
+    // codebook
+    if (rs.compact) {
+        const int64_t nblk = K / w.bs, b0 = n * nblk;
+        if (w.ncodes == nullptr) {
+            std::memcpy(ws, w.absmax + b0, sizeof(float) * (size_t)nblk);
+        } else if (is_pow2(w.nbs)) {
+            // Scalar: measured faster than 16-wide gathers (as in qlinear.cpp).
+            const int nsh = ilog2(w.nbs);
+            const float off = w.noffset[0];
+            for (int64_t j = 0; j < nblk; ++j) {
+                const int64_t b = b0 + j;
+                const float t = w.ntable[w.ncodes[b]] * w.nabsmax[b >> nsh];
+                ws[j] = t + off;
+            }
+        } else {
+            for (int64_t j = 0; j < nblk; ++j) ws[j] = nested_const(w, b0 + j);
+        }
+        std::memset(ws + nblk, 0, sizeof(float) * 8);
+    } else {
+        for (int64_t b = 0; b < nb32; ++b) {
+            const int64_t blk = (n * K + 32 * b) / w.bs;
+            ws[b] = w.ncodes ? nested_const(w, blk) : w.absmax[blk];
+        }
+        std::memset(ws + nb32, 0, sizeof(float) * 8);
+    }
+}
+
+// ---- the 4-bit tile: MR rows of x times NR rows of W ----------------------------------------------
+
+struct Ctx4 {
+    const QI8W* w;
+    const Act* a;
+    const float* bias;
+    float* y;
+    int sh;
+    __mmask64 tail_mask;  // code bytes of the last (partial) chunk; 0 when K % 128 == 0
+    int64_t nfull;        // full chunks
+};
+
+template <int MR, int NR, int KIND>  // KIND: 0 LUT, 1 int4 symmetric, 2 int4 affine
+QBI8_TARGET void tile4(const Ctx4& cx, int64_t m0, int64_t n0, const float* const* ws, const int32_t* const* zb) {
+    const QI8W& w = *cx.w;
+    const Act& a = *cx.a;
+    const int64_t K = w.K, nch = a.nch, Kp = a.Kp;
+    const int sh = cx.sh;
+    const __m512i lane_idx = _mm512_srli_epi32(
+        _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2), std::min(sh, 2));
+    const __m512i lut = _mm512_broadcast_i32x4(_mm_add_epi8(_mm_loadu_si128((const __m128i*)w.lut), _mm_set1_epi8((char)0x80)));
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    const uint8_t* wr[NR];
+    for (int r = 0; r < NR; ++r) wr[r] = w.codes + (n0 + r) * (K / 2);
+    __m512 acc[MR][NR];
+    for (int i = 0; i < MR; ++i)
+        for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nch; ++c) {
+        __m512i hi[NR], lo[NR], zv[NR];
+        __m512 wsv[NR];
+        const int64_t base = (4 * c) >> sh;
+        for (int r = 0; r < NR; ++r) {
+            const __m512i v = c < cx.nfull ? _mm512_loadu_si512(wr[r] + 64 * c)
+                                           : _mm512_maskz_loadu_epi8(cx.tail_mask, wr[r] + 64 * c);
+            lo[r] = _mm512_and_si512(v, nib);
+            hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+            if (KIND == 0) {
+                lo[r] = _mm512_shuffle_epi8(lut, lo[r]);
+                hi[r] = _mm512_shuffle_epi8(lut, hi[r]);
+            }
+            wsv[r] = _mm512_permutexvar_ps(lane_idx, _mm512_broadcast_f32x4(_mm_loadu_ps(ws[r] + base)));
+            if (KIND == 2) zv[r] = _mm512_permutexvar_epi32(lane_idx, _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(zb[r] + base))));
+        }
+        for (int i = 0; i < MR; ++i) {
+            const int8_t* xr = a.xq + (m0 + i) * Kp + 128 * c;
+            const __m512i xe = _mm512_loadu_si512(xr), xo = _mm512_loadu_si512(xr + 64);
+            const __m512 sv = _mm512_loadu_ps(a.sv + ((m0 + i) * nch + c) * 16);
+            const __m512i cv = _mm512_loadu_si512(a.cv + ((m0 + i) * nch + c) * 16);
+            for (int r = 0; r < NR; ++r) {
+                __m512i ia = KIND == 2 ? _mm512_madd_epi16(cv, zv[r]) : cv;
+                ia = _mm512_dpbusd_epi32(ia, hi[r], xe);
+                ia = _mm512_dpbusd_epi32(ia, lo[r], xo);
+                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(sv, wsv[r]), acc[i][r]);
+            }
+        }
+    }
+    const int64_t N = w.N;
+    for (int i = 0; i < MR; ++i)
+        for (int r = 0; r < NR; ++r) {
+            float v = _mm512_reduce_add_ps(acc[i][r]);
+            if (cx.bias) v += cx.bias[n0 + r];
+            cx.y[(m0 + i) * N + n0 + r] = v;
+        }
+}
+
+// ---- the int8 tile ---------------------------------------------------------------------------------
+
+struct Ctx8 {
+    const QI8W* w;
+    const Act* a;
+    const float* bias;
+    float* y;
+    __mmask64 tail_mask;
+    int64_t nfull;
+};
+
+template <int MR, int NR>
+QBI8_TARGET void tile8(const Ctx8& cx, int64_t m0, int64_t n0) {
+    const QI8W& w = *cx.w;
+    const Act& a = *cx.a;
+    const int64_t K = w.K, nch = a.nch, Kp = a.Kp;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const int8_t* wr[NR];
+    for (int r = 0; r < NR; ++r) wr[r] = (const int8_t*)w.codes + (n0 + r) * K;
+    __m512 acc[MR][NR];
+    for (int i = 0; i < MR; ++i)
+        for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nch; ++c) {
+        __m512i wv[NR];
+        for (int r = 0; r < NR; ++r) {
+            const __m512i v = c < cx.nfull ? _mm512_loadu_si512(wr[r] + 64 * c)
+                                           : _mm512_maskz_loadu_epi8(cx.tail_mask, wr[r] + 64 * c);
+            wv[r] = _mm512_xor_si512(v, flip);
+        }
+        for (int i = 0; i < MR; ++i) {
+            const __m512i xv = _mm512_loadu_si512(a.xq + (m0 + i) * Kp + 64 * c);
+            const __m512 sv = _mm512_loadu_ps(a.sv + ((m0 + i) * nch + c) * 16);
+            const __m512i cv = _mm512_loadu_si512(a.cv + ((m0 + i) * nch + c) * 16);
+            for (int r = 0; r < NR; ++r)
+                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(cv, wv[r], xv)), sv, acc[i][r]);
+        }
+    }
+    const int64_t N = w.N;
+    for (int i = 0; i < MR; ++i)
+        for (int r = 0; r < NR; ++r) {
+            float v = _mm512_reduce_add_ps(acc[i][r]) * w.scale[n0 + r];
+            if (cx.bias) v += cx.bias[n0 + r];
+            cx.y[(m0 + i) * N + n0 + r] = v;
+        }
+}
+
+// ---- larger M: a GEMM with 16 rows of x per vector ----------------------------------------------
+//
+// For M >= g_gemm_min_m the activations are transposed once per call into groups of 16 rows, 4 bytes
+// (one vpdpbusd word) per lane: xT[group][block j][word w][16 rows]. Rows of W are decoded once per
+// tile into unsigned bytes in the same block-major word order, and each weight word is broadcast
+// against the 16-row activation vectors: an int32 lane then sums a whole 32-block (8 words) of one
+// row of x before the one fp32 scaling of that block, so 8 vpdpbusd share each conversion.
+int64_t g_gemm_min_m = 16;  // measured: the GEMM wins from M = 16 (tuning knob, qbi8_set_gemm_min_m)
+
+struct ActT {
+    int64_t G = 0, nblk = 0;  // groups of 16 rows, 32-blocks of K
+    int32_t* xT = nullptr;    // [G, nblk, 8, 16]
+    int32_t* cT = nullptr;    // [G, nblk, 16]: start values (-offset * block sum, affine: block sum)
+    float* sT = nullptr;      // [G, nblk, 16]: activation block scales (times the table's 1/c)
+};
+
+// Byte offset in a row of Act.xq of word w (0..7) of block j, in the order the decoded weights use.
+inline int64_t word_offset(int64_t ch, int64_t j, int w) {
+    if (ch == 64) return 32 * j + 4 * w;
+    const int64_t c = j / 4, b = j % 4;
+    return 128 * c + (w < 4 ? 16 * b + 4 * w : 64 + 16 * b + 4 * (w - 4));
+}
+
+QBI8_TARGET void transpose_groups(const Act& a, ActT& t, int64_t g0, int64_t g1) {
+    const int bpc = (int)(a.ch / 32), lpb = 16 / bpc;
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t g = g0; g < g1; ++g) {
+        const int64_t rows = std::min<int64_t>(16, a.M - 16 * g);
+        const __mmask16 mk = (__mmask16)((1u << rows) - 1);
+        const __m512i m = _mm512_add_epi32(_mm512_set1_epi32((int)(16 * g)), iota);
+        const __m512i xrow = _mm512_mullo_epi32(m, _mm512_set1_epi32((int)a.Kp));
+        const __m512i vrow = _mm512_mullo_epi32(m, _mm512_set1_epi32((int)(a.nch * 16)));
+        for (int64_t j = 0; j < t.nblk; ++j) {
+            int32_t* xo = t.xT + ((g * t.nblk + j) * 8) * 16;
+            for (int w = 0; w < 8; ++w) {
+                const __m512i idx = _mm512_add_epi32(xrow, _mm512_set1_epi32((int)word_offset(a.ch, j, w)));
+                _mm512_store_si512(xo + 16 * w, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, idx, a.xq, 1));
+            }
+            const int64_t c = j / bpc, b = j % bpc;
+            const __m512i vi = _mm512_add_epi32(vrow, _mm512_set1_epi32((int)(c * 16 + b * lpb)));
+            __m512i cs = _mm512_setzero_si512();
+            for (int l = 0; l < lpb; ++l)
+                cs = _mm512_add_epi32(cs, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk,
+                                                                       _mm512_add_epi32(vi, _mm512_set1_epi32(l)), a.cv, 4));
+            _mm512_store_si512(t.cT + (g * t.nblk + j) * 16, cs);
+            _mm512_store_ps(t.sT + (g * t.nblk + j) * 16, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, vi, a.sv, 4));
+        }
+    }
+}
+
+// Row n of W as unsigned bytes (weight + offset), block-major: block j at d + 32 j, its 8 words in
+// word_offset order.
+template <int KIND>  // 0 codebook, 1/2 int4, 3 int8
+QBI8_TARGET void decode_row(const QI8W& w, int64_t n, uint8_t* d) {
+    const int64_t K = w.K;
+    if (KIND == 3) {
+        const uint8_t* src = w.codes + n * K;
+        const __m512i flip = _mm512_set1_epi8((char)0x80);
+        for (int64_t k = 0; k < K; k += 64) {
+            const __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (__mmask64)((uint64_t(1) << (K - k)) - 1);
+            _mm512_store_si512(d + k, _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, src + k), flip));
+        }
+        return;
+    }
+    const uint8_t* src = w.codes + n * (K / 2);
+    const __m512i lut = _mm512_broadcast_i32x4(_mm_add_epi8(_mm_loadu_si128((const __m128i*)w.lut), _mm_set1_epi8((char)0x80)));
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    const __m512i i0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), i1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    for (int64_t c = 0; 128 * c < K; ++c) {
+        const int64_t nb = std::min<int64_t>(64, (K - 128 * c) / 2);
+        const __mmask64 mk = nb == 64 ? ~(__mmask64)0 : (__mmask64)((uint64_t(1) << nb) - 1);
+        const __m512i v = _mm512_maskz_loadu_epi8(mk, src + 64 * c);
+        __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        if (KIND == 0) {
+            lo = _mm512_shuffle_epi8(lut, lo);
+            hi = _mm512_shuffle_epi8(lut, hi);
+        }
+        _mm512_store_si512(d + 128 * c, _mm512_permutex2var_epi64(hi, i0, lo));
+        _mm512_store_si512(d + 128 * c + 64, _mm512_permutex2var_epi64(hi, i1, lo));
+    }
+}
+
+struct CtxG {
+    const QI8W* w;
+    const ActT* t;
+    const float* bias;
+    float* y;
+    int64_t M;
+    int sh;
+};
+
+template <int NR, int MV, int KIND>
+QBI8_TARGET void gemm_tile(const CtxG& cx, int64_t n0, int64_t g0, const uint8_t* const* d, const float* const* ws,
+                           const int32_t* const* zb) {
+    const ActT& t = *cx.t;
+    const int64_t nblk = t.nblk;
+    const int sh = cx.sh;
+    __m512 acc[NR][MV];
+    for (int r = 0; r < NR; ++r)
+        for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nblk; ++j) {
+        __m512i ia[NR][MV];
+        for (int v = 0; v < MV; ++v) {
+            const __m512i c0 = _mm512_load_si512(t.cT + ((g0 + v) * nblk + j) * 16);
+            for (int r = 0; r < NR; ++r)
+                ia[r][v] = KIND == 2 ? _mm512_mullo_epi32(c0, _mm512_set1_epi32((int16_t)zb[r][j >> sh])) : c0;
+        }
+        for (int wd = 0; wd < 8; ++wd) {
+            __m512i xv[MV];
+            for (int v = 0; v < MV; ++v) xv[v] = _mm512_load_si512(t.xT + (((g0 + v) * nblk + j) * 8 + wd) * 16);
+            for (int r = 0; r < NR; ++r) {
+                int32_t word;
+                std::memcpy(&word, d[r] + 32 * j + 4 * wd, 4);
+                const __m512i wb = _mm512_set1_epi32(word);
+                for (int v = 0; v < MV; ++v) ia[r][v] = _mm512_dpbusd_epi32(ia[r][v], wb, xv[v]);
+            }
+        }
+        for (int v = 0; v < MV; ++v) {
+            const __m512 st = _mm512_load_ps(t.sT + ((g0 + v) * nblk + j) * 16);
+            for (int r = 0; r < NR; ++r) {
+                const __m512 sc = KIND == 3 ? st : _mm512_mul_ps(st, _mm512_set1_ps(ws[r][j >> sh]));
+                acc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r][v]), sc, acc[r][v]);
+            }
+        }
+    }
+    const QI8W& w = *cx.w;
+    for (int r = 0; r < NR; ++r) {
+        const int64_t n = n0 + r;
+        const float rs = KIND == 3 ? w.scale[n] : 1.0f;
+        const float b = cx.bias ? cx.bias[n] : 0.0f;
+        for (int v = 0; v < MV; ++v) {
+            alignas(64) float out[16];
+            _mm512_store_ps(out, acc[r][v]);
+            const int64_t mbase = 16 * (g0 + v);
+            const int64_t cnt = std::min<int64_t>(16, cx.M - mbase);
+            for (int64_t l = 0; l < cnt; ++l) cx.y[(mbase + l) * w.N + n] = (KIND == 3 ? out[l] * rs : out[l]) + b;
+        }
+    }
+}
+
+template <int NR, int KIND>
+QBI8_TARGET void gemm_rows(const CtxG& cx, int64_t n0, int64_t g0, int64_t g1, const uint8_t* const* d,
+                           const float* const* ws, const int32_t* const* zb) {
+    int64_t g = g0;
+    for (; g + 2 <= g1; g += 2) gemm_tile<NR, 2, KIND>(cx, n0, g, d, ws, zb);
+    if (g < g1) gemm_tile<NR, 1, KIND>(cx, n0, g, d, ws, zb);
+}
+
+template <int KIND>
+QBI8_TARGET void run_gemm(const CtxG& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t g0, int64_t g1) {
+    const QI8W& w = *cx.w;
+    constexpr int NR = 4;
+    const size_t len = (size_t)(w.K / 32 + 16);
+    const size_t dlen = (size_t)((w.K + 127) / 128 * 128);
+    float* wsb = scratch<float>(0, NR * len);
+    int32_t* zbb = scratch<int32_t>(1, NR * len);
+    uint8_t* db = (uint8_t*)(((uintptr_t)scratch<uint8_t>(2, NR * dlen + 64) + 63) & ~(uintptr_t)63);
+    const uint8_t* d[NR];
+    const float* ws[NR];
+    const int32_t* zb[NR];
+    int64_t n = n0;
+    while (n < n1) {
+        const int nr = (int)std::min<int64_t>(NR, n1 - n);
+        for (int r = 0; r < nr; ++r) {
+            uint8_t* dr = db + r * dlen;
+            decode_row<KIND>(w, n + r, dr);
+            if (KIND != 3) row_scales(w, rs, n + r, wsb + r * len, KIND == 2 ? zbb + r * len : nullptr);
+            d[r] = dr;
+            ws[r] = wsb + r * len;
+            zb[r] = zbb + r * len;
+        }
+        if (nr == 4) gemm_rows<4, KIND>(cx, n, g0, g1, d, ws, zb);
+        else if (nr == 3) gemm_rows<3, KIND>(cx, n, g0, g1, d, ws, zb);
+        else if (nr == 2) gemm_rows<2, KIND>(cx, n, g0, g1, d, ws, zb);
+        else gemm_rows<1, KIND>(cx, n, g0, g1, d, ws, zb);
+        n += nr;
+    }
+}
+
+// ---- drivers ----------------------------------------------------------------------------------------
+
+constexpr int MR_MAX = 6;
+
+template <int NR, int KIND>
+QBI8_TARGET void rows4_mtile(const Ctx4& cx, int64_t m0, int64_t m1, int64_t n0, const float* const* ws,
+                             const int32_t* const* zb) {
+    int64_t m = m0;
+    for (; m + MR_MAX <= m1; m += MR_MAX) tile4<MR_MAX, NR, KIND>(cx, m, n0, ws, zb);
+    switch (m1 - m) {
+        case 5: tile4<5, NR, KIND>(cx, m, n0, ws, zb); break;
+        case 4: tile4<4, NR, KIND>(cx, m, n0, ws, zb); break;
+        case 3: tile4<3, NR, KIND>(cx, m, n0, ws, zb); break;
+        case 2: tile4<2, NR, KIND>(cx, m, n0, ws, zb); break;
+        case 1: tile4<1, NR, KIND>(cx, m, n0, ws, zb); break;
+        default: break;
+    }
+}
+
+int g_small_nr = 4;  // rows of W per tile when M <= 2 (tuning knob, qbi8_set_small_nr): 2 or 4
+
+// M <= 2: the only tile heights.
+template <int NR, int KIND>
+QBI8_TARGET void rows4_small(const Ctx4& cx, int64_t m0, int64_t m1, int64_t n0, const float* const* ws,
+                             const int32_t* const* zb) {
+    if (m1 - m0 == 2) tile4<2, NR, KIND>(cx, m0, n0, ws, zb);
+    else tile4<1, NR, KIND>(cx, m0, n0, ws, zb);
+}
+
+template <int NR, int KIND>
+QBI8_TARGET void run4_nr(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
+    const QI8W& w = *cx.w;
+    const size_t len = (size_t)(w.K / 32 + 16);
+    float* wsb = scratch<float>(0, NR * len);
+    int32_t* zbb = scratch<int32_t>(1, NR * len);
+    const float* ws[NR];
+    const int32_t* zb[NR];
+    const bool small = m1 - m0 <= 2;
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR) {
+        for (int r = 0; r < NR; ++r) {
+            row_scales(w, rs, n + r, wsb + r * len, KIND == 2 ? zbb + r * len : nullptr);
+            ws[r] = wsb + r * len;
+            zb[r] = zbb + r * len;
+        }
+        if (small) rows4_small<NR, KIND>(cx, m0, m1, n, ws, zb);
+        else rows4_mtile<NR, KIND>(cx, m0, m1, n, ws, zb);
+    }
+    for (; n < n1; ++n) {
+        row_scales(w, rs, n, wsb, KIND == 2 ? zbb : nullptr);
+        ws[0] = wsb;
+        zb[0] = zbb;
+        rows4_mtile<1, KIND>(cx, m0, m1, n, ws, zb);
+    }
+}
+
+template <int KIND>
+QBI8_TARGET void run4(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
+    if (m1 - m0 <= 2 && g_small_nr == 4) run4_nr<4, KIND>(cx, rs, n0, n1, m0, m1);
+    else run4_nr<2, KIND>(cx, rs, n0, n1, m0, m1);
+}
+
+template <int NR>
+QBI8_TARGET void rows8_mtile(const Ctx8& cx, int64_t m0, int64_t m1, int64_t n0) {
+    int64_t m = m0;
+    for (; m + MR_MAX <= m1; m += MR_MAX) tile8<MR_MAX, NR>(cx, m, n0);
+    switch (m1 - m) {
+        case 5: tile8<5, NR>(cx, m, n0); break;
+        case 4: tile8<4, NR>(cx, m, n0); break;
+        case 3: tile8<3, NR>(cx, m, n0); break;
+        case 2: tile8<2, NR>(cx, m, n0); break;
+        case 1: tile8<1, NR>(cx, m, n0); break;
+        default: break;
+    }
+}
+
+template <int NR>
+QBI8_TARGET void run8_nr(const Ctx8& cx, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR) {
+        if (m1 - m0 == 1) tile8<1, NR>(cx, m0, n);
+        else if (m1 - m0 == 2) tile8<2, NR>(cx, m0, n);
+        else rows8_mtile<NR>(cx, m0, m1, n);
+    }
+    for (; n < n1; ++n) rows8_mtile<1>(cx, m0, m1, n);
+}
+
+QBI8_TARGET void run8(const Ctx8& cx, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
+    if (m1 - m0 <= 2 && g_small_nr == 4) run8_nr<4>(cx, n0, n1, m0, m1);
+    else run8_nr<2>(cx, n0, n1, m0, m1);
+}
+
+// Work units: (block of rows of W) x (block of rows of x), W-block major.
+struct Units {
+    int64_t N, M, nb, mb, n_units_n, n_units_m;
+    Units(int64_t N_, int64_t M_, int64_t nb_, int64_t mb_) : N(N_), M(M_), nb(nb_), mb(mb_) {
+        n_units_n = (N + nb - 1) / nb;
+        n_units_m = (M + mb - 1) / mb;
+    }
+    int64_t count() const { return n_units_n * n_units_m; }
+};
+
+int64_t pick_nb(int64_t N, int64_t M, int nthreads) {
+    // Enough units for balance on a shared machine, big enough to amortize the per-row set-up.
+    int64_t nb = M <= 16 ? 64 : 32;
+    while (nb > 8 && (N + nb - 1) / nb < 4 * nthreads) nb /= 2;
+    return nb;
+}
+
+template <typename F>
+void pool_run(int64_t n, int nthreads, F& f) {
+    qb_pool_run(n, nthreads, [](void* ctx, int64_t c, int slot) { (*static_cast<F*>(ctx))(c, slot); }, &f);
+}
+
+bool cpu_ok() {
+    static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+                           __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+    return ok;
+}
+
+// Which shapes the kernels cover (else the caller runs the reference).
+bool shape_ok(const QI8W& w) {
+    if (w.K <= 0 || w.N <= 0 || w.K % 32 != 0) return false;
+    if (w.kind == KIND_INT8) return true;
+    if (w.bs <= 0 || w.bs % 32 != 0) return false;
+    if (w.kind == KIND_CODEBOOK) return w.ncodes == nullptr || w.nbs > 0;
+    return w.kind == KIND_INT4;
+}
+
+RowScales row_scale_form(const QI8W& w) {
+    RowScales rs;
+    const bool pow2 = is_pow2(w.bs);
+    if (w.kind == KIND_INT4) {
+        rs.compact = pow2;  // groups start at each row
+    } else {
+        rs.compact = pow2 && w.K % w.bs == 0;  // blocks do not straddle rows
+    }
+    rs.sh = rs.compact ? ilog2(w.bs / 32) : 0;
+    return rs;
+}
+
+QBI8_TARGET void quantize_all(const float* x, Act& a, int32_t off, bool affine, float sv_mul, int nthreads) {
+    if (a.M * a.K < 64 * 1024 || nthreads <= 1) {
+        quantize_rows(x, a, 0, a.M, off, affine, sv_mul);
+        return;
+    }
+    const int64_t rb = std::max<int64_t>(1, (16 * 1024) / a.K);
+    const int64_t nblk = (a.M + rb - 1) / rb;
+    auto body = [&](int64_t b, int) { quantize_rows(x, a, b * rb, std::min(a.M, (b + 1) * rb), off, affine, sv_mul); };
+    pool_run(nblk, nthreads, body);
+}
+
+QBI8_TARGET void gemm_all(const QI8W& w, const Act& a, const float* bias, float* y, int nthreads, bool affine) {
+    ActT t;
+    t.G = (a.M + 15) / 16;
+    t.nblk = w.K / 32;
+    thread_local std::vector<int32_t> tbuf;
+    const size_t xn = (size_t)(t.G * t.nblk * 8 * 16), vn = (size_t)(t.G * t.nblk * 16);
+    if (tbuf.size() < xn + 2 * vn + 16) tbuf.resize(xn + 2 * vn + 16);
+    int32_t* p = (int32_t*)(((uintptr_t)tbuf.data() + 63) & ~(uintptr_t)63);
+    t.xT = p;
+    t.cT = p + xn;
+    t.sT = (float*)(p + xn + vn);
+    auto tr = [&](int64_t g, int) { transpose_groups(a, t, g, g + 1); };
+    pool_run(t.G, nthreads, tr);
+
+    const RowScales rs = row_scale_form(w);
+    const CtxG cx{&w, &t, bias, y, a.M, rs.sh};
+    const int64_t gb = 8;  // groups of 16 rows per unit: 128 rows of x stay in L2 while W streams
+    const Units u(w.N, t.G, pick_nb(w.N, a.M, nthreads), gb);
+    auto body = [&](int64_t i, int) {
+        const int64_t in = i / u.n_units_m, im = i % u.n_units_m;
+        const int64_t n0 = in * u.nb, n1 = std::min(w.N, n0 + u.nb);
+        const int64_t g0 = im * u.mb, g1 = std::min(t.G, g0 + u.mb);
+        if (w.kind == KIND_INT8) run_gemm<3>(cx, rs, n0, n1, g0, g1);
+        else if (w.kind == KIND_CODEBOOK) run_gemm<0>(cx, rs, n0, n1, g0, g1);
+        else if (affine) run_gemm<2>(cx, rs, n0, n1, g0, g1);
+        else run_gemm<1>(cx, rs, n0, n1, g0, g1);
+    };
+    pool_run(u.count(), nthreads, body);
+}
+
+QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const float* bias, float* y, int nthreads) {
+    const bool four = w.kind != KIND_INT8;
+    const bool affine = w.kind == KIND_INT4 && w.zp != nullptr;
+    Act a;
+    a.M = M;
+    a.K = w.K;
+    a.ch = four ? 128 : 64;
+    a.Kp = (w.K + a.ch - 1) / a.ch * a.ch;
+    a.nch = a.Kp / a.ch;
+    const size_t qbytes = (size_t)(M * a.Kp), vbytes = (size_t)(M * a.nch * 16 * 4);
+    // One allocation per call for the activations (64-byte aligned pieces).
+    thread_local std::vector<uint8_t> buf;
+    const size_t need = qbytes + 2 * vbytes + (size_t)M + 256;
+    if (buf.size() < need) buf.resize(need);
+    uint8_t* p = (uint8_t*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
+    a.xq = (int8_t*)p;
+    p += (qbytes + 63) / 64 * 64;
+    a.sv = (float*)p;
+    p += vbytes;
+    a.cv = (int32_t*)p;
+    p += vbytes;
+    a.bad = p;
+    const int32_t off = w.kind == KIND_INT4 ? 8 : 128;
+    quantize_all(x, a, off, affine, w.kind == KIND_CODEBOOK ? w.inv_c : 1.0f, nthreads);
+    int64_t nbad = 0;
+    for (int64_t m = 0; m < M; ++m) nbad += a.bad[m];
+
+    if (M >= g_gemm_min_m) {
+        gemm_all(w, a, bias, y, nthreads, affine);
+        return nbad;
+    }
+    const int64_t mb = 64;
+    const Units u(w.N, M, pick_nb(w.N, M, nthreads), mb);
+    const int64_t tail = w.K % a.ch;
+    if (four) {
+        const RowScales rs = row_scale_form(w);
+        Ctx4 cx{&w, &a, bias, y, rs.sh, tail ? (__mmask64)((uint64_t(1) << (tail / 2)) - 1) : (__mmask64)0, w.K / 128};
+        auto body = [&](int64_t t, int) {
+            const int64_t in = t / u.n_units_m, im = t % u.n_units_m;
+            const int64_t n0 = in * u.nb, n1 = std::min(w.N, n0 + u.nb);
+            const int64_t m0 = im * u.mb, m1 = std::min(M, m0 + u.mb);
+            if (w.kind == KIND_CODEBOOK) run4<0>(cx, rs, n0, n1, m0, m1);
+            else if (affine) run4<2>(cx, rs, n0, n1, m0, m1);
+            else run4<1>(cx, rs, n0, n1, m0, m1);
+        };
+        pool_run(u.count(), nthreads, body);
+    } else {
+        Ctx8 cx{&w, &a, bias, y, tail ? (__mmask64)((uint64_t(1) << tail) - 1) : (__mmask64)0, w.K / 64};
+        auto body = [&](int64_t t, int) {
+            const int64_t in = t / u.n_units_m, im = t % u.n_units_m;
+            const int64_t n0 = in * u.nb, n1 = std::min(w.N, n0 + u.nb);
+            const int64_t m0 = im * u.mb, m1 = std::min(M, m0 + u.mb);
+            run8(cx, n0, n1, m0, m1);
+        };
+        pool_run(u.count(), nthreads, body);
+    }
+    return nbad;
+}
+
+}  // namespace
+
+extern "C" {
+
+int qbi8_supported(const QI8W* w) { return cpu_ok() && shape_ok(*w); }
+
+// Rows of x from which the GEMM kernel runs (benchmarks tune it).
+void qbi8_set_gemm_min_m(int64_t m) { g_gemm_min_m = m; }
+
+// Rows of W per tile when M <= 2 (benchmarks tune it): 2 or 4.
+void qbi8_set_small_nr(int nr) { g_small_nr = nr; }
+
+// y[M, N] = x[M, K] @ W^T (+ bias) in the "int8" compute mode. Returns the number of rows of x
+// holding NaN/Inf (their y rows are garbage: the caller recomputes them in fp32), or -1 if the
+// kernels do not cover this CPU/shape (nothing computed).
+int64_t qbi8_linear(const QI8W* wp, const float* x, int64_t M, const float* bias, float* y, int nthreads) {
+    const QI8W& w = *wp;
+    if (!(cpu_ok() && shape_ok(w))) return -1;
+    // Slabs of rows bound the activation buffer (about 2 bytes per element of x).
+    const int64_t slab = std::max<int64_t>(64, (int64_t(8) << 20) / w.K);
+    int64_t nbad = 0;
+    for (int64_t m0 = 0; m0 < M; m0 += slab)
+        nbad += linear_slab(w, x + m0 * w.K, std::min(slab, M - m0), bias, y + m0 * w.N, nthreads);
+    return nbad;
+}
+
+}  // extern "C"
+

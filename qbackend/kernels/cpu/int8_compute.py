@@ -1,0 +1,170 @@
+"""The ``"int8"`` compute mode of the weight-only ops on CPU (numerics: :mod:`qbackend.kernels.reference`).
+
+Activations are quantized to int8 per row and per 32-block of K in the kernel's prologue (once per
+call); the weights stay in their canonical layout and go to AVX512-VNNI ``vpdpbusd`` as unsigned
+bytes (see ``int8_compute.cpp``: a GEMV-like kernel for M < 16, a GEMM from M = 16; no repacked
+copy of the weight is kept). Needs a CPU with AVX512-VNNI and VBMI and the library's AVX-512
+build; shapes with ``in_features % 32 != 0`` or block/group sizes that are not multiples of 32 run
+the reference (:func:`has_fast_kernel` says which). Rows of x holding NaN/Inf are recomputed by
+the reference, which computes them in fp32 as the contract says.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+from . import _build
+
+# Weight kinds (enum QI8Kind in int8_compute.cpp).
+KIND_CODEBOOK = 0
+KIND_INT4 = 1
+KIND_INT8 = 2
+_KIND_OF_FAMILY = {"nf4": KIND_CODEBOOK, "fp4": KIND_CODEBOOK, "int4": KIND_INT4, "int8": KIND_INT8}
+
+
+class QI8W(ctypes.Structure):
+    """Mirror of ``struct QI8W`` in int8_compute.cpp."""
+
+    _fields_ = [
+        ("codes", ctypes.c_void_p),
+        ("absmax", ctypes.c_void_p),
+        ("ncodes", ctypes.c_void_p),
+        ("nabsmax", ctypes.c_void_p),
+        ("ntable", ctypes.c_void_p),
+        ("noffset", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("zp", ctypes.c_void_p),
+        ("lut", ctypes.c_int8 * 16),
+        ("inv_c", ctypes.c_float),
+        ("kind", ctypes.c_int32),
+        ("N", ctypes.c_int64),
+        ("K", ctypes.c_int64),
+        ("bs", ctypes.c_int64),
+        ("nbs", ctypes.c_int64),
+        ("G", ctypes.c_int64),
+    ]
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    """The kernel library with this module's symbols declared, or None (no library, or a build below
+    AVX-512: a forced portable variant stands for a CPU without the instructions)."""
+    L = _build.load()
+    if L is None or _build.cpu_variant() != "avx512":
+        return None
+    qw = ctypes.POINTER(QI8W)
+    L.qbi8_supported.argtypes = [qw]
+    L.qbi8_supported.restype = ctypes.c_int
+    L.qbi8_linear.argtypes = [qw, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    L.qbi8_linear.restype = ctypes.c_int64
+    return L
+
+
+def has_fast_kernel(family: str, ints: Mapping[str, int]) -> bool:
+    """Whether a layer of ``family`` (nf4, fp4, int4, int8) with these op ints runs the VNNI kernel here."""
+    L = _lib()
+    kind = _KIND_OF_FAMILY.get(family)
+    if L is None or kind is None:
+        return False
+    k = int(ints["in_features"])
+    bs = int(ints.get("groupsize", ints.get("blocksize", 0)))
+    q = QI8W(kind=kind, N=int(ints["out_features"]), K=k, bs=bs, nbs=int(ints.get("nested_blocksize", 0)),
+             G=-(-k // bs) if bs > 0 else 0)  # fmt: skip
+    return bool(L.qbi8_supported(ctypes.byref(q)))
+
+
+@functools.lru_cache(maxsize=64)
+def _table_image(values: tuple[float, ...]) -> tuple[tuple[int, ...], float]:
+    t8, c = ref.int8_table(torch.tensor(values, dtype=torch.float32))
+    return tuple(int(v) for v in t8.tolist()), 1.0 / c
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _contig(*ts: Tensor | None) -> tuple[Tensor | None, ...]:
+    return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in ts)
+
+
+def _run(L: ctypes.CDLL, q: QI8W, x: Tensor, bias: Tensor | None, n: int, k: int,
+         reference_rows: Callable[[Tensor], Tensor]) -> Tensor:  # fmt: skip
+    """y = x @ W^T (+ bias) by the kernel; rows of x with NaN/Inf through ``reference_rows``."""
+    x2 = x.reshape(-1, k)
+    if x2.dtype is not torch.float32 or not x2.is_contiguous():
+        x2 = x2.to(torch.float32).contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m > 0:
+        b = None if bias is None else bias.to(torch.float32).contiguous()
+        nbad = L.qbi8_linear(ctypes.byref(q), x2.data_ptr(), m, _ptr(b), y.data_ptr(), torch.get_num_threads())
+        if nbad < 0:  # not covered (callers check has_fast_kernel's conditions first): the reference
+            return reference_rows(x)
+        if nbad > 0:
+            bad = ~torch.isfinite(x2).all(dim=1)
+            y[bad] = reference_rows(x2[bad]).float()
+    y = y.view(*x.shape[:-1], n)
+    return y if x.dtype is torch.float32 else y.to(x.dtype)
+
+
+def codebook_linear(
+    x: Tensor, codes: Tensor, absmax: Tensor | None, nested_codes: Tensor | None, nested_absmax: Tensor | None,
+    nested_offset: Tensor | None, table: Tensor, nested_table: Tensor | None, bias: Tensor | None,
+    out_features: int, in_features: int, blocksize: int, nested_blocksize: int,
+) -> Tensor:  # fmt: skip
+    """``codebook_linear`` (nf4, fp4) in "int8" compute."""
+
+    def reference_rows(xr: Tensor) -> Tensor:
+        return ref.codebook_linear(xr, codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table,
+                                   bias, out_features, in_features, blocksize, nested_blocksize, "int8")  # fmt: skip
+
+    L = _lib()
+    if L is None:
+        return reference_rows(x)
+    keep = _contig(codes, absmax, nested_codes, nested_absmax, nested_offset, nested_table)
+    c, a, nc, na, no, nt = keep
+    lut, inv_c = _table_image(tuple(table.detach().float().cpu().reshape(-1).tolist()))
+    q = QI8W(codes=_ptr(c), absmax=_ptr(a), ncodes=_ptr(nc), nabsmax=_ptr(na), ntable=_ptr(nt), noffset=_ptr(no),
+             lut=(ctypes.c_int8 * 16)(*lut), inv_c=inv_c, kind=KIND_CODEBOOK, N=out_features, K=in_features,
+             bs=blocksize, nbs=nested_blocksize, G=0)  # fmt: skip
+    return _run(L, q, x, bias, out_features, in_features, reference_rows)
+
+
+def int4_linear(
+    x: Tensor, codes: Tensor, scale: Tensor, zero_point: Tensor | None, bias: Tensor | None,
+    out_features: int, in_features: int, groupsize: int,
+) -> Tensor:  # fmt: skip
+    """``int4_linear`` in "int8" compute."""
+
+    def reference_rows(xr: Tensor) -> Tensor:
+        return ref.int4_linear(xr, codes, scale, zero_point, bias, out_features, in_features, groupsize, "int8")
+
+    L = _lib()
+    if L is None:
+        return reference_rows(x)
+    c, s, z = _contig(codes, scale, zero_point)
+    q = QI8W(codes=_ptr(c), scale=_ptr(s), zp=_ptr(z), kind=KIND_INT4, N=out_features, K=in_features,
+             bs=groupsize, G=-(-in_features // groupsize))  # fmt: skip
+    return _run(L, q, x, bias, out_features, in_features, reference_rows)
+
+
+def int8_linear(
+    x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, out_features: int, in_features: int
+) -> Tensor:
+    """``int8_linear`` in "int8" compute."""
+
+    def reference_rows(xr: Tensor) -> Tensor:
+        return ref.int8_linear(xr, codes, scale, bias, out_features, in_features, "int8")
+
+    L = _lib()
+    if L is None:
+        return reference_rows(x)
+    c, s = _contig(codes, scale)
+    q = QI8W(codes=_ptr(c), scale=_ptr(s), kind=KIND_INT8, N=out_features, K=in_features)
+    return _run(L, q, x, bias, out_features, in_features, reference_rows)

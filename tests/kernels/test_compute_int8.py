@@ -1,0 +1,177 @@
+"""The CPU "int8" compute kernels (qbackend/kernels/cpu/int8_compute.*) against the reference.
+
+The kernel and the reference use the same integers (activations quantized per 32-block, the NF4/FP4
+table's int8 image, int4/int8 codes); only the order of the fp32 scale multiplications and sums
+differs. So the results agree to fp32 rounding: |y - y_ref| <= 2e-6 * (|x_q| @ |W_img|^T + |bias|)
+(plus one ulp of a 16-bit output dtype), far below the mode's own added error (~5e-3 relative).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qbackend.formats import Scheme, quantize
+from qbackend.kernels import KernelWeight, family_of, prepare_weight, quantized_linear, reference
+from qbackend.kernels.cpu import int8_compute as ic
+
+pytestmark = pytest.mark.skipif(ic._lib() is None, reason="no AVX-512 build of the CPU kernels here")
+
+SCHEMES = {
+    "nf4 b64": Scheme("nf4", blocksize=64),
+    "nf4 nested b64": Scheme("nf4", blocksize=64, nested=True),
+    "nf4 nested b32 nb32": Scheme("nf4", blocksize=32, nested=True, nested_blocksize=32),
+    "nf4 b128": Scheme("nf4", blocksize=128),
+    "nf4 b256": Scheme("nf4", blocksize=256),
+    "fp4 b64": Scheme("fp4", blocksize=64),
+    "fp4 nested b128": Scheme("fp4", blocksize=128, nested=True),
+    "int4 sym g32": Scheme("int", bits=4, symmetric=True, blocksize=32),
+    "int4 affine g64": Scheme("int", bits=4, symmetric=False, blocksize=64),
+    "int4 affine g128": Scheme("int", bits=4, symmetric=False, blocksize=128),
+    "int4 sym g96": Scheme("int", bits=4, symmetric=True, blocksize=96),
+    "int4 affine g48": Scheme("int", bits=4, symmetric=False, blocksize=48),
+    "int4 per-channel": Scheme("int", bits=4, symmetric=True, granularity="channel"),
+    "int8 per-channel": Scheme("int", bits=8, granularity="channel"),
+}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kw(n: int, k: int, scheme: Scheme, seed: int) -> KernelWeight:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    if n > 2:
+        w[1] *= 20.0  # an outlier channel
+    return prepare_weight(quantize(w, scheme), compute="int8")
+
+
+def _stem(kw: KernelWeight) -> str:
+    return family_of(kw.op).kernel
+
+
+def _family(kw: KernelWeight) -> str:
+    return family_of(kw.op).name
+
+
+def _ints(kw: KernelWeight) -> dict[str, int]:
+    return dict(zip(family_of(kw.op).ints, kw.statics, strict=True))
+
+
+def _kernel(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    return getattr(ic, _stem(kw) + "_linear")(x, *kw.tensors, bias, *kw.statics)
+
+
+def _reference(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, compute: str = "int8") -> torch.Tensor:
+    return getattr(reference, _stem(kw) + "_linear")(x, *kw.tensors, bias, *kw.statics, compute)
+
+
+def _image_weight(kw: KernelWeight) -> torch.Tensor:
+    """The fp32 weight the "int8" mode multiplies with (codebook: the table's int8 image)."""
+    n, k = kw.statics[:2]
+    eye = torch.eye(k)
+    return _reference(eye, kw, None).t().reshape(n, k)
+
+
+def _assert_matches(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None) -> None:
+    r = _reference(x, kw, bias)
+    assert y.dtype == r.dtype and y.shape == r.shape, (y.dtype, r.dtype, y.shape, r.shape)
+    k = kw.statics[1]
+    xq, s = reference.quantize_activations(x.float().reshape(-1, k))
+    xdq = xq * s.repeat_interleave(reference.ACT_BLOCK, 1)[:, :k]
+    mag = xdq.abs() @ _image_weight(kw).abs().t()
+    if bias is not None:
+        mag = mag + bias.float().abs()
+    tol = 2e-6 * mag.reshape(r.shape) + 1e-30
+    if y.dtype != torch.float32:
+        tol = tol + r.float().abs() * (2.0**-7 if y.dtype == torch.bfloat16 else 2.0**-10)
+    excess = float(((y.float() - r.float()).abs() - tol).max()) if y.numel() else 0.0
+    assert excess <= 0, f"max |y - y_ref| over tolerance by {excess:.3g}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(sorted(SCHEMES)),
+    n=st.integers(1, 40),
+    k=st.sampled_from([32, 64, 96, 128, 160, 224, 256, 384, 40, 100, 30]),
+    m=st.sampled_from([0, 1, 2, 3, 5, 7, 8, 13, 64, 70]),
+    dtype=st.sampled_from(DTYPES),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference(name, n, k, m, dtype, with_bias, seed):
+    kw = _kw(n, k, SCHEMES[name], seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
+    _assert_matches(_kernel(x, kw, bias), x, kw, bias)
+
+
+@pytest.mark.parametrize("name", ["nf4 nested b64", "int4 affine g128", "int8 per-channel"])
+def test_large_shapes_and_batch_dims(name):
+    kw = _kw(300, 1536, SCHEMES[name], 3)
+    x = torch.randn(2, 129, 1536)
+    bias = torch.randn(300)
+    y = _kernel(x, kw, bias)
+    assert y.shape == (2, 129, 300)
+    _assert_matches(y, x, kw, bias)
+
+
+@pytest.mark.parametrize("name", ["nf4 b64", "int4 affine g64", "int8 per-channel"])
+def test_non_finite_rows_as_fp32(name):
+    kw = _kw(24, 128, SCHEMES[name], 5)
+    x = torch.randn(6, 128)
+    x[1, 7] = float("nan")
+    x[3, 100] = float("inf")
+    x[4, 0] = -float("inf")
+    y = _kernel(x, kw, None)
+    y32 = _reference(x, kw, None, "fp32")
+    assert torch.equal(torch.isnan(y), torch.isnan(y32)) and torch.equal(torch.isinf(y), torch.isinf(y32))
+    assert bool(torch.isnan(y[1]).all()) and not bool(torch.isfinite(y[3]).any())
+    good = [0, 2, 5]
+    _assert_matches(y[good], x[good], kw, None)
+
+
+@pytest.mark.parametrize("name", ["nf4 nested b64", "int4 sym g32", "int8 per-channel"])
+def test_huge_activations_stay_finite(name):
+    kw = _kw(16, 256, SCHEMES[name], 7)
+    x = torch.randn(3, 256)
+    x[0] *= 1e30
+    x[2, 5] = 1e30
+    y = _kernel(x, kw, None)
+    assert bool(torch.isfinite(_reference(x, kw, None, "fp32")).all())
+    assert bool(torch.isfinite(y).all())
+    _assert_matches(y, x, kw, None)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+@pytest.mark.parametrize("k", [256, 100])
+def test_has_fast_kernel_is_what_runs(name, k, monkeypatch):
+    kw = _kw(8, k, SCHEMES[name], 11)
+    stem = _stem(kw)
+    calls = []
+    original = getattr(reference, stem + "_linear")
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reference, stem + "_linear", spy)
+    x = torch.randn(4, k)
+    y = _kernel(x, kw, None)
+    monkeypatch.undo()
+    fast = ic.has_fast_kernel(_family(kw), _ints(kw))
+    assert fast == (not calls), (name, k, fast, len(calls))
+    assert fast == (k % 32 == 0 and kw.statics[2:3] != (48,)), (name, k)
+    _assert_matches(y, x, kw, None)
+
+
+def test_through_the_op_eager_and_inductor():
+    kw = _kw(64, 256, SCHEMES["nf4 nested b64"], 13)
+    assert kw.compute == "int8"
+    x = torch.randn(5, 256)
+    bias = torch.randn(64)
+    y = torch.ops.qbackend.nf4_linear(x, *kw.tensors, bias, *kw.statics, "int8")
+    _assert_matches(y, x, kw, bias)
+    f = torch.compile(lambda x: quantized_linear(x, kw, bias), backend="inductor", fullgraph=True)
+    _assert_matches(f(x), x, kw, bias)
