@@ -874,13 +874,6 @@ int qb8_grad_panel(const int8_t* codes, const float* scale, int64_t N, int64_t K
 // Threads a panel call may use = partial sums the caller of *_grad_panel must provide.
 int qb_panel_threads(int64_t N, int64_t P, int nthreads) { return pool_threads(N, P, nthreads); }
 
-// The RowPool for the kernels of the other source files (one pool per process): fn(ctx, chunk, slot)
-// for every chunk in [0, nchunks), on at most nthreads threads; slot < nthreads names the thread.
-void qb_pool_run(int64_t nchunks, int nthreads, void (*fn)(void*, int64_t, int), void* ctx) {
-    auto body = [&](int64_t c, int slot) { fn(ctx, c, slot); };
-    RowPool::get().run(nchunks, (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, nchunks)), body);
-}
-
 void qb8_dequant(const int8_t* codes, const float* scale, int64_t K, int64_t n0, int64_t n1, float* out, int nthreads) {
     pool_rows(n1 - n0, 8, nthreads, [&](int64_t a, int64_t b) { dequant8_rows(codes, scale, K, n0 + a, n0 + b, out + a * K); });
 }
