@@ -43,6 +43,17 @@ def no_quantize(monkeypatch):
     return arm
 
 
+@pytest.fixture(autouse=True)
+def _exact_auto_compute(request, monkeypatch):
+    """Most tests check results against the exact fp32 reference, so ``compute="auto"`` resolves to
+    "fp32" in them; tests marked ``auto_compute`` (and those using ``cpu_compute``) see the real policy."""
+    if request.node.get_closest_marker("auto_compute") or "cpu_compute" in request.fixturenames:
+        return
+    from qbackend.kernels import compute_policy
+
+    monkeypatch.setattr(compute_policy, "AUTO_MODES", {f: () for f in compute_policy.AUTO_MODES})
+
+
 @pytest.fixture
 def cpu_compute(monkeypatch):
     """``cpu_compute(features, fast)``: the CPU has these instruction flags and fast ``compute`` kernels for the

@@ -25,9 +25,11 @@ def test_auto_picks_the_fastest_mode_within_the_bound(cpu):
     cpu(fast=[(m, f) for m in ("int8", "bf16") for f in cp.COMPUTE_FAMILIES])
     assert cp.resolve("auto", "int4", {**INTS, "groupsize": 128}).mode == "int8"
     assert cp.resolve("auto", "fp4", INTS).mode == "int8"
-    # nf4's int8 path adds a hair over a tenth of its own error; int8 weights: any faster mode adds too much
-    assert cp.resolve("auto", "nf4", INTS).mode == "bf16"
+    # nf4's int8 path adds about a tenth of its own error (0.101); int8 weights: any faster mode adds too much
+    assert cp.resolve("auto", "nf4", INTS).mode == "int8"
     assert cp.resolve("auto", "int8", INTS).mode == "fp32"
+    cpu(fast=[("bf16", "nf4")])  # no int8 kernel for this nf4 layer: bf16 is within the bound too
+    assert cp.resolve("auto", "nf4", INTS).mode == "bf16"
     cpu(fast=[("bf16", "int4")])  # no int8 kernel for this layer: the next allowed mode
     assert cp.resolve("auto", "int4", INTS).mode == "bf16"
 
@@ -81,6 +83,7 @@ def test_resolve_weight_reads_the_family_from_the_op_name(cpu):
     assert cp.resolve_weight("auto", "nf4_linear", (1536, 384, 64, 256), "cpu").mode == "fp32"
 
 
+@pytest.mark.auto_compute
 def test_auto_modes_follow_from_the_measured_ratios():
     for fam, modes in cp.AUTO_MODES.items():
         for m in cp.FAST_MODES:
@@ -95,3 +98,33 @@ def test_cpu_features_are_the_flags_that_matter():
     assert feats <= wanted
     assert "fp32" in cp.cpu_modes()
     assert cp.cpu_modes(frozenset({"avx_vnni"})) == ("fp32", "int8")
+
+
+@pytest.mark.auto_compute
+@pytest.mark.parametrize("preset", ["nf4", "int4", "int8"])
+def test_auto_on_this_machine_runs_the_mode_it_reports(preset):
+    """End to end with the real policy: the layer's resolved mode is the one its kernel computes in."""
+    import torch
+
+    import qbackend
+    from qbackend.kernels import family_of
+    from qbackend.kernels.cpu import compute
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 96))
+    qbackend.quantize_(model, {"preset": preset})
+    layer = model[0]
+    fam = family_of(layer.op)
+    ints = dict(zip(fam.ints, layer.statics, strict=True))
+    expected = next((m for m in cp.AUTO_MODES[fam.name] if cp._has(m, cp.cpu_features())
+                     and compute.has_fast_kernel(m, fam.name, ints)), "fp32")  # fmt: skip
+    assert layer.compute == expected
+    tensors = [None if n is None else getattr(layer, n) for n in layer._arg_names]
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        y = layer(x)
+        exact = layer.op(x, *tensors, layer.bias, *layer.statics, "fp32")
+        in_mode = layer.op(x, *tensors, layer.bias, *layer.statics, expected)
+    assert torch.equal(y, in_mode)
+    rel = float((y - exact).norm() / exact.norm())
+    assert rel < (1e-6 if expected == "fp32" else 1e-2), (expected, rel)

@@ -2,9 +2,10 @@
 
 The fused kernels sum ``x * code`` and apply the (block, group or channel) scale after the sum, so
 with ``|x|`` near 1e36 the unscaled partial sums overflow fp32 while ``x @ W^T`` itself is finite.
-Rather than slow every kernel down, the output is checked (one pass over it) and, only when it is
-not finite although ``x`` is, the call is repeated on ``x * 2^-k`` (exact: a power of two) with the
-bias (and a static activation scale) scaled alike, and the result multiplied back by ``2^k``.
+Rather than slow every kernel down, the output is checked (one pass over it) and, only for the rows
+where it is not finite although that row of ``x`` is, the call is repeated on those rows times
+``2^-k`` (exact: a power of two) with the bias (and a static activation scale) scaled alike, and
+the result multiplied back by ``2^k``.
 """
 
 from __future__ import annotations
@@ -33,18 +34,26 @@ def keep_finite(fn: Callable[..., Tensor], bias_at: int | None, act_scale_at: in
             return y
         x = args[0]
         assert isinstance(x, Tensor)
-        amax = float(x.abs().amax()) if x.numel() else 0.0
-        if not math.isfinite(amax) or amax == 0.0:
-            return y  # non-finite input: a non-finite output is the right answer
+        # Rows are independent: redo only the rows whose input is finite but whose output is not
+        # (a non-finite input row rightly gives a non-finite output, as fp32 does).
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        redo = (~torch.isfinite(y2).all(dim=1) & torch.isfinite(x2).all(dim=1)).nonzero().flatten()
+        if redo.numel() == 0:
+            return y
+        xs = x2.index_select(0, redo)
+        amax = float(xs.abs().amax())
         k = math.frexp(amax)[1] - _TARGET_EXPONENT
         if k <= 0:
             return y  # the overflow is not from large inputs (e.g. a huge weight scale): as fp32 would
         scaled = list(args)
-        scaled[0] = x.float() * 2.0**-k
+        scaled[0] = xs.float() * 2.0**-k
         for at in (bias_at, act_scale_at):
             if at is not None and isinstance(args[at], Tensor):
                 scaled[at] = args[at].float() * 2.0**-k
-        return (fn(*scaled).float() * 2.0**k).to(y.dtype)
+        fixed = (fn(*scaled).float() * 2.0**k).to(y.dtype)
+        out = y2.clone()
+        out[redo] = fixed.reshape(-1, y2.shape[-1])
+        return out.reshape(y.shape)
 
     return run
 
