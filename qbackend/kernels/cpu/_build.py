@@ -177,19 +177,25 @@ def has_blas() -> bool:
     return lib is not None and set_blas(lib)
 
 
-def set_blas(lib: ctypes.CDLL) -> bool:
-    """Hand ``lib`` the Fortran ``sgemm_`` and ``MKL_Set_Num_Threads_Local`` that libtorch_cpu exports
-    (MKL in x86 wheels), after a small check multiply. False if they are absent (other BLAS builds)."""
-    import torch  # this module builds without torch (a build script); the check multiply needs it
+def torch_cpu_symbols(*names: str) -> tuple[int, ...] | None:
+    """Addresses of these symbols in torch's libtorch_cpu (MKL's in x86 wheels), or None if any is absent."""
+    import torch  # this module builds without torch (a build script); only the lookups need it
 
     try:
         torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        sgemm = ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p).value
-        # The C interface (int by value); the lower-case symbol is the Fortran one (int by pointer).
-        local = ctypes.cast(torch_cpu.MKL_Set_Num_Threads_Local, ctypes.c_void_p).value
+        return tuple(ctypes.cast(getattr(torch_cpu, n), ctypes.c_void_p).value for n in names)
     except (OSError, AttributeError):
+        return None
+
+
+def set_blas(lib: ctypes.CDLL) -> bool:
+    """Hand ``lib`` the Fortran ``sgemm_`` and ``MKL_Set_Num_Threads_Local`` that libtorch_cpu exports
+    (MKL in x86 wheels), after a small check multiply. False if they are absent (other BLAS builds)."""
+    # MKL_Set_Num_Threads_Local: the C interface (int by value); sgemm_ is the Fortran one.
+    found = torch_cpu_symbols("sgemm_", "MKL_Set_Num_Threads_Local")
+    if found is None:
         return False
-    ok = bool(lib.qb_set_blas(sgemm, local))
+    ok = bool(lib.qb_set_blas(*found))
     if not ok:
         log.info("qbackend: torch's sgemm_ failed the check multiply; large-M CPU linears use torch.mm")
     return ok

@@ -20,7 +20,6 @@ import ctypes
 import functools
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -91,13 +90,10 @@ def _has_gemm() -> bool:
     lib = _lib()
     if lib is None:
         return False
-    try:
-        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        gemm = ctypes.cast(torch_cpu.cblas_gemm_bf16bf16f32, ctypes.c_void_p).value
-        local = ctypes.cast(torch_cpu.MKL_Set_Num_Threads_Local, ctypes.c_void_p).value
-    except (OSError, AttributeError):
+    found = _build.torch_cpu_symbols("cblas_gemm_bf16bf16f32", "MKL_Set_Num_Threads_Local")
+    if found is None:
         return False
-    ok = bool(lib.qbbf_set_gemm(gemm, local))
+    ok = bool(lib.qbbf_set_gemm(*found))
     if not ok:
         log.info("qbackend: MKL's bf16 GEMM failed the check multiply; large-M bf16 linears use the fused kernel")
     return ok
