@@ -89,6 +89,8 @@ class ShardableQuantizedLinear(nn.Module):
         self.scheme: Scheme = q.scheme
         self.op = q.op
         self.statics = tuple(q.statics)
+        # the resolved compute mode (and the option it came from) of the layer this one re-lays out
+        self.compute, self.compute_option = q.compute, q.compute_option
         family = family_of(q.op)
         self.kernel = family.kernel
         self._all_names = tuple(t.name for t in family.weights)
@@ -131,7 +133,7 @@ class ShardableQuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_forward is not None:
             return self.tp_forward(self, x)
-        return self.op(x, *self.kernel_tensors(), self.bias, *self.statics)
+        return self.op(x, *self.kernel_tensors(), self.bias, *self.statics, self.compute)
 
     def quantized_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, parameter) of the sharded quantized state (code tables excluded)."""
@@ -145,7 +147,7 @@ class ShardableQuantizedLinear(nn.Module):
                            (t for t in self.kernel_tensors() if t is not None), strict=True))  # fmt: skip
         tensors = tuple(by_name.get(n) for n in self._all_names)
         kw = KernelWeight(self.op, tensors, self.statics, self._all_names)
-        return QuantizedLinear(kw, self.bias, self.scheme)
+        return QuantizedLinear(kw, self.bias, self.scheme, self.compute_option)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
         # .half() / .to(dtype) must leave the fp32 code tables alone (the quantized parameters are integers)

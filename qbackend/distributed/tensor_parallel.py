@@ -74,13 +74,15 @@ def _local(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _colwise_forward(layer: ShardableQuantizedLinear, x: torch.Tensor, *, mesh: DeviceMesh,
                      statics: tuple[int, ...]) -> DTensor:  # fmt: skip
-    y = layer.op(_local(x), *layer.kernel_tensors(), _local(layer.bias), *statics)
+    y = layer.op(_local(x), *layer.kernel_tensors(), _local(layer.bias), *statics, layer.compute)
     return DTensor.from_local(y, mesh, [Shard(-1)], run_check=False)
 
 
 def _rowwise_forward(layer: ShardableQuantizedLinear, x: torch.Tensor, *, mesh: DeviceMesh,
                      statics: tuple[int, ...]) -> DTensor:  # fmt: skip
-    partial_y = layer.op(_local(x), *layer.kernel_tensors(), None, *statics)
+    # Row shards are whole quantization blocks (multiples of 32 along K), so "int8" compute's
+    # activation blocks are the same as in the unsharded layer.
+    partial_y = layer.op(_local(x), *layer.kernel_tensors(), None, *statics, layer.compute)
     y = DTensor.from_local(partial_y, mesh, [Partial()], run_check=False).redistribute(placements=[Replicate()])
     if layer.bias is not None:  # added once, after the reduction
         y = DTensor.from_local(y.to_local() + _local(layer.bias).to(y.dtype), mesh, [Replicate()], run_check=False)

@@ -37,7 +37,12 @@ from qbackend.distributed import (
     to_row_layout,
 )
 from qbackend.formats import Scheme
+from qbackend.kernels import compute_policy
 from qbackend.qat import add_lora, lora_parameters, quantize_base
+
+# As in the in-process tests (tests/conftest.py): compute="auto" resolves to exact fp32 here, so the
+# parent process and the ranks compare the same arithmetic.
+compute_policy.AUTO_MODES = {f: () for f in compute_policy.AUTO_MODES}
 
 VOCAB = 96
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

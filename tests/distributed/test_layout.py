@@ -64,3 +64,19 @@ def test_dtype_casts_leave_codes_constants_and_tables_alone():
     assert {t.dtype for t in model[0].buffers()} == {torch.float32}
     # bf16 activations: within bf16 rounding of the fp32 output (inputs and output rounded: ~1% of |y| or of |x||w|)
     torch.testing.assert_close(model(x.bfloat16()).float(), want, rtol=2e-2, atol=0.1)
+
+
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+def test_row_layout_keeps_the_layers_compute_mode(mode):
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_weight(torch.randn(48, 128), None, SCHEMES["nf4-nested"])
+    q.set_compute(mode)
+    model = nn.Sequential(q)
+    x = torch.randn(3, 128)
+    want = model(x)
+    to_row_layout(model)
+    assert model[0].compute == mode
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)  # the same arithmetic, not fp32
+    from_row_layout(model)
+    assert model[0].compute == mode
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
