@@ -43,15 +43,26 @@ def no_quantize(monkeypatch):
     return arm
 
 
-@pytest.fixture(autouse=True)
-def _exact_auto_compute(request, monkeypatch):
-    """Most tests check results against the exact fp32 reference, so ``compute="auto"`` resolves to
-    "fp32" in them; tests marked ``auto_compute`` (and those using ``cpu_compute``) see the real policy."""
-    if request.node.get_closest_marker("auto_compute") or "cpu_compute" in request.fixturenames:
-        return
+def pytest_configure(config: pytest.Config) -> None:
+    """Most tests check results against the exact fp32 reference, so in this process
+    ``compute="auto"`` resolves to "fp32" (from the start: session fixtures build models too); tests
+    marked ``auto_compute`` (and those using ``cpu_compute``) get the real policy back."""
     from qbackend.kernels import compute_policy
 
-    monkeypatch.setattr(compute_policy, "AUTO_MODES", {f: () for f in compute_policy.AUTO_MODES})
+    global _REAL_AUTO_MODES
+    _REAL_AUTO_MODES = compute_policy.AUTO_MODES
+    compute_policy.AUTO_MODES = {f: () for f in _REAL_AUTO_MODES}
+
+
+_REAL_AUTO_MODES: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _real_auto_compute_when_asked(request, monkeypatch):
+    if request.node.get_closest_marker("auto_compute") or "cpu_compute" in request.fixturenames:
+        from qbackend.kernels import compute_policy
+
+        monkeypatch.setattr(compute_policy, "AUTO_MODES", _REAL_AUTO_MODES)
 
 
 @pytest.fixture

@@ -40,10 +40,6 @@ from qbackend.formats import Scheme
 from qbackend.kernels import compute_policy
 from qbackend.qat import add_lora, lora_parameters, quantize_base
 
-# As in the in-process tests (tests/conftest.py): compute="auto" resolves to exact fp32 here, so the
-# parent process and the ranks compare the same arithmetic.
-compute_policy.AUTO_MODES = {f: () for f in compute_policy.AUTO_MODES}
-
 VOCAB = 96
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -233,6 +229,10 @@ def tensor_parallel(res: dict, world: int) -> None:
 
 
 def main() -> None:
+    # As in the in-process tests (tests/conftest.py): compute="auto" resolves to exact fp32 in the ranks,
+    # so they and the parent process compare the same arithmetic. (Here, not at import: the parent
+    # process imports this module for its helpers.)
+    compute_policy.AUTO_MODES = {f: () for f in compute_policy.AUTO_MODES}
     scenario, out = sys.argv[1], Path(sys.argv[2])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
