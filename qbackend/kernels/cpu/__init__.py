@@ -35,6 +35,11 @@ from . import _build, finite
 from . import avx2 as _avx2
 from . import compute as _compute
 from . import w8a8 as _w8a8
+from ._tensors import bias32 as _bias32
+from ._tensors import contig as _contig
+from ._tensors import out as _out
+from ._tensors import ptr as _ptr
+from ._tensors import x2d as _x2d
 
 # Fused kernels up to this many rows; above, dequantized panels + sgemm (measured on one core: the
 # fused kernels win at M = 64, tie around M = 256; MKL's cache blocking wins for prefill-sized M).
@@ -51,36 +56,6 @@ _force_portable = False  # tests flip this to run what a CPU without AVX-512 run
 def lib() -> ctypes.CDLL | None:
     """The loaded C++ library, or None (then every op runs the pure-torch reference)."""
     return _build.load()
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-# The wrappers below run on every call: the common case (fp32, contiguous, 2-D) takes no tensor op.
-
-
-def _x2d(x: Tensor, k: int) -> Tensor:
-    """x as contiguous fp32 [M, K] (x itself or a view when it already is)."""
-    if x.dtype is torch.float32 and x.is_contiguous():
-        return x if x.dim() == 2 else x.view(-1, k)
-    return x.reshape(-1, k).to(torch.float32).contiguous()
-
-
-def _bias32(bias: Tensor | None) -> Tensor | None:
-    if bias is None or (bias.dtype is torch.float32 and bias.is_contiguous()):
-        return bias
-    return bias.to(torch.float32).contiguous()
-
-
-def _out(y: Tensor, x: Tensor, n: int) -> Tensor:
-    if x.dim() != 2:
-        y = y.view(*x.shape[:-1], n)
-    return y if x.dtype is torch.float32 else y.to(x.dtype)
-
-
-def _contig(ts: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
-    return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in ts)
 
 
 # The kernel descriptor holds only pointers and sizes, so one built for the same pointers and sizes

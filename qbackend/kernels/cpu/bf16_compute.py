@@ -26,6 +26,9 @@ from torch import Tensor
 
 from .. import reference as ref
 from . import _build
+from ._tensors import out as _out
+from ._tensors import ptr as _ptr
+from ._tensors import x2d as _x2d
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +105,6 @@ def _has_gemm() -> bool:
 def available() -> bool:
     """Whether this CPU runs the bf16 kernels (AVX512-BF16 and the C++ library)."""
     return _lib() is not None
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _x2d(x: Tensor, k: int) -> Tensor:
-    if x.dtype is torch.float32 and x.is_contiguous():
-        return x.view(-1, k)
-    return x.reshape(-1, k).to(torch.float32).contiguous()
-
-
-def _out(y: Tensor, x: Tensor, n: int) -> Tensor:
-    y = y.view(*x.shape[:-1], n)
-    return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
 def _panel_rows(k: int, n: int) -> int:

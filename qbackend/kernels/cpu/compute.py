@@ -3,7 +3,7 @@
 The numerics of each mode are defined by :mod:`qbackend.kernels.reference`. Each mode has its own
 module (:mod:`.int8_compute`, :mod:`.bf16_compute`) exposing ``codebook_linear``, ``int4_linear``,
 ``int8_linear`` (the reference's signatures, without ``compute``) and ``has_fast_kernel``; a
-case a mode's module does not cover runs the reference itself (correct, slow), and
+case a mode's module does not cover runs the reference there (correct, slow), and
 :func:`has_fast_kernel` tells the ``"auto"`` policy which cases those are.
 """
 
@@ -14,21 +14,10 @@ from types import ModuleType
 
 from torch import Tensor
 
-from .. import reference as ref
+from . import bf16_compute, int8_compute
 
-
-def _module(compute: str) -> ModuleType | None:
-    """The fast module of ``compute``, or None while there is none."""
-    try:
-        if compute == "int8":
-            from . import int8_compute as m
-        elif compute == "bf16":
-            from . import bf16_compute as m
-        else:
-            return None
-    except ImportError:
-        return None
-    return m
+#: the module of each non-fp32 mode (the "fp32" kernels are this package's ``__init__``)
+_MODULES: dict[str, ModuleType] = {"int8": int8_compute, "bf16": bf16_compute}
 
 
 def has_fast_kernel(compute: str, family: str, ints: Mapping[str, int]) -> bool:
@@ -36,8 +25,7 @@ def has_fast_kernel(compute: str, family: str, ints: Mapping[str, int]) -> bool:
     (out_features, in_features, blocksize/groupsize, ...) runs a fast kernel in ``compute`` on this CPU."""
     if compute == "fp32":
         return True
-    m = _module(compute)
-    return m is not None and bool(m.has_fast_kernel(family, ints))
+    return bool(_MODULES[compute].has_fast_kernel(family, ints))
 
 
 def codebook_linear(
@@ -48,10 +36,7 @@ def codebook_linear(
     """``codebook_linear`` (nf4, fp4) in ``compute`` "bf16" or "int8"."""
     args = (x, codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table, bias,
             out_features, in_features, blocksize, nested_blocksize)  # fmt: skip
-    m = _module(compute)
-    if m is not None:
-        return m.codebook_linear(*args)
-    return ref.codebook_linear(*args, compute)
+    return _MODULES[compute].codebook_linear(*args)
 
 
 def int4_linear(
@@ -60,10 +45,7 @@ def int4_linear(
 ) -> Tensor:  # fmt: skip
     """``int4_linear`` in ``compute`` "bf16" or "int8"."""
     args = (x, codes, scale, zero_point, bias, out_features, in_features, groupsize)
-    m = _module(compute)
-    if m is not None:
-        return m.int4_linear(*args)
-    return ref.int4_linear(*args, compute)
+    return _MODULES[compute].int4_linear(*args)
 
 
 def int8_linear(
@@ -71,7 +53,4 @@ def int8_linear(
 ) -> Tensor:
     """``int8_linear`` in ``compute`` "bf16" or "int8"."""
     args = (x, codes, scale, bias, out_features, in_features)
-    m = _module(compute)
-    if m is not None:
-        return m.int8_linear(*args)
-    return ref.int8_linear(*args, compute)
+    return _MODULES[compute].int8_linear(*args)

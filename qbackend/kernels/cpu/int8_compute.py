@@ -20,6 +20,8 @@ from torch import Tensor
 
 from .. import reference as ref
 from . import _build
+from ._tensors import contig as _contig
+from ._tensors import ptr as _ptr
 
 # Weight kinds (enum QI8Kind in int8_compute.cpp).
 KIND_CODEBOOK = 0
@@ -85,14 +87,6 @@ def _table_image(values: tuple[float, ...]) -> tuple[tuple[int, ...], float]:
     return tuple(int(v) for v in t8.tolist()), 1.0 / c
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _contig(*ts: Tensor | None) -> tuple[Tensor | None, ...]:
-    return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in ts)
-
-
 def _run(L: ctypes.CDLL, q: QI8W, x: Tensor, bias: Tensor | None, n: int, k: int,
          reference_rows: Callable[[Tensor], Tensor]) -> Tensor:  # fmt: skip
     """y = x @ W^T (+ bias) by the kernel; rows of x with NaN/Inf through ``reference_rows``."""
@@ -127,7 +121,7 @@ def codebook_linear(
     L = _lib()
     if L is None:
         return reference_rows(x)
-    keep = _contig(codes, absmax, nested_codes, nested_absmax, nested_offset, nested_table)
+    keep = _contig((codes, absmax, nested_codes, nested_absmax, nested_offset, nested_table))
     c, a, nc, na, no, nt = keep
     lut, inv_c = _table_image(tuple(table.detach().float().cpu().reshape(-1).tolist()))
     q = QI8W(codes=_ptr(c), absmax=_ptr(a), ncodes=_ptr(nc), nabsmax=_ptr(na), ntable=_ptr(nt), noffset=_ptr(no),
@@ -148,7 +142,7 @@ def int4_linear(
     L = _lib()
     if L is None:
         return reference_rows(x)
-    c, s, z = _contig(codes, scale, zero_point)
+    c, s, z = _contig((codes, scale, zero_point))
     q = QI8W(codes=_ptr(c), scale=_ptr(s), zp=_ptr(z), kind=KIND_INT4, N=out_features, K=in_features,
              bs=groupsize, G=-(-in_features // groupsize))  # fmt: skip
     return _run(L, q, x, bias, out_features, in_features, reference_rows)
@@ -165,6 +159,6 @@ def int8_linear(
     L = _lib()
     if L is None:
         return reference_rows(x)
-    c, s = _contig(codes, scale)
+    c, s = _contig((codes, scale))
     q = QI8W(codes=_ptr(c), scale=_ptr(s), kind=KIND_INT8, N=out_features, K=in_features)
     return _run(L, q, x, bias, out_features, in_features, reference_rows)

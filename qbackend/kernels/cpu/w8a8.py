@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _build
+from ._tensors import out as _out
 
 # From this many rows of x, torch's int8 GEMM (oneDNN) instead of the VNNI tiles. Measured on the
 # project's 2-core Zen 4 under load (4096x4096, best call / median): M = 64 tiles 3.3 / 9.6 ms vs
@@ -76,11 +77,6 @@ def w8a8_linear(
         if rc != 0:
             return None
     return _out(y, x, out_features)
-
-
-def _out(y: Tensor, x: Tensor, n: int) -> Tensor:
-    y = y.view(*x.shape[:-1], n)
-    return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
 def _library_gemm(lib, xf: Tensor, codes: Tensor, sc: Tensor, b: Tensor | None, a: Tensor | None, y: Tensor,
