@@ -9,7 +9,14 @@
 * :mod:`.layout`: the row layout that makes quantized codes and constants shardable, and its rule.
 """
 
-from .checkpoint import CheckpointLayoutError, consolidate, load_checkpoint, read_layout, save_checkpoint
+from .checkpoint import (
+    CheckpointLayoutError,
+    CheckpointSaveError,
+    consolidate,
+    load_checkpoint,
+    read_layout,
+    save_checkpoint,
+)
 from .ddp import replicate_qlora
 from .fsdp import shard_qlora, transformer_blocks
 from .layout import (
@@ -23,6 +30,7 @@ from .tensor_parallel import QuantizedColwiseParallel, QuantizedRowwiseParallel,
 
 __all__ = [
     "CheckpointLayoutError",
+    "CheckpointSaveError",
     "QuantizedColwiseParallel",
     "QuantizedRowwiseParallel",
     "consolidate",

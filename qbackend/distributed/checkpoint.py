@@ -12,7 +12,13 @@ tensor shapes. Loading checks it against the target model first and names the fi
 differs (another format, block size or shape), rather than letting a wrong tensor load.
 
 A save writes into a fresh sibling directory and replaces ``path`` only once every rank has written
-all of its files; a save that fails (or a process that dies) leaves the previous checkpoint as it was.
+all of its files; a save that fails (or a process that dies) leaves the previous checkpoint as it was,
+and the ranks still alive raise `CheckpointSaveError`. A partial directory left by a killed rank 0
+is removed by the next save to the same path.
+
+Tensor-parallel checkpoints hold NF4/FP4 block constants decoded from their nested form (see
+:mod:`.tensor_parallel`); loading one into a model whose layers are still nested decodes those
+layers the same way first, so it loads in one process, under FSDP2 or under another TP world size.
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from ..serialization import save as qsave
 from .layout import ShardableQuantizedLinear, from_row_layout, quantized_layers, to_row_layout
+from .tensor_parallel import denest, denested_scheme
 
 MANIFEST = "qbackend_layout.json"
 LAYOUT_VERSION = 1
@@ -46,6 +54,10 @@ LAYOUT_VERSION = 1
 
 class CheckpointLayoutError(ValueError):
     """A distributed checkpoint does not fit the model (or is incomplete); the message names the layer."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save did not complete on every rank (e.g. another rank died); the previous checkpoint is unchanged."""
 
 
 # ---- what the checkpoint promises ------------------------------------------------------------------
@@ -68,6 +80,22 @@ def layout_manifest(model: nn.Module) -> dict[str, Any]:
     return {"version": LAYOUT_VERSION, "layout": "rows", "saved_world_size": world, "layers": layers}
 
 
+def _match_denested(saved: dict[str, Any], model: nn.Module, path: Path) -> None:
+    """Decode the nested constants of the model's layers that the checkpoint holds decoded (a TP save)."""
+    have = saved.get("layers", {})
+    for name, layer in quantized_layers(model):
+        got = have.get(name, {}).get("scheme")
+        if not (layer.scheme.nested and got is not None and got == denested_scheme(layer.scheme).as_dict()):
+            continue
+        if isinstance(layer.nested_codes, DTensor):
+            raise CheckpointLayoutError(
+                f"{path}: layer {name!r}: the checkpoint holds its block constants decoded (a tensor-parallel save), "
+                "the model's already sharded layer holds them nested; load into the model before shard_qlora / "
+                "parallelize_module, or in one process"
+            )
+        denest(layer)
+
+
 def _check_fits(saved: dict[str, Any], model: nn.Module, path: Path) -> None:
     if saved.get("version") != LAYOUT_VERSION or saved.get("layout") != "rows":
         raise CheckpointLayoutError(
@@ -86,9 +114,12 @@ def _check_fits(saved: dict[str, Any], model: nn.Module, path: Path) -> None:
         for key, what in (("scheme", "format"), ("out_features", "rows"), ("in_features", "columns"),
                           ("tensors", "tensor layout")):  # fmt: skip
             if got.get(key) != entry[key]:
+                hint = "a checkpoint loads into a model quantized the same way"
+                if key == "scheme" and entry[key].get("nested") is False and got.get("scheme", {}).get("nested"):
+                    hint = "this layer was already split by tensor parallel; load before parallelize_module"
                 raise CheckpointLayoutError(
                     f"{path}: layer {name!r}: the checkpoint's {what} {_short(got.get(key))} differs from the "
-                    f"model's {_short(entry[key])} (rule: a checkpoint loads into a model quantized the same way)"
+                    f"model's {_short(entry[key])} (rule: {hint})"
                 )
     extra = sorted(set(have) - set(want))
     if extra:
@@ -150,6 +181,10 @@ def save_checkpoint(
         model = model.module
     nonce = _shared_nonce()
     partial = path.parent / f".{path.name}.partial-{nonce}"
+    if _rank() == 0:  # left by an earlier save whose rank 0 was killed
+        for stale in path.parent.glob(f".{path.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
@@ -162,11 +197,22 @@ def save_checkpoint(
         if _rank() == 0:
             _commit(partial, path, nonce)
         _barrier()
-    except BaseException:
+    except BaseException as e:
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        raise
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: as they are
+            raise
+        kept = "the previous checkpoint is unchanged" if path.exists() else "nothing was written there"
+        raise CheckpointSaveError(
+            f"{path}: the save did not complete on rank {_rank()} ({type(e).__name__}: {_first_line(e)}); {kept}"
+        ) from e
     return path
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    line = text[0] if text else ""
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def _write_json(file: Path, obj: Any) -> None:
@@ -228,9 +274,13 @@ def load_checkpoint(
     to_row_layout(model)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
-    _check_fits(read_layout(where), model, where)
+    saved = read_layout(where)
+    _match_denested(saved, model, where)
+    _check_fits(saved, model, where)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
-    stored = dcp.FileSystemReader(where).read_metadata().state_dict_metadata
+    metadata = dcp.FileSystemReader(where).read_metadata()
+    _check_files(metadata, where, saved.get("saved_world_size"))
+    stored = metadata.state_dict_metadata
     missing = sorted(k for k in state["model"] if f"model.{k}" not in stored)
     if missing:
         raise CheckpointLayoutError(
@@ -247,6 +297,17 @@ def load_checkpoint(
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
     return model
+
+
+def _check_files(metadata: Any, where: Path, saved_world: Any) -> None:
+    """Every data file DCP's metadata points to must be there (each rank writes its own)."""
+    files = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
+    missing = [f for f in files if not (where / f).is_file()]
+    if missing:
+        raise CheckpointLayoutError(
+            f"{where}: data file {missing[0]!r} is missing ({len(missing)} of {len(files)} files; the checkpoint "
+            f"was saved by {saved_world} rank(s), each writing its own): the checkpoint is incomplete"
+        )
 
 
 def consolidate(path: str | os.PathLike, model: nn.Module, out: str | os.PathLike) -> Path:

@@ -17,11 +17,20 @@ the row layout; on ``nn.Linear`` they are exactly torch's styles.
 Nested (double-quantized) constants run in blocks of 256 constants across rows, which a split need
 not keep whole, so they are decoded to their fp32 values first (the kernel's own decode,
 ``table[code] * absmax2 + offset``): +24 bits per block of 64 (~0.4 bit/param), same weights.
+The layer's scheme becomes the un-nested one (e.g. ``nf4-b64``), so a checkpoint of a TP model says
+what it holds.
+
+LoRA layers (`LoRALinear`, from ``add_lora``) under the same plan: the base is split as above and
+the adapters consistently with it, as torch splits an ``nn.Linear``: column-wise, ``lora_A``
+replicated and ``lora_B`` split along its output rows (each rank adds its slice of ``B A x``);
+row-wise, ``lora_A`` split along its input columns and ``lora_B`` replicated (``B A_i x_i`` is a
+partial sum, reduced with the base's). The adapters stay trainable (DTensor parameters).
 A layer that cannot be split as asked raises `ShardingError` naming it and the rule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
@@ -30,15 +39,24 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+from ..formats import Scheme
+from ..workflows.qat.lora import LoRALinear
 from .layout import ShardableQuantizedLinear, ShardingError, check_column_split, check_row_split
 
 _NESTED = ("nested_codes", "nested_absmax", "nested_offset", "nested_table")
+
+
+def denested_scheme(scheme: Scheme) -> Scheme:
+    """The scheme of a layer after :func:`denest`: the same format with plain fp32 block constants."""
+    return dataclasses.replace(scheme, nested=False)
 
 
 def denest(layer: ShardableQuantizedLinear) -> None:
     """Replace a codebook layer's nested constants by the fp32 block constants they decode to (in place)."""
     if layer.kernel != "codebook" or getattr(layer, "nested_codes", None) is None:
         return
+    if isinstance(layer.nested_codes, DTensor):
+        raise ShardingError(f"{layer.qualified_name}: already sharded; decode nested constants before sharding")
     t = dict(zip(layer._arg_names, layer.kernel_tensors(), strict=True))
     nbs = layer.statics[3]
     i = torch.arange(t["nested_codes"].numel(), device=t["nested_codes"].device)
@@ -56,6 +74,7 @@ def denest(layer: ShardableQuantizedLinear) -> None:
     layer._float_bits.add("absmax")
     layer._flat.add("absmax")
     layer.register_parameter("absmax", nn.Parameter(absmax.reshape(rows, -1).view(torch.int32), requires_grad=False))
+    layer.scheme = denested_scheme(layer.scheme)
 
 
 def _distribute(layer: ShardableQuantizedLinear, mesh: DeviceMesh, placements: dict[str, list]) -> None:
@@ -89,38 +108,75 @@ def _rowwise_forward(layer: ShardableQuantizedLinear, x: torch.Tensor, *, mesh: 
     return y
 
 
+def _shard_colwise(module: ShardableQuantizedLinear, mesh: DeviceMesh) -> None:
+    world = mesh.size()
+    check_row_split(module, module.qualified_name, world)
+    denest(module)
+    _distribute(module, mesh, {n: [Shard(0)] for n, _ in module.quantized_tensors()})
+    if module.bias is not None:
+        module.bias = nn.Parameter(distribute_tensor(module.bias.detach(), mesh, [Shard(0)]), requires_grad=False)
+    statics = _local_statics(module, module.out_features // world, module.in_features)
+    module.tp_forward = partial(_colwise_forward, mesh=mesh, statics=statics)
+
+
+def _shard_rowwise(module: ShardableQuantizedLinear, mesh: DeviceMesh) -> None:
+    world = mesh.size()
+    check_column_split(module, module.qualified_name, world)
+    denest(module)
+    per_row = {"int8": ("scale",)}.get(module.kernel, ())
+    placements = {n: [Replicate()] if n in per_row else [Shard(1)] for n, _ in module.quantized_tensors()}
+    _distribute(module, mesh, placements)
+    statics = _local_statics(module, module.out_features, module.in_features // world)
+    module.tp_forward = partial(_rowwise_forward, mesh=mesh, statics=statics)
+
+
+def _shard_param(module: nn.Module, name: str, mesh: DeviceMesh, placement) -> None:  # noqa: ANN001
+    p = getattr(module, name)
+    if p is not None:
+        dt = distribute_tensor(p.detach(), mesh, [placement])
+        module.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
+
+
+def _shard_lora(module: LoRALinear, mesh: DeviceMesh, colwise: bool) -> None:
+    """Split a LoRA layer's base and adapters consistently (module docstring)."""
+    base = module.base
+    if isinstance(base, ShardableQuantizedLinear):
+        (_shard_colwise if colwise else _shard_rowwise)(base, mesh)
+    elif type(base) is nn.Linear:  # a float base: as torch's styles split it
+        _shard_param(base, "weight", mesh, Shard(0) if colwise else Shard(1))
+        _shard_param(base, "bias", mesh, Shard(0) if colwise else Replicate())
+    else:
+        raise ShardingError(
+            f"LoRA layer over {type(base).__name__}: tensor parallel splits quantized bases in the row layout "
+            "(call to_row_layout(model) first) or nn.Linear bases"
+        )
+    _shard_param(module, "lora_A", mesh, Replicate() if colwise else Shard(1))
+    _shard_param(module, "lora_B", mesh, Shard(0) if colwise else Replicate())
+
+
 class QuantizedColwiseParallel(ColwiseParallel):
-    """``ColwiseParallel`` for quantized layers in the row layout too (see the module docstring)."""
+    """``ColwiseParallel`` for quantized layers in the row layout and LoRA layers too (module docstring)."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if not isinstance(module, ShardableQuantizedLinear):
+        if isinstance(module, LoRALinear):
+            _shard_lora(module, device_mesh, colwise=True)
+        elif isinstance(module, ShardableQuantizedLinear):
+            _shard_colwise(module, device_mesh)
+        else:
             return super()._apply(module, device_mesh)
-        world = device_mesh.size()
-        check_row_split(module, module.qualified_name, world)
-        denest(module)
-        _distribute(module, device_mesh, {n: [Shard(0)] for n, _ in module.quantized_tensors()})
-        if module.bias is not None:
-            module.bias = nn.Parameter(distribute_tensor(module.bias.detach(), device_mesh, [Shard(0)]),
-                                       requires_grad=False)  # fmt: skip
-        statics = _local_statics(module, module.out_features // world, module.in_features)
-        module.tp_forward = partial(_colwise_forward, mesh=device_mesh, statics=statics)
         return _wrap_io(self, module, device_mesh, (Replicate(),))
 
 
 class QuantizedRowwiseParallel(RowwiseParallel):
-    """``RowwiseParallel`` for quantized layers in the row layout too (see the module docstring)."""
+    """``RowwiseParallel`` for quantized layers in the row layout and LoRA layers too (module docstring)."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if not isinstance(module, ShardableQuantizedLinear):
+        if isinstance(module, LoRALinear):
+            _shard_lora(module, device_mesh, colwise=False)
+        elif isinstance(module, ShardableQuantizedLinear):
+            _shard_rowwise(module, device_mesh)
+        else:
             return super()._apply(module, device_mesh)
-        world = device_mesh.size()
-        check_column_split(module, module.qualified_name, world)
-        denest(module)
-        per_row = {"int8": ("scale",)}.get(module.kernel, ())
-        placements = {n: [Replicate()] if n in per_row else [Shard(1)] for n, _ in module.quantized_tensors()}
-        _distribute(module, device_mesh, placements)
-        statics = _local_statics(module, module.out_features, module.in_features // world)
-        module.tp_forward = partial(_rowwise_forward, mesh=device_mesh, statics=statics)
         self.desired_input_layouts = (Shard(-1),)
         return _wrap_io(self, module, device_mesh, self.desired_input_layouts)
 
