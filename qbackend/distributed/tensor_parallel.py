@@ -93,7 +93,10 @@ def _local(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _colwise_forward(layer: ShardableQuantizedLinear, x: torch.Tensor, *, mesh: DeviceMesh,
                      statics: tuple[int, ...]) -> DTensor:  # fmt: skip
-    y = layer.op(_local(x), *layer.kernel_tensors(), _local(layer.bias), *statics, layer.compute)
+    # each rank's input gradient covers only its output rows: a partial sum (torch's default would
+    # take it as already reduced, since x is replicated)
+    x_local = x.to_local(grad_placements=[Partial()]) if isinstance(x, DTensor) else x
+    y = layer.op(x_local, *layer.kernel_tensors(), _local(layer.bias), *statics, layer.compute)
     return DTensor.from_local(y, mesh, [Shard(-1)], run_check=False)
 
 

@@ -2,6 +2,12 @@
 
 import pytest
 import torch
+from dist_worker import qlora_model
+from torch import nn
+
+from qbackend.distributed import ShardingError, shard_qlora
+from qbackend.formats import Scheme
+from qbackend.workflows.weight_only.linear import QuantizedLinear
 
 
 def test_fsdp_qlora_matches_single_process_step_for_step(two_ranks):
@@ -64,3 +70,40 @@ def test_fsdp_qlora_under_torch_compile(tmp_path, ranks):
         rel = [abs(a - b) / abs(b) for a, b in zip(res["losses"], res["ref_losses"], strict=True)]
         assert len(rel) == 3 and max(rel) < 1e-5, rel
         assert res["base_unchanged"] and res["adapters_moved"]
+
+
+class _Mesh:
+    """Stands for a device mesh of ``n`` ranks: the row check runs before FSDP2 touches the mesh."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def size(self) -> int:
+        return self.n
+
+
+def test_rows_that_do_not_divide_the_world_are_refused_naming_the_layer():
+    model = qlora_model()  # 128-row attention projections, 256-row gate/up
+    with pytest.raises(ShardingError) as err:
+        shard_qlora(model, _Mesh(3))
+    msg = str(err.value)
+    assert msg.startswith("model.layers.0.self_attn.q_proj.base: out_features=128 rows do not divide over 3 ranks")
+    assert "e.g. 2, 4, 8, 16" in msg and "allow_uneven_rows=True" in msg
+    assert type(model.get_submodule("model.layers.0.self_attn.q_proj.base")) is QuantizedLinear  # nothing changed
+
+
+def test_a_layer_whose_rows_would_split_a_block_is_refused_before_sharding():
+    model = nn.Sequential(QuantizedLinear.from_weight(torch.randn(8, 96), None, Scheme("nf4", 4, blocksize=64)))
+    with pytest.raises(ShardingError, match=r"^0: in_features=96 is not a multiple of the block size 64"):
+        shard_qlora(model, _Mesh(2), blocks=[])
+    assert type(model[0]) is QuantizedLinear
+
+
+@pytest.mark.slow
+def test_uneven_rows_on_3_ranks_with_allow_uneven_rows(tmp_path, ranks):
+    results = ranks("uneven", tmp_path, world=3)
+    for res in results:
+        assert "out_features=128 rows do not divide over 3 ranks" in res["uneven_error"]
+        rel = [abs(a - b) / abs(b) for a, b in zip(res["losses"], res["ref_losses"], strict=True)]
+        assert len(rel) == 5 and max(rel) < 1e-5, rel
+    assert sum(r["quantized_nbytes"][0] for r in results) == results[0]["quantized_nbytes"][1]

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from dist_worker import quantized_model
+from dist_worker import probe, qlora_model, quantized_model
 
-from qbackend.distributed import ShardingError, to_row_layout
+from qbackend.distributed import ShardingError, load_checkpoint, to_row_layout
 from qbackend.distributed.layout import check_column_split, check_row_split
 from qbackend.distributed.tensor_parallel import denest
 
@@ -58,3 +58,36 @@ def test_denest_keeps_the_layer_output():
     denest(layer)
     assert "nested_codes" not in dict(layer.named_parameters()) and "absmax" in dict(layer.named_parameters())
     torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-6)
+
+
+def _from_1rank_checkpoint(out):
+    model = qlora_model(seed=7)
+    load_checkpoint(model, out / "ckpt-1rank")
+    return model
+
+
+def test_tp_lora_layers_split_base_and_adapters_consistently(two_ranks):
+    _, results = two_ranks
+    for res in results:
+        assert res["tp_lora_placements"] == {
+            "q.A": "(Replicate(),)", "q.B": "(Shard(dim=0),)", "q.codes": "(Shard(dim=0),)",  # column-wise
+            "down.A": "(Shard(dim=1),)", "down.B": "(Replicate(),)", "down.codes": "(Shard(dim=1),)",  # row-wise
+        }  # fmt: skip
+        assert res["tp_lora_local_shapes"] == {"q.B": (64, 4), "down.A": (4, 128)}  # halves of 128 rows / 256 columns
+
+
+def test_tp_lora_outputs_and_adapter_gradients_equal_one_process(two_ranks):
+    out, results = two_ranks
+    want = torch.load(out / "ckpt-1rank-logits.pt")
+    ref = _from_1rank_checkpoint(out)
+    ids = probe()
+    loss = ref(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert len(grads) == 2 * 7 * 2  # A and B of 7 projections in 2 blocks
+    for res in results:
+        torch.testing.assert_close(res["tp_lora_logits"], want, rtol=1e-5, atol=2e-5)
+        assert abs(res["tp_lora_loss"] - loss.item()) < 1e-5 * loss.item()
+        assert res["tp_lora_grads"].keys() == grads.keys()
+        for n, g in grads.items():
+            torch.testing.assert_close(res["tp_lora_grads"][n], g, rtol=1e-4, atol=1e-6, msg=n)
