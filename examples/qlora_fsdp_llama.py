@@ -12,7 +12,7 @@ training (after sharding; memory freed by the build handed back with ``malloc_tr
 during training (sampled every millisecond), and the median step time.
 ``--save`` writes a ``torch.distributed.checkpoint`` that reloads on any number of ranks
 (``qbackend.distributed.load_checkpoint``) or into ``qbackend.load`` (``consolidate``).
-CPU runs use gloo, GPU runs NCCL (one GPU per rank).
+CPU runs use gloo, GPU runs NCCL (one GPU per rank; ``--backend`` to choose).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qbackend.distributed import quantized_nbytes, replicate_qlora, save_checkpoint, shard_qlora
+from qbackend.distributed.launch import init_distributed
 from qbackend.qat import add_lora, lora_parameters, quantize_base
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -40,6 +41,8 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["fsdp", "ddp"], default="fsdp")
+    p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
+                   help="auto: NCCL with one GPU per rank where there are enough GPUs, else gloo on the CPU")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2, help="steps not timed")
     p.add_argument("--hidden", type=int, default=1024)
@@ -52,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: torch's choice)")
     p.add_argument("--save", default=None, help="directory for a distributed checkpoint after training")
     p.add_argument("--json", default=None, help="rank 0 writes the per-rank figures here")
+    p.add_argument("--no-reshard", action="store_true", help="FSDP2: keep each block unsharded after its forward")
+    p.add_argument("--heap", action="store_true", help="also record glibc's heap figures at the RSS peak")
     return p.parse_args()
 
 
@@ -68,16 +73,38 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class PeakRSS:
-    """Samples this process's RSS in a thread while running (``peak``)."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
 
-    def __init__(self) -> None:
+
+def heap_bytes() -> dict[str, int] | None:
+    """glibc's view of the heap: bytes in use (small chunks + mmapped) and bytes free but kept."""
+    try:
+        f = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    f.restype = _MallInfo2
+    m = f()
+    return {"in_use": m.uordblks + m.hblkhd, "mmapped": m.hblkhd, "free_kept": m.fordblks}
+
+
+class PeakRSS:
+    """Samples this process's RSS in a thread while running (``peak``); with ``heap=True`` also glibc's
+    heap figures at the sample where RSS peaked (``heap_at_peak``)."""
+
+    def __init__(self, heap: bool = False) -> None:
         self.peak, self._stop = rss_bytes(), threading.Event()
+        self.heap, self.heap_at_peak = heap, heap_bytes() if heap else None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
+            now = rss_bytes()
+            if now > self.peak:
+                self.peak = now
+                if self.heap:
+                    self.heap_at_peak = heap_bytes()
             time.sleep(1e-3)
 
     def __enter__(self) -> PeakRSS:
@@ -124,18 +151,14 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    rank, world, device = init_distributed(args.backend)
+    cuda = device.type == "cuda"
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} does not split over {world} ranks")
     rss_start = rss_bytes()
     model = build(args, device)
     if args.mode == "fsdp":
-        shard_qlora(model, init_device_mesh(device.type, (world,)))
+        shard_qlora(model, init_device_mesh(device.type, (world,)), reshard_after_forward=not args.no_reshard)
         step_model = model
     else:
         model = replicate_qlora(model)
@@ -148,7 +171,8 @@ def main() -> None:
     times, losses = [], []
     release_freed_memory()
     rss_before = rss_bytes()
-    with PeakRSS() as peak:
+    heap_before = heap_bytes() if args.heap else None
+    with PeakRSS(heap=args.heap) as peak:
         for step in range(args.steps):
             ids = toy_batch(g, args).chunk(world)[rank].to(device)
             t0 = time.perf_counter()
@@ -170,6 +194,7 @@ def main() -> None:
         "rss_before_train_mb": rss_before / 2**20,
         "rss_peak_train_mb": peak.peak / 2**20, "step_s_median": statistics.median(times[args.warmup:] or times),
         "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+        "heap_before_train": heap_before, "heap_at_peak": peak.heap_at_peak,
     }  # fmt: skip
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
