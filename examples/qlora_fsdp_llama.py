@@ -91,20 +91,23 @@ def heap_bytes() -> dict[str, int] | None:
 
 class PeakRSS:
     """Samples this process's RSS in a thread while running (``peak``); with ``heap=True`` also glibc's
-    heap figures at the sample where RSS peaked (``heap_at_peak``)."""
+    heap figures at the sample where RSS peaked (``heap_at_peak``) and the most heap in use in any
+    sample (``heap_in_use_max``: live allocations, without what malloc keeps after a free)."""
 
     def __init__(self, heap: bool = False) -> None:
         self.peak, self._stop = rss_bytes(), threading.Event()
         self.heap, self.heap_at_peak = heap, heap_bytes() if heap else None
+        self.heap_in_use_max = self.heap_at_peak["in_use"] if self.heap_at_peak else None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             now = rss_bytes()
+            heap = heap_bytes() if self.heap else None
+            if heap:
+                self.heap_in_use_max = max(self.heap_in_use_max, heap["in_use"])
             if now > self.peak:
-                self.peak = now
-                if self.heap:
-                    self.heap_at_peak = heap_bytes()
+                self.peak, self.heap_at_peak = now, heap
             time.sleep(1e-3)
 
     def __enter__(self) -> PeakRSS:
@@ -194,7 +197,7 @@ def main() -> None:
         "rss_before_train_mb": rss_before / 2**20,
         "rss_peak_train_mb": peak.peak / 2**20, "step_s_median": statistics.median(times[args.warmup:] or times),
         "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
-        "heap_before_train": heap_before, "heap_at_peak": peak.heap_at_peak,
+        "heap_before_train": heap_before, "heap_at_peak": peak.heap_at_peak, "heap_in_use_max": peak.heap_in_use_max,
     }  # fmt: skip
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
