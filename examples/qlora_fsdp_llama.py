@@ -57,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json", default=None, help="rank 0 writes the per-rank figures here")
     p.add_argument("--no-reshard", action="store_true", help="FSDP2: keep each block unsharded after its forward")
     p.add_argument("--heap", action="store_true", help="also record glibc's heap figures at the RSS peak")
+    p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                   help="glibc: serve allocations from BYTES up with mmap and return them to the OS when freed "
+                        "(e.g. 1048576; same as MALLOC_MMAP_THRESHOLD_): the peak RSS then follows live memory")
     return p.parse_args()
 
 
@@ -66,6 +69,17 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: RSS then also counts freed heap
         pass
+
+
+def set_mmap_threshold(nbytes: int) -> None:
+    """glibc's M_MMAP_THRESHOLD (fixed: no longer raised after each large free). By default glibc raises
+    it up to 32 MiB as large blocks are freed, so the next ones come from the heap and stay there
+    after their free: RSS then counts freed all-gather buffers and kernel temporaries."""
+    try:
+        if not ctypes.CDLL("libc.so.6").mallopt(-3, nbytes):  # -3: M_MMAP_THRESHOLD
+            raise SystemExit(f"--mmap-threshold {nbytes}: refused by glibc (at most 32 MiB on 64-bit)")
+    except (OSError, AttributeError):
+        raise SystemExit("--mmap-threshold needs glibc") from None
 
 
 def rss_bytes() -> int:
@@ -152,6 +166,8 @@ def toy_batch(g: torch.Generator, args: argparse.Namespace) -> torch.Tensor:
 
 def main() -> None:
     args = parse_args()
+    if args.mmap_threshold is not None:
+        set_mmap_threshold(args.mmap_threshold)
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = init_distributed(args.backend)

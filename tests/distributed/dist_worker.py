@@ -303,11 +303,13 @@ def kill_mid_save(res: dict, rank: int, world: int, out: Path) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
         os.fsync = die
+    t0 = time.perf_counter()
     try:
         save_checkpoint(newer, out / "ck")
         res["save_error"] = None
     except Exception as e:  # noqa: BLE001 - the test asserts its class and message
         res["save_error"] = (type(e).__name__, str(e))
+    res["save_failed_after_s"] = time.perf_counter() - t0
 
 
 def uneven_rows(res: dict, rank: int, world: int, steps: int) -> None:
