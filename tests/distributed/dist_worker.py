@@ -3,9 +3,10 @@
     python tests/distributed/dist_worker.py SCENARIO OUTDIR     # with RANK, WORLD_SIZE, MASTER_ADDR/PORT set
 
 Scenarios: ``all`` (FSDP2 QLoRA vs one process, checkpoint save 2 ranks / load from 1 rank, DDP,
-tensor parallel of quantized and LoRA layers, TP checkpoints), ``compile`` (FSDP2 QLoRA under
-torch.compile(backend="qbackend")), ``kill_mid_save`` (rank 1 is SIGKILLed while it writes a
-checkpoint) and ``uneven`` (FSDP2 with rows that do not divide the world size). Each rank writes
+tensor parallel of quantized and LoRA layers, TP checkpoints, rows that do not divide the world
+size), ``compile`` (FSDP2 QLoRA under
+torch.compile(backend="qbackend")) and ``kill_mid_save`` (rank 1 is SIGKILLed while it writes a
+checkpoint). Each rank writes
 ``OUTDIR/result-<rank>.pt``; the tests assert on those results.
 
 QB_DIST_BACKEND selects the process group: "gloo" (default; every rank on the CPU) or "nccl" (rank
@@ -312,18 +313,42 @@ def kill_mid_save(res: dict, rank: int, world: int, out: Path) -> None:
     res["save_failed_after_s"] = time.perf_counter() - t0
 
 
+def odd_rows_mlp() -> torch.nn.Module:
+    """LoRA MLP whose second layer has 65 rows: they do not divide over 2 ranks."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 65))
+    add_lora(m, r=4, alpha=8, target_modules=("0", "2"))
+    quantize_base(m)
+    return random_adapters(m, seed=4)
+
+
 def uneven_rows(res: dict, rank: int, world: int, steps: int) -> None:
-    """3 ranks: 128 / 3 rows. Refused by default; with allow_uneven_rows FSDP2 pads and still matches."""
+    """Refused by default; with allow_uneven_rows FSDP2 pads with whole rows and still matches one process."""
     try:
-        shard_qlora(on_device(qlora_model()), mesh(world))
+        shard_qlora(on_device(odd_rows_mlp()), mesh(world), blocks=[])
         res["uneven_error"] = None
     except ShardingError as e:
         res["uneven_error"] = str(e)
-    data = batches(steps, batch=6)
-    res["ref_losses"] = train(on_device(qlora_model()), data)
-    model = shard_qlora(on_device(qlora_model()), mesh(world), allow_uneven_rows=True)
-    res["quantized_nbytes"] = quantized_nbytes(model)
-    res["losses"] = train(model, data, rank, world)
+    x = torch.randn(steps, 8, 128, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    def run(model, part: slice) -> list[float]:
+        opt, losses = adamw(model), []
+        for xs in x:
+            loss = model(xs[part]).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            total = loss.detach().clone()
+            if world > 1:
+                dist.all_reduce(total)
+            losses.append(total.item() / world)
+        return losses
+
+    res["uneven_ref_losses"] = run(on_device(odd_rows_mlp()), slice(None))
+    model = shard_qlora(on_device(odd_rows_mlp()), mesh(world), blocks=[], allow_uneven_rows=True)
+    res["uneven_nbytes"] = quantized_nbytes(model)
+    per = 8 // world
+    res["uneven_losses"] = run(model, slice(rank * per, (rank + 1) * per))
 
 
 def main() -> None:
@@ -345,12 +370,11 @@ def main() -> None:
             ddp_qlora(res, rank, world, steps=20, out=out)
             tensor_parallel(res, world)
             tensor_parallel_lora(res, world, out)
+            uneven_rows(res, rank, world, steps=5)
         elif scenario == "compile":
             fsdp_qlora(res, rank, world, steps=int(os.environ.get("QB_STEPS", "20")), out=out, compile_=True)
         elif scenario == "kill_mid_save":
             kill_mid_save(res, rank, world, out)
-        elif scenario == "uneven":
-            uneven_rows(res, rank, world, steps=5)
         else:
             raise SystemExit(f"unknown scenario {scenario!r}")
     finally:
