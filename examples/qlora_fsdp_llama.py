@@ -10,6 +10,12 @@ quantized base. Every rank trains on its 1/N of each global batch (a toy task: c
 sequences mod the vocabulary). Rank 0 prints, per rank: quantized-base bytes held, RSS before
 training (after sharding; memory freed by the build handed back with ``malloc_trim``) and its peak
 during training (sampled every millisecond), and the median step time.
+Memory: by default glibc keeps blocks freed during a step (FSDP2's all-gather buffers, kernel
+temporaries) in its heap for reuse, so the peak RSS counts them although they are free; with 2+ ranks
+FSDP2's all-gather path (there is none on 1 rank) frees and reallocates more such blocks, and the
+peak RSS per rank came out higher than on 1 rank although the live heap was lower (``--heap`` shows
+glibc's figures). ``--mmap-threshold 1048576`` hands blocks of 1 MiB and more back to the OS at
+each free: the peak RSS then follows live memory (benchmarks/RESULTS.md has both).
 ``--save`` writes a ``torch.distributed.checkpoint`` that reloads on any number of ranks
 (``qbackend.distributed.load_checkpoint``) or into ``qbackend.load`` (``consolidate``).
 CPU runs use gloo, GPU runs NCCL (one GPU per rank; ``--backend`` to choose).
