@@ -78,10 +78,11 @@ def main() -> None:
           f"on all projections; global batch {args.batch}x{args.seq}; {args.steps} steps, first {args.warmup} untimed")
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for threshold in args.mmap_threshold:
+        for i, threshold in enumerate(args.mmap_threshold):  # a threshold given twice: two interleaved rounds
             malloc = f"mmap from {threshold >> 10} KiB" if threshold else "glibc default"
             for n in args.ranks:
-                res = results[f"{n}-{threshold}"] = run(n, args, Path(tmp) / f"r{n}-{threshold}.json", threshold)
+                res = results[f"{i}: {n} rank(s), threshold {threshold}"] = run(n, args, Path(tmp) / f"{i}-{n}.json",
+                                                                               threshold)  # fmt: skip
                 rows += [_row(malloc, n, r) for r in res["ranks"]]
     print("\n| malloc | ranks | rank | quantized base held (MiB) | whole base (MiB) | RSS after imports (MiB) "
           "| sharded model: RSS - after imports (MiB) | training peak: RSS - after imports (MiB) "
