@@ -24,7 +24,9 @@ LoRA layers (`LoRALinear`, from ``add_lora``) under the same plan: the base is s
 the adapters consistently with it, as torch splits an ``nn.Linear``: column-wise, ``lora_A``
 replicated and ``lora_B`` split along its output rows (each rank adds its slice of ``B A x``);
 row-wise, ``lora_A`` split along its input columns and ``lora_B`` replicated (``B A_i x_i`` is a
-partial sum, reduced with the base's). The adapters stay trainable (DTensor parameters).
+partial sum; DTensor all-reduces it when it is added to the base's output: one all-reduce more per
+row-wise layer than without adapters). The adapters stay trainable (DTensor parameters; their
+gradients equal one process's). The base must be quantized and in the row layout.
 A layer that cannot be split as asked raises `ShardingError` naming it and the rule.
 """
 
@@ -142,17 +144,12 @@ def _shard_param(module: nn.Module, name: str, mesh: DeviceMesh, placement) -> N
 
 def _shard_lora(module: LoRALinear, mesh: DeviceMesh, colwise: bool) -> None:
     """Split a LoRA layer's base and adapters consistently (module docstring)."""
-    base = module.base
-    if isinstance(base, ShardableQuantizedLinear):
-        (_shard_colwise if colwise else _shard_rowwise)(base, mesh)
-    elif type(base) is nn.Linear:  # a float base: as torch's styles split it
-        _shard_param(base, "weight", mesh, Shard(0) if colwise else Shard(1))
-        _shard_param(base, "bias", mesh, Shard(0) if colwise else Replicate())
-    else:
+    if not isinstance(module.base, ShardableQuantizedLinear):
         raise ShardingError(
-            f"LoRA layer over {type(base).__name__}: tensor parallel splits quantized bases in the row layout "
-            "(call to_row_layout(model) first) or nn.Linear bases"
+            f"LoRA layer over {type(module.base).__name__}: tensor parallel splits LoRA layers whose base is "
+            "quantized and in the row layout (quantize_base(model), then to_row_layout(model))"
         )
+    (_shard_colwise if colwise else _shard_rowwise)(module.base, mesh)
     _shard_param(module, "lora_A", mesh, Replicate() if colwise else Shard(1))
     _shard_param(module, "lora_B", mesh, Shard(0) if colwise else Replicate())
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from dist_worker import probe, qlora_model, quantized_model
 
-from qbackend.distributed import ShardingError, load_checkpoint, to_row_layout
+from qbackend.distributed import QuantizedColwiseParallel, ShardingError, load_checkpoint, to_row_layout
 from qbackend.distributed.layout import check_column_split, check_row_split
 from qbackend.distributed.tensor_parallel import denest
 
@@ -91,3 +91,10 @@ def test_tp_lora_outputs_and_adapter_gradients_equal_one_process(two_ranks):
         assert res["tp_lora_grads"].keys() == grads.keys()
         for n, g in grads.items():
             torch.testing.assert_close(res["tp_lora_grads"][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_tp_lora_layer_over_a_flat_base_is_refused():
+    model = qlora_model()  # LoRA over QuantizedLinear bases, not yet in the row layout
+    lora = model.get_submodule("model.layers.0.self_attn.q_proj")
+    with pytest.raises(ShardingError, match=r"LoRA layer over QuantizedLinear: .*then to_row_layout\(model\)"):
+        QuantizedColwiseParallel()._apply(lora, None)  # refused before the mesh is used
