@@ -48,8 +48,9 @@ __all__ = [
     "register_workflow",
 ]
 
-# Loaded on first use so that `import qbackend` stays fast (safetensors, torch.export, torch-mlir).
-_LAZY = {"save": "serialization", "load": "serialization", "export_mlir": "export"}
+# Loaded on first use so that `import qbackend` stays fast (safetensors, torch.export, torch-mlir, transformers).
+_LAZY = {"save": "serialization", "load": "serialization", "export_mlir": "export", "from_pretrained": "pretrained",
+         "save_pretrained": "pretrained"}
 
 
 def __getattr__(name: str):
