@@ -23,7 +23,8 @@ from torch import nn
 
 from ..core import registry
 from ..core.config import ConfigError, QuantConfig
-from ..formats import FormatError, LayerRecord, quantize
+from .. import formats
+from ..formats import FormatError, LayerRecord
 from ..formats.bnb_interop import from_bnb_state_dict
 from ..kernels import UnsupportedWeight, prepare_weight
 from ..kernels.compute_policy import ComputeUnavailable
@@ -225,7 +226,7 @@ def _quantizing_build(
             w = got[wkey]
             w = w.t().contiguous() if transposed else w
             try:
-                kw = prepare_weight(quantize(w, scheme, name=layer))
+                kw = prepare_weight(formats.quantize(w, scheme, name=layer))
             except UnsupportedWeight as e:  # stays float, as quantize_ leaves it
                 log.info("qbackend: %s stays float (%s)", layer, e.reason)
                 _assign_float(model, layer, got[wkey], bias, path)
