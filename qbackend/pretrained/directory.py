@@ -88,7 +88,7 @@ class ShardSet:
             self._read_header(f)
         for key, fname in expected.items():
             info = self.tensors.get(key)
-            if info is None:
+            if info is None or info.file.name != Path(fname).name:
                 raise CheckpointError(
                     f"{directory / fname}: the index {INDEX_NAME} places tensor {key!r} there, but the file "
                     "does not hold it; the shard is not the one the index was written with"

@@ -34,6 +34,12 @@ def tied_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def make_llama():
+    """``make_llama(tie=False, dtype=torch.float16, seed=0)``: a tiny random Llama."""
+    return tiny_llama
+
+
+@pytest.fixture
 def tokens():
     return torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
 
