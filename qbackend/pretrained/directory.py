@@ -113,7 +113,7 @@ class ShardSet:
                             f"{f}: missing shard (the index {INDEX_NAME} puts tensor {key!r} and others there)"
                         )
                     files.append(f)
-            return files, dict(weight_map)
+            return sorted(files), dict(weight_map)
         files = sorted(directory.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{directory}: holds no .safetensors file (and no {INDEX_NAME})")

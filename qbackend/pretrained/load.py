@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import formats
 from ..core import registry
 from ..core.config import ConfigError, QuantConfig
-from .. import formats
 from ..formats import FormatError, LayerRecord
 from ..formats.bnb_interop import from_bnb_state_dict
 from ..kernels import UnsupportedWeight, prepare_weight

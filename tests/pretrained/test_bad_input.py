@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 import qbackend
 from qbackend.serialization import CheckpointError
@@ -40,7 +39,7 @@ def test_missing_shard(float_dir, copy_of):
     d = copy_of(float_dir)
     gone = _shards(d)[-1]
     gone.unlink()
-    with pytest.raises(CheckpointError, match=rf"{gone.name}: missing shard \(the index .* puts tensor '.+' and others"):
+    with pytest.raises(CheckpointError, match=rf"{gone.name}: missing shard \(the index .* puts tensor '.+' and"):
         qbackend.from_pretrained(d, OPTIONS, progress=False)
 
 
@@ -55,9 +54,9 @@ def test_truncated_shard(float_dir, copy_of):
 def test_shard_shapes_do_not_match_config(float_dir, copy_of):
     d = copy_of(float_dir)
     _edit_json(d / "config.json", intermediate_size=384)
-    with pytest.raises(CheckpointError, match=r"model-0000\d-of-0000\d.safetensors: tensor 'model.layers.0.mlp.gate_proj"
-                                              r".weight' has shape \[256, 128\], but the model built from config.json "
-                                              r"has \[384, 128\]"):  # fmt: skip
+    want = (r"model-0000\d-of-0000\d.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' has shape "
+            r"\[256, 128\], but the model built from config.json has \[384, 128\]")
+    with pytest.raises(CheckpointError, match=want):
         qbackend.from_pretrained(d, OPTIONS, progress=False)
 
 

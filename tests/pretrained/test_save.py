@@ -1,4 +1,4 @@
-"""qbackend.save_pretrained: a sharded Hugging Face directory that from_pretrained loads as stored, written atomically."""
+"""qbackend.save_pretrained: a sharded directory that from_pretrained loads as stored, written atomically."""
 
 from __future__ import annotations
 
