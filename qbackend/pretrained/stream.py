@@ -9,6 +9,9 @@ layer's (a float weight is quantized as soon as it is read).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -70,7 +73,30 @@ def run(model: nn.Module, shards: ShardSet, plan: Plan, *, progress: bool, desc:
             if len(g.got) == len(g.keys):
                 got, g.got = g.got, {}
                 g.build(got)  # the group's tensors are released here unless the layer keeps them
+                del got
+                _release_freed_memory()
         del t
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None elsewhere)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap memory freed by a layer's quantization back to the OS.
+
+    glibc keeps freed chunks below its (adaptive, up to 32 MB) mmap threshold in its arenas, one per
+    thread: without this, the quantizer's temporaries of the largest layers stay resident for good.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _read_all(
