@@ -220,7 +220,7 @@ def main() -> None:
               f"written in {time.perf_counter() - t0:.0f} s; {shape}")  # fmt: skip
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         for r in range(args.rounds):
-            for m in methods[r % len(methods):] + methods[: r % len(methods)]:  # rotate the order each round
+            for m in methods[r % len(methods) :] + methods[: r % len(methods)]:  # rotate the order each round
                 runs[m].append(run_child(m, root, args.timeout))
         rows = [_median_row(m, runs[m]) for m in methods]
     finally:

@@ -97,7 +97,7 @@ def from_pretrained(
 
 
 def _quantization_kind(cfg: dict[str, Any], path: Path) -> str:
-    """"float", "qbackend" or "bitsandbytes"; `CheckpointError` for any other tool's or version's."""
+    """ "float", "qbackend" or "bitsandbytes"; `CheckpointError` for any other tool's or version's."""
     qc = cfg.get("quantization_config")
     if qc is None:
         return "float"
@@ -267,8 +267,9 @@ def _plan_qbackend(model: nn.Module, shards: ShardSet) -> tuple[stream.Plan, Qua
             plan.add_assign(key, name, kind)
     kernel_weights: dict = {}  # tied layers share one set of kernel tensors
     for layer, js in manifest["layers"].items():
-        plan.groups.append(stream.Group(layer, _record_keys(layer, js, first), _record_build(model, layer, js,
-                                                                                           kernel_weights, first)))
+        plan.groups.append(
+            stream.Group(layer, _record_keys(layer, js, first), _record_build(model, layer, js, kernel_weights, first))
+        )
     config = None
     if isinstance(manifest.get("config"), dict):
         try:
@@ -317,8 +318,11 @@ def _plan_bnb(model: nn.Module, shards: ShardSet) -> stream.Plan:
             keys.add(prefix + "bias")
         layer_keys |= keys
         layer = prefix.rstrip(".")
-        path = str(shards.tensors[prefix + "weight"].file) if prefix + "weight" in shards.tensors else str(
-            shards.directory)
+        path = (
+            str(shards.tensors[prefix + "weight"].file)
+            if prefix + "weight" in shards.tensors
+            else str(shards.directory)
+        )
         plan.groups.append(stream.Group(layer, frozenset(keys), _bnb_build(model, layer, prefix, kernel_weights,
                                                                            path)))  # fmt: skip
     stored = _stored_names(model, shards, skip=tuple(prefixes))

@@ -150,8 +150,10 @@ def _write_shards(staging: Path, shards: list[list[str]], tensors: dict[str, tor
                 os.fsync(f.fileno())
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                raise CheckpointError(f"{path}: no space left on the device while writing tensor {names[0]!r} "
-                                      "and the rest; the previous directory is left as it was") from None
+                raise CheckpointError(
+                    f"{path}: no space left on the device while writing tensor {names[0]!r} "
+                    "and the rest; the previous directory is left as it was"
+                ) from None
             raise
         weight_map.update(dict.fromkeys(names, fname))
     if n > 1:

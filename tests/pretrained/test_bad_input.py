@@ -54,8 +54,10 @@ def test_truncated_shard(float_dir, copy_of):
 def test_shard_shapes_do_not_match_config(float_dir, copy_of):
     d = copy_of(float_dir)
     _edit_json(d / "config.json", intermediate_size=384)
-    want = (r"model-0000\d-of-0000\d.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' has shape "
-            r"\[256, 128\], but the model built from config.json has \[384, 128\]")
+    want = (
+        r"model-0000\d-of-0000\d.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' has shape "
+        r"\[256, 128\], but the model built from config.json has \[384, 128\]"
+    )
     with pytest.raises(CheckpointError, match=want):
         qbackend.from_pretrained(d, OPTIONS, progress=False)
 

@@ -41,8 +41,9 @@ def test_transformers_bnb_directory_loads_with_the_same_outputs(tmp_path, tokens
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "float")
-    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "float", device_map="cpu",
-                                                            quantization_config=_bnb_config(nested, quant_type))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float", device_map="cpu", quantization_config=_bnb_config(nested, quant_type)
+    )
     ref.save_pretrained(tmp_path / "bnb")
     assert json.loads((tmp_path / "bnb" / "config.json").read_text())["quantization_config"]["load_in_4bit"]
     no_quantize()

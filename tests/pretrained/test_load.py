@@ -22,8 +22,10 @@ def _reference(directory, options, dtype):
     return ref
 
 
-@pytest.mark.parametrize("options", [OPTIONS, {"format": "int4", "min_params": 0}, {"format": "int8", "min_params": 0,
-                                                                                  "exclude": ["lm_head"]}])
+@pytest.mark.parametrize(
+    "options",
+    [OPTIONS, {"format": "int4", "min_params": 0}, {"format": "int8", "min_params": 0, "exclude": ["lm_head"]}],
+)
 def test_same_model_as_transformers_load_then_quantize(float_dir, tokens, logits, options):
     model = qbackend.from_pretrained(float_dir, options, progress=False)
     ref = _reference(float_dir, options, torch.float16)
