@@ -88,6 +88,7 @@ def from_pretrained(
         plan, config, saved_compute = _plan_bnb(model, shards), None, None
     stream.run(model, shards, plan, progress=progress, desc=f"loading {directory.name}")
     check_materialised(model, str(directory))
+    _load_generation_config(model, directory)
     _set_compute(model, compute if compute is not None else saved_compute, directory)
     model.qbackend_config = config  # what save_pretrained records
     return model.eval()
@@ -345,6 +346,19 @@ def _bnb_build(model: nn.Module, layer: str, prefix: str, kernel_weights: dict, 
 
 
 # ---- after loading ----------------------------------------------------------------------------------
+
+
+def _load_generation_config(model: nn.Module, directory: Path) -> None:
+    """The directory's generation_config.json, as transformers' from_pretrained reads it."""
+    path = directory / "generation_config.json"
+    if not path.exists() or not hasattr(model, "generation_config"):
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
 
 def _set_compute(model: nn.Module, compute: str | None, directory: Path) -> None:

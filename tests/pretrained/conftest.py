@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -31,6 +33,18 @@ def tied_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("pretrained") / "llama-tied"
     tiny_llama(tie=True, dtype=torch.float32, seed=1).save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def copy_dir(tmp_path):
+    """``copy_dir(src)``: a copy of the directory ``src`` under tmp_path."""
+
+    def copy(src, name="m"):
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst
+
+    return copy
 
 
 @pytest.fixture

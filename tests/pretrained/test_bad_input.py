@@ -16,13 +16,8 @@ OPTIONS = {"format": "nf4", "min_params": 0}
 
 
 @pytest.fixture
-def copy_of(tmp_path):
-    def copy(src, name="m"):
-        dst = tmp_path / name
-        shutil.copytree(src, dst)
-        return dst
-
-    return copy
+def copy_of(copy_dir):
+    return copy_dir
 
 
 def _edit_json(path, **changes):

@@ -84,6 +84,14 @@ def test_options_that_cannot_stream_are_refused(float_dir):
         qbackend.from_pretrained(float_dir, "w8a8")
 
 
+def test_generation_config_is_read(float_dir, copy_dir):
+    d = copy_dir(float_dir)
+    gen = json.loads((d / "generation_config.json").read_text())
+    (d / "generation_config.json").write_text(json.dumps({**gen, "max_new_tokens": 17, "eos_token_id": 5}))
+    model = qbackend.from_pretrained(d, OPTIONS, progress=False)
+    assert model.generation_config.max_new_tokens == 17 and model.generation_config.eos_token_id == 5
+
+
 def test_config_json_dtype_is_kept_for_non_linear_tensors(float_dir):
     cfg = json.loads((float_dir / "config.json").read_text())
     assert cfg.get("dtype", cfg.get("torch_dtype")) == "float16"
