@@ -7,6 +7,7 @@ constructor and are not in the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ def build_skeleton(model_class: Any, config: dict[str, Any], path: Path) -> nn.M
         raise CheckpointError(f"{path}: has no 'model_type'; not a transformers model config")
     dtype = stored_dtype(config)
     try:
-        with parameters_on_meta():
+        with parameters_on_meta(), _no_init_weights(transformers):
             if hasattr(model_class, "from_config"):
                 kwargs = {"dtype": dtype} if dtype is not None else {}
                 model = model_class.from_config(hf_config, **kwargs)
@@ -68,7 +69,22 @@ def build_skeleton(model_class: Any, config: dict[str, Any], path: Path) -> nn.M
     except Exception as e:  # noqa: BLE001
         name = getattr(model_class, "__name__", str(model_class))
         raise CheckpointError(f"{path}: cannot build {name} from it ({type(e).__name__}: {_first_line(e)})") from None
+    if callable(getattr(model, "tie_weights", None)):
+        with parameters_on_meta():
+            model.tie_weights()  # skipped with the init: an output layer tied to the embedding shares its tensor
     return model.eval()
+
+
+def _no_init_weights(transformers: Any) -> contextlib.AbstractContextManager:
+    """transformers' context that skips the random init (every weight comes from the checkpoint)."""
+    for module_name in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if hasattr(module, "no_init_weights"):
+            return module.no_init_weights()
+    return contextlib.nullcontext()
 
 
 def _first_line(e: BaseException) -> str:
