@@ -5,6 +5,8 @@
 >>> qbackend.quantize_(model, "nf4")   # free the float weights of the linear layers
 >>> cal = qbackend.calibrate(model, batches)  # SmoothQuant W8A8: options={"preset": "w8a8", "calibration": cal}
 >>> qbackend.qat.prepare(model, {"qat": QATConfig()}); ...train...; qbackend.convert(model)  # QAT
+>>> model = qbackend.from_pretrained("llama-dir", "nf4")  # quantized while the shards are read
+>>> qbackend.save_pretrained(model, "llama-nf4")          # a Hugging Face directory, written atomically
 
 Layers (each imports only from those before it): ``formats`` -> ``kernels`` -> ``passes`` ->
 ``workflows`` (weight_only, w8a8, qat) -> ``core`` (+ ``serialization``) -> front doors (cli, demo,
@@ -48,8 +50,9 @@ __all__ = [
     "register_workflow",
 ]
 
-# Loaded on first use so that `import qbackend` stays fast (safetensors, torch.export, torch-mlir).
-_LAZY = {"save": "serialization", "load": "serialization", "export_mlir": "export"}
+# Loaded on first use so that `import qbackend` stays fast (safetensors, torch.export, torch-mlir, transformers).
+_LAZY = {"save": "serialization", "load": "serialization", "export_mlir": "export", "from_pretrained": "pretrained",
+         "save_pretrained": "pretrained"}
 
 
 def __getattr__(name: str):

@@ -13,7 +13,7 @@ import qbackend.smoothquant
 def test_every_public_name_resolves(module):
     for name in module.__all__:
         assert getattr(module, name) is not None, f"{module.__name__}.{name}"
-    for name in ("save", "load", "export_mlir") if module is qbackend else ():
+    for name in ("save", "load", "export_mlir", "from_pretrained", "save_pretrained") if module is qbackend else ():
         assert callable(getattr(module, name))
 
 

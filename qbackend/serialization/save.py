@@ -43,7 +43,17 @@ def save(model: Any, path: str | os.PathLike, *, example_inputs: Any = None, **o
     if not path.parent.exists():
         raise CheckpointError(f"{path.parent}: directory does not exist")
     module, config = quantized_module(model, options or None, example_inputs)
-    manifest = new_manifest(_model_info(module), config)
+    tensors, manifest = collect(module, config)
+    _atomic_save(tensors, seal(manifest), path)
+    return path
+
+
+def collect(module: nn.Module, config: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors to store (each once, contiguous, on the CPU) and the manifest of a quantized module.
+
+    Shared by ``qbackend.save`` (one file) and ``qbackend.save_pretrained`` (a sharded directory).
+    """
+    manifest = new_manifest(model_info(module), config)
     store = _Store(manifest["tensors"])
     for name, m in module.named_modules(remove_duplicate=False):
         rec = layer_record(m, name)
@@ -55,11 +65,10 @@ def save(model: Any, path: str | os.PathLike, *, example_inputs: Any = None, **o
     for name, t, kind in named:
         if name.rpartition(".")[0] not in quantized:  # a quantized layer's tensors are in its record
             store.add(name, t, [name, kind])
-    _atomic_save(store.tensors, seal(manifest), path)
-    return path
+    return store.tensors, manifest
 
 
-def _model_info(module: nn.Module) -> dict[str, Any]:
+def model_info(module: nn.Module) -> dict[str, Any]:
     cls = type(module)
     info: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}"}
     cfg = getattr(module, "config", None)
@@ -114,7 +123,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        with _sigterm_as_exit():
+        with sigterm_as_exit():
             save_file(tensors, tmp, metadata=metadata)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -143,7 +152,7 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
+def sigterm_as_exit() -> Iterator[None]:
     """While saving, SIGTERM raises SystemExit (so the temp file is removed) if nobody handles it."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
