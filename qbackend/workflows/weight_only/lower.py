@@ -16,9 +16,11 @@ match a float linear).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from ...kernels import KernelWeight, UnsupportedWeight
@@ -60,8 +62,11 @@ def lower_linears(
         kw = entry.kw
         mode = resolve_weight(compute, kw.op._opname, kw.statics, _device_type(kw)).mode
         attrs = _register(gm, plan.name, entry)
+        scale = getattr(entry.quantizer, "input_scale", None)  # AWQ's 1/s: an explicit multiply of the input
+        scale_attr = None if scale is None else attach_tensor(gm, BUFFER_PREFIX + attr_name(plan.name, "input_scale"), scale)
         for site in sites:
-            become(gm.graph, site, kw.op, (site.x, *attrs, site.bias, *kw.statics, mode))
+            x = site.x if scale_attr is None else _scaled_input(gm, site, scale_attr)
+            become(gm.graph, site, kw.op, (x, *attrs, site.bias, *kw.statics, mode))
             result.nodes += 1
         result.lowered.append(Lowered(entry, plan.param))
         row.quantized, row.format, row.compute = True, entry.scheme.name, mode
@@ -80,6 +85,19 @@ def _register(gm: fx.GraphModule, layer: str, entry: QuantEntry) -> list[fx.Node
         None if t is None else attach_tensor(gm, BUFFER_PREFIX + attr_name(layer, tname), t)
         for t, tname in zip(entry.kw.tensors, entry.kw.names, strict=True)
     ]
+
+
+def _scaled_input(gm: fx.GraphModule, site: Any, scale: fx.Node) -> fx.Node:
+    """``x * scale`` inserted before the site (in x's dtype, as `QuantizedLinear` computes it)."""
+    example = site.x.meta.get("example_value", site.x.meta.get("val"))
+    with gm.graph.inserting_before(site.node):
+        if isinstance(example, torch.Tensor) and example.dtype != torch.float32:
+            scale = gm.graph.call_method("to", (scale, example.dtype))
+        mul = gm.graph.call_function(operator.mul, (site.x, scale))
+    for k in ("example_value", "val"):
+        if k in site.x.meta:
+            mul.meta[k] = site.x.meta[k]
+    return mul
 
 
 def _device_type(kw: KernelWeight) -> str:
