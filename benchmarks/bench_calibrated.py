@@ -31,7 +31,8 @@ from qbackend.demo.minilm import embedding_quality, load_minilm  # noqa: E402
 from qbackend.demo.sentences import CALIBRATION_SENTENCES, EVALUATION_SENTENCES, TRAINING_SENTENCES  # noqa: E402
 
 PRESETS = ("nf4", "int4", "int8")
-METHODS = (("rtn", None), ("gptq", {"name": "gptq"}), ("gptq act-order", {"name": "gptq", "act_order": True}))
+METHODS = (("rtn", None), ("gptq", {"name": "gptq"}), ("gptq act-order", {"name": "gptq", "act_order": True}),
+           ("awq", {"name": "awq"}))
 
 
 def _hqq_model(model: torch.nn.Module, group_size: int) -> torch.nn.Module | None:
@@ -56,6 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     _common.add_threads_option(parser)
     parser.add_argument("--quick", action="store_true", help="nf4 only, no act-order")
+    parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets")
+    parser.add_argument("--methods", default=",".join(m for m, _ in METHODS), help="comma-separated methods")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     _common.apply_threads(args)
@@ -71,8 +74,8 @@ def main() -> None:
     with torch.no_grad():
         ref = mm.embed(EVALUATION_SENTENCES)
     rows = []
-    presets = PRESETS[:1] if args.quick else PRESETS
-    methods = METHODS[:2] if args.quick else METHODS
+    presets = PRESETS[:1] if args.quick else tuple(p for p in args.presets.split(",") if p)
+    methods = METHODS[:2] if args.quick else tuple(m for m in METHODS if m[0] in args.methods.split(","))
     for preset in presets:
         for label, method in methods:
             model = copy.deepcopy(mm.model)
@@ -86,7 +89,7 @@ def main() -> None:
                 q = embedding_quality(ref, mm.embed(EVALUATION_SENTENCES, model))
             kept = ""
             if method is not None:
-                section = report.sections["gptq"][0].rows
+                section = report.sections[method["name"]][0].rows
                 kept = str(sum(r.note.startswith("round to nearest kept") for r in section))
             fmt = report.quantized[0].format
             rows.append({"preset": preset, "format": fmt, "method": label, **q, "quantize_s": dt, "rtn_kept": kept})

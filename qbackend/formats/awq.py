@@ -7,7 +7,9 @@ Scales: ``x @ W^T = (x / s) @ (W * s)^T`` for any positive s; scaling up the inp
 carry large activations shrinks their relative rounding error. As in the paper and its reference
 code: ``s = mean|x|^alpha`` normalised by ``sqrt(max(s) * min(s))``, alpha searched on a grid
 (``alpha = i / grid``, i = 0 .. grid-1) for the lowest output error; alpha = 0 is s = 1, round to
-nearest. The loss is the layer's output error on every calibration token,
+nearest. With ``duo`` (AutoAWQ's default) the search also tries ``mean|x|^alpha / w_mean^(1-alpha)``,
+``w_mean`` the mean over output rows of ``|w| / max|w|`` of the weight's unit. The loss is the
+layer's output error on every calibration token,
 ``tr(D H D^T)`` with ``D = W - Q(W * s) / s``, not a sample of tokens.
 
 Clipping: per quantization unit (int4 group, NF4/FP4 block inside a row, int8 channel), the range is
@@ -40,7 +42,8 @@ class AWQResult:
     """qweight: the quantized ``W * s``; scale: s (fp32 ``[K]``, all ones when alpha = 0 or RTN was kept);
     input_scale: ``1 / s`` to multiply the input by, None when s is all ones; error / rtn_error: relative
     output error (as `GPTQResult`) of ``Q(W s) / s`` and of round to nearest; clipped: units whose range
-    was shrunk; clip: whether the clip search ran (units inside rows or channels)."""
+    was shrunk; clip: whether the clip search ran (units inside rows or channels); duo: s divides by
+    ``w_mean^(1 - alpha)`` too."""
 
     qweight: QuantizedWeight
     scale: torch.Tensor
@@ -51,37 +54,58 @@ class AWQResult:
     clipped: int = 0
     clip: bool = True
     kept_rtn: bool = False
+    duo: bool = False
 
 
-def awq_scale(act_mean: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``mean|x|^alpha`` (mean clamped at 1e-4), normalised to a geometric mid-range of 1; fp32 ``[K]``.
-    alpha = 0 gives exactly ones."""
-    if alpha == 0:
+def awq_scale(act_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean|x|^alpha`` (``/ w_mean^(1 - alpha)`` with ``w_mean``), clamped at 1e-4, normalised to a
+    geometric mid-range of 1; fp32 ``[K]``. alpha = 0 without ``w_mean`` gives exactly ones."""
+    if alpha == 0 and w_mean is None:
         return torch.ones(act_mean.numel(), dtype=torch.float32)
     s = act_mean.detach().double().cpu().clamp(min=1e-4).pow(alpha)
+    if w_mean is not None:
+        s = (s / (w_mean.detach().double().cpu().pow(1.0 - alpha) + 1e-4)).clamp(min=1e-4)
     s = s / math.sqrt(float(s.max()) * float(s.min()))
     return s.float()
 
 
+def weight_mean(weights: list[torch.Tensor], scheme: Scheme) -> torch.Tensor:
+    """Per input channel, the mean over output rows of ``|w| / max|w|`` of its quantization unit (AutoAWQ's
+    "duo" scaling statistic): large where a channel's weights are large within their group."""
+    rows = []
+    for w in weights:
+        a = w.detach().float().abs()
+        n, k = a.shape
+        unit = clip_units(scheme, k) or k
+        g = -(-k // unit)
+        padded = torch.nn.functional.pad(a, (0, g * unit - k)).view(n, g, unit)
+        rel = padded / (padded.amax(dim=2, keepdim=True) + 1e-6)
+        rows.append(rel.view(n, g * unit)[:, :k])
+    return torch.cat(rows).mean(dim=0).cpu()
+
+
 def search_scale(
-    weights: list[torch.Tensor], hessian: torch.Tensor, act_mean: torch.Tensor, scheme: Scheme, grid: int = 20
-) -> tuple[float, torch.Tensor, list[float]]:
-    """``(alpha, s, losses)``: the alpha of the grid with the lowest summed output error ``tr(D H D^T)``
-    of the weights (layers sharing one input share one s), round to nearest on ``W * s``."""
+    weights: list[torch.Tensor], hessian: torch.Tensor, act_mean: torch.Tensor, scheme: Scheme, grid: int = 20,
+    duo: bool = True,
+) -> tuple[float, torch.Tensor, list[float], bool]:
+    """``(alpha, s, losses, duo chosen)``: the alpha of the grid with the lowest summed output error ``tr(D H D^T)``
+    of the weights (layers sharing one input share one s), round to nearest on ``W * s``; ``duo`` also
+    tries ``mean|x|^alpha / w_mean^(1 - alpha)`` (:func:`weight_mean`) for every alpha."""
     h = hessian.float()
     losses = []
-    best = (math.inf, 0.0, torch.ones(act_mean.numel()))
-    for i in range(grid):
+    best = (math.inf, 0.0, torch.ones(act_mean.numel()), False)
+    w_mean = weight_mean(weights, scheme) if duo else None
+    for i, wm in [(i, None) for i in range(grid)] + ([(i, w_mean) for i in range(grid)] if duo else []):
         alpha = i / grid
-        s = awq_scale(act_mean, alpha)
+        s = awq_scale(act_mean, alpha, wm).to(h.device)
         loss = 0.0
         for w in weights:
             d = w.float() - _rtn(w.float() * s, scheme) / s
             loss += float(((d @ h) * d).sum(dtype=torch.float64))
         losses.append(loss)
         if loss < best[0]:
-            best = (loss, alpha, s)
-    return best[1], best[2], losses
+            best = (loss, alpha, s, wm is not None)
+    return best[1], best[2], losses, best[3]
 
 
 def _rtn(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
@@ -142,6 +166,7 @@ def awq_quantize(
     scheme: Scheme,
     *,
     grid: int = 20,
+    duo: bool = True,
     clip: bool = True,
     clip_grid: int = 20,
     max_shrink: float = 0.5,
@@ -167,10 +192,12 @@ def awq_quantize(
             "calibrate this model again"
         )
     if not (bool(torch.isfinite(hessian).all()) and bool(torch.isfinite(act_mean).all())):
-        raise CalibrationDataError(f"{name}: the calibration's statistics hold NaN/Inf; calibrate again on finite inputs")
+        raise CalibrationDataError(
+            f"{name}: the calibration's statistics hold NaN/Inf; calibrate again on finite inputs"
+        )
     W = w.detach().float()
     H = hessian.detach().float().to(W.device)
-    alpha, s, _ = search_scale([W], H, act_mean.to(W.device), scheme, grid)
+    alpha, s, _, by_weight = search_scale([W], H, act_mean.to(W.device), scheme, grid, duo)
     s = s.to(W.device)
     if clip:
         g, clipped = search_clip(W, s, H, scheme, clip_grid, max_shrink)
@@ -185,5 +212,5 @@ def awq_quantize(
     if rtn_error < error:
         ones = torch.ones(k, dtype=torch.float32)
         return AWQResult(rtn, ones, None, 0.0, rtn_error, rtn_error, 0, did_clip, kept_rtn=True)
-    input_scale = None if alpha == 0 else (1.0 / s).float()
-    return AWQResult(qweight, s.float(), input_scale, alpha, error, rtn_error, clipped, did_clip)
+    input_scale = None if bool((s == 1).all()) else (1.0 / s).float()
+    return AWQResult(qweight, s.float(), input_scale, alpha, error, rtn_error, clipped, did_clip, duo=by_weight)

@@ -270,7 +270,7 @@ def calibrate(
     never = tuple(m for m in linear_module_names(model) if m not in layers)
     if never:
         warnings.warn(f"calibrate(): no batch reached linear layer(s) {list(never)}; they have no statistics "
-                      "(SmoothQuant leaves them unsmoothed; GPTQ refuses them unless fallback='rtn')",
+                      "(SmoothQuant leaves them unsmoothed; GPTQ and AWQ refuse them unless fallback='rtn')",
                       stacklevel=2)  # fmt: skip
     return CalibrationResult(layers, n, never, sample_tokens, default_meta(), example)
 

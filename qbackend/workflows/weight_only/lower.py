@@ -63,7 +63,9 @@ def lower_linears(
         mode = resolve_weight(compute, kw.op._opname, kw.statics, _device_type(kw)).mode
         attrs = _register(gm, plan.name, entry)
         scale = getattr(entry.quantizer, "input_scale", None)  # AWQ's 1/s: an explicit multiply of the input
-        scale_attr = None if scale is None else attach_tensor(gm, BUFFER_PREFIX + attr_name(plan.name, "input_scale"), scale)
+        scale_attr = None
+        if scale is not None:
+            scale_attr = attach_tensor(gm, BUFFER_PREFIX + attr_name(plan.name, "input_scale"), scale)
         for site in sites:
             x = site.x if scale_attr is None else _scaled_input(gm, site, scale_attr)
             become(gm.graph, site, kw.op, (x, *attrs, site.bias, *kw.statics, mode))

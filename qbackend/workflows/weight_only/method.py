@@ -51,7 +51,8 @@ class MethodConfig:
     act_order: GPTQ rounds columns in order of decreasing activation energy (static groups).
     groups: GPTQ group constants "auto" (computed when a group is reached where the layout allows),
         "dynamic" or "static" (from the original weight).
-    grid: AWQ scale search points (alpha = i / grid); clip: AWQ per-group clip search;
+    grid: AWQ scale search points (alpha = i / grid); duo: AWQ also searches s = mean|x|^alpha /
+        w_mean^(1 - alpha); clip: AWQ per-group clip search;
         max_shrink: the most the clip search shrinks a group's range (0.5: down to half).
     min_tokens: a layer seen on fewer calibration tokens is an error (too few samples).
     fallback: what a layer the method cannot handle gets: "error" (default: raise, naming the layer)
@@ -64,6 +65,7 @@ class MethodConfig:
     act_order: bool = False
     groups: Literal["auto", "dynamic", "static"] = "auto"
     grid: int = 20
+    duo: bool = True
     clip: bool = True
     max_shrink: float = 0.5
     min_tokens: int = 64
@@ -84,7 +86,7 @@ class MethodConfig:
             raise MethodConfigError(f"method groups must be 'auto', 'dynamic' or 'static'; got {self.groups!r}")
         if self.fallback not in ("error", "rtn"):
             raise MethodConfigError(f"method fallback must be 'error' or 'rtn'; got {self.fallback!r}")
-        for key in ("act_order", "clip"):
+        for key in ("act_order", "clip", "duo"):
             if not isinstance(getattr(self, key), bool):
                 raise MethodConfigError(f"method {key} must be a bool; got {getattr(self, key)!r}")
         ms = self.max_shrink
@@ -206,12 +208,12 @@ class CalibratedQuantizer:
             hessian = self._hessian(w)
             m = self.method
             if m.name == "awq":
-                a = awq_quantize(w, hessian, self._act_mean(w), self.scheme, grid=m.grid, clip=m.clip,
+                a = awq_quantize(w, hessian, self._act_mean(w), self.scheme, grid=m.grid, duo=m.duo, clip=m.clip,
                                  max_shrink=m.max_shrink, name=self.layer)  # fmt: skip
                 qw, row.rtn_error, row.error, input_scale = a.qweight, a.rtn_error, a.error, a.input_scale
                 row.input_scale = "multiply" if input_scale is not None else "none"
                 clip = f", {a.clipped} groups clipped" if a.clip else ", no clip search (blocks straddle rows)"
-                row.note = f"alpha={a.alpha:g}{clip}"
+                row.note = f"alpha={a.alpha:g}{' (x/w)' if a.duo else ''}{clip}"
                 kept = a.kept_rtn
             else:
                 g = gptq_quantize(w, hessian, self.scheme, damp=m.damp, block=m.block, act_order=m.act_order,

@@ -37,7 +37,9 @@ def build_quantized_linear(rec: LayerRecord, name: str, kernel_weights: dict) ->
         return None
     scale = rec.tensors.get("input_scale")
     if scale is not None and (scale.dim() != 1 or scale.numel() != rec.weight.shape[1]):
-        raise RecordError(f"layer {name!r}: input_scale has shape {tuple(scale.shape)}, expected ({rec.weight.shape[1]},)")
+        raise RecordError(
+            f"layer {name!r}: input_scale has shape {tuple(scale.shape)}, expected ({rec.weight.shape[1]},)"
+        )
     return QuantizedLinear(shared_kernel_weight(rec.weight, kernel_weights), rec.bias, rec.layer_scheme,
                            input_scale=scale)  # fmt: skip
 
