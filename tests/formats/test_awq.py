@@ -95,7 +95,9 @@ def test_the_scale_search_starts_at_round_to_nearest_and_picks_its_minimum():
     assert len(losses) == 10 and not duo
     assert min(losses) == losses[int(round(alpha * 10))] and min(losses) <= losses[0]
     torch.testing.assert_close(s, awq_scale(mean, alpha))
-    assert len(search_scale([w], h, mean, scheme, grid=10, duo=True)[2]) == 20
+    duo_alpha, duo_s, duo_losses, by_weight = search_scale([w], h, mean, scheme, grid=10, duo=True)
+    assert len(duo_losses) == 11 and duo_losses[0] == losses[0]  # s = 1 first, then the duo family
+    assert min(duo_losses) == duo_losses[0 if not by_weight else 1 + int(round(duo_alpha * 10))]
 
 
 def test_statistics_that_do_not_fit_and_bad_options_are_errors_naming_the_layer():
