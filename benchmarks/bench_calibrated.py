@@ -1,6 +1,6 @@
-"""GPTQ vs round to nearest on the real all-MiniLM-L6-v2: embedding cosine on held-out sentences and time.
+"""GPTQ and AWQ vs round to nearest on the real all-MiniLM-L6-v2: embedding cosine on held-out sentences and time.
 
-    python benchmarks/bench_calibrated.py [--threads 2] [--quick] [--json out.json]
+    python benchmarks/bench_calibrated.py [--threads 2] [--quick] [--json out.json] [--peers-python PY]
 
 Calibration: the demo's calibration and training sentences (``qbackend.demo.sentences``, 495
 sentences, ~7.3k tokens), ``qbackend.calibrate(..., hessian=True)``. Evaluation: the 33 held-out
@@ -10,7 +10,10 @@ evaluation sentences (disjoint from both). Every linear layer (37) is quantized 
 factorisations and the round-to-nearest comparison of every layer).
 
 Peers, where they run on this CPU: ``hqq`` (calibration-free HQQ, int4 groups; its dequantized
-weights are put into the float model, so its row measures accuracy only).
+weights are put into the float model, so its row measures accuracy only). With ``--peers-python``
+(the interpreter of a separate virtual environment holding llm-compressor, GPTQModel, hqq: never the
+project's), ``bench_calibrated_peers.py`` runs there in the same invocation, on the same sentences,
+and its rows join the table (a peer that does not run shows its error).
 """
 
 from __future__ import annotations
@@ -53,6 +56,29 @@ def _hqq_model(model: torch.nn.Module, group_size: int) -> torch.nn.Module | Non
     return m
 
 
+def _peer_rows(python: str, threads: int) -> list[dict]:
+    """Run ``bench_calibrated_peers.py`` under ``python`` (its own venv) and return its rows as ours."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "peers.json"
+        script = Path(__file__).with_name("bench_calibrated_peers.py")
+        proc = subprocess.run([python, str(script), "--threads", str(threads), "--json", str(out)],
+                              capture_output=True, text=True, cwd=tmp)  # fmt: skip
+        if not out.exists():
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return [{"format": "peers", "method": python, "error": tail}]
+        peers = json.loads(out.read_text())
+    rows = []
+    for p in peers:
+        row = {"format": "int4 g128 asym (peer)", "method": p["peer"], "rtn_kept": "", "versions": p["versions"]}
+        row.update({k: p[k] for k in ("cosine_mean", "cosine_min", "quantize_s", "error") if k in p})
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     _common.add_threads_option(parser)
@@ -60,6 +86,7 @@ def main() -> None:
     parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets")
     parser.add_argument("--methods", default=",".join(m for m, _ in METHODS), help="comma-separated methods")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--peers-python", default=None, help="python of a separate venv with the peers")
     args = parser.parse_args()
     _common.apply_threads(args)
     print(_common.header(extra=f"threads {torch.get_num_threads()}"))
@@ -109,11 +136,17 @@ def main() -> None:
                          "quantize_s": dt, "rtn_kept": ""})  # fmt: skip
             print(f"| int4-affine-g{gs} (HQQ, dequantized weights) | hqq (no data) | {q['cosine_mean']:.5f} | "
                   f"{q['cosine_min']:.5f} | {q['similarity_corr']:.5f} | {dt:.1f} |  |", flush=True)  # fmt: skip
+    if args.peers_python:
+        rows += _peer_rows(args.peers_python, torch.get_num_threads())
     print("\n| format | method | cosine mean | cosine min | similarity corr | quantize_ s | layers RTN kept |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['format']} | {r['method']} | did not run: {r['error']} | | | | |")
+            continue
+        corr = "" if r.get("similarity_corr") is None else f"{r['similarity_corr']:.5f}"
         print(f"| {r['format']} | {r['method']} | {r['cosine_mean']:.5f} | {r['cosine_min']:.5f} | "
-              f"{r['similarity_corr']:.5f} | {r['quantize_s']:.1f} | {r['rtn_kept']} |")  # fmt: skip
+              f"{corr} | {r['quantize_s']:.1f} | {r['rtn_kept']} |")  # fmt: skip
     print(f"\n{_common.load_line('load average at the end')}")
     if args.json:
         _common.write_json(args.json, {"calibration_s": t_cal, "rows": rows})
