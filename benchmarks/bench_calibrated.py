@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(m for m, _ in METHODS), help="comma-separated methods")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--peers-python", default=None, help="python of a separate venv with the peers")
+    parser.add_argument("--peers-threads", type=int, default=None, help="torch threads of the peers (default: ours)")
     args = parser.parse_args()
     _common.apply_threads(args)
     print(_common.header(extra=f"threads {torch.get_num_threads()}"))
@@ -137,7 +138,7 @@ def main() -> None:
             print(f"| int4-affine-g{gs} (HQQ, dequantized weights) | hqq (no data) | {q['cosine_mean']:.5f} | "
                   f"{q['cosine_min']:.5f} | {q['similarity_corr']:.5f} | {dt:.1f} |  |", flush=True)  # fmt: skip
     if args.peers_python:
-        rows += _peer_rows(args.peers_python, torch.get_num_threads())
+        rows += _peer_rows(args.peers_python, args.peers_threads or torch.get_num_threads())
     print("\n| format | method | cosine mean | cosine min | similarity corr | quantize_ s | layers RTN kept |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -95,6 +95,8 @@ def llmcompressor_run(model, tok, cal, method: str):
 def gptqmodel_run(path, tok, cal):
     from gptqmodel import GPTQModel, QuantizeConfig
 
+    # its loader asks for a pool of 2 CPU workers and refuses ("parent 'cpu' only has 1") under 1 thread
+    torch.set_num_threads(max(2, torch.get_num_threads()))
     m = GPTQModel.load(path, QuantizeConfig(bits=4, group_size=128, sym=False), device="cpu")
     m.quantize([{"input_ids": e, "attention_mask": a} for e, a in zip(*_dataset(tok, cal)[:].values(), strict=True)])
     return m.model

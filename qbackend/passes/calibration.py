@@ -195,7 +195,7 @@ def calibrate(
     sample_tokens: keep a uniform sample of up to this many input rows per layer (for
         ``search_alpha``); 0 keeps none (absmax only).
     progress: show a progress bar (tqdm).
-    hessian: also record each layer's mean ``X^T X`` (fp32 ``[in, in]``; for ``method="gptq"``),
+    hessian: also record each layer's mean ``X^T X`` (fp32 ``[in, in]``; for ``method="gptq"`` and ``"awq"``),
         accumulated batch by batch. Layers reading one input share one matrix.
     max_hessian_bytes: refuse (CalibrationError with the estimated size) to hold more than this
         in ``X^T X`` matrices; default 4 GiB.

@@ -133,3 +133,12 @@ def test_an_older_calibration_without_mean_abs_x_is_an_error_saying_to_recalibra
         st.absmean = None
     with pytest.raises(CalibrationDataError, match="up: the calibration holds no mean"):
         qbackend.quantize_(_net(), _opts(old))
+
+
+def test_sharding_an_awq_layer_is_refused_with_a_clear_error_not_a_dropped_multiply(cal):
+    from qbackend.distributed.layout import ShardableQuantizedLinear, ShardingError
+
+    q = _net()
+    qbackend.quantize_(q, _opts(cal))
+    with pytest.raises(ShardingError, match="up: AWQ layers .* cannot be sharded yet"):
+        ShardableQuantizedLinear(q.up, "up")
