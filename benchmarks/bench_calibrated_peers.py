@@ -87,16 +87,21 @@ def llmcompressor_run(model, tok, cal, method: str):
         # merged channel by channel); its LayerNorms also feed the residual, so they cannot absorb 1/s.
         mappings = [AWQMapping("re:.*attention.self.value$", ["re:.*attention.output.dense$"])]
         recipe = AWQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=[], mappings=mappings)
+        # 0.14's AWQ pins its cached activations (pin_memory) for faster host-to-GPU copies, which raises
+        # "Found no NVIDIA driver on your system" on a CPU-only machine; pinning changes no value: skip it
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *a, **k: None
     oneshot(model=model, dataset=_dataset(tok, cal), recipe=recipe, num_calibration_samples=len(cal),
             max_seq_length=128, pipeline="basic")  # fmt: skip
     return model
 
 
 def gptqmodel_run(path, tok, cal):
+    # 7.7.0 gives the CPU (os.cpu_count() + 1) // 2 workers, then asks 2 for its model loader: on 2 cores it
+    # refuses ("Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1") unless told
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import GPTQModel, QuantizeConfig
-
-    # its loader asks for a pool of 2 CPU workers and refuses ("parent 'cpu' only has 1") under 1 thread
-    torch.set_num_threads(max(2, torch.get_num_threads()))
     m = GPTQModel.load(path, QuantizeConfig(bits=4, group_size=128, sym=False), device="cpu")
     m.quantize([{"input_ids": e, "attention_mask": a} for e, a in zip(*_dataset(tok, cal)[:].values(), strict=True)])
     return m.model
@@ -120,6 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--only", default="", help="run only the peers whose name contains this text")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cal, evaluation = _sentences()
@@ -135,6 +141,8 @@ def main() -> None:
     }
     rows = []
     for name, run in runs.items():
+        if args.only.lower() not in name.lower():
+            continue
         versions = {}
         t0 = time.perf_counter()
         try:
