@@ -142,3 +142,18 @@ def test_sharding_an_awq_layer_is_refused_with_a_clear_error_not_a_dropped_multi
     qbackend.quantize_(q, _opts(cal))
     with pytest.raises(ShardingError, match="up: AWQ layers .* cannot be sharded yet"):
         ShardableQuantizedLinear(q.up, "up")
+
+
+def test_a_weight_changed_in_place_is_requantized_with_new_scales_in_the_compiled_graph(cal):
+    x = torch.randn(2, 5, 128)
+    m = _net()
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="qbackend", options=_opts(cal))
+    with torch.no_grad():
+        compiled(x)
+        m.up.weight.mul_(torch.linspace(0.5, 2.0, 128))  # a change the old 1/s does not fit
+        after = compiled(x)
+    fresh = copy.deepcopy(m)
+    qbackend.quantize_(fresh, _opts(cal))
+    with torch.no_grad():
+        torch.testing.assert_close(after, fresh(x), rtol=1e-5, atol=1e-5)
