@@ -29,7 +29,7 @@ from ...passes.graph import attach_tensor, attr_name, become
 from ...passes.lowering import BUFFER_PREFIX, Lowered, LoweringResult
 from ...passes.report import Report, float_row
 from ...passes.select_layers import LayerPlan
-from ...passes.weight_cache import QuantEntry, get_entry
+from ...passes.weight_cache import QuantEntry, dequantize_kernel_weight, effective_weight, get_entry
 
 
 def lower_linears(
@@ -74,7 +74,8 @@ def lower_linears(
         row.quantized, row.format, row.compute = True, entry.scheme.name, mode
         row.bits_per_param, row.bytes_after = entry.bits_per_param, entry.nbytes
         if measure_error:
-            row.rel_error = entry.relative_error(plan.param.tensor)
+            param = plan.param.tensor
+            row.rel_error = entry.relative_error(param) if scale is None else _scaled_error(plan, entry, scale)
     if result.nodes:
         gm.graph.lint()
         gm.recompile()
@@ -100,6 +101,13 @@ def _scaled_input(gm: fx.GraphModule, site: Any, scale: fx.Node) -> fx.Node:
         if k in site.x.meta:
             mul.meta[k] = site.x.meta[k]
     return mul
+
+
+def _scaled_error(plan: LayerPlan, entry: QuantEntry, scale: torch.Tensor) -> float:
+    """||W - dequant(W_q) * (1/s)|| / ||W||: the weight AWQ's layer computes with (its codes hold W * s)."""
+    w = effective_weight(plan.param.tensor, plan.transposed).float()
+    deq = dequantize_kernel_weight(entry.kw).to(w.device) * scale.to(w.device)
+    return float((w - deq).norm() / w.norm()) if float(w.norm()) > 0 else float((w - deq).norm())
 
 
 def _device_type(kw: KernelWeight) -> str:

@@ -77,6 +77,9 @@ def test_explain_shows_error_before_and_after_and_where_1_over_s_went(cal):
     report = qbackend.explain(_net(), torch.randn(2, 5, 128), **_opts(cal))
     table = report.sections["awq"][0].table()
     assert "RTN err" in table and "1/s" in table and "multiply" in table and "alpha=" in table
+    # the weight error of a layer with 1/s is of the weight it computes with (its codes hold W * s)
+    rtn = qbackend.explain(_net(), torch.randn(2, 5, 128), preset="int4", min_params=0, exclude=["unused"])
+    assert report.layer("up").rel_error < 1.25 * rtn.layer("up").rel_error
 
 
 def test_saved_and_reloaded_awq_model_gives_identical_outputs_without_rerunning(cal, tmp_path, monkeypatch):
