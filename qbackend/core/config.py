@@ -92,7 +92,7 @@ class QuantConfig:
         defaults, or a dict of its fields; set by preset "w8a8"). None (default): weight-only.
     calibration: a :class:`qbackend.CalibrationResult` (``qbackend.calibrate(...)``) or the path it was
         saved to: SmoothQuant's statistics (without one, W8A8 is naive) or a calibrated method's.
-    method: how weight-only layers are rounded: "rtn" (default: round to nearest) or "gptq" (needs
+    method: how weight-only layers are rounded: "rtn" (default: round to nearest), "gptq" or "awq" (need
         ``calibration``), or a dict of ``qbackend.workflows.weight_only.MethodConfig`` fields.
     """
 

@@ -85,6 +85,9 @@ class ShardableQuantizedLinear(nn.Module):
 
     def __init__(self, q: QuantizedLinear, name: str = "layer") -> None:
         super().__init__()
+        if getattr(q, "input_scale", None) is not None:
+            raise ShardingError(f"{name}: AWQ layers (an input multiply 1/s) cannot be sharded yet; quantize this "
+                                "model with method 'rtn' or 'gptq' for FSDP/DDP/tensor parallel")  # fmt: skip
         self.in_features, self.out_features = q.in_features, q.out_features
         self.scheme: Scheme = q.scheme
         self.op = q.op

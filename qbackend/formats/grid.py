@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codebooks import code_table, nearest_code
+from .codebooks import _sorted_midpoints_cpu, code_table, nearest_code
 from .integer import _grouped, scale_shape
 from .nested import nest_constants
 from .packing import pack_4bit
@@ -73,7 +73,7 @@ class ElementGrid:
         w = w.float()
         if self.codebook:
             v = torch.where(self.tail, w / self.absmax, w * self.inv)  # type: ignore[arg-type]
-            codes = nearest_code(v.clamp(-1, 1), self.scheme.kind)
+            codes = _nearest_code(v.clamp(-1, 1), self.scheme.kind)
             deq = code_table(self.scheme.kind, w.device)[codes.long()] * self.absmax
             return codes, deq
         s = self.scheme
@@ -139,6 +139,18 @@ class ElementGrid:
                 raise FormatError(f"{name}: {e}") from None
             scale = None
         return QuantizedWeight(s, (n, k), dtype, packed.contiguous(), scale, zp, nested)
+
+
+def _nearest_code(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """:func:`nearest_code` on the CPU as 15 compares with the midpoints (about 3x faster than bucketize
+    there): the index is the number of midpoints below x, so ties go to the lower value as there."""
+    if x.device.type != "cpu":
+        return nearest_code(x, kind)
+    mids, order = _sorted_midpoints_cpu(kind)
+    idx = torch.zeros(x.shape, dtype=torch.uint8)
+    for m in mids.tolist():  # fp32 values: the comparison is exact in x's fp32
+        idx += x > m
+    return order[idx.long()] if kind == "fp4" else idx
 
 
 def grid_from_weight(w: torch.Tensor, scheme: Scheme) -> ElementGrid:

@@ -195,7 +195,7 @@ def calibrate(
     sample_tokens: keep a uniform sample of up to this many input rows per layer (for
         ``search_alpha``); 0 keeps none (absmax only).
     progress: show a progress bar (tqdm).
-    hessian: also record each layer's mean ``X^T X`` (fp32 ``[in, in]``; for ``method="gptq"``),
+    hessian: also record each layer's mean ``X^T X`` (fp32 ``[in, in]``; for ``method="gptq"`` and ``"awq"``),
         accumulated batch by batch. Layers reading one input share one matrix.
     max_hessian_bytes: refuse (CalibrationError with the estimated size) to hold more than this
         in ``X^T X`` matrices; default 4 GiB.
@@ -270,7 +270,7 @@ def calibrate(
     never = tuple(m for m in linear_module_names(model) if m not in layers)
     if never:
         warnings.warn(f"calibrate(): no batch reached linear layer(s) {list(never)}; they have no statistics "
-                      "(SmoothQuant leaves them unsmoothed; GPTQ refuses them unless fallback='rtn')",
+                      "(SmoothQuant leaves them unsmoothed; GPTQ and AWQ refuse them unless fallback='rtn')",
                       stacklevel=2)  # fmt: skip
     return CalibrationResult(layers, n, never, sample_tokens, default_meta(), example)
 

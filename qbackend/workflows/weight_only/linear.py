@@ -26,11 +26,14 @@ class QuantizedLinear(nn.Module):
 
     compute_option: the ``compute`` option asked for; compute: the mode the op runs in here (resolved
     from it for the buffers' device; :meth:`set_compute` changes it).
+    input_scale: fp32 ``[in_features]`` the input is multiplied by before the op (AWQ's ``1 / s``, the
+    weight stored being ``W * s``), or None.
     """
 
     def __init__(
-        self, kw: KernelWeight, bias: torch.Tensor | None, scheme: Scheme, compute: str = DEFAULT_OPTION
-    ) -> None:
+        self, kw: KernelWeight, bias: torch.Tensor | None, scheme: Scheme, compute: str = DEFAULT_OPTION,
+        input_scale: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.in_features, self.out_features = kw.in_features, kw.out_features
         self.scheme = scheme
@@ -40,6 +43,13 @@ class QuantizedLinear(nn.Module):
         for name, t in zip(kw.names, kw.tensors, strict=True):
             if t is not None:
                 self.register_buffer(name, t)
+        if input_scale is not None:
+            if input_scale.dim() != 1 or input_scale.numel() != kw.in_features:
+                raise ValueError(f"input_scale must have {kw.in_features} values (one per input); "
+                                 f"got shape {tuple(input_scale.shape)}")  # fmt: skip
+            self.register_buffer("input_scale", input_scale.float())
+        else:
+            self.input_scale = None
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
         self.set_compute(compute)
 
@@ -60,12 +70,16 @@ class QuantizedLinear(nn.Module):
         return cls(prepare_weight(quantize(weight.detach(), scheme, name=name)), bias, scheme, compute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:  # the same elementwise multiply the backend inserts
+            x = x * self.input_scale.to(x.dtype)
         tensors = [None if n is None else getattr(self, n) for n in self._arg_names]
         return self.op(x, *tensors, self.bias, *self.statics, self.compute)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The fp32 ``[out, in]`` weight the codes stand for (for checks; allocates a float copy)."""
         eye = torch.eye(self.in_features, device=next(self.buffers()).device)
+        if self.input_scale is not None:
+            eye = torch.diag(self.input_scale.float())
         tensors = [None if n is None else getattr(self, n) for n in self._arg_names]
         return self.op(eye, *tensors, None, *self.statics).t()
 
@@ -77,4 +91,5 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, format={self.scheme.name}, compute={self.compute}")  # fmt: skip
+                f"bias={self.bias is not None}, format={self.scheme.name}, compute={self.compute}"
+                + (", input_scale=multiply" if self.input_scale is not None else ""))  # fmt: skip

@@ -16,9 +16,11 @@ match a float linear).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from ...kernels import KernelWeight, UnsupportedWeight
@@ -27,7 +29,7 @@ from ...passes.graph import attach_tensor, attr_name, become
 from ...passes.lowering import BUFFER_PREFIX, Lowered, LoweringResult
 from ...passes.report import Report, float_row
 from ...passes.select_layers import LayerPlan
-from ...passes.weight_cache import QuantEntry, get_entry
+from ...passes.weight_cache import QuantEntry, dequantize_kernel_weight, effective_weight, get_entry
 
 
 def lower_linears(
@@ -60,14 +62,20 @@ def lower_linears(
         kw = entry.kw
         mode = resolve_weight(compute, kw.op._opname, kw.statics, _device_type(kw)).mode
         attrs = _register(gm, plan.name, entry)
+        scale = getattr(entry.quantizer, "input_scale", None)  # AWQ's 1/s: an explicit multiply of the input
+        scale_attr = None
+        if scale is not None:
+            scale_attr = attach_tensor(gm, BUFFER_PREFIX + attr_name(plan.name, "input_scale"), scale)
         for site in sites:
-            become(gm.graph, site, kw.op, (site.x, *attrs, site.bias, *kw.statics, mode))
+            x = site.x if scale_attr is None else _scaled_input(gm, site, scale_attr)
+            become(gm.graph, site, kw.op, (x, *attrs, site.bias, *kw.statics, mode))
             result.nodes += 1
         result.lowered.append(Lowered(entry, plan.param))
         row.quantized, row.format, row.compute = True, entry.scheme.name, mode
         row.bits_per_param, row.bytes_after = entry.bits_per_param, entry.nbytes
         if measure_error:
-            row.rel_error = entry.relative_error(plan.param.tensor)
+            param = plan.param.tensor
+            row.rel_error = entry.relative_error(param) if scale is None else _scaled_error(plan, entry, scale)
     if result.nodes:
         gm.graph.lint()
         gm.recompile()
@@ -80,6 +88,26 @@ def _register(gm: fx.GraphModule, layer: str, entry: QuantEntry) -> list[fx.Node
         None if t is None else attach_tensor(gm, BUFFER_PREFIX + attr_name(layer, tname), t)
         for t, tname in zip(entry.kw.tensors, entry.kw.names, strict=True)
     ]
+
+
+def _scaled_input(gm: fx.GraphModule, site: Any, scale: fx.Node) -> fx.Node:
+    """``x * scale`` inserted before the site (in x's dtype, as `QuantizedLinear` computes it)."""
+    example = site.x.meta.get("example_value", site.x.meta.get("val"))
+    with gm.graph.inserting_before(site.node):
+        if isinstance(example, torch.Tensor) and example.dtype != torch.float32:
+            scale = gm.graph.call_method("to", (scale, example.dtype))
+        mul = gm.graph.call_function(operator.mul, (site.x, scale))
+    for k in ("example_value", "val"):
+        if k in site.x.meta:
+            mul.meta[k] = site.x.meta[k]
+    return mul
+
+
+def _scaled_error(plan: LayerPlan, entry: QuantEntry, scale: torch.Tensor) -> float:
+    """||W - dequant(W_q) * (1/s)|| / ||W||: the weight AWQ's layer computes with (its codes hold W * s)."""
+    w = effective_weight(plan.param.tensor, plan.transposed).float()
+    deq = dequantize_kernel_weight(entry.kw).to(w.device) * scale.to(w.device)
+    return float((w - deq).norm() / w.norm()) if float(w.norm()) > 0 else float((w - deq).norm())
 
 
 def _device_type(kw: KernelWeight) -> str:

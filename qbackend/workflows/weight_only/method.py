@@ -1,11 +1,15 @@
-"""How weight-only layers are rounded: ``method`` "rtn" (round to nearest) or "gptq".
+"""How weight-only layers are rounded: ``method`` "rtn" (round to nearest), "gptq" or "awq".
 
 >>> cal = qbackend.calibrate(model, batches, hessian=True)         # mean X^T X per layer input
 >>> torch.compile(model, backend="qbackend", options={"preset": "nf4", "method": "gptq", "calibration": cal})
 >>> qbackend.quantize_(model, {"preset": "int4", "method": {"name": "gptq", "act_order": True}, "calibration": cal})
+>>> qbackend.quantize_(model, {"preset": "int4", "method": "awq", "calibration": cal})
 
-GPTQ stores its weights in the same formats as round to nearest (:mod:`qbackend.formats.gptq`):
-kernels, save/load and the bitsandbytes export are unchanged, and a loaded model never re-runs it.
+GPTQ and AWQ store their weights in the same formats as round to nearest (:mod:`qbackend.formats.gptq`,
+:mod:`qbackend.formats.awq`): kernels, save/load and the bitsandbytes export are unchanged, and a
+loaded model never re-runs them. AWQ's per-input-channel ``1 / s`` is an explicit multiply of the
+layer's input (``QuantizedLinear.input_scale``; a ``mul`` before the op in a compiled graph), saved
+with the layer; a layer whose search keeps s = 1 has none.
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ from typing import Any, Literal
 import torch
 
 from ...formats import QuantizedWeight, Scheme, quantize
+from ...formats.awq import awq_quantize
 from ...formats.gptq import CalibrationDataError, gptq_quantize, output_error
 from ...passes.calibration_result import CalibrationResult, LayerStats
+from ...passes.weight_cache import StaleWeightError
 
 log = logging.getLogger("qbackend")
 
-METHODS: tuple[str, ...] = ("rtn", "gptq")
-CALIBRATED: tuple[str, ...] = ("gptq",)
+METHODS: tuple[str, ...] = ("rtn", "gptq", "awq")
+CALIBRATED: tuple[str, ...] = ("gptq", "awq")
 
 
 class MethodConfigError(ValueError):
@@ -38,23 +44,30 @@ class MethodConfigError(ValueError):
 class MethodConfig:
     """The ``method`` option of weight-only presets.
 
-    name: "rtn" (round to nearest, no data) or "gptq" (needs ``calibration``, calibrated with
-        ``hessian=True``).
+    name: "rtn" (round to nearest, no data), "gptq" or "awq" (both need ``calibration``, calibrated
+        with ``hessian=True``).
     damp: GPTQ dampening, as a fraction of the mean diagonal of X^T X.
     block: GPTQ lazy-batch width (columns rounded before one matrix update of the rest).
     act_order: GPTQ rounds columns in order of decreasing activation energy (static groups).
     groups: GPTQ group constants "auto" (computed when a group is reached where the layout allows),
         "dynamic" or "static" (from the original weight).
+    grid: AWQ scale search points (alpha = i / grid); duo: AWQ also searches s = mean|x|^alpha /
+        w_mean^(1 - alpha); clip: AWQ per-group clip search;
+        max_shrink: the most the clip search shrinks a group's range (0.5: down to half).
     min_tokens: a layer seen on fewer calibration tokens is an error (too few samples).
     fallback: what a layer the method cannot handle gets: "error" (default: raise, naming the layer)
         or "rtn" (round to nearest, reported).
     """
 
-    name: Literal["rtn", "gptq"] = "rtn"
+    name: Literal["rtn", "gptq", "awq"] = "rtn"
     damp: float = 0.01
     block: int = 128
     act_order: bool = False
     groups: Literal["auto", "dynamic", "static"] = "auto"
+    grid: int = 20
+    duo: bool = True
+    clip: bool = True
+    max_shrink: float = 0.5
     min_tokens: int = 64
     fallback: Literal["error", "rtn"] = "error"
 
@@ -63,7 +76,7 @@ class MethodConfig:
             raise MethodConfigError(f"unknown method {self.name!r}; valid: {', '.join(METHODS)}")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or self.damp < 0:
             raise MethodConfigError(f"method damp must be a number >= 0; got {self.damp!r}")
-        for key in ("block",):
+        for key in ("block", "grid"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise MethodConfigError(f"method {key} must be an int >= 1; got {v!r}")
@@ -73,8 +86,12 @@ class MethodConfig:
             raise MethodConfigError(f"method groups must be 'auto', 'dynamic' or 'static'; got {self.groups!r}")
         if self.fallback not in ("error", "rtn"):
             raise MethodConfigError(f"method fallback must be 'error' or 'rtn'; got {self.fallback!r}")
-        if not isinstance(self.act_order, bool):
-            raise MethodConfigError(f"method act_order must be a bool; got {self.act_order!r}")
+        for key in ("act_order", "clip", "duo"):
+            if not isinstance(getattr(self, key), bool):
+                raise MethodConfigError(f"method {key} must be a bool; got {getattr(self, key)!r}")
+        ms = self.max_shrink
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 <= ms < 1:
+            raise MethodConfigError(f"method max_shrink must be a number in [0, 1); got {ms!r}")
 
     @property
     def calibrated(self) -> bool:
@@ -106,7 +123,7 @@ def normalize(config: Any) -> dict[str, Any]:
     cal = config.calibration
     if not method.calibrated:
         if cal is not None:
-            raise MethodConfigError(f"method {method.name!r} uses no calibration; use method 'gptq' "
+            raise MethodConfigError(f"method {method.name!r} uses no calibration; use method 'gptq' or 'awq' "
                                     "(or preset 'w8a8' for SmoothQuant)")  # fmt: skip
         return {"method": method}
     if cal is None:
@@ -138,6 +155,7 @@ class MethodRow:
     error: float | None = None
     seconds: float = 0.0
     note: str = ""
+    input_scale: str = ""  # AWQ: where 1/s went ("multiply": explicit, "none": s = 1)
 
 
 @dataclass
@@ -148,11 +166,14 @@ class MethodReport:
     rows: list[MethodRow] = field(default_factory=list)
 
     def table(self) -> str:
-        lines = [f"{'layer':<48} {'tokens':>7} {'RTN err':>8} {self.method + ' err':>9} {'s':>6}  note"]
+        scales = any(r.input_scale for r in self.rows)
+        head = f"{'layer':<48} {'tokens':>7} {'RTN err':>8} {self.method + ' err':>9} {'s':>6}"
+        lines = [head + (f"  {'1/s':<8}" if scales else "") + "  note"]
         for r in self.rows:
             rtn = "" if r.rtn_error is None else f"{r.rtn_error:.4f}"
             err = "" if r.error is None else f"{r.error:.4f}"
-            lines.append(f"{r.layer:<48} {r.tokens:>7} {rtn:>8} {err:>9} {r.seconds:>6.2f}  {r.note}")
+            mid = f"  {r.input_scale:<8}" if scales else ""
+            lines.append(f"{r.layer:<48} {r.tokens:>7} {rtn:>8} {err:>9} {r.seconds:>6.2f}{mid}  {r.note}")
         return "\n".join(lines)
 
 
@@ -161,10 +182,13 @@ class MethodReport:
 
 @dataclass(eq=False)
 class CalibratedQuantizer:
-    """Quantizes one layer's ``[N, K]`` weight with GPTQ from its calibration statistics.
+    """Quantizes one layer's ``[N, K]`` weight with GPTQ or AWQ from its calibration statistics.
 
     Called by the weight cache (``qbackend.passes.weight_cache``) at compile time and again if the
     weight changes in place; ``row`` holds the latest outcome. ``key`` tells cached entries apart.
+    ``input_scale``: AWQ's ``1 / s`` (fp32 ``[K]``) the layer's input must be multiplied by, or None;
+    a re-run writes the new values into the same tensor (graphs read it), and raises
+    `StaleWeightError` (recompile) if a layer without one would now need one.
     """
 
     layer: str
@@ -173,17 +197,29 @@ class CalibratedQuantizer:
     stats: LayerStats | None
     key: str
     row: MethodRow | None = None
+    input_scale: torch.Tensor | None = None
+    _runs: int = 0
 
     def __call__(self, w: torch.Tensor) -> QuantizedWeight:
         t0 = time.perf_counter()
         row = MethodRow(self.layer, self.method.name, self.stats.tokens if self.stats is not None else 0)
+        input_scale = None
         try:
             hessian = self._hessian(w)
             m = self.method
-            result = gptq_quantize(w, hessian, self.scheme, damp=m.damp, block=m.block, act_order=m.act_order,
-                                   groups=m.groups, name=self.layer)  # fmt: skip
-            qw, row.rtn_error, row.error = result.qweight, result.rtn_error, result.error
-            if result.kept_rtn:
+            if m.name == "awq":
+                a = awq_quantize(w, hessian, self._act_mean(w), self.scheme, grid=m.grid, duo=m.duo, clip=m.clip,
+                                 max_shrink=m.max_shrink, name=self.layer)  # fmt: skip
+                qw, row.rtn_error, row.error, input_scale = a.qweight, a.rtn_error, a.error, a.input_scale
+                row.input_scale = "multiply" if input_scale is not None else "none"
+                clip = f", {a.clipped} groups clipped" if a.clip else ", no clip search (blocks straddle rows)"
+                row.note = f"alpha={a.alpha:g}{' (x/w)' if a.duo else ''}{clip}"
+                kept = a.kept_rtn
+            else:
+                g = gptq_quantize(w, hessian, self.scheme, damp=m.damp, block=m.block, act_order=m.act_order,
+                                  groups=m.groups, name=self.layer)  # fmt: skip
+                qw, row.rtn_error, row.error, kept = g.qweight, g.rtn_error, g.error, g.kept_rtn
+            if kept:
                 row.note = "round to nearest kept: lower error on the calibration data"
         except CalibrationDataError as e:
             if self.method.fallback != "rtn":
@@ -193,9 +229,35 @@ class CalibratedQuantizer:
             if self.stats is not None and self.stats.hessian is not None and self.stats.hessian.shape[0] == w.shape[1]:
                 row.rtn_error = row.error = output_error(w, qw.dequantize(torch.float32), self.stats.hessian)
             log.warning("qbackend: %s: %s kept round to nearest (%s)", self.layer, self.method.name, e)
+        self._set_input_scale(input_scale, w)
         row.seconds = time.perf_counter() - t0
         self.row = row
         return qw
+
+    def _set_input_scale(self, value: torch.Tensor | None, w: torch.Tensor) -> None:
+        first, self._runs = self._runs == 0, self._runs + 1
+        if first:
+            self.input_scale = None if value is None else value.to(w.device).contiguous()
+            return
+        if self.input_scale is None:
+            if value is not None:
+                raise StaleWeightError(
+                    f"{self.layer}: the weight changed in place and AWQ now scales its input, which the compiled "
+                    "graph has no multiply for; recompile (torch._dynamo.reset())"
+                )
+            return
+        with torch.no_grad():  # graphs read this tensor: update it in place (ones: s = 1)
+            self.input_scale.copy_(torch.ones_like(self.input_scale) if value is None else value)
+
+    def _act_mean(self, w: torch.Tensor) -> torch.Tensor:
+        st = self.stats
+        assert st is not None
+        if st.absmean is None:
+            raise CalibrationDataError(
+                f"{self.layer}: the calibration holds no mean |x| per channel (saved by an older qbackend); "
+                "calibrate again with qbackend.calibrate(model, batches, hessian=True)"
+            )
+        return st.absmean.to(w.device)
 
     def _hessian(self, w: torch.Tensor) -> torch.Tensor:
         st, name, m = self.stats, self.layer, self.method

@@ -1,6 +1,6 @@
 """The weight-only compile path on a Dynamo graph: find -> select -> lower.
 
-With a calibrated ``method`` ("gptq", :mod:`.method`), the weights are rounded with the
+With a calibrated ``method`` ("gptq" or "awq", :mod:`.method`), the weights are rounded with the
 calibration's statistics; the per-layer outcome is in ``report.sections[method]``.
 """
 

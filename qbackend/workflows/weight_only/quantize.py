@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ...formats import quantize
@@ -30,7 +31,7 @@ def quantize_weight_only(model: nn.Module, config: Any, example_inputs: Any = No
     calibrated ``method`` the per-layer outcome is in ``report.sections[method]``.
     """
     report = Report(graphs=0)
-    shared: dict[tuple[int, bool], KernelWeight] = {}
+    shared: dict[tuple[int, bool], tuple[KernelWeight, torch.Tensor | None]] = {}
     method = getattr(config, "method", None)
     calibrated = method is not None and method.calibrated
     runs = []
@@ -46,7 +47,7 @@ def quantize_weight_only(model: nn.Module, config: Any, example_inputs: Any = No
         if scheme is None:
             continue
         key = (id(w), transposed)
-        kw = shared.get(key)
+        kw, input_scale = shared.get(key, (None, None))
         if kw is None:
             weight = w.detach().t().contiguous() if transposed else w.detach()
             try:
@@ -57,13 +58,14 @@ def quantize_weight_only(model: nn.Module, config: Any, example_inputs: Any = No
             except UnsupportedWeight as e:
                 row.reason = f"unsupported: {e.reason}"
                 continue
-            shared[key] = kw
+            input_scale = None if quantizer is None else quantizer.input_scale
+            shared[key] = (kw, input_scale)
             row.bytes_after = (qw.storage_bits() + 7) // 8
             row.bits_per_param = qw.bits_per_param()
         else:
             row.bytes_after = 0  # shares the tensors counted on the first layer
             row.bits_per_param = 0.0
-        new = QuantizedLinear(kw, mod.bias, scheme, getattr(config, "compute", "auto"))
+        new = QuantizedLinear(kw, mod.bias, scheme, getattr(config, "compute", "auto"), input_scale)
         setattr(parent, child_name, new)
         row.quantized, row.format, row.compute = True, scheme.name, new.compute
     if calibrated:

@@ -11,13 +11,13 @@ import json
 
 from torch import nn
 
-from ...formats import LayerRecord, QuantizedWeight
+from ...formats import LayerRecord, QuantizedWeight, RecordError
 from ...kernels import KernelWeight, prepare_weight, weight_from_kernel_tensors
 from .linear import QuantizedLinear
 
 KIND = "weight_only"
 #: option and tensor names of this kind's records; the QAT workflow adds its activation settings
-RECORD_KINDS = {KIND: ((), ())}
+RECORD_KINDS = {KIND: ((), ("input_scale",))}
 
 
 def record_quantized_linear(m: nn.Module, name: str) -> LayerRecord | None:
@@ -27,14 +27,21 @@ def record_quantized_linear(m: nn.Module, name: str) -> LayerRecord | None:
     # the buffers are the kernel tensors under the op families' names
     buffers = dict(m.named_buffers(recurse=False))
     qw = weight_from_kernel_tensors(m.scheme, m.out_features, m.in_features, buffers.get, name)
-    return LayerRecord(KIND, qw, m.bias, m.scheme)
+    tensors = {"input_scale": m.input_scale} if m.input_scale is not None else {}
+    return LayerRecord(KIND, qw, m.bias, m.scheme, tensors=tensors)
 
 
 def build_quantized_linear(rec: LayerRecord, name: str, kernel_weights: dict) -> QuantizedLinear | None:
     """The `QuantizedLinear` of a ``weight_only`` record; None when it quantizes activations too (QAT's)."""
     if rec.options.get("activations", "none") != "none":
         return None
-    return QuantizedLinear(shared_kernel_weight(rec.weight, kernel_weights), rec.bias, rec.layer_scheme)
+    scale = rec.tensors.get("input_scale")
+    if scale is not None and (scale.dim() != 1 or scale.numel() != rec.weight.shape[1]):
+        raise RecordError(
+            f"layer {name!r}: input_scale has shape {tuple(scale.shape)}, expected ({rec.weight.shape[1]},)"
+        )
+    return QuantizedLinear(shared_kernel_weight(rec.weight, kernel_weights), rec.bias, rec.layer_scheme,
+                           input_scale=scale)  # fmt: skip
 
 
 def shared_kernel_weight(qw: QuantizedWeight, kernel_weights: dict) -> KernelWeight:
