@@ -2,8 +2,9 @@
 config (no download; one layer keeps each torch.compile to seconds).
 
 ``causal_lm()`` returns a fresh float model each call, so each test quantizes or compiles its own
-copy. Another source of the same model (e.g. a directory read by a loader) can be added as a
-parametrisation of this fixture.
+copy; ``quantized_lm(preset)`` the same model quantized in its module form (the eager reference and
+the module-form input of the tests). Another source of the model (e.g. a checkpoint directory read
+by a loader that quantizes while loading) can be added as a parametrisation of these fixtures.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import torch  # noqa: E402
 
 LLAMA_DIMS = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                   num_hidden_layers=1, vocab_size=256, max_position_embeddings=160)  # fmt: skip
-NEW_TOKENS = 64
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +34,25 @@ def _seeded_llama() -> torch.nn.Module:
 def causal_lm(_seeded_llama):
     """``causal_lm()``: a fresh float copy of the seeded Llama."""
     return lambda: copy.deepcopy(_seeded_llama)
+
+
+@pytest.fixture
+def quant_options():
+    """``quant_options(preset)``: the options every test quantizes with (all linears, however small)."""
+    return lambda preset: {"preset": preset, "min_params": 0}
+
+
+@pytest.fixture
+def quantized_lm(causal_lm, quant_options):
+    """``quantized_lm(preset)``: a fresh copy with its linears swapped by ``qbackend.quantize_``."""
+    import qbackend
+
+    def make(preset: str) -> torch.nn.Module:
+        model = causal_lm()
+        qbackend.quantize_(model, quant_options(preset))
+        return model
+
+    return make
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ Compile counts are read from ``torch._dynamo.utils.counters`` and, after the fir
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -16,16 +18,6 @@ from qbackend.generation import compile_for_generation, uncompile_generation
 
 NEW_TOKENS = 64
 STATIC = dict(cache_implementation="static", max_cache_len=128)  # what an uncompiled model is given
-
-
-def _options(preset: str) -> dict:
-    return {"preset": preset, "min_params": 0}  # every linear of the small model quantized
-
-
-def _eager_quantized(causal_lm, preset):
-    model = causal_lm()
-    qbackend.quantize_(model, _options(preset))
-    return model
 
 
 def _generate(model, ids, **kw):
@@ -53,11 +45,13 @@ def _first_diff(a, b, ids):
 
 @pytest.mark.parametrize("preset", ["nf4", pytest.param("int4", marks=pytest.mark.slow),
                                     pytest.param("int8", marks=pytest.mark.slow)])  # fmt: skip
-def test_compiled_generate_matches_eager_quantized_with_two_compiles(causal_lm, prompt, fresh_dynamo, preset):
+def test_compiled_generate_matches_eager_quantized_with_two_compiles(
+    causal_lm, quantized_lm, quant_options, prompt, fresh_dynamo, preset
+):
     counters = fresh_dynamo
     float_model = causal_lm()
-    model = compile_for_generation(causal_lm(), _options(preset), max_cache_len=128)
-    eager = _eager_quantized(causal_lm, preset)
+    model = compile_for_generation(causal_lm(), quant_options(preset), max_cache_len=128)
+    eager = quantized_lm(preset)
 
     _assert_same_generation(model, eager, float_model, prompt(12))
     assert counters["stats"]["unique_graphs"] == 2  # prefill + decode, over 64 positions
@@ -69,14 +63,18 @@ def test_compiled_generate_matches_eager_quantized_with_two_compiles(causal_lm, 
             _assert_same_generation(model, eager, None, prompt(length))
     assert counters["stats"]["unique_graphs"] == 2
 
-    _check_weight_change_is_requantized(model, causal_lm, prompt(8), preset)
+    changed = causal_lm()
+    with torch.no_grad():
+        changed.lm_head.weight.mul_(-1.0)
+    qbackend.quantize_(changed, quant_options(preset))
+    _check_weight_change_is_requantized(model, changed, prompt(8))
 
 
-def test_module_form_then_compiled_forward(causal_lm, prompt, fresh_dynamo):
+def test_module_form_then_compiled_forward(quantized_lm, prompt, fresh_dynamo):
     """quantize_ (float weights freed), then the forward compiled as transformers documents it."""
     counters = fresh_dynamo
-    eager = _eager_quantized(causal_lm, "nf4")
-    model = _eager_quantized(causal_lm, "nf4")
+    eager = quantized_lm("nf4")
+    model = quantized_lm("nf4")
     assert isinstance(model.model.layers[0].mlp.down_proj, qbackend.QuantizedLinear)
     model.forward = torch.compile(model.forward, backend="qbackend")
     ids = prompt(9)
@@ -88,23 +86,16 @@ def test_module_form_then_compiled_forward(causal_lm, prompt, fresh_dynamo):
         assert torch.equal(_generate(model, other, **STATIC)[0], _generate(eager, other, **STATIC)[0])
 
 
-def _check_weight_change_is_requantized(model, causal_lm, ids, preset):
+def _check_weight_change_is_requantized(model, changed, ids):
     """The per-call weight check runs in the decode loop: an in-place update between two generate() calls
     is re-quantized before the next one (no stale tokens), with no recompile."""
     before = model.generate(ids, do_sample=False, max_new_tokens=16)
     with torch.no_grad():
-        model.lm_head.weight.mul_(-1.0)  # reverses the ranking of every logit
+        model.lm_head.weight.mul_(-1.0)  # reverses the ranking of every logit (``changed`` holds the same)
     with torch._dynamo.config.patch(error_on_recompile=True):
         after = model.generate(ids, do_sample=False, max_new_tokens=16)
-    changed = _eager_quantized(lambda: _negated_head(causal_lm()), preset)
     assert torch.equal(after, changed.generate(ids, do_sample=False, max_new_tokens=16, **STATIC))
     assert not torch.equal(after, before)
-
-
-def _negated_head(model):
-    with torch.no_grad():
-        model.lm_head.weight.mul_(-1.0)
-    return model
 
 
 def test_settings_and_undo(causal_lm):
@@ -114,7 +105,7 @@ def test_settings_and_undo(causal_lm):
     cfg = model.generation_config
     assert cfg.cache_implementation == "static" and cfg.disable_compile
     assert cfg.max_cache_len == 160  # capped by max_position_embeddings
-    assert "input_ids" in __import__("inspect").signature(model.forward).parameters
+    assert "input_ids" in inspect.signature(model.forward).parameters
     assert "forward" in model.__dict__
     assert uncompile_generation(model) is model and "forward" not in model.__dict__
     compile_for_generation(model, "nf4")
