@@ -98,7 +98,9 @@ def methods(base: torch.nn.Module, presets: list[str], options: dict) -> dict[st
 
 
 def reference_of(name: str) -> str:
-    return name.replace(" compiled", " eager") if name.startswith("qbackend") else "fp32 eager"
+    """A compiled qbackend row is compared with its preset's eager row; every other row with fp32 eager."""
+    compiled_qbackend = name.startswith("qbackend") and name.endswith(" compiled")
+    return name.replace(" compiled", " eager") if compiled_qbackend else "fp32 eager"
 
 
 @contextlib.contextmanager
