@@ -19,7 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_generate.py
 def test_tiny_run_rows_and_compile_counts(tmp_path):
     out = tmp_path / "gen.json"
     args = ["--shape", "tiny", "--presets", "nf4", "--min-params", "0", "--new-tokens", "6", "--rounds", "1",
-            "--json", str(out)]  # fmt: skip
+            "--compute", "fp32", "--json", str(out)]  # fmt: skip  (fp32: the exact path, identical tokens)
     r = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
