@@ -18,8 +18,9 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_generate.py
 @pytest.mark.slow
 def test_tiny_run_rows_and_compile_counts(tmp_path):
     out = tmp_path / "gen.json"
+    # compute fp32: the exact path, on which compiled and eager give identical tokens
     args = ["--shape", "tiny", "--presets", "nf4", "--min-params", "0", "--new-tokens", "6", "--rounds", "1",
-            "--compute", "fp32", "--json", str(out)]  # fmt: skip  (fp32: the exact path, identical tokens)
+            "--compute", "fp32", "--json", str(out)]  # fmt: skip
     r = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
