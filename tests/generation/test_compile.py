@@ -119,3 +119,23 @@ def test_bad_input(causal_lm):
         compile_for_generation(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="max_cache_len=1"):
         compile_for_generation(causal_lm(), max_cache_len=1)
+
+
+@pytest.mark.parametrize("saved_by", ["transformers", pytest.param("qbackend", marks=pytest.mark.slow)])
+def test_generate_of_a_model_loaded_by_from_pretrained(causal_lm, quantized_lm, quant_options, prompt, fresh_dynamo,
+                                                       tmp_path, saved_by):  # fmt: skip
+    """A Hugging Face directory read by ``qbackend.from_pretrained`` (a float checkpoint quantized while
+    loading, or a qbackend directory loaded as stored) generates the eager quantized model's tokens with
+    two compiles."""
+    counters = fresh_dynamo
+    float_dir = tmp_path / "float"
+    causal_lm().save_pretrained(float_dir)
+    loaded = qbackend.from_pretrained(float_dir, quant_options("nf4"), progress=False)
+    if saved_by == "qbackend":
+        qbackend.save_pretrained(loaded, tmp_path / "nf4")
+        loaded = qbackend.from_pretrained(tmp_path / "nf4", progress=False)
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, qbackend.QuantizedLinear)
+    model = compile_for_generation(loaded, max_cache_len=128)
+    _assert_same_generation(model, quantized_lm("nf4"), causal_lm(), prompt(12))
+    assert counters["stats"]["unique_graphs"] == 2
+    assert not counters["graph_break"], dict(counters["graph_break"])
