@@ -48,7 +48,7 @@ from qbackend.demo import (
     embedding_quality,
     load_minilm,
 )
-from qbackend.qat import QATConfig, calibrate_clipping, dequantize_base, prepare
+from qbackend.qat import QATConfig, calibrate_clipping, dequantize_base, prepare, start_from_quantized
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,10 +70,11 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument(
         "--start",
-        choices=["clip", "absmax", "gptq"],
+        choices=["clip", "absmax", "gptq", "gptq-values"],
         default="gptq",
         help="QAT's starting point: clip = RTN with activation-aware clipping ratios; absmax = plain RTN; "
-        "gptq = the GPTQ-rounded weights (calibrated on the training text), ratios 1",
+        "gptq = GPTQ's codes (calibrated on the training text), float weights moved next to them "
+        "(qbackend.qat.start_from_quantized); gptq-values = GPTQ's dequantized values as the float weights",
     )
     p.add_argument("--random-frac", type=float, default=0.0,
                    help="fraction of training texts that are random word pieces of the vocabulary")  # fmt: skip
@@ -176,21 +177,27 @@ def summary(q: dict[str, dict[str, float]]) -> str:
     return ", ".join(f"{k} {v['cosine_mean']:.5f}" for k, v in q.items())
 
 
-def gptq_start(mini, corpus: list[str], cache: str | None) -> torch.nn.Module:
-    """A float copy of the teacher whose linear weights are GPTQ's NF4 values (calibrated on ``corpus``).
+def gptq_start(mini, corpus: list[str], cache: str | None, values: bool = False) -> torch.nn.Module:
+    """A float copy of the teacher whose round to nearest gives GPTQ's NF4 codes (calibrated on ``corpus``).
 
-    GPTQ here computes each block's constant from the weight as updated so far, so every block
-    holds its absmax code: QAT's round to nearest of these weights gives GPTQ's codes back.
+    Default: each original weight moved to the nearest point that rounds to GPTQ's code
+    (``start_from_quantized``); ``values``: GPTQ's dequantized values themselves (GPTQ computes each
+    block's constant from the weight as updated so far, so the block keeps its absmax code and
+    round to nearest of these values gives GPTQ's codes back too).
     """
     model = copy.deepcopy(mini.model)
     if cache and Path(cache).exists():
         model.load_state_dict(torch.load(cache, weights_only=True))
         return model
     batches = [dict(mini.tokenize(corpus[i : i + 32])) for i in range(0, len(corpus), 32)]
-    cal = qbackend.calibrate(model, batches, hessian=True, progress=False)
-    qbackend.quantize_(model, {"preset": "nf4", "method": "gptq", "calibration": cal})
-    dequantize_base(model)  # QuantizedLinear -> nn.Linear holding the dequantized GPTQ weight
-    model.requires_grad_(True)
+    gptq = copy.deepcopy(model)
+    cal = qbackend.calibrate(gptq, batches, hessian=True, progress=False)
+    qbackend.quantize_(gptq, {"preset": "nf4", "method": "gptq", "calibration": cal})
+    if values:
+        dequantize_base(gptq)  # QuantizedLinear -> nn.Linear holding the dequantized GPTQ weight
+        model = gptq.requires_grad_(True)
+    else:
+        start_from_quantized(model, gptq)
     if cache:
         torch.save(model.state_dict(), cache)
     return model
@@ -222,9 +229,9 @@ def main() -> None:
     print(f"PTQ NF4 (nested, b64): cosine mean {summary(q_ptq)}")
 
     # ---- QAT distillation -------------------------------------------------------------------------
-    if args.start == "gptq":
+    if args.start in ("gptq", "gptq-values"):
         t0 = time.time()
-        student = gptq_start(mini, corpus, args.gptq_cache)
+        student = gptq_start(mini, corpus, args.gptq_cache, values=args.start == "gptq-values")
         results["gptq_seconds"] = time.time() - t0
     else:
         student = copy.deepcopy(teacher)
