@@ -1,18 +1,29 @@
 """QAT proof: distil the real MiniLM (all-MiniLM-L6-v2) into its own NF4 version through the backend.
 
 Teacher: the fp32 model. Student: a copy, prepared for QAT in the deployed format (NF4, blocks of
-64, nested constants, learnable clipping ratios started from activation-aware clipping) and trained
-with ``torch.compile(backend="qbackend")`` to reproduce the teacher's hidden states and sentence
-embeddings. Training text: CALIBRATION_SENTENCES plus the ~430 sentences of
-``TRAINING_SENTENCES`` (``qbackend/demo/data/``, written for this project, disjoint from the evaluation
-set), and fresh recombinations every step (spans of two sentences joined, shuffled words of three):
-the teacher labels any text, and a small fixed set is memorised rather than learned from (64
-sentences alone: 0.999 cosine on them, 0.991 held out). Then the student is deployed (no_grad: the
-real NF4 ops) and its embeddings of the held-out EVALUATION_SENTENCES are compared with fp32, next
-to plain NF4 post-training quantization (PTQ). Target: >= 0.993 mean cosine (70% of PTQ's gap).
+64, nested constants, learnable clipping ratios) and trained with ``torch.compile(backend="qbackend")``
+to reproduce the teacher's hidden states and sentence embeddings. QAT starts from round to nearest
+with activation-aware clipping ratios (``--start clip``, the default) or from GPTQ's codes
+(``--start gptq``: ``qbackend.quantize_`` with ``method="gptq"`` calibrated on the training text, then
+``qbackend.qat.start_from_quantized``; measured: a better start, a worse end point after 500 steps).
 
-    python examples/qat_minilm.py                 # ~5-8 minutes on a 2-core CPU
+Training text (``--corpus broad``): CALIBRATION_SENTENCES, the ~430 TRAINING_SENTENCES
+(``qbackend/demo/data/``) and ``examples/data/qat_training_text.txt`` (~290 texts of ten kinds:
+questions, instructions, dialogue, reviews, headlines, facts, formal clauses, narrative, notices,
+messages), with fresh recombinations every step (spans of two texts joined, shuffled words of three):
+the teacher labels any text, and a small fixed set is memorised rather than learned from.
+
+Evaluation: the student deployed (no_grad: the real NF4 ops), embeddings compared with fp32 on three
+sets, next to plain NF4 post-training quantization (PTQ): the demo's held-out EVALUATION_SENTENCES
+(the training text's domain) and two domains no training text covers, ``examples/data/
+eval_docstrings.txt`` (short technical docstrings) and ``eval_clinical.txt`` (short clinical notes);
+``tests/examples/test_qat_minilm.py`` keeps them disjoint from the training text. Target: >= 0.993
+mean cosine on each (70% of PTQ's gap).
+
+    python examples/qat_minilm.py                 # ~6 minutes on one quiet CPU thread (25 under load 7-9)
     python examples/qat_minilm.py --steps 100     # quicker, less accurate
+    python examples/qat_minilm.py --corpus full   # the previous recipe (without the added text)
+    python examples/qat_minilm.py --start gptq    # start from GPTQ's codes
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ from qbackend.demo import (
     embedding_quality,
     load_minilm,
 )
-from qbackend.qat import QATConfig, calibrate_clipping, prepare
+from qbackend.qat import QATConfig, calibrate_clipping, dequantize_base, prepare, start_from_quantized
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,31 +64,72 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument(
         "--corpus",
-        choices=["full", "calibration"],
-        default="full",
-        help="training text: CALIBRATION_SENTENCES + TRAINING_SENTENCES (full) or the former alone",
+        choices=list(CORPORA),
+        default="broad",
+        help="training text: calibration = CALIBRATION_SENTENCES; full = + TRAINING_SENTENCES; "
+        "broad = + examples/data/qat_training_text.txt (several kinds of text)",
     )
     p.add_argument(
-        "--no-clip-init",
-        action="store_true",
-        help="start the learnable ratios at 1 (absmax), not from activation-aware clipping",
+        "--start",
+        choices=["clip", "absmax", "gptq", "gptq-values"],
+        default="clip",
+        help="QAT's starting point: clip = RTN with activation-aware clipping ratios; absmax = plain RTN; "
+        "gptq = GPTQ's codes (calibrated on the training text), float weights moved next to them "
+        "(qbackend.qat.start_from_quantized); gptq-values = GPTQ's dequantized values as the float weights",
     )
+    p.add_argument("--random-frac", type=float, default=0.0,
+                   help="fraction of training texts that are random word pieces of the vocabulary")  # fmt: skip
+    p.add_argument("--gptq-cache", help="load GPTQ's weights from this file if it exists, else save them there")
     p.add_argument("--cos-weight", type=float, default=100.0, help="weight of the embedding cosine loss")
     return p.parse_args()
 
 
 TARGET = 0.993  # the issue's bar: >= 70% of PTQ's gap to 1.0 recovered (PTQ NF4 ~0.974 here)
+DATA = Path(__file__).parent / "data"
+CORPORA = ("calibration", "full", "broad")
+#: evaluation sets: name -> sentences. "held-out" is the demo's; the others are domains no training text covers.
+EVAL_FILES = {"docstrings": "eval_docstrings.txt", "clinical": "eval_clinical.txt"}
+
+
+def read_lines(path: Path) -> list[str]:
+    """Non-empty lines of ``path``, ``#`` comment lines dropped."""
+    lines = (ln.strip() for ln in path.read_text(encoding="utf-8").splitlines())
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def evaluation_sets() -> dict[str, list[str]]:
+    """The held-out demo sentences and the out-of-domain sets of ``examples/data``."""
+    return {"held-out": list(EVALUATION_SENTENCES)} | {k: read_lines(DATA / f) for k, f in EVAL_FILES.items()}
 
 
 def training_corpus(which: str) -> list[str]:
-    """The sentences to train on: CALIBRATION_SENTENCES, plus (``"full"``) the written corpus TRAINING_SENTENCES."""
-    return list(CALIBRATION_SENTENCES) + (list(TRAINING_SENTENCES) if which == "full" else [])
+    """The texts to train on (see ``--corpus``)."""
+    if which not in CORPORA:
+        raise ValueError(f"unknown corpus {which!r}; choose one of {', '.join(CORPORA)}")
+    out = list(CALIBRATION_SENTENCES)
+    if which in ("full", "broad"):
+        out += list(TRAINING_SENTENCES)
+    if which == "broad":
+        out += read_lines(DATA / "qat_training_text.txt")
+    return out
 
 
-def training_texts(rng: random.Random, words: list[list[str]], n: int) -> list[str]:
-    """``n`` texts from the calibration sentences: originals, joined spans of two, shuffled words of three."""
+def random_pieces(rng: random.Random, vocab: list[str]) -> str:
+    """A text of 4-24 random word pieces of the vocabulary (the teacher labels any text)."""
+    toks = [rng.choice(vocab) for _ in range(rng.randint(4, 24))]
+    return " ".join(toks).replace(" ##", "").removeprefix("##")
+
+
+def training_texts(
+    rng: random.Random, words: list[list[str]], n: int, vocab: list[str] | None = None, random_frac: float = 0.0
+) -> list[str]:
+    """``n`` texts from the corpus: originals, joined spans of two, shuffled words of three (and, with
+    ``random_frac``, random vocabulary pieces)."""
     out = []
     for _ in range(n):
+        if vocab and rng.random() < random_frac:
+            out.append(random_pieces(rng, vocab))
+            continue
         u = rng.random()
         if u < 0.3:
             out.append(" ".join(rng.choice(words)))
@@ -117,6 +169,41 @@ def embed(model, tok_batch) -> torch.Tensor:
     return F.normalize(masked_mean(out.last_hidden_state, tok_batch["attention_mask"]).float(), dim=-1)
 
 
+def quality(model, batches: dict, refs: dict) -> dict[str, dict[str, float]]:
+    """embedding_quality of ``model`` against the teacher on every evaluation set."""
+    return {k: embedding_quality(refs[k], embed(model, b)) for k, b in batches.items()}
+
+
+def summary(q: dict[str, dict[str, float]]) -> str:
+    return ", ".join(f"{k} {v['cosine_mean']:.5f}" for k, v in q.items())
+
+
+def gptq_start(mini, corpus: list[str], cache: str | None, values: bool = False) -> torch.nn.Module:
+    """A float copy of the teacher whose round to nearest gives GPTQ's NF4 codes (calibrated on ``corpus``).
+
+    Default: each original weight moved to the nearest point that rounds to GPTQ's code
+    (``start_from_quantized``); ``values``: GPTQ's dequantized values themselves (GPTQ computes each
+    block's constant from the weight as updated so far, so the block keeps its absmax code and
+    round to nearest of these values gives GPTQ's codes back too).
+    """
+    model = copy.deepcopy(mini.model)
+    if cache and Path(cache).exists():
+        model.load_state_dict(torch.load(cache, weights_only=True))
+        return model
+    batches = [dict(mini.tokenize(corpus[i : i + 32])) for i in range(0, len(corpus), 32)]
+    gptq = copy.deepcopy(model)
+    cal = qbackend.calibrate(gptq, batches, hessian=True, progress=False)
+    qbackend.quantize_(gptq, {"preset": "nf4", "method": "gptq", "calibration": cal})
+    if values:
+        dequantize_base(gptq)  # QuantizedLinear -> nn.Linear holding the dequantized GPTQ weight
+        model = gptq.requires_grad_(True)
+    else:
+        start_from_quantized(model, gptq)
+    if cache:
+        torch.save(model.state_dict(), cache)
+    return model
+
+
 def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
@@ -124,33 +211,39 @@ def main() -> None:
     t_start = time.time()
     mini = load_minilm()
     teacher = mini.model.eval()
-    eval_batch = mini.tokenize(EVALUATION_SENTENCES)
-    ref = embed(teacher, eval_batch)
+    sets = evaluation_sets()
+    eval_batches = {k: mini.tokenize(v) for k, v in sets.items()}
+    refs = {k: embed(teacher, b) for k, b in eval_batches.items()}
+    corpus = training_corpus(args.corpus)
     opts = {"preset": "nf4", "qat": QATConfig(learnable_scales=not args.no_learnable_scales)}
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {machine}")
+    print("evaluation sets: " + ", ".join(f"{k} ({len(v)})" for k, v in sets.items()))
     results: dict = {"args": vars(args), "torch": torch.__version__, "machine": machine,
                      "date": datetime.datetime.now().isoformat(timespec="seconds")}  # fmt: skip
 
     # ---- PTQ baseline: the same backend, no training ---------------------------------------------
     torch._dynamo.reset()
     with torch.no_grad():
-        ptq = embed(torch.compile(copy.deepcopy(teacher), backend="qbackend", options={"preset": "nf4"}), eval_batch)
-    results["ptq"] = q_ptq = embedding_quality(ref, ptq)
-    print(f"PTQ NF4 (nested, b64): cosine mean {q_ptq['cosine_mean']:.5f} min {q_ptq['cosine_min']:.5f}")
+        ptq_model = torch.compile(copy.deepcopy(teacher), backend="qbackend", options={"preset": "nf4"})
+        results["ptq"] = q_ptq = quality(ptq_model, eval_batches, refs)
+    print(f"PTQ NF4 (nested, b64): cosine mean {summary(q_ptq)}")
 
     # ---- QAT distillation -------------------------------------------------------------------------
-    student = copy.deepcopy(teacher)
+    if args.start in ("gptq", "gptq-values"):
+        t0 = time.time()
+        student = gptq_start(mini, corpus, args.gptq_cache, values=args.start == "gptq-values")
+        results["gptq_seconds"] = time.time() - t0
+    else:
+        student = copy.deepcopy(teacher)
     layers = prepare(student, opts)
     print(f"prepared {len(layers)} linear layers for QAT ({opts['qat']})")
-    if not args.no_clip_init and opts["qat"].learnable_scales:
+    if args.start == "clip" and opts["qat"].learnable_scales:
         cal_batch = mini.tokenize(CALIBRATION_SENTENCES)
         calibrate_clipping(student, lambda: student(**cal_batch))
-        # PTQ with the calibrated clipping alone (eager deployment: no compile needed for a look)
-        results["clip_init"] = q_init = embedding_quality(
-            ref, embed(qbackend.convert(copy.deepcopy(student)), eval_batch)
-        )
-        print(f"PTQ NF4 with activation-aware clipping (the QAT start): cosine mean {q_init['cosine_mean']:.5f}")
+    # the starting point deployed as it is (eager deployment: no compile needed for a look)
+    results["start"] = q_start = quality(qbackend.convert(copy.deepcopy(student)), eval_batches, refs)
+    print(f"PTQ NF4, QAT's starting point ({args.start}): cosine mean {summary(q_start)}")
     student.train()
     for m in student.modules():  # distillation: no dropout noise (the teacher is deterministic)
         if isinstance(m, torch.nn.Dropout):
@@ -166,16 +259,19 @@ def main() -> None:
     cstudent = torch.compile(student, backend="qbackend", options=opts)
 
     rng = random.Random(args.seed)
-    corpus = training_corpus(args.corpus)
     words = [s.split() for s in corpus]
-    print(f"training on {len(corpus)} sentences and their recombinations, {args.steps} steps of {args.batch}")
+    special = set(mini.tokenizer.all_special_tokens)
+    vocab = [t for t in mini.tokenizer.get_vocab() if t not in special and not t.startswith("[unused")]
+    print(f"training on {len(corpus)} texts and their recombinations, {args.steps} steps of {args.batch}")
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=[g["lr"] for g in groups], total_steps=args.steps, pct_start=0.15, anneal_strategy="cos"
     )
     losses = []
     bar = tqdm(range(1, args.steps + 1), desc="QAT", unit="step", mininterval=2.0)
     for step in bar:
-        batch = mini.tokenize(training_texts(rng, words, args.batch))
+        batch = mini.tokenize(
+            training_texts(rng, words, args.batch, vocab if args.random_frac else None, args.random_frac)
+        )
         with torch.no_grad():
             tout = teacher(**batch, output_hidden_states=True)
         sout = cstudent(**batch, output_hidden_states=True)
@@ -191,22 +287,30 @@ def main() -> None:
 
     # ---- deploy: the same compiled model under no_grad runs the real NF4 ops -----------------------
     student.eval()
-    results["qat"] = q_qat = embedding_quality(ref, embed(cstudent, eval_batch))
+    results["qat"] = q_qat = quality(cstudent, eval_batches, refs)
     deployed = qbackend.convert(copy.deepcopy(student))  # eager deployment: QuantizedLinear modules
-    results["qat_convert"] = q_conv = embedding_quality(ref, embed(deployed, eval_batch))
+    results["qat_convert"] = q_conv = quality(deployed, eval_batches, refs)
+    # the same weights on exact fp32 arithmetic (compute="auto" runs NF4 through int8 on AVX512-VNNI CPUs)
+    results["qat_fp32_compute"] = quality(qbackend.convert(copy.deepcopy(student), compute="fp32"), eval_batches, refs)
     train_batch = mini.tokenize(CALIBRATION_SENTENCES)
     results["qat_on_training_sentences"] = q_train = embedding_quality(embed(teacher, train_batch),
                                                                        embed(cstudent, train_batch))  # fmt: skip
-    gap = 1.0 - q_ptq["cosine_mean"]
-    results["recovered"] = recovered = (q_qat["cosine_mean"] - q_ptq["cosine_mean"]) / gap if gap > 0 else float("nan")
+    results["recovered"] = {
+        k: (q_qat[k]["cosine_mean"] - q_ptq[k]["cosine_mean"]) / (1.0 - q_ptq[k]["cosine_mean"]) for k in q_qat
+    }
     results["seconds"] = time.time() - t_start
-    print(f"QAT NF4 deployed (compiled, no_grad): cosine mean {q_qat['cosine_mean']:.5f} "
-          f"min {q_qat['cosine_min']:.5f}, similarity corr {q_qat['similarity_corr']:.5f}")  # fmt: skip
-    print(f"QAT NF4 deployed (qbackend.convert, eager): cosine mean {q_conv['cosine_mean']:.5f}")
+    print(f"QAT NF4 deployed (compiled, no_grad): cosine mean {summary(q_qat)}")
+    print(f"QAT NF4 deployed (qbackend.convert, eager): cosine mean {summary(q_conv)}")
+    print(f"QAT NF4 deployed, compute=fp32: cosine mean {summary(results['qat_fp32_compute'])}")
     print(f"  (on the training sentences: cosine mean {q_train['cosine_mean']:.5f})")
-    met = "met" if q_qat["cosine_mean"] >= TARGET else "NOT met"
-    print(f"gap to fp32 recovered: {100 * recovered:.1f}% (PTQ {q_ptq['cosine_mean']:.5f} -> QAT "
-          f"{q_qat['cosine_mean']:.5f}; target >= {TARGET}: {met}); total time {results['seconds']:.0f}s")  # fmt: skip
+    print("| set | sentences | PTQ NF4 | QAT start | **QAT** | min | gap recovered | target |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for k in q_qat:
+        met = "met" if q_qat[k]["cosine_mean"] >= TARGET else "NOT met"
+        print(f"| {k} | {len(sets[k])} | {q_ptq[k]['cosine_mean']:.5f} | {q_start[k]['cosine_mean']:.5f} | "
+              f"**{q_qat[k]['cosine_mean']:.5f}** | {q_qat[k]['cosine_min']:.5f} | "
+              f"{100 * results['recovered'][k]:.1f}% | >= {TARGET}: {met} |")  # fmt: skip
+    print(f"total time {results['seconds']:.0f}s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

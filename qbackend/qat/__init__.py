@@ -5,6 +5,7 @@ QAT (train for the format you deploy)::
     opts = {"preset": "nf4", "qat": QATConfig(learnable_scales=True)}
     qbackend.qat.prepare(model, opts)          # QAT state as <layer>.qat modules (optional when stateless)
     qbackend.qat.calibrate_clipping(model, lambda: model(calib))   # optional: start from tuned clipping
+    qbackend.qat.start_from_quantized(model, gptq_model)   # or: start from GPTQ's codes (a quantize_d copy)
     cmodel = torch.compile(model, backend="qbackend", options=opts)
     loss = f(cmodel(x)); loss.backward(); opt.step()   # grad enabled: fake-quantized linears
     with torch.no_grad(): cmodel(x)                    # inference: the real quantized ops
@@ -32,6 +33,7 @@ from ..workflows.qat.config import QATConfig, QATConfigError
 from ..workflows.qat.deploy import QATQuantizedLinear, deployed_weight
 from ..workflows.qat.fake_quant import clip_weight, fake_quantize_activation, fake_quantize_weight
 from ..workflows.qat.lora import LoRALinear, add_lora, dequantize_base, lora_parameters, quantize_base
+from ..workflows.qat.start import start_from_quantized
 from ..workflows.qat.state import LinearQAT, state_of
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "qat_config",
     "qat_layers",
     "quantize_base",
+    "start_from_quantized",
     "state_of",
 ]
 
