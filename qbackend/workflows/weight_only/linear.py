@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ...formats import Scheme, quantize
-from ...kernels import KernelWeight, prepare_weight
+from ...kernels import KernelWeight, direct, prepare_weight
 from ...kernels.compute_policy import DEFAULT_OPTION, check_option, resolve_weight
 from ...passes.modules import apply_keeping_dtypes
 
@@ -61,7 +61,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = [None if n is None else getattr(self, n) for n in self._arg_names]
-        return self.op(x, *tensors, self.bias, *self.statics, self.compute)
+        # the kernel without the dispatcher round trip where no grad, tracing or mode needs it
+        return direct.call(self.op, (x, *tensors, self.bias, *self.statics, self.compute), 1 + len(tensors))
 
     def dequantized_weight(self) -> torch.Tensor:
         """The fp32 ``[out, in]`` weight the codes stand for (for checks; allocates a float copy)."""
