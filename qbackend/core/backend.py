@@ -61,7 +61,11 @@ def qbackend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | None 
     patches = inductor_patches(mode, config)
     result = workflow.compile(gm, config, log.isEnabledFor(logging.DEBUG))
     _log(result, gm)
-    compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
+    key = {}
+    if patches.get("post_grad_custom_post_pass", torch._inductor.config.post_grad_custom_post_pass) is None:
+        # keys Inductor's cache on the direct kernel calls (code cached without them is not reused)
+        key["post_grad_custom_post_pass"] = direct.cache_key_pass()
+    compiled = compile_fx(gm, example_inputs, config_patches={**patches, **key} or None)
     # Inductor freezing (inference only) copies the quantized buffers into constants too: no refresh then.
     freezing = bool(patches.get("freezing", torch._inductor.config.freezing)) and not torch.is_grad_enabled()
     compiled = guard_weights(compiled, result, config, _frozen_params(gm, result), freezing=freezing)

@@ -10,7 +10,10 @@ codegen with Inductor (``CUSTOM_EXTERN_KERNEL_CODEGEN``) that writes ``KERNELS["
 ops on CPU, and leaves everything else (other devices, the C++ wrapper) to Inductor's default.
 
 Compiled code loaded from Inductor's cache imports this module: :data:`KERNELS` gives the op
-itself for any op without a direct CPU kernel, so such code is always correct.
+itself for any op without a direct CPU kernel, so such code is always correct. Inductor's cache key
+does not see the codegen hook, so :func:`cache_key_pass` gives the backend a no-op post-grad pass
+whose ``uuid`` marks graphs compiled with it (code cached before, with dispatcher calls, is not
+reused).
 """
 
 from __future__ import annotations
@@ -56,6 +59,24 @@ def install() -> None:
         key = f"torch.ops.{NAMESPACE}.{name}.default"
         CUSTOM_EXTERN_KERNEL_CODEGEN[key] = CustomCodegen(python=_codegen(name))
     _installed = True
+
+
+#: changes whenever the code written by :func:`_codegen` changes (part of Inductor's cache key)
+CODEGEN_VERSION = "qbackend-direct-cpu-kernels-1"
+
+
+def cache_key_pass() -> Any:
+    """A post-grad custom pass that changes nothing and keys Inductor's cache on :data:`CODEGEN_VERSION`."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class _DirectCallsKey(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            return None
+
+        def uuid(self) -> str:
+            return CODEGEN_VERSION
+
+    return _DirectCallsKey()
 
 
 def _codegen(op_name: str) -> Callable[[Any, Callable[[str], None]], None]:
