@@ -13,7 +13,8 @@ from torch import nn
 
 from ...formats import Scheme, quantize
 from ...kernels import KernelWeight, direct, prepare_weight
-from ...kernels.compute_policy import DEFAULT_OPTION, check_option, resolve_weight
+from ...kernels.compute_policy import DEFAULT_OPTION, check_option, fp32_rows, resolve_weight
+from ...kernels.families import by_op_name
 from ...passes.modules import apply_keeping_dtypes
 
 
@@ -50,6 +51,8 @@ class QuantizedLinear(nn.Module):
         device = next(self.buffers()).device.type
         self.compute = resolve_weight(compute, self.op._opname, self.statics, device).mode
         self.compute_option = compute
+        # "auto" may run some row counts in exact fp32 (where this mode's kernel is slower there)
+        self._fp32_rows = fp32_rows(compute, by_op_name(self.op._opname)[0].name, self.compute)
 
     @classmethod
     def from_weight(
@@ -61,8 +64,12 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = [None if n is None else getattr(self, n) for n in self._arg_names]
+        mode = self.compute
+        if self._fp32_rows is not None and self.in_features and self._fp32_rows[0] <= x.numel() // self.in_features \
+                <= self._fp32_rows[1]:  # fmt: skip
+            mode = "fp32"
         # the kernel without the dispatcher round trip where no grad, tracing or mode needs it
-        return direct.call(self.op, (x, *tensors, self.bias, *self.statics, self.compute), 1 + len(tensors))
+        return direct.call(self.op, (x, *tensors, self.bias, *self.statics, mode), 1 + len(tensors))
 
     def dequantized_weight(self) -> torch.Tensor:
         """The fp32 ``[out, in]`` weight the codes stand for (for checks; allocates a float copy)."""

@@ -16,13 +16,15 @@ match a float linear).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch.fx as fx
 
 from ...kernels import KernelWeight, UnsupportedWeight
-from ...kernels.compute_policy import DEFAULT_OPTION, resolve_weight
+from ...kernels.compute_policy import DEFAULT_OPTION, call_mode, resolve_weight
+from ...kernels.families import by_op_name
 from ...passes.graph import attach_tensor, attr_name, become
 from ...passes.lowering import BUFFER_PREFIX, Lowered, LoweringResult
 from ...passes.report import Report, float_row
@@ -60,8 +62,11 @@ def lower_linears(
         kw = entry.kw
         mode = resolve_weight(compute, kw.op._opname, kw.statics, _device_type(kw)).mode
         attrs = _register(gm, plan.name, entry)
+        family = by_op_name(kw.op._opname)[0].name
         for site in sites:
-            become(gm.graph, site, kw.op, (site.x, *attrs, site.bias, *kw.statics, mode))
+            rows = _static_rows(site.x)
+            site_mode = mode if rows is None else call_mode(compute, family, mode, rows)
+            become(gm.graph, site, kw.op, (site.x, *attrs, site.bias, *kw.statics, site_mode))
             result.nodes += 1
         result.lowered.append(Lowered(entry, plan.param))
         row.quantized, row.format, row.compute = True, entry.scheme.name, mode
@@ -80,6 +85,15 @@ def _register(gm: fx.GraphModule, layer: str, entry: QuantEntry) -> list[fx.Node
         None if t is None else attach_tensor(gm, BUFFER_PREFIX + attr_name(layer, tname), t)
         for t, tname in zip(entry.kw.tensors, entry.kw.names, strict=True)
     ]
+
+
+def _static_rows(x: Any) -> int | None:
+    """The row count M of a site's input when the graph fixes it (None: dynamic or unknown)."""
+    val = x.meta.get("val", x.meta.get("example_value")) if isinstance(x, fx.Node) else None
+    shape = getattr(val, "shape", None)
+    if shape is None or len(shape) < 1 or not all(isinstance(d, int) for d in shape):
+        return None
+    return math.prod(shape[:-1])
 
 
 def _device_type(kw: KernelWeight) -> str:
