@@ -65,8 +65,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = [None if n is None else getattr(self, n) for n in self._arg_names]
         mode = self.compute
-        if self._fp32_rows is not None and self.in_features and self._fp32_rows[0] <= x.numel() // self.in_features \
-                <= self._fp32_rows[1]:  # fmt: skip
+        span = getattr(self, "_fp32_rows", None)  # absent in a module pickled by an older version
+        if span is not None and self.in_features and span[0] <= x.numel() // self.in_features <= span[1]:
             mode = "fp32"
         # the kernel without the dispatcher round trip where no grad, tracing or mode needs it
         return direct.call(self.op, (x, *tensors, self.bias, *self.statics, mode), 1 + len(tensors))

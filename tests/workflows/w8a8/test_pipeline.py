@@ -228,9 +228,8 @@ def test_config_errors():
 
 def _kernel_sequence(code: str) -> list[str]:
     """The runtime calls of Inductor's output code, with generated kernel names made anonymous."""
-    calls = re.findall(
-        r"(cpp_fused_\w+|triton_\w+|torch\.ops\.qbackend\.[\w.]+|_qbackend_kernels\['\w+'\]|extern_kernels\.\w+)\(", code
-    )
+    ours = r"torch\.ops\.qbackend\.[\w.]+|_qbackend_kernels\['\w+'\]"  # the op, or its CPU kernel called directly
+    calls = re.findall(rf"(cpp_fused_\w+|triton_\w+|{ours}|extern_kernels\.\w+)\(", code)
     return ["kernel" if c.startswith(("cpp_fused", "triton_")) else c for c in calls]
 
 
