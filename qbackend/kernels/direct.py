@@ -124,6 +124,8 @@ def call(op: torch._ops.OpOverload, args: tuple[Any, ...], bias_at: int) -> torc
     """``op(*args)`` (all positional, schema order; ``args[bias_at]`` the bias), with the CPU kernel
     called directly (validated, no dispatch) when nothing needs the dispatcher: no grad to record,
     a plain CPU tensor, no tracing, mode or functorch transform active. Same result either way."""
+    if torch.compiler.is_compiling():  # first: Dynamo folds it, and must not trace the checks below
+        return op(*args)
     name = op._opname
     fn = ops.direct_kernel(name, "cpu")
     if fn is None or _dispatch_needed(args[0], args[bias_at]):

@@ -146,3 +146,14 @@ def test_cache_key_pass_changes_nothing_and_names_the_codegen():
     before = str(g)
     p(g)
     assert str(g) == before and p.uuid() == direct.CODEGEN_VERSION
+
+
+@pytest.mark.parametrize("preset", ("nf4", "int8"))
+def test_quantized_modules_compile_to_one_graph(preset):
+    """The module's direct-call checks are not traced by Dynamo (a graph break per layer would cost more
+    than the dispatcher saves)."""
+    m = _model(preset)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y = torch.compile(m, backend="qbackend", fullgraph=True, dynamic=False)(torch.randn(3, 256))
+    assert y.shape == (3, 128)
