@@ -44,7 +44,7 @@ def test_compiled_code_calls_the_kernels_directly_with_the_same_result(preset):
         got, codes = run_and_get_code(torch.compile(m, backend="qbackend", dynamic=False), x)
     calls = [c.split("def call")[1] for c in codes if "def call" in c]
     assert calls and all("_qbackend_kernels[" in c and "= torch.ops.qbackend" not in c for c in calls)
-    assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # Inductor's fused GELU vs eager's: ~1 ulp
 
 
 def test_compiled_training_step_matches_eager_grads():
