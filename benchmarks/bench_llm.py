@@ -28,6 +28,7 @@ interleaved: compare figures of one run, note the load.
     python benchmarks/bench_llm.py --methods 'fp32 eager,qbackend nf4 eager,llama.cpp Q4_0' --batches 1
     python benchmarks/bench_llm.py --quick                       # batch 1, 128+32 tokens, 5 methods
     python benchmarks/bench_llm.py --small                       # smoke: 2 layers, hidden 256, short runs
+    python benchmarks/bench_llm.py --compute fp32 ...            # qbackend's layers in exact fp32 (default auto)
     python benchmarks/bench_llm.py --check-gguf                  # llama.cpp on the F32 GGUF vs transformers
     python benchmarks/bench_llm.py --list-methods
 """
@@ -154,13 +155,18 @@ class TorchRunner:
     step = _call
 
 
-def _quantize(model: torch.nn.Module, preset: str) -> None:
+def _options(preset: str, compute: str) -> dict[str, str]:
+    """The qbackend options of a preset: weight-only presets take ``compute``; W8A8 is int8 by definition."""
+    return {"preset": preset} if preset.startswith("w8a8") else {"preset": preset, "compute": compute}
+
+
+def _quantize(model: torch.nn.Module, preset: str, compute: str = "auto") -> None:
     import logging
 
     import qbackend
 
     logging.getLogger("qbackend").setLevel(logging.ERROR)  # w8a8 without calibration: its notice, said above
-    qbackend.quantize_(model, preset)
+    qbackend.quantize_(model, _options(preset, compute))
 
 
 def _bnb(model: torch.nn.Module) -> None:
@@ -181,7 +187,7 @@ def _bnb(model: torch.nn.Module) -> None:
                 setattr(mod, cname, q.to("cpu").eval())
 
 
-def torch_runner(method: str, cfg: Any, seed: int, max_len: int) -> TorchRunner:
+def torch_runner(method: str, cfg: Any, seed: int, max_len: int, compute: str = "auto") -> TorchRunner:
     model = build_model(cfg, seed)
     if method == "fp32 eager":
         return TorchRunner(model, cfg, False, torch.float32, max_len)
@@ -194,11 +200,22 @@ def torch_runner(method: str, cfg: Any, seed: int, max_len: int) -> TorchRunner:
     if not m:
         raise SystemExit(f"unknown method {method!r}; see --list-methods")
     preset, form = m.groups()
-    _quantize(model, preset)
+    _quantize(model, preset, compute)
     if form == "eager":
         return TorchRunner(model, cfg, False, torch.float32, max_len)
     _register_backend()
-    return TorchRunner(model, cfg, True, torch.float32, max_len, backend="qbackend", options={"preset": preset})
+    return TorchRunner(model, cfg, True, torch.float32, max_len, backend="qbackend",
+                       options=_options(preset, compute))  # fmt: skip
+
+
+def _compute_modes(model: torch.nn.Module) -> dict[str, int]:
+    """Resolved compute mode -> number of quantized layers running in it."""
+    out: dict[str, int] = {}
+    for mod in model.modules():
+        mode = getattr(mod, "compute", None)
+        if isinstance(mode, str):
+            out[mode] = out.get(mode, 0) + 1
+    return out
 
 
 def _register_backend() -> None:
@@ -391,10 +408,12 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
         file_mb = path.stat().st_size / 2**20
         runner: Any = LlamaCppRunner(path, max(batches), max_len, threads, a.prompt)
     else:
-        runner = torch_runner(a.child, cfg, a.seed, max_len)
+        runner = torch_runner(a.child, cfg, a.seed, max_len, a.compute)
         file_mb = None
     gen = torch.Generator().manual_seed(a.seed + 1)
     out: dict[str, Any] = {"method": a.child, "threads": threads, "batches": {}, "file_mb": file_mb}
+    if a.child.startswith("qbackend "):  # the arithmetic each quantized layer resolved to
+        out["compute"] = _compute_modes(runner.model)
     setup = time.perf_counter() - t0
     for b in batches:
         ids = torch.randint(3, cfg.vocab_size, (b, a.prompt), generator=gen)
@@ -440,7 +459,7 @@ def check_gguf(a: argparse.Namespace) -> dict[str, float]:
 def run_method(method: str, a: argparse.Namespace) -> dict[str, Any]:
     args = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--prompt", str(a.prompt),
             "--decode", str(a.decode), "--batches", a.batches, "--repeats", str(a.repeats),
-            "--seed", str(a.seed)]  # fmt: skip
+            "--seed", str(a.seed), "--compute", a.compute]  # fmt: skip
     if a.small:
         args.append("--small")
     if a.threads:
@@ -473,7 +492,9 @@ def markdown(rows: list[dict[str, Any]], batches: list[int]) -> str:
             base = ref and (ref["batches"].get(str(b)) or ref["batches"].get(b))
             vs = f" ({x['decode_tok_s'] / base['decode_tok_s']:.2f}x)" if base else ""
             cells += [f"{x['prefill_tok_s']:.1f}", f"{x['decode_tok_s']:.2f}{vs}", f"{x['peak_rss_mb_run']:.0f}"]
-        lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {r['setup_s']:.0f} |")
+        modes = ", ".join(f"{m} x{n}" for m, n in sorted(r.get("compute", {}).items()))
+        name = r["method"] + (f" (compute {modes})" if modes else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['setup_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -486,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode", type=int, default=128, help="decode steps")
     p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (median)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compute", default="auto", choices=("auto", "fp32", "bf16", "int8"),
+                   help="arithmetic of qbackend's weight-only layers (default auto: the fastest within the error "
+                   "bound on this CPU; W8A8 is int8 whatever this says)")  # fmt: skip
     p.add_argument("--small", action="store_true", help="smoke run: 2 layers, hidden 256, vocab 1024, 16+4 tokens")
     p.add_argument("--quick", action="store_true", help=f"batch 1, 128+32 tokens, methods: {', '.join(QUICK)}")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per method")

@@ -9,6 +9,7 @@ rounds are interleaved (one call of each variant per round) under ``flock /tmp/q
 so that other timing jobs on the machine wait.
 
     .venv/bin/python benchmarks/bench_minilm_inductor.py [--preset nf4] [--compute auto] [--rounds 30] [--quick]
+        [--threads 1 --clock cpu]   # CPU time of the one thread: steadier than wall time on a loaded machine
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def variants(base: torch.nn.Module, preset: str, compute: str) -> dict[str, Call
         f"{preset} cpp_wrapper+freezing": quantized({"cpp_wrapper": True, "freezing": True}),
         f"{preset} bf16 rest of graph": quantized({}, torch.bfloat16),
         f"{preset} bf16 rest + freezing": quantized({"freezing": True}, torch.bfloat16),
+        f"{preset} max_autotune": quantized({"max_autotune": True}),
     }
 
 
@@ -71,12 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,32")
     p.add_argument("--only", help="comma-separated variant names (default: all)")
     p.add_argument("--quick", action="store_true", help="batch 1, fp32 eager / nf4 default / nf4 freezing, 5 rounds")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: perf_counter; cpu: this thread's CPU time (needs --threads 1)")  # fmt: skip
     _common.add_threads_option(p)
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.rounds = "1", 5
         args.only = args.only or f"fp32 eager,{args.preset} default,{args.preset} freezing"
     _common.apply_threads(args)
+    if args.clock == "cpu" and args.threads != 1:
+        p.error("--clock cpu measures this thread only: use it with --threads 1")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     # every variant compiles the same forward code once per batch shape: keep them all compiled
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 512
@@ -108,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.rounds):
                 for b, batch in batches.items():
                     for name, m in made.items():
-                        t = time.perf_counter()
+                        t = clock()
                         pooled_embeddings(m, batch)
-                        samples[(name, b)].append(time.perf_counter() - t)
+                        samples[(name, b)].append(clock() - t)
     med = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
-    print(_common.header(extra=f"{args.rounds} interleaved rounds; {load}"))
+    print(_common.header(extra=f"{args.rounds} interleaved rounds, {args.clock} clock; {load}"))
     cols = " | ".join(f"batch {b}: ms (vs fp32 eager)" for b in batches)
     print(f"| variant | {cols} | embedding cosine vs fp32 (batch {max(batches)}) |")
     print("|---|" + "---:|" * len(batches) + "---:|")

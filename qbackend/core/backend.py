@@ -8,7 +8,8 @@
    linear layers become quantized ops reading quantized buffers. This happens BEFORE Inductor, so
    Inductor's caches key on the rewritten graph (a rewrite inside ``inner_compile`` would be
    skipped on a warm cache hit).
-3. Inductor (``compile_fx``) compiles the rewritten graph.
+3. Inductor (``compile_fx``) compiles the rewritten graph; its generated code calls our CPU kernels
+   directly (:mod:`qbackend.kernels.direct`).
 4. The compiled callable is wrapped by a per-call weight check: a quantized weight changed since it
    was quantized (version, storage and a sampled fingerprint, see :mod:`qbackend.passes.weight_stamp`)
    is re-quantized into the same buffers, or raises (``on_weight_change="error"``). Never a silently
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..kernels import direct
 from ..passes import LoweringResult, graph_params
 from ..passes.weight_cache import StaleWeightError
 from ..passes.weight_stamp import FoldedCheck, check_mode
@@ -53,12 +55,17 @@ def qbackend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | None 
     """Compile ``gm``: run the workflow's passes, then hand the graph to Inductor."""
     from torch._inductor.compile_fx import compile_fx  # Inductor loads slowly: only when compiling
 
+    direct.install()  # the compiled code calls our CPU kernels without the dispatcher round trip
     config = resolve_config(options)
     workflow = registry.workflow_for(config, gm)
     patches = inductor_patches(mode, config)
     result = workflow.compile(gm, config, log.isEnabledFor(logging.DEBUG))
     _log(result, gm)
-    compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
+    key = {}
+    if patches.get("post_grad_custom_post_pass", torch._inductor.config.post_grad_custom_post_pass) is None:
+        # keys Inductor's cache on the direct kernel calls (code cached without them is not reused)
+        key["post_grad_custom_post_pass"] = direct.cache_key_pass()
+    compiled = compile_fx(gm, example_inputs, config_patches={**patches, **key} or None)
     # Inductor freezing (inference only) copies the quantized buffers into constants too: no refresh then.
     freezing = bool(patches.get("freezing", torch._inductor.config.freezing)) and not torch.is_grad_enabled()
     compiled = guard_weights(compiled, result, config, _frozen_params(gm, result), freezing=freezing)

@@ -50,6 +50,20 @@ and weight-also rounding) and :data:`AUTO_MODES` follows from them:
 
 Speed order when several are allowed: "int8" (VNNI: 4 multiply-adds per 32-bit lane per
 instruction) before "bf16" (2 per lane) before "fp32".
+
+Per call, by the number of rows M (tokens): a layer's mode is resolved once, but where a mode's
+kernel is measurably slower than the exact fp32 kernel at some M, "auto" runs those calls in fp32
+(:func:`call_mode`, :data:`AUTO_FP32_ROWS`; never for an explicit mode). That only ever moves a
+call to the more exact arithmetic, so the error bound holds for every call; a row's result can then
+differ between batch sizes by at most the mode's added error. The module form checks M per call
+(one comparison); the compile path chooses per call site when M is static, else keeps the layer's mode.
+
+Measured (one thread, CPU time, ratio to fp32 ``F.linear``; nf4 layers, int8 compute vs fp32 compute):
+int8 loses only at M = 1 on MiniLM's shapes (384x384 0.47x vs 0.67x, 1536x384 1.14x vs 1.40x,
+384x1536 1.31x vs 1.37x) and at M = 2 on 384x384 (0.76x vs 0.87x); from M = 4 it wins (up to 4.8x vs
+1.7x). At 4096x4096, M = 1, int8 wins (14.0x vs 11.4x), so the loss depends on the shape, and
+:data:`AUTO_FP32_ROWS` has no entry yet (a rule by M alone would slow LLM decoding down).
+int8-weight layers: int8 compute loses at M = 2-12 on these shapes, but "auto" keeps them in fp32.
 """
 
 from __future__ import annotations
@@ -89,6 +103,26 @@ REQUIRED_FEATURES: Mapping[str, tuple[tuple[str, ...], str]] = {
     "int8": (("avx512_vnni", "avx_vnni", "amx_int8"), "AVX512-VNNI or AVX-VNNI (int8 dot products)"),
     "bf16": (("avx512_bf16", "amx_bf16"), "AVX512-BF16 or AMX-BF16 (bf16 dot products)"),
 }
+
+
+#: (format, mode) -> (lowest, highest) row count M at which "auto" runs a call in "fp32" instead of
+#: ``mode``: that mode's kernel is slower than the fp32 kernel there (measurements in the module
+#: docstring). Formats/modes not listed: the mode at every M.
+AUTO_FP32_ROWS: Mapping[tuple[str, str], tuple[int, int]] = {}
+
+
+def fp32_rows(option: str, family: str, mode: str) -> tuple[int, int] | None:
+    """The row counts at which a layer of ``family`` resolved to ``mode`` from ``option`` runs a call in
+    fp32 instead (None: never; an explicit mode always runs as asked)."""
+    if option != "auto" or mode == "fp32":
+        return None
+    return AUTO_FP32_ROWS.get((family, mode))
+
+
+def call_mode(option: str, family: str, mode: str, rows: int) -> str:
+    """The arithmetic of one call of ``rows`` rows (M) of a layer resolved to ``mode`` from ``option``."""
+    span = fp32_rows(option, family, mode)
+    return "fp32" if span is not None and span[0] <= rows <= span[1] else mode
 
 
 class ComputeUnavailable(ValueError):

@@ -40,7 +40,7 @@ def test_method_list_covers_the_anchors():
 
 def test_smoke_qbackend_eager_rows(tmp_path):
     out = tmp_path / "llm.json"
-    r = _run("--small", "--only", r"^qbackend nf4 eager$", "--batches", "1,2", "--json", str(out))
+    r = _run("--small", "--only", r"^qbackend nf4 eager$", "--batches", "1,2", "--compute", "fp32", "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [x["method"] for x in rows] == ["qbackend nf4 eager"]
     for x in rows:
@@ -50,6 +50,8 @@ def test_smoke_qbackend_eager_rows(tmp_path):
             assert b["prefill_tok_s"] > 0 and b["decode_tok_s"] > 0
             assert 0 < b["peak_rss_mb_run"] <= x["peak_rss_mb_process"] + 1
     assert "B=2 decode tok/s" in r.stdout
+    assert rows[0]["compute"] == {"fp32": 15}  # --compute reached every quantized layer (2 blocks x 7, lm_head)
+    assert "(compute fp32 x15)" in r.stdout
 
 
 @pytest.mark.skipif(not (importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf")),

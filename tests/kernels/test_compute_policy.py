@@ -3,7 +3,9 @@
 import logging
 
 import pytest
+import torch
 
+from qbackend.kernels import compute_policy
 from qbackend.kernels import compute_policy as cp
 
 INTS = {"out_features": 1536, "in_features": 384, "blocksize": 64, "nested_blocksize": 256}
@@ -128,3 +130,51 @@ def test_auto_on_this_machine_runs_the_mode_it_reports(preset):
     assert torch.equal(y, in_mode)
     rel = float((y - exact).norm() / exact.norm())
     assert rel < (1e-6 if expected == "fp32" else 1e-2), (expected, rel)
+
+
+def test_auto_runs_slow_row_counts_in_fp32_and_explicit_modes_never(monkeypatch):
+    monkeypatch.setattr(compute_policy, "AUTO_FP32_ROWS", {("int8", "int8"): (3, 15)})
+    assert compute_policy.fp32_rows("auto", "int8", "int8") == (3, 15)
+    assert [compute_policy.call_mode("auto", "int8", "int8", m) for m in (1, 2, 3, 15, 16)] == \
+        ["int8", "int8", "fp32", "fp32", "int8"]  # fmt: skip
+    assert compute_policy.call_mode("int8", "int8", "int8", 8) == "int8"  # explicit: as asked
+    assert compute_policy.call_mode("auto", "nf4", "int8", 8) == "int8"  # not listed
+    assert compute_policy.fp32_rows("auto", "int8", "fp32") is None
+
+
+@pytest.mark.auto_compute
+def test_per_call_row_choice_in_the_module_and_the_compiled_graph(monkeypatch):
+    """A layer under "auto" in int8 runs the listed row counts in exact fp32, eagerly and compiled."""
+    from torch._inductor.utils import run_and_get_code
+
+    import qbackend
+    from qbackend.workflows.weight_only import QuantizedLinear
+
+    if "int8" not in compute_policy.cpu_modes() or not compute_policy._fast("int8", "nf4", {
+            "out_features": 64, "in_features": 256, "blocksize": 64, "nested_blocksize": 256}):  # fmt: skip
+        pytest.skip("no int8 compute kernel on this CPU")
+    monkeypatch.setattr(compute_policy, "AUTO_FP32_ROWS", {("nf4", "int8"): (3, 15)})
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(256, 64))
+    qbackend.quantize_(m, {"preset": "nf4", "compute": "auto", "min_params": 0})
+    q = m[0]
+    assert isinstance(q, QuantizedLinear) and q.compute == "int8"
+    tensors = [None if n is None else getattr(q, n) for n in q._arg_names]
+
+    def op(x, mode):
+        return q.op(x, *tensors, q.bias, *q.statics, mode)
+
+    with torch.no_grad():
+        for rows, mode in ((2, "int8"), (8, "fp32"), (16, "int8")):
+            x = torch.randn(rows, 256)
+            assert torch.equal(m(x), op(x, mode)), rows
+            assert not torch.equal(op(x, "int8"), op(x, "fp32"))  # the modes really differ
+        f = torch.nn.Sequential(torch.nn.Linear(256, 64))
+        f.load_state_dict({"0.weight": torch.randn(64, 256), "0.bias": torch.randn(64)})
+        _, codes = run_and_get_code(torch.compile(f, backend="qbackend", dynamic=False,
+                                                  options={"preset": "nf4", "min_params": 0}), torch.randn(8, 256))
+        assert "'fp32')" in "\n".join(codes) and "'int8')" not in "\n".join(codes)
+        torch._dynamo.reset()
+        _, codes = run_and_get_code(torch.compile(f, backend="qbackend", dynamic=False,
+                                                  options={"preset": "nf4", "min_params": 0}), torch.randn(16, 256))
+        assert "'int8')" in "\n".join(codes)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...kernels import ops as _kernel_ops  # noqa: F401  (registers torch.ops.qbackend.w8a8_*)
+from ...kernels import direct
 from ...passes.modules import apply_keeping_dtypes
 
 #: buffers that keep their dtype under ``.half()`` / ``.to(dtype)`` (the ops require int8 / fp32)
@@ -82,8 +82,9 @@ class W8A8Linear(nn.Module):
             # the same elementwise multiply the backend inserts (its constant is in x's dtype)
             x = x * self.smooth.to(x.dtype)
         n, k = self.out_features, self.in_features
-        if self.threshold is None:
-            return torch.ops.qbackend.w8a8_linear(x, self.codes, self.scale, self.bias, self.act_scale, n, k)
+        if self.threshold is None:  # the kernel without the dispatcher round trip where nothing needs it
+            return direct.call(torch.ops.qbackend.w8a8_linear.default,
+                               (x, self.codes, self.scale, self.bias, self.act_scale, n, k), 3)  # fmt: skip
         return torch.ops.qbackend.w8a8_outlier_linear(
             x, self.codes, self.scale, self.bias, self.act_scale, self.threshold, n, k
         )

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from ...formats import Scheme, quantize
-from ...kernels import KernelWeight, prepare_weight
-from ...kernels.compute_policy import DEFAULT_OPTION, check_option, resolve_weight
+from ...kernels import KernelWeight, direct, prepare_weight
+from ...kernels.compute_policy import DEFAULT_OPTION, check_option, fp32_rows, resolve_weight
+from ...kernels.families import by_op_name
 from ...passes.modules import apply_keeping_dtypes
 
 
@@ -60,6 +61,8 @@ class QuantizedLinear(nn.Module):
         device = next(self.buffers()).device.type
         self.compute = resolve_weight(compute, self.op._opname, self.statics, device).mode
         self.compute_option = compute
+        # "auto" may run some row counts in exact fp32 (where this mode's kernel is slower there)
+        self._fp32_rows = fp32_rows(compute, by_op_name(self.op._opname)[0].name, self.compute)
 
     @classmethod
     def from_weight(
@@ -73,7 +76,12 @@ class QuantizedLinear(nn.Module):
         if self.input_scale is not None:  # the same elementwise multiply the backend inserts
             x = x * self.input_scale.to(x.dtype)
         tensors = [None if n is None else getattr(self, n) for n in self._arg_names]
-        return self.op(x, *tensors, self.bias, *self.statics, self.compute)
+        mode = self.compute
+        span = getattr(self, "_fp32_rows", None)  # absent in a module pickled by an older version
+        if span is not None and self.in_features and span[0] <= x.numel() // self.in_features <= span[1]:
+            mode = "fp32"
+        # the kernel without the dispatcher round trip where no grad, tracing or mode needs it
+        return direct.call(self.op, (x, *tensors, self.bias, *self.statics, mode), 1 + len(tensors))
 
     def dequantized_weight(self) -> torch.Tensor:
         """The fp32 ``[out, in]`` weight the codes stand for (for checks; allocates a float copy)."""

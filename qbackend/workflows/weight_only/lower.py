@@ -16,6 +16,7 @@ match a float linear).
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,7 +25,8 @@ import torch
 import torch.fx as fx
 
 from ...kernels import KernelWeight, UnsupportedWeight
-from ...kernels.compute_policy import DEFAULT_OPTION, resolve_weight
+from ...kernels.compute_policy import DEFAULT_OPTION, call_mode, resolve_weight
+from ...kernels.families import by_op_name
 from ...passes.graph import attach_tensor, attr_name, become
 from ...passes.lowering import BUFFER_PREFIX, Lowered, LoweringResult
 from ...passes.report import Report, float_row
@@ -66,9 +68,12 @@ def lower_linears(
         scale_attr = None
         if scale is not None:
             scale_attr = attach_tensor(gm, BUFFER_PREFIX + attr_name(plan.name, "input_scale"), scale)
+        family = by_op_name(kw.op._opname)[0].name
         for site in sites:
+            rows = _static_rows(site.x)
+            site_mode = mode if rows is None else call_mode(compute, family, mode, rows)
             x = site.x if scale_attr is None else _scaled_input(gm, site, scale_attr)
-            become(gm.graph, site, kw.op, (x, *attrs, site.bias, *kw.statics, mode))
+            become(gm.graph, site, kw.op, (x, *attrs, site.bias, *kw.statics, site_mode))
             result.nodes += 1
         result.lowered.append(Lowered(entry, plan.param))
         row.quantized, row.format, row.compute = True, entry.scheme.name, mode
@@ -108,6 +113,15 @@ def _scaled_error(plan: LayerPlan, entry: QuantEntry, scale: torch.Tensor) -> fl
     w = effective_weight(plan.param.tensor, plan.transposed).float()
     deq = dequantize_kernel_weight(entry.kw).to(w.device) * scale.to(w.device)
     return float((w - deq).norm() / w.norm()) if float(w.norm()) > 0 else float((w - deq).norm())
+
+
+def _static_rows(x: Any) -> int | None:
+    """The row count M of a site's input when the graph fixes it (None: dynamic or unknown)."""
+    val = x.meta.get("val", x.meta.get("example_value")) if isinstance(x, fx.Node) else None
+    shape = getattr(val, "shape", None)
+    if shape is None or len(shape) < 1 or not all(isinstance(d, int) for d in shape):
+        return None
+    return math.prod(shape[:-1])
 
 
 def _device_type(kw: KernelWeight) -> str:

@@ -228,7 +228,8 @@ def test_config_errors():
 
 def _kernel_sequence(code: str) -> list[str]:
     """The runtime calls of Inductor's output code, with generated kernel names made anonymous."""
-    calls = re.findall(r"(cpp_fused_\w+|triton_\w+|torch\.ops\.qbackend\.[\w.]+|extern_kernels\.\w+)\(", code)
+    ours = r"torch\.ops\.qbackend\.[\w.]+|_qbackend_kernels\['\w+'\]"  # the op, or its CPU kernel called directly
+    calls = re.findall(rf"(cpp_fused_\w+|triton_\w+|{ours}|extern_kernels\.\w+)\(", code)
     return ["kernel" if c.startswith(("cpp_fused", "triton_")) else c for c in calls]
 
 
@@ -252,7 +253,7 @@ def test_exact_folds_add_no_runtime_op_in_generated_code():
             outs[name], code = run_and_get_code(compiled, x)
         codes[name] = "\n".join(code)
     naive, exact = _kernel_sequence(codes["naive"]), _kernel_sequence(codes["exact"])
-    assert naive.count("torch.ops.qbackend.w8a8_linear.default") == 7
+    assert naive.count("_qbackend_kernels['w8a8_linear']") == 7  # our CPU kernel, called directly
     assert exact == naive  # same kernels, same custom ops: the folds cost nothing at run time
     assert "smooth_inv_scale" not in codes["exact"]
     with torch.no_grad():
