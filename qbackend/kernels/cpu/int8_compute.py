@@ -65,7 +65,21 @@ def _lib() -> ctypes.CDLL | None:
     L.qbi8_supported.restype = ctypes.c_int
     L.qbi8_linear.argtypes = [qw, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     L.qbi8_linear.restype = ctypes.c_int64
+    L.qbi8_set_gemm_min_m.argtypes = [ctypes.c_int64]
+    L.qbi8_set_gemm_min_m.restype = None
+    L.qbi8_gemm_min_m.argtypes = []
+    L.qbi8_gemm_min_m.restype = ctypes.c_int64
     return L
+
+
+def set_gemm_min_m(m: int) -> int:
+    """Rows of x from which the GEMM kernel runs (a tuning knob for tests and benchmarks); returns the old value."""
+    L = _lib()
+    if L is None:
+        return 0
+    old = int(L.qbi8_gemm_min_m())
+    L.qbi8_set_gemm_min_m(int(m))
+    return old
 
 
 def has_fast_kernel(family: str, ints: Mapping[str, int]) -> bool:
@@ -119,7 +133,7 @@ def codebook_linear(
                                    bias, out_features, in_features, blocksize, nested_blocksize, "int8")  # fmt: skip
 
     L = _lib()
-    if L is None:
+    if L is None or (nested_table is not None and nested_table.numel() != 256):  # the kernel reads 256 entries
         return reference_rows(x)
     keep = _contig((codes, absmax, nested_codes, nested_absmax, nested_offset, nested_table))
     c, a, nc, na, no, nt = keep
