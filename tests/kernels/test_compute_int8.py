@@ -177,7 +177,9 @@ def test_through_the_op_eager_and_inductor():
     _assert_matches(f(x), x, kw, bias)
 
 
-@pytest.mark.parametrize("blocksize,nested_blocksize,k", [(32, 32, 800), (64, 256, 1088), (32, 64, 544), (128, 32, 2176)])
+@pytest.mark.parametrize(
+    "blocksize,nested_blocksize,k", [(32, 32, 800), (64, 256, 1088), (32, 64, 544), (128, 32, 2176)]
+)
 def test_nested_constants_decoded_in_vectors(blocksize, nested_blocksize, k):
     """Rows with >= 16 nested blocks take the vectorised de-nesting (16 constants at a time, nested
     blocks straddling the 16 and the rows); it must be the reference's arithmetic exactly."""
