@@ -198,7 +198,7 @@ def test_gemm_kernel_at_every_m(name):
     kw = _kw(37, 416, SCHEMES[name], 3)
     g = torch.Generator().manual_seed(4)
     bias = torch.randn(37, generator=g)
-    old = ic.set_gemm_min_m(1)
+    old = ic.set_gemm_min_m(1, 1)
     try:
         for m in (1, 3, 7, 8, 9, 15, 16, 17, 33):
             x = torch.randn(m, 416, generator=g) * 2
@@ -208,4 +208,4 @@ def test_gemm_kernel_at_every_m(name):
         assert torch.isnan(y[5]).all() and torch.isfinite(y[torch.arange(33) != 5]).all()
         _assert_matches(y[torch.arange(33) != 5], x[torch.arange(33) != 5], kw, bias)
     finally:
-        ic.set_gemm_min_m(old)
+        ic.set_gemm_min_m(*old)

@@ -16,8 +16,9 @@
 //   gives two u8 vectors (high and low nibbles) that line up with the two activation vectors.
 //   Lanes 4b..4b+3 of the int32 accumulator then hold block b of the chunk: the block scales are
 //   applied per lane (fma with a 16-lane scale vector), one horizontal sum per output only.
-//   This is the kernel for M < 16 (GEMV-like; no per-call work on W at all).
-// * M >= 16: a GEMM (see gemm_tile): x transposed once per call to 16 rows per vector, rows of W
+//   This is the kernel for small M (GEMV-like; no per-call work on W at all).
+// * M >= 16 (int8 weights: M >= 8): a GEMM (see gemm_tile): x transposed once per call to 16 rows per
+//   vector (8 rows in ymm vectors below M = 16), nested NF4 constants decoded 16 at a time, rows of W
 //   decoded per tile into a small per-thread buffer (the same unsigned bytes, block-major), each
 //   4-byte weight word broadcast against 16 rows of x, so an int32 lane sums a whole 32-block.
 //   No copy of W outlives the call.
@@ -383,7 +384,8 @@ QBI8_TARGET void tile8(const Ctx8& cx, int64_t m0, int64_t n0) {
 // tile into unsigned bytes in the same block-major word order, and each weight word is broadcast
 // against the 16-row activation vectors: an int32 lane then sums a whole 32-block (8 words) of one
 // row of x before the one fp32 scaling of that block, so 8 vpdpbusd share each conversion.
-int64_t g_gemm_min_m = 16;  // measured: the GEMM wins from M = 16 (tuning knob, qbi8_set_gemm_min_m)
+int64_t g_gemm_min_m = 16;  // 4-bit weights: measured, the GEMM wins from M = 16 (tuning knob, qbi8_set_gemm_min_m)
+int64_t g_gemm_min_m8 = 8;  // int8 weights: from M = 8 (8-row groups; measured 1.5x the small-M kernel at M = 8..15)
 
 struct ActT {
     int64_t L = 16;           // rows per group: 16 (zmm lanes) or 8 (ymm, for M < 16: no idle lanes)
@@ -831,7 +833,7 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
     int64_t nbad = 0;
     for (int64_t m = 0; m < M; ++m) nbad += a.bad[m];
 
-    if (M >= g_gemm_min_m) {
+    if (M >= (four ? g_gemm_min_m : g_gemm_min_m8)) {
         gemm_all(w, a, bias, y, nthreads, affine);
         return nbad;
     }
@@ -870,8 +872,8 @@ extern "C" {
 int qbi8_supported(const QI8W* w) { return cpu_ok() && shape_ok(*w); }
 
 // Rows of x from which the GEMM kernel runs (benchmarks tune it).
-void qbi8_set_gemm_min_m(int64_t m) { g_gemm_min_m = m; }
-int64_t qbi8_gemm_min_m() { return g_gemm_min_m; }
+void qbi8_set_gemm_min_m(int64_t m4, int64_t m8) { g_gemm_min_m = m4, g_gemm_min_m8 = m8; }
+int64_t qbi8_gemm_min_m(int eight) { return eight ? g_gemm_min_m8 : g_gemm_min_m; }
 
 // Rows of W per tile when M <= 2 (benchmarks tune it): 2 or 4.
 void qbi8_set_small_nr(int nr) { g_small_nr = nr; }
