@@ -171,22 +171,26 @@ QBW8_TARGET void rows(const int8_t* codes, const float* scale, const float* bias
                       const int8_t* xq, int64_t Kp, const int32_t* xsum, const float* sx, int64_t m0, int64_t m1,
                       int64_t n0, int64_t n1, float* y) {
     constexpr int MTMAX = 6;
-    // W-tile outer: each NR rows of W are read once from memory and reused by every m-tile from L1
-    // (m outer streamed the whole W once per 6 rows of x).
-    auto one = [&](auto nr_tag, int64_t n) {
-        constexpr int R = decltype(nr_tag)::value;
-        for (int64_t m = m0; m < m1; m += MTMAX) {
-            switch ((int)std::min<int64_t>(MTMAX, m1 - m)) {
-#define QBW8_CASE(MT) case MT: tile_epilogue<R, MT>(codes, scale, bias, N, K, xq, Kp, xsum, sx, m, n, y); break;
+    for (int64_t m = m0; m < m1; m += MTMAX) {
+        const int mt = (int)std::min<int64_t>(MTMAX, m1 - m);
+        int64_t n = n0;
+        for (; n + NR <= n1; n += NR) {
+            switch (mt) {
+#define QBW8_CASE(MT) case MT: tile_epilogue<NR, MT>(codes, scale, bias, N, K, xq, Kp, xsum, sx, m, n, y); break;
+                QBW8_CASE(1) QBW8_CASE(2) QBW8_CASE(3) QBW8_CASE(4) QBW8_CASE(5) QBW8_CASE(6)
+                default: break;
+#undef QBW8_CASE
+            }
+        }
+        for (; n < n1; ++n) {
+            switch (mt) {
+#define QBW8_CASE(MT) case MT: tile_epilogue<1, MT>(codes, scale, bias, N, K, xq, Kp, xsum, sx, m, n, y); break;
                 QBW8_CASE(1) QBW8_CASE(2) QBW8_CASE(3) QBW8_CASE(4) QBW8_CASE(5) QBW8_CASE(6)
 #undef QBW8_CASE
                 default: break;
             }
         }
-    };
-    int64_t n = n0;
-    for (; n + NR <= n1; n += NR) one(std::integral_constant<int, NR>{}, n);
-    for (; n < n1; ++n) one(std::integral_constant<int, 1>{}, n);
+    }
 }
 
 #endif  // QBW8_AVX512
