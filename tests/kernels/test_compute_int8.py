@@ -175,3 +175,37 @@ def test_through_the_op_eager_and_inductor():
     _assert_matches(y, x, kw, bias)
     f = torch.compile(lambda x: quantized_linear(x, kw, bias), backend="inductor", fullgraph=True)
     _assert_matches(f(x), x, kw, bias)
+
+
+@pytest.mark.parametrize(
+    "blocksize,nested_blocksize,k", [(32, 32, 800), (64, 256, 1088), (32, 64, 544), (128, 32, 2176)]
+)
+def test_nested_constants_decoded_in_vectors(blocksize, nested_blocksize, k):
+    """Rows with >= 16 nested blocks take the vectorised de-nesting (16 constants at a time, nested
+    blocks straddling the 16 and the rows); it must be the reference's arithmetic exactly."""
+    scheme = Scheme("nf4", blocksize=blocksize, nested=True, nested_blocksize=nested_blocksize)
+    kw = _kw(7, k, scheme, 5)
+    g = torch.Generator().manual_seed(6)
+    for m in (1, 5, 20):
+        x = torch.randn(m, k, generator=g)
+        _assert_matches(_kernel(x, kw, None), x, kw, None)
+
+
+@pytest.mark.parametrize("name", ["nf4 nested b64", "int4 affine g128", "int4 sym g32", "int8 per-channel", "fp4 b64"])
+def test_gemm_kernel_at_every_m(name):
+    """The GEMM kernel (8-row groups below M=16, 16-row groups from 16) at every M, whatever M it
+    is picked from: forced on for M=1..33, with bias and a NaN row."""
+    kw = _kw(37, 416, SCHEMES[name], 3)
+    g = torch.Generator().manual_seed(4)
+    bias = torch.randn(37, generator=g)
+    old = ic.set_gemm_min_m(1, 1)
+    try:
+        for m in (1, 3, 7, 8, 9, 15, 16, 17, 33):
+            x = torch.randn(m, 416, generator=g) * 2
+            _assert_matches(_kernel(x, kw, bias), x, kw, bias)
+        x[5, 7] = float("nan")
+        y = _kernel(x, kw, bias)
+        assert torch.isnan(y[5]).all() and torch.isfinite(y[torch.arange(33) != 5]).all()
+        _assert_matches(y[torch.arange(33) != 5], x[torch.arange(33) != 5], kw, bias)
+    finally:
+        ic.set_gemm_min_m(*old)

@@ -16,8 +16,9 @@
 //   gives two u8 vectors (high and low nibbles) that line up with the two activation vectors.
 //   Lanes 4b..4b+3 of the int32 accumulator then hold block b of the chunk: the block scales are
 //   applied per lane (fma with a 16-lane scale vector), one horizontal sum per output only.
-//   This is the kernel for M < 16 (GEMV-like; no per-call work on W at all).
-// * M >= 16: a GEMM (see gemm_tile): x transposed once per call to 16 rows per vector, rows of W
+//   This is the kernel for small M (GEMV-like; no per-call work on W at all).
+// * M >= 16 (int8 weights: M >= 8): a GEMM (see gemm_tile): x transposed once per call to 16 rows per
+//   vector (8 rows in ymm vectors below M = 16), nested NF4 constants decoded 16 at a time, rows of W
 //   decoded per tile into a small per-thread buffer (the same unsigned bytes, block-major), each
 //   4-byte weight word broadcast against 16 rows of x, so an int32 lane sums a whole 32-block.
 //   No copy of W outlives the call.
@@ -180,6 +181,37 @@ inline float nested_const(const QI8W& w, int64_t blk) {
     return t + w.noffset[0];
 }
 
+// Nested block constants b0 .. b0 + 16 * (n / 16) - 1 decoded 16 at a time (the 256-entry table through
+// eight 32-entry vpermt2ps lookups, selected by the code's top 3 bits); the same products and sums
+// as the scalar form, so bit-exact. Returns how many were written (the caller does the rest).
+QBI8_TARGET int64_t denest16(const QI8W& w, int64_t b0, int64_t n, int nsh, float* out) {
+    if (n < 16) return 0;
+    __m512 tab[16];
+    for (int t = 0; t < 16; ++t) tab[t] = _mm512_loadu_ps(w.ntable + 16 * t);
+    const __m512 off = _mm512_set1_ps(w.noffset[0]);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const int64_t b = b0 + j;
+        const __m512i code = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w.ncodes + b)));
+        const __m512i top = _mm512_srli_epi32(code, 5);
+        __m512 t = _mm512_permutex2var_ps(tab[0], code, tab[1]);
+        for (int g = 1; g < 8; ++g)
+            t = _mm512_mask_mov_ps(t, _mm512_cmpeq_epi32_mask(top, _mm512_set1_epi32(g)),
+                                   _mm512_permutex2var_ps(tab[2 * g], code, tab[2 * g + 1]));
+        __m512 na;
+        if ((b >> nsh) == ((b + 15) >> nsh)) {
+            na = _mm512_set1_ps(w.nabsmax[b >> nsh]);
+        } else {
+            const __m512i gi = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32((int)(b & ((int64_t(1) << nsh) - 1))), iota), nsh);
+            const int cnt = (int)(((b + 15) >> nsh) - (b >> nsh) + 1);  // nested blocks spanned, <= 16
+            na = _mm512_permutexvar_ps(gi, _mm512_maskz_loadu_ps((__mmask16)((1u << cnt) - 1), w.nabsmax + (b >> nsh)));
+        }
+        _mm512_storeu_ps(out + j, _mm512_add_ps(_mm512_mul_ps(t, na), off));
+    }
+    return j;
+}
+
 // -zp as the low int16 of an int32 lane, high half zero (the vpmaddwd operand against block sums).
 inline int32_t neg16(uint8_t zp) { return (int32_t)(uint16_t)(int16_t)(-(int32_t)zp); }
 
@@ -213,10 +245,10 @@ QBI8_TARGET void row_scales(const QI8W& w, const RowScales& rs, int64_t n, float
         if (w.ncodes == nullptr) {
             std::memcpy(ws, w.absmax + b0, sizeof(float) * (size_t)nblk);
         } else if (is_pow2(w.nbs)) {
-            // Scalar: measured faster than 16-wide gathers (as in qlinear.cpp).
             const int nsh = ilog2(w.nbs);
             const float off = w.noffset[0];
-            for (int64_t j = 0; j < nblk; ++j) {
+            const int64_t done = denest16(w, b0, nblk, nsh, ws);
+            for (int64_t j = done; j < nblk; ++j) {
                 const int64_t b = b0 + j;
                 const float t = w.ntable[w.ncodes[b]] * w.nabsmax[b >> nsh];
                 ws[j] = t + off;
@@ -352,13 +384,15 @@ QBI8_TARGET void tile8(const Ctx8& cx, int64_t m0, int64_t n0) {
 // tile into unsigned bytes in the same block-major word order, and each weight word is broadcast
 // against the 16-row activation vectors: an int32 lane then sums a whole 32-block (8 words) of one
 // row of x before the one fp32 scaling of that block, so 8 vpdpbusd share each conversion.
-int64_t g_gemm_min_m = 16;  // measured: the GEMM wins from M = 16 (tuning knob, qbi8_set_gemm_min_m)
+int64_t g_gemm_min_m = 16;  // 4-bit weights: measured, the GEMM wins from M = 16 (tuning knob, qbi8_set_gemm_min_m)
+int64_t g_gemm_min_m8 = 8;  // int8 weights: from M = 8 (8-row groups; measured 1.5x the small-M kernel at M = 8..15)
 
 struct ActT {
-    int64_t G = 0, nblk = 0;  // groups of 16 rows, 32-blocks of K
-    int32_t* xT = nullptr;    // [G, nblk, 8, 16]
-    int32_t* cT = nullptr;    // [G, nblk, 16]: start values (-offset * block sum, affine: block sum)
-    float* sT = nullptr;      // [G, nblk, 16]: activation block scales (times the table's 1/c)
+    int64_t L = 16;           // rows per group: 16 (zmm lanes) or 8 (ymm, for M < 16: no idle lanes)
+    int64_t G = 0, nblk = 0;  // groups of L rows, 32-blocks of K
+    int32_t* xT = nullptr;    // [G, nblk, 8, L]
+    int32_t* cT = nullptr;    // [G, nblk, L]: start values (-offset * block sum, affine: block sum)
+    float* sT = nullptr;      // [G, nblk, L]: activation block scales (times the table's 1/c)
 };
 
 // Byte offset in a row of Act.xq of word w (0..7) of block j, in the order the decoded weights use.
@@ -368,20 +402,26 @@ inline int64_t word_offset(int64_t ch, int64_t j, int w) {
     return 128 * c + (w < 4 ? 16 * b + 4 * w : 64 + 16 * b + 4 * (w - 4));
 }
 
+// The first L (16 or 8) int32 lanes of v to 64-byte aligned p.
+QBI8_TARGET inline void store_lanes(int32_t* p, __m512i v, int64_t L) {
+    if (L == 16) _mm512_store_si512(p, v);
+    else _mm256_store_si256((__m256i*)p, _mm512_castsi512_si256(v));
+}
+
 QBI8_TARGET void transpose_groups(const Act& a, ActT& t, int64_t g0, int64_t g1) {
     const int bpc = (int)(a.ch / 32), lpb = 16 / bpc;
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int64_t g = g0; g < g1; ++g) {
-        const int64_t rows = std::min<int64_t>(16, a.M - 16 * g);
+        const int64_t L = t.L, rows = std::min<int64_t>(L, a.M - L * g);
         const __mmask16 mk = (__mmask16)((1u << rows) - 1);
-        const __m512i m = _mm512_add_epi32(_mm512_set1_epi32((int)(16 * g)), iota);
+        const __m512i m = _mm512_add_epi32(_mm512_set1_epi32((int)(L * g)), iota);
         const __m512i xrow = _mm512_mullo_epi32(m, _mm512_set1_epi32((int)a.Kp));
         const __m512i vrow = _mm512_mullo_epi32(m, _mm512_set1_epi32((int)(a.nch * 16)));
         for (int64_t j = 0; j < t.nblk; ++j) {
-            int32_t* xo = t.xT + ((g * t.nblk + j) * 8) * 16;
+            int32_t* xo = t.xT + ((g * t.nblk + j) * 8) * L;
             for (int w = 0; w < 8; ++w) {
                 const __m512i idx = _mm512_add_epi32(xrow, _mm512_set1_epi32((int)word_offset(a.ch, j, w)));
-                _mm512_store_si512(xo + 16 * w, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, idx, a.xq, 1));
+                store_lanes(xo + L * w, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, idx, a.xq, 1), L);
             }
             const int64_t c = j / bpc, b = j % bpc;
             const __m512i vi = _mm512_add_epi32(vrow, _mm512_set1_epi32((int)(c * 16 + b * lpb)));
@@ -389,8 +429,9 @@ QBI8_TARGET void transpose_groups(const Act& a, ActT& t, int64_t g0, int64_t g1)
             for (int l = 0; l < lpb; ++l)
                 cs = _mm512_add_epi32(cs, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk,
                                                                        _mm512_add_epi32(vi, _mm512_set1_epi32(l)), a.cv, 4));
-            _mm512_store_si512(t.cT + (g * t.nblk + j) * 16, cs);
-            _mm512_store_ps(t.sT + (g * t.nblk + j) * 16, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, vi, a.sv, 4));
+            store_lanes(t.cT + (g * t.nblk + j) * L, cs, L);
+            store_lanes((int32_t*)t.sT + (g * t.nblk + j) * L,
+                        _mm512_castps_si512(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, vi, a.sv, 4)), L);
         }
     }
 }
@@ -485,10 +526,66 @@ QBI8_TARGET void gemm_tile(const CtxG& cx, int64_t n0, int64_t g0, const uint8_t
     }
 }
 
+// gemm_tile with 8 rows of x per (ymm) vector: the same sums for M < 16, where 16-lane groups would
+// leave lanes idle (ymm vpdpbusd has twice the zmm rate on CPUs that split zmm in two halves).
+template <int NR, int MV, int KIND>
+QBI8_TARGET void gemm_tile8(const CtxG& cx, int64_t n0, int64_t g0, const uint8_t* const* d, const float* const* ws,
+                            const int32_t* const* zb) {
+    const ActT& t = *cx.t;
+    const int64_t nblk = t.nblk;
+    const int sh = cx.sh;
+    __m256 acc[NR][MV];
+    for (int r = 0; r < NR; ++r)
+        for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nblk; ++j) {
+        __m256i ia[NR][MV];
+        for (int v = 0; v < MV; ++v) {
+            const __m256i c0 = _mm256_load_si256((const __m256i*)(t.cT + ((g0 + v) * nblk + j) * 8));
+            for (int r = 0; r < NR; ++r)
+                ia[r][v] = KIND == 2 ? _mm256_mullo_epi32(c0, _mm256_set1_epi32((int16_t)zb[r][j >> sh])) : c0;
+        }
+        for (int wd = 0; wd < 8; ++wd) {
+            __m256i xv[MV];
+            for (int v = 0; v < MV; ++v) xv[v] = _mm256_load_si256((const __m256i*)(t.xT + (((g0 + v) * nblk + j) * 8 + wd) * 8));
+            for (int r = 0; r < NR; ++r) {
+                int32_t word;
+                std::memcpy(&word, d[r] + 32 * j + 4 * wd, 4);
+                const __m256i wb = _mm256_set1_epi32(word);
+                for (int v = 0; v < MV; ++v) ia[r][v] = _mm256_dpbusd_epi32(ia[r][v], wb, xv[v]);
+            }
+        }
+        for (int v = 0; v < MV; ++v) {
+            const __m256 st = _mm256_load_ps(t.sT + ((g0 + v) * nblk + j) * 8);
+            for (int r = 0; r < NR; ++r) {
+                const __m256 sc = KIND == 3 ? st : _mm256_mul_ps(st, _mm256_set1_ps(ws[r][j >> sh]));
+                acc[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[r][v]), sc, acc[r][v]);
+            }
+        }
+    }
+    const QI8W& w = *cx.w;
+    for (int r = 0; r < NR; ++r) {
+        const int64_t n = n0 + r;
+        const float rs = KIND == 3 ? w.scale[n] : 1.0f;
+        const float b = cx.bias ? cx.bias[n] : 0.0f;
+        for (int v = 0; v < MV; ++v) {
+            alignas(32) float out[8];
+            _mm256_store_ps(out, acc[r][v]);
+            const int64_t mbase = 8 * (g0 + v);
+            const int64_t cnt = std::min<int64_t>(8, cx.M - mbase);
+            for (int64_t l = 0; l < cnt; ++l) cx.y[(mbase + l) * w.N + n] = (KIND == 3 ? out[l] * rs : out[l]) + b;
+        }
+    }
+}
+
 template <int NR, int KIND>
 QBI8_TARGET void gemm_rows(const CtxG& cx, int64_t n0, int64_t g0, int64_t g1, const uint8_t* const* d,
                            const float* const* ws, const int32_t* const* zb) {
     int64_t g = g0;
+    if (cx.t->L == 8) {
+        for (; g + 2 <= g1; g += 2) gemm_tile8<NR, 2, KIND>(cx, n0, g, d, ws, zb);
+        if (g < g1) gemm_tile8<NR, 1, KIND>(cx, n0, g, d, ws, zb);
+        return;
+    }
     for (; g + 2 <= g1; g += 2) gemm_tile<NR, 2, KIND>(cx, n0, g, d, ws, zb);
     if (g < g1) gemm_tile<NR, 1, KIND>(cx, n0, g, d, ws, zb);
 }
@@ -526,7 +623,7 @@ QBI8_TARGET void run_gemm(const CtxG& cx, const RowScales& rs, int64_t n0, int64
 
 // ---- drivers ----------------------------------------------------------------------------------------
 
-constexpr int MR_MAX = 6;
+constexpr int MR_MAX = 4;
 
 template <int NR, int KIND>
 QBI8_TARGET void rows4_mtile(const Ctx4& cx, int64_t m0, int64_t m1, int64_t n0, const float* const* ws,
@@ -680,10 +777,11 @@ QBI8_TARGET void quantize_all(const float* x, Act& a, int32_t off, bool affine, 
 
 QBI8_TARGET void gemm_all(const QI8W& w, const Act& a, const float* bias, float* y, int nthreads, bool affine) {
     ActT t;
-    t.G = (a.M + 15) / 16;
+    t.L = a.M < 16 ? 8 : 16;
+    t.G = (a.M + t.L - 1) / t.L;
     t.nblk = w.K / 32;
     thread_local std::vector<int32_t> tbuf;
-    const size_t xn = (size_t)(t.G * t.nblk * 8 * 16), vn = (size_t)(t.G * t.nblk * 16);
+    const size_t xn = (size_t)(t.G * t.nblk * 8 * t.L), vn = (size_t)(t.G * t.nblk * t.L);
     if (tbuf.size() < xn + 2 * vn + 16) tbuf.resize(xn + 2 * vn + 16);
     int32_t* p = (int32_t*)(((uintptr_t)tbuf.data() + 63) & ~(uintptr_t)63);
     t.xT = p;
@@ -694,7 +792,7 @@ QBI8_TARGET void gemm_all(const QI8W& w, const Act& a, const float* bias, float*
 
     const RowScales rs = row_scale_form(w);
     const CtxG cx{&w, &t, bias, y, a.M, rs.sh};
-    const int64_t gb = 8;  // groups of 16 rows per unit: 128 rows of x stay in L2 while W streams
+    const int64_t gb = 128 / t.L;  // groups per unit: 128 rows of x stay in L2 while W streams
     const Units u(w.N, t.G, pick_nb(w.N, a.M, nthreads), gb);
     auto body = [&](int64_t i, int) {
         const int64_t in = i / u.n_units_m, im = i % u.n_units_m;
@@ -735,7 +833,7 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
     int64_t nbad = 0;
     for (int64_t m = 0; m < M; ++m) nbad += a.bad[m];
 
-    if (M >= g_gemm_min_m) {
+    if (M >= (four ? g_gemm_min_m : g_gemm_min_m8)) {
         gemm_all(w, a, bias, y, nthreads, affine);
         return nbad;
     }
@@ -774,7 +872,8 @@ extern "C" {
 int qbi8_supported(const QI8W* w) { return cpu_ok() && shape_ok(*w); }
 
 // Rows of x from which the GEMM kernel runs (benchmarks tune it).
-void qbi8_set_gemm_min_m(int64_t m) { g_gemm_min_m = m; }
+void qbi8_set_gemm_min_m(int64_t m4, int64_t m8) { g_gemm_min_m = m4, g_gemm_min_m8 = m8; }
+int64_t qbi8_gemm_min_m(int eight) { return eight ? g_gemm_min_m8 : g_gemm_min_m; }
 
 // Rows of W per tile when M <= 2 (benchmarks tune it): 2 or 4.
 void qbi8_set_small_nr(int nr) { g_small_nr = nr; }

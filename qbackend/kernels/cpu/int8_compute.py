@@ -2,7 +2,8 @@
 
 Activations are quantized to int8 per row and per 32-block of K in the kernel's prologue (once per
 call); the weights stay in their canonical layout and go to AVX512-VNNI ``vpdpbusd`` as unsigned
-bytes (see ``int8_compute.cpp``: a GEMV-like kernel for M < 16, a GEMM from M = 16; no repacked
+bytes (see ``int8_compute.cpp``: a GEMV-like kernel for small M, a GEMM from M = 16 (int8 weights:
+M = 8, with 8-row groups below 16); no repacked
 copy of the weight is kept). Needs a CPU with AVX512-VNNI and VBMI and the library's AVX-512
 build; shapes with ``in_features % 32 != 0`` or block/group sizes that are not multiples of 32 run
 the reference (:func:`has_fast_kernel` says which). Rows of x holding NaN/Inf are recomputed by
@@ -65,7 +66,22 @@ def _lib() -> ctypes.CDLL | None:
     L.qbi8_supported.restype = ctypes.c_int
     L.qbi8_linear.argtypes = [qw, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     L.qbi8_linear.restype = ctypes.c_int64
+    L.qbi8_set_gemm_min_m.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    L.qbi8_set_gemm_min_m.restype = None
+    L.qbi8_gemm_min_m.argtypes = [ctypes.c_int]
+    L.qbi8_gemm_min_m.restype = ctypes.c_int64
     return L
+
+
+def set_gemm_min_m(four_bit: int, eight_bit: int) -> tuple[int, int]:
+    """Rows of x from which the GEMM kernel runs, for 4-bit and for int8 weights (a tuning knob for tests
+    and benchmarks); returns the old pair."""
+    L = _lib()
+    if L is None:
+        return (0, 0)
+    old = (int(L.qbi8_gemm_min_m(0)), int(L.qbi8_gemm_min_m(1)))
+    L.qbi8_set_gemm_min_m(int(four_bit), int(eight_bit))
+    return old
 
 
 def has_fast_kernel(family: str, ints: Mapping[str, int]) -> bool:
@@ -119,7 +135,7 @@ def codebook_linear(
                                    bias, out_features, in_features, blocksize, nested_blocksize, "int8")  # fmt: skip
 
     L = _lib()
-    if L is None:
+    if L is None or (nested_table is not None and nested_table.numel() != 256):  # the kernel reads 256 entries
         return reference_rows(x)
     keep = _contig((codes, absmax, nested_codes, nested_absmax, nested_offset, nested_table))
     c, a, nc, na, no, nt = keep
