@@ -74,9 +74,12 @@ def test_compiled_and_module_forms_agree_and_report_error_and_the_multiply(cal, 
 
 def test_explain_shows_error_before_and_after_and_where_1_over_s_went(cal):
     torch._dynamo.reset()
-    report = qbackend.explain(_net(), torch.randn(2, 5, 128), **_opts(cal))
+    report = qbackend.explain(_net(), torch.randn(2, 5, 128), **_opts(cal, fold=False))
     table = report.sections["awq"][0].table()
     assert "RTN err" in table and "1/s" in table and "multiply" in table and "alpha=" in table
+    torch._dynamo.reset()  # by default, up's 1/s is folded into the LayerNorm feeding only it
+    folded = qbackend.explain(_net(), torch.randn(2, 5, 128), **_opts(cal)).sections["awq"][0].table()
+    assert "folded" in folded and "layer_norm -> ln" in folded
     # the weight error of a layer with 1/s is of the weight it computes with (its codes hold W * s)
     rtn = qbackend.explain(_net(), torch.randn(2, 5, 128), preset="int4", min_params=0, exclude=["unused"])
     assert report.layer("up").rel_error < 1.25 * rtn.layer("up").rel_error
@@ -151,7 +154,8 @@ def test_a_weight_changed_in_place_is_requantized_with_new_scales_in_the_compile
     x = torch.randn(2, 5, 128)
     m = _net()
     torch._dynamo.reset()
-    compiled = torch.compile(m, backend="qbackend", options=_opts(cal))
+    # fold=False: a layer whose 1/s is folded keeps that s on a re-run (the norm holds 1/s)
+    compiled = torch.compile(m, backend="qbackend", options=_opts(cal, fold=False))
     with torch.no_grad():
         compiled(x)
         m.up.weight.mul_(torch.linspace(0.5, 2.0, 128))  # a change the old 1/s does not fit
