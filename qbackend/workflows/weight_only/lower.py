@@ -28,6 +28,7 @@ from ...kernels.compute_policy import DEFAULT_OPTION, resolve_weight
 from ...passes.channel_fold import FoldReport
 from ...passes.graph import attach_tensor, attr_name, become
 from ...passes.lowering import BUFFER_PREFIX, Lowered, LoweringResult
+from ...passes.params import ParamRef
 from ...passes.report import Report, float_row
 from ...passes.select_layers import LayerPlan
 from ...passes.weight_cache import QuantEntry, dequantize_kernel_weight, effective_weight, get_entry
@@ -78,7 +79,9 @@ def lower_linears(
                 bias = fold.replaced.get((site.node, bias), bias)  # type: ignore[arg-type]
             become(gm.graph, site, kw.op, (x, *attrs, bias, *kw.statics, mode))
             result.nodes += 1
-        result.lowered.append(Lowered(entry, plan.param))
+        # A folded weight is guarded by the fold (its parameter may not change); the entry follows the copy.
+        ref = plan.param if folded is None else ParamRef(plan.param.fqn + " (folded)", folded, None)
+        result.lowered.append(Lowered(entry, ref))
         row.quantized, row.format, row.compute = True, entry.scheme.name, mode
         row.bits_per_param, row.bytes_after = entry.bits_per_param, entry.nbytes
         if measure_error:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -138,3 +140,23 @@ def test_fold_option_is_validated():
 
     with pytest.raises(MethodConfigError, match="fold must be"):
         MethodConfig(name="awq", fold="yes")  # type: ignore[arg-type]
+
+
+def test_module_form_holds_the_folds_equals_the_compiled_model_and_saves_and_loads_identically(llama, tmp_path):
+    m, cal = llama
+    ids = torch.randint(0, 100, (2, 11))
+    compiled = _run(m, _opts(cal, True), ids)
+    q = copy.deepcopy(m)
+    report = qbackend.quantize_(q, _opts(cal, True))
+    assert [g.kind for g in report.sections["awq_fold"][0].exact].count("linear_rows") == 2
+    layer = q.model.layers[0]
+    assert layer.self_attn.q_proj.input_scale is None and layer.mlp.down_proj.input_scale is None
+    assert not torch.equal(layer.input_layernorm.weight, m.model.layers[0].input_layernorm.weight)  # holds w / s
+    with torch.no_grad():
+        y = q(input_ids=ids).logits
+    torch.testing.assert_close(y, compiled, rtol=1e-4, atol=1e-4)  # linear_rows included: same codes, same s
+    qbackend.save(q, tmp_path / "awq.safetensors")
+    loaded = qbackend.load(tmp_path / "awq.safetensors", model=_llama())
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, y)
+    assert torch.equal(loaded.model.layers[0].input_layernorm.weight, layer.input_layernorm.weight)
