@@ -7,9 +7,10 @@
 
 GPTQ and AWQ store their weights in the same formats as round to nearest (:mod:`qbackend.formats.gptq`,
 :mod:`qbackend.formats.awq`): kernels, save/load and the bitsandbytes export are unchanged, and a
-loaded model never re-runs them. AWQ's per-input-channel ``1 / s`` is an explicit multiply of the
-layer's input (``QuantizedLinear.input_scale``; a ``mul`` before the op in a compiled graph), saved
-with the layer; a layer whose search keeps s = 1 has none.
+loaded model never re-runs them. AWQ's per-input-channel ``1 / s`` is folded into the op producing
+the layer's input where that is exact (one s per group of layers sharing the input; :mod:`.awq_fold`),
+else an explicit multiply of the layer's input (``QuantizedLinear.input_scale``; a ``mul`` before the
+op in a compiled graph), saved with the layer; a layer whose search keeps s = 1 has none.
 """
 
 from __future__ import annotations
