@@ -174,8 +174,13 @@ def awq_quantize(
     clip_grid: int = 20,
     max_shrink: float = 0.5,
     name: str = "weight",
+    scale: torch.Tensor | None = None,
 ) -> AWQResult:
     """AWQ-quantize ``w`` (``[N, K]``) to ``scheme``: scale search, then clip search, then the RTN check.
+
+    ``scale``: a fixed s (``[K]``, positive; e.g. searched jointly for the layers sharing one input and
+    folded into the op producing it): no scale search and no RTN check, since the caller's input is
+    already ``x / s`` (``alpha`` is then NaN: the caller knows how s was chosen).
 
     Raises `CalibrationDataError` (naming ``name``) for statistics that do not fit the weight,
     `FormatError` for a bad weight or option.
@@ -200,7 +205,13 @@ def awq_quantize(
         )
     W = w.detach().float()
     H = hessian.detach().float().to(W.device)
-    alpha, s, _, by_weight = search_scale([W], H, act_mean.to(W.device), scheme, grid, duo)
+    if scale is None:
+        alpha, s, _, by_weight = search_scale([W], H, act_mean.to(W.device), scheme, grid, duo)
+    else:
+        s = scale.detach().float().reshape(-1)
+        if s.numel() != k or not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            raise FormatError(f"{name}: a fixed AWQ scale must be {k} finite positive values")
+        alpha, by_weight = math.nan, False
     s = s.to(W.device)
     if clip:
         g, clipped = search_clip(W, s, H, scheme, clip_grid, max_shrink)
@@ -212,7 +223,7 @@ def awq_quantize(
     rtn = quantize(w, scheme, name=name)
     rtn_error = output_error(W, rtn.dequantize(torch.float32), H)
     did_clip = clip and clip_units(scheme, k) is not None
-    if rtn_error < error:
+    if scale is None and rtn_error < error:
         ones = torch.ones(k, dtype=torch.float32)
         return AWQResult(rtn, ones, None, 0.0, rtn_error, rtn_error, 0, did_clip, kept_rtn=True)
     input_scale = None if bool((s == 1).all()) else (1.0 / s).float()

@@ -46,3 +46,18 @@ def apply_keeping_dtypes(
         if b is not None and b.dtype != dt:
             module._buffers[n] = b.to(dt)
     return module
+
+
+def set_param(model: nn.Module, fqn: str, value: torch.Tensor) -> None:
+    """Set parameter (or buffer) ``fqn`` of ``model`` to ``value`` (a new Parameter keeping requires_grad):
+    a fold's value moved onto the module, so a checkpoint holds it."""
+    owner_name, _, attr = fqn.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if attr in owner._parameters:
+        old = owner._parameters[attr]
+        grad = old is not None and old.requires_grad
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=grad)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:
+        raise ValueError(f"{fqn!r} is no parameter or buffer of the model; cannot set its folded value")

@@ -36,20 +36,19 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._dynamo.eval_frame import remove_from_cache
 
 from ...formats import quantize
 from ...passes import find_linears, graph_params
-from ...passes.modules import is_conv1d, linear_modules
+from ...passes.modules import is_conv1d, linear_modules, set_param
 from ...passes.params import get_attr
 from ...passes.report import LayerReport, Report, float_row
 from ...passes.select_layers import decide_layer
+from ...passes.trace import TraceError, trace_once
 from ...passes.weight_cache import effective_weight
 from .fold import NODE_META, FoldReport, GroupFold
 from .linear import W8A8Linear
@@ -161,7 +160,7 @@ def _smoothed(model: nn.Module, config: Any, example: Any) -> Report:
                               "exclude it (exclude=[...]) to save or export this model")  # fmt: skip
     # Nothing of the model changed so far: every error above leaves it as it was.
     for fqn, value in params.items():
-        _set_param(model, fqn, value)
+        set_param(model, fqn, value)
     for name, layer in layers.items():
         parent, child = modules[name]
         setattr(parent, child, layer)
@@ -176,49 +175,17 @@ def _smoothed(model: nn.Module, config: Any, example: Any) -> Report:
 
 
 def _trace(model: nn.Module, example: Any) -> fx.GraphModule:
-    """The Dynamo graph the backend would receive for ``model(example)`` (parameters as placeholders).
-
-    ``torch.compile(fullgraph=True)`` with a recording backend, as ``torch._dynamo.export`` does it
-    (which would also insist on pytree outputs, e.g. no HF ``DynamicCache``): the model's ``forward``
-    is dropped from Dynamo's cache before (a fresh trace, never a hit) and after (no entry left behind).
-    """
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-
-    def to(v: Any) -> Any:
-        return v.to(device) if isinstance(v, torch.Tensor) else v
-
-    if isinstance(example, Mapping):
-        args, kwargs = (), {k: to(v) for k, v in example.items()}
-    elif isinstance(example, (tuple, list)):
-        args, kwargs = tuple(to(v) for v in example), {}
-    else:
-        args, kwargs = (to(example),), {}
-    graphs: list[fx.GraphModule] = []
-    graphargs: list[tuple[fx.Node, Any]] = []
-
-    def record(gm: fx.GraphModule, example_inputs: list[Any]):
-        graphs.append(gm)
-        graphargs.extend((n, n.meta["grapharg"]) for n in gm.graph.find_nodes(op="placeholder") if "grapharg" in n.meta)
-        return gm.forward
-
-    remove_from_cache(model)
+    """The Dynamo graph the backend would receive for ``model(example)`` (:func:`qbackend.passes.trace.trace_once`)."""
     try:
-        with torch.no_grad():
-            torch.compile(model, backend=record, fullgraph=True)(*args, **kwargs)
-    except Exception as e:
-        msg = (str(e).strip().splitlines() or [""])[0]
+        return trace_once(model, example)
+    except TraceError as e:
+        if "graphs, not one" in str(e):
+            raise W8A8ModuleError(f"SmoothQuant W8A8 in module form: {e}") from e
         raise W8A8ModuleError(
             f"SmoothQuant W8A8 in module form traces the model once to find where the scales fold, and that "
-            f"failed: {type(e).__name__}: {msg}. The model must trace as one graph (no graph break) on the example "
+            f"failed: {e}. The model must trace as one graph (no graph break) on the example "
             "batch (the calibration's first batch, or example_inputs=); or use smoothquant={'smooth': False}"
         ) from e
-    finally:
-        remove_from_cache(model)
-    if len(graphs) != 1:
-        raise W8A8ModuleError(f"SmoothQuant W8A8 in module form: tracing the model gave {len(graphs)} graphs, not one")
-    for node, grapharg in graphargs:  # Dynamo drops them once compiled; graph_params reads them
-        node.meta["grapharg"] = grapharg
-    return graphs[0]
 
 
 def _folded_params(gm: fx.GraphModule, fold: FoldReport) -> tuple[dict[str, torch.Tensor], dict[str, GroupFold]]:
@@ -310,19 +277,6 @@ def _describe(g: GroupFold | None, fallback: bool) -> str:
     if g.exact:
         return f"folded into {g.target} ({g.kind}), {alpha}"
     return f"explicit multiply ({g.reason}), {alpha}"
-
-
-def _set_param(model: nn.Module, fqn: str, value: torch.Tensor) -> None:
-    owner_name, _, attr = fqn.rpartition(".")
-    owner = model.get_submodule(owner_name)
-    if attr in owner._parameters:
-        old = owner._parameters[attr]
-        grad = old is not None and old.requires_grad
-        owner._parameters[attr] = nn.Parameter(value, requires_grad=grad)
-    elif attr in owner._buffers:
-        owner._buffers[attr] = value
-    else:  # graph_params only names module parameters and buffers
-        raise W8A8ModuleError(f"SmoothQuant folded {fqn!r}, which is no parameter or buffer of the model")
 
 
 def _dtype(x: Any) -> torch.dtype:

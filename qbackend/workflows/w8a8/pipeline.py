@@ -17,12 +17,12 @@ import torch.fx as fx
 
 from ...passes import find_linears, select_layers
 from ...passes.calibration_result import CalibrationResult
+from ...passes.channel_fold import guard_folded
 from ...passes.lowering import Lowered, LoweringResult
 from ...passes.params import ParamRef
 from ...passes.report import LayerReport, Report, float_row
 from ...passes.select_layers import LayerPlan
-from ...passes.weight_cache import StaleWeightError
-from ...passes.weight_stamp import FoldedCheck, check_mode
+from ...passes.weight_stamp import check_mode
 from .config import SmoothQuantConfig
 from .fold import FoldReport, smoothquant_fold
 from .lower import ActQuant, W8A8Lowered, lower_w8a8, mark_quantized
@@ -53,23 +53,7 @@ class W8A8Result(LoweringResult):
         Folded constants (``W * s``, LayerNorm weights / s) cannot be refreshed from one parameter
         alone, so a change (or ``qbackend.refresh``) raises with either ``on_weight_change``: recompile.
         """
-        check = self.weight_check
-        checks = [(FoldedCheck(r.fqn, r.tensor, check), r.input_index, None if r.input_index is not None else r.tensor)
-                  for r in self.sources]  # fmt: skip
-        if not checks:
-            return compiled
-
-        def run(*args: Any) -> Any:
-            for fc, idx, held in checks:
-                p = args[idx] if idx is not None else held
-                if not fc.ok(p, check):
-                    raise StaleWeightError(
-                        f"qbackend: parameter {fc.name!r} was changed in place after compiling, but SmoothQuant folded "
-                        "it into constants; recompile (torch._dynamo.reset()) to use the new value"
-                    )
-            return compiled(*args)
-
-        return run
+        return guard_folded(self.sources, self.weight_check, compiled, "SmoothQuant")
 
 
 def run_w8a8(gm: fx.GraphModule, config: Any, measure_error: bool = False) -> W8A8Result:

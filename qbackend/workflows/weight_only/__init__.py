@@ -5,12 +5,21 @@ Compile path: :func:`.pipeline.run_weight_only`; module path: :func:`.quantize.q
 method (round to nearest, GPTQ): :mod:`.method`.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 from .linear import QuantizedLinear
 from .lower import lower_linears
 from .method import MethodConfig, MethodConfigError, MethodReport, normalize
-from .pipeline import run_weight_only
+from .pipeline import WeightOnlyResult, run_weight_only
 from .quantize import prequantized_rows, quantize_weight_only
 from .records import RECORD_KINDS, build_quantized_linear, record_quantized_linear
+
+
+def _guard(result: Any, compiled: Callable) -> Callable:
+    """An AWQ fold's per-call check that no folded parameter changed (other results: none)."""
+    return result.guard_folded(compiled) if isinstance(result, WeightOnlyResult) else compiled
+
 
 #: this workflow's handlers, as the fields of ``qbackend.core.registry.Workflow``
 WORKFLOW = {
@@ -18,6 +27,7 @@ WORKFLOW = {
     "compile": run_weight_only,
     "quantize": quantize_weight_only,
     "normalize": normalize,
+    "guard": _guard,
     "explain": prequantized_rows,
     "modules": (QuantizedLinear,),
     "record": record_quantized_linear,

@@ -27,8 +27,10 @@ import torch.fx as fx
 from ...kernels import KernelWeight, UnsupportedWeight
 from ...kernels.compute_policy import DEFAULT_OPTION, call_mode, resolve_weight
 from ...kernels.families import by_op_name
+from ...passes.channel_fold import FoldReport
 from ...passes.graph import attach_tensor, attr_name, become
 from ...passes.lowering import BUFFER_PREFIX, Lowered, LoweringResult
+from ...passes.params import ParamRef
 from ...passes.report import Report, float_row
 from ...passes.select_layers import LayerPlan
 from ...passes.weight_cache import QuantEntry, dequantize_kernel_weight, effective_weight, get_entry
@@ -37,14 +39,15 @@ from ...passes.weight_cache import QuantEntry, dequantize_kernel_weight, effecti
 def lower_linears(
     gm: fx.GraphModule, plans: list[LayerPlan], measure_error: bool = False,
     quantizer_for: Callable[[LayerPlan], Any] | None = None, progress: Callable[[list], Iterable] | None = None,
-    compute: str = DEFAULT_OPTION,
+    compute: str = DEFAULT_OPTION, fold: FoldReport | None = None,
 ) -> LoweringResult:  # fmt: skip
     """Rewrite ``gm`` in place for ``plans``; returns the per-layer report and the quantized weights.
 
     quantizer_for: a calibrated method's quantizer of a plan (None: round to nearest); progress:
     wraps the plans for a progress bar. ``compute``: the config's option ("auto", "fp32", "bf16",
     "int8"), resolved per layer; raises ``ComputeUnavailable`` for an explicit mode this CPU lacks
-    the instructions for.
+    the instructions for. ``fold``: a channel fold already applied to ``gm`` (AWQ): a layer whose
+    output rows absorbed the next group's s is quantized from its folded weight, with its folded bias.
     """
     result = LoweringResult(Report(graphs=1))
     for plan in progress(plans) if progress is not None else plans:
@@ -57,7 +60,9 @@ def lower_linears(
         assert plan.scheme is not None
         try:
             quantizer = quantizer_for(plan) if quantizer_for is not None else None
-            entry = get_entry(plan.param.tensor, plan.scheme, plan.transposed, plan.name, measure_error, quantizer)
+            folded = next((fold.weights[s.node] for s in sites if s.node in fold.weights), None) if fold else None
+            source = plan.param.tensor if folded is None else folded
+            entry = get_entry(source, plan.scheme, plan.transposed, plan.name, measure_error, quantizer)
         except UnsupportedWeight as e:
             row.reason = f"unsupported: {e.reason}"
             continue
@@ -73,14 +78,22 @@ def lower_linears(
             rows = _static_rows(site.x)
             site_mode = mode if rows is None else call_mode(compute, family, mode, rows)
             x = site.x if scale_attr is None else _scaled_input(gm, site, scale_attr)
-            become(gm.graph, site, kw.op, (x, *attrs, site.bias, *kw.statics, site_mode))
+            bias = site.bias
+            if fold is not None:  # the fold's explicit multiply of x, folded bias
+                x = next((fold.replaced[(r, x)] for r in (site.node, *site.consumed) if (r, x) in fold.replaced), x)
+                bias = fold.replaced.get((site.node, bias), bias)  # type: ignore[arg-type]
+            become(gm.graph, site, kw.op, (x, *attrs, bias, *kw.statics, site_mode))
             result.nodes += 1
-        result.lowered.append(Lowered(entry, plan.param))
+        # A folded weight is guarded by the fold (its parameter may not change); the entry follows the copy.
+        ref = plan.param if folded is None else ParamRef(plan.param.fqn + " (folded)", folded, None)
+        result.lowered.append(Lowered(entry, ref))
         row.quantized, row.format, row.compute = True, entry.scheme.name, mode
         row.bits_per_param, row.bytes_after = entry.bits_per_param, entry.nbytes
         if measure_error:
-            param = plan.param.tensor
-            row.rel_error = entry.relative_error(param) if scale is None else _scaled_error(plan, entry, scale)
+            inv = scale if scale is not None else _folded_inv_scale(entry.quantizer)
+            row.rel_error = entry.relative_error(source) if inv is None else _scaled_error(source, plan, entry, inv)
+    if fold is not None:  # the float copies of folded weights read by no one now (quantized above)
+        _drop_unused_buffers(gm, BUFFER_PREFIX + "awq_")
     if result.nodes:
         gm.graph.lint()
         gm.recompile()
@@ -108,9 +121,29 @@ def _scaled_input(gm: fx.GraphModule, site: Any, scale: fx.Node) -> fx.Node:
     return mul
 
 
-def _scaled_error(plan: LayerPlan, entry: QuantEntry, scale: torch.Tensor) -> float:
+def _folded_inv_scale(quantizer: Any) -> torch.Tensor | None:
+    fold = getattr(quantizer, "fold", None)
+    return None if fold is None else 1.0 / fold[0].float()
+
+
+def _drop_unused_buffers(gm: fx.GraphModule, prefix: str) -> None:
+    """Erase unread ``get_attr`` nodes of buffers named ``prefix...`` and the buffers no node reads."""
+    dropped = set()
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users and str(node.target).startswith(prefix):
+            dropped.add(str(node.target))
+            gm.graph.erase_node(node)
+    still_read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in dropped - still_read:
+        delattr(gm, name)
+        getattr(gm, "_param_name_to_source", {}).pop(name, None)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _scaled_error(source: torch.Tensor, plan: LayerPlan, entry: QuantEntry, scale: torch.Tensor) -> float:
     """||W - dequant(W_q) * (1/s)|| / ||W||: the weight AWQ's layer computes with (its codes hold W * s)."""
-    w = effective_weight(plan.param.tensor, plan.transposed).float()
+    w = effective_weight(source, plan.transposed).float()
     deq = dequantize_kernel_weight(entry.kw).to(w.device) * scale.to(w.device)
     return float((w - deq).norm() / w.norm()) if float(w.norm()) > 0 else float((w - deq).norm())
 

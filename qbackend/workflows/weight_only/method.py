@@ -7,14 +7,16 @@
 
 GPTQ and AWQ store their weights in the same formats as round to nearest (:mod:`qbackend.formats.gptq`,
 :mod:`qbackend.formats.awq`): kernels, save/load and the bitsandbytes export are unchanged, and a
-loaded model never re-runs them. AWQ's per-input-channel ``1 / s`` is an explicit multiply of the
-layer's input (``QuantizedLinear.input_scale``; a ``mul`` before the op in a compiled graph), saved
-with the layer; a layer whose search keeps s = 1 has none.
+loaded model never re-runs them. AWQ's per-input-channel ``1 / s`` is folded into the op producing
+the layer's input where that is exact (one s per group of layers sharing the input; :mod:`.awq_fold`),
+else an explicit multiply of the layer's input (``QuantizedLinear.input_scale``; a ``mul`` before the
+op in a compiled graph), saved with the layer; a layer whose search keeps s = 1 has none.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -53,7 +55,12 @@ class MethodConfig:
         "dynamic" or "static" (from the original weight).
     grid: AWQ scale search points (alpha = i / grid); duo: AWQ also searches s = mean|x|^alpha /
         w_mean^(1 - alpha); clip: AWQ per-group clip search;
-        max_shrink: the most the clip search shrinks a group's range (0.5: down to half).
+        max_shrink: the most the clip search shrinks a group's range (0.5: down to half);
+        fold: compiled graphs fold AWQ's 1/s into the op producing the layers' input where that is
+        exact (a norm, a per-channel multiply, the previous linear's rows; one s searched jointly for
+        the layers sharing that input), an explicit multiply elsewhere (:mod:`.awq_fold`); "multiply":
+        the same group s as an explicit multiply; False: each layer its own s and multiply.
+        ``quantize_`` always uses per-layer multiplies.
     min_tokens: a layer seen on fewer calibration tokens is an error (too few samples).
     fallback: what a layer the method cannot handle gets: "error" (default: raise, naming the layer)
         or "rtn" (round to nearest, reported).
@@ -68,6 +75,7 @@ class MethodConfig:
     duo: bool = True
     clip: bool = True
     max_shrink: float = 0.5
+    fold: bool | Literal["multiply"] = True
     min_tokens: int = 64
     fallback: Literal["error", "rtn"] = "error"
 
@@ -86,6 +94,8 @@ class MethodConfig:
             raise MethodConfigError(f"method groups must be 'auto', 'dynamic' or 'static'; got {self.groups!r}")
         if self.fallback not in ("error", "rtn"):
             raise MethodConfigError(f"method fallback must be 'error' or 'rtn'; got {self.fallback!r}")
+        if self.fold not in (True, False, "multiply") or not isinstance(self.fold, (bool, str)):
+            raise MethodConfigError(f"method fold must be True, False or 'multiply'; got {self.fold!r}")
         for key in ("act_order", "clip", "duo"):
             if not isinstance(getattr(self, key), bool):
                 raise MethodConfigError(f"method {key} must be a bool; got {getattr(self, key)!r}")
@@ -155,7 +165,7 @@ class MethodRow:
     error: float | None = None
     seconds: float = 0.0
     note: str = ""
-    input_scale: str = ""  # AWQ: where 1/s went ("multiply": explicit, "none": s = 1)
+    input_scale: str = ""  # AWQ: where 1/s went ("multiply": explicit, "folded": into the producer, "none": s = 1)
 
 
 @dataclass
@@ -189,6 +199,8 @@ class CalibratedQuantizer:
     ``input_scale``: AWQ's ``1 / s`` (fp32 ``[K]``) the layer's input must be multiplied by, or None;
     a re-run writes the new values into the same tensor (graphs read it), and raises
     `StaleWeightError` (recompile) if a layer without one would now need one.
+    ``fold``: AWQ with a fixed s already folded into the op producing the input (s, and how it was
+    chosen for the report): no search, no multiply (``input_scale`` stays None).
     """
 
     layer: str
@@ -198,6 +210,8 @@ class CalibratedQuantizer:
     key: str
     row: MethodRow | None = None
     input_scale: torch.Tensor | None = None
+    fold: tuple[torch.Tensor, str] | None = None
+    unfolded: str = ""  # why the compiled graph could not fold this layer's 1/s (AWQ with fold)
     _runs: int = 0
 
     def __call__(self, w: torch.Tensor) -> QuantizedWeight:
@@ -208,12 +222,17 @@ class CalibratedQuantizer:
             hessian = self._hessian(w)
             m = self.method
             if m.name == "awq":
+                fixed = None if self.fold is None else self.fold[0]
                 a = awq_quantize(w, hessian, self._act_mean(w), self.scheme, grid=m.grid, duo=m.duo, clip=m.clip,
-                                 max_shrink=m.max_shrink, name=self.layer)  # fmt: skip
+                                 max_shrink=m.max_shrink, name=self.layer, scale=fixed)  # fmt: skip
                 qw, row.rtn_error, row.error, input_scale = a.qweight, a.rtn_error, a.error, a.input_scale
                 row.input_scale = "multiply" if input_scale is not None else "none"
                 clip = f", {a.clipped} groups clipped" if a.clip else ", no clip search (blocks straddle rows)"
                 row.note = f"alpha={a.alpha:g}{' (x/w)' if a.duo else ''}{clip}"
+                if self.fold is not None:  # 1/s lives in the producer: no multiply
+                    input_scale, row.input_scale, row.note = None, "folded", f"{self.fold[1]}{clip}"
+                elif input_scale is not None and self.unfolded:
+                    row.note += f"; not folded: {self.unfolded}"
                 kept = a.kept_rtn
             else:
                 g = gptq_quantize(w, hessian, self.scheme, damp=m.damp, block=m.block, act_order=m.act_order,
@@ -280,14 +299,19 @@ class CalibratedQuantizer:
         return st.hessian.to(w.device)
 
 
-def calibrated_quantizer(layer: str, scheme: Scheme, config: Any) -> CalibratedQuantizer | None:
-    """The quantizer of ``layer`` for ``config`` (a ``QuantConfig``), or None for round to nearest."""
+def calibrated_quantizer(
+    layer: str, scheme: Scheme, config: Any, fold: tuple[torch.Tensor, str] | None = None
+) -> CalibratedQuantizer | None:
+    """The quantizer of ``layer`` for ``config`` (a ``QuantConfig``), or None for round to nearest;
+    ``fold``: AWQ's fixed s folded into the producer of the input (and its description)."""
     method: MethodConfig | None = config.method
     if method is None or not method.calibrated:
         return None
     cal: CalibrationResult = config.calibration
     key = f"{method.fingerprint()}|{cal.fingerprint()}|{layer}"
-    return CalibratedQuantizer(layer, scheme, method, cal.get(layer), key)
+    if fold is not None:
+        key += "|fold:" + hashlib.sha1(fold[0].detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+    return CalibratedQuantizer(layer, scheme, method, cal.get(layer), key, fold=fold)
 
 
 

@@ -9,6 +9,8 @@ its float weights) untouched, because the module is the user's. To free the floa
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 import torch
@@ -16,26 +18,41 @@ from torch import nn
 
 from ...formats import quantize
 from ...kernels import KernelWeight, UnsupportedWeight, prepare_weight
-from ...passes.modules import is_conv1d, linear_modules
+from ...passes import find_linears, graph_params, select_layers
+from ...passes.channel_fold import FoldReport
+from ...passes.modules import is_conv1d, linear_modules, set_param
+from ...passes.params import get_attr
 from ...passes.report import LayerReport, Report, float_row
 from ...passes.select_layers import decide_layer
+from ...passes.trace import TraceError, trace_once
+from .awq_fold import awq_fold, fold_of
 from .linear import QuantizedLinear
 from .method import calibrated_quantizer, layer_progress, method_section
+
+log = logging.getLogger("qbackend")
 
 
 def quantize_weight_only(model: nn.Module, config: Any, example_inputs: Any = None) -> Report:
     """Replace eligible linear modules of ``model`` (in place) by `QuantizedLinear`; returns the report.
 
-    ``config``: a ``QuantConfig`` (its format, include/exclude, min_params, method, compute). ``example_inputs``
-    is not used. Modules sharing one weight (tied) share one set of quantized tensors. With a
-    calibrated ``method`` the per-layer outcome is in ``report.sections[method]``.
+    ``config``: a ``QuantConfig`` (its format, include/exclude, min_params, method, compute). Modules
+    sharing one weight (tied) share one set of quantized tensors. With a calibrated ``method`` the
+    per-layer outcome is in ``report.sections[method]``. AWQ with ``fold`` (True) traces the model once
+    with Dynamo on ``example_inputs`` (default: the calibration's first batch) and folds each group's s
+    as the compiled model does (:func:`_awq_module_folds`): the folded norm parameters / producing
+    linear rows are set on the modules (a checkpoint holds them); the fold report is in
+    ``report.sections["awq_fold"]``. Where the model does not trace as one graph, or a folded
+    parameter cannot be held by one module, every layer keeps its own s and multiply (logged).
     """
     report = Report(graphs=0)
     shared: dict[tuple[int, bool], tuple[KernelWeight, torch.Tensor | None]] = {}
     method = getattr(config, "method", None)
     calibrated = method is not None and method.calibrated
     runs = []
-    modules = list(linear_modules(model))
+    modules = all_modules = list(linear_modules(model))
+    fold, folded = None, {}
+    if calibrated and method.name == "awq" and method.fold is True:
+        fold, folded = _awq_module_folds(model, config, example_inputs, {m[0] for m in modules})
     if calibrated:
         modules = layer_progress(method.name, label=lambda m: m[0])(modules)
     for name, parent, child_name, mod in modules:
@@ -48,10 +65,13 @@ def quantize_weight_only(model: nn.Module, config: Any, example_inputs: Any = No
             continue
         key = (id(w), transposed)
         kw, input_scale = shared.get(key, (None, None))
+        bias = folded.get(f"{name}.bias", mod.bias)
         if kw is None:
-            weight = w.detach().t().contiguous() if transposed else w.detach()
+            src = folded.get(f"{name}.weight", w)  # output rows that absorbed the next group's 1/s
+            weight = src.detach().t().contiguous() if transposed else src.detach()
             try:
-                quantizer = calibrated_quantizer(name, scheme, config) if calibrated else None
+                group = fold_of(fold, name) if fold is not None else None
+                quantizer = calibrated_quantizer(name, scheme, config, group) if calibrated else None
                 qw = quantize(weight, scheme, name=name) if quantizer is None else quantizer(weight)
                 runs.append(quantizer)
                 kw = prepare_weight(qw)
@@ -65,12 +85,54 @@ def quantize_weight_only(model: nn.Module, config: Any, example_inputs: Any = No
         else:
             row.bytes_after = 0  # shares the tensors counted on the first layer
             row.bits_per_param = 0.0
-        new = QuantizedLinear(kw, mod.bias, scheme, getattr(config, "compute", "auto"), input_scale)
+        new = QuantizedLinear(kw, bias, scheme, getattr(config, "compute", "auto"), input_scale)
         setattr(parent, child_name, new)
         row.quantized, row.format, row.compute = True, scheme.name, new.compute
+    swapped = {name for name, _, _, _ in all_modules if isinstance(model.get_submodule(name), QuantizedLinear)}
+    for fqn, value in folded.items():  # norms (and linears left float) holding 1/s
+        if fqn.rpartition(".")[0] not in swapped:
+            set_param(model, fqn, value)
     if calibrated:
         report.sections[method.name] = [method_section(method, runs)]
+    if fold is not None:
+        report.sections["awq_fold"] = [fold]
     return report
+
+
+def _awq_module_folds(
+    model: nn.Module, config: Any, example_inputs: Any, modules: set[str]
+) -> tuple[FoldReport | None, dict[str, torch.Tensor]]:
+    """``(fold report, parameter name -> folded value)`` of the compiled path's AWQ folds on a trace of
+    ``model``, or ``(None, {})`` (every layer its own multiply) where the module form cannot hold them."""
+    example = example_inputs if example_inputs is not None else config.calibration.example
+    if example is None:
+        log.warning("qbackend: AWQ module form: no example batch to trace (pass example_inputs=): no folds, "
+                    "every layer multiplies its input by its own 1/s")  # fmt: skip
+        return None, {}
+    try:
+        gm = trace_once(model, example)
+    except TraceError as e:
+        log.warning("qbackend: AWQ module form: the model does not trace as one graph (%s): no folds, every layer "
+                    "multiplies its input by its own 1/s", e)  # fmt: skip
+        return None, {}
+    sites = find_linears(gm)
+    foreign = sorted({s.layer_name for s in sites} - modules)
+    if foreign:  # no module to swap: they stay float here, so must not be part of a group
+        config = config.replace(exclude=(*config.exclude, *(re.compile(re.escape(n)) for n in foreign)))
+    fold = awq_fold(gm, select_layers(sites, config), config)
+    params = graph_params(gm)
+    found: dict[str, list[torch.Tensor]] = {}
+    for (_reader, orig), new in fold.replaced.items():
+        ref = params.get(orig)
+        if ref is not None and new.op == "get_attr":
+            found.setdefault(ref.fqn, []).append(get_attr(gm, new.target))
+    read_unfolded = {ref.fqn for node, ref in params.items() if ref.fqn in found and node.users}
+    clash = sorted(f for f, vs in found.items() if f in read_unfolded or any(not torch.equal(v, vs[0]) for v in vs[1:]))
+    if clash:
+        log.warning("qbackend: AWQ module form: %s would be folded differently for two uses (or also read unfolded): "
+                    "no folds, every layer multiplies its input by its own 1/s", clash[0])  # fmt: skip
+        return None, {}
+    return fold, {f: vs[0] for f, vs in found.items()}
 
 
 

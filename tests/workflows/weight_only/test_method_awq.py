@@ -45,7 +45,7 @@ def cal():
 
 
 def _opts(cal, preset="int4", exclude=("unused",), **method):
-    method = {"name": "awq", "grid": 10, **method}
+    method = {"name": "awq", "grid": 10, "fold": False, **method}  # per-layer multiplies (folds: test_awq_fold.py)
     return {"preset": preset, "min_params": 0, "exclude": list(exclude), "method": method, "calibration": cal}
 
 
@@ -74,9 +74,12 @@ def test_compiled_and_module_forms_agree_and_report_error_and_the_multiply(cal, 
 
 def test_explain_shows_error_before_and_after_and_where_1_over_s_went(cal):
     torch._dynamo.reset()
-    report = qbackend.explain(_net(), torch.randn(2, 5, 128), **_opts(cal))
+    report = qbackend.explain(_net(), torch.randn(2, 5, 128), **_opts(cal, fold=False))
     table = report.sections["awq"][0].table()
     assert "RTN err" in table and "1/s" in table and "multiply" in table and "alpha=" in table
+    torch._dynamo.reset()  # by default, up's 1/s is folded into the LayerNorm feeding only it
+    folded = qbackend.explain(_net(), torch.randn(2, 5, 128), **_opts(cal, fold=True)).sections["awq"][0].table()
+    assert "folded" in folded and "layer_norm -> ln" in folded
     # the weight error of a layer with 1/s is of the weight it computes with (its codes hold W * s)
     rtn = qbackend.explain(_net(), torch.randn(2, 5, 128), preset="int4", min_params=0, exclude=["unused"])
     assert report.layer("up").rel_error < 1.25 * rtn.layer("up").rel_error
@@ -151,6 +154,7 @@ def test_a_weight_changed_in_place_is_requantized_with_new_scales_in_the_compile
     x = torch.randn(2, 5, 128)
     m = _net()
     torch._dynamo.reset()
+    # per-layer multiplies: a layer whose 1/s is folded keeps that s on a re-run (the norm holds 1/s)
     compiled = torch.compile(m, backend="qbackend", options=_opts(cal))
     with torch.no_grad():
         compiled(x)
