@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,10 +31,16 @@ from ...kernels.families import by_op_name
 from ...passes.channel_fold import FoldReport
 from ...passes.graph import attach_tensor, attr_name, become
 from ...passes.lowering import BUFFER_PREFIX, Lowered, LoweringResult
-from ...passes.params import ParamRef
 from ...passes.report import Report, float_row
 from ...passes.select_layers import LayerPlan
-from ...passes.weight_cache import QuantEntry, dequantize_kernel_weight, effective_weight, get_entry
+from ...passes.weight_cache import (
+    QuantEntry,
+    StaleWeightError,
+    dequantize_kernel_weight,
+    effective_weight,
+    get_entry,
+)
+from ...passes.weight_stamp import WeightStamp
 
 
 def lower_linears(
@@ -47,7 +54,9 @@ def lower_linears(
     wraps the plans for a progress bar. ``compute``: the config's option ("auto", "fp32", "bf16",
     "int8"), resolved per layer; raises ``ComputeUnavailable`` for an explicit mode this CPU lacks
     the instructions for. ``fold``: a channel fold already applied to ``gm`` (AWQ): a layer whose
-    output rows absorbed the next group's s is quantized from its folded weight, with its folded bias.
+    output rows absorbed the next group's s is quantized from its folded weight, with its folded bias;
+    the folded copy is then dropped (the fold report keeps none) and the layer's entry checks a stamp
+    of the user's parameter (`FoldedEntry`).
     """
     result = LoweringResult(Report(graphs=1))
     for plan in progress(plans) if progress is not None else plans:
@@ -62,6 +71,7 @@ def lower_linears(
             quantizer = quantizer_for(plan) if quantizer_for is not None else None
             folded = next((fold.weights[s.node] for s in sites if s.node in fold.weights), None) if fold else None
             source = plan.param.tensor if folded is None else folded
+            stamp = None if folded is None else WeightStamp(plan.param.tensor)
             entry = get_entry(source, plan.scheme, plan.transposed, plan.name, measure_error, quantizer)
         except UnsupportedWeight as e:
             row.reason = f"unsupported: {e.reason}"
@@ -84,20 +94,51 @@ def lower_linears(
                 bias = fold.replaced.get((site.node, bias), bias)  # type: ignore[arg-type]
             become(gm.graph, site, kw.op, (x, *attrs, bias, *kw.statics, site_mode))
             result.nodes += 1
-        # A folded weight is guarded by the fold (its parameter may not change); the entry follows the copy.
-        ref = plan.param if folded is None else ParamRef(plan.param.fqn + " (folded)", folded, None)
-        result.lowered.append(Lowered(entry, ref))
+        # A folded weight's entry follows a stamp of the user's parameter, not the (dropped) folded copy.
+        result.lowered.append(Lowered(entry if stamp is None else FoldedEntry(entry, stamp), plan.param))
         row.quantized, row.format, row.compute = True, entry.scheme.name, mode
         row.bits_per_param, row.bytes_after = entry.bits_per_param, entry.nbytes
         if measure_error:
             inv = scale if scale is not None else _folded_inv_scale(entry.quantizer)
             row.rel_error = entry.relative_error(source) if inv is None else _scaled_error(source, plan, entry, inv)
-    if fold is not None:  # the float copies of folded weights read by no one now (quantized above)
+        del source, folded
+    if fold is not None:  # the float copies of folded weights, read by no one now (quantized above)
         _drop_unused_buffers(gm, BUFFER_PREFIX + "awq_")
+        fold.weights.clear()
     if result.nodes:
         gm.graph.lint()
         gm.recompile()
     return result
+
+
+@dataclass(eq=False)
+class FoldedEntry:
+    """The entry of a layer quantized from a folded copy of its parameter (AWQ: its output rows absorbed
+    the next group's 1/s), checked against a stamp of the user's parameter instead of a kept copy.
+
+    The codes cannot be re-made from the parameter alone (the fold would be lost), so a change is an
+    error to recompile, never a re-quantization (the fold's own guard, which runs first, says the same).
+    """
+
+    entry: QuantEntry
+    stamp: WeightStamp
+
+    name = property(lambda self: self.entry.name)
+    kw = property(lambda self: self.entry.kw)
+    scheme = property(lambda self: self.entry.scheme)
+    transposed = property(lambda self: self.entry.transposed)
+    quantizer = property(lambda self: self.entry.quantizer)
+
+    def is_stale(self, param: torch.Tensor, check: str = "sampled") -> bool:
+        return not self.stamp.matches(param, check)
+
+    def refresh(self, param: torch.Tensor, check: str | None = None) -> None:
+        if check is not None and self.stamp.matches(param, check):
+            return
+        raise StaleWeightError(
+            f"qbackend: weight of layer {self.name!r} was changed in place after compiling, but AWQ quantized it "
+            "with the next layer's 1/s folded in; recompile (torch._dynamo.reset()) to use the new value"
+        )
 
 
 def _register(gm: fx.GraphModule, layer: str, entry: QuantEntry) -> list[fx.Node | None]:
@@ -132,6 +173,7 @@ def _drop_unused_buffers(gm: fx.GraphModule, prefix: str) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users and str(node.target).startswith(prefix):
             dropped.add(str(node.target))
+            node.meta.pop("example_value", None)  # a fold report may still name the node: keep no value
             gm.graph.erase_node(node)
     still_read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     for name in dropped - still_read:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -133,6 +134,76 @@ def test_a_folded_norm_weight_changed_in_place_is_a_clear_error_to_recompile(lla
         with torch.no_grad():
             norm.copy_(saved)
         torch._dynamo.reset()
+
+
+def _float_tensors_shaped_like(model, shape) -> int:
+    """Live float tensors of ``shape`` that are not parameters of ``model`` (a census of the heap)."""
+    gc.collect()
+    params = {p.data_ptr() for p in model.parameters()}
+    fake = torch._subclasses.FakeTensor
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and not isinstance(o, fake)
+               and o.is_floating_point() and tuple(o.shape) == shape and o.data_ptr() not in params)  # fmt: skip
+
+
+def test_a_layer_quantized_from_folded_rows_keeps_no_float_copy_and_an_in_place_change_is_caught(llama):
+    m, cal = llama
+    ids = torch.randint(0, 100, (2, 5))
+    up = m.model.layers[0].mlp.up_proj.weight
+    saved = up.detach().clone()
+    torch._dynamo.reset()
+    baseline = _float_tensors_shaped_like(m, tuple(up.shape))
+    compiled = torch.compile(m, backend="qbackend", options=_opts(cal, True))
+    try:
+        with torch.no_grad():
+            first = compiled(input_ids=ids).logits
+            # up_proj (2 layers) is quantized from its rows divided by down_proj's s: no copy of them stays
+            assert _float_tensors_shaped_like(m, tuple(up.shape)) == baseline
+            assert torch.equal(compiled(input_ids=ids).logits, first)  # unchanged weights: no false alarm
+            up.mul_(1.5)  # the user's parameter, in place
+            with pytest.raises(StaleWeightError, match="up_proj.*changed in place.*recompile"):
+                compiled(input_ids=ids)
+            up.copy_(saved)  # version moved on: still an error, never the old codes silently
+            with pytest.raises(StaleWeightError, match="up_proj"):
+                compiled(input_ids=ids)
+            torch._dynamo.reset()
+            again = torch.compile(m, backend="qbackend", options=_opts(cal, True))(input_ids=ids).logits
+            torch.testing.assert_close(again, first, rtol=1e-5, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            up.copy_(saved)
+        torch._dynamo.reset()
+
+
+def test_the_folded_entry_alone_refuses_to_requantize_from_the_unfolded_parameter(llama):
+    from qbackend.testing.capture import capture_graph
+    from qbackend.workflows.weight_only.lower import FoldedEntry
+    from qbackend.workflows.weight_only.pipeline import run_weight_only
+
+    m, cal = llama
+    with torch.no_grad():
+        captured = capture_graph(m, input_ids=torch.randint(0, 100, (1, 4)))
+    result = run_weight_only(captured.gm, qbackend.QuantConfig.from_options(_opts(cal, True)))
+    torch._dynamo.reset()
+    folded = [lw for lw in result.lowered if isinstance(lw.entry, FoldedEntry)]
+    assert sorted(lw.param.fqn for lw in folded) == [f"model.layers.{i}.mlp.up_proj.weight" for i in (0, 1)]
+    assert not result.report.sections["awq_fold"][0].weights  # the fold report keeps no copy either
+    lw = folded[0]
+    up = captured.example_inputs[lw.param.input_index]
+    assert up is m.model.layers[0].mlp.up_proj.weight
+    codes = [t.clone() for t in lw.entry.kw.tensors if t is not None]
+    saved = up.detach().clone()
+    try:
+        assert not lw.entry.is_stale(up)
+        with torch.no_grad():
+            up.add_(0.01)
+        assert lw.entry.is_stale(up)
+        with pytest.raises(StaleWeightError, match="up_proj.*next layer's 1/s.*recompile"):
+            lw.entry.refresh(up)
+        after = [t for t in lw.entry.kw.tensors if t is not None]
+        assert all(torch.equal(a, b) for a, b in zip(codes, after, strict=True))  # nothing re-quantized
+    finally:
+        with torch.no_grad():
+            up.copy_(saved)
 
 
 def test_fold_option_is_validated():
