@@ -35,7 +35,7 @@ from qbackend.demo.sentences import CALIBRATION_SENTENCES, EVALUATION_SENTENCES,
 
 PRESETS = ("nf4", "int4", "int8")
 METHODS = (("rtn", None), ("gptq", {"name": "gptq"}), ("gptq act-order", {"name": "gptq", "act_order": True}),
-           ("awq", {"name": "awq"}))
+           ("awq", {"name": "awq"}), ("hqq", {"name": "hqq"}))
 
 
 def _hqq_model(model: torch.nn.Module, group_size: int) -> torch.nn.Module | None:
@@ -109,7 +109,7 @@ def main() -> None:
             model = copy.deepcopy(mm.model)
             opts = {"preset": preset}
             if method is not None:
-                opts.update(method=method, calibration=cal)
+                opts.update(method=method) if method["name"] == "hqq" else opts.update(method=method, calibration=cal)
             t0 = time.perf_counter()
             report = qbackend.quantize_(model, opts)
             dt = time.perf_counter() - t0

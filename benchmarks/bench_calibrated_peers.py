@@ -107,15 +107,18 @@ def gptqmodel_run(path, tok, cal):
     return m.model
 
 
-def hqq_run(model, group_size: int = 128):
+def hqq_run(model, group_size: int = 128, optimize: bool = True, round_zero: bool = False, axis: int = 1):
+    """HQQ's own quantizer. axis=1: groups of ``group_size`` along the input, as our int4 layout; axis=0:
+    groups along the OUTPUT channels (one per input column; HQQ's default, a layout our kernels lack).
+    round_zero=False (its 4-bit default) stores a float zero point, so 0.0 is not exactly representable."""
     from hqq.core.quantize import Quantizer
 
     for mod in model.modules():
         if isinstance(mod, torch.nn.Linear):
             w = mod.weight.data
             wq, meta = Quantizer.quantize(
-                w, nbits=4, channel_wise=True, group_size=group_size, optimize=True, round_zero=False, axis=1,
-                device="cpu", compute_dtype=torch.float32,
+                w, nbits=4, channel_wise=True, group_size=group_size, optimize=optimize, round_zero=round_zero,
+                axis=axis, device="cpu", compute_dtype=torch.float32,
             )  # fmt: skip
             mod.weight.data = Quantizer.dequantize(wq, meta).reshape(w.shape).float()
     return model
@@ -138,6 +141,9 @@ def main() -> None:
         "llm-compressor AWQ (W4A16_ASYM g128)": lambda: llmcompressor_run(copy.deepcopy(base), tok, cal, "awq"),
         "GPTQModel (4 bit, g128, asym)": lambda: gptqmodel_run(path, tok, cal),
         "hqq 4 bit g128 (no data)": lambda: hqq_run(copy.deepcopy(base)),
+        "hqq 4 bit g128, optimize off (its own RTN)": lambda: hqq_run(copy.deepcopy(base), optimize=False),
+        "hqq 4 bit g128, integer zero (round_zero)": lambda: hqq_run(copy.deepcopy(base), round_zero=True),
+        "hqq 4 bit g128, axis 0 (groups along outputs)": lambda: hqq_run(copy.deepcopy(base), axis=0),
     }
     rows = []
     for name, run in runs.items():

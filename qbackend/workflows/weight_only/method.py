@@ -1,9 +1,15 @@
-"""How weight-only layers are rounded: ``method`` "rtn" (round to nearest), "gptq" or "awq".
+"""How weight-only layers are rounded: ``method`` "rtn" (round to nearest), "gptq", "awq" or "hqq".
 
 >>> cal = qbackend.calibrate(model, batches, hessian=True)         # mean X^T X per layer input
 >>> torch.compile(model, backend="qbackend", options={"preset": "nf4", "method": "gptq", "calibration": cal})
 >>> qbackend.quantize_(model, {"preset": "int4", "method": {"name": "gptq", "act_order": True}, "calibration": cal})
 >>> qbackend.quantize_(model, {"preset": "int4", "method": "awq", "calibration": cal})
+>>> qbackend.quantize_(model, {"preset": "nf4", "method": "hqq"})                 # no data
+
+HQQ (:mod:`qbackend.formats.hqq`) needs no calibration: it refines each unit's constants under an
+lp-norm of the weight error (nf4, fp4, int4). On the real MiniLM it is no real gain over round to
+nearest (mean embedding cosine nf4 0.9737 -> 0.9745, fp4 0.9530 -> 0.9569, int4 0.9609 -> 0.9608;
+RESULTS.md): an option for calibration-free use, not a substitute for GPTQ or AWQ.
 
 GPTQ and AWQ store their weights in the same formats as round to nearest (:mod:`qbackend.formats.gptq`,
 :mod:`qbackend.formats.awq`): kernels, save/load and the bitsandbytes export are unchanged, and a
@@ -29,12 +35,14 @@ import torch
 from ...formats import QuantizedWeight, Scheme, quantize
 from ...formats.awq import awq_quantize
 from ...formats.gptq import CalibrationDataError, gptq_quantize, output_error
+from ...formats.hqq import hqq_quantize
+from ...formats.scheme import FormatError
 from ...passes.calibration_result import CalibrationResult, LayerStats
 from ...passes.weight_cache import StaleWeightError
 
 log = logging.getLogger("qbackend")
 
-METHODS: tuple[str, ...] = ("rtn", "gptq", "awq")
+METHODS: tuple[str, ...] = ("rtn", "gptq", "awq", "hqq")
 CALIBRATED: tuple[str, ...] = ("gptq", "awq")
 
 
@@ -47,7 +55,7 @@ class MethodConfig:
     """The ``method`` option of weight-only presets.
 
     name: "rtn" (round to nearest, no data), "gptq" or "awq" (both need ``calibration``, calibrated
-        with ``hessian=True``).
+        with ``hessian=True``), "hqq" (no data; nf4, fp4 and int4 only).
     damp: GPTQ dampening, as a fraction of the mean diagonal of X^T X.
     block: GPTQ lazy-batch width (columns rounded before one matrix update of the rest).
     act_order: GPTQ rounds columns in order of decreasing activation energy (static groups).
@@ -62,6 +70,8 @@ class MethodConfig:
         the same group s as an explicit multiply; False: each layer its own s and multiply.
         ``quantize_`` always uses per-layer multiplies.
     min_tokens: a layer seen on fewer calibration tokens is an error (too few samples).
+    lp_norm, beta, kappa, iters: HQQ's objective ``sum |W - deq|^lp_norm`` and its solver (penalty
+        beta, times kappa each of iters rounds; :mod:`qbackend.formats.hqq`).
     fallback: what a layer the method cannot handle gets: "error" (default: raise, naming the layer)
         or "rtn" (round to nearest, reported).
     """
@@ -78,12 +88,24 @@ class MethodConfig:
     fold: bool | Literal["multiply"] = True
     min_tokens: int = 64
     fallback: Literal["error", "rtn"] = "error"
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+    iters: int = 20
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise MethodConfigError(f"unknown method {self.name!r}; valid: {', '.join(METHODS)}")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or self.damp < 0:
             raise MethodConfigError(f"method damp must be a number >= 0; got {self.damp!r}")
+        rules = (("lp_norm", lambda v: 0 < v <= 1, "in (0, 1]"), ("beta", lambda v: v > 0, "> 0"),
+                 ("kappa", lambda v: v >= 1, ">= 1"))  # fmt: skip
+        for key, ok, rule in rules:
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+                raise MethodConfigError(f"method {key} must be a number {rule}; got {v!r}")
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
+            raise MethodConfigError(f"method iters must be an int >= 0; got {self.iters!r}")
         for key in ("block", "grid"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -106,6 +128,11 @@ class MethodConfig:
     @property
     def calibrated(self) -> bool:
         return self.name in CALIBRATED
+
+    @property
+    def refines(self) -> bool:
+        """Whether layers run a quantizer of their own (every method but round to nearest)."""
+        return self.name != "rtn"
 
     @classmethod
     def from_value(cls, value: Any) -> MethodConfig:
@@ -301,18 +328,55 @@ class CalibratedQuantizer:
 
 def calibrated_quantizer(
     layer: str, scheme: Scheme, config: Any, fold: tuple[torch.Tensor, str] | None = None
-) -> CalibratedQuantizer | None:
+) -> CalibratedQuantizer | HQQQuantizer | None:
     """The quantizer of ``layer`` for ``config`` (a ``QuantConfig``), or None for round to nearest;
     ``fold``: AWQ's fixed s folded into the producer of the input (and its description)."""
     method: MethodConfig | None = config.method
-    if method is None or not method.calibrated:
+    if method is None or not method.refines:
         return None
+    if not method.calibrated:
+        return HQQQuantizer(layer, scheme, method, f"{method.fingerprint()}|{layer}")
     cal: CalibrationResult = config.calibration
     key = f"{method.fingerprint()}|{cal.fingerprint()}|{layer}"
     if fold is not None:
         key += "|fold:" + hashlib.sha1(fold[0].detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
     return CalibratedQuantizer(layer, scheme, method, cal.get(layer), key, fold=fold)
 
+
+
+@dataclass(eq=False)
+class HQQQuantizer:
+    """Quantizes one layer's ``[N, K]`` weight with HQQ (no data); ``row``: the latest outcome, whose
+    errors are relative WEIGHT errors ``||W - W_q|| / ||W||`` (there are no inputs to measure on)."""
+
+    layer: str
+    scheme: Scheme
+    method: MethodConfig
+    key: str
+    row: MethodRow | None = None
+    input_scale: torch.Tensor | None = None  # never: HQQ does not scale inputs
+
+    def __call__(self, w: torch.Tensor) -> QuantizedWeight:
+        t0 = time.perf_counter()
+        m = self.method
+        row = MethodRow(self.layer, "hqq")
+        try:
+            r = hqq_quantize(w, self.scheme, lp_norm=m.lp_norm, beta=m.beta, kappa=m.kappa, iters=m.iters,
+                             name=self.layer)  # fmt: skip
+        except FormatError as e:
+            if m.fallback != "rtn" or "refines" not in str(e):
+                raise
+            qw = quantize(w, self.scheme, name=self.layer)
+            row.method, row.note = "rtn", f"fallback: {e}"
+            log.warning("qbackend: %s: hqq kept round to nearest (%s)", self.layer, e)
+        else:
+            qw, row.rtn_error, row.error = r.qweight, r.rtn_error, r.error
+            gain = 1 - r.objective / r.rtn_objective if r.rtn_objective > 0 else 0.0
+            row.note = (f"weight errors (no data); |W-Wq|^{m.lp_norm:g} {100 * gain:.1f}% below RTN, "
+                        f"{r.changed}/{r.units} units refined")  # fmt: skip
+        row.seconds = time.perf_counter() - t0
+        self.row = row
+        return qw
 
 
 def layer_progress(method: str, label: Callable[[Any], str] = lambda plan: plan.name) -> Callable[[list], Any]:
@@ -332,6 +396,6 @@ def layer_progress(method: str, label: Callable[[Any], str] = lambda plan: plan.
     return wrap
 
 
-def method_section(method: MethodConfig, quantizers: list[CalibratedQuantizer | None]) -> MethodReport:
+def method_section(method: MethodConfig, quantizers: list[CalibratedQuantizer | HQQQuantizer | None]) -> MethodReport:
     """The per-layer report of the quantizers that ran (rows of cached weights come from their first run)."""
     return MethodReport(method.name, [q.row for q in quantizers if q is not None and q.row is not None])

@@ -1,10 +1,10 @@
 """The weight-only compile path on a Dynamo graph: find -> select -> (AWQ fold) -> lower.
 
 With a calibrated ``method`` ("gptq" or "awq", :mod:`.method`), the weights are rounded with the
-calibration's statistics; the per-layer outcome is in ``report.sections[method]``. AWQ with ``fold``
-first folds a jointly searched s into the producer of each exactly foldable group (:mod:`.awq_fold`;
-the groups are in ``report.sections["awq_fold"]``); parameters folded into constants are then
-checked on every call (:meth:`WeightOnlyResult.guard_folded`).
+calibration's statistics (HQQ: refined without data); the per-layer outcome is in
+``report.sections[method]``. AWQ with ``fold`` first folds a jointly searched s into the producer
+of each exactly foldable group (:mod:`.awq_fold`; the groups are in ``report.sections["awq_fold"]``);
+parameters folded into constants are then checked on every call (:meth:`WeightOnlyResult.guard_folded`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def run_weight_only(gm: fx.GraphModule, config: Any, measure_error: bool = False
     plans = select_layers(find_linears(gm), config)
     method = getattr(config, "method", None)
     compute = getattr(config, "compute", "auto")
-    if method is None or not method.calibrated:
+    if method is None or not method.refines:
         return lower_linears(gm, plans, measure_error=measure_error, compute=compute)
     fold = awq_fold(gm, plans, config) if method.name == "awq" and method.fold else None
 

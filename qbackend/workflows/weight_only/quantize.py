@@ -36,7 +36,7 @@ def quantize_weight_only(model: nn.Module, config: Any, example_inputs: Any = No
     """Replace eligible linear modules of ``model`` (in place) by `QuantizedLinear`; returns the report.
 
     ``config``: a ``QuantConfig`` (its format, include/exclude, min_params, method, compute). Modules
-    sharing one weight (tied) share one set of quantized tensors. With a calibrated ``method`` the
+    sharing one weight (tied) share one set of quantized tensors. With a ``method`` other than "rtn" the
     per-layer outcome is in ``report.sections[method]``. AWQ with ``fold`` (True) traces the model once
     with Dynamo on ``example_inputs`` (default: the calibration's first batch) and folds each group's s
     as the compiled model does (:func:`_awq_module_folds`): the folded norm parameters / producing
@@ -47,13 +47,13 @@ def quantize_weight_only(model: nn.Module, config: Any, example_inputs: Any = No
     report = Report(graphs=0)
     shared: dict[tuple[int, bool], tuple[KernelWeight, torch.Tensor | None]] = {}
     method = getattr(config, "method", None)
-    calibrated = method is not None and method.calibrated
+    refined = method is not None and method.refines  # a method of its own (HQQ: without data)
     runs = []
     modules = all_modules = list(linear_modules(model))
     fold, folded = None, {}
-    if calibrated and method.name == "awq" and method.fold is True:
+    if refined and method.name == "awq" and method.fold is True:
         fold, folded = _awq_module_folds(model, config, example_inputs, {m[0] for m in modules})
-    if calibrated:
+    if refined:
         modules = layer_progress(method.name, label=lambda m: m[0])(modules)
     for name, parent, child_name, mod in modules:
         transposed = is_conv1d(mod)
@@ -71,7 +71,7 @@ def quantize_weight_only(model: nn.Module, config: Any, example_inputs: Any = No
             weight = src.detach().t().contiguous() if transposed else src.detach()
             try:
                 group = fold_of(fold, name) if fold is not None else None
-                quantizer = calibrated_quantizer(name, scheme, config, group) if calibrated else None
+                quantizer = calibrated_quantizer(name, scheme, config, group) if refined else None
                 qw = quantize(weight, scheme, name=name) if quantizer is None else quantizer(weight)
                 runs.append(quantizer)
                 kw = prepare_weight(qw)
@@ -92,7 +92,7 @@ def quantize_weight_only(model: nn.Module, config: Any, example_inputs: Any = No
     for fqn, value in folded.items():  # norms (and linears left float) holding 1/s
         if fqn.rpartition(".")[0] not in swapped:
             set_param(model, fqn, value)
-    if calibrated:
+    if refined:
         report.sections[method.name] = [method_section(method, runs)]
     if fold is not None:
         report.sections["awq_fold"] = [fold]
