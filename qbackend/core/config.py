@@ -93,7 +93,7 @@ class QuantConfig:
     calibration: a :class:`qbackend.CalibrationResult` (``qbackend.calibrate(...)``) or the path it was
         saved to: SmoothQuant's statistics (without one, W8A8 is naive) or a calibrated method's.
     method: how weight-only layers are rounded: "rtn" (default: round to nearest), "gptq" or "awq" (need
-        ``calibration``), or a dict of ``qbackend.workflows.weight_only.MethodConfig`` fields.
+        ``calibration``), "hqq" (no data), or a dict of ``qbackend.workflows.weight_only.MethodConfig`` fields.
     """
 
     format: Format = "nf4"

@@ -7,7 +7,9 @@ exchange for small errors elsewhere. HQQ's half-quadratic splitting adds an auxi
 
 * codes: round to nearest on the current constants;
 * ``E = shrink_p(W - deq, beta)`` (the lp proximal step: errors below ``beta^(-1 / (2 - p))`` become 0);
-* constants: the least-squares fit of the codes to ``W - E``.
+* constants: the least-squares fit of the codes to ``W - E``;
+
+stopping early once a round improves no unit (as HQQ's own solver stops once its error stops falling).
 
 HQQ's own formulation refines a float zero point with the scale fixed. Our int4 format stores an
 integer zero point (uint8, as every int4 kernel and checkpoint reads it), so the fit here updates the
@@ -107,6 +109,8 @@ def hqq_quantize(
         codes, deq = grid.encode(W)
         obj = units.objective(W - deq, lp_norm)
         better = obj < best_obj
+        if not bool(better.any()):  # as HQQ's own solver: stop once a round improves nothing
+            break
         best = tuple(torch.where(better, c, o) for c, o in zip(cand, best, strict=True))
         best_obj = torch.minimum(obj, best_obj)
     final = units.grid(best)
