@@ -107,3 +107,10 @@ def test_bad_hqq_options_are_config_errors():
     with pytest.raises(ConfigError, match="method iters must be an int >= 0"):
         QuantConfig.from_options({"method": {"name": "hqq", "iters": -1}})
     assert QuantConfig.from_options({"method": {"name": "hqq", "beta": 1e3}}).method.beta == 1e3
+
+
+def test_quantize_shows_a_layer_by_layer_progress_bar_with_each_layers_time(capfd):
+    qbackend.quantize_(_net(), _opts("nf4"))
+    err = capfd.readouterr().err
+    assert "hqq" in err and "2/2" in err and "layer" in err
+    assert any(f"{name} " in err and "s]" in err for name in ("up", "down"))
