@@ -165,9 +165,6 @@ def test_a_layer_quantized_from_folded_rows_keeps_no_float_copy_and_an_in_place_
             up.copy_(saved)  # version moved on: still an error, never the old codes silently
             with pytest.raises(StaleWeightError, match="up_proj"):
                 compiled(input_ids=ids)
-            torch._dynamo.reset()
-            again = torch.compile(m, backend="qbackend", options=_opts(cal, True))(input_ids=ids).logits
-            torch.testing.assert_close(again, first, rtol=1e-5, atol=1e-5)
     finally:
         with torch.no_grad():
             up.copy_(saved)
