@@ -1,4 +1,4 @@
-"""GPTQ and AWQ vs round to nearest on the real all-MiniLM-L6-v2: embedding cosine on held-out sentences and time.
+"""GPTQ, AWQ and HQQ vs round to nearest on the real all-MiniLM-L6-v2: embedding cosine on held-out sentences and time.
 
     python benchmarks/bench_calibrated.py [--threads 2] [--quick] [--json out.json] [--peers-python PY]
 
