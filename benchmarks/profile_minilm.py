@@ -49,7 +49,12 @@ def count_code(code: str) -> dict[str, int]:
     return {
         "C++ kernels (cpp_fused_*)": len(re.findall(r"^\s+cpp_fused_\w+\(", call_body, re.M)),
         "qbackend direct kernels": len(re.findall(r"_qbackend_kernels\[", call_body)),
-        "extern kernels (library)": len(re.findall(r"extern_kernels\.\w+\(|torch\.ops\.\w+\.\w+", call_body)),
+        "library kernels (extern_kernels / torch.ops)": len(
+            re.findall(r"^\s+(?:\w+ = )?(?:extern_kernels\.\w+|torch\.ops\.\w+\.\w+)", call_body, re.M)
+        ),
+        "size/stride asserts (of graph inputs)": len(re.findall(r"assert_size_stride\(\w+, .*'input'\)", call_body)),
+        "size/stride asserts (of kernel outputs)": len(re.findall(r"assert_size_stride\(", call_body))
+        - len(re.findall(r"assert_size_stride\(\w+, .*'input'\)", call_body)),
         "buffer allocations (empty_strided)": len(re.findall(r"empty_strided", call_body)),
         "wrapper lines": len([ln for ln in call_body.splitlines() if ln.strip() and not ln.strip().startswith("#")]),
     }
