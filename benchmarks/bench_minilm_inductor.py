@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import copy
 import fcntl
+import json
 import statistics
 import sys
 import time
@@ -28,6 +29,7 @@ import torch
 
 import qbackend
 from qbackend.demo.minilm import embedding_quality, load_minilm, pooled_embeddings
+from qbackend.demo.run import _quantized
 from qbackend.demo.sentences import EVALUATION_SENTENCES
 
 LOCK = "/tmp/qb-bench.lock"
@@ -43,16 +45,22 @@ def bench_lock() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def variants(base: torch.nn.Module, preset: str, compute: str) -> dict[str, Callable[[], torch.nn.Module]]:
+def variants(ml, preset: str, compute: str, extra: dict[str, dict]) -> dict[str, Callable[[], torch.nn.Module]]:
+    """Variant name -> a function building it (compiled). ``extra``: more variants, name -> Inductor patches."""
+    base = ml.model
+
     def quantized(patches: dict, dtype: torch.dtype = torch.float32) -> Callable[[], torch.nn.Module]:
         def make() -> torch.nn.Module:
-            m = copy.deepcopy(base).to(dtype)
-            qbackend.quantize_(m, {"preset": preset, "compute": compute})
+            if dtype is torch.float32:  # the demo's row: quantized_module (w8a8 calibrated as the demo does)
+                m = _quantized(base, preset, False, compute, ml)()
+            else:
+                m = copy.deepcopy(base).to(dtype)
+                qbackend.quantize_(m, {"preset": preset, "compute": compute})
             return torch.compile(m, backend="qbackend", dynamic=False, options={"inductor": patches})
 
         return make
 
-    return {
+    out = {
         "fp32 eager": lambda: base,
         "fp32 Inductor": lambda: torch.compile(base, dynamic=False),
         f"{preset} default": quantized({}),
@@ -63,6 +71,9 @@ def variants(base: torch.nn.Module, preset: str, compute: str) -> dict[str, Call
         f"{preset} bf16 rest + freezing": quantized({"freezing": True}, torch.bfloat16),
         f"{preset} max_autotune": quantized({"max_autotune": True}),
     }
+    for name, patches in extra.items():
+        out[f"{preset} {name}"] = quantized(patches)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--batches", default="1,32")
     p.add_argument("--only", help="comma-separated variant names (default: all)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                   help='another variant (named "<preset> NAME"; no "=" or "," in NAME): Inductor patches, '
+                        'e.g. \'threads1={"cpp.threads": 1}\'')  # fmt: skip
     p.add_argument("--quick", action="store_true", help="batch 1, fp32 eager / nf4 default / nf4 freezing, 5 rounds")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: perf_counter; cpu: this thread's CPU time (needs --threads 1)")  # fmt: skip
@@ -80,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.batches, args.rounds = "1", 5
         args.only = args.only or f"fp32 eager,{args.preset} default,{args.preset} freezing"
+    if args.variant and args.only:
+        args.only += "," + ",".join(f"{args.preset} {v.split('=', 1)[0]}" for v in args.variant)
     _common.apply_threads(args)
     if args.clock == "cpu" and args.threads != 1:
         p.error("--clock cpu measures this thread only: use it with --threads 1")
@@ -95,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     failed: dict[str, str] = {}
     with torch.no_grad():
         ref = pooled_embeddings(base, batches[max(batches)])
-        for name, make in variants(base, args.preset, args.compute).items():
+        extra = {v.split("=", 1)[0]: json.loads(v.split("=", 1)[1]) for v in args.variant}
+        for name, make in variants(mini, args.preset, args.compute, extra).items():
             if args.only and name not in args.only.split(","):
                 continue
             t = time.perf_counter()
