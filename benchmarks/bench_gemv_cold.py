@@ -98,7 +98,7 @@ class Layer:
         return lambda: lib.qb4_linear(ref4, xp, m, None, yp, nt, 0)
 
 
-def bench(libs: dict[str, tuple[ctypes.CDLL, tuple[int, int] | None]], shape: str, fmt: str, m: int, paths: list[str], mb: float, rounds: int,
+def bench(libs: dict[str, tuple[ctypes.CDLL, tuple[int, int, int] | None]], shape: str, fmt: str, m: int, paths: list[str], mb: float, rounds: int,
           stream: Callable[[], object]) -> dict[str, dict[str, float]]:  # fmt: skip
     n, k = (int(v) for v in shape.split("x"))
     torch.manual_seed(0)
@@ -114,7 +114,8 @@ def bench(libs: dict[str, tuple[ctypes.CDLL, tuple[int, int] | None]], shape: st
             y = torch.empty(m, n)
             calls = [c.fn(lib, path, x, y, nt) for c in copies]
             if knobs is not None:
-                calls.insert(0, lambda lib=lib, kb=knobs: lib.qbi8_set_stream(*kb))
+                calls.insert(0, lambda lib=lib, kb=knobs: (lib.qbi8_set_stream(kb[0], kb[1]), lib.qbi8_set_small_nr(kb[2]))
+                )
             fns[f"{lname} {path}"] = lambda calls=calls: [f() for f in calls]
             ys[f"{lname} {path}"] = y
     fns[STREAM] = stream
@@ -145,13 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--build-before", default="", help="also a library compiled from this other checkout ('before')")
     p.add_argument("--lib", action="append", default=[], help="NAME=PATH of another compiled library")
-    p.add_argument("--knobs", default="", help="comma list of PF:LANES small-M streaming settings of this tree's "
+    p.add_argument("--knobs", default="", help="comma list of PF:LANES[:NR] small-M streaming settings of this tree's "
                    "library, each its own column (qbi8_set_stream)")
     p.add_argument("--json", default="")
     _common.add_threads_option(p)
     a = p.parse_args(argv)
     _common.apply_threads(a)
-    libs: dict[str, tuple[ctypes.CDLL, tuple[int, int] | None]] = {}
+    libs: dict[str, tuple[ctypes.CDLL, tuple[int, int, int] | None]] = {}
     if a.build_before:
         libs["before"] = (load_library(build_library(Path(a.build_before))), None)
     for spec in a.lib:
@@ -161,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.knobs:
         this.qbi8_set_stream.argtypes = [ctypes.c_int, ctypes.c_int]
         for kb in a.knobs.split(","):
-            pf, lanes = (int(v) for v in kb.split(":"))
-            libs[f"pf{pf} lanes{lanes}"] = (this, (pf, lanes))
+            pf, lanes, nr = (int(v) for v in (kb + ":4").split(":")[:3])
+            libs[f"pf{pf} lanes{lanes} nr{nr}"] = (this, (pf, lanes, nr))
     else:
         libs["after" if libs else "this"] = (this, None)
     big = torch.ones(2**28)

@@ -698,13 +698,27 @@ QBI8_TARGET void run4_nr(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
     const float* ws[NR];
     const int32_t* zb[NR];
     const bool small = m1 - m0 <= 2;
+    const bool tile_nested = KIND == 0 && rs.compact && w.ncodes != nullptr && is_pow2(w.nbs);
     int64_t n = n0;
     for (; n + NR <= n1; n += NR) {
         if (cx.pf_tiles) prefetch_consts(w, n + cx.pf_tiles * NR, n + (cx.pf_tiles + 1) * NR);
-        for (int r = 0; r < NR; ++r) {
-            row_scales(w, rs, n + r, wsb + r * len, KIND == 2 ? zbb + r * len : nullptr);
-            ws[r] = wsb + r * len;
-            zb[r] = zbb + r * len;
+        if (tile_nested) {
+            // The NR rows' nested constants are consecutive blocks: decoded in one pass (the table
+            // is loaded into registers once per tile, not per row); row r's window may read into
+            // row r + 1's constants (finite, against zero activations) and the last row's padding.
+            const int64_t nblk = w.K / w.bs, b0 = n * nblk, cnt = NR * nblk;
+            const int nsh = ilog2(w.nbs);
+            const float off = w.noffset[0];
+            for (int64_t j = denest16(w, b0, cnt, nsh, wsb); j < cnt; ++j)
+                wsb[j] = w.ntable[w.ncodes[b0 + j]] * w.nabsmax[(b0 + j) >> nsh] + off;
+            std::memset(wsb + cnt, 0, sizeof(float) * 8);
+            for (int r = 0; r < NR; ++r) ws[r] = wsb + r * nblk;
+        } else {
+            for (int r = 0; r < NR; ++r) {
+                row_scales(w, rs, n + r, wsb + r * len, KIND == 2 ? zbb + r * len : nullptr);
+                ws[r] = wsb + r * len;
+                zb[r] = zbb + r * len;
+            }
         }
         if (small) rows4_small<NR, KIND>(cx, m0, m1, n, ws, zb);
         else rows4_mtile<NR, KIND>(cx, m0, m1, n, ws, zb);
