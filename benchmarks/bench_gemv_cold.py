@@ -4,8 +4,9 @@ Each (shape, format) is quantized once and copied until the copies hold ``--mb``
 32 MB L3), so every call streams its weight from DRAM. The kernels are called directly through
 ctypes (no Python op dispatch), for every library given with ``--lib`` (default: this tree's) and
 each compute path: ``int8`` (the VNNI kernels, ``qbi8_linear``) and ``fp32`` (the exact kernels,
-``qb4_linear`` / ``qb8_linear``). The machine's streaming read bandwidth (a 1 GiB fp32 ``sum``)
-is timed in the same interleaved rounds; figures are medians. Bytes = codes + block constants.
+``qb4_linear`` / ``qb8_linear``). The machine's streaming read bandwidth (an fp32 ``sum`` over
+``--stream-mb``, default 1 GiB) is timed in the same interleaved rounds; figures are medians. Bytes =
+codes + block constants.
 
     python benchmarks/bench_gemv_cold.py                                   # this tree, TinyLlama shapes + 4096^2
     python benchmarks/bench_gemv_cold.py --build-before /tmp/old-tree      # + the library built from an old tree
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import math
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -36,7 +36,7 @@ SCHEMES = {
     "int4": Scheme("int", bits=4, symmetric=False, blocksize=128),
     "int8": Scheme("int", bits=8, granularity="channel"),
 }
-STREAM = "stream read (1 GiB sum)"
+STREAM = "stream read (fp32 sum)"
 
 
 def build_library(tree: Path) -> Path:
@@ -44,7 +44,8 @@ def build_library(tree: Path) -> Path:
     src = tree / "qbackend" / "kernels" / "cpu"
     out = tree / "qlinear_bench.so"
     cpp = sorted(src.glob("*.cpp"))
-    cmd = [_build._compiler() or "g++", *_build._BASE_FLAGS, *_build._VARIANTS["avx512"], *map(str, cpp), "-o", str(out)]
+    flags = [*_build._BASE_FLAGS, *_build._VARIANTS["avx512"]]
+    cmd = [_build._compiler() or "g++", *flags, *map(str, cpp), "-o", str(out)]
     subprocess.run(cmd, check=True, timeout=600)
     return out
 
@@ -98,13 +99,22 @@ class Layer:
         return lambda: lib.qb4_linear(ref4, xp, m, None, yp, nt, 0)
 
 
-def bench(libs: dict[str, tuple[ctypes.CDLL, tuple[int, int, int] | None]], shape: str, fmt: str, m: int, paths: list[str], mb: float, rounds: int,
-          stream: Callable[[], object]) -> dict[str, dict[str, float]]:  # fmt: skip
+def _set_knobs(lib: ctypes.CDLL, knobs: tuple[int, int, int]) -> None:
+    lib.qbi8_set_stream(knobs[0], knobs[1])
+    lib.qbi8_set_small_nr(knobs[2])
+
+
+Libs = dict[str, tuple[ctypes.CDLL, tuple[int, int, int] | None]]  # name -> (library, knobs to set first)
+
+
+def bench(libs: Libs, shape: str, fmt: str, m: int, paths: list[str], mb: float, rounds: int,
+          stream: Callable[[], object], stream_bytes: int) -> dict[str, dict[str, float]]:  # fmt: skip
     n, k = (int(v) for v in shape.split("x"))
     torch.manual_seed(0)
     kw = prepare_weight(quantize(torch.randn(n, k) * 0.02, SCHEMES[fmt]))
     one = Layer(fmt, kw.tensors, n, k, kw.statics)
-    copies = [one] + [Layer(fmt, kw.tensors, n, k, kw.statics) for _ in range(max(1, math.ceil(mb * 2**20 / one.nbytes)) - 1)]
+    n_copies = max(1, math.ceil(mb * 2**20 / one.nbytes))
+    copies = [one] + [Layer(fmt, kw.tensors, n, k, kw.statics) for _ in range(n_copies - 1)]
     nt = torch.get_num_threads()
     x = torch.randn(m, k)
     ys = {}
@@ -114,8 +124,7 @@ def bench(libs: dict[str, tuple[ctypes.CDLL, tuple[int, int, int] | None]], shap
             y = torch.empty(m, n)
             calls = [c.fn(lib, path, x, y, nt) for c in copies]
             if knobs is not None:
-                calls.insert(0, lambda lib=lib, kb=knobs: (lib.qbi8_set_stream(kb[0], kb[1]), lib.qbi8_set_small_nr(kb[2]))
-                )
+                calls.insert(0, lambda lib=lib, kb=knobs: _set_knobs(lib, kb))
             fns[f"{lname} {path}"] = lambda calls=calls: [f() for f in calls]
             ys[f"{lname} {path}"] = y
     fns[STREAM] = stream
@@ -126,11 +135,11 @@ def bench(libs: dict[str, tuple[ctypes.CDLL, tuple[int, int, int] | None]], shap
         for g in got[1:]:
             d = float((g - got[0]).abs().max() / got[0].abs().max().clamp_min(1e-30))
             if d > 1e-4:
-                print(f"# WARNING {shape} {fmt} {path}: libraries differ by {d:.2e}", file=sys.stderr)
-    sbw = 2**30 / times[STREAM]
+                print(f"# WARNING {shape} {fmt} {path}: results differ between libraries by {d:.2e}", file=sys.stderr)
+    sbw = stream_bytes / times[STREAM]
     out = {}
     for name, t in times.items():
-        nb = 2**30 if name == STREAM else len(copies) * one.nbytes
+        nb = stream_bytes if name == STREAM else len(copies) * one.nbytes
         per = 1 if name == STREAM else len(copies)
         out[name] = {"us_per_layer": 1e6 * t / per, "gbps": nb / t / 1e9, "of_stream": nb / t / sbw}
     return out
@@ -146,13 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--build-before", default="", help="also a library compiled from this other checkout ('before')")
     p.add_argument("--lib", action="append", default=[], help="NAME=PATH of another compiled library")
-    p.add_argument("--knobs", default="", help="comma list of PF:LANES[:NR] small-M streaming settings of this tree's "
-                   "library, each its own column (qbi8_set_stream)")
+    p.add_argument("--knobs", default="", help="comma list of PF:LANES[:NR]: small-M streaming settings "
+                   "(qbi8_set_stream, tile height) of this tree's library, each its own column")  # fmt: skip
+    p.add_argument("--stream-mb", type=float, default=1024.0, help="size of the streaming-read anchor (MB)")
     p.add_argument("--json", default="")
     _common.add_threads_option(p)
     a = p.parse_args(argv)
     _common.apply_threads(a)
-    libs: dict[str, tuple[ctypes.CDLL, tuple[int, int, int] | None]] = {}
+    libs: Libs = {}
     if a.build_before:
         libs["before"] = (load_library(build_library(Path(a.build_before))), None)
     for spec in a.lib:
@@ -166,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             libs[f"pf{pf} lanes{lanes} nr{nr}"] = (this, (pf, lanes, nr))
     else:
         libs["after" if libs else "this"] = (this, None)
-    big = torch.ones(2**28)
+    big = torch.ones(int(a.stream_mb * 2**20 / 4))
     stream = big.sum
     print(_common.header(extra=f"{torch.get_num_threads()} threads; weights cycled {a.mb:.0f} MB"), flush=True)
     paths = a.paths.split(",")
@@ -176,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in a.shapes.split(","):
         for fmt in a.formats.split(","):
             for m in (int(v) for v in a.ms.split(",")):
-                r = bench(libs, shape, fmt, m, paths, a.mb, a.rounds, stream)
+                r = bench(libs, shape, fmt, m, paths, a.mb, a.rounds, stream, big.numel() * 4)
                 report[f"{shape} {fmt} M={m}"] = r
                 cells = [f"{r[f'{ln} {pa}']['us_per_layer']:.0f} ({r[f'{ln} {pa}']['gbps']:.1f}, "
                          f"{100 * r[f'{ln} {pa}']['of_stream']:.0f}%)" for ln in libs for pa in paths]  # fmt: skip
