@@ -16,7 +16,9 @@
 //   gives two u8 vectors (high and low nibbles) that line up with the two activation vectors.
 //   Lanes 4b..4b+3 of the int32 accumulator then hold block b of the chunk: the block scales are
 //   applied per lane (fma with a 16-lane scale vector), one horizontal sum per output only.
-//   This is the kernel for small M (GEMV-like; no per-call work on W at all).
+//   This is the kernel for small M (GEMV-like; no per-call work on W at all). With cold weights
+//   (LLM decode) each tile software-prefetches the codes and block constants of the next tile's
+//   rows: a row of codes is a stream too short for the hardware prefetchers (measured 1.2-2x).
 // * M >= 16 (int8 weights: M >= 8): a GEMM (see gemm_tile): x transposed once per call to 16 rows per
 //   vector (8 rows in ymm vectors below M = 16), nested NF4 constants decoded 16 at a time, rows of W
 //   decoded per tile into a small per-thread buffer (the same unsigned bytes, block-major), each
