@@ -30,6 +30,13 @@ interleaved: compare figures of one run, note the load.
     python benchmarks/bench_llm.py --small                       # smoke: 2 layers, hidden 256, short runs
     python benchmarks/bench_llm.py --compute fp32 ...            # qbackend's layers in exact fp32 (default auto)
     python benchmarks/bench_llm.py --check-gguf                  # llama.cpp on the F32 GGUF vs transformers
+    python benchmarks/bench_llm.py --sdpa-gqa ...                # grouped-query SDPA also with a mask (static cache)
+
+Compiled methods use transformers' static cache, whose decode steps pass an attention mask; with a
+mask transformers does not use SDPA's ``enable_gqa`` and copies K and V to every query head first
+(TinyLlama: 2 x 4.8 MB written and read per layer per token, which eager decoding with its dynamic
+cache and no mask does not do). ``--sdpa-gqa`` sets ``TRANSFORMERS_SDPA_FORCE_GQA=1`` in the method
+processes, so the compiled graphs call SDPA with ``enable_gqa`` instead.
     python benchmarks/bench_llm.py --list-methods
 """
 
@@ -462,11 +469,12 @@ def run_method(method: str, a: argparse.Namespace) -> dict[str, Any]:
             "--seed", str(a.seed), "--compute", a.compute]  # fmt: skip
     if a.small:
         args.append("--small")
+    env = dict(os.environ, TRANSFORMERS_SDPA_FORCE_GQA="1") if a.sdpa_gqa else None
     if a.threads:
         args += ["--threads", str(a.threads)]
     t0 = time.perf_counter()
     try:
-        r = subprocess.run(args, capture_output=True, text=True, timeout=a.timeout)
+        r = subprocess.run(args, capture_output=True, text=True, timeout=a.timeout, env=env)
     except subprocess.TimeoutExpired:  # one slow method must not lose the others' rows
         return {"method": method, "error": f"timed out after {a.timeout:.0f} s", "wall_s": time.perf_counter() - t0}
     if r.returncode != 0:
@@ -510,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compute", default="auto", choices=("auto", "fp32", "bf16", "int8"),
                    help="arithmetic of qbackend's weight-only layers (default auto: the fastest within the error "
                    "bound on this CPU; W8A8 is int8 whatever this says)")  # fmt: skip
+    p.add_argument("--sdpa-gqa", action="store_true", help="TRANSFORMERS_SDPA_FORCE_GQA=1: no K/V copy per head")
     p.add_argument("--small", action="store_true", help="smoke run: 2 layers, hidden 256, vocab 1024, 16+4 tokens")
     p.add_argument("--quick", action="store_true", help=f"batch 1, 128+32 tokens, methods: {', '.join(QUICK)}")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per method")
@@ -536,8 +545,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(methods))
         return 0
     dims = SMALL if a.small else TINYLLAMA
+    gqa = "; SDPA enable_gqa forced" if a.sdpa_gqa else ""
     print(_common.header(extra=f"model {json.dumps(dims)}; prefill {a.prompt}, decode {a.decode}, "
-                               f"batches {a.batches}, repeats {a.repeats}"), flush=True)  # fmt: skip
+                               f"batches {a.batches}, repeats {a.repeats}{gqa}"), flush=True)  # fmt: skip
     rows = []
     for m in methods:
         res = run_method(m, a)

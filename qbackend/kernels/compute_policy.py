@@ -64,6 +64,10 @@ int8 loses only at M = 1 on MiniLM's shapes (384x384 0.47x vs 0.67x, 1536x384 1.
 1.7x). At 4096x4096, M = 1, int8 wins (14.0x vs 11.4x), so the loss depends on the shape, and
 :data:`AUTO_FP32_ROWS` has no entry yet (a rule by M alone would slow LLM decoding down).
 int8-weight layers: int8 compute loses at M = 2-12 on these shapes, but "auto" keeps them in fp32.
+Cold weights (LLM decode, ``benchmarks/bench_gemv_cold.py``, 2 threads, M = 1): with the small-M
+kernel's software prefetch the nf4 int8 kernel is faster than fp32 at K = 5632 and on the 32000x2048
+head and within a loaded machine's noise at 4096x4096, 2048x2048 and 5632x2048 (before the prefetch it
+lost everywhere), so no rule by M is set for decoding either.
 """
 
 from __future__ import annotations

@@ -209,3 +209,36 @@ def test_gemm_kernel_at_every_m(name):
         _assert_matches(y[torch.arange(33) != 5], x[torch.arange(33) != 5], kw, bias)
     finally:
         ic.set_gemm_min_m(*old)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    name=st.sampled_from(["nf4 nested b64", "nf4 b128", "int4 affine g128", "int4 sym g32", "int8 per-channel"]),
+    n=st.integers(1, 150),
+    k=st.sampled_from([64, 160, 256, 416, 100]),
+    m=st.sampled_from([0, 1, 2, 7]),
+    prefetch=st.sampled_from([0, 1, 2]),
+    lanes=st.booleans(),
+    nan_row=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_small_m_streaming_settings(name, n, k, m, prefetch, lanes, nan_row, seed):
+    """The small-M kernels under every streaming setting (prefetch distance, contiguous per-thread lanes
+    with work taken from the back of other lanes) on 2 threads: the same results as the reference."""
+    kw = _kw(n, k, SCHEMES[name], seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=g) * 2
+    if nan_row and m > 1:
+        x[m - 1, k // 2] = float("nan")
+    bias = torch.randn(n, generator=g)
+    threads = torch.get_num_threads()
+    old = ic.set_stream(prefetch, lanes)
+    try:
+        torch.set_num_threads(2)
+        y = _kernel(x, kw, bias)
+    finally:
+        ic.set_stream(*old)
+        torch.set_num_threads(threads)
+    good = torch.isfinite(x).all(dim=1)
+    assert bool(torch.isnan(y[~good]).all())
+    _assert_matches(y[good], x[good], kw, bias)

@@ -16,7 +16,9 @@
 //   gives two u8 vectors (high and low nibbles) that line up with the two activation vectors.
 //   Lanes 4b..4b+3 of the int32 accumulator then hold block b of the chunk: the block scales are
 //   applied per lane (fma with a 16-lane scale vector), one horizontal sum per output only.
-//   This is the kernel for small M (GEMV-like; no per-call work on W at all).
+//   This is the kernel for small M (GEMV-like; no per-call work on W at all). With cold weights
+//   (LLM decode) each tile software-prefetches the codes and block constants of the next tile's
+//   rows: a row of codes is a stream too short for the hardware prefetchers (measured 1.2-2x).
 // * M >= 16 (int8 weights: M >= 8): a GEMM (see gemm_tile): x transposed once per call to 16 rows per
 //   vector (8 rows in ymm vectors below M = 16), nested NF4 constants decoded 16 at a time, rows of W
 //   decoded per tile into a small per-thread buffer (the same unsigned bytes, block-major), each
@@ -27,11 +29,13 @@
 // The code is compiled for the library's variant flags; the VNNI/VBMI parts carry target
 // attributes and run only when the CPU has them (qbi8_supported).
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 #include <immintrin.h>
 
@@ -276,6 +280,7 @@ struct Ctx4 {
     int sh;
     __mmask64 tail_mask;  // code bytes of the last (partial) chunk; 0 when K % 128 == 0
     int64_t nfull;        // full chunks
+    int pf_tiles = 0;     // small M: software prefetch of the codes this many tiles ahead (0: none)
 };
 
 template <int MR, int NR, int KIND>  // KIND: 0 LUT, 1 int4 symmetric, 2 int4 affine
@@ -293,10 +298,15 @@ QBI8_TARGET void tile4(const Ctx4& cx, int64_t m0, int64_t n0, const float* cons
     __m512 acc[MR][NR];
     for (int i = 0; i < MR; ++i)
         for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
+    // Cold weights: the NR rows are NR short streams (a row of codes is K/2 bytes, often less than a
+    // page, where the hardware prefetchers stop): fetch the same chunk of the rows pf_tiles tiles on.
+    const int64_t pf = (int64_t)cx.pf_tiles * NR * (K / 2);
     for (int64_t c = 0; c < nch; ++c) {
         __m512i hi[NR], lo[NR], zv[NR];
         __m512 wsv[NR];
         const int64_t base = (4 * c) >> sh;
+        if (pf)
+            for (int r = 0; r < NR; ++r) _mm_prefetch((const char*)(wr[r] + 64 * c + pf), _MM_HINT_T0);
         for (int r = 0; r < NR; ++r) {
             const __m512i v = c < cx.nfull ? _mm512_loadu_si512(wr[r] + 64 * c)
                                            : _mm512_maskz_loadu_epi8(cx.tail_mask, wr[r] + 64 * c);
@@ -340,6 +350,7 @@ struct Ctx8 {
     float* y;
     __mmask64 tail_mask;
     int64_t nfull;
+    int pf_tiles = 0;  // as Ctx4::pf_tiles
 };
 
 template <int MR, int NR>
@@ -353,8 +364,11 @@ QBI8_TARGET void tile8(const Ctx8& cx, int64_t m0, int64_t n0) {
     __m512 acc[MR][NR];
     for (int i = 0; i < MR; ++i)
         for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
+    const int64_t pf = (int64_t)cx.pf_tiles * NR * K;
     for (int64_t c = 0; c < nch; ++c) {
         __m512i wv[NR];
+        if (pf)
+            for (int r = 0; r < NR; ++r) _mm_prefetch((const char*)(wr[r] + 64 * c + pf), _MM_HINT_T0);
         for (int r = 0; r < NR; ++r) {
             const __m512i v = c < cx.nfull ? _mm512_loadu_si512(wr[r] + 64 * c)
                                            : _mm512_maskz_loadu_epi8(cx.tail_mask, wr[r] + 64 * c);
@@ -641,6 +655,33 @@ QBI8_TARGET void rows4_mtile(const Ctx4& cx, int64_t m0, int64_t m1, int64_t n0,
 }
 
 int g_small_nr = 4;  // rows of W per tile when M <= 2 (tuning knob, qbi8_set_small_nr): 2 or 4
+int g_pf_tiles = 1;  // small M: prefetch distance in tiles of W rows (tuning knob, qbi8_set_stream; 0: none)
+int g_lanes = 1;     // small M: contiguous per-thread lanes (1) or interleaved units of rows (0)
+
+// The block constants of rows [n0, n1) of W into the cache: with cold weights they are small
+// separate streams next to the codes (nested NF4: one code byte per block).
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+    const char* c = (const char*)p;
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+    if (bytes > 0) _mm_prefetch(c + bytes - 1, _MM_HINT_T0);
+}
+
+inline void prefetch_consts(const QI8W& w, int64_t n0, int64_t n1) {
+    n1 = std::min(n1, w.N);
+    if (n0 >= n1) return;
+    if (w.kind == KIND_INT4) {
+        prefetch_bytes(w.scale + n0 * w.G, (n1 - n0) * w.G * 4);
+        if (w.zp) prefetch_bytes(w.zp + n0 * w.G, (n1 - n0) * w.G);
+    } else if (w.kind == KIND_CODEBOOK) {
+        const int64_t b0 = n0 * w.K / w.bs, b1 = (n1 * w.K + w.bs - 1) / w.bs;
+        if (w.ncodes) {
+            prefetch_bytes(w.ncodes + b0, b1 - b0);
+            prefetch_bytes(w.nabsmax + b0 / w.nbs, ((b1 - 1) / w.nbs - b0 / w.nbs + 1) * 4);
+        } else {
+            prefetch_bytes(w.absmax + b0, (b1 - b0) * 4);
+        }
+    }
+}
 
 // M <= 2: the only tile heights.
 template <int NR, int KIND>
@@ -659,12 +700,27 @@ QBI8_TARGET void run4_nr(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
     const float* ws[NR];
     const int32_t* zb[NR];
     const bool small = m1 - m0 <= 2;
+    const bool tile_nested = KIND == 0 && rs.compact && w.ncodes != nullptr && is_pow2(w.nbs);
     int64_t n = n0;
     for (; n + NR <= n1; n += NR) {
-        for (int r = 0; r < NR; ++r) {
-            row_scales(w, rs, n + r, wsb + r * len, KIND == 2 ? zbb + r * len : nullptr);
-            ws[r] = wsb + r * len;
-            zb[r] = zbb + r * len;
+        if (cx.pf_tiles) prefetch_consts(w, n + cx.pf_tiles * NR, n + (cx.pf_tiles + 1) * NR);
+        if (tile_nested) {
+            // The NR rows' nested constants are consecutive blocks: decoded in one pass (the table
+            // is loaded into registers once per tile, not per row); row r's window may read into
+            // row r + 1's constants (finite, against zero activations) and the last row's padding.
+            const int64_t nblk = w.K / w.bs, b0 = n * nblk, cnt = NR * nblk;
+            const int nsh = ilog2(w.nbs);
+            const float off = w.noffset[0];
+            for (int64_t j = denest16(w, b0, cnt, nsh, wsb); j < cnt; ++j)
+                wsb[j] = w.ntable[w.ncodes[b0 + j]] * w.nabsmax[(b0 + j) >> nsh] + off;
+            std::memset(wsb + cnt, 0, sizeof(float) * 8);
+            for (int r = 0; r < NR; ++r) ws[r] = wsb + r * nblk;
+        } else {
+            for (int r = 0; r < NR; ++r) {
+                row_scales(w, rs, n + r, wsb + r * len, KIND == 2 ? zbb + r * len : nullptr);
+                ws[r] = wsb + r * len;
+                zb[r] = zbb + r * len;
+            }
         }
         if (small) rows4_small<NR, KIND>(cx, m0, m1, n, ws, zb);
         else rows4_mtile<NR, KIND>(cx, m0, m1, n, ws, zb);
@@ -806,6 +862,48 @@ QBI8_TARGET void gemm_all(const QI8W& w, const Act& a, const float* bias, float*
     pool_run(u.count(), nthreads, body);
 }
 
+// Small M: the rows of W in one contiguous lane per thread, so that each thread streams one long
+// contiguous range (the hardware prefetchers stay trained; interleaved units made each thread's
+// stream jump). A lane is walked in units from its front by its owner; a thread done with its own
+// lane takes units from the BACK of the others' (a descheduled thread's rows still get done, and
+// both threads keep contiguous streams). front/back packed in one 64-bit word, claimed with CAS.
+class Lanes {
+  public:
+    Lanes(int64_t N, int n, int64_t unit) : n_(n), unit_(unit), st_(new std::atomic<uint64_t>[n]) {
+        for (int l = 0; l < n; ++l) {
+            const int64_t a = N * l / n / 4 * 4, b = l + 1 == n ? N : N * (l + 1) / n / 4 * 4;
+            st_[l].store(((uint64_t)a << 32) | (uint64_t)b, std::memory_order_relaxed);
+        }
+    }
+    int count() const { return n_; }
+    // Next rows [a, b) for the thread that started on lane `own`; false when every lane is done.
+    bool next(int own, int64_t& a, int64_t& b) {
+        for (int i = 0; i < n_; ++i) {
+            const int l = (own + i) % n_;
+            uint64_t v = st_[l].load(std::memory_order_relaxed);
+            for (;;) {
+                const int64_t f = (int64_t)(v >> 32), e = (int64_t)(v & 0xffffffffu);
+                if (f >= e) break;
+                uint64_t nv;
+                if (i == 0) {
+                    a = f, b = std::min(e, f + unit_);
+                    nv = ((uint64_t)b << 32) | (uint64_t)e;
+                } else {
+                    b = e, a = std::max(f, e - unit_);
+                    nv = ((uint64_t)f << 32) | (uint64_t)a;
+                }
+                if (st_[l].compare_exchange_weak(v, nv, std::memory_order_relaxed)) return true;
+            }
+        }
+        return false;
+    }
+
+  private:
+    int n_;
+    int64_t unit_;
+    std::unique_ptr<std::atomic<uint64_t>[]> st_;
+};
+
 QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const float* bias, float* y, int nthreads) {
     const bool four = w.kind != KIND_INT8;
     const bool affine = w.kind == KIND_INT4 && w.zp != nullptr;
@@ -840,9 +938,24 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
     const int64_t mb = 64;
     const Units u(w.N, M, pick_nb(w.N, M, nthreads), mb);
     const int64_t tail = w.K % a.ch;
+    const bool lanes = g_lanes && M <= mb && nthreads > 1 && w.N <= 0x7fffffff;
+    Lanes ln(w.N, lanes ? std::max(1, std::min<int>(nthreads, (int)((w.N + 15) / 16))) : 1, 16);
     if (four) {
         const RowScales rs = row_scale_form(w);
-        Ctx4 cx{&w, &a, bias, y, rs.sh, tail ? (__mmask64)((uint64_t(1) << (tail / 2)) - 1) : (__mmask64)0, w.K / 128};
+        Ctx4 cx{&w, &a, bias, y, rs.sh, tail ? (__mmask64)((uint64_t(1) << (tail / 2)) - 1) : (__mmask64)0, w.K / 128,
+                g_pf_tiles};
+        auto lane_body = [&](int64_t l, int) {
+            int64_t n0, n1;
+            while (ln.next((int)l, n0, n1)) {
+                if (w.kind == KIND_CODEBOOK) run4<0>(cx, rs, n0, n1, 0, M);
+                else if (affine) run4<2>(cx, rs, n0, n1, 0, M);
+                else run4<1>(cx, rs, n0, n1, 0, M);
+            }
+        };
+        if (lanes) {
+            pool_run(ln.count(), nthreads, lane_body);
+            return nbad;
+        }
         auto body = [&](int64_t t, int) {
             const int64_t in = t / u.n_units_m, im = t % u.n_units_m;
             const int64_t n0 = in * u.nb, n1 = std::min(w.N, n0 + u.nb);
@@ -853,7 +966,15 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
         };
         pool_run(u.count(), nthreads, body);
     } else {
-        Ctx8 cx{&w, &a, bias, y, tail ? (__mmask64)((uint64_t(1) << tail) - 1) : (__mmask64)0, w.K / 64};
+        Ctx8 cx{&w, &a, bias, y, tail ? (__mmask64)((uint64_t(1) << tail) - 1) : (__mmask64)0, w.K / 64, g_pf_tiles};
+        auto lane_body = [&](int64_t l, int) {
+            int64_t n0, n1;
+            while (ln.next((int)l, n0, n1)) run8(cx, n0, n1, 0, M);
+        };
+        if (lanes) {
+            pool_run(ln.count(), nthreads, lane_body);
+            return nbad;
+        }
         auto body = [&](int64_t t, int) {
             const int64_t in = t / u.n_units_m, im = t % u.n_units_m;
             const int64_t n0 = in * u.nb, n1 = std::min(w.N, n0 + u.nb);
@@ -877,6 +998,9 @@ int64_t qbi8_gemm_min_m(int eight) { return eight ? g_gemm_min_m8 : g_gemm_min_m
 
 // Rows of W per tile when M <= 2 (benchmarks tune it): 2 or 4.
 void qbi8_set_small_nr(int nr) { g_small_nr = nr; }
+
+// Small-M streaming (benchmarks tune it): prefetch distance in tiles (0: none), contiguous lanes (0/1).
+void qbi8_set_stream(int pf_tiles, int lanes) { g_pf_tiles = pf_tiles, g_lanes = lanes; }
 
 // y[M, N] = x[M, K] @ W^T (+ bias) in the "int8" compute mode. Returns the number of rows of x
 // holding NaN/Inf (their y rows are garbage: the caller recomputes them in fp32), or -1 if the

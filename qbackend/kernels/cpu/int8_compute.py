@@ -70,7 +70,25 @@ def _lib() -> ctypes.CDLL | None:
     L.qbi8_set_gemm_min_m.restype = None
     L.qbi8_gemm_min_m.argtypes = [ctypes.c_int]
     L.qbi8_gemm_min_m.restype = ctypes.c_int64
+    L.qbi8_set_stream.argtypes = [ctypes.c_int, ctypes.c_int]
+    L.qbi8_set_stream.restype = None
     return L
+
+
+_stream = (1, 0)  # the library's defaults (g_pf_tiles, g_lanes)
+
+
+def set_stream(prefetch_tiles: int, lanes: bool) -> tuple[int, bool]:
+    """Small-M streaming of the weights (a tuning knob for tests and benchmarks): software prefetch of the
+    codes and block constants ``prefetch_tiles`` tiles of rows ahead (0: none), and whether each thread
+    walks one contiguous lane of rows (else interleaved units); returns the old pair."""
+    global _stream
+    L = _lib()
+    old = (_stream[0], bool(_stream[1]))
+    if L is not None:
+        L.qbi8_set_stream(int(prefetch_tiles), int(lanes))
+        _stream = (int(prefetch_tiles), int(lanes))
+    return old
 
 
 def set_gemm_min_m(four_bit: int, eight_bit: int) -> tuple[int, int]:
