@@ -1,8 +1,8 @@
 """CPU kernels of the weight-only ops for the "bf16", "int8" and "int16" compute modes.
 
 The numerics of each mode are defined by :mod:`qbackend.kernels.reference`. Each mode has its own
-module (:mod:`.int8_compute`, :mod:`.int16_compute`, :mod:`.bf16_compute`) exposing ``codebook_linear``, ``int4_linear``,
-``int8_linear`` (the reference's signatures, without ``compute``) and ``has_fast_kernel``; a
+module (:mod:`.int8_compute`, :mod:`.int16_compute`, :mod:`.bf16_compute`) exposing ``codebook_linear``,
+``int4_linear``, ``int8_linear`` (the reference's signatures, without ``compute``) and ``has_fast_kernel``; a
 case a mode's module does not cover runs the reference there (correct, slow), and
 :func:`has_fast_kernel` tells the ``"auto"`` policy which cases those are.
 """
