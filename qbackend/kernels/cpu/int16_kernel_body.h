@@ -141,8 +141,10 @@ QBI16_ATTR void quantize_rows(const float* x, const Act16& a, int64_t m0, int64_
 // the fp32 sums live in a small stack array, touched once per block. All MR <= GEMV_MR_MAX rows of
 // x share each sign-extended weight vector, so W is read once per GEMV_MR_MAX rows of x.
 
+// Blocks [b0, b1) of K; first: write y (+ bias), else add to it.
 template <int MR, int NR>
-QBI16_ATTR void gemv_tile(const W16& w, const Act16& a, const float* bias, float* y, int64_t m0, int64_t n0) {
+QBI16_ATTR void gemv_tile(const W16& w, const Act16& a, const float* bias, float* y, int64_t m0, int64_t n0,
+                          int64_t b0, int64_t b1, bool first) {
     const int64_t K = w.K;
     const int8_t* wr[NR];
     float wsr[NR];
@@ -150,7 +152,7 @@ QBI16_ATTR void gemv_tile(const W16& w, const Act16& a, const float* bias, float
     alignas(64) float acc[MR][NR][L];
     for (int i = 0; i < MR; ++i)
         for (int r = 0; r < NR; ++r) storef(acc[i][r], fzero());
-    for (int64_t b = 0; b < a.nab; ++b) {
+    for (int64_t b = b0; b < b1; ++b) {
         const int64_t k0 = b * a.Ba, k1 = std::min(K, k0 + a.Ba);
         VI ia[MR][NR];
         for (int i = 0; i < MR; ++i)
@@ -158,6 +160,9 @@ QBI16_ATTR void gemv_tile(const W16& w, const Act16& a, const float* bias, float
         for (int64_t k = k0; k < k1; k += KV) {
             VI wv[NR];
             if (k + KV <= K) {
+                // W streams from DRAM/L3 at small M: prefetch 2 KiB ahead (as the fp32 int8 GEMV does)
+                if ((k & 63) == 0)
+                    for (int r = 0; r < NR; ++r) _mm_prefetch((const char*)(wr[r] + k + 2048), _MM_HINT_T0);
                 for (int r = 0; r < NR; ++r) wv[r] = sext(wr[r] + k);
             } else {  // the row's last partial vector: zero-padded copy (x is zero-padded too)
                 alignas(64) int8_t t[KV];
@@ -180,9 +185,10 @@ QBI16_ATTR void gemv_tile(const W16& w, const Act16& a, const float* bias, float
     }
     for (int i = 0; i < MR; ++i)
         for (int r = 0; r < NR; ++r) {
-            float v = hsum(loadf(acc[i][r]));
-            if (bias) v += bias[n0 + r];
-            y[(m0 + i) * w.N + n0 + r] = v;
+            float* out = y + (m0 + i) * w.N + n0 + r;
+            const float v = hsum(loadf(acc[i][r]));
+            if (!first) *out += v;
+            else *out = bias ? v + bias[n0 + r] : v;
         }
 }
 
@@ -195,12 +201,18 @@ constexpr int GEMV_MR_MAX = 4;
 constexpr int gemv_nr(int mr) { return mr <= 2 ? 4 : 2; }
 #endif
 
+// K is walked in slices of about 1024 elements (whole accumulation blocks) so that the slice of
+// the MR rows of x stays in L1 while the rows of W stream past it.
 template <int MR>
 QBI16_ATTR void gemv_n(const W16& w, const Act16& a, const float* bias, float* y, int64_t m0, int64_t n0, int64_t n1) {
     constexpr int NR = gemv_nr(MR);
-    int64_t n = n0;
-    for (; n + NR <= n1; n += NR) gemv_tile<MR, NR>(w, a, bias, y, m0, n);
-    for (; n < n1; ++n) gemv_tile<MR, 1>(w, a, bias, y, m0, n);
+    const int64_t bps = std::max<int64_t>(1, 1024 / a.Ba);  // blocks per slice
+    for (int64_t b0 = 0; b0 < a.nab; b0 += bps) {
+        const int64_t b1 = std::min(a.nab, b0 + bps);
+        int64_t n = n0;
+        for (; n + NR <= n1; n += NR) gemv_tile<MR, NR>(w, a, bias, y, m0, n, b0, b1, b0 == 0);
+        for (; n < n1; ++n) gemv_tile<MR, 1>(w, a, bias, y, m0, n, b0, b1, b0 == 0);
+    }
 }
 
 QBI16_ATTR void gemv_range(const W16& w, const Act16& a, const float* bias, float* y, int64_t m0, int64_t m1,
