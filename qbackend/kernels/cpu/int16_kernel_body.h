@@ -292,13 +292,15 @@ QBI16_ATTR void gemm_tile(const W16& w, const ActT16& t, int64_t Ba, const int16
                 storef(acc[r][v], fmadd(cvt(ia[r][v]), fmul(st, fset(ws[r])), loadf(acc[r][v])));
         }
     }
-    for (int r = 0; r < NR; ++r) {
-        const int64_t n = n0 + r;
-        const float bn = bias ? bias[n] : 0.0f;
-        for (int v = 0; v < MV; ++v) {
-            const int64_t mbase = L * (g0 + v);
-            const int64_t cnt = std::min<int64_t>(L, M - mbase);
-            for (int64_t l = 0; l < cnt; ++l) y[(mbase + l) * w.N + n] = acc[r][v][l] + bn;
+    // NR consecutive outputs per row of y (the rows of y are N apart: one line per row, not per value)
+    float bn[NR];
+    for (int r = 0; r < NR; ++r) bn[r] = bias ? bias[n0 + r] : 0.0f;
+    for (int v = 0; v < MV; ++v) {
+        const int64_t mbase = L * (g0 + v);
+        const int64_t cnt = std::min<int64_t>(L, M - mbase);
+        for (int64_t l = 0; l < cnt; ++l) {
+            float* out = y + (mbase + l) * w.N + n0;
+            for (int r = 0; r < NR; ++r) out[r] = acc[r][v][l] + bn[r];
         }
     }
 }
