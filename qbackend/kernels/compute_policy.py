@@ -71,7 +71,13 @@ int8 loses only at M = 1 on MiniLM's shapes (384x384 0.47x vs 0.67x, 1536x384 1.
 384x1536 1.31x vs 1.37x) and at M = 2 on 384x384 (0.76x vs 0.87x); from M = 4 it wins (up to 4.8x vs
 1.7x). At 4096x4096, M = 1, int8 wins (14.0x vs 11.4x), so the loss depends on the shape, and
 :data:`AUTO_FP32_ROWS` has no entry yet (a rule by M alone would slow LLM decoding down).
-int8-weight layers: int8 compute loses at M = 2-12 on these shapes, but "auto" keeps them in fp32.
+int8-weight layers: int8 compute loses at M = 2-12 on these shapes, but "auto" keeps them out of int8.
+int8-weight layers in "int16" (one thread, CPU time, vs the exact fused fp32 int8 kernel, which is
+strong at small M): 4096x4096 even at M = 1-4 and from M = 48 (M = 64 1.1-1.2x, M = 480 2.7x
+faster), slower at M = 8-32 (M = 8 0.80x, M = 16 0.78x, M = 24 0.75x, M = 32 0.90-0.97x); MiniLM's
+384x1536 and 1536x384 mixed at M = 1-32. So "auto" runs int8-weight calls of 8..32 rows in fp32
+(:data:`AUTO_FP32_ROWS`). With 2 threads on a loaded machine the 4096x4096 M = 8 call was even
+(2.2 vs 2.3 ms): the rule follows the one-thread figures, the more stable ones.
 """
 
 from __future__ import annotations
@@ -118,7 +124,7 @@ REQUIRED_FEATURES: Mapping[str, tuple[tuple[str, ...], str]] = {
 #: (format, mode) -> (lowest, highest) row count M at which "auto" runs a call in "fp32" instead of
 #: ``mode``: that mode's kernel is slower than the fp32 kernel there (measurements in the module
 #: docstring). Formats/modes not listed: the mode at every M.
-AUTO_FP32_ROWS: Mapping[tuple[str, str], tuple[int, int]] = {}
+AUTO_FP32_ROWS: Mapping[tuple[str, str], tuple[int, int]] = {("int8", "int16"): (8, 32)}
 
 
 def fp32_rows(option: str, family: str, mode: str) -> tuple[int, int] | None:

@@ -224,3 +224,18 @@ def test_policy_int16_needs_avx2_and_names_what_is_missing(cpu_compute, caplog):
     with caplog.at_level(logging.INFO, logger="qbackend"):
         r = cp.resolve("auto", "int8", ints)
     assert r.mode == "fp32" and "AVX2" in r.note
+
+
+@pytest.mark.auto_compute
+def test_auto_runs_the_rows_where_int16_is_slower_in_fp32():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 96))
+    qbackend.quantize_(model, {"preset": "int8"})
+    layer = model[0]
+    assert layer.compute == "int16" and cp.fp32_rows("auto", "int8", "int16") == cp.AUTO_FP32_ROWS[("int8", "int16")]
+    lo, hi = cp.AUTO_FP32_ROWS[("int8", "int16")]
+    tensors = [getattr(layer, n) for n in layer._arg_names]
+    with torch.no_grad():
+        for m, mode in ((lo - 1, "int16"), (lo, "fp32"), (hi, "fp32"), (hi + 1, "int16")):
+            x = torch.randn(m, 256)
+            assert torch.equal(layer(x), layer.op(x, *tensors, layer.bias, *layer.statics, mode)), (m, mode)
