@@ -73,11 +73,10 @@ int8 loses only at M = 1 on MiniLM's shapes (384x384 0.47x vs 0.67x, 1536x384 1.
 :data:`AUTO_FP32_ROWS` has no entry yet (a rule by M alone would slow LLM decoding down).
 int8-weight layers: int8 compute loses at M = 2-12 on these shapes, but "auto" keeps them out of int8.
 int8-weight layers in "int16" (one thread, CPU time, vs the exact fused fp32 int8 kernel, which is
-strong at small M): 4096x4096 even at M = 1-4 and from M = 48 (M = 64 1.1-1.2x, M = 480 2.7x
-faster), slower at M = 8-32 (M = 8 0.80x, M = 16 0.78x, M = 24 0.75x, M = 32 0.90-0.97x); MiniLM's
-384x1536 and 1536x384 mixed at M = 1-32. So "auto" runs int8-weight calls of 8..32 rows in fp32
-(:data:`AUTO_FP32_ROWS`). With 2 threads on a loaded machine the 4096x4096 M = 8 call was even
-(2.2 vs 2.3 ms): the rule follows the one-thread figures, the more stable ones.
+strong at small M; ``benchmarks/bench_cpu_int16_cputime.py``): from M = 64 int16 wins (4096x4096
+1.4x at M = 64, 2.7x at M = 480; 384->1536 1.6x at M = 64, 2.4x at M = 256); at M = 1-16 about even
+(runs disagree between -20% and +20%); at M = 24 it loses (0.69x: a half-empty 16-row group). So
+"auto" runs int8-weight calls of 8..32 rows in fp32 (:data:`AUTO_FP32_ROWS`, conservative).
 """
 
 from __future__ import annotations
