@@ -21,7 +21,7 @@ def add_parser(sub: Any, name: str) -> None:
     d.add_argument("--no-llm", dest="llm", action="store_false", help="skip the small-Llama decode table")
     d.add_argument("--compute", default="auto", choices=COMPUTE_OPTIONS,
                    help="arithmetic of the quantized layers: auto (default: the fastest within the error bound "
-                   "on this CPU), fp32 (exact), bf16, int8")  # fmt: skip
+                   "on this CPU), fp32 (exact), bf16, int8, int16")  # fmt: skip
     d.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

@@ -1,7 +1,7 @@
 """Which arithmetic (``compute`` mode) a weight-only layer runs in: the ``compute`` option resolved per layer.
 
 The option is ``"auto"`` (default) or one of :data:`~qbackend.kernels.spec.COMPUTE_MODES` ("fp32",
-"bf16", "int8"; their numerics are defined in :mod:`qbackend.kernels.reference`). It is resolved
+"bf16", "int8", "int16"; their numerics are defined in :mod:`qbackend.kernels.reference`). It is resolved
 here, once per layer when a model is compiled or its modules are swapped, never inside an op:
 
 * ``"fp32"``: always (exact; every device).
@@ -45,11 +45,19 @@ and weight-also rounding) and :data:`AUTO_MODES` follows from them:
 * nf4 layers: "int8" (0.101-0.102: within about 1/10, not within a strict 0.100; half of it is
   the int8 image of the NF4 code table, ``reference.int8_table``, and a more exact image would
   bring it to the int4 figure, ~0.08; the whole-model cosine moves 0.0004), else "bf16";
-* int8-weight layers: "fp32": their own error is so small (7e-3) that any faster arithmetic adds
-  more than a tenth of it (they can still ask for "bf16" or "int8" explicitly).
+* int8-weight layers: "int16" (int16 activations, one scale per row): their own error is so small
+  (7e-3) that int8 activations (0.94 of it) and bf16 (0.29) add far more than a tenth; int16 adds
+  0.0095 (measured like the table above, ``INT16_BLOCK`` None; 0.0062 with a scale per 128 of K),
+  else "fp32".
+
+"int16" for the 4-bit formats (their NF4/FP4 table through the int8 image, as "int8"): nf4 0.056,
+fp4 0.035, int4 0.0008 (the table image is what remains). Allowed, but only int8 weights have an
+int16 kernel, so "auto" picks it for no 4-bit layer (:func:`_fast`).
 
 Speed order when several are allowed: "int8" (VNNI: 4 multiply-adds per 32-bit lane per
-instruction) before "bf16" (2 per lane) before "fp32".
+instruction) before "int16" (``vpdpwssd``: 2 per lane; AVX2 ``vpmaddwd``) before "bf16" (2 per lane,
+plus the decode to bf16; int16 vs bf16 was measured for no format, since no format has both kernels)
+before "fp32".
 
 Per call, by the number of rows M (tokens): a layer's mode is resolved once, but where a mode's
 kernel is measurably slower than the exact fp32 kernel at some M, "auto" runs those calls in fp32
@@ -62,8 +70,13 @@ Measured (one thread, CPU time, ratio to fp32 ``F.linear``; nf4 layers, int8 com
 int8 loses only at M = 1 on MiniLM's shapes (384x384 0.47x vs 0.67x, 1536x384 1.14x vs 1.40x,
 384x1536 1.31x vs 1.37x) and at M = 2 on 384x384 (0.76x vs 0.87x); from M = 4 it wins (up to 4.8x vs
 1.7x). At 4096x4096, M = 1, int8 wins (14.0x vs 11.4x), so the loss depends on the shape, and
-:data:`AUTO_FP32_ROWS` has no entry yet (a rule by M alone would slow LLM decoding down).
-int8-weight layers: int8 compute loses at M = 2-12 on these shapes, but "auto" keeps them in fp32.
+:data:`AUTO_FP32_ROWS` has no entry for nf4 (a rule by M alone would slow LLM decoding down).
+int8-weight layers: int8 compute loses at M = 2-12 on these shapes, but "auto" keeps them out of int8.
+int8-weight layers in "int16" (one thread, CPU time, vs the exact fused fp32 int8 kernel, which is
+strong at small M; ``benchmarks/bench_cpu_int16_cputime.py``): from M = 64 int16 wins (4096x4096
+1.4x at M = 64, 2.7x at M = 480; 384->1536 1.6x at M = 64, 2.4x at M = 256); at M = 1-16 about even
+(runs disagree between -20% and +20%); at M = 24 it loses (0.69x: a half-empty 16-row group). So
+"auto" runs int8-weight calls of 8..32 rows in fp32 (:data:`AUTO_FP32_ROWS`, conservative).
 Cold weights (LLM decode, ``benchmarks/bench_gemv_cold.py``, 2 threads, M = 1): with the small-M
 kernel's software prefetch the nf4 int8 kernel is faster than fp32 at K = 5632 and on the 32000x2048
 head and within a loaded machine's noise at 4096x4096, 2048x2048 and 5632x2048 (before the prefetch it
@@ -95,9 +108,10 @@ MEASURED_RATIO: Mapping[tuple[str, str], float] = {
     ("fp4", "int8"): 0.071, ("fp4", "bf16"): 0.019,
     ("int4", "int8"): 0.082, ("int4", "bf16"): 0.024,
     ("int8", "int8"): 0.942, ("int8", "bf16"): 0.290,
+    ("nf4", "int16"): 0.056, ("fp4", "int16"): 0.035, ("int4", "int16"): 0.0008, ("int8", "int16"): 0.0095,
 }  # fmt: skip
 #: speed order of the faster modes (fastest first)
-FAST_MODES: tuple[str, ...] = ("int8", "bf16")
+FAST_MODES: tuple[str, ...] = ("int8", "int16", "bf16")
 #: modes "auto" may pick per format, fastest first (ratio within ERROR_BOUND)
 AUTO_MODES: Mapping[str, tuple[str, ...]] = {
     f: tuple(m for m in FAST_MODES if MEASURED_RATIO[(f, m)] <= ERROR_BOUND) for f in ("nf4", "fp4", "int4", "int8")
@@ -106,13 +120,14 @@ AUTO_MODES: Mapping[str, tuple[str, ...]] = {
 REQUIRED_FEATURES: Mapping[str, tuple[tuple[str, ...], str]] = {
     "int8": (("avx512_vnni", "avx_vnni", "amx_int8"), "AVX512-VNNI or AVX-VNNI (int8 dot products)"),
     "bf16": (("avx512_bf16", "amx_bf16"), "AVX512-BF16 or AMX-BF16 (bf16 dot products)"),
+    "int16": (("avx2",), "AVX2 (16-bit integer multiply-adds)"),
 }
 
 
 #: (format, mode) -> (lowest, highest) row count M at which "auto" runs a call in "fp32" instead of
 #: ``mode``: that mode's kernel is slower than the fp32 kernel there (measurements in the module
 #: docstring). Formats/modes not listed: the mode at every M.
-AUTO_FP32_ROWS: Mapping[tuple[str, str], tuple[int, int]] = {}
+AUTO_FP32_ROWS: Mapping[tuple[str, str], tuple[int, int]] = {("int8", "int16"): (8, 32)}
 
 
 def fp32_rows(option: str, family: str, mode: str) -> tuple[int, int] | None:

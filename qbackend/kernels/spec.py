@@ -29,9 +29,10 @@ NAMESPACE = "qbackend"
 #: the arithmetic a weight-only op may use (the numerics of each are defined in
 #: :mod:`qbackend.kernels.reference`): "fp32" exact; "bf16" activations and codebook values rounded to
 #: bf16, fp32 accumulation; "int8" activations quantized to int8 per block of ``ACT_BLOCK`` along K,
-#: integer dot products, block scales applied in fp32. ("auto" is a config value resolved before an
-#: op is called, never an op argument.)
-COMPUTE_MODES = ("fp32", "bf16", "int8")
+#: integer dot products, block scales applied in fp32; "int16" the same with int16 activations (per block
+#: of ``INT16_BLOCK``; about 1/256 of int8's activation error). ("auto" is a config value resolved
+#: before an op is called, never an op argument.)
+COMPUTE_MODES = ("fp32", "bf16", "int8", "int16")
 DEFAULT_COMPUTE = "fp32"
 
 

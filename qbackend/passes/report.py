@@ -20,7 +20,7 @@ class LayerReport:
     format: the storage format name (``nf4-b64-nested``) when quantized.
     bits_per_param: stored bits per weight element (codes + constants), float bits when not quantized.
     rel_error: ||W - dequant(W_q)|| / ||W|| when measured.
-    compute: the arithmetic the quantized op runs in on this machine ("fp32", "bf16", "int8"; the
+    compute: the arithmetic the quantized op runs in on this machine ("fp32", "bf16", "int8", "int16"; the
         config's ``compute`` option resolved for this layer), None when it has no choice (float, W8A8).
     """
 

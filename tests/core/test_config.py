@@ -115,7 +115,7 @@ def test_compute_option_defaults_to_auto_and_is_validated():
     assert QuantConfig().compute == "auto"
     assert QuantConfig.from_options({"preset": "int4", "compute": "int8"}).compute == "int8"
     assert QuantConfig.preset("nf4", compute="bf16").scheme == QuantConfig.preset("nf4").scheme
-    with pytest.raises(ConfigError, match=r"^unknown compute 'fp16'; valid: auto, fp32, bf16, int8$"):
+    with pytest.raises(ConfigError, match=r"^unknown compute 'fp16'; valid: auto, fp32, bf16, int8, int16$"):
         QuantConfig(compute="fp16")
 
 

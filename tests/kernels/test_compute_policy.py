@@ -52,7 +52,7 @@ def test_explicit_mode_the_cpu_lacks_names_what_is_missing(cpu):
     with pytest.raises(cp.ComputeUnavailable, match=r"compute='bf16' needs AVX512-BF16.*lacks.*auto, fp32, int8$"):
         cp.resolve("bf16", "nf4", INTS)
     cpu(features={"avx2"})
-    with pytest.raises(cp.ComputeUnavailable, match=r"AVX512-VNNI or AVX-VNNI.*supports compute = auto, fp32$"):
+    with pytest.raises(cp.ComputeUnavailable, match=r"AVX512-VNNI or AVX-VNNI.*supports compute = auto, fp32, int16$"):
         cp.resolve("int8", "int4", INTS)
 
 
@@ -73,7 +73,7 @@ def test_cuda_auto_is_fp32_and_explicit_modes_pass(cpu):
 
 
 def test_bad_option_and_non_weight_only_family():
-    with pytest.raises(ValueError, match="compute must be one of auto, fp32, bf16, int8; got 'fast'"):
+    with pytest.raises(ValueError, match="compute must be one of auto, fp32, bf16, int8, int16; got 'fast'"):
         cp.resolve("fast", "nf4", INTS)
     with pytest.raises(ValueError, match="weight-only formats"):
         cp.resolve("auto", "w8a8", INTS)

@@ -2,7 +2,7 @@
 
 `QuantizedLinear` holds only the kernel tensors (buffers) and the bias, and calls the same op the
 backend lowers to, so eager, ``torch.compile`` with any backend and ``state_dict`` all work.
-Its arithmetic is the ``compute`` option (``"auto"``, "fp32", "bf16", "int8") resolved for the
+Its arithmetic is the ``compute`` option (``"auto"``, "fp32", "bf16", "int8", "int16") resolved for the
 device its buffers are on, again after every move (:mod:`qbackend.kernels.compute_policy`).
 """
 

@@ -1,0 +1,224 @@
+// qbackend CPU kernels of the "int16" compute mode (see qbackend.kernels.reference) for int8 weights:
+// dynamic int16 activations times int8 weights sign-extended to int16, exact int32 products per block.
+//
+// Two widths of the same kernels (int16_kernel_body.h, included twice):
+// * AVX512-VNNI: vpdpwssd (pairs of s16 x s16 -> s32), 16 lanes;
+// * AVX2: vpmaddwd + vpaddd, 8 lanes (any CPU with AVX2 + FMA; no VNNI needed).
+// Small M: a GEMV-like tile (lanes along K, MR rows of x x NR rows of W); from M = g_gemm_min_m: a
+// GEMM with lanes along M (x transposed once per call). The weights stay in their canonical layout.
+// Threads: the library's RowPool (qb_pool_run in qlinear.cpp).
+//
+// Each width is compiled with target attributes and runs only where the CPU has its instructions
+// (qbi16_isa), so the library still loads on any CPU.
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <immintrin.h>
+
+extern "C" {
+// The library's thread pool (qlinear.cpp).
+void qb_pool_run(int64_t nchunks, int nthreads, void (*fn)(void*, int64_t, int), void* ctx);
+}
+
+namespace {
+
+// An int8 weight with one fp32 scale per row (output channel).
+struct W16 {
+    const int8_t* codes;  // [N, K]
+    const float* scale;   // [N]
+    int64_t N, K;
+};
+
+// Quantized activations of one call (row-major).
+struct Act16 {
+    int64_t M = 0, K = 0, Kp = 0;  // Kp: K rounded up to 32 (zero-padded)
+    int64_t Bq = 0;                // quantization block along K (K: one scale per row)
+    int64_t Ba = 0;                // accumulation block (<= 512, a multiple of 32); nab blocks per row
+    int64_t nab = 0;
+    int16_t* xq = nullptr;  // [M, Kp]
+    float* sa = nullptr;    // [M, nab]: the activation scale of each accumulation block
+    uint8_t* bad = nullptr; // [M]: row holds NaN/Inf
+};
+
+// Per-thread buffer for decoded weight rows, grown as needed and reused across calls.
+int16_t* scratch16(size_t n) {
+    thread_local std::vector<int16_t> buf;
+    if (buf.size() < n + 64) buf.resize(n + 64);
+    return (int16_t*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
+}
+
+template <typename F>
+void pool_run(int64_t n, int nthreads, F& f) {
+    qb_pool_run(n, nthreads, [](void* ctx, int64_t c, int slot) { (*static_cast<F*>(ctx))(c, slot); }, &f);
+}
+
+}  // namespace
+
+#define QBI16_NS qbi16_avx512
+#define QBI16_WIDE 1
+#define QBI16_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
+#include "int16_kernel_body.h"
+#undef QBI16_NS
+#undef QBI16_WIDE
+#undef QBI16_ATTR
+
+#define QBI16_NS qbi16_avx2
+#define QBI16_WIDE 0
+#define QBI16_ATTR __attribute__((target("avx2,fma")))
+#include "int16_kernel_body.h"
+#undef QBI16_NS
+#undef QBI16_WIDE
+#undef QBI16_ATTR
+
+namespace {
+
+enum Isa : int { ISA_NONE = 0, ISA_AVX2 = 2, ISA_AVX512_VNNI = 3 };
+
+int cpu_isa() {
+    static const int isa = [] {
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+            __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+            return (int)ISA_AVX512_VNNI;
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return (int)ISA_AVX2;
+        return (int)ISA_NONE;
+    }();
+    return isa;
+}
+
+// Rows of x from which the GEMM runs, per width (tuning knobs, qbi16_set_gemm_min_m).
+int64_t g_gemm_min_m[4] = {0, 0, 16, 16};
+
+bool block_ok(int64_t Bq, int64_t K) { return Bq == 0 || Bq >= K || (Bq % 32 == 0 && Bq <= 512); }
+
+// Work units: (block of rows of W) x (block of rows or groups of x), W-block major.
+int64_t pick_nb(int64_t N, int nthreads) {
+    int64_t nb = 64;
+    while (nb > 8 && (N + nb - 1) / nb < 4 * nthreads) nb /= 2;
+    return nb;
+}
+
+template <int ISA>
+int64_t linear_slab(const W16& w, const float* x, int64_t M, const float* bias, float* y, int nthreads, int64_t Bq) {
+    Act16 a;
+    a.M = M;
+    a.K = w.K;
+    a.Kp = (w.K + 31) / 32 * 32;
+    a.Bq = (Bq == 0 || Bq >= w.K) ? w.K : Bq;
+    // accumulation blocks: the quantization blocks, or (one scale per row) 512 elements of K at most
+    a.Ba = (a.Bq % 32 == 0 && a.Bq <= 512) ? a.Bq : std::min<int64_t>(512, a.Kp);
+    a.nab = (w.K + a.Ba - 1) / a.Ba;
+    thread_local std::vector<uint8_t> abuf;
+    const size_t qbytes = (size_t)(M * a.Kp) * 2, sbytes = (size_t)(M * a.nab) * 4;
+    const size_t need = qbytes + sbytes + (size_t)M + 256;
+    if (abuf.size() < need) abuf.resize(need);
+    uint8_t* p = (uint8_t*)(((uintptr_t)abuf.data() + 63) & ~(uintptr_t)63);
+    a.xq = (int16_t*)p;
+    p += (qbytes + 63) / 64 * 64;
+    a.sa = (float*)p;
+    p += (sbytes + 63) / 64 * 64;
+    a.bad = p;
+
+    auto quant = [&](int64_t m0, int64_t m1) {
+        if (ISA == ISA_AVX512_VNNI) qbi16_avx512::quantize_rows(x, a, m0, m1);
+        else qbi16_avx2::quantize_rows(x, a, m0, m1);
+    };
+    if (M * w.K < 64 * 1024 || nthreads <= 1) {
+        quant(0, M);
+    } else {
+        const int64_t rb = std::max<int64_t>(1, (16 * 1024) / w.K);
+        auto body = [&](int64_t b, int) { quant(b * rb, std::min(M, (b + 1) * rb)); };
+        pool_run((M + rb - 1) / rb, nthreads, body);
+    }
+    int64_t nbad = 0;
+    for (int64_t m = 0; m < M; ++m) nbad += a.bad[m];
+
+    const int64_t nb = pick_nb(w.N, nthreads);
+    const int64_t units_n = (w.N + nb - 1) / nb;
+    if (M < g_gemm_min_m[ISA]) {
+        const int64_t mb = 64, units_m = (M + mb - 1) / mb;
+        auto body = [&](int64_t u, int) {
+            const int64_t in = u / units_m, im = u % units_m;
+            const int64_t n0 = in * nb, n1 = std::min(w.N, n0 + nb), m0 = im * mb, m1 = std::min(M, m0 + mb);
+            if (ISA == ISA_AVX512_VNNI) qbi16_avx512::gemv_range(w, a, bias, y, m0, m1, n0, n1);
+            else qbi16_avx2::gemv_range(w, a, bias, y, m0, m1, n0, n1);
+        };
+        pool_run(units_n * units_m, nthreads, body);
+        return nbad;
+    }
+    constexpr int64_t L = ISA == ISA_AVX512_VNNI ? qbi16_avx512::L : qbi16_avx2::L;
+    const int64_t G = (M + L - 1) / L, np = a.Kp / 2;
+    thread_local std::vector<int32_t> tbuf;
+    const size_t xn = (size_t)(G * np * L), sn = (size_t)(G * a.nab * L);
+    if (tbuf.size() < xn + sn + 32) tbuf.resize(xn + sn + 32);
+    int32_t* tp = (int32_t*)(((uintptr_t)tbuf.data() + 63) & ~(uintptr_t)63);
+    // Both widths' ActT16 have the same fields; each namespace has its own type.
+    auto run = [&](auto& t, auto transpose, auto gemm) {
+        t.G = G;
+        t.np = np;
+        t.nab = a.nab;
+        t.xT = tp;
+        t.sT = (float*)(tp + xn);
+        auto tr = [&](int64_t g, int) { transpose(a, t, g, g + 1); };
+        pool_run(G, nthreads, tr);
+        const int64_t gb = std::max<int64_t>(1, 64 / L);  // 64 rows of x per unit stay in L2 while W streams
+        const int64_t units_m = (G + gb - 1) / gb;
+        auto body = [&](int64_t u, int) {
+            const int64_t in = u / units_m, im = u % units_m;
+            const int64_t n0 = in * nb, n1 = std::min(w.N, n0 + nb), g0 = im * gb, g1 = std::min(G, g0 + gb);
+            gemm(w, t, a.Ba, bias, y, M, n0, n1, g0, g1, a.Kp);
+        };
+        pool_run(units_n * units_m, nthreads, body);
+    };
+    if (ISA == ISA_AVX512_VNNI) {
+        qbi16_avx512::ActT16 t;
+        run(t, qbi16_avx512::transpose_groups, qbi16_avx512::gemm_range);
+    } else {
+        qbi16_avx2::ActT16 t;
+        run(t, qbi16_avx2::transpose_groups, qbi16_avx2::gemm_range);
+    }
+    return nbad;
+}
+
+}  // namespace
+
+extern "C" {
+
+// The widest int16 kernels this CPU runs: 3 AVX512-VNNI, 2 AVX2 (+FMA), 0 none.
+int qbi16_isa() { return cpu_isa(); }
+
+// Whether the kernels at width isa cover this CPU and shape (Bq: the activation block, 0 = per row).
+int qbi16_supported(int isa, int64_t N, int64_t K, int64_t Bq) {
+    const int have = cpu_isa();
+    const bool isa_ok = (isa == ISA_AVX512_VNNI && have == ISA_AVX512_VNNI) ||
+                        (isa == ISA_AVX2 && have >= ISA_AVX2);
+    return isa_ok && N > 0 && K > 0 && block_ok(Bq, K);
+}
+
+void qbi16_set_gemm_min_m(int isa, int64_t m) {
+    if (isa == ISA_AVX2 || isa == ISA_AVX512_VNNI) g_gemm_min_m[isa] = m;
+}
+int64_t qbi16_gemm_min_m(int isa) { return (isa == ISA_AVX2 || isa == ISA_AVX512_VNNI) ? g_gemm_min_m[isa] : 0; }
+
+// y[M, N] = x[M, K] @ (codes * scale)^T (+ bias) in the "int16" compute mode with the kernels of
+// width isa. Returns the number of rows of x holding NaN/Inf (their y rows are garbage: the caller
+// recomputes them in fp32), or -1 if the kernels do not cover this CPU/shape (nothing computed).
+int64_t qbi16_linear8(int isa, const int8_t* codes, const float* scale, int64_t N, int64_t K, const float* x,
+                      int64_t M, const float* bias, float* y, int nthreads, int64_t Bq) {
+    if (!qbi16_supported(isa, N, K, Bq)) return -1;
+    const W16 w{codes, scale, N, K};
+    // Slabs of rows bound the activation buffers (about 4 bytes per element of x).
+    const int64_t slab = std::max<int64_t>(64, (int64_t(8) << 20) / K);
+    int64_t nbad = 0;
+    for (int64_t m0 = 0; m0 < M; m0 += slab) {
+        const int64_t mm = std::min(slab, M - m0);
+        nbad += isa == ISA_AVX512_VNNI ? linear_slab<ISA_AVX512_VNNI>(w, x + m0 * K, mm, bias, y + m0 * N, nthreads, Bq)
+                                       : linear_slab<ISA_AVX2>(w, x + m0 * K, mm, bias, y + m0 * N, nthreads, Bq);
+    }
+    return nbad;
+}
+
+}  // extern "C"

@@ -1,0 +1,141 @@
+"""The ``"int16"`` compute mode of the weight-only ops on CPU (numerics: :mod:`qbackend.kernels.reference`).
+
+Activations are quantized to int16 per row (``reference.INT16_BLOCK``) in the kernel's prologue
+(once per call); int8 weights stay in their canonical layout and are sign-extended
+to int16 in registers (``int16_compute.cpp``): AVX512-VNNI ``vpdpwssd`` where the CPU has it, else
+AVX2 ``vpmaddwd`` (any CPU with AVX2 + FMA). A GEMV-like tile for small M, a GEMM with lanes along M
+from ``gemm_min_m`` rows. Only int8 weights have kernels; NF4/FP4/int4 layers in this mode run the
+reference (correct, slow; :func:`has_fast_kernel` says so, so ``"auto"`` never picks it for them).
+Rows of x holding NaN/Inf are recomputed by the reference, which computes them in fp32 as the
+contract says.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+from . import _build
+from ._tensors import ptr as _ptr
+
+#: kernel widths (``enum Isa`` in int16_compute.cpp)
+ISA_AVX2 = 2
+ISA_AVX512_VNNI = 3
+
+
+def declare(L: ctypes.CDLL) -> ctypes.CDLL:
+    """``L`` with this module's C signatures declared (any build of the library has the symbols)."""
+    P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    L.qbi16_isa.restype = INT
+    L.qbi16_supported.argtypes = [INT, I64, I64, I64]
+    L.qbi16_supported.restype = INT
+    L.qbi16_set_gemm_min_m.argtypes = [INT, I64]
+    L.qbi16_set_gemm_min_m.restype = None
+    L.qbi16_gemm_min_m.argtypes = [INT]
+    L.qbi16_gemm_min_m.restype = I64
+    L.qbi16_linear8.argtypes = [INT, P, P, I64, I64, P, I64, P, P, INT, I64]
+    L.qbi16_linear8.restype = I64
+    return L
+
+
+@functools.cache
+def _lib() -> tuple[ctypes.CDLL, int] | None:
+    """(the kernel library, the kernel width to run), or None: no library, or the "generic" build (a
+    forced portable variant stands for a CPU without AVX2). A forced "avx2" build runs the AVX2 kernels."""
+    L = _build.load()
+    variant = _build.cpu_variant()
+    if L is None or variant == "generic":
+        return None
+    declare(L)
+    isa = int(L.qbi16_isa())
+    if variant == "avx2":
+        isa = min(isa, ISA_AVX2)
+    return (L, isa) if isa >= ISA_AVX2 else None
+
+
+def _block() -> int:
+    """The activation block the kernel quantizes with (0: one scale per row)."""
+    return 0 if ref.INT16_BLOCK is None else int(ref.INT16_BLOCK)
+
+
+def set_gemm_min_m(m: int, isa: int | None = None) -> int:
+    """Rows of x from which the GEMM kernel runs at width ``isa`` (default: this CPU's); returns the old
+    value (a tuning knob for tests and benchmarks)."""
+    lib = _lib()
+    if lib is None:
+        return 0
+    L, own = lib
+    isa = own if isa is None else isa
+    old = int(L.qbi16_gemm_min_m(isa))
+    L.qbi16_set_gemm_min_m(isa, int(m))
+    return old
+
+
+def has_fast_kernel(family: str, ints: Mapping[str, int]) -> bool:
+    """Whether a layer of ``family`` with these op ints runs an int16 kernel here (int8 weights only)."""
+    lib = _lib()
+    if lib is None or family != "int8":
+        return False
+    L, isa = lib
+    return bool(L.qbi16_supported(isa, int(ints["out_features"]), int(ints["in_features"]), _block()))
+
+
+def linear8(
+    L: ctypes.CDLL, isa: int, x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, n: int, k: int
+) -> Tensor:
+    """y = x @ (codes * scale)^T (+ bias) by the kernels of width ``isa`` in library ``L`` (declared with
+    :func:`declare`); rows with NaN/Inf and cases the kernels do not cover through the reference."""
+
+    def reference_rows(xr: Tensor) -> Tensor:
+        return ref.int8_linear(xr, codes, scale, bias, n, k, "int16")
+
+    x2 = x.reshape(-1, k)
+    if x2.dtype is not torch.float32 or not x2.is_contiguous():
+        x2 = x2.to(torch.float32).contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m > 0:
+        c, s = codes.contiguous(), scale.to(torch.float32).contiguous()
+        b = None if bias is None else bias.to(torch.float32).contiguous()
+        nbad = L.qbi16_linear8(isa, c.data_ptr(), s.data_ptr(), n, k, x2.data_ptr(), m, _ptr(b), y.data_ptr(),
+                               torch.get_num_threads(), _block())  # fmt: skip
+        if nbad < 0:
+            return reference_rows(x)
+        if nbad > 0:
+            bad = ~torch.isfinite(x2).all(dim=1)
+            y[bad] = reference_rows(x2[bad]).float()
+    y = y.view(*x.shape[:-1], n)
+    return y if x.dtype is torch.float32 else y.to(x.dtype)
+
+
+def codebook_linear(
+    x: Tensor, codes: Tensor, absmax: Tensor | None, nested_codes: Tensor | None, nested_absmax: Tensor | None,
+    nested_offset: Tensor | None, table: Tensor, nested_table: Tensor | None, bias: Tensor | None,
+    out_features: int, in_features: int, blocksize: int, nested_blocksize: int,
+) -> Tensor:  # fmt: skip
+    """``codebook_linear`` (nf4, fp4) in "int16" compute: the reference (no kernel)."""
+    return ref.codebook_linear(x, codes, absmax, nested_codes, nested_absmax, nested_offset, table, nested_table, bias,
+                               out_features, in_features, blocksize, nested_blocksize, "int16")  # fmt: skip
+
+
+def int4_linear(
+    x: Tensor, codes: Tensor, scale: Tensor, zero_point: Tensor | None, bias: Tensor | None,
+    out_features: int, in_features: int, groupsize: int,
+) -> Tensor:  # fmt: skip
+    """``int4_linear`` in "int16" compute: the reference (no kernel)."""
+    return ref.int4_linear(x, codes, scale, zero_point, bias, out_features, in_features, groupsize, "int16")
+
+
+def int8_linear(
+    x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, out_features: int, in_features: int
+) -> Tensor:
+    """``int8_linear`` in "int16" compute."""
+    lib = _lib()
+    if lib is None:
+        return ref.int8_linear(x, codes, scale, bias, out_features, in_features, "int16")
+    return linear8(*lib, x, codes, scale, bias, out_features, in_features)
