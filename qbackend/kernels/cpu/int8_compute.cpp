@@ -290,6 +290,7 @@ QBI8_TARGET void tile4(const Ctx4& cx, int64_t m0, int64_t n0, const float* cons
     const __m512i nib = _mm512_set1_epi8(0x0f);
     const uint8_t* wr[NR];
     for (int r = 0; r < NR; ++r) wr[r] = w.codes + (n0 + r) * (K / 2);
+    const int64_t pf_next = n0 + 2 * NR <= w.N ? NR * (K / 2) : 0;
     __m512 acc[MR][NR];
     for (int i = 0; i < MR; ++i)
         for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
@@ -298,6 +299,8 @@ QBI8_TARGET void tile4(const Ctx4& cx, int64_t m0, int64_t n0, const float* cons
         __m512 wsv[NR];
         const int64_t base = (4 * c) >> sh;
         for (int r = 0; r < NR; ++r) {
+            // the same chunk of the next NR rows of W (prefetch never faults; stays inside the codes here)
+            if (pf_next) _mm_prefetch((const char*)(wr[r] + pf_next + 64 * c), _MM_HINT_T0);
             const __m512i v = c < cx.nfull ? _mm512_loadu_si512(wr[r] + 64 * c)
                                            : _mm512_maskz_loadu_epi8(cx.tail_mask, wr[r] + 64 * c);
             lo[r] = _mm512_and_si512(v, nib);
@@ -387,7 +390,7 @@ QBI8_TARGET void tile8(const Ctx8& cx, int64_t m0, int64_t n0) {
 // are broadcast against the group vectors, so each int32 lane sums its share of a whole 32-block of
 // one row of x before the one fp32 scaling of that block (a row's 16 / L lanes are added at the end).
 // Small M fills every lane too (M = 8: two words per row per step), with the same tile template.
-int64_t g_gemm_min_m = 3;   // 4-bit weights (tuning knob, qbi8_set_gemm_min_m): below, the GEMV-like tile4
+int64_t g_gemm_min_m = 4;   // 4-bit weights (tuning knob, qbi8_set_gemm_min_m): below, the GEMV-like tile4 (measured: M = 3 0.47 vs 0.66 ms)
 int64_t g_gemm_min_m8 = 3;  // int8 weights
 
 struct ActT {
@@ -464,9 +467,13 @@ QBI8_TARGET void decode_row(const QI8W& w, int64_t n, uint8_t* d) {
         const int64_t nb32 = (K + 127) / 128 * 4, per = w.bs / 32;
         zbias = scratch<uint8_t>(3, (size_t)nb32);
         const uint8_t* z = KIND == 2 ? w.zp + n * w.G : nullptr;
-        for (int64_t j = 0, gi = 0, left = per; j < nb32; ++j) {
-            zbias[j] = 32 * j >= K ? 0 : KIND == 1 ? 120 : (uint8_t)(128 - z[gi]);
-            if (--left == 0) left = per, ++gi;
+        if (KIND == 1) {
+            std::memset(zbias, 120, (size_t)nb32);
+        } else if (per == 1) {
+            for (int64_t j = 0; j < w.G; ++j) zbias[j] = (uint8_t)(128 - z[j]);
+        } else {
+            for (int64_t gi = 0; gi < w.G; ++gi)
+                std::memset(zbias + gi * per, (uint8_t)(128 - z[gi]), (size_t)std::min<int64_t>(per, nb32 - gi * per));
         }
     }
     for (int64_t c = 0; 128 * c < K; ++c) {
@@ -518,8 +525,10 @@ QBI8_TARGET inline __m512i bcast_bytes(const uint8_t* p) {
 }
 
 // NR rows of W (decoded: d; block scales ws, none for int8) times MV groups of L rows of x from group g0.
+// pf, pf_lines: cache lines to prefetch (the codes of the rows of W decoded next), spread over the blocks.
 template <int L, int NR, int MV, bool ROWSCALE>
-QBI8_TARGET void gemm_tile(const CtxG& cx, int64_t n0, int64_t g0, const uint8_t* const* d, const float* const* ws) {
+QBI8_TARGET void gemm_tile(const CtxG& cx, int64_t n0, int64_t g0, const uint8_t* const* d, const float* const* ws,
+                           const uint8_t* pf, int64_t pf_lines) {
     constexpr int S = L / 2, BB = 64 / L, LPR = 16 / L;
     const ActT& t = *cx.t;
     const int64_t nblk = t.nblk;
@@ -534,6 +543,8 @@ QBI8_TARGET void gemm_tile(const CtxG& cx, int64_t n0, int64_t g0, const uint8_t
         const int64_t je = std::min(nblk, jb + span);
         __m512 part[NR][MV];
         for (int64_t j = jb; j < je; ++j) {
+            for (int64_t l = j * pf_lines / nblk, le = (j + 1) * pf_lines / nblk; l < le; ++l)
+                _mm_prefetch((const char*)pf + 64 * l, _MM_HINT_T1);
             __m512i ia[NR][MV];
             for (int v = 0; v < MV; ++v) {
                 const __m512i c0 = _mm512_load_si512(t.cT + ((g0 + v) * nblk + j) * 16);
@@ -583,27 +594,33 @@ QBI8_TARGET void gemm_tile(const CtxG& cx, int64_t n0, int64_t g0, const uint8_t
 
 template <int L, int NR, bool ROWSCALE>
 QBI8_TARGET void gemm_rows(const CtxG& cx, int64_t n0, int64_t g0, int64_t g1, const uint8_t* const* d,
-                           const float* const* ws) {
+                           const float* const* ws, const uint8_t* pf, int64_t pf_lines) {
     int64_t g = g0;
-    for (; g + 2 <= g1; g += 2) gemm_tile<L, NR, 2, ROWSCALE>(cx, n0, g, d, ws);
-    if (g < g1) gemm_tile<L, NR, 1, ROWSCALE>(cx, n0, g, d, ws);
+    for (; g + 2 <= g1; g += 2, pf_lines = 0) gemm_tile<L, NR, 2, ROWSCALE>(cx, n0, g, d, ws, pf, pf_lines);
+    if (g < g1) gemm_tile<L, NR, 1, ROWSCALE>(cx, n0, g, d, ws, pf, pf_lines);
 }
 
-// Rows [n0, n1) of W times groups [g0, g1) of x: NR rows of W decoded at a time.
+#ifndef QBI8_NR_ONE_GROUP
+#define QBI8_NR_ONE_GROUP 8
+#endif
+
+// Rows [n0, n1) of W times groups [g0, g1) of x: 8 rows of W decoded at a time, then tiles of
+// 4 rows x 2 groups (8 rows x 1 group when the unit has one group: M <= 16; more independent
+// accumulator chains than 4 x 1).
 template <int L, int KIND>
 QBI8_TARGET void run_gemm(const CtxG& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t g0, int64_t g1) {
     const QI8W& w = *cx.w;
-    constexpr int NR = 4;
+    constexpr int NRD = 8;
     constexpr bool ROWSCALE = KIND == 3;
     const size_t len = (size_t)(w.K / 32 + 16);
     const size_t dlen = (size_t)((w.K + 127) / 128 * 128);
-    float* wsb = scratch<float>(0, NR * len);
-    uint8_t* db = (uint8_t*)(((uintptr_t)scratch<uint8_t>(2, NR * dlen + 64) + 63) & ~(uintptr_t)63);
-    const uint8_t* d[NR];
-    const float* ws[NR];
+    float* wsb = scratch<float>(0, NRD * len);
+    uint8_t* db = (uint8_t*)(((uintptr_t)scratch<uint8_t>(2, NRD * dlen + 64) + 63) & ~(uintptr_t)63);
+    const uint8_t* d[NRD];
+    const float* ws[NRD];
     int64_t n = n0;
     while (n < n1) {
-        const int nr = (int)std::min<int64_t>(NR, n1 - n);
+        const int nr = (int)std::min<int64_t>(NRD, n1 - n);
         for (int r = 0; r < nr; ++r) {
             uint8_t* dr = db + r * dlen;
             decode_row<KIND>(w, n + r, dr);
@@ -611,10 +628,25 @@ QBI8_TARGET void run_gemm(const CtxG& cx, const RowScales& rs, int64_t n0, int64
             d[r] = dr;
             ws[r] = wsb + r * len;
         }
-        if (nr == 4) gemm_rows<L, 4, ROWSCALE>(cx, n, g0, g1, d, ws);
-        else if (nr == 3) gemm_rows<L, 3, ROWSCALE>(cx, n, g0, g1, d, ws);
-        else if (nr == 2) gemm_rows<L, 2, ROWSCALE>(cx, n, g0, g1, d, ws);
-        else gemm_rows<L, 1, ROWSCALE>(cx, n, g0, g1, d, ws);
+        // The codes of the next rows stream in while these are computed.
+        const int64_t row_bytes = KIND == 3 ? w.K : w.K / 2;
+        const int64_t nnext = std::min<int64_t>(NRD, w.N - (n + nr));
+        const uint8_t* pf = w.codes + (n + nr) * row_bytes;
+        int64_t pf_lines = nnext > 0 ? (nnext * row_bytes + 63) / 64 : 0;
+        if (nr == 8 && g1 - g0 == 1 && QBI8_NR_ONE_GROUP == 8) {
+            gemm_tile<L, 8, 1, ROWSCALE>(cx, n, g0, d, ws, pf, pf_lines);
+        } else {
+            for (int q = 0; q < nr; q += 4) {
+                const int nq = std::min(4, nr - q);
+                // the prefetch split over the quads of rows
+                const uint8_t* pq = pf + 64 * (q / 4) * ((pf_lines + 1) / 2);
+                const int64_t lq = std::max<int64_t>(0, std::min<int64_t>((pf_lines + 1) / 2, pf_lines - (q / 4) * ((pf_lines + 1) / 2)));
+                if (nq == 4) gemm_rows<L, 4, ROWSCALE>(cx, n + q, g0, g1, d + q, ws + q, pq, lq);
+                else if (nq == 3) gemm_rows<L, 3, ROWSCALE>(cx, n + q, g0, g1, d + q, ws + q, pq, lq);
+                else if (nq == 2) gemm_rows<L, 2, ROWSCALE>(cx, n + q, g0, g1, d + q, ws + q, pq, lq);
+                else gemm_rows<L, 1, ROWSCALE>(cx, n + q, g0, g1, d + q, ws + q, pq, lq);
+            }
+        }
         n += nr;
     }
 }
