@@ -16,12 +16,14 @@
 //   gives two u8 vectors (high and low nibbles) that line up with the two activation vectors.
 //   Lanes 4b..4b+3 of the int32 accumulator then hold block b of the chunk: the block scales are
 //   applied per lane (fma with a 16-lane scale vector), one horizontal sum per output only.
-//   This is the kernel for small M (GEMV-like; no per-call work on W at all).
-// * M >= 16 (int8 weights: M >= 8): a GEMM (see gemm_tile): x transposed once per call to 16 rows per
-//   vector (8 rows in ymm vectors below M = 16), nested NF4 constants decoded 16 at a time, rows of W
-//   decoded per tile into a small per-thread buffer (the same unsigned bytes, block-major), each
-//   4-byte weight word broadcast against 16 rows of x, so an int32 lane sums a whole 32-block.
-//   No copy of W outlives the call.
+//   This is the kernel for M <= 3 (int8 weights: M <= 2; GEMV-like, no per-call work on W at all).
+// * Larger M: a GEMM (see gemm_tile): x transposed once per call so that each vector holds L rows of
+//   x (L = 4, 8 or 16: no idle lanes at small M), nested NF4 constants decoded 16 at a time, rows of W
+//   decoded once per work unit (up to 128 rows of x) into a small per-thread buffer (unsigned bytes, block-major; int4 zero
+//   points folded into the bytes), the bytes of one vpdpbusd step broadcast against the L-row vectors,
+//   so an int32 lane sums its share of a whole 32-block; the codes of the next rows are prefetched
+//   while a tile computes (the weight streams from L3/DRAM under the compute). No copy of W outlives
+//   the call.
 // Threads: the library's RowPool (qb_pool_run in qlinear.cpp), rows of W split into units.
 //
 // The code is compiled for the library's variant flags; the VNNI/VBMI parts carry target
