@@ -216,7 +216,8 @@ def test_gemm_kernel_at_every_m(name):
 @pytest.mark.parametrize("name", ["nf4 nested b64", "nf4 b128", "int4 affine g128", "int4 sym g32", "int8 per-channel"])
 @pytest.mark.parametrize("n,k", [(37, 416), (9, 1120)])
 def test_gemm_at_the_tile_edges(name, n, k):
-    """The GEMM at the thresholds' own M choice, on M around its tile edges (rows of x per vector 4/8/16,
+    """The kernels at the thresholds' own M choice, on M around the GEMM's tile edges (rows of x per vector 8/16;
+    4 and 2 are forced in test_gemm_kernel_at_every_m;
     groups of 16, units of 128 rows), K not a multiple of the weight block (blocks straddling rows,
     a partial last int4 group) and N not a multiple of the 8- or 4-row tiles of W; NaN/Inf rows in
     several groups stay NaN/Inf, the other rows are unaffected."""
