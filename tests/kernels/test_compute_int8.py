@@ -73,13 +73,15 @@ def _image_weight(kw: KernelWeight) -> torch.Tensor:
     return _reference(eye, kw, None).t().reshape(n, k)
 
 
-def _assert_matches(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None) -> None:
+def _assert_matches(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None,
+                    img: torch.Tensor | None = None) -> None:
+    """img: _image_weight(kw), when the caller has it already."""
     r = _reference(x, kw, bias)
     assert y.dtype == r.dtype and y.shape == r.shape, (y.dtype, r.dtype, y.shape, r.shape)
     k = kw.statics[1]
     xq, s = reference.quantize_activations(x.float().reshape(-1, k))
     xdq = xq * s.repeat_interleave(reference.ACT_BLOCK, 1)[:, :k]
-    mag = xdq.abs() @ _image_weight(kw).abs().t()
+    mag = xdq.abs() @ (_image_weight(kw) if img is None else img).abs().t()
     if bias is not None:
         mag = mag + bias.float().abs()
     tol = 2e-6 * mag.reshape(r.shape) + 1e-30
@@ -242,3 +244,33 @@ def test_small_m_streaming_settings(name, n, k, m, prefetch, lanes, nan_row, see
     good = torch.isfinite(x).all(dim=1)
     assert bool(torch.isnan(y[~good]).all())
     _assert_matches(y[good], x[good], kw, bias)
+
+@pytest.mark.parametrize("name", ["nf4 nested b64", "nf4 b128", "int4 affine g128", "int4 sym g32", "int8 per-channel"])
+@pytest.mark.parametrize("n,k", [(37, 416), (9, 1120)])
+def test_gemm_at_the_tile_edges(name, n, k):
+    """The kernels at the thresholds' own M choice, on M around the GEMM's tile edges (rows of x per vector 8/16;
+    4 and 2 are forced in test_gemm_kernel_at_every_m;
+    groups of 16, units of 128 rows), K not a multiple of the weight block (blocks straddling rows,
+    a partial last int4 group) and N not a multiple of the 8- or 4-row tiles of W; NaN/Inf rows in
+    several groups stay NaN/Inf, the other rows are unaffected."""
+    kw = _kw(n, k, SCHEMES[name], 17)
+    img = _image_weight(kw)
+    g = torch.Generator().manual_seed(18)
+    bias = torch.randn(n, generator=g)
+    for m in (4, 5, 8, 15, 16, 17, 63, 64, 65, 480):
+        x = torch.randn(m, k, generator=g) * 2
+        _assert_matches(_kernel(x, kw, bias), x, kw, bias, img)
+    x = torch.randn(65, k, generator=g)
+    bad = [3, 16, 40, 64]
+    x[3, 1] = float("nan")
+    x[16, k - 1] = float("inf")
+    x[40, 33] = -float("inf")
+    x[64, 0] = float("nan")
+    y = _kernel(x, kw, bias)
+    y32 = _reference(x, kw, bias, "fp32")
+    assert torch.equal(torch.isnan(y), torch.isnan(y32)) and torch.equal(torch.isinf(y), torch.isinf(y32))
+    good = torch.ones(65, dtype=torch.bool)
+    good[bad] = False
+    assert not bool(torch.isfinite(y[bad]).any())
+    _assert_matches(y[good], x[good], kw, bias, img)
+    assert _kernel(torch.empty(0, k), kw, bias).shape == (0, n)

@@ -16,14 +16,17 @@
 //   gives two u8 vectors (high and low nibbles) that line up with the two activation vectors.
 //   Lanes 4b..4b+3 of the int32 accumulator then hold block b of the chunk: the block scales are
 //   applied per lane (fma with a 16-lane scale vector), one horizontal sum per output only.
-//   This is the kernel for small M (GEMV-like; no per-call work on W at all). With cold weights
+//   This is the kernel for M < 8 (GEMV-like; no per-call work on W at all). With cold weights
 //   (LLM decode) each tile software-prefetches the codes and block constants of the next tile's
 //   rows: a row of codes is a stream too short for the hardware prefetchers (measured 1.2-2x).
-// * M >= 16 (int8 weights: M >= 8): a GEMM (see gemm_tile): x transposed once per call to 16 rows per
-//   vector (8 rows in ymm vectors below M = 16), nested NF4 constants decoded 16 at a time, rows of W
-//   decoded per tile into a small per-thread buffer (the same unsigned bytes, block-major), each
-//   4-byte weight word broadcast against 16 rows of x, so an int32 lane sums a whole 32-block.
-//   No copy of W outlives the call.
+// * Larger M: a GEMM (see gemm_tile): x transposed once per call so that each vector holds L rows of
+//   x (L = 8 or 16 from M = 8; 4 and 2 when the threshold is lowered: no idle lanes at small M),
+//   nested NF4 constants decoded 16 at a time, rows of W
+//   decoded once per work unit (up to 128 rows of x) into a small per-thread buffer (unsigned bytes, block-major; int4 zero
+//   points folded into the bytes), the bytes of one vpdpbusd step broadcast against the L-row vectors,
+//   so an int32 lane sums its share of a whole 32-block; the codes of the next rows are prefetched
+//   while a tile computes (the weight streams from L3/DRAM under the compute). No copy of W outlives
+//   the call.
 // Threads: the library's RowPool (qb_pool_run in qlinear.cpp), rows of W split into units.
 //
 // The code is compiled for the library's variant flags; the VNNI/VBMI parts carry target
@@ -89,7 +92,7 @@ struct Act {
 // Per-thread scratch, grown as needed and reused across calls.
 template <typename T>
 T* scratch(int slot, size_t n) {
-    thread_local std::vector<T> bufs[4];
+    thread_local std::vector<T> bufs[5];
     if (bufs[slot].size() < n + 64) bufs[slot].resize(n + 64);
     T* p = bufs[slot].data();
     return p;
@@ -391,61 +394,65 @@ QBI8_TARGET void tile8(const Ctx8& cx, int64_t m0, int64_t n0) {
         }
 }
 
-// ---- larger M: a GEMM with 16 rows of x per vector ----------------------------------------------
+// ---- larger M: a GEMM with the rows of x across the lanes ---------------------------------------
 //
-// For M >= g_gemm_min_m the activations are transposed once per call into groups of 16 rows, 4 bytes
-// (one vpdpbusd word) per lane: xT[group][block j][word w][16 rows]. Rows of W are decoded once per
-// tile into unsigned bytes in the same block-major word order, and each weight word is broadcast
-// against the 16-row activation vectors: an int32 lane then sums a whole 32-block (8 words) of one
-// row of x before the one fp32 scaling of that block, so 8 vpdpbusd share each conversion.
-int64_t g_gemm_min_m = 16;  // 4-bit weights: measured, the GEMM wins from M = 16 (tuning knob, qbi8_set_gemm_min_m)
-int64_t g_gemm_min_m8 = 8;  // int8 weights: from M = 8 (8-row groups; measured 1.5x the small-M kernel at M = 8..15)
+// For M >= g_gemm_min_m the activations are transposed once per call into groups of L rows of x
+// (L = 16, 8, 4 or 2: the smallest that holds M, up to 16): each row owns 16 / L int32 lanes of a
+// vector, and one vpdpbusd step covers 64 / L bytes of K per row, L / 2 steps per 32-block:
+// xT[group][block j][step s][16 lanes]. Rows of W are decoded once per work unit into unsigned bytes
+// in the same block-major word order (reused by every group of the unit); the 64 / L bytes of a step
+// are broadcast against the group vectors, so each int32 lane sums its share of a whole 32-block of
+// one row of x before the one fp32 scaling of that block (a row's 16 / L lanes are added at the end).
+// Small M fills every lane too (M = 8: two words per row per step), with the same tile template.
+int64_t g_gemm_min_m = 8;   // 4-bit weights (tuning knob, qbi8_set_gemm_min_m): below, the GEMV-like tile4 (measured faster at M = 3, and at M = 4 on K = 384..1536 layers)
+int64_t g_gemm_min_m8 = 8;  // int8 weights (below: tile8)
 
 struct ActT {
-    int64_t L = 16;           // rows per group: 16 (zmm lanes) or 8 (ymm, for M < 16: no idle lanes)
+    int L = 16;               // rows of x per vector: 16, 8, 4 or 2
     int64_t G = 0, nblk = 0;  // groups of L rows, 32-blocks of K
-    int32_t* xT = nullptr;    // [G, nblk, 8, L]
-    int32_t* cT = nullptr;    // [G, nblk, L]: start values (-offset * block sum, affine: block sum)
-    float* sT = nullptr;      // [G, nblk, L]: activation block scales (times the table's 1/c)
+    int32_t* xT = nullptr;    // [G, nblk, L / 2, 16]
+    int32_t* cT = nullptr;    // [G, nblk, 16]: start values, -128 * the lane's sum of x (the weights' offset)
+    float* sT = nullptr;      // [G, nblk, 16]: the activation block scale of the lane's row (times the table's 1/c)
 };
 
-// Byte offset in a row of Act.xq of word w (0..7) of block j, in the order the decoded weights use.
-inline int64_t word_offset(int64_t ch, int64_t j, int w) {
-    if (ch == 64) return 32 * j + 4 * w;
-    const int64_t c = j / 4, b = j % 4;
-    return 128 * c + (w < 4 ? 16 * b + 4 * w : 64 + 16 * b + 4 * (w - 4));
-}
+// Byte offset in a row of Act.xq of word w (0..7) of block j, in the order the decoded weights use:
+// block_base(j) + word_in_block(w).
+inline int64_t block_base(int64_t ch, int64_t j) { return ch == 64 ? 32 * j : 128 * (j / 4) + 16 * (j % 4); }
+inline int word_in_block(int64_t ch, int w) { return ch == 64 || w < 4 ? 4 * w : 64 + 4 * (w - 4); }
 
-// The first L (16 or 8) int32 lanes of v to 64-byte aligned p.
-QBI8_TARGET inline void store_lanes(int32_t* p, __m512i v, int64_t L) {
-    if (L == 16) _mm512_store_si512(p, v);
-    else _mm256_store_si256((__m256i*)p, _mm512_castsi512_si256(v));
-}
-
+// Groups [g0, g1) of x into t (see ActT).
 QBI8_TARGET void transpose_groups(const Act& a, ActT& t, int64_t g0, int64_t g1) {
     const int bpc = (int)(a.ch / 32), lpb = 16 / bpc;
+    const int L = t.L, lpr = 16 / L, S = L / 2;
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i lrow = _mm512_srli_epi32(iota, ilog2(lpr));                // row of the group per lane
+    const __m512i lword = _mm512_and_si512(iota, _mm512_set1_epi32(lpr - 1));  // word of the step per lane
+    const __m512i ones = _mm512_set1_epi8(1);
+    alignas(64) int32_t wib[8];
+    for (int w = 0; w < 8; ++w) wib[w] = word_in_block(a.ch, w);
     for (int64_t g = g0; g < g1; ++g) {
-        const int64_t L = t.L, rows = std::min<int64_t>(L, a.M - L * g);
-        const __mmask16 mk = (__mmask16)((1u << rows) - 1);
-        const __m512i m = _mm512_add_epi32(_mm512_set1_epi32((int)(L * g)), iota);
+        const int64_t rows = std::min<int64_t>(L, a.M - L * g);
+        const __mmask16 mk = (__mmask16)((1u << (rows * lpr)) - 1);
+        const __m512i m = _mm512_add_epi32(_mm512_set1_epi32((int)(L * g)), lrow);
         const __m512i xrow = _mm512_mullo_epi32(m, _mm512_set1_epi32((int)a.Kp));
         const __m512i vrow = _mm512_mullo_epi32(m, _mm512_set1_epi32((int)(a.nch * 16)));
+        __m512i idx[8];
+        for (int s = 0; s < S; ++s)
+            idx[s] = _mm512_add_epi32(xrow, _mm512_permutexvar_epi32(_mm512_add_epi32(lword, _mm512_set1_epi32(s * lpr)),
+                                                                     _mm512_maskz_loadu_epi32(0xff, wib)));
         for (int64_t j = 0; j < t.nblk; ++j) {
-            int32_t* xo = t.xT + ((g * t.nblk + j) * 8) * L;
-            for (int w = 0; w < 8; ++w) {
-                const __m512i idx = _mm512_add_epi32(xrow, _mm512_set1_epi32((int)word_offset(a.ch, j, w)));
-                store_lanes(xo + L * w, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, idx, a.xq, 1), L);
+            const __m512i base = _mm512_set1_epi32((int)block_base(a.ch, j));
+            int32_t* xo = t.xT + (g * t.nblk + j) * S * 16;
+            __m512i lsum = _mm512_setzero_si512();
+            for (int s = 0; s < S; ++s) {
+                const __m512i xv = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, _mm512_add_epi32(idx[s], base), a.xq, 1);
+                _mm512_store_si512(xo + 16 * s, xv);
+                lsum = _mm512_dpbusd_epi32(lsum, ones, xv);
             }
+            _mm512_store_si512(t.cT + (g * t.nblk + j) * 16, _mm512_mullo_epi32(lsum, _mm512_set1_epi32(-128)));
             const int64_t c = j / bpc, b = j % bpc;
             const __m512i vi = _mm512_add_epi32(vrow, _mm512_set1_epi32((int)(c * 16 + b * lpb)));
-            __m512i cs = _mm512_setzero_si512();
-            for (int l = 0; l < lpb; ++l)
-                cs = _mm512_add_epi32(cs, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk,
-                                                                       _mm512_add_epi32(vi, _mm512_set1_epi32(l)), a.cv, 4));
-            store_lanes(t.cT + (g * t.nblk + j) * L, cs, L);
-            store_lanes((int32_t*)t.sT + (g * t.nblk + j) * L,
-                        _mm512_castps_si512(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, vi, a.sv, 4)), L);
+            _mm512_store_ps(t.sT + (g * t.nblk + j) * 16, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, vi, a.sv, 4));
         }
     }
 }
@@ -468,6 +475,21 @@ QBI8_TARGET void decode_row(const QI8W& w, int64_t n, uint8_t* d) {
     const __m512i lut = _mm512_broadcast_i32x4(_mm_add_epi8(_mm_loadu_si128((const __m128i*)w.lut), _mm_set1_epi8((char)0x80)));
     const __m512i nib = _mm512_set1_epi8(0x0f);
     const __m512i i0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), i1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    // int4: the byte added per 32-block, 128 - zero point (groups are whole 32-blocks)
+    uint8_t* zbias = nullptr;
+    if (KIND != 0) {
+        const int64_t nb32 = (K + 127) / 128 * 4, per = w.bs / 32;
+        zbias = scratch<uint8_t>(3, (size_t)nb32);
+        const uint8_t* z = KIND == 2 ? w.zp + n * w.G : nullptr;
+        if (KIND == 1) {
+            std::memset(zbias, 120, (size_t)nb32);
+        } else if (per == 1) {
+            for (int64_t j = 0; j < w.G; ++j) zbias[j] = (uint8_t)(128 - z[j]);
+        } else {
+            for (int64_t gi = 0; gi < w.G; ++gi)
+                std::memset(zbias + gi * per, (uint8_t)(128 - z[gi]), (size_t)std::min<int64_t>(per, nb32 - gi * per));
+        }
+    }
     for (int64_t c = 0; 128 * c < K; ++c) {
         const int64_t nb = std::min<int64_t>(64, (K - 128 * c) / 2);
         const __mmask64 mk = nb == 64 ? ~(__mmask64)0 : (__mmask64)((uint64_t(1) << nb) - 1);
@@ -477,8 +499,15 @@ QBI8_TARGET void decode_row(const QI8W& w, int64_t n, uint8_t* d) {
             lo = _mm512_shuffle_epi8(lut, lo);
             hi = _mm512_shuffle_epi8(lut, hi);
         }
-        _mm512_store_si512(d + 128 * c, _mm512_permutex2var_epi64(hi, i0, lo));
-        _mm512_store_si512(d + 128 * c + 64, _mm512_permutex2var_epi64(hi, i1, lo));
+        __m512i d0 = _mm512_permutex2var_epi64(hi, i0, lo), d1 = _mm512_permutex2var_epi64(hi, i1, lo);
+        if (KIND != 0) {  // int4: code - zero point + 128, per 32-block (groups are multiples of 32)
+            const uint8_t* zb = zbias + 4 * c;
+            const __mmask64 upper = ~(__mmask64)0xffffffffu;
+            d0 = _mm512_add_epi8(d0, _mm512_mask_blend_epi8(upper, _mm512_set1_epi8((char)zb[0]), _mm512_set1_epi8((char)zb[1])));
+            d1 = _mm512_add_epi8(d1, _mm512_mask_blend_epi8(upper, _mm512_set1_epi8((char)zb[2]), _mm512_set1_epi8((char)zb[3])));
+        }
+        _mm512_store_si512(d + 128 * c, d0);
+        _mm512_store_si512(d + 128 * c + 64, d1);
     }
 }
 
@@ -491,146 +520,145 @@ struct CtxG {
     int sh;
 };
 
-template <int NR, int MV, int KIND>
+// The BB bytes at p repeated over a vector (BB = 64 / L: one step of one row of W for every row of x).
+template <int BB>
+QBI8_TARGET inline __m512i bcast_bytes(const uint8_t* p) {
+    if constexpr (BB == 4) {
+        int32_t v;
+        std::memcpy(&v, p, 4);
+        return _mm512_set1_epi32(v);
+    } else if constexpr (BB == 8) {
+        int64_t v;
+        std::memcpy(&v, p, 8);
+        return _mm512_set1_epi64(v);
+    } else if constexpr (BB == 16) {
+        return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)p));
+    } else {
+        return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)p));
+    }
+}
+
+// NR rows of W (decoded: d; block scales ws, none for int8) times MV groups of L rows of x from group g0.
+// pf, pf_lines: cache lines to prefetch (the codes of the rows of W decoded next), spread over the blocks.
+template <int L, int NR, int MV, bool ROWSCALE>
 QBI8_TARGET void gemm_tile(const CtxG& cx, int64_t n0, int64_t g0, const uint8_t* const* d, const float* const* ws,
-                           const int32_t* const* zb) {
+                           const uint8_t* pf, int64_t pf_lines) {
+    constexpr int S = L / 2, BB = 64 / L, LPR = 16 / L;
     const ActT& t = *cx.t;
     const int64_t nblk = t.nblk;
     const int sh = cx.sh;
     __m512 acc[NR][MV];
     for (int r = 0; r < NR; ++r)
         for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < nblk; ++j) {
-        __m512i ia[NR][MV];
-        for (int v = 0; v < MV; ++v) {
-            const __m512i c0 = _mm512_load_si512(t.cT + ((g0 + v) * nblk + j) * 16);
-            for (int r = 0; r < NR; ++r)
-                ia[r][v] = KIND == 2 ? _mm512_mullo_epi32(c0, _mm512_set1_epi32((int16_t)zb[r][j >> sh])) : c0;
-        }
-        for (int wd = 0; wd < 8; ++wd) {
-            __m512i xv[MV];
-            for (int v = 0; v < MV; ++v) xv[v] = _mm512_load_si512(t.xT + (((g0 + v) * nblk + j) * 8 + wd) * 16);
-            for (int r = 0; r < NR; ++r) {
-                int32_t word;
-                std::memcpy(&word, d[r] + 32 * j + 4 * wd, 4);
-                const __m512i wb = _mm512_set1_epi32(word);
-                for (int v = 0; v < MV; ++v) ia[r][v] = _mm512_dpbusd_epi32(ia[r][v], wb, xv[v]);
+    // Blocks in spans of one weight scale (1 << sh 32-blocks; 1 where scales are per 32-block): the
+    // activation-scaled block sums of a span are added first, then scaled once by the weight's scale.
+    const int64_t span = ROWSCALE ? nblk : int64_t(1) << sh;  // measured: 10-20% faster than scaling per block
+    const int64_t pf_per = (pf_lines + nblk - 1) / nblk;  // prefetched lines per block
+    for (int64_t jb = 0; jb < nblk; jb += span) {
+        const int64_t je = std::min(nblk, jb + span);
+        __m512 part[NR][MV];
+        for (int64_t j = jb; j < je; ++j) {
+            for (int64_t l = j * pf_per, le = std::min(pf_lines, l + pf_per); l < le; ++l)
+                _mm_prefetch((const char*)pf + 64 * l, _MM_HINT_T1);
+            __m512i ia[NR][MV];
+            for (int v = 0; v < MV; ++v) {
+                const __m512i c0 = _mm512_load_si512(t.cT + ((g0 + v) * nblk + j) * 16);
+                for (int r = 0; r < NR; ++r) ia[r][v] = c0;
+            }
+            for (int s = 0; s < S; ++s) {
+                __m512i xv[MV];
+                for (int v = 0; v < MV; ++v) xv[v] = _mm512_load_si512(t.xT + (((g0 + v) * nblk + j) * S + s) * 16);
+                for (int r = 0; r < NR; ++r) {
+                    const __m512i wb = bcast_bytes<BB>(d[r] + 32 * j + BB * s);
+                    for (int v = 0; v < MV; ++v) ia[r][v] = _mm512_dpbusd_epi32(ia[r][v], wb, xv[v]);
+                }
+            }
+            for (int v = 0; v < MV; ++v) {
+                const __m512 st = _mm512_load_ps(t.sT + ((g0 + v) * nblk + j) * 16);
+                for (int r = 0; r < NR; ++r) {
+                    const __m512 f = _mm512_cvtepi32_ps(ia[r][v]);
+                    if (ROWSCALE) acc[r][v] = _mm512_fmadd_ps(f, st, acc[r][v]);
+                    else part[r][v] = j == jb ? _mm512_mul_ps(f, st) : _mm512_fmadd_ps(f, st, part[r][v]);
+                }
             }
         }
-        for (int v = 0; v < MV; ++v) {
-            const __m512 st = _mm512_load_ps(t.sT + ((g0 + v) * nblk + j) * 16);
+        if (!ROWSCALE)
             for (int r = 0; r < NR; ++r) {
-                const __m512 sc = KIND == 3 ? st : _mm512_mul_ps(st, _mm512_set1_ps(ws[r][j >> sh]));
-                acc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r][v]), sc, acc[r][v]);
+                const __m512 wsv = _mm512_set1_ps(ws[r][jb >> sh]);
+                for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_fmadd_ps(part[r][v], wsv, acc[r][v]);
             }
-        }
     }
     const QI8W& w = *cx.w;
     for (int r = 0; r < NR; ++r) {
         const int64_t n = n0 + r;
-        const float rs = KIND == 3 ? w.scale[n] : 1.0f;
+        const float rs = ROWSCALE ? w.scale[n] : 1.0f;
         const float b = cx.bias ? cx.bias[n] : 0.0f;
         for (int v = 0; v < MV; ++v) {
             alignas(64) float out[16];
             _mm512_store_ps(out, acc[r][v]);
-            const int64_t mbase = 16 * (g0 + v);
-            const int64_t cnt = std::min<int64_t>(16, cx.M - mbase);
-            for (int64_t l = 0; l < cnt; ++l) cx.y[(mbase + l) * w.N + n] = (KIND == 3 ? out[l] * rs : out[l]) + b;
+            const int64_t mbase = (int64_t)L * (g0 + v);
+            const int64_t cnt = std::min<int64_t>(L, cx.M - mbase);
+            for (int64_t l = 0; l < cnt; ++l) {
+                float sum = out[l * LPR];
+                for (int q = 1; q < LPR; ++q) sum += out[l * LPR + q];
+                cx.y[(mbase + l) * w.N + n] = (ROWSCALE ? sum * rs : sum) + b;
+            }
         }
     }
 }
 
-// gemm_tile with 8 rows of x per (ymm) vector: the same sums for M < 16, where 16-lane groups would
-// leave lanes idle (ymm vpdpbusd has twice the zmm rate on CPUs that split zmm in two halves).
-template <int NR, int MV, int KIND>
-QBI8_TARGET void gemm_tile8(const CtxG& cx, int64_t n0, int64_t g0, const uint8_t* const* d, const float* const* ws,
-                            const int32_t* const* zb) {
-    const ActT& t = *cx.t;
-    const int64_t nblk = t.nblk;
-    const int sh = cx.sh;
-    __m256 acc[NR][MV];
-    for (int r = 0; r < NR; ++r)
-        for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < nblk; ++j) {
-        __m256i ia[NR][MV];
-        for (int v = 0; v < MV; ++v) {
-            const __m256i c0 = _mm256_load_si256((const __m256i*)(t.cT + ((g0 + v) * nblk + j) * 8));
-            for (int r = 0; r < NR; ++r)
-                ia[r][v] = KIND == 2 ? _mm256_mullo_epi32(c0, _mm256_set1_epi32((int16_t)zb[r][j >> sh])) : c0;
-        }
-        for (int wd = 0; wd < 8; ++wd) {
-            __m256i xv[MV];
-            for (int v = 0; v < MV; ++v) xv[v] = _mm256_load_si256((const __m256i*)(t.xT + (((g0 + v) * nblk + j) * 8 + wd) * 8));
-            for (int r = 0; r < NR; ++r) {
-                int32_t word;
-                std::memcpy(&word, d[r] + 32 * j + 4 * wd, 4);
-                const __m256i wb = _mm256_set1_epi32(word);
-                for (int v = 0; v < MV; ++v) ia[r][v] = _mm256_dpbusd_epi32(ia[r][v], wb, xv[v]);
-            }
-        }
-        for (int v = 0; v < MV; ++v) {
-            const __m256 st = _mm256_load_ps(t.sT + ((g0 + v) * nblk + j) * 8);
-            for (int r = 0; r < NR; ++r) {
-                const __m256 sc = KIND == 3 ? st : _mm256_mul_ps(st, _mm256_set1_ps(ws[r][j >> sh]));
-                acc[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[r][v]), sc, acc[r][v]);
-            }
-        }
-    }
-    const QI8W& w = *cx.w;
-    for (int r = 0; r < NR; ++r) {
-        const int64_t n = n0 + r;
-        const float rs = KIND == 3 ? w.scale[n] : 1.0f;
-        const float b = cx.bias ? cx.bias[n] : 0.0f;
-        for (int v = 0; v < MV; ++v) {
-            alignas(32) float out[8];
-            _mm256_store_ps(out, acc[r][v]);
-            const int64_t mbase = 8 * (g0 + v);
-            const int64_t cnt = std::min<int64_t>(8, cx.M - mbase);
-            for (int64_t l = 0; l < cnt; ++l) cx.y[(mbase + l) * w.N + n] = (KIND == 3 ? out[l] * rs : out[l]) + b;
-        }
-    }
-}
-
-template <int NR, int KIND>
+template <int L, int NR, bool ROWSCALE>
 QBI8_TARGET void gemm_rows(const CtxG& cx, int64_t n0, int64_t g0, int64_t g1, const uint8_t* const* d,
-                           const float* const* ws, const int32_t* const* zb) {
+                           const float* const* ws, const uint8_t* pf, int64_t pf_lines) {
     int64_t g = g0;
-    if (cx.t->L == 8) {
-        for (; g + 2 <= g1; g += 2) gemm_tile8<NR, 2, KIND>(cx, n0, g, d, ws, zb);
-        if (g < g1) gemm_tile8<NR, 1, KIND>(cx, n0, g, d, ws, zb);
-        return;
-    }
-    for (; g + 2 <= g1; g += 2) gemm_tile<NR, 2, KIND>(cx, n0, g, d, ws, zb);
-    if (g < g1) gemm_tile<NR, 1, KIND>(cx, n0, g, d, ws, zb);
+    for (; g + 2 <= g1; g += 2, pf_lines = 0) gemm_tile<L, NR, 2, ROWSCALE>(cx, n0, g, d, ws, pf, pf_lines);
+    if (g < g1) gemm_tile<L, NR, 1, ROWSCALE>(cx, n0, g, d, ws, pf, pf_lines);
 }
 
-template <int KIND>
+// Rows [n0, n1) of W times groups [g0, g1) of x: 8 rows of W decoded at a time, then tiles of
+// 4 rows x 2 groups (8 rows x 1 group when the unit has one group of fewer than 16 rows: more
+// independent accumulator chains than 4 x 1).
+template <int L, int KIND>
 QBI8_TARGET void run_gemm(const CtxG& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t g0, int64_t g1) {
     const QI8W& w = *cx.w;
-    constexpr int NR = 4;
+    constexpr int NRD = 8;
+    constexpr bool ROWSCALE = KIND == 3;
     const size_t len = (size_t)(w.K / 32 + 16);
     const size_t dlen = (size_t)((w.K + 127) / 128 * 128);
-    float* wsb = scratch<float>(0, NR * len);
-    int32_t* zbb = scratch<int32_t>(1, NR * len);
-    uint8_t* db = (uint8_t*)(((uintptr_t)scratch<uint8_t>(2, NR * dlen + 64) + 63) & ~(uintptr_t)63);
-    const uint8_t* d[NR];
-    const float* ws[NR];
-    const int32_t* zb[NR];
+    float* wsb = scratch<float>(0, NRD * len);
+    uint8_t* db = (uint8_t*)(((uintptr_t)scratch<uint8_t>(2, NRD * dlen + 64) + 63) & ~(uintptr_t)63);
+    const uint8_t* d[NRD];
+    const float* ws[NRD];
     int64_t n = n0;
     while (n < n1) {
-        const int nr = (int)std::min<int64_t>(NR, n1 - n);
+        const int nr = (int)std::min<int64_t>(NRD, n1 - n);
         for (int r = 0; r < nr; ++r) {
             uint8_t* dr = db + r * dlen;
             decode_row<KIND>(w, n + r, dr);
-            if (KIND != 3) row_scales(w, rs, n + r, wsb + r * len, KIND == 2 ? zbb + r * len : nullptr);
+            if (!ROWSCALE) row_scales(w, rs, n + r, wsb + r * len, nullptr);
             d[r] = dr;
             ws[r] = wsb + r * len;
-            zb[r] = zbb + r * len;
         }
-        if (nr == 4) gemm_rows<4, KIND>(cx, n, g0, g1, d, ws, zb);
-        else if (nr == 3) gemm_rows<3, KIND>(cx, n, g0, g1, d, ws, zb);
-        else if (nr == 2) gemm_rows<2, KIND>(cx, n, g0, g1, d, ws, zb);
-        else gemm_rows<1, KIND>(cx, n, g0, g1, d, ws, zb);
+        // The codes of the next rows stream in while these are computed.
+        const int64_t row_bytes = KIND == 3 ? w.K : w.K / 2;
+        const int64_t nnext = std::min<int64_t>(NRD, w.N - (n + nr));
+        const uint8_t* pf = w.codes + (n + nr) * row_bytes;
+        // (only for weights beyond the L2 caches: a small layer's codes stay in cache between calls)
+        int64_t pf_lines = nnext > 0 && w.N * row_bytes > (int64_t(4) << 20) ? (nnext * row_bytes + 63) / 64 : 0;
+        if (nr == 8 && g1 - g0 == 1 && L < 16) {  // measured: 8 rows of W best below M = 16, 4 from 16
+            gemm_tile<L, 8, 1, ROWSCALE>(cx, n, g0, d, ws, pf, pf_lines);
+        } else {
+            for (int q = 0; q < nr; q += 4) {
+                const int nq = std::min(4, nr - q);
+                // the prefetch split over the quads of rows
+                const uint8_t* pq = pf + 64 * (q / 4) * ((pf_lines + 1) / 2);
+                const int64_t lq = std::max<int64_t>(0, std::min<int64_t>((pf_lines + 1) / 2, pf_lines - (q / 4) * ((pf_lines + 1) / 2)));
+                if (nq == 4) gemm_rows<L, 4, ROWSCALE>(cx, n + q, g0, g1, d + q, ws + q, pq, lq);
+                else if (nq == 3) gemm_rows<L, 3, ROWSCALE>(cx, n + q, g0, g1, d + q, ws + q, pq, lq);
+                else if (nq == 2) gemm_rows<L, 2, ROWSCALE>(cx, n + q, g0, g1, d + q, ws + q, pq, lq);
+                else gemm_rows<L, 1, ROWSCALE>(cx, n + q, g0, g1, d + q, ws + q, pq, lq);
+            }
+        }
         n += nr;
     }
 }
@@ -831,13 +859,23 @@ QBI8_TARGET void quantize_all(const float* x, Act& a, int32_t off, bool affine, 
     pool_run(nblk, nthreads, body);
 }
 
+template <int L>
+QBI8_TARGET void run_gemm_kind(const CtxG& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t g0, int64_t g1,
+                               bool affine) {
+    const int32_t kind = cx.w->kind;
+    if (kind == KIND_INT8) run_gemm<L, 3>(cx, rs, n0, n1, g0, g1);
+    else if (kind == KIND_CODEBOOK) run_gemm<L, 0>(cx, rs, n0, n1, g0, g1);
+    else if (affine) run_gemm<L, 2>(cx, rs, n0, n1, g0, g1);
+    else run_gemm<L, 1>(cx, rs, n0, n1, g0, g1);
+}
+
 QBI8_TARGET void gemm_all(const QI8W& w, const Act& a, const float* bias, float* y, int nthreads, bool affine) {
     ActT t;
-    t.L = a.M < 16 ? 8 : 16;
+    t.L = a.M >= 16 ? 16 : a.M > 4 ? 8 : a.M > 2 ? 4 : 2;
     t.G = (a.M + t.L - 1) / t.L;
     t.nblk = w.K / 32;
     thread_local std::vector<int32_t> tbuf;
-    const size_t xn = (size_t)(t.G * t.nblk * 8 * t.L), vn = (size_t)(t.G * t.nblk * t.L);
+    const size_t vn = (size_t)(t.G * t.nblk * 16), xn = vn * (size_t)(t.L / 2);
     if (tbuf.size() < xn + 2 * vn + 16) tbuf.resize(xn + 2 * vn + 16);
     int32_t* p = (int32_t*)(((uintptr_t)tbuf.data() + 63) & ~(uintptr_t)63);
     t.xT = p;
@@ -848,16 +886,18 @@ QBI8_TARGET void gemm_all(const QI8W& w, const Act& a, const float* bias, float*
 
     const RowScales rs = row_scale_form(w);
     const CtxG cx{&w, &t, bias, y, a.M, rs.sh};
-    const int64_t gb = 128 / t.L;  // groups per unit: 128 rows of x stay in L2 while W streams
+    const int64_t gb = std::max<int64_t>(1, 128 / t.L);  // groups per unit: 128 rows of x stay in L2 while W streams
     const Units u(w.N, t.G, pick_nb(w.N, a.M, nthreads), gb);
     auto body = [&](int64_t i, int) {
         const int64_t in = i / u.n_units_m, im = i % u.n_units_m;
         const int64_t n0 = in * u.nb, n1 = std::min(w.N, n0 + u.nb);
         const int64_t g0 = im * u.mb, g1 = std::min(t.G, g0 + u.mb);
-        if (w.kind == KIND_INT8) run_gemm<3>(cx, rs, n0, n1, g0, g1);
-        else if (w.kind == KIND_CODEBOOK) run_gemm<0>(cx, rs, n0, n1, g0, g1);
-        else if (affine) run_gemm<2>(cx, rs, n0, n1, g0, g1);
-        else run_gemm<1>(cx, rs, n0, n1, g0, g1);
+        switch (t.L) {
+            case 16: run_gemm_kind<16>(cx, rs, n0, n1, g0, g1, affine); break;
+            case 8: run_gemm_kind<8>(cx, rs, n0, n1, g0, g1, affine); break;
+            case 4: run_gemm_kind<4>(cx, rs, n0, n1, g0, g1, affine); break;
+            default: run_gemm_kind<2>(cx, rs, n0, n1, g0, g1, affine); break;
+        }
     };
     pool_run(u.count(), nthreads, body);
 }
