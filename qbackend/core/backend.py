@@ -7,7 +7,8 @@
 2. The workflow handling that config (:mod:`qbackend.core.registry`) rewrites the Dynamo graph:
    linear layers become quantized ops reading quantized buffers. This happens BEFORE Inductor, so
    Inductor's caches key on the rewritten graph (a rewrite inside ``inner_compile`` would be
-   skipped on a warm cache hit).
+   skipped on a warm cache hit). Before it, attention fed by repeated K/V heads (grouped-query
+   attention as transformers traces it) reads the heads in place (:mod:`qbackend.passes.grouped_kv`).
 3. Inductor (``compile_fx``) compiles the rewritten graph; its generated code calls our CPU kernels
    directly (:mod:`qbackend.kernels.direct`).
 4. The compiled callable is wrapped by a per-call weight check: a quantized weight changed since it
@@ -28,6 +29,7 @@ import torch.fx as fx
 
 from ..kernels import direct
 from ..passes import LoweringResult, graph_params
+from ..passes.grouped_kv import use_grouped_kv
 from ..passes.weight_cache import StaleWeightError
 from ..passes.weight_stamp import FoldedCheck, check_mode
 from . import registry
@@ -59,6 +61,8 @@ def qbackend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | None 
     config = resolve_config(options)
     workflow = registry.workflow_for(config, gm)
     patches = inductor_patches(mode, config)
+    if use_grouped_kv(gm):  # exact: K/V heads read in place instead of copied n_rep times per call
+        log.debug("qbackend: grouped-query attention without the repeated K/V copies")
     result = workflow.compile(gm, config, log.isEnabledFor(logging.DEBUG))
     _log(result, gm)
     key = {}
