@@ -37,7 +37,7 @@ docstrings / clinical) vs 0.9939 / 0.9887 / 0.9908 for the default; still short 
 
 Other measured options: ``--hidden-weight 0`` (embedding loss only: no change), ``--train ratios``
 (only clipping ratios, LayerNorms, biases: worse), ``--pack K`` (longer inputs: no better), ``--ema``
-(worse). Built, not yet measured: ``--token-noise``, ``--pull``. ``--diagnostic-text FILE`` is for ceiling
+(worse), ``--pull`` and ``--token-noise`` (no change). ``--diagnostic-text FILE`` is for ceiling
 measurements only (it may hold an evaluation domain's text), never a recipe.
 """
 
