@@ -78,3 +78,46 @@ def test_training_texts_mix_recombinations_and_random_pieces(example):
     assert example.training_texts(random.Random(0), words, 50) == example.training_texts(random.Random(0), words, 50)
     with pytest.raises(ValueError, match="unknown corpus"):
         example.training_corpus("everything")
+
+
+def test_diagnostic_ceiling_text_is_in_no_training_corpus(example):
+    # the docstring-like lines of the "ceiling" measurement are read only through --diagnostic-text
+    ceiling = example.read_lines(
+        Path(__file__).parents[2] / "benchmarks/results/qat_generalize/ceiling_docstring_like.txt"
+    )
+    assert len(ceiling) >= 100
+    for which in example.CORPORA:
+        assert not set(ceiling) & set(example.training_corpus(which)), which
+
+
+def test_pack_texts_joins_one_to_k_texts_in_order(example):
+    texts = [f"t{i}" for i in range(100)]
+    assert example.pack_texts(random.Random(0), texts, 5, 1) == texts[:5]
+    packed = example.pack_texts(random.Random(0), texts, 20, 3)
+    assert len(packed) == 20
+    parts = [p.split() for p in packed]
+    assert all(1 <= len(p) <= 3 for p in parts) and {len(p) for p in parts} == {1, 2, 3}
+    assert [w for p in parts for w in p] == texts[: sum(map(len, parts))]  # consumed in order, none twice
+
+
+def test_noisy_tokens_replaces_only_real_non_special_tokens(example):
+    torch = pytest.importorskip("torch")
+    ids = torch.tensor([[101, 2000, 2001, 2002, 102, 0], [101, 3000, 102, 0, 0, 0]])
+    mask = (ids != 0).long()
+    batch = {"input_ids": ids, "attention_mask": mask}
+    special = torch.tensor([0, 101, 102])
+    assert torch.equal(example.noisy_tokens(batch, 0.0, 30522, special), ids)
+    torch.manual_seed(0)
+    noisy = example.noisy_tokens(batch, 1.0, 30522, special)
+    real = mask.bool() & ~torch.isin(ids, special)
+    assert torch.equal(noisy[~real], ids[~real])  # [CLS], [SEP] and padding kept
+    assert bool((noisy[real] >= 999).all()) and bool((noisy[real] < 30522).all())
+    assert not torch.equal(noisy[real], ids[real])
+
+
+def test_teacher_input_hook_swaps_the_block_input_only_while_forced(example):
+    forced = []
+    args = ("student hidden", "mask")
+    assert example.teacher_input(forced, 1, None, args) is None
+    forced[:] = ["t0", "t1", "t2"]
+    assert example.teacher_input(forced, 1, None, args) == ("t1", "mask")
