@@ -43,10 +43,13 @@ def _unrepeated(node: object) -> tuple[fx.Node, int] | None:
     if node.op == "call_function" and node.target is torch.repeat_interleave:
         src = node.args[0]
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
+        repeats = node.kwargs.get("repeats", node.args[1] if len(node.args) > 1 else None)
         src_shape = _shape(src)
-        if dim == 1 and src_shape is not None and len(src_shape) == 4 and out[1] % src_shape[1] == 0:
-            if (out[0], out[2], out[3]) == (src_shape[0], src_shape[2], src_shape[3]):
-                return src, out[1] // src_shape[1]
+        # a tensor of per-head counts may repeat heads unevenly: only one int count is a uniform repeat
+        if dim != 1 or not isinstance(repeats, int) or src_shape is None or len(src_shape) != 4:
+            return None
+        if out == (src_shape[0], src_shape[1] * repeats, src_shape[2], src_shape[3]):
+            return src, repeats
         return None
     if node.op != "call_method" or node.target not in ("reshape", "view"):
         return None

@@ -61,7 +61,10 @@ def test_leaves_other_attention_alone():
     def attn(q, k, v):
         plain = F.scaled_dot_product_attention(q, k, k)  # no repeat
         mixed = F.scaled_dot_product_attention(q, k, _repeat(v, 2))  # only V repeated
-        return plain + mixed
+        uneven = torch.tensor([3, 1])  # per-head counts: 4 heads from 2, but not a uniform repeat
+        counted = F.scaled_dot_product_attention(q, torch.repeat_interleave(v, uneven, dim=1, output_size=4),
+                                                 torch.repeat_interleave(v, uneven, dim=1, output_size=4))  # fmt: skip
+        return plain + mixed + counted
 
     gm, _ = _capture(attn, q, k, v)
     before = str(gm.graph)

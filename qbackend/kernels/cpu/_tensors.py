@@ -3,6 +3,8 @@ common case, fp32 contiguous 2-D, takes no tensor op)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -36,3 +38,21 @@ def out(y: Tensor, x: Tensor, n: int) -> Tensor:
 def contig(ts: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
     """Each tensor contiguous (itself when it already is)."""
     return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in ts)
+
+
+def run_rows(x: Tensor, n: int, k: int, kernel: Callable[[Tensor, int, Tensor], int],
+             reference_rows: Callable[[Tensor], Tensor]) -> Tensor:  # fmt: skip
+    """y = x @ W^T (+ bias) by ``kernel(x2, m, y)`` (x as fp32 [M, K] into a fresh fp32 [M, N]), which returns
+    how many rows of x held NaN/Inf, or < 0 for a case it does not cover. Those rows (or, when < 0, all of
+    x) go through ``reference_rows``, which computes them as the contract says."""
+    x2 = x2d(x, k)
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m > 0:
+        nbad = kernel(x2, m, y)
+        if nbad < 0:
+            return reference_rows(x)
+        if nbad > 0:
+            bad = ~torch.isfinite(x2).all(dim=1)
+            y[bad] = reference_rows(x2[bad]).float()
+    return out(y, x, n)

@@ -21,7 +21,9 @@ from torch import Tensor
 
 from .. import reference as ref
 from . import _build
+from ._tensors import bias32 as _bias32
 from ._tensors import ptr as _ptr
+from ._tensors import run_rows as _run_rows
 
 #: kernel widths (``enum Isa`` in int16_compute.cpp)
 ISA_AVX2 = 2
@@ -94,23 +96,14 @@ def linear8(
     def reference_rows(xr: Tensor) -> Tensor:
         return ref.int8_linear(xr, codes, scale, bias, n, k, "int16")
 
-    x2 = x.reshape(-1, k)
-    if x2.dtype is not torch.float32 or not x2.is_contiguous():
-        x2 = x2.to(torch.float32).contiguous()
-    m = x2.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    if m > 0:
-        c, s = codes.contiguous(), scale.to(torch.float32).contiguous()
-        b = None if bias is None else bias.to(torch.float32).contiguous()
-        nbad = L.qbi16_linear8(isa, c.data_ptr(), s.data_ptr(), n, k, x2.data_ptr(), m, _ptr(b), y.data_ptr(),
+    c, s = codes.contiguous(), scale.to(torch.float32).contiguous()
+    b = _bias32(bias)
+
+    def kernel(x2: Tensor, m: int, y: Tensor) -> int:
+        return L.qbi16_linear8(isa, c.data_ptr(), s.data_ptr(), n, k, x2.data_ptr(), m, _ptr(b), y.data_ptr(),
                                torch.get_num_threads(), _block())  # fmt: skip
-        if nbad < 0:
-            return reference_rows(x)
-        if nbad > 0:
-            bad = ~torch.isfinite(x2).all(dim=1)
-            y[bad] = reference_rows(x2[bad]).float()
-    y = y.view(*x.shape[:-1], n)
-    return y if x.dtype is torch.float32 else y.to(x.dtype)
+
+    return _run_rows(x, n, k, kernel, reference_rows)
 
 
 def codebook_linear(

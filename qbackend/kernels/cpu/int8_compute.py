@@ -21,8 +21,10 @@ from torch import Tensor
 
 from .. import reference as ref
 from . import _build
+from ._tensors import bias32 as _bias32
 from ._tensors import contig as _contig
 from ._tensors import ptr as _ptr
+from ._tensors import run_rows as _run_rows
 
 # Weight kinds (enum QI8Kind in int8_compute.cpp).
 KIND_CODEBOOK = 0
@@ -123,22 +125,11 @@ def _table_image(values: tuple[float, ...]) -> tuple[tuple[int, ...], float]:
 
 def _run(L: ctypes.CDLL, q: QI8W, x: Tensor, bias: Tensor | None, n: int, k: int,
          reference_rows: Callable[[Tensor], Tensor]) -> Tensor:  # fmt: skip
-    """y = x @ W^T (+ bias) by the kernel; rows of x with NaN/Inf through ``reference_rows``."""
-    x2 = x.reshape(-1, k)
-    if x2.dtype is not torch.float32 or not x2.is_contiguous():
-        x2 = x2.to(torch.float32).contiguous()
-    m = x2.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    if m > 0:
-        b = None if bias is None else bias.to(torch.float32).contiguous()
-        nbad = L.qbi8_linear(ctypes.byref(q), x2.data_ptr(), m, _ptr(b), y.data_ptr(), torch.get_num_threads())
-        if nbad < 0:  # not covered (callers check has_fast_kernel's conditions first): the reference
-            return reference_rows(x)
-        if nbad > 0:
-            bad = ~torch.isfinite(x2).all(dim=1)
-            y[bad] = reference_rows(x2[bad]).float()
-    y = y.view(*x.shape[:-1], n)
-    return y if x.dtype is torch.float32 else y.to(x.dtype)
+    """y = x @ W^T (+ bias) by the kernel; rows of x with NaN/Inf through ``reference_rows`` (a case the
+    kernel does not cover, which callers rule out with has_fast_kernel's conditions first: all of x)."""
+    b = _bias32(bias)
+    return _run_rows(x, n, k, lambda x2, m, y: L.qbi8_linear(ctypes.byref(q), x2.data_ptr(), m, _ptr(b), y.data_ptr(),
+                                                             torch.get_num_threads()), reference_rows)  # fmt: skip
 
 
 def codebook_linear(
