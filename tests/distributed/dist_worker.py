@@ -380,6 +380,9 @@ def main() -> None:
     finally:
         torch.save(res, out / f"result-{rank}.pt")
         if scenario != "kill_mid_save":  # a group with a dead member cannot be torn down cleanly
+            # both ranks reach the teardown together: a rank still in gloo's teardown while its peer has
+            # already exited was seen to abort ("terminate called without an active exception")
+            dist.barrier()
             dist.destroy_process_group()
 
 
