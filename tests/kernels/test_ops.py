@@ -189,18 +189,68 @@ def test_large_m_panel_paths(blas, monkeypatch):
         _assert_close(gx, g @ w, g.abs() @ w.abs(), scheme.name)
 
 
+@pytest.fixture(params=["omp", "own"])
+def thread_pool(request):
+    """The kernels' threads on torch's OpenMP team ("omp", where torch has one) or the own pool."""
+    lib = cpu.lib()
+    if lib is None:
+        pytest.skip("no C++ kernels")
+    from qbackend.kernels.cpu import _build
+
+    on_omp = _build.set_omp(lib, use=request.param == "omp")
+    if request.param == "omp" and not on_omp:
+        pytest.skip("torch does not run on OpenMP here")
+    yield request.param
+    _build.set_omp(lib)
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
-def test_thread_pool_survives_fork():
+def test_thread_pool_survives_fork(thread_pool):
     import os
 
     _, kw = _weight(256, 512, Scheme("nf4", nested=True), 0)
     x = torch.randn(3, 512)
     y = quantized_linear(x, kw)  # starts the worker threads
     pid = os.fork()
-    if pid == 0:  # the child has no worker threads: the pool must be re-created, not deadlock
+    if pid == 0:  # the child has no worker threads (nor an OpenMP team): it must not deadlock
         os._exit(0 if torch.equal(quantized_linear(x, kw), y) else 1)
     _, status = os.waitpid(pid, 0)
     assert status == 0
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
+@pytest.mark.parametrize("compute", ["fp32", "int8", "bf16", "int16"])
+def test_threads_on_the_openmp_team_give_the_own_pools_results(fmt, compute):
+    # Chunks are independent of the thread that runs them: both pools must agree bit for bit.
+    lib = cpu.lib()
+    if lib is None:
+        pytest.skip("no C++ kernels")
+    from qbackend.kernels.cpu import _build
+
+    scheme = {
+        "nf4": Scheme("nf4", nested=True),
+        "int4": Scheme("int", bits=4, symmetric=False, granularity="block", blocksize=128),
+        "int8": Scheme("int", bits=8, granularity="channel"),
+    }[fmt]
+    qw, _ = _weight(300, 512, scheme, 1)
+    try:
+        kw = prepare_weight(qw, compute=compute)
+    except (ValueError, UnsupportedWeight):
+        pytest.skip(f"{compute} compute does not take {fmt}")
+    xs = [torch.randn(m, 512, generator=torch.Generator().manual_seed(m)) for m in (1, 5, 64, 200)]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        if not _build.set_omp(lib, use=True):
+            pytest.skip("torch does not run on OpenMP here")
+        on_team = [quantized_linear(x, kw) for x in xs]
+        _build.set_omp(lib, use=False)
+        own = [quantized_linear(x, kw) for x in xs]
+    finally:
+        _build.set_omp(lib)
+        torch.set_num_threads(prev)
+    for x, a, b in zip(xs, on_team, own, strict=True):
+        assert torch.equal(a, b), f"M={x.shape[0]}: results differ between the OpenMP team and the own pool"
 
 
 def test_concurrent_callers_get_correct_results():

@@ -1,7 +1,9 @@
 """Build (once per machine, cached) and load the C++ CPU kernels (``*.cpp`` beside this file).
 
-The library is plain C ABI loaded with ctypes (no OpenMP, no libtorch), so it compiles in seconds
-with ``g++`` and does not depend on torch's C++ headers or ABI. ISA flags are chosen from the CPU we run on
+The library is plain C ABI loaded with ctypes (no libtorch, not linked with OpenMP), so it compiles in
+seconds with ``g++`` and does not depend on torch's C++ headers or ABI. Its threads are torch's own
+OpenMP team where torch runs on OpenMP (the runtime's entry points are handed over at load, see
+:func:`set_omp`), else a small pool of its own. ISA flags are chosen from the CPU we run on
 (never ``-march=native``): the cached file name holds the variant and a hash of the source, flags
 and compiler, so a cache directory shared by different machines never hands out an illegal
 instruction. If anything fails, :func:`load` returns None and the ops use a pure-torch path (one
@@ -9,7 +11,8 @@ warning per process).
 
 Environment: ``QBACKEND_CPU_KERNELS=0`` disables the C++ kernels; ``QBACKEND_CACHE_DIR`` moves the
 cache (default: torch's extension build root, ``~/.cache/torch_extensions``); ``CXX`` picks the
-compiler (default ``g++``); ``QBACKEND_CPU_VARIANT`` forces the ISA variant (avx512, avx2, generic).
+compiler (default ``g++``); ``QBACKEND_CPU_VARIANT`` forces the ISA variant (avx512, avx2, generic);
+``QBACKEND_CPU_POOL=own`` keeps the library's own thread pool even where torch runs on OpenMP.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 # Every C++ source beside this file goes into the one library (each kernel family in its own file;
 # code for ISA extensions beyond the variant's flags uses target attributes + a run-time CPU check).
 _SRCS = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
@@ -39,7 +42,8 @@ _VARIANTS = {
     "generic": [],
 }
 # -ffp-contract=off keeps the decode arithmetic exactly the reference's (no implicit FMA fusion).
-# No OpenMP: the library has its own small thread pool (see RowPool in qlinear.cpp).
+# Not linked with OpenMP: the library borrows torch's runtime at load time (set_omp) or uses its own
+# small pool (RowPool in qlinear.cpp).
 _BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 
 
@@ -167,6 +171,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qb_panel_threads.restype = INT
     lib.qb_set_blas.argtypes = [P, P]
     lib.qb_set_blas.restype = INT
+    lib.qb_set_omp.argtypes = [P, P, P]
+    lib.qb_set_omp.restype = INT
+    lib.qb_omp_stats.argtypes = [P]
+    lib.qb_omp_stats.restype = None
 
 
 @functools.cache
@@ -201,6 +209,42 @@ def set_blas(lib: ctypes.CDLL) -> bool:
     return ok
 
 
+# Shared-object names of the OpenMP runtimes torch may be built with (GNU, LLVM, Intel).
+_OMP_LIBS = ("libgomp", "libomp", "libiomp5")
+
+
+def omp_entry_points() -> tuple[int, int, int] | None:
+    """Addresses of ``GOMP_parallel``, ``omp_get_thread_num`` and ``omp_in_parallel`` in the OpenMP
+    runtime this process's torch runs on, or None (torch not on OpenMP, or no runtime found)."""
+    import torch
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:  # the runtime torch loaded (its wheels bundle libgomp under a hashed name)
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        if Path(path).name.startswith(_OMP_LIBS):
+            try:
+                rt = ctypes.CDLL(path)
+                names = ("GOMP_parallel", "omp_get_thread_num", "omp_in_parallel")
+                return tuple(ctypes.cast(getattr(rt, n), ctypes.c_void_p).value for n in names)
+            except (OSError, AttributeError):
+                continue
+    return None
+
+
+def set_omp(lib: ctypes.CDLL, use: bool | None = None) -> bool:
+    """Run ``lib``'s kernel threads on torch's OpenMP team (``use`` None: unless
+    ``QBACKEND_CPU_POOL=own``); False: the library's own pool. Returns whether the team is in use."""
+    if use is None:
+        use = os.environ.get("QBACKEND_CPU_POOL", "") != "own"
+    found = omp_entry_points() if use else None
+    return bool(lib.qb_set_omp(*(found or (None, None, None))))
+
+
 @functools.cache
 def load_variant(variant: str) -> ctypes.CDLL:
     """The library built for ``variant`` ("avx512", "avx2", "generic"; built once, cached on disk).
@@ -215,6 +259,7 @@ def load_variant(variant: str) -> ctypes.CDLL:
     _declare(lib)
     if lib.qb_abi_version() != ABI_VERSION:
         raise RuntimeError(f"stale kernel library {path} (ABI {lib.qb_abi_version()} != {ABI_VERSION})")
+    set_omp(lib)
     return lib
 
 

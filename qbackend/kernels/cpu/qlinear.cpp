@@ -1,9 +1,9 @@
 // qbackend CPU kernels for 4-bit (NF4/FP4 codebook, int4) and int8 weight-only linears.
 //
 // Plain C ABI (loaded with ctypes, no libtorch headers): it builds in a few seconds on any
-// machine with g++ and does not depend on torch's C++ ABI. Threads: a small pool of its own
-// (RowPool below; no OpenMP, so nothing here breaks in a forked child); torch's BLAS is called
-// single-threaded from the pool threads.
+// machine with g++ and does not depend on torch's C++ ABI. Threads: torch's own OpenMP team where
+// torch runs on OpenMP (handed over at load time, see qb_set_omp), else a small pool of its own
+// (RowPool below); torch's BLAS is called single-threaded from those threads.
 //
 // Layout: 4-bit codes are bitsandbytes' flat layout (element i of the row-major [N, K] weight in
 // the high nibble of byte i/2 when i is even). Codebook blocks run over the flattened weight
@@ -17,6 +17,7 @@
 // * exact dequantization of row panels (any shape), used with BLAS sgemm for large M.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -36,7 +37,7 @@
 
 extern "C" {
 
-int qb_abi_version() { return 5; }
+int qb_abi_version() { return 6; }
 int qb_has_avx512() { return QB_AVX512; }
 int qb4_fast_ok(const QW4* q);
 
@@ -525,17 +526,92 @@ float* scratch(int slot, size_t n) {
     return bufs[slot].data();
 }
 
-// A small thread pool for the fused kernels, where one call lasts well under a millisecond.
+// torch's OpenMP runtime (libgomp in the Linux wheels), handed over by qb_set_omp. torch's own ops
+// run on its OpenMP team, whose threads spin for a while after each region; a second pool of ours
+// would then fight them for the same cores (on 2 quiet cores decode ran ~1.5x slower that way).
+// So chunks run on torch's team where there is one. Not inside a running region (nested teams
+// would oversubscribe), and not in a forked child (libgomp's team does not survive fork).
+// A region ends with a barrier that waits for every team thread, also one the OS has not
+// scheduled (other jobs on the cores): that costs a scheduler time slice (ms) per call, where the
+// own pool (RowPool) loses nothing. So each region measures how long the caller waited at that
+// barrier; a wait far beyond a chunk's time sends the next calls to RowPool for a while (doubling
+// while the cores stay busy, halving after each good region).
+struct OmpEntry {
+    void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;  // GOMP_parallel
+    int (*thread_num)() = nullptr;                                            // omp_get_thread_num
+    int (*in_parallel)() = nullptr;                                           // omp_in_parallel
+    pid_t pid = 0;
+};
+OmpEntry g_omp;
+std::atomic<int64_t> g_omp_skip{0};     // calls left to run on RowPool
+std::atomic<int64_t> g_omp_backoff{0};  // length of the next such period
+std::atomic<int64_t> g_omp_regions{0}, g_omp_slow{0};  // counters for tests and tuning
+
+using Clock = std::chrono::steady_clock;
+
+struct OmpJob {
+    void (*fn)(void*, int64_t, int);
+    void* ctx;
+    int64_t n;
+    std::atomic<int64_t> next{0};
+    Clock::time_point start, caller_done;
+    int64_t caller_chunks = 0;
+};
+
+void omp_body(void* p) {
+    OmpJob& j = *static_cast<OmpJob*>(p);
+    const int slot = g_omp.thread_num();
+    int64_t done = 0;
+    for (int64_t c = j.next.fetch_add(1); c < j.n; c = j.next.fetch_add(1), ++done) j.fn(j.ctx, c, slot);
+    if (slot == 0) {
+        j.caller_done = Clock::now();
+        j.caller_chunks = done;
+    }
+}
+
+// Chunks [0, n) on torch's OpenMP team of nthreads; false (nothing run) where that is not possible.
+bool omp_run(int64_t n, int nthreads, void (*fn)(void*, int64_t, int), void* ctx) {
+    if (g_omp.parallel == nullptr || g_omp.pid != getpid() || g_omp.in_parallel()) return false;
+    if (g_omp_skip.load(std::memory_order_relaxed) > 0 && g_omp_skip.fetch_sub(1, std::memory_order_relaxed) > 0)
+        return false;
+    OmpJob job;
+    job.fn = fn;
+    job.ctx = ctx;
+    job.n = n;
+    job.start = Clock::now();
+    job.caller_done = job.start;
+    // Chunks are claimed dynamically, so a thread the OS runs late finds none left to do.
+    g_omp.parallel(omp_body, &job, (unsigned)nthreads, 0);
+    const auto end = Clock::now();
+    const auto us = [](Clock::duration d) { return std::chrono::duration_cast<std::chrono::microseconds>(d).count(); };
+    const int64_t wait = us(end - job.caller_done);
+    const int64_t chunk = us(job.caller_done - job.start) / std::max<int64_t>(1, job.caller_chunks);
+    g_omp_regions.fetch_add(1, std::memory_order_relaxed);
+    int64_t b = g_omp_backoff.load(std::memory_order_relaxed);
+    if (wait > 300 + 4 * chunk) {
+        g_omp_slow.fetch_add(1, std::memory_order_relaxed);
+        b = std::min<int64_t>(std::max<int64_t>(256, 2 * b), int64_t(1) << 16);
+        g_omp_skip.store(b, std::memory_order_relaxed);
+    } else {
+        b /= 2;
+    }
+    g_omp_backoff.store(b, std::memory_order_relaxed);
+    return true;
+}
+
+// A small thread pool for the fused kernels where there is no OpenMP team to use (see above).
 // The cores are often shared (CI machines, other jobs): an OpenMP region ends with a barrier that
-// waits for every team thread, also one the OS has not scheduled yet, which costs a full scheduler
-// time slice (4 ms at HZ=250) per call under load. Here the calling thread claims row blocks
-// itself; a worker joins only if it wakes up while blocks remain, and the caller waits only for
-// blocks a worker has actually started. Idle workers sleep on a condition variable after a short
-// spin, so they cost nothing between calls.
+// waits for every team thread, also one the OS has not scheduled yet. Here the calling thread
+// claims row blocks itself; a worker joins only if it wakes up while blocks remain, and the caller
+// waits only for blocks a worker has actually started. Idle workers sleep on a condition variable
+// after a short spin, so they cost nothing between calls.
 class RowPool {
   public:
     template <typename F>
     void run(int64_t nchunks, int nthreads, F& body) {
+        if (nthreads > 1 && nchunks > 1 &&
+            omp_run(nchunks, nthreads, [](void* ctx, int64_t c, int slot) { (*static_cast<F*>(ctx))(c, slot); }, &body))
+            return;
         std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
         if (nthreads <= 1 || nchunks <= 1 || !busy.owns_lock()) {  // a concurrent caller runs serially
             for (int64_t c = 0; c < nchunks; ++c) body(c, 0);
@@ -710,6 +786,30 @@ int qb4_linear(const QW4* qp, const float* x, int64_t M, const float* bias, floa
 }
 
 void qb_set_nr(int nr) { g_nr = nr; }
+
+// Run the kernels' threads on torch's OpenMP team: the addresses of GOMP_parallel,
+// omp_get_thread_num and omp_in_parallel in the runtime torch loaded (all null: own RowPool).
+// Returns 1 if in use.
+int qb_set_omp(void* parallel, void* thread_num, void* in_parallel) {
+    OmpEntry e;
+    if (parallel != nullptr && thread_num != nullptr && in_parallel != nullptr) {
+        e.parallel = reinterpret_cast<void (*)(void (*)(void*), void*, unsigned, unsigned)>(parallel);
+        e.thread_num = reinterpret_cast<int (*)()>(thread_num);
+        e.in_parallel = reinterpret_cast<int (*)()>(in_parallel);
+        e.pid = getpid();
+    }
+    g_omp = e;
+    g_omp_skip = 0;
+    g_omp_backoff = 0;
+    return g_omp.parallel != nullptr;
+}
+
+// Regions run on the OpenMP team so far, and those whose end waited for a thread the OS had not
+// scheduled (see omp_run).
+void qb_omp_stats(int64_t* out) {
+    out[0] = g_omp_regions.load();
+    out[1] = g_omp_slow.load();
+}
 
 // The RowPool for the other kernel files of this library (w8a8.cpp, bf16_compute.cpp, ...): runs
 // fn(ctx, chunk, slot) for chunk in [0, nchunks) on up to nthreads threads, slot in [0, nthreads).
