@@ -167,6 +167,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qb_panel_threads.restype = INT
     lib.qb_set_blas.argtypes = [P, P]
     lib.qb_set_blas.restype = INT
+    lib.qb_all_finite.argtypes = [P, I64]
+    lib.qb_all_finite.restype = INT
 
 
 @functools.cache
