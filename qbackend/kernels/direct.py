@@ -18,7 +18,7 @@ reused).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -140,7 +140,7 @@ FAMILIES_BY_OP = {f.op_name: f for f in FAMILIES.values()}
 
 
 def call_linear(
-    op: torch._ops.OpOverload, x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...],
+    op: torch._ops.OpOverload, x: torch.Tensor, tensors: Sequence[torch.Tensor | None],
     bias: torch.Tensor | None, statics: tuple[int, ...], compute: str,
 ) -> torch.Tensor:  # fmt: skip
     """``op(x, *tensors, bias, *statics, compute)`` for a weight-only op, as :func:`call`, through the

@@ -29,9 +29,12 @@ def _layer(fmt: str, compute: str, n: int = 96, k: int = 128, bias: bool = True,
     w, b = torch.randn(n, k) * 0.05, (torch.randn(n) if bias else None)
     cfg = QuantConfig(format=fmt, blocksize=32) if fmt == "int4" else QuantConfig(format=fmt)
     try:
-        return QuantizedLinear.from_weight(w, b, cfg.scheme, compute=compute)
+        q = QuantizedLinear.from_weight(w, b, cfg.scheme, compute=compute)
     except compute_policy.ComputeUnavailable:
         pytest.skip(f"{compute} compute unavailable on this CPU")
+    for name, t in list(q.named_buffers()):  # own copies: the code tables are shared by every layer of a format
+        setattr(q, name, t.clone())
+    return q
 
 
 def _tensors(q: QuantizedLinear) -> tuple:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch
@@ -66,28 +66,34 @@ class FastKernel:
         self.direct = direct  # the regular direct kernel: every case this one does not take
         self._prepare = prepare
         self._nw = len(family.weights)
+        self._nargs = len(family.arg_names())  # x, weights, bias, ints, compute (weight-only families)
         self._cache: dict[tuple, Prepared | None] = {}
         self.__name__ = f"{family.name}_fast_kernel"
 
     def __call__(self, *args: object, **kwargs: object) -> Tensor:
-        """The direct kernel's calling form (compiled code): positional in schema order, keywords allowed."""
-        if not kwargs:
-            nw = self._nw
-            compute = args[-1] if self.family.computes else "fp32"
-            y = self.linear(args[0], args[1 : 1 + nw], args[1 + nw], args[2 + nw : len(args) - self.family.computes],
-                            compute)  # type: ignore[arg-type]  # fmt: skip
-            if y is not None:
-                return y
-        return self.direct(*args, **kwargs)
+        """The direct kernel's calling form (compiled code): positional in schema order, ``compute`` by
+        keyword too (as Inductor writes it)."""
+        nw, nargs = self._nw, self._nargs
+        if not kwargs and len(args) == nargs:
+            compute = args[-1]
+        elif len(args) == nargs - 1 and len(kwargs) == 1 and "compute" in kwargs:
+            compute = kwargs["compute"]
+        else:
+            return self.direct(*args, **kwargs)
+        y = self.linear(args[0], args[1 : 1 + nw], args[1 + nw], args[2 + nw : nargs - 1], compute)  # type: ignore[arg-type]
+        return self.direct(*args, **kwargs) if y is None else y
 
-    def prepared(self, tensors: tuple[Tensor | None, ...], statics: tuple[int, ...], compute: str) -> Prepared | None:
+    def prepared(self, tensors: Sequence[Tensor | None], statics: tuple[int, ...], compute: str) -> Prepared | None:
         """The prepared call for these weight tensors, ints and mode (None: none for them)."""
         key: list = [compute, statics]
+        add = key.append
         try:
             for t in tensors:
-                if t is not None:
-                    key.append(t.data_ptr())
-                    key.append(t._version)
+                if t is None:
+                    add(None)
+                else:
+                    add(t.data_ptr())
+                    add(t._version)
         except RuntimeError:  # an inference tensor among them (no version counter)
             key = [compute, statics, *[None if t is None else (t.data_ptr(), _version(t)) for t in tensors]]
         k = tuple(key)
@@ -117,16 +123,17 @@ class FastKernel:
         self._cache[key] = p
         return p
 
-    def linear(self, x: Tensor, tensors: tuple[Tensor | None, ...], bias: Tensor | None, statics: tuple[int, ...],
+    def linear(self, x: Tensor, tensors: Sequence[Tensor | None], bias: Tensor | None, statics: tuple[int, ...],
                compute: str) -> Tensor | None:  # fmt: skip
         """``y = x @ W^T + bias`` through the prepared call, or None: the caller runs the regular kernel.
 
         The caller is below autograd (or needs no grad) and dispatch (plain CPU tensors, no mode).
         """
-        if x.dtype is not torch.float32 or not x.is_cpu or x.layout != torch.strided or not x.is_contiguous():
+        if x.dtype is not _F32 or not x.is_cpu or x.layout is not _STRIDED or not x.is_contiguous():
             return None
         p = self.prepared(tensors, statics, compute)
-        if p is None or x.dim() < 1 or x.shape[-1] != p.k or _PKG._force_portable:
+        shape = x.shape
+        if p is None or not shape or shape[-1] != p.k or _PKG._force_portable:
             return None
         n = p.n
         m = x.numel() // p.k
@@ -134,16 +141,20 @@ class FastKernel:
             return None
         if bias is None:
             bp = None
-        elif bias.dtype is torch.float32 and bias.is_cpu and bias.is_contiguous() and bias.numel() == n:
+        elif bias.dtype is _F32 and bias.is_cpu and bias.is_contiguous() and bias.numel() == n:
             bp = bias.data_ptr()
         else:
             return None
         y = torch.empty(m, n)
-        if p.call(x.data_ptr(), m, bp, y.data_ptr(), torch.get_num_threads()) != 0:
+        yp = y.data_ptr()
+        if p.call(x.data_ptr(), m, bp, yp, torch.get_num_threads()) != 0:
             return None
-        if not _LIB.qb_all_finite(y.data_ptr(), m * n):  # the regular kernel redoes what overflowed
+        if not _LIB.qb_all_finite(yp, m * n):  # the regular kernel redoes what overflowed
             return None
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+        return y if len(shape) == 2 else y.view(*shape[:-1], n)
+
+
+_F32, _STRIDED = torch.float32, torch.strided
 
 
 def _weights_ok(family: OpFamily, tensors: tuple, statics: tuple, compute: str) -> bool:
@@ -278,6 +289,8 @@ def find(op_name: str, direct: _Kernel) -> FastKernel | None:
     L = _build.load()
     family = next((f for f in FAMILIES.values() if f.op_name == op_name), None)
     if L is None or family is None or not any(kernel == family.kernel for kernel, _ in _PREPARE):
+        return None
+    if not family.computes or family.extras or family.floats:  # not the weight-only signature
         return None
     _LIB, _PKG = L, sys.modules[__name__.rpartition(".")[0]]
 

@@ -78,10 +78,10 @@ class QuantizedLinear(nn.Module):
         # straight from the module's dicts: nn.Module.__getattr__ costs ~0.6 us a name, per call
         bufs, params = self._buffers, self._parameters
         try:
-            tensors = tuple(None if n is None else bufs[n] for n in self._arg_names)
+            tensors = [None if n is None else bufs[n] for n in self._arg_names]
             bias = params["bias"] if "bias" in params else self.bias
         except KeyError:
-            tensors = tuple(None if n is None else getattr(self, n) for n in self._arg_names)
+            tensors = [None if n is None else getattr(self, n) for n in self._arg_names]
             bias = self.bias
         mode = self.compute
         span = getattr(self, "_fp32_rows", None)  # absent in a module pickled by an older version
