@@ -10,6 +10,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import qbackend
 from qbackend.core.config import QuantConfig
@@ -288,3 +290,18 @@ def test_prepared_calls_are_cached_per_weight():
     p = fast.prepared(_tensors(q), q.statics, "fp32")
     assert p is not None and fast.prepared(_tensors(q), q.statics, "fp32") is p
     assert isinstance(p, fast_path.Prepared)
+
+
+@pytest.mark.skipif(not LIB, reason="no C++ kernel library")
+@settings(max_examples=40, deadline=None)
+@given(
+    fmt=st.sampled_from(FORMATS), mode=st.sampled_from(("fp32", "int8")), n=st.sampled_from((1, 17, 64)),
+    k=st.sampled_from((32, 48, 100, 128, 160)), m=st.integers(0, 140), lead=st.booleans(), bias=st.booleans(),
+)  # fmt: skip
+def test_property_any_shape_matches_the_regular_path(fmt, mode, n, k, m, lead, bias):
+    q = _layer(fmt, mode, n=n, k=k, bias=bias, seed=m)
+    x = torch.randn(m, k) if not lead else torch.randn(1, m, k)
+    with torch.no_grad():
+        _same(q(x), _regular(q, x))
+        direct_fn = ops.direct_kernel(q.op._opname, "cpu")
+        _same(direct_fn(x, *_tensors(q), q.bias, *q.statics, compute=q.compute), _regular(q, x))
