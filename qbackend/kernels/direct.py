@@ -18,7 +18,7 @@ reused).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -107,7 +107,7 @@ def _codegen(op_name: str) -> Callable[[Any, Callable[[str], None]], None]:
 
 def _dispatch_needed(x: object, bias: torch.Tensor | None) -> bool:
     """Whether a call must go through the dispatcher: autograd, tracing, subclasses, modes, transforms."""
-    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.is_nested or x.layout != torch.strided:
+    if type(x) is not torch.Tensor or not x.is_cpu or x.is_nested or x.layout != torch.strided:
         return True
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return True
@@ -137,3 +137,18 @@ def call(op: torch._ops.OpOverload, args: tuple[Any, ...], bias_at: int) -> torc
 
 #: forward op name -> its family
 FAMILIES_BY_OP = {f.op_name: f for f in FAMILIES.values()}
+
+
+def call_linear(
+    op: torch._ops.OpOverload, x: torch.Tensor, tensors: Sequence[torch.Tensor | None],
+    bias: torch.Tensor | None, statics: tuple[int, ...], compute: str,
+) -> torch.Tensor:  # fmt: skip
+    """``op(x, *tensors, bias, *statics, compute)`` for a weight-only op, as :func:`call`, through the
+    CPU kernel's prepared form (``ops.fast_kernel``) where it takes the call. Same result either way."""
+    if not torch.compiler.is_compiling():  # first: Dynamo folds it, and must not trace the rest
+        fast = ops.fast_kernel(op._opname, "cpu")
+        if fast is not None and not _dispatch_needed(x, bias):
+            y = fast.linear(x, tensors, bias, statics, compute)  # type: ignore[attr-defined]
+            if y is not None:
+                return y
+    return call(op, (x, *tensors, bias, *statics, compute), 1 + len(tensors))

@@ -128,7 +128,7 @@ def direct_kernel(op_name: str, device: str) -> Callable[..., Tensor] | None:
     No dispatch, no autograd, no validation: the caller must be below autograd (or need no grad) and
     pass arguments the op's validation accepts.
     """
-    return _DIRECT.get((op_name, device))
+    return _FAST.get((op_name, device)) or _DIRECT.get((op_name, device))
 
 
 def _direct(family: OpFamily, fn: Callable[..., Tensor], grad: bool) -> Callable[..., Tensor]:
@@ -158,3 +158,25 @@ def register_kernels(device: str, find: Callable[[str], Callable[..., Tensor] | 
             if fn is not None:
                 torch.library.register_kernel(OP_DEFS[op_name], device, checked(f, fn, grad))
                 _DIRECT[(op_name, device)] = _direct(f, fn, grad)
+
+
+#: (op name, device type) -> a faster form of its direct kernel (see :func:`register_fast_kernels`)
+_FAST: dict[tuple[str, str], Callable[..., Tensor]] = {}
+
+
+def register_fast_kernels(
+    device: str, find: Callable[[str, Callable[..., Tensor]], Callable[..., Tensor] | None]
+) -> None:
+    """For each op with a ``device`` direct kernel, ``find(op_name, direct)``: a faster form of it (same
+    arguments, bit-identical results; it may run ``direct`` itself for cases it does not take), or None.
+    :func:`direct_kernel` then returns it; callers may also reach it with :func:`fast_kernel`."""
+    for (op_name, dev), direct in list(_DIRECT.items()):
+        if dev == device:
+            fast = find(op_name, direct)
+            if fast is not None:
+                _FAST[(op_name, device)] = fast
+
+
+def fast_kernel(op_name: str, device: str) -> Callable[..., Tensor] | None:
+    """The fast form of op ``op_name``'s ``device`` kernel registered by :func:`register_fast_kernels`, or None."""
+    return _FAST.get((op_name, device))

@@ -34,6 +34,7 @@ from .. import reference as ref
 from . import _build, finite
 from . import avx2 as _avx2
 from . import compute as _compute
+from . import fast_path as _fast_path
 from . import w8a8 as _w8a8
 from ._tensors import bias32 as _bias32
 from ._tensors import contig as _contig
@@ -369,3 +370,5 @@ def w8a8_linear(
 
 # The "cpu" kernels of the ops, found by name (see ops.register_kernels).
 ops.register_kernels("cpu", lambda name: finite.wrap(name, globals().get(name)))
+# ... and their prepared forms for small calls (module forwards, compiled code): see fast_path.
+ops.register_fast_kernels("cpu", _fast_path.find)

@@ -1,0 +1,301 @@
+"""Prepared calls of the CPU weight-only kernels: the Python work that depends only on the weight, done once.
+
+A quantized linear call on a small input (LLM decode: M = 1) spent most of its time in Python before
+the C++ kernel started: binding and validating ~15 arguments, building the kernel's ctypes descriptor
+(for nf4 in int8 compute also reading the code table), converting the bias, a torch reduction to
+check the output finite. Here a `Prepared` call per weight holds the descriptor and the ctypes
+function, its weight tensors validated once. It is keyed on what those depend on: the op, the compute
+mode, the ints, and each weight tensor's address and version counter (``resize_``/``set_`` bump the
+version, so a weight changed in shape or place is prepared again). Weight values are read through
+the pointers at call time, as on the regular path, so in-place updates are seen; the one value baked
+into a descriptor (the int8 image of a codebook's table) is compared byte for byte on each call.
+
+A call checks x and the bias (attribute reads), runs the kernel into a fresh output and checks that
+output in C. Anything outside the common case (x not contiguous fp32, M beyond the fused kernels or
+0, NaN/Inf in x or the output, a kernel declining the call, a mode without a prepared kernel) returns
+None from :meth:`FastKernel.linear`, and the caller runs the regular kernel, which computes exactly
+what it would have: results are bit-identical to the regular path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import weakref
+from collections.abc import Callable, Sequence
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ..families import FAMILIES
+from ..spec import OpFamily
+from . import _build
+
+_Kernel = Callable[..., Tensor]
+
+
+class Prepared:
+    """One weight's kernel call with everything but x, the bias, the output and the thread count bound."""
+
+    __slots__ = ("call", "n", "k", "limit", "refs", "table", "table_bytes")
+
+    def __init__(self, call: Callable[[int, int, int | None, int, int], int], n: int, k: int, limit: str | None,
+                 table: Tensor | None = None) -> None:  # fmt: skip
+        self.call = call  # (x ptr, m, bias ptr, y ptr, threads) -> 0 when it wrote every row of y
+        self.n, self.k = n, k
+        self.limit = limit  # the CPU package's attribute giving the most rows of x it takes (None: any)
+        self.refs: tuple = ()  # weak references to the weight tensors it was prepared (and validated) for
+        # the table's bytes baked into the descriptor: a change (even through .data) re-prepares
+        self.table = None if table is None else (ctypes.c_char * (table.numel() * 4)).from_address(table.data_ptr())
+        self.table_bytes = None if self.table is None else self.table.raw
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor: no version counter (its address still keys it)
+        return -1
+
+
+class FastKernel:
+    """The prepared form of one op's direct CPU kernel (see the module docstring)."""
+
+    def __init__(self, family: OpFamily, direct: _Kernel, prepare: Callable[..., Prepared | None]) -> None:
+        self.family = family
+        self.direct = direct  # the regular direct kernel: every case this one does not take
+        self._prepare = prepare
+        self._nw = len(family.weights)
+        self._nargs = len(family.arg_names())  # x, weights, bias, ints, compute (weight-only families)
+        self._cache: dict[tuple, Prepared | None] = {}
+        self.__name__ = f"{family.name}_fast_kernel"
+
+    def __call__(self, *args: object, **kwargs: object) -> Tensor:
+        """The direct kernel's calling form (compiled code): positional in schema order, ``compute`` by
+        keyword too (as Inductor writes it)."""
+        nw, nargs = self._nw, self._nargs
+        if not kwargs and len(args) == nargs:
+            compute = args[-1]
+        elif len(args) == nargs - 1 and len(kwargs) == 1 and "compute" in kwargs:
+            compute = kwargs["compute"]
+        else:
+            return self.direct(*args, **kwargs)
+        y = self.linear(args[0], args[1 : 1 + nw], args[1 + nw], args[2 + nw : nargs - 1], compute)  # type: ignore[arg-type]
+        return self.direct(*args, **kwargs) if y is None else y
+
+    def prepared(self, tensors: Sequence[Tensor | None], statics: tuple[int, ...], compute: str) -> Prepared | None:
+        """The prepared call for these weight tensors, ints and mode (None: none for them)."""
+        key: list = [compute, statics]
+        add = key.append
+        try:
+            for t in tensors:
+                if t is None:
+                    add(None)
+                else:
+                    add(t.data_ptr())
+                    add(t._version)
+        except RuntimeError:  # an inference tensor among them (no version counter)
+            key = [compute, statics, *[None if t is None else (t.data_ptr(), _version(t)) for t in tensors]]
+        k = tuple(key)
+        try:
+            p = self._cache[k]
+        except KeyError:
+            return self._make(k, tensors, statics, compute)
+        except TypeError:  # symbolic ints
+            return None
+        if p is None:
+            return None
+        for r, t in zip(p.refs, tensors, strict=False):  # the same objects, not others since made at those addresses
+            if r is not None and r() is not t:
+                return self._make(k, tensors, statics, compute)
+        if p.table is not None and p.table.raw != p.table_bytes:  # a table changed in place (even through .data)
+            return self._make(k, tensors, statics, compute)
+        return p
+
+    def _make(self, key: tuple, tensors: tuple, statics: tuple, compute: str) -> Prepared | None:
+        p = None
+        if _weights_ok(self.family, tensors, statics, compute):
+            p = self._prepare(tensors, statics, compute)
+        if p is not None:
+            p.refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        if len(self._cache) > 1024:  # bounded: a process may see many weights come and go
+            self._cache.clear()
+        self._cache[key] = p
+        return p
+
+    def linear(self, x: Tensor, tensors: Sequence[Tensor | None], bias: Tensor | None, statics: tuple[int, ...],
+               compute: str) -> Tensor | None:  # fmt: skip
+        """``y = x @ W^T + bias`` through the prepared call, or None: the caller runs the regular kernel.
+
+        The caller is below autograd (or needs no grad) and dispatch (plain CPU tensors, no mode).
+        """
+        if x.dtype is not _F32 or not x.is_cpu or x.layout is not _STRIDED or not x.is_contiguous():
+            return None
+        p = self.prepared(tensors, statics, compute)
+        shape = x.shape
+        if p is None or not shape or shape[-1] != p.k or _PKG._force_portable:
+            return None
+        n = p.n
+        m = x.numel() // p.k
+        if m <= 0 or (p.limit is not None and m > getattr(_PKG, p.limit)):
+            return None
+        if bias is None:
+            bp = None
+        elif bias.dtype is _F32 and bias.is_cpu and bias.is_contiguous() and bias.numel() == n:
+            bp = bias.data_ptr()
+        else:
+            return None
+        y = torch.empty(m, n)
+        yp = y.data_ptr()
+        if p.call(x.data_ptr(), m, bp, yp, torch.get_num_threads()) != 0:
+            return None
+        if not _LIB.qb_all_finite(yp, m * n):  # the regular kernel redoes what overflowed
+            return None
+        return y if len(shape) == 2 else y.view(*shape[:-1], n)
+
+
+_F32, _STRIDED = torch.float32, torch.strided
+
+
+def _weights_ok(family: OpFamily, tensors: tuple, statics: tuple, compute: str) -> bool:
+    """Whether the op's validation accepts these weights (with a stand-in fp32 x): else the regular
+    kernel runs and raises its error. Also: every weight tensor a contiguous CPU tensor."""
+    if any(t is not None and (type(t) is not torch.Tensor or not t.is_cpu or not t.is_contiguous()) for t in tensors):
+        return False
+    k = statics[1] if len(statics) > 1 else 0
+    if not isinstance(k, int) or k <= 0:
+        return False
+    x = torch.empty(1, k)
+    args = (x, *tensors, None, *statics, *((compute,) if family.computes else ()))
+    try:
+        family.validate(family.bind(args))
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# ---- the prepared kernels, per (kernel, compute) -----------------------------------------------------
+
+
+_LIB: ctypes.CDLL = None  # type: ignore[assignment]  # set by find() (only called with the library)
+_PKG: ModuleType = None  # type: ignore[assignment]  # the CPU package (its switches are read per call); set by find()
+
+
+def _qb4(L: ctypes.CDLL, q: _build.QW4, n: int, k: int) -> Prepared | None:
+    if not q.fast_ok:
+        return None
+    fn, ref = L.qb4_linear, q.ref
+
+    def call(xp: int, m: int, bp: int | None, yp: int, nt: int, q=q) -> int:  # q: kept alive with the call
+        return fn(ref, xp, m, bp, yp, nt, 0)
+
+    return Prepared(call, n, k, "FUSED_MAX_M")
+
+
+def _codebook_fp32(tensors: tuple, statics: tuple) -> Prepared | None:
+    from . import _blocks_ok, _qw4_codebook
+
+    n, k, bs, _ = statics
+    if not _blocks_ok(n, k, bs):
+        return None
+    q, _keep = _qw4_codebook(*tensors, *statics)
+    return _qb4(_LIB, q, n, k)
+
+
+def _int4_fp32(tensors: tuple, statics: tuple) -> Prepared | None:
+    from . import _qw4_int4
+
+    q, _keep = _qw4_int4(*tensors, *statics)
+    return _qb4(_LIB, q, statics[0], statics[1])
+
+
+def _int8_fp32(tensors: tuple, statics: tuple) -> Prepared | None:
+    L = _LIB
+    if not L.qb_has_avx512():
+        return None
+    codes, scale = tensors
+    n, k = statics
+    fn, cp, sp = L.qb8_linear, codes.data_ptr(), scale.data_ptr()
+
+    def call(xp: int, m: int, bp: int | None, yp: int, nt: int) -> int:
+        return fn(cp, sp, n, k, xp, m, bp, yp, nt, 0)
+
+    return Prepared(call, n, k, "FUSED_MAX_M_INT8")
+
+
+def _qbi8(q, n: int, k: int, table: Tensor | None = None) -> Prepared | None:
+    from . import int8_compute
+
+    L = int8_compute._lib()
+    if L is None or not L.qbi8_supported(ctypes.byref(q)):
+        return None
+    fn, ref = L.qbi8_linear, ctypes.byref(q)
+
+    def call(xp: int, m: int, bp: int | None, yp: int, nt: int, q=q) -> int:  # q: kept alive with the call
+        # the kernel's count of rows of x holding NaN/Inf: any, and the regular kernel handles them
+        return fn(ref, xp, m, bp, yp, nt)
+
+    return Prepared(call, n, k, None, table)
+
+
+def _codebook_int8(tensors: tuple, statics: tuple) -> Prepared | None:
+    from . import int8_compute
+
+    codes, absmax, ncodes, nabsmax, noffset, table, ntable = tensors
+    n, k, bs, nbs = statics
+    ptr = int8_compute._ptr
+    lut, inv_c = int8_compute._table_image(tuple(table.reshape(-1).tolist()))
+    q = int8_compute.QI8W(codes=ptr(codes), absmax=ptr(absmax), ncodes=ptr(ncodes), nabsmax=ptr(nabsmax),
+                          ntable=ptr(ntable), noffset=ptr(noffset), lut=(ctypes.c_int8 * 16)(*lut), inv_c=inv_c,
+                          kind=int8_compute.KIND_CODEBOOK, N=n, K=k, bs=bs, nbs=nbs, G=0)  # fmt: skip
+    return _qbi8(q, n, k, table)
+
+
+def _int4_int8(tensors: tuple, statics: tuple) -> Prepared | None:
+    from . import int8_compute
+
+    codes, scale, zp = tensors
+    n, k, g = statics
+    ptr = int8_compute._ptr
+    q = int8_compute.QI8W(codes=ptr(codes), scale=ptr(scale), zp=ptr(zp), kind=int8_compute.KIND_INT4, N=n, K=k,
+                          bs=g, G=-(-k // g))  # fmt: skip
+    return _qbi8(q, n, k)
+
+
+def _int8_int8(tensors: tuple, statics: tuple) -> Prepared | None:
+    from . import int8_compute
+
+    codes, scale = tensors
+    n, k = statics
+    q = int8_compute.QI8W(codes=codes.data_ptr(), scale=scale.data_ptr(), kind=int8_compute.KIND_INT8, N=n, K=k)
+    return _qbi8(q, n, k)
+
+
+#: (kernel, compute mode) -> prepare(tensors, statics): the cases with a prepared call
+_PREPARE: dict[tuple[str, str], Callable[[tuple, tuple], Prepared | None]] = {
+    ("codebook", "fp32"): _codebook_fp32,
+    ("int4", "fp32"): _int4_fp32,
+    ("int8", "fp32"): _int8_fp32,
+    ("codebook", "int8"): _codebook_int8,
+    ("int4", "int8"): _int4_int8,
+    ("int8", "int8"): _int8_int8,
+}
+
+
+def find(op_name: str, direct: _Kernel) -> FastKernel | None:
+    """The fast form of ``direct`` (op ``op_name``'s direct CPU kernel), or None: no prepared call for
+    that op (or no C++ library)."""
+    global _LIB, _PKG
+    L = _build.load()
+    family = next((f for f in FAMILIES.values() if f.op_name == op_name), None)
+    if L is None or family is None or not any(kernel == family.kernel for kernel, _ in _PREPARE):
+        return None
+    if not family.computes or family.extras or family.floats:  # not the weight-only signature
+        return None
+    _LIB, _PKG = L, sys.modules[__name__.rpartition(".")[0]]
+
+    def prepare(tensors: tuple, statics: tuple, compute: str) -> Prepared | None:
+        make = _PREPARE.get((family.kernel, compute))
+        return None if make is None else make(tensors, statics)
+
+    return FastKernel(family, direct, prepare)
