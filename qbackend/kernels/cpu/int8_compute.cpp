@@ -406,6 +406,8 @@ QBI8_TARGET void tile8(const Ctx8& cx, int64_t m0, int64_t n0) {
 // Small M fills every lane too (M = 8: two words per row per step), with the same tile template.
 int64_t g_gemm_min_m = 8;   // 4-bit weights (tuning knob, qbi8_set_gemm_min_m): below, the GEMV-like tile4 (measured faster at M = 3, and at M = 4 on K = 384..1536 layers)
 int64_t g_gemm_min_m8 = 8;  // int8 weights (below: tile8)
+int g_dpad = 0;
+int g_cfg = 0;
 
 struct ActT {
     int L = 16;               // rows of x per vector: 16, 8, 4 or 2
@@ -520,6 +522,13 @@ struct CtxG {
     int sh;
 };
 
+// A unit's outputs (L = 16) gathered column-major, [row of W][row of x], then written to y row by
+// row: stores straight from the tiles went to a new cache line of y each (stride N), measured ~10%.
+struct YT {
+    float* p = nullptr;  // null: the tiles store into y
+    int64_t ld = 0, n0 = 0, m0 = 0;
+};
+
 // The BB bytes at p repeated over a vector (BB = 64 / L: one step of one row of W for every row of x).
 template <int BB>
 QBI8_TARGET inline __m512i bcast_bytes(const uint8_t* p) {
@@ -542,7 +551,7 @@ QBI8_TARGET inline __m512i bcast_bytes(const uint8_t* p) {
 // pf, pf_lines: cache lines to prefetch (the codes of the rows of W decoded next), spread over the blocks.
 template <int L, int NR, int MV, bool ROWSCALE>
 QBI8_TARGET void gemm_tile(const CtxG& cx, int64_t n0, int64_t g0, const uint8_t* const* d, const float* const* ws,
-                           const uint8_t* pf, int64_t pf_lines) {
+                           const uint8_t* pf, int64_t pf_lines, const YT& yt) {
     constexpr int S = L / 2, BB = 64 / L, LPR = 16 / L;
     const ActT& t = *cx.t;
     const int64_t nblk = t.nblk;
@@ -593,6 +602,13 @@ QBI8_TARGET void gemm_tile(const CtxG& cx, int64_t n0, int64_t g0, const uint8_t
         const int64_t n = n0 + r;
         const float rs = ROWSCALE ? w.scale[n] : 1.0f;
         const float b = cx.bias ? cx.bias[n] : 0.0f;
+        if (L == 16 && yt.p) {  // the same operations as the scalar form below (one lane per row of x)
+            for (int v = 0; v < MV; ++v) {
+                const __m512 o = ROWSCALE ? _mm512_mul_ps(acc[r][v], _mm512_set1_ps(rs)) : acc[r][v];
+                _mm512_storeu_ps(yt.p + (n - yt.n0) * yt.ld + (16 * (g0 + v) - yt.m0), _mm512_add_ps(o, _mm512_set1_ps(b)));
+            }
+            continue;
+        }
         for (int v = 0; v < MV; ++v) {
             alignas(64) float out[16];
             _mm512_store_ps(out, acc[r][v]);
@@ -609,10 +625,10 @@ QBI8_TARGET void gemm_tile(const CtxG& cx, int64_t n0, int64_t g0, const uint8_t
 
 template <int L, int NR, bool ROWSCALE>
 QBI8_TARGET void gemm_rows(const CtxG& cx, int64_t n0, int64_t g0, int64_t g1, const uint8_t* const* d,
-                           const float* const* ws, const uint8_t* pf, int64_t pf_lines) {
+                           const float* const* ws, const uint8_t* pf, int64_t pf_lines, const YT& yt) {
     int64_t g = g0;
-    for (; g + 2 <= g1; g += 2, pf_lines = 0) gemm_tile<L, NR, 2, ROWSCALE>(cx, n0, g, d, ws, pf, pf_lines);
-    if (g < g1) gemm_tile<L, NR, 1, ROWSCALE>(cx, n0, g, d, ws, pf, pf_lines);
+    for (; g + 2 <= g1; g += 2, pf_lines = 0) gemm_tile<L, NR, 2, ROWSCALE>(cx, n0, g, d, ws, pf, pf_lines, yt);
+    if (g < g1) gemm_tile<L, NR, 1, ROWSCALE>(cx, n0, g, d, ws, pf, pf_lines, yt);
 }
 
 // Rows [n0, n1) of W times groups [g0, g1) of x: 8 rows of W decoded at a time, then tiles of
@@ -624,11 +640,18 @@ QBI8_TARGET void run_gemm(const CtxG& cx, const RowScales& rs, int64_t n0, int64
     constexpr int NRD = 8;
     constexpr bool ROWSCALE = KIND == 3;
     const size_t len = (size_t)(w.K / 32 + 16);
-    const size_t dlen = (size_t)((w.K + 127) / 128 * 128);
+    const size_t dlen = (size_t)((w.K + 127) / 128 * 128) + 64 * (size_t)g_dpad;
     float* wsb = scratch<float>(0, NRD * len);
     uint8_t* db = (uint8_t*)(((uintptr_t)scratch<uint8_t>(2, NRD * dlen + 64) + 63) & ~(uintptr_t)63);
     const uint8_t* d[NRD];
     const float* ws[NRD];
+    YT yt;
+    if (L == 16) {
+        yt.ld = 16 * (g1 - g0);
+        yt.p = (float*)(((uintptr_t)scratch<float>(4, (size_t)((n1 - n0) * yt.ld + 16)) + 63) & ~(uintptr_t)63);
+        yt.n0 = n0;
+        yt.m0 = 16 * g0;
+    }
     int64_t n = n0;
     while (n < n1) {
         const int nr = (int)std::min<int64_t>(NRD, n1 - n);
@@ -646,20 +669,27 @@ QBI8_TARGET void run_gemm(const CtxG& cx, const RowScales& rs, int64_t n0, int64
         // (only for weights beyond the L2 caches: a small layer's codes stay in cache between calls)
         int64_t pf_lines = nnext > 0 && w.N * row_bytes > (int64_t(4) << 20) ? (nnext * row_bytes + 63) / 64 : 0;
         if (nr == 8 && g1 - g0 == 1 && L < 16) {  // measured: 8 rows of W best below M = 16, 4 from 16
-            gemm_tile<L, 8, 1, ROWSCALE>(cx, n, g0, d, ws, pf, pf_lines);
+            gemm_tile<L, 8, 1, ROWSCALE>(cx, n, g0, d, ws, pf, pf_lines, yt);
+        } else if (nr == 8 && g_cfg == 1) {
+            for (int64_t g = g0; g < g1; ++g, pf_lines = 0) gemm_tile<L, 8, 1, ROWSCALE>(cx, n, g, d, ws, pf, pf_lines, yt);
         } else {
             for (int q = 0; q < nr; q += 4) {
                 const int nq = std::min(4, nr - q);
                 // the prefetch split over the quads of rows
                 const uint8_t* pq = pf + 64 * (q / 4) * ((pf_lines + 1) / 2);
                 const int64_t lq = std::max<int64_t>(0, std::min<int64_t>((pf_lines + 1) / 2, pf_lines - (q / 4) * ((pf_lines + 1) / 2)));
-                if (nq == 4) gemm_rows<L, 4, ROWSCALE>(cx, n + q, g0, g1, d + q, ws + q, pq, lq);
-                else if (nq == 3) gemm_rows<L, 3, ROWSCALE>(cx, n + q, g0, g1, d + q, ws + q, pq, lq);
-                else if (nq == 2) gemm_rows<L, 2, ROWSCALE>(cx, n + q, g0, g1, d + q, ws + q, pq, lq);
-                else gemm_rows<L, 1, ROWSCALE>(cx, n + q, g0, g1, d + q, ws + q, pq, lq);
+                if (nq == 4) gemm_rows<L, 4, ROWSCALE>(cx, n + q, g0, g1, d + q, ws + q, pq, lq, yt);
+                else if (nq == 3) gemm_rows<L, 3, ROWSCALE>(cx, n + q, g0, g1, d + q, ws + q, pq, lq, yt);
+                else if (nq == 2) gemm_rows<L, 2, ROWSCALE>(cx, n + q, g0, g1, d + q, ws + q, pq, lq, yt);
+                else gemm_rows<L, 1, ROWSCALE>(cx, n + q, g0, g1, d + q, ws + q, pq, lq, yt);
             }
         }
         n += nr;
+    }
+    if (yt.p) {
+        const int64_t m1 = std::min(cx.M, 16 * g1);
+        for (int64_t m = yt.m0; m < m1; ++m)
+            for (int64_t j = n0; j < n1; ++j) cx.y[m * w.N + j] = yt.p[(j - n0) * yt.ld + (m - yt.m0)];
     }
 }
 
@@ -1038,6 +1068,7 @@ int64_t qbi8_gemm_min_m(int eight) { return eight ? g_gemm_min_m8 : g_gemm_min_m
 
 // Rows of W per tile when M <= 2 (benchmarks tune it): 2 or 4.
 void qbi8_set_small_nr(int nr) { g_small_nr = nr; }
+void qbi8_set_exp(int dpad, int cfg) { g_dpad = dpad, g_cfg = cfg; }
 
 // Small-M streaming (benchmarks tune it): prefetch distance in tiles (0: none), contiguous lanes (0/1).
 void qbi8_set_stream(int pf_tiles, int lanes) { g_pf_tiles = pf_tiles, g_lanes = lanes; }
