@@ -278,7 +278,8 @@ def test_gemm_at_the_tile_edges(name, n, k):
 
 @settings(max_examples=25, deadline=None)
 @given(
-    name=st.sampled_from(["nf4 nested b64", "nf4 b64", "fp4 b64", "int4 affine g128", "int4 sym g32", "int8 per-channel"]),
+    name=st.sampled_from(["nf4 nested b64", "nf4 b64", "fp4 b64", "int4 affine g128", "int4 sym g32",
+                          "int8 per-channel"]),  # fmt: skip
     n=st.integers(1, 90),
     k=st.sampled_from([32, 96, 160, 288, 416]),
     m=st.sampled_from([*range(1, 18), 31, 32, 33, 127, 128, 129, 143, 257, 480, 513]),
