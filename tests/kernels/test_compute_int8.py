@@ -274,3 +274,36 @@ def test_gemm_at_the_tile_edges(name, n, k):
     assert not bool(torch.isfinite(y[bad]).any())
     _assert_matches(y[good], x[good], kw, bias, img)
     assert _kernel(torch.empty(0, k), kw, bias).shape == (0, n)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    name=st.sampled_from(["nf4 nested b64", "nf4 b64", "fp4 b64", "int4 affine g128", "int4 sym g32",
+                          "int8 per-channel"]),  # fmt: skip
+    n=st.integers(1, 90),
+    k=st.sampled_from([32, 96, 160, 288, 416]),
+    m=st.sampled_from([*range(1, 18), 31, 32, 33, 127, 128, 129, 143, 257, 480, 513]),
+    threads=st.sampled_from([1, 2]),
+    bad_row=st.sampled_from([None, 0, -1, 16, 128]),
+    seed=st.integers(0, 2**16),
+)
+def test_gemm_output_buffer_edges(name, n, k, m, threads, bad_row, seed):
+    """The GEMM's per-unit output buffer (16-row groups of x, units of 128 rows of x times 8-64 rows of
+    W, written to y 16 columns at a time with a masked tail) at M, N and K around every edge,
+    with NaN/Inf in a row of x: that row NaN/Inf as in fp32, the others unaffected."""
+    kw = _kw(n, k, SCHEMES[name], seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=g) * 2
+    if bad_row is not None and -m <= bad_row < m:
+        x[bad_row, seed % k] = float("nan") if seed % 2 else float("inf")
+    bias = torch.randn(n, generator=g) if seed % 3 else None
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y = _kernel(x, kw, bias)
+    finally:
+        torch.set_num_threads(old)
+    good = torch.isfinite(x).all(dim=1)
+    y32 = _reference(x[~good], kw, bias, "fp32")
+    assert torch.equal(torch.isnan(y[~good]), torch.isnan(y32)) and torch.equal(torch.isinf(y[~good]), torch.isinf(y32))
+    _assert_matches(y[good], x[good], kw, bias)
