@@ -1,0 +1,151 @@
+"""``qbackend::decode_attention``: scaled dot-product attention for a few query positions (LLM decode).
+
+``decode_attention(query, key, value, attn_mask=None, scale=None, is_causal=False)`` computes
+exactly what ``F.scaled_dot_product_attention(query, key, value, attn_mask, scale=scale,
+is_causal=is_causal, enable_gqa=True)`` does (no dropout): 4-D ``[B, H, L, D]`` tensors, query head
+``i`` reading key/value head ``i // (Hq / Hk)``, ``attn_mask`` bool (True = attend) or additive float,
+broadcastable to ``[B, Hq, L, S]``, ``is_causal`` top-left aligned as in sdpa. The default kernel is
+that sdpa call (the reference); on CPU, fp32 tensors run the fused C++ kernel
+(``cpu/decode_attention.cpp``): one pass over K/V per KV head for every query head that reads it,
+K/V read in place through their strides (a static cache's heads, no repeated copies), online softmax
+with fp32 accumulation (matches sdpa to ~1e-6 relative). It has no autograd: the pass that inserts
+it (:mod:`qbackend.passes.decode_attention`) does so only where no gradient is needed.
+
+Compiled code calls the CPU kernel without the dispatcher (:func:`install_direct`, the same hook as
+:mod:`qbackend.kernels.direct`): the op is ~25 us a call at decode, where dispatch costs ~10.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .spec import NAMESPACE
+
+__all__ = ["decode_attention", "decode_attention_cpu", "decode_attention_reference", "install_direct"]
+
+OP_NAME = "decode_attention"
+_MASK_NONE, _MASK_BOOL, _MASK_FLOAT = 0, 1, 2
+
+
+def _check(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, is_causal: bool) -> None:
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(f"decode_attention: query, key, value must be 4-D [B, H, L, D]; got {query.dim()}-D, "
+                         f"{key.dim()}-D, {value.dim()}-D")  # fmt: skip
+    b, hq, _, d = query.shape
+    if key.shape[0] != b or value.shape[0] != b or key.shape[1] != value.shape[1] or key.shape[2] != value.shape[2]:
+        raise ValueError(f"decode_attention: key {tuple(key.shape)} and value {tuple(value.shape)} do not match "
+                         f"query {tuple(query.shape)} (same batch, heads and positions)")  # fmt: skip
+    if key.shape[3] != d or key.shape[1] == 0 or hq % key.shape[1] != 0:
+        raise ValueError(f"decode_attention: key {tuple(key.shape)} must have head dim {d} and a head count dividing "
+                         f"the query's {hq}")  # fmt: skip
+    if attn_mask is not None:
+        if is_causal:
+            raise ValueError("decode_attention: pass attn_mask or is_causal, not both (as sdpa)")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise ValueError(f"decode_attention: attn_mask must be bool or {query.dtype}; got {attn_mask.dtype}")
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (b, hq, query.shape[2], key.shape[2]))
+        except RuntimeError:
+            raise ValueError(f"decode_attention: attn_mask {tuple(attn_mask.shape)} does not broadcast to "
+                             f"{(b, hq, query.shape[2], key.shape[2])}") from None  # fmt: skip
+
+
+def decode_attention_reference(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                               scale: float | None = None, is_causal: bool = False) -> Tensor:  # fmt: skip
+    """The op's meaning: sdpa with grouped-query heads (the oracle for the kernel)."""
+    gqa = key.shape[1] != query.shape[1]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=gqa)
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    from .cpu import _build  # the library loads (and may compile) on first use only
+
+    return _build.load()
+
+
+def _fast_ok(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None) -> bool:
+    if not (query.dtype is key.dtype is value.dtype is torch.float32):
+        return False
+    if query.device.type != "cpu" or key.device.type != "cpu" or value.device.type != "cpu":
+        return False
+    if query.stride(3) != 1 or key.stride(3) != 1 or value.stride(3) != 1:
+        return False
+    return attn_mask is None or (attn_mask.device.type == "cpu" and attn_mask.dtype in (torch.bool, torch.float32))
+
+
+def decode_attention_cpu(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                         scale: float | None = None, is_causal: bool = False) -> Tensor:  # fmt: skip
+    """The CPU kernel (arguments already checked): the C++ kernel for fp32 tensors with unit stride along
+    the head dim, else the reference."""
+    lib = _lib()
+    if lib is None or not _fast_ok(query, key, value, attn_mask):
+        return decode_attention_reference(query, key, value, attn_mask, scale, is_causal)
+    b, hq, n, d = query.shape
+    hk, s, dv = key.shape[1], key.shape[2], value.shape[3]
+    out = torch.empty(b, hq, n, dv, dtype=torch.float32)
+    if attn_mask is None:
+        mptr, kind, ms = None, _MASK_NONE, (0, 0, 0, 0)
+    else:
+        m = attn_mask.expand(b, hq, n, s) if attn_mask.shape != (b, hq, n, s) else attn_mask
+        mptr, kind, ms = m.data_ptr(), _MASK_BOOL if m.dtype is torch.bool else _MASK_FLOAT, m.stride()
+    qs, ks, vs = query.stride(), key.stride(), value.stride()
+    sc = 1.0 / math.sqrt(d) if scale is None else scale
+    rc = lib.qb_decode_attention(query.data_ptr(), key.data_ptr(), value.data_ptr(), mptr, out.data_ptr(),
+                                 b, hq, hk, n, s, d, dv, qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1],
+                                 vs[2], *ms, kind, sc, int(is_causal), torch.get_num_threads())  # fmt: skip
+    if rc != 0:
+        return decode_attention_reference(query, key, value, attn_mask, scale, is_causal)
+    return out
+
+
+@torch.library.custom_op(f"{NAMESPACE}::{OP_NAME}", mutates_args=())
+def decode_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                     scale: float | None = None, is_causal: bool = False) -> Tensor:  # fmt: skip
+    """sdpa(query, key, value, attn_mask, scale=scale, is_causal=is_causal, enable_gqa=True), no dropout."""
+    _check(query, key, value, attn_mask, is_causal)
+    return decode_attention_reference(query, key, value, attn_mask, scale, is_causal).contiguous()
+
+
+@decode_attention.register_fake
+def _(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, scale: float | None = None,
+      is_causal: bool = False) -> Tensor:  # fmt: skip
+    _check(query, key, value, attn_mask, is_causal)
+    return query.new_empty(*query.shape[:3], value.shape[3])
+
+
+@decode_attention.register_kernel("cpu")
+def _(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, scale: float | None = None,
+      is_causal: bool = False) -> Tensor:  # fmt: skip
+    _check(query, key, value, attn_mask, is_causal)
+    return decode_attention_cpu(query, key, value, attn_mask, scale, is_causal).contiguous()
+
+
+def _direct(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, scale: float | None = None,
+            is_causal: bool = False) -> Tensor:  # fmt: skip
+    # Compiled code: the fake checked the arguments at trace time; the output must be contiguous (the fake's strides).
+    return decode_attention_cpu(query, key, value, attn_mask, scale, is_causal).contiguous()
+
+
+# what compiled code runs for the op on CPU (qbackend.kernels.direct.KERNELS looks it up here)
+ops._DIRECT[(OP_NAME, "cpu")] = _direct
+
+
+def install_direct() -> None:
+    """Make compiled code call the CPU kernel without the dispatcher (idempotent; loads Inductor)."""
+    from . import direct
+
+    try:
+        from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN, CustomCodegen
+    except ImportError:  # a torch without the hook: compiled code calls the op (correct, slower)
+        return
+    key = f"torch.ops.{NAMESPACE}.{OP_NAME}.default"
+    if key not in CUSTOM_EXTERN_KERNEL_CODEGEN:
+        CUSTOM_EXTERN_KERNEL_CODEGEN[key] = CustomCodegen(python=direct._codegen(OP_NAME))

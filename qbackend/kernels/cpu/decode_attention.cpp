@@ -1,0 +1,385 @@
+// qbackend fused CPU attention for few query positions (LLM decode): F.scaled_dot_product_attention
+// semantics (GQA head mapping, scale, additive float or bool mask, top-left is_causal) in fp32.
+//
+// One task = (batch, KV head, span of KV positions). The task's query rows are every query head that
+// reads this KV head times every query position (n_rep * L rows), so each K/V row is read once for
+// all of them, in place (any batch/head/position strides, unit stride along the head dim): no
+// copies of repeated heads. Online softmax over chunks of KV positions: scores for the chunk, a
+// running max and sum per row, the output accumulated in registers. Long KV spans are split over
+// several tasks (flash-decoding) and the partial (max, sum, output) combined at the end.
+//
+// A bool mask is applied as sdpa does it (False -> -inf added to the score, so a NaN score stays
+// NaN); a row with every score -inf gives zeros, like sdpa. Every K/V position is read (also masked
+// ones), so NaN/Inf propagate exactly as in sdpa.
+//
+// Widths: AVX-512 (16 lanes) in the avx512 build, AVX2+FMA (8) in the avx2 build, scalar otherwise.
+// Threads: the library's RowPool (qb_pool_run in qlinear.cpp).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define QBA_W 16
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QBA_W 8
+#else
+#define QBA_W 1
+#endif
+
+extern "C" {
+void qb_pool_run(int64_t nchunks, int nthreads, void (*fn)(void*, int64_t, int), void* ctx);  // qlinear.cpp
+}
+
+namespace {
+
+constexpr int W = QBA_W;
+constexpr int64_t CHUNK = 64;  // KV positions per online-softmax step (K/V chunk stays in L1)
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+// exp(x) below this is flushed to 0 (|result| < 1.2e-38, vs the row max's exp(0) = 1): keeps exp(-inf) = 0.
+constexpr float EXP_LO = -87.33654f;
+
+// ---- SIMD wrapper: V = W floats ----------------------------------------------------------------------
+#if QBA_W == 16
+using V = __m512;
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vset(float x) { return _mm512_set1_ps(x); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline V vload_n(const float* p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
+inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
+inline float vsum(V a) { return _mm512_reduce_add_ps(a); }
+inline __m256 fold(V a) { return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)); }
+inline V vexp(V x) {
+    // Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-7 polynomial; ~1 ulp. NaN stays NaN.
+    const __mmask16 tiny = _mm512_cmp_ps_mask(x, vset(EXP_LO), _CMP_LT_OQ);
+    x = _mm512_max_ps(vset(EXP_LO), x);  // second operand returned for NaN: NaN kept
+    V n = _mm512_roundscale_ps(_mm512_mul_ps(x, vset(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm512_fnmadd_ps(n, vset(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, vset(-2.12194440e-4f), r);
+    V p = vset(1.9875691500E-4f);
+    p = vfma(p, r, vset(1.3981999507E-3f));
+    p = vfma(p, r, vset(8.3334519073E-3f));
+    p = vfma(p, r, vset(4.1665795894E-2f));
+    p = vfma(p, r, vset(1.6666665459E-1f));
+    p = vfma(p, r, vset(5.0000001201E-1f));
+    p = vfma(p, vmul(r, r), vadd(r, vset(1.0f)));
+    return _mm512_maskz_scalef_ps((__mmask16)~tiny, p, n);
+}
+#elif QBA_W == 8
+using V = __m256;
+inline V vzero() { return _mm256_setzero_ps(); }
+inline V vset(float x) { return _mm256_set1_ps(x); }
+inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline V vload_n(const float* p, int n) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx));
+}
+inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+inline V vsub(V a, V b) { return _mm256_sub_ps(a, b); }
+inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
+inline float vsum(V a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline __m256 fold(V a) { return a; }
+inline V vexp(V x) {
+    const V tiny = _mm256_cmp_ps(x, vset(EXP_LO), _CMP_LT_OQ);
+    x = _mm256_max_ps(vset(EXP_LO), x);  // NaN kept (second operand)
+    V n = _mm256_round_ps(_mm256_mul_ps(x, vset(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm256_fnmadd_ps(n, vset(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, vset(-2.12194440e-4f), r);
+    V p = vset(1.9875691500E-4f);
+    p = vfma(p, r, vset(1.3981999507E-3f));
+    p = vfma(p, r, vset(8.3334519073E-3f));
+    p = vfma(p, r, vset(4.1665795894E-2f));
+    p = vfma(p, r, vset(1.6666665459E-1f));
+    p = vfma(p, r, vset(5.0000001201E-1f));
+    p = vfma(p, vmul(r, r), vadd(r, vset(1.0f)));
+    // 2^n for n in [-126, 0] (x >= EXP_LO, x <= 0 here; NaN lanes give NaN through p)
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(_mm256_max_ps(n, vset(-126.0f))),
+                                                   _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+#endif
+
+#if QBA_W > 1
+// Four dot-product accumulators -> their four sums.
+inline void hsum4(V a0, V a1, V a2, V a3, float* out) {
+    __m256 h01 = _mm256_hadd_ps(fold(a0), fold(a1));
+    __m256 h23 = _mm256_hadd_ps(fold(a2), fold(a3));
+    __m256 h = _mm256_hadd_ps(h01, h23);  // [s0 s1 s2 s3 | s0 s1 s2 s3] (per 128-bit half)
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+#endif
+
+struct Args {
+    const float *q, *k, *v;
+    const void* mask;
+    float* out;
+    int64_t B, Hq, Hk, L, S, D, Dv;
+    int64_t qsb, qsh, qsl, ksb, ksh, kss, vsb, vsh, vss;
+    int64_t msb, msh, msl, mss;
+    int mask_kind;  // 0 none, 1 bool (uint8: nonzero = attend), 2 additive fp32
+    float scale;
+    int causal;  // top-left aligned, as sdpa: row l attends positions <= l
+    int64_t nsplit, span;
+    float* part;  // nsplit > 1: per task and row, [max, sum, out[Dv]]
+};
+
+inline float exp1(float x) { return x < EXP_LO ? 0.0f : std::exp(x); }
+
+// rows: the task's query rows (G), qs: [G, Dp] scaled queries (zero padded), acc: [G, Dvp].
+void run_task(const Args& a, int64_t task, std::vector<float>& buf) {
+    const int64_t n_rep = a.Hq / a.Hk;
+    const int64_t split = task % a.nsplit, bh = task / a.nsplit, hk = bh % a.Hk, b = bh / a.Hk;
+    const int64_t t_begin = split * a.span, t_end = std::min(a.S, t_begin + a.span);
+    const int64_t G = n_rep * a.L;
+    const int64_t Dp = (a.D + W - 1) / W * W, Dvp = (a.Dv + W - 1) / W * W;
+    const size_t need = (size_t)(G * Dp + G * Dvp + G * CHUNK + 2 * G + 64);
+    if (buf.size() < need) buf.resize(need);
+    float* qs = buf.data();
+    float* acc = qs + G * Dp;
+    float* sc = acc + G * Dvp;
+    float* mrun = sc + G * CHUNK;
+    float* lrun = mrun + G;
+    for (int64_t g = 0; g < G; ++g) {  // row g: query head hk * n_rep + g / L, position g % L
+        const float* src = a.q + b * a.qsb + (hk * n_rep + g / a.L) * a.qsh + (g % a.L) * a.qsl;
+        float* dst = qs + g * Dp;
+        for (int64_t d = 0; d < a.D; ++d) dst[d] = src[d] * a.scale;
+        for (int64_t d = a.D; d < Dp; ++d) dst[d] = 0.0f;
+        std::fill(acc + g * Dvp, acc + (g + 1) * Dvp, 0.0f);
+        mrun[g] = NEG_INF;
+        lrun[g] = 0.0f;
+    }
+    const float* kb = a.k + b * a.ksb + hk * a.ksh;
+    const float* vb = a.v + b * a.vsb + hk * a.vsh;
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += CHUNK) {
+        const int64_t n = std::min(CHUNK, t_end - t0);
+        // scores
+        for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qs + g * Dp;
+            float* s = sc + g * CHUNK;
+#if QBA_W > 1
+            const int64_t nfull = a.D / W;
+            const int tail = (int)(a.D - nfull * W);
+            int64_t t = 0;
+            for (; t + 4 <= n; t += 4) {
+                const float* k0 = kb + (t0 + t) * a.kss;
+                const float* k1 = k0 + a.kss;
+                const float* k2 = k1 + a.kss;
+                const float* k3 = k2 + a.kss;
+                V c0 = vzero(), c1 = vzero(), c2 = vzero(), c3 = vzero();
+                int64_t d = 0;
+                for (int64_t i = 0; i < nfull; ++i, d += W) {
+                    const V qv = vload(qg + d);
+                    c0 = vfma(qv, vload(k0 + d), c0);
+                    c1 = vfma(qv, vload(k1 + d), c1);
+                    c2 = vfma(qv, vload(k2 + d), c2);
+                    c3 = vfma(qv, vload(k3 + d), c3);
+                }
+                if (tail) {
+                    const V qv = vload(qg + d);
+                    c0 = vfma(qv, vload_n(k0 + d, tail), c0);
+                    c1 = vfma(qv, vload_n(k1 + d, tail), c1);
+                    c2 = vfma(qv, vload_n(k2 + d, tail), c2);
+                    c3 = vfma(qv, vload_n(k3 + d, tail), c3);
+                }
+                hsum4(c0, c1, c2, c3, s + t);
+            }
+            for (; t < n; ++t) {
+                const float* k0 = kb + (t0 + t) * a.kss;
+                V c0 = vzero();
+                int64_t d = 0;
+                for (int64_t i = 0; i < nfull; ++i, d += W) c0 = vfma(vload(qg + d), vload(k0 + d), c0);
+                if (tail) c0 = vfma(vload(qg + d), vload_n(k0 + d, tail), c0);
+                s[t] = vsum(c0);
+            }
+#else
+            for (int64_t t = 0; t < n; ++t) {
+                const float* k0 = kb + (t0 + t) * a.kss;
+                float c = 0.0f;
+                for (int64_t d = 0; d < a.D; ++d) c += qg[d] * k0[d];
+                s[t] = c;
+            }
+#endif
+            // mask, causality (added, as sdpa does: a NaN score stays NaN)
+            if (a.mask_kind != 0) {
+                const int64_t h = hk * n_rep + g / a.L, l = g % a.L;
+                const int64_t off = b * a.msb + h * a.msh + l * a.msl + t0 * a.mss;
+                if (a.mask_kind == 1) {
+                    const uint8_t* m = static_cast<const uint8_t*>(a.mask) + off;
+                    for (int64_t t = 0; t < n; ++t)
+                        if (!m[t * a.mss]) s[t] += NEG_INF;
+                } else {
+                    const float* m = static_cast<const float*>(a.mask) + off;
+                    for (int64_t t = 0; t < n; ++t) s[t] += m[t * a.mss];
+                }
+            }
+            if (a.causal) {
+                const int64_t l = g % a.L;
+                for (int64_t t = std::max<int64_t>(0, l + 1 - t0); t < n; ++t) s[t] += NEG_INF;
+            }
+            // online softmax: p = exp(s - m_new), rescale the running sum and output
+            float cmax = NEG_INF;
+            for (int64_t t = 0; t < n; ++t) cmax = std::max(cmax, s[t]);  // ignores NaN: they stay in s
+            const float mnew = std::max(mrun[g], cmax);
+            const float msafe = mnew == NEG_INF ? 0.0f : mnew;
+            const float alpha = exp1(mrun[g] - msafe);
+            float psum = 0.0f;
+            int64_t u = 0;
+#if QBA_W > 1
+            V ps = vzero();
+            for (; u + W <= n; u += W) {
+                const V p = vexp(vsub(vload(s + u), vset(msafe)));
+                vstore(s + u, p);
+                ps = vadd(ps, p);
+            }
+            psum = vsum(ps);
+#endif
+            for (; u < n; ++u) {
+                s[u] = exp1(s[u] - msafe);
+                psum += s[u];
+            }
+            lrun[g] = lrun[g] * alpha + psum;
+            mrun[g] = mnew;
+            if (alpha != 1.0f) {
+                float* ag = acc + g * Dvp;
+                for (int64_t d = 0; d < Dvp; ++d) ag[d] *= alpha;
+            }
+        }
+        // out += p @ V[chunk]
+        for (int64_t g = 0; g < G; ++g) {
+            const float* p = sc + g * CHUNK;
+            float* ag = acc + g * Dvp;
+#if QBA_W > 1
+            const int64_t nv = Dvp / W;
+            const int tail = (int)(a.Dv - (nv - 1) * W);
+            int64_t d = 0;
+            // 4 output vectors in registers at a time
+            for (int64_t i = 0; i < nv; i += 4, d += 4 * W) {
+                const int m = (int)std::min<int64_t>(4, nv - i);
+                const bool last = i + m == nv;
+                V o0 = vload(ag + d), o1 = m > 1 ? vload(ag + d + W) : vzero();
+                V o2 = m > 2 ? vload(ag + d + 2 * W) : vzero(), o3 = m > 3 ? vload(ag + d + 3 * W) : vzero();
+                for (int64_t t = 0; t < n; ++t) {
+                    const float* vr = vb + (t0 + t) * a.vss + d;
+                    const V pt = vset(p[t]);
+                    // the last vector of the row may be partial: masked load (no read past Dv)
+                    auto ld = [&](int j) { return (last && j == m - 1 && tail != W) ? vload_n(vr + j * W, tail) : vload(vr + j * W); };
+                    o0 = vfma(pt, ld(0), o0);
+                    if (m > 1) o1 = vfma(pt, ld(1), o1);
+                    if (m > 2) o2 = vfma(pt, ld(2), o2);
+                    if (m > 3) o3 = vfma(pt, ld(3), o3);
+                }
+                vstore(ag + d, o0);
+                if (m > 1) vstore(ag + d + W, o1);
+                if (m > 2) vstore(ag + d + 2 * W, o2);
+                if (m > 3) vstore(ag + d + 3 * W, o3);
+            }
+#else
+            for (int64_t t = 0; t < n; ++t) {
+                const float* vr = vb + (t0 + t) * a.vss;
+                for (int64_t d = 0; d < a.Dv; ++d) ag[d] += p[t] * vr[d];
+            }
+#endif
+        }
+    }
+    // write the rows: final (nsplit == 1) or partial for the combine
+    for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * n_rep + g / a.L, l = g % a.L;
+        const float* ag = acc + g * Dvp;
+        if (a.nsplit == 1) {
+            float* o = a.out + ((b * a.Hq + h) * a.L + l) * a.Dv;
+            const float inv = lrun[g] == 0.0f ? 0.0f : 1.0f / lrun[g];  // every score -inf: zeros, like sdpa
+            for (int64_t d = 0; d < a.Dv; ++d) o[d] = ag[d] * inv;
+        } else {
+            float* pr = a.part + (((b * a.Hq + h) * a.L + l) * a.nsplit + split) * (a.Dv + 2);
+            pr[0] = mrun[g];
+            pr[1] = lrun[g];
+            std::memcpy(pr + 2, ag, sizeof(float) * a.Dv);
+        }
+    }
+}
+
+void combine(const Args& a, int64_t row) {
+    const float* pr = a.part + row * a.nsplit * (a.Dv + 2);
+    float m = NEG_INF;
+    for (int64_t i = 0; i < a.nsplit; ++i) m = std::max(m, pr[i * (a.Dv + 2)]);
+    const float msafe = m == NEG_INF ? 0.0f : m;
+    float* o = a.out + row * a.Dv;
+    std::fill(o, o + a.Dv, 0.0f);
+    float l = 0.0f;
+    for (int64_t i = 0; i < a.nsplit; ++i) {
+        const float* p = pr + i * (a.Dv + 2);
+        const float w = exp1(p[0] - msafe);
+        l += p[1] * w;
+        for (int64_t d = 0; d < a.Dv; ++d) o[d] += p[2 + d] * w;
+    }
+    const float inv = l == 0.0f ? 0.0f : 1.0f / l;
+    for (int64_t d = 0; d < a.Dv; ++d) o[d] *= inv;
+}
+
+}  // namespace
+
+extern "C" {
+
+// out [B, Hq, L, Dv] (contiguous) = sdpa(q [B, Hq, L, D], k [B, Hk, S, D], v [B, Hk, S, Dv]); strides in
+// elements (unit stride along D/Dv assumed); mask strides 0 where it broadcasts. Returns 0, or 1 for
+// arguments it does not take (the caller then uses the reference).
+int qb_decode_attention(const float* q, const float* k, const float* v, const void* mask, float* out, int64_t B,
+                        int64_t Hq, int64_t Hk, int64_t L, int64_t S, int64_t D, int64_t Dv, int64_t qsb, int64_t qsh,
+                        int64_t qsl, int64_t ksb, int64_t ksh, int64_t kss, int64_t vsb, int64_t vsh, int64_t vss,
+                        int64_t msb, int64_t msh, int64_t msl, int64_t mss, int mask_kind, float scale, int causal,
+                        int nthreads) {
+    if (B < 0 || Hk <= 0 || Hq % Hk != 0 || L < 0 || S < 0 || D <= 0 || Dv <= 0 || mask_kind < 0 || mask_kind > 2)
+        return 1;
+    if (B == 0 || Hq == 0 || L == 0) return 0;
+    if (S == 0) {  // softmax over nothing: sdpa gives zeros
+        std::fill(out, out + B * Hq * L * Dv, 0.0f);
+        return 0;
+    }
+    Args a{q, k, v, mask, out, B, Hq, Hk, L, S, D, Dv, qsb, qsh, qsl, ksb, ksh, kss, vsb, vsh, vss,
+           msb, msh, msl, mss, mask_kind, scale, causal, 1, S, nullptr};
+    nthreads = std::max(1, nthreads);
+    // Split the KV positions when there are fewer (batch, KV head) tasks than threads: spans of >= 128
+    // positions (the combine and per-task set-up stay small next to them).
+    const int64_t tasks = B * Hk;
+    if (tasks < 2 * nthreads && nthreads > 1) {
+        const int64_t want = (2 * nthreads + tasks - 1) / tasks;
+        a.nsplit = std::max<int64_t>(1, std::min<int64_t>(want, S / 128));
+        a.span = (S + a.nsplit - 1) / a.nsplit;
+        a.span = (a.span + CHUNK - 1) / CHUNK * CHUNK;
+        a.nsplit = (S + a.span - 1) / a.span;
+    }
+    std::vector<float> part;
+    if (a.nsplit > 1) {
+        part.resize((size_t)(B * Hq * L * a.nsplit * (Dv + 2)));
+        a.part = part.data();
+    }
+    auto body = [&](int64_t c, int) {
+        thread_local std::vector<float> buf;
+        run_task(a, c, buf);
+    };
+    qb_pool_run(tasks * a.nsplit, nthreads, [](void* ctx, int64_t c, int slot) { (*static_cast<decltype(body)*>(ctx))(c, slot); },
+                &body);
+    if (a.nsplit > 1)
+        for (int64_t r = 0; r < B * Hq * L; ++r) combine(a, r);
+    return 0;
+}
+
+int qb_decode_attention_width() { return QBA_W; }
+
+}  // extern "C"
