@@ -13,6 +13,7 @@ through ``torch.ops``), and the max abs difference to sdpa.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -44,7 +45,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     hq, hk, d = 32, 4, 64
-    print(f"threads {torch.get_num_threads()}; Hq {hq}, Hkv {hk}, head dim {d}, fp32, bool mask (3/4 of the cache filled)")
+    print(f"threads {torch.get_num_threads()}; Hq {hq}, Hkv {hk}, head dim {d}, fp32, bool mask (3/4 of cache filled)")
     print(f"{'B':>3} {'L':>2} {'S':>5} | {'sdpa us':>9} {'fused us':>9} {'op us':>8} {'speed-up':>8} | max|diff|")
     gen = torch.Generator().manual_seed(0)
     for b in map(int, a.batches.split(",")):
@@ -56,18 +57,14 @@ def main() -> None:
                 mask = torch.zeros(b, 1, n, s, dtype=torch.bool)
                 mask[..., : 3 * s // 4] = True
 
-                def sdpa():
-                    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-                def fused():
-                    return attn.decode_attention_cpu(q, k, v, mask)
-
-                def op():
-                    return torch.ops.qbackend.decode_attention(q, k, v, mask)
-
+                args = (q, k, v, mask)
+                sdpa = functools.partial(F.scaled_dot_product_attention, *args, enable_gqa=True)
+                fused = functools.partial(attn.decode_attention_cpu, *args)
+                op = functools.partial(torch.ops.qbackend.decode_attention, *args)
                 diff = (fused() - sdpa()).abs().max().item()
                 t_ref, t_fused, t_op = _time(sdpa, a.reps), _time(fused, a.reps), _time(op, a.reps)
-                print(f"{b:>3} {n:>2} {s:>5} | {t_ref:9.1f} {t_fused:9.1f} {t_op:8.1f} {t_ref / t_fused:7.2f}x | {diff:.1e}")
+                row = f"{t_ref:9.1f} {t_fused:9.1f} {t_op:8.1f} {t_ref / t_fused:7.2f}x"
+                print(f"{b:>3} {n:>2} {s:>5} | {row} | {diff:.1e}")
 
 
 if __name__ == "__main__":

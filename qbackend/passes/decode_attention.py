@@ -44,7 +44,7 @@ def _bound(node: fx.Node) -> dict[str, object] | None:
     if len(node.args) > len(_PARAMS) or any(k not in _PARAMS for k in node.kwargs):
         return None
     a = dict(_DEFAULTS)
-    a.update(zip(_PARAMS, node.args))
+    a.update(zip(_PARAMS, node.args, strict=False))
     a.update(node.kwargs)
     return a if all(p in a for p in _PARAMS[:3]) else None
 
@@ -57,8 +57,9 @@ def _eligible(a: dict[str, object]) -> bool:
     q, k, v = (_value(a[p]) for p in ("query", "key", "value"))
     if q is None or k is None or v is None:
         return False
-    if any(t.dim() != 4 or t.dtype is not torch.float32 or t.device.type != "cpu" or t.requires_grad for t in (q, k, v)):
-        return False
+    for t in (q, k, v):
+        if t.dim() != 4 or t.dtype is not torch.float32 or t.device.type != "cpu" or t.requires_grad:
+            return False
     dropout, causal, scale, gqa = a["dropout_p"], a["is_causal"], a["scale"], a["enable_gqa"]
     if not (isinstance(dropout, (int, float)) and dropout == 0) or not isinstance(causal, bool):
         return False
