@@ -28,7 +28,7 @@ from torch import Tensor
 from . import ops
 from .spec import NAMESPACE
 
-__all__ = ["decode_attention", "decode_attention_cpu", "decode_attention_reference", "install_direct"]
+__all__ = ["decode_attention", "decode_attention_cpu", "decode_attention_reference", "install_direct", "run_kernel"]
 
 OP_NAME = "decode_attention"
 _MASK_NONE, _MASK_BOOL, _MASK_FLOAT = 0, 1, 2
@@ -86,8 +86,16 @@ def decode_attention_cpu(query: Tensor, key: Tensor, value: Tensor, attn_mask: T
     """The CPU kernel (arguments already checked): the C++ kernel for fp32 tensors with unit stride along
     the head dim, else the reference."""
     lib = _lib()
-    if lib is None or not _fast_ok(query, key, value, attn_mask):
-        return decode_attention_reference(query, key, value, attn_mask, scale, is_causal)
+    out = None if lib is None else run_kernel(lib, query, key, value, attn_mask, scale, is_causal)
+    return decode_attention_reference(query, key, value, attn_mask, scale, is_causal) if out is None else out
+
+
+def run_kernel(lib: ctypes.CDLL, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+               scale: float | None = None, is_causal: bool = False) -> Tensor | None:  # fmt: skip
+    """The C++ kernel of library ``lib`` (any ISA variant; checked arguments), contiguous [B, Hq, L, Dv];
+    None where it does not apply (not fp32 CPU tensors with unit stride along the head dim)."""
+    if not _fast_ok(query, key, value, attn_mask):
+        return None
     b, hq, n, d = query.shape
     hk, s, dv = key.shape[1], key.shape[2], value.shape[3]
     out = torch.empty(b, hq, n, dv, dtype=torch.float32)
@@ -101,9 +109,7 @@ def decode_attention_cpu(query: Tensor, key: Tensor, value: Tensor, attn_mask: T
     rc = lib.qb_decode_attention(query.data_ptr(), key.data_ptr(), value.data_ptr(), mptr, out.data_ptr(),
                                  b, hq, hk, n, s, d, dv, qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1],
                                  vs[2], *ms, kind, sc, int(is_causal), torch.get_num_threads())  # fmt: skip
-    if rc != 0:
-        return decode_attention_reference(query, key, value, attn_mask, scale, is_causal)
-    return out
+    return out if rc == 0 else None
 
 
 @torch.library.custom_op(f"{NAMESPACE}::{OP_NAME}", mutates_args=())
