@@ -21,7 +21,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #define QBA_W 16
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -57,6 +57,7 @@ inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
 inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
 inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
 inline float vsum(V a) { return _mm512_reduce_add_ps(a); }
+inline float vmaxall(V a) { return _mm512_reduce_max_ps(a); }
 inline __m256 fold(V a) { return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)); }
 inline V vexp(V x) {
     // Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-7 polynomial; ~1 ulp. NaN stays NaN.
@@ -94,6 +95,11 @@ inline float vsum(V a) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+inline float vmaxall(V a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
 inline __m256 fold(V a) { return a; }
 inline V vexp(V x) {
     const V tiny = _mm256_cmp_ps(x, vset(EXP_LO), _CMP_LT_OQ);
@@ -125,6 +131,8 @@ inline void hsum4(V a0, V a1, V a2, V a3, float* out) {
 }
 #endif
 
+inline float exp1(float x) { return x < EXP_LO ? 0.0f : std::exp(x); }
+
 struct Args {
     const float *q, *k, *v;
     const void* mask;
@@ -139,7 +147,183 @@ struct Args {
     float* part;  // nsplit > 1: per task and row, [max, sum, out[Dv]]
 };
 
-inline float exp1(float x) { return x < EXP_LO ? 0.0f : std::exp(x); }
+// Query rows per register block: scores (GB_S rows x 4 positions of accumulators) and p @ V (GB_V rows x
+// 4 vectors); AVX2 has 16 registers, AVX-512 32.
+#if QBA_W == 16
+constexpr int GB_S = 4, GB_V = 4;
+#else
+constexpr int GB_S = 2, GB_V = 2;
+#endif
+
+// s[r * CHUNK + t] = q_r . k_t for GB rows of q (stride Dp, zero padded) and positions t < n of k.
+template <int GB>
+inline void scores(const float* q, int64_t Dp, const float* k, int64_t kss, int64_t n, int64_t D, float* s) {
+#if QBA_W > 1
+    const int64_t nfull = D / W;
+    const int tail = (int)(D - nfull * W);
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {
+        const float* k0 = k + t * kss;
+        const float* k1 = k0 + kss;
+        const float* k2 = k1 + kss;
+        const float* k3 = k2 + kss;
+        V c[GB][4];
+        for (int r = 0; r < GB; ++r) c[r][0] = c[r][1] = c[r][2] = c[r][3] = vzero();
+        int64_t d = 0;
+        for (int64_t i = 0; i < nfull; ++i, d += W) {
+            const V x0 = vload(k0 + d), x1 = vload(k1 + d), x2 = vload(k2 + d), x3 = vload(k3 + d);
+            for (int r = 0; r < GB; ++r) {
+                const V qv = vload(q + r * Dp + d);
+                c[r][0] = vfma(qv, x0, c[r][0]);
+                c[r][1] = vfma(qv, x1, c[r][1]);
+                c[r][2] = vfma(qv, x2, c[r][2]);
+                c[r][3] = vfma(qv, x3, c[r][3]);
+            }
+        }
+        if (tail) {
+            const V x0 = vload_n(k0 + d, tail), x1 = vload_n(k1 + d, tail), x2 = vload_n(k2 + d, tail),
+                    x3 = vload_n(k3 + d, tail);
+            for (int r = 0; r < GB; ++r) {
+                const V qv = vload(q + r * Dp + d);
+                c[r][0] = vfma(qv, x0, c[r][0]);
+                c[r][1] = vfma(qv, x1, c[r][1]);
+                c[r][2] = vfma(qv, x2, c[r][2]);
+                c[r][3] = vfma(qv, x3, c[r][3]);
+            }
+        }
+        for (int r = 0; r < GB; ++r) hsum4(c[r][0], c[r][1], c[r][2], c[r][3], s + r * CHUNK + t);
+    }
+    for (; t < n; ++t) {
+        const float* k0 = k + t * kss;
+        for (int r = 0; r < GB; ++r) {
+            V c0 = vzero();
+            int64_t d = 0;
+            for (int64_t i = 0; i < nfull; ++i, d += W) c0 = vfma(vload(q + r * Dp + d), vload(k0 + d), c0);
+            if (tail) c0 = vfma(vload(q + r * Dp + d), vload_n(k0 + d, tail), c0);
+            s[r * CHUNK + t] = vsum(c0);
+        }
+    }
+#else
+    (void)Dp;
+    for (int r = 0; r < GB; ++r)
+        for (int64_t t = 0; t < n; ++t) {
+            const float* k0 = k + t * kss;
+            float c = 0.0f;
+            for (int64_t d = 0; d < D; ++d) c += q[r * Dp + d] * k0[d];
+            s[r * CHUNK + t] = c;
+        }
+#endif
+}
+
+// acc[r] += sum_t p[r * CHUNK + t] * v_t for GB rows (acc stride Dvp, zero padded past Dv).
+template <int GB>
+inline void pv(const float* p, const float* v, int64_t vss, int64_t n, int64_t Dv, float* acc, int64_t Dvp) {
+#if QBA_W > 1
+    const int64_t nv = Dvp / W;
+    const int tail = (int)(Dv - (nv - 1) * W);  // lanes of the last vector (W when Dv % W == 0)
+    int64_t i = 0;
+    for (; i + 4 <= nv && (i + 4 < nv || tail == W); i += 4) {  // 4 full vectors per row in registers
+        const int64_t d = i * W;
+        V o[GB][4];
+        for (int r = 0; r < GB; ++r)
+            for (int j = 0; j < 4; ++j) o[r][j] = vload(acc + r * Dvp + d + j * W);
+        for (int64_t t = 0; t < n; ++t) {
+            const float* vr = v + t * vss + d;
+            const V x0 = vload(vr), x1 = vload(vr + W), x2 = vload(vr + 2 * W), x3 = vload(vr + 3 * W);
+            for (int r = 0; r < GB; ++r) {
+                const V pt = vset(p[r * CHUNK + t]);
+                o[r][0] = vfma(pt, x0, o[r][0]);
+                o[r][1] = vfma(pt, x1, o[r][1]);
+                o[r][2] = vfma(pt, x2, o[r][2]);
+                o[r][3] = vfma(pt, x3, o[r][3]);
+            }
+        }
+        for (int r = 0; r < GB; ++r)
+            for (int j = 0; j < 4; ++j) vstore(acc + r * Dvp + d + j * W, o[r][j]);
+    }
+    for (; i < nv; ++i) {  // the rest one vector at a time (the last may be partial: masked loads)
+        const int64_t d = i * W;
+        const int lanes = i + 1 == nv ? tail : W;
+        V o[GB];
+        for (int r = 0; r < GB; ++r) o[r] = vload(acc + r * Dvp + d);
+        for (int64_t t = 0; t < n; ++t) {
+            const V x = lanes == W ? vload(v + t * vss + d) : vload_n(v + t * vss + d, lanes);
+            for (int r = 0; r < GB; ++r) o[r] = vfma(vset(p[r * CHUNK + t]), x, o[r]);
+        }
+        for (int r = 0; r < GB; ++r) vstore(acc + r * Dvp + d, o[r]);
+    }
+#else
+    (void)Dvp;
+    for (int r = 0; r < GB; ++r)
+        for (int64_t t = 0; t < n; ++t) {
+            const float* vr = v + t * vss;
+            for (int64_t d = 0; d < Dv; ++d) acc[r * Dvp + d] += p[r * CHUNK + t] * vr[d];
+        }
+#endif
+}
+
+// s[t] += -inf where the bool mask is False (as sdpa: a NaN score stays NaN).
+inline void add_bool_mask(float* s, const uint8_t* m, int64_t mss, int64_t n) {
+    int64_t t = 0;
+#if QBA_W == 16
+    if (mss == 1)
+        for (; t + 16 <= n; t += 16) {
+            const __mmask16 off = _mm_cmpeq_epi8_mask(_mm_loadu_si128((const __m128i*)(m + t)), _mm_setzero_si128());
+            vstore(s + t, _mm512_mask_add_ps(vload(s + t), off, vload(s + t), vset(NEG_INF)));
+        }
+#elif QBA_W == 8
+    if (mss == 1)
+        for (; t + 8 <= n; t += 8) {
+            const __m256i mi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(m + t)));
+            const V off = _mm256_castsi256_ps(_mm256_cmpeq_epi32(mi, _mm256_setzero_si256()));
+            vstore(s + t, vadd(vload(s + t), _mm256_and_ps(off, vset(NEG_INF))));  // s + 0 or s + -inf
+        }
+#endif
+    for (; t < n; ++t)
+        if (!m[t * mss]) s[t] += NEG_INF;
+}
+
+inline void add_float_mask(float* s, const float* m, int64_t mss, int64_t n) {
+    int64_t t = 0;
+#if QBA_W > 1
+    if (mss == 1)
+        for (; t + W <= n; t += W) vstore(s + t, vadd(vload(s + t), vload(m + t)));
+#endif
+    for (; t < n; ++t) s[t] += m[t * mss];
+}
+
+// max of s[0, n) over its non-NaN values (-inf when none)
+inline float max_ignoring_nan(const float* s, int64_t n) {
+    float r = NEG_INF;
+    int64_t t = 0;
+#if QBA_W > 1
+    V c = vset(NEG_INF);
+    for (; t + W <= n; t += W) c = vmax(vload(s + t), c);  // maxps returns its second operand for NaN
+    r = vmaxall(c);
+#endif
+    for (; t < n; ++t) r = std::max(r, s[t]);  // std::max(r, NaN) keeps r
+    return r;
+}
+
+// s[t] = exp(s[t] - m) for t < n; returns their sum.
+inline float exp_sum(float* s, int64_t n, float m) {
+    float sum = 0.0f;
+    int64_t t = 0;
+#if QBA_W > 1
+    V acc = vzero();
+    for (; t + W <= n; t += W) {
+        const V p = vexp(vsub(vload(s + t), vset(m)));
+        vstore(s + t, p);
+        acc = vadd(acc, p);
+    }
+    sum = vsum(acc);
+#endif
+    for (; t < n; ++t) {
+        s[t] = exp1(s[t] - m);
+        sum += s[t];
+    }
+    return sum;
+}
 
 // rows: the task's query rows (G), qs: [G, Dp] scaled queries (zero padded), acc: [G, Dvp].
 void run_task(const Args& a, int64_t task, std::vector<float>& buf) {
@@ -168,134 +352,44 @@ void run_task(const Args& a, int64_t task, std::vector<float>& buf) {
     const float* vb = a.v + b * a.vsb + hk * a.vsh;
     for (int64_t t0 = t_begin; t0 < t_end; t0 += CHUNK) {
         const int64_t n = std::min(CHUNK, t_end - t0);
-        // scores
-        for (int64_t g = 0; g < G; ++g) {
-            const float* qg = qs + g * Dp;
-            float* s = sc + g * CHUNK;
+        const float* kc = kb + t0 * a.kss;
+        // scores, GB_S rows at a time (each K vector loaded once for them)
+        int64_t g = 0;
 #if QBA_W > 1
-            const int64_t nfull = a.D / W;
-            const int tail = (int)(a.D - nfull * W);
-            int64_t t = 0;
-            for (; t + 4 <= n; t += 4) {
-                const float* k0 = kb + (t0 + t) * a.kss;
-                const float* k1 = k0 + a.kss;
-                const float* k2 = k1 + a.kss;
-                const float* k3 = k2 + a.kss;
-                V c0 = vzero(), c1 = vzero(), c2 = vzero(), c3 = vzero();
-                int64_t d = 0;
-                for (int64_t i = 0; i < nfull; ++i, d += W) {
-                    const V qv = vload(qg + d);
-                    c0 = vfma(qv, vload(k0 + d), c0);
-                    c1 = vfma(qv, vload(k1 + d), c1);
-                    c2 = vfma(qv, vload(k2 + d), c2);
-                    c3 = vfma(qv, vload(k3 + d), c3);
-                }
-                if (tail) {
-                    const V qv = vload(qg + d);
-                    c0 = vfma(qv, vload_n(k0 + d, tail), c0);
-                    c1 = vfma(qv, vload_n(k1 + d, tail), c1);
-                    c2 = vfma(qv, vload_n(k2 + d, tail), c2);
-                    c3 = vfma(qv, vload_n(k3 + d, tail), c3);
-                }
-                hsum4(c0, c1, c2, c3, s + t);
-            }
-            for (; t < n; ++t) {
-                const float* k0 = kb + (t0 + t) * a.kss;
-                V c0 = vzero();
-                int64_t d = 0;
-                for (int64_t i = 0; i < nfull; ++i, d += W) c0 = vfma(vload(qg + d), vload(k0 + d), c0);
-                if (tail) c0 = vfma(vload(qg + d), vload_n(k0 + d, tail), c0);
-                s[t] = vsum(c0);
-            }
-#else
-            for (int64_t t = 0; t < n; ++t) {
-                const float* k0 = kb + (t0 + t) * a.kss;
-                float c = 0.0f;
-                for (int64_t d = 0; d < a.D; ++d) c += qg[d] * k0[d];
-                s[t] = c;
-            }
+        for (; g + GB_S <= G; g += GB_S) scores<GB_S>(qs + g * Dp, Dp, kc, a.kss, n, a.D, sc + g * CHUNK);
 #endif
+        for (; g < G; ++g) scores<1>(qs + g * Dp, Dp, kc, a.kss, n, a.D, sc + g * CHUNK);
+        for (g = 0; g < G; ++g) {
+            float* s = sc + g * CHUNK;
             // mask, causality (added, as sdpa does: a NaN score stays NaN)
             if (a.mask_kind != 0) {
                 const int64_t h = hk * n_rep + g / a.L, l = g % a.L;
                 const int64_t off = b * a.msb + h * a.msh + l * a.msl + t0 * a.mss;
-                if (a.mask_kind == 1) {
-                    const uint8_t* m = static_cast<const uint8_t*>(a.mask) + off;
-                    for (int64_t t = 0; t < n; ++t)
-                        if (!m[t * a.mss]) s[t] += NEG_INF;
-                } else {
-                    const float* m = static_cast<const float*>(a.mask) + off;
-                    for (int64_t t = 0; t < n; ++t) s[t] += m[t * a.mss];
-                }
+                if (a.mask_kind == 1) add_bool_mask(s, static_cast<const uint8_t*>(a.mask) + off, a.mss, n);
+                else add_float_mask(s, static_cast<const float*>(a.mask) + off, a.mss, n);
             }
             if (a.causal) {
                 const int64_t l = g % a.L;
                 for (int64_t t = std::max<int64_t>(0, l + 1 - t0); t < n; ++t) s[t] += NEG_INF;
             }
             // online softmax: p = exp(s - m_new), rescale the running sum and output
-            float cmax = NEG_INF;
-            for (int64_t t = 0; t < n; ++t) cmax = std::max(cmax, s[t]);  // ignores NaN: they stay in s
-            const float mnew = std::max(mrun[g], cmax);
+            const float mnew = std::max(mrun[g], max_ignoring_nan(s, n));  // NaN scores stay in s
             const float msafe = mnew == NEG_INF ? 0.0f : mnew;
             const float alpha = exp1(mrun[g] - msafe);
-            float psum = 0.0f;
-            int64_t u = 0;
-#if QBA_W > 1
-            V ps = vzero();
-            for (; u + W <= n; u += W) {
-                const V p = vexp(vsub(vload(s + u), vset(msafe)));
-                vstore(s + u, p);
-                ps = vadd(ps, p);
-            }
-            psum = vsum(ps);
-#endif
-            for (; u < n; ++u) {
-                s[u] = exp1(s[u] - msafe);
-                psum += s[u];
-            }
-            lrun[g] = lrun[g] * alpha + psum;
+            lrun[g] = lrun[g] * alpha + exp_sum(s, n, msafe);
             mrun[g] = mnew;
             if (alpha != 1.0f) {
                 float* ag = acc + g * Dvp;
                 for (int64_t d = 0; d < Dvp; ++d) ag[d] *= alpha;
             }
         }
-        // out += p @ V[chunk]
-        for (int64_t g = 0; g < G; ++g) {
-            const float* p = sc + g * CHUNK;
-            float* ag = acc + g * Dvp;
+        // out += p @ V[chunk], GB_V rows at a time (each V vector loaded once for them)
+        const float* vc = vb + t0 * a.vss;
+        g = 0;
 #if QBA_W > 1
-            const int64_t nv = Dvp / W;
-            const int tail = (int)(a.Dv - (nv - 1) * W);
-            int64_t d = 0;
-            // 4 output vectors in registers at a time
-            for (int64_t i = 0; i < nv; i += 4, d += 4 * W) {
-                const int m = (int)std::min<int64_t>(4, nv - i);
-                const bool last = i + m == nv;
-                V o0 = vload(ag + d), o1 = m > 1 ? vload(ag + d + W) : vzero();
-                V o2 = m > 2 ? vload(ag + d + 2 * W) : vzero(), o3 = m > 3 ? vload(ag + d + 3 * W) : vzero();
-                for (int64_t t = 0; t < n; ++t) {
-                    const float* vr = vb + (t0 + t) * a.vss + d;
-                    const V pt = vset(p[t]);
-                    // the last vector of the row may be partial: masked load (no read past Dv)
-                    auto ld = [&](int j) { return (last && j == m - 1 && tail != W) ? vload_n(vr + j * W, tail) : vload(vr + j * W); };
-                    o0 = vfma(pt, ld(0), o0);
-                    if (m > 1) o1 = vfma(pt, ld(1), o1);
-                    if (m > 2) o2 = vfma(pt, ld(2), o2);
-                    if (m > 3) o3 = vfma(pt, ld(3), o3);
-                }
-                vstore(ag + d, o0);
-                if (m > 1) vstore(ag + d + W, o1);
-                if (m > 2) vstore(ag + d + 2 * W, o2);
-                if (m > 3) vstore(ag + d + 3 * W, o3);
-            }
-#else
-            for (int64_t t = 0; t < n; ++t) {
-                const float* vr = vb + (t0 + t) * a.vss;
-                for (int64_t d = 0; d < a.Dv; ++d) ag[d] += p[t] * vr[d];
-            }
+        for (; g + GB_V <= G; g += GB_V) pv<GB_V>(sc + g * CHUNK, vc, a.vss, n, a.Dv, acc + g * Dvp, Dvp);
 #endif
-        }
+        for (; g < G; ++g) pv<1>(sc + g * CHUNK, vc, a.vss, n, a.Dv, acc + g * Dvp, Dvp);
     }
     // write the rows: final (nsplit == 1) or partial for the combine
     for (int64_t g = 0; g < G; ++g) {
