@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,8 @@ def _check(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, 
     if attn_mask is not None:
         if is_causal:
             raise ValueError("decode_attention: pass attn_mask or is_causal, not both (as sdpa)")
+        if attn_mask.dim() > 4:
+            raise ValueError(f"decode_attention: attn_mask must have at most 4 dims; got {attn_mask.dim()}")
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
             raise ValueError(f"decode_attention: attn_mask must be bool or {query.dtype}; got {attn_mask.dtype}")
         try:
@@ -72,13 +75,22 @@ def _lib() -> ctypes.CDLL | None:
 
 
 def _fast_ok(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None) -> bool:
-    if not (query.dtype is key.dtype is value.dtype is torch.float32):
-        return False
-    if query.device.type != "cpu" or key.device.type != "cpu" or value.device.type != "cpu":
+    if not (query.dtype is key.dtype is value.dtype is torch.float32 and query.is_cpu and key.is_cpu and value.is_cpu):
         return False
     if query.stride(3) != 1 or key.stride(3) != 1 or value.stride(3) != 1:
         return False
-    return attn_mask is None or (attn_mask.device.type == "cpu" and attn_mask.dtype in (torch.bool, torch.float32))
+    return attn_mask is None or (attn_mask.is_cpu and attn_mask.dtype in (torch.bool, torch.float32))
+
+
+_tls = threading.local()
+
+
+def _dims() -> ctypes.Array:
+    """This thread's argument array for the kernel's dims (filled per call; no allocation)."""
+    arr = getattr(_tls, "dims", None)
+    if arr is None:
+        arr = _tls.dims = (ctypes.c_int64 * 24)()
+    return arr
 
 
 def decode_attention_cpu(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
@@ -99,16 +111,18 @@ def run_kernel(lib: ctypes.CDLL, query: Tensor, key: Tensor, value: Tensor, attn
     b, hq, n, d = query.shape
     hk, s, dv = key.shape[1], key.shape[2], value.shape[3]
     out = torch.empty(b, hq, n, dv, dtype=torch.float32)
-    if attn_mask is None:
-        mptr, kind, ms = None, _MASK_NONE, (0, 0, 0, 0)
-    else:
-        m = attn_mask.expand(b, hq, n, s) if attn_mask.shape != (b, hq, n, s) else attn_mask
-        mptr, kind, ms = m.data_ptr(), _MASK_BOOL if m.dtype is torch.bool else _MASK_FLOAT, m.stride()
     qs, ks, vs = query.stride(), key.stride(), value.stride()
+    if attn_mask is None:
+        mptr, kind, msize, mstride = None, _MASK_NONE, (1, 1, 1, 1), (0, 0, 0, 0)
+    else:
+        m = attn_mask if attn_mask.dim() == 4 else attn_mask.view((1,) * (4 - attn_mask.dim()) + attn_mask.shape)
+        kind = _MASK_BOOL if m.dtype is torch.bool else _MASK_FLOAT
+        mptr, msize, mstride = m.data_ptr(), m.shape, m.stride()
+    dims = _dims()
+    dims[:] = (b, hq, hk, n, s, d, dv, qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], *msize, *mstride)
     sc = 1.0 / math.sqrt(d) if scale is None else scale
-    rc = lib.qb_decode_attention(query.data_ptr(), key.data_ptr(), value.data_ptr(), mptr, out.data_ptr(),
-                                 b, hq, hk, n, s, d, dv, qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1],
-                                 vs[2], *ms, kind, sc, int(is_causal), torch.get_num_threads())  # fmt: skip
+    rc = lib.qb_decode_attention(query.data_ptr(), key.data_ptr(), value.data_ptr(), mptr, out.data_ptr(), dims,
+                                 kind, sc, int(is_causal), torch.get_num_threads())  # fmt: skip
     return out if rc == 0 else None
 
 

@@ -167,7 +167,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qb_panel_threads.restype = INT
     lib.qb_set_blas.argtypes = [P, P]
     lib.qb_set_blas.restype = INT
-    lib.qb_decode_attention.argtypes = [P] * 5 + [I64] * 20 + [INT, ctypes.c_float, INT, INT]
+    lib.qb_decode_attention.argtypes = [P] * 6 + [INT, ctypes.c_float, INT, INT]
     lib.qb_decode_attention.restype = INT
 
 

@@ -430,14 +430,25 @@ void combine(const Args& a, int64_t row) {
 
 extern "C" {
 
-// out [B, Hq, L, Dv] (contiguous) = sdpa(q [B, Hq, L, D], k [B, Hk, S, D], v [B, Hk, S, Dv]); strides in
-// elements (unit stride along D/Dv assumed); mask strides 0 where it broadcasts. Returns 0, or 1 for
-// arguments it does not take (the caller then uses the reference).
-int qb_decode_attention(const float* q, const float* k, const float* v, const void* mask, float* out, int64_t B,
-                        int64_t Hq, int64_t Hk, int64_t L, int64_t S, int64_t D, int64_t Dv, int64_t qsb, int64_t qsh,
-                        int64_t qsl, int64_t ksb, int64_t ksh, int64_t kss, int64_t vsb, int64_t vsh, int64_t vss,
-                        int64_t msb, int64_t msh, int64_t msl, int64_t mss, int mask_kind, float scale, int causal,
-                        int nthreads) {
+// out [B, Hq, L, Dv] (contiguous) = sdpa(q [B, Hq, L, D], k [B, Hk, S, D], v [B, Hk, S, Dv]). dims (24 values,
+// one array: a ctypes call costs ~0.15 us per argument): B, Hq, Hk, L, S, D, Dv; the batch, head and
+// position strides of q, k, v (elements; unit stride along D/Dv assumed); the mask's sizes and strides
+// as 4-D (a size-1 dim broadcasts). Returns 0, or 1 for arguments it does not take (the caller then
+// uses the reference).
+int qb_decode_attention(const float* q, const float* k, const float* v, const void* mask, float* out,
+                        const int64_t* dims, int mask_kind, float scale, int causal, int nthreads) {
+    const int64_t B = dims[0], Hq = dims[1], Hk = dims[2], L = dims[3], S = dims[4], D = dims[5], Dv = dims[6];
+    const int64_t qsb = dims[7], qsh = dims[8], qsl = dims[9], ksb = dims[10], ksh = dims[11], kss = dims[12];
+    const int64_t vsb = dims[13], vsh = dims[14], vss = dims[15];
+    const int64_t* msize = dims + 16;
+    const int64_t* mstr = dims + 20;
+    if (mask_kind != 0) {
+        const int64_t want[4] = {B, Hq, L, S};
+        for (int i = 0; i < 4; ++i)
+            if (msize[i] != 1 && msize[i] != want[i]) return 1;
+    }
+    auto bstride = [&](int i) { return msize[i] == 1 ? int64_t(0) : mstr[i]; };
+    const int64_t msb = bstride(0), msh = bstride(1), msl = bstride(2), mss = bstride(3);
     if (B < 0 || Hk <= 0 || Hq % Hk != 0 || L < 0 || S < 0 || D <= 0 || Dv <= 0 || mask_kind < 0 || mask_kind > 2)
         return 1;
     if (B == 0 || Hq == 0 || L == 0) return 0;
