@@ -8,7 +8,8 @@
    linear layers become quantized ops reading quantized buffers. This happens BEFORE Inductor, so
    Inductor's caches key on the rewritten graph (a rewrite inside ``inner_compile`` would be
    skipped on a warm cache hit). Before it, attention fed by repeated K/V heads (grouped-query
-   attention as transformers traces it) reads the heads in place (:mod:`qbackend.passes.grouped_kv`).
+   attention as transformers traces it) reads the heads in place (:mod:`qbackend.passes.grouped_kv`), and CPU
+   attention over a few query positions (decode) runs a fused kernel (:mod:`qbackend.passes.decode_attention`).
 3. Inductor (``compile_fx``) compiles the rewritten graph; its generated code calls our CPU kernels
    directly (:mod:`qbackend.kernels.direct`).
 4. The compiled callable is wrapped by a per-call weight check: a quantized weight changed since it
@@ -29,6 +30,7 @@ import torch.fx as fx
 
 from ..kernels import direct
 from ..passes import LoweringResult, graph_params
+from ..passes.decode_attention import use_decode_attention
 from ..passes.grouped_kv import use_grouped_kv
 from ..passes.weight_cache import StaleWeightError
 from ..passes.weight_stamp import FoldedCheck, check_mode
@@ -63,6 +65,8 @@ def qbackend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | None 
     patches = inductor_patches(mode, config)
     if use_grouped_kv(gm):  # exact: K/V heads read in place instead of copied n_rep times per call
         log.debug("qbackend: grouped-query attention without the repeated K/V copies")
+    if use_decode_attention(gm):  # exact: decode-time CPU attention by the fused kernel
+        log.debug("qbackend: decode attention by qbackend::decode_attention")
     result = workflow.compile(gm, config, log.isEnabledFor(logging.DEBUG))
     _log(result, gm)
     key = {}

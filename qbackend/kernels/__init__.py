@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats import QuantizedWeight, Scheme, code_table
+from . import attention as attention  # registers torch.ops.qbackend.decode_attention
 from . import cpu as cpu  # registers the "cpu" kernels
 from . import cuda as cuda  # registers the "cuda" kernels (Triton resolved on first call)
 from . import ops as ops  # registers torch.ops.qbackend.*

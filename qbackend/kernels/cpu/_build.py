@@ -177,6 +177,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qb_omp_stats.restype = None
     lib.qb_all_finite.argtypes = [P, I64]
     lib.qb_all_finite.restype = INT
+    lib.qb_decode_attention.argtypes = [P] * 6 + [INT, ctypes.c_float, INT, INT]
+    lib.qb_decode_attention.restype = INT
 
 
 @functools.cache
