@@ -77,6 +77,21 @@ def time_calls(fn: Callable[[], object], n: int) -> list[float]:
     return ts
 
 
+def wall_and_cpu_us(fn: Callable[[], object], n: int, warmup: int = 50) -> tuple[float, float]:
+    """(wall, thread CPU) microseconds per call of ``fn``: medians of 7 rounds of ``n // 7`` calls."""
+    for _ in range(warmup):
+        fn()
+    walls, cpus = [], []
+    per = max(1, n // 7)
+    for _ in range(7):
+        t, c = time.perf_counter(), time.thread_time()
+        for _ in range(per):
+            fn()
+        walls.append((time.perf_counter() - t) / per * 1e6)
+        cpus.append((time.thread_time() - c) / per * 1e6)
+    return statistics.median(walls), statistics.median(cpus)
+
+
 def interleaved(
     methods: Mapping[str, Callable[[], object]], rounds: int, calls: int, *, warmup: int = 0,
     alternate: bool = False, calls_for: Callable[[str], int] | None = None,

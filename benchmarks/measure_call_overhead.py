@@ -16,10 +16,9 @@ Run under the benchmark lock:
 
 import ctypes
 import os
-import statistics
 import sys
-import time
 
+import _common
 import torch
 
 import qbackend
@@ -46,17 +45,8 @@ COLUMNS = ("torch.ops call", "registered kernel (bind + validate + wrapper)", "m
 
 def bench(fn, n: int = 1400) -> str:
     """``wall / thread CPU`` microseconds per call, medians of 7 rounds."""
-    for _ in range(50):
-        fn()
-    walls, cpus = [], []
-    per = n // 7
-    for _ in range(7):
-        t, c = time.perf_counter(), time.thread_time()
-        for _ in range(per):
-            fn()
-        walls.append((time.perf_counter() - t) / per * 1e6)
-        cpus.append((time.thread_time() - c) / per * 1e6)
-    return f"{statistics.median(walls):.1f} / {statistics.median(cpus):.1f}"
+    wall, cpu = _common.wall_and_cpu_us(fn, n)
+    return f"{wall:.1f} / {cpu:.1f}"
 
 
 def kernel_call(preset, compute, kw, x, b, y):

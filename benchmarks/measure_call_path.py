@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
+import _common
 import torch
 
 import qbackend
@@ -49,17 +48,7 @@ def _overhead_module():
 
 def bench(fn, n: int) -> tuple[float, float]:
     """(wall, thread CPU) microseconds per call, medians of 7 rounds."""
-    for _ in range(max(20, n // 10)):
-        fn()
-    walls, cpus = [], []
-    per = max(1, n // 7)
-    for _ in range(7):
-        t, c = time.perf_counter(), time.thread_time()
-        for _ in range(per):
-            fn()
-        walls.append((time.perf_counter() - t) / per * 1e6)
-        cpus.append((time.thread_time() - c) / per * 1e6)
-    return statistics.median(walls), statistics.median(cpus)
+    return _common.wall_and_cpu_us(fn, n, warmup=max(20, n // 10))
 
 
 class FastSwitch:

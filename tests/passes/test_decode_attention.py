@@ -9,21 +9,15 @@ from torch import fx
 
 from qbackend.passes.decode_attention import MAX_Q_LEN, use_decode_attention
 from qbackend.passes.grouped_kv import use_grouped_kv
+from qbackend.testing import capture_graph
 
 OP = torch.ops.qbackend.decode_attention.default
 
 
 def _capture(fn, *args):
     """The Dynamo graph of ``fn`` (with example values in node.meta) and the inputs it takes."""
-    graphs: list[tuple[fx.GraphModule, list]] = []
-
-    def backend(gm: fx.GraphModule, example_inputs):
-        graphs.append((gm, list(example_inputs)))
-        return gm
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    return graphs[0]
+    g = capture_graph(fn, *args)
+    return g.gm, g.example_inputs
 
 
 def _ops(gm: fx.GraphModule) -> list[fx.Node]:

@@ -8,19 +8,13 @@ import torch.nn.functional as F
 from torch import fx
 
 from qbackend.passes.grouped_kv import use_grouped_kv
+from qbackend.testing import capture_graph
 
 
 def _capture(fn, *args):
     """The Dynamo graph of ``fn`` (with example values in node.meta) and the inputs it takes."""
-    graphs: list[tuple[fx.GraphModule, list]] = []
-
-    def backend(gm: fx.GraphModule, example_inputs):
-        graphs.append((gm, list(example_inputs)))
-        return gm
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    return graphs[0]
+    g = capture_graph(fn, *args)
+    return g.gm, g.example_inputs
 
 
 def _repeat(x: torch.Tensor, n_rep: int) -> torch.Tensor:  # transformers' repeat_kv
