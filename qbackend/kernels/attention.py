@@ -18,7 +18,6 @@ Compiled code calls the CPU kernel without the dispatcher (:func:`install_direct
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
 import threading
 
@@ -67,11 +66,10 @@ def decode_attention_reference(query: Tensor, key: Tensor, value: Tensor, attn_m
     return F.scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=gqa)
 
 
-@functools.cache
 def _lib() -> ctypes.CDLL | None:
-    from .cpu import _build  # the library loads (and may compile) on first use only
+    from .cpu import lib  # the library loads (and may compile) on first use only
 
-    return _build.load()
+    return lib()
 
 
 def _fast_ok(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None) -> bool:

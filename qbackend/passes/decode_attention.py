@@ -19,17 +19,16 @@ call (training, GPU, half precision, prefill, dynamic query length) is left unto
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from ..kernels import attention
+from .grouped_kv import SDPA_TARGETS
 
 __all__ = ["MAX_Q_LEN", "use_decode_attention"]
 
 #: most query positions a call may have to be rewritten (decode, speculative decoding's few tokens)
 MAX_Q_LEN = 8
 
-_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
@@ -90,7 +89,7 @@ def use_decode_attention(gm: fx.GraphModule) -> int:
     returns how many. Compiled code then calls the CPU kernel directly."""
     rewritten = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _SDPA:
+        if node.op != "call_function" or node.target not in SDPA_TARGETS:
             continue
         a = _bound(node)
         if a is None or not _eligible(a):

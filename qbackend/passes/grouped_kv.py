@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-__all__ = ["use_grouped_kv"]
+__all__ = ["SDPA_TARGETS", "use_grouped_kv"]
 
-_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+#: the call targets of scaled dot-product attention in a Dynamo graph
+SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _FULL = slice(None, None, None)
 
 
@@ -87,7 +88,7 @@ def use_grouped_kv(gm: fx.GraphModule) -> int:
     """Rewrite every SDPA fed by repeated K/V heads to ``enable_gqa=True``; returns how many."""
     rewritten = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _SDPA or node.kwargs.get("enable_gqa", False):
+        if node.op != "call_function" or node.target not in SDPA_TARGETS or node.kwargs.get("enable_gqa", False):
             continue
         if len(node.args) < 3 or "key" in node.kwargs or "value" in node.kwargs:
             continue

@@ -218,10 +218,14 @@ def test_thread_pool_survives_fork(thread_pool):
     assert status == 0
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
-@pytest.mark.parametrize("compute", ["fp32", "int8", "bf16", "int16"])
+@pytest.mark.parametrize(
+    ("fmt", "compute"),
+    [(f, c) for f in ("nf4", "int4", "int8") for c in ("fp32", "int8", "bf16")] + [("int8", "int16")],
+)  # int16 compute has kernels for int8 weights only
 def test_threads_on_the_openmp_team_give_the_own_pools_results(fmt, compute):
     # Chunks are independent of the thread that runs them: both pools must agree bit for bit.
+    import ctypes
+
     lib = cpu.lib()
     if lib is None:
         pytest.skip("no C++ kernels")
@@ -243,7 +247,12 @@ def test_threads_on_the_openmp_team_give_the_own_pools_results(fmt, compute):
     try:
         if not _build.set_omp(lib, use=True):
             pytest.skip("torch does not run on OpenMP here")
+        stats = (ctypes.c_int64 * 2)()
+        lib.qb_omp_stats(stats)
+        regions = stats[0]
         on_team = [quantized_linear(x, kw) for x in xs]
+        lib.qb_omp_stats(stats)
+        assert stats[0] > regions, "no kernel call ran on torch's OpenMP team"
         _build.set_omp(lib, use=False)
         own = [quantized_linear(x, kw) for x in xs]
     finally:

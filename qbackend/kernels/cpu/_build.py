@@ -267,10 +267,15 @@ def load_variant(variant: str) -> ctypes.CDLL:
     return lib
 
 
+def disabled() -> bool:
+    """Whether ``QBACKEND_CPU_KERNELS=0`` turns the C++ kernels off."""
+    return os.environ.get("QBACKEND_CPU_KERNELS", "1") == "0"
+
+
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library (built on first use, then cached on disk), or None if unavailable."""
-    if os.environ.get("QBACKEND_CPU_KERNELS", "1") == "0":
+    if disabled():
         log.info("qbackend: C++ CPU kernels disabled by QBACKEND_CPU_KERNELS=0")
         return None
     try:

@@ -177,7 +177,7 @@ def _weights_ok(family: OpFamily, tensors: tuple, statics: tuple, compute: str) 
 # ---- the prepared kernels, per (kernel, compute) -----------------------------------------------------
 
 
-_LIB: ctypes.CDLL = None  # type: ignore[assignment]  # set by find() (only called with the library)
+_LIB: ctypes.CDLL = None  # type: ignore[assignment]  # set when a first call is prepared (with the library)
 _PKG: ModuleType = None  # type: ignore[assignment]  # the CPU package (its switches are read per call); set by find()
 
 
@@ -241,34 +241,19 @@ def _qbi8(q, n: int, k: int, table: Tensor | None = None) -> Prepared | None:
 def _codebook_int8(tensors: tuple, statics: tuple) -> Prepared | None:
     from . import int8_compute
 
-    codes, absmax, ncodes, nabsmax, noffset, table, ntable = tensors
-    n, k, bs, nbs = statics
-    ptr = int8_compute._ptr
-    lut, inv_c = int8_compute._table_image(tuple(table.reshape(-1).tolist()))
-    q = int8_compute.QI8W(codes=ptr(codes), absmax=ptr(absmax), ncodes=ptr(ncodes), nabsmax=ptr(nabsmax),
-                          ntable=ptr(ntable), noffset=ptr(noffset), lut=(ctypes.c_int8 * 16)(*lut), inv_c=inv_c,
-                          kind=int8_compute.KIND_CODEBOOK, N=n, K=k, bs=bs, nbs=nbs, G=0)  # fmt: skip
-    return _qbi8(q, n, k, table)
+    return _qbi8(int8_compute.codebook_weight(*tensors, *statics), statics[0], statics[1], tensors[5])
 
 
 def _int4_int8(tensors: tuple, statics: tuple) -> Prepared | None:
     from . import int8_compute
 
-    codes, scale, zp = tensors
-    n, k, g = statics
-    ptr = int8_compute._ptr
-    q = int8_compute.QI8W(codes=ptr(codes), scale=ptr(scale), zp=ptr(zp), kind=int8_compute.KIND_INT4, N=n, K=k,
-                          bs=g, G=-(-k // g))  # fmt: skip
-    return _qbi8(q, n, k)
+    return _qbi8(int8_compute.int4_weight(*tensors, *statics), statics[0], statics[1])
 
 
 def _int8_int8(tensors: tuple, statics: tuple) -> Prepared | None:
     from . import int8_compute
 
-    codes, scale = tensors
-    n, k = statics
-    q = int8_compute.QI8W(codes=codes.data_ptr(), scale=scale.data_ptr(), kind=int8_compute.KIND_INT8, N=n, K=k)
-    return _qbi8(q, n, k)
+    return _qbi8(int8_compute.int8_weight(*tensors, *statics), statics[0], statics[1])
 
 
 #: (kernel, compute mode) -> prepare(tensors, statics): the cases with a prepared call
@@ -284,18 +269,22 @@ _PREPARE: dict[tuple[str, str], Callable[[tuple, tuple], Prepared | None]] = {
 
 def find(op_name: str, direct: _Kernel) -> FastKernel | None:
     """The fast form of ``direct`` (op ``op_name``'s direct CPU kernel), or None: no prepared call for
-    that op (or no C++ library)."""
-    global _LIB, _PKG
-    L = _build.load()
+    that op, or the C++ kernels switched off. The library itself loads (and may compile) on the first
+    call, not here at import."""
+    global _PKG
     family = next((f for f in FAMILIES.values() if f.op_name == op_name), None)
-    if L is None or family is None or not any(kernel == family.kernel for kernel, _ in _PREPARE):
+    if _build.disabled() or family is None or not any(kernel == family.kernel for kernel, _ in _PREPARE):
         return None
     if not family.computes or family.extras or family.floats:  # not the weight-only signature
         return None
-    _LIB, _PKG = L, sys.modules[__name__.rpartition(".")[0]]
+    _PKG = sys.modules[__name__.rpartition(".")[0]]
 
     def prepare(tensors: tuple, statics: tuple, compute: str) -> Prepared | None:
+        global _LIB
         make = _PREPARE.get((family.kernel, compute))
-        return None if make is None else make(tensors, statics)
+        if make is None or (L := _build.load()) is None:  # no library (a failed build): the regular kernel
+            return None
+        _LIB = L
+        return make(tensors, statics)
 
     return FastKernel(family, direct, prepare)

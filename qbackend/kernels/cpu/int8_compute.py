@@ -123,6 +123,31 @@ def _table_image(values: tuple[float, ...]) -> tuple[tuple[int, ...], float]:
     return tuple(int(v) for v in t8.tolist()), 1.0 / c
 
 
+# The kernel's descriptor of a weight: pointers into the tensors (contiguous, on the CPU; the caller
+# keeps them alive while the descriptor is used) and the shape.
+
+
+def codebook_weight(codes: Tensor, absmax: Tensor | None, nested_codes: Tensor | None, nested_absmax: Tensor | None,
+                    nested_offset: Tensor | None, table: Tensor, nested_table: Tensor | None, n: int, k: int,
+                    blocksize: int, nested_blocksize: int) -> QI8W:  # fmt: skip
+    """Descriptor of an nf4/fp4 weight; the code table goes in as its int8 image (a copy)."""
+    lut, inv_c = _table_image(tuple(table.detach().float().cpu().reshape(-1).tolist()))
+    return QI8W(codes=_ptr(codes), absmax=_ptr(absmax), ncodes=_ptr(nested_codes), nabsmax=_ptr(nested_absmax),
+                ntable=_ptr(nested_table), noffset=_ptr(nested_offset), lut=(ctypes.c_int8 * 16)(*lut), inv_c=inv_c,
+                kind=KIND_CODEBOOK, N=n, K=k, bs=blocksize, nbs=nested_blocksize, G=0)  # fmt: skip
+
+
+def int4_weight(codes: Tensor, scale: Tensor, zero_point: Tensor | None, n: int, k: int, groupsize: int) -> QI8W:
+    """Descriptor of an int4 weight (groups of ``groupsize`` along K)."""
+    return QI8W(codes=_ptr(codes), scale=_ptr(scale), zp=_ptr(zero_point), kind=KIND_INT4, N=n, K=k, bs=groupsize,
+                G=-(-k // groupsize))  # fmt: skip
+
+
+def int8_weight(codes: Tensor, scale: Tensor, n: int, k: int) -> QI8W:
+    """Descriptor of an int8 per-channel weight."""
+    return QI8W(codes=_ptr(codes), scale=_ptr(scale), kind=KIND_INT8, N=n, K=k)
+
+
 def _run(L: ctypes.CDLL, q: QI8W, x: Tensor, bias: Tensor | None, n: int, k: int,
          reference_rows: Callable[[Tensor], Tensor]) -> Tensor:  # fmt: skip
     """y = x @ W^T (+ bias) by the kernel; rows of x with NaN/Inf through ``reference_rows`` (a case the
@@ -147,11 +172,7 @@ def codebook_linear(
     if L is None or (nested_table is not None and nested_table.numel() != 256):  # the kernel reads 256 entries
         return reference_rows(x)
     keep = _contig((codes, absmax, nested_codes, nested_absmax, nested_offset, nested_table))
-    c, a, nc, na, no, nt = keep
-    lut, inv_c = _table_image(tuple(table.detach().float().cpu().reshape(-1).tolist()))
-    q = QI8W(codes=_ptr(c), absmax=_ptr(a), ncodes=_ptr(nc), nabsmax=_ptr(na), ntable=_ptr(nt), noffset=_ptr(no),
-             lut=(ctypes.c_int8 * 16)(*lut), inv_c=inv_c, kind=KIND_CODEBOOK, N=out_features, K=in_features,
-             bs=blocksize, nbs=nested_blocksize, G=0)  # fmt: skip
+    q = codebook_weight(*keep[:5], table, keep[5], out_features, in_features, blocksize, nested_blocksize)
     return _run(L, q, x, bias, out_features, in_features, reference_rows)
 
 
@@ -167,9 +188,8 @@ def int4_linear(
     L = _lib()
     if L is None:
         return reference_rows(x)
-    c, s, z = _contig((codes, scale, zero_point))
-    q = QI8W(codes=_ptr(c), scale=_ptr(s), zp=_ptr(z), kind=KIND_INT4, N=out_features, K=in_features,
-             bs=groupsize, G=-(-in_features // groupsize))  # fmt: skip
+    keep = _contig((codes, scale, zero_point))
+    q = int4_weight(*keep, out_features, in_features, groupsize)
     return _run(L, q, x, bias, out_features, in_features, reference_rows)
 
 
@@ -184,6 +204,6 @@ def int8_linear(
     L = _lib()
     if L is None:
         return reference_rows(x)
-    c, s = _contig((codes, scale))
-    q = QI8W(codes=_ptr(c), scale=_ptr(s), kind=KIND_INT8, N=out_features, K=in_features)
+    keep = _contig((codes, scale))
+    q = int8_weight(*keep, out_features, in_features)
     return _run(L, q, x, bias, out_features, in_features, reference_rows)
