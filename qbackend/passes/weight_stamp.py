@@ -66,7 +66,7 @@ class WeightStamp:
             self._cells = _cpu_cells(t)
             self._sample = [c.raw for c in self._cells]
         else:  # device memory: gather on the device (one sync per weight)
-            self._index = torch.linspace(0, t.numel() - 1, ELEMENTS, device=t.device).long().unique()
+            self._index = sample_positions(t.numel()).to(t.device)
             self._sample = t.reshape(-1)[self._index].clone()
         self._full = checksum(t) if full else None
 
@@ -89,6 +89,13 @@ class WeightStamp:
         return True
 
 
+def sample_positions(numel: int) -> torch.Tensor:
+    """Up to ELEMENTS distinct flat indices spread evenly over ``[0, numel)`` (int64 arithmetic: an fp32
+    ``linspace`` rounds ``numel - 1`` up past the end once numel exceeds 2**24)."""
+    steps = torch.arange(ELEMENTS, dtype=torch.int64)
+    return (steps * (numel - 1) // (ELEMENTS - 1)).unique()
+
+
 def _cpu_cells(t: torch.Tensor) -> list:
     """ctypes views of the sampled bytes of a CPU tensor (fixed addresses inside its memory)."""
     size = t.element_size()
@@ -98,7 +105,7 @@ def _cpu_cells(t: torch.Tensor) -> list:
         run = min(RUN_BYTES, nbytes)
         starts = sorted({(nbytes - run) * i // max(RUNS - 1, 1) for i in range(RUNS)})
         return [(ctypes.c_char * run).from_address(base + s) for s in starts]
-    flat = torch.linspace(0, t.numel() - 1, ELEMENTS).long().unique().tolist()
+    flat = sample_positions(t.numel()).tolist()
     cells = []
     for i in flat:
         offset = 0
