@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -99,6 +100,20 @@ def _triton_find(fam: OpFamily, grad: bool) -> Callable | None:
     return lambda *args: fn(*args[:-1])  # Triton kernels compute in fp32 and take no ``compute``
 
 
+def _triton_version() -> str:
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+# Seen on an H200 machine (triton 3.6.0, numpy 2.5): the 3.6 interpreter turns loop bounds derived from
+# program_id into 1-element arrays that numpy >= 2.4 refuses to convert; the compiled path is unaffected.
+_interpreter_broken = pytest.mark.skipif(
+    _triton_version().startswith("3.6."), reason="triton 3.6's interpreter fails with numpy >= 2.4"
+)
+
+
 def _implementations() -> list:
     impls = [Impl("op-cpu", "cpu", _op_fn)]
     for v in _runnable_variants():
@@ -106,7 +121,8 @@ def _implementations() -> list:
     impls.append(Impl("cpu-portable", "cpu", _module_fn(cpu), functools.partial(_cpu_build, None, True)))
     # The interpreter is slow: fewer examples (the shapes still cover partial tiles and blocks).
     impls.append(Impl("triton-interpreter", "cpu", _triton_find, max_examples=4, half_weight_rounding=2e-3))
-    params = [pytest.param(i, id=i.name) for i in impls]
+    params = [pytest.param(i, id=i.name, marks=_interpreter_broken if i.name == "triton-interpreter" else ())
+              for i in impls]  # fmt: skip
     cuda = Impl("op-cuda", "cuda", _op_fn, half_weight_rounding=2e-3)
     needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
     params.append(pytest.param(cuda, id="op-cuda", marks=needs_cuda))

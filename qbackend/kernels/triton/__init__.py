@@ -20,14 +20,17 @@ out_features, in_features, *the forward's remaining ints)``::
 
 ``grad_y`` is [..., N] (any leading shape); the result is grad_x = grad_y @ W, [..., K], in
 grad_y's dtype, accumulated in fp32 (reference: ``grad_y.float() @ decode(...)``, cast back). W is
-decoded tile by tile inside the kernel; no dequantized weight is materialised. W8A8 has no
+decoded tile by tile inside the kernel, except at large M (and for nested NF4/FP4 grads at any M),
+where one layer's W is decoded to grad_y's dtype and ``torch.mm`` runs the product. W8A8 has no
 grad-input kernel (its weights are not trained through).
 
 Also exported: :func:`quantize_activations` (the per-token int8 activation quantizer of
 ``w8a8_linear``) and :mod:`.autotune` (configs, cache, ``override_config``).
 
 Kernel variants (see ``_kernels.py``): GEMV for M == 1 (split-K, ``tl.sum``, fp32 atomics), split-K
-``tl.dot`` for M <= 64 (M padded to 16), a tiled GEMM with grouped program order above; every one
+``tl.dot`` for M <= 64 (M padded to 16), a tiled GEMM with grouped program order above; from M = 512
+(16 for nested NF4/FP4) a decode kernel writes W in the activation dtype and cuBLAS runs the GEMM
+(the weight rounds to 16 bits there as in the fused 16-bit dots); every one
 specialised per format, block size, nesting, zero point and alignment (K % blocksize == 0 and even K:
 one constant load per row and K tile; otherwise per-element flat indices, blocks may straddle rows).
 Activations fp16/bf16/fp32 (fp32 dots use IEEE precision, 16-bit dots round the decoded weight to the

@@ -223,6 +223,47 @@ def wo_gemv_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+# weight-only decode: W [N, K] in the activation dtype, for large M (then cuBLAS runs the GEMM)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def wo_decode_kernel(
+    out_ptr,
+    codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+    N, K, KH, G,
+    LAYOUT: tl.constexpr, PAIRS: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
+    NESTED: tl.constexpr, HAS_ZP: tl.constexpr, IDX64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    n = offs_n
+    if IDX64:
+        n = n.to(tl.int64)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = n_mask[:, None] & (offs_k < K)[None, :]
+    if PAIRS:
+        kp = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        w_hi, w_lo = _decode_pairs(
+            codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+            n[:, None], kp[None, :], k0, n_mask[:, None], n_mask[:, None] & (kp < KH)[None, :], K, KH, G,
+            LAYOUT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+        )  # fmt: skip
+        w = tl.reshape(tl.join(w_hi, w_lo), [BLOCK_N, BLOCK_K])  # re-interleave even/odd columns
+    elif LAYOUT == 2:
+        q = tl.load(codes_ptr + n[:, None] * K + offs_k[None, :], mask=mask, other=0).to(tl.float32)
+        w = q * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    else:
+        w = _decode_elems(
+            codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+            n[:, None], offs_k[None, :], k0, n_mask[:, None], mask, K, G,
+            LAYOUT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+        )  # fmt: skip
+    tl.store(out_ptr + n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
 # weight-only forward with tl.dot: small M (M padded to BLOCK_M >= 16, split-K) and large M
 # (grouped tile order, SPLIT_K = 1). Same kernel; the launcher picks the specialisation.
 # ---------------------------------------------------------------------------------------------

@@ -140,6 +140,13 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                             "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
                     num_warps=4, num_stages=3, expect=[] if dt == "fp32" else [r"HGMMA|HMMA"],
                 )  # fmt: skip
+                wtypes = _wo_types(layout, nested, zp, False, ptr, ptr, True)
+                del wtypes["g_ptr"]
+                yield Spec(
+                    f"decode-{tag}", K.wo_decode_kernel,
+                    wtypes | {"N": "i32", "K": "i32", "KH": "i32", "G": "i32"},
+                    base | {"PAIRS": pairs, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, expect=[r"STG"],
+                )  # fmt: skip
     for dt in dtypes:
         _, ptr = _DT[dt]
         yield Spec(

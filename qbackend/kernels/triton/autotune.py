@@ -197,7 +197,7 @@ def candidate_configs(variant: str, m: int, n: int, k: int, bk_cap: int, sms: in
 # ---------------------------------------------------------------------------------------------
 
 _CACHE_VERSION = 1
-_mem: dict[str, dict[str, KernelConfig]] = {}
+_mem: dict[Path, dict[str, KernelConfig]] = {}
 _cache_lock = threading.Lock()
 
 
@@ -210,14 +210,21 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "qbackend" / "triton"
 
 
+_files: dict[tuple[str | None, int], Path] = {}
+
+
 def cache_file(device: torch.device) -> Path:
     """One file per GPU model, compute capability and Triton version (configs do not transfer)."""
-    import triton  # triton is optional (CUDA)
-
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    name = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(idx)).strip("_")
-    major, minor = torch.cuda.get_device_capability(idx)
-    return cache_dir() / f"{name}-sm{major}{minor}-triton{triton.__version__}.json"
+    where = os.environ.get("QBACKEND_TRITON_CACHE_DIR")
+    path = _files.get((where, idx))
+    if path is None:  # once per GPU: these device queries cost more than a kernel launch
+        import triton  # triton is optional (CUDA)
+
+        gpu = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(idx)).strip("_")
+        major, minor = torch.cuda.get_device_capability(idx)
+        path = _files[(where, idx)] = cache_dir() / f"{gpu}-sm{major}{minor}-triton{triton.__version__}.json"
+    return path
 
 
 def _load(path: Path) -> dict[str, KernelConfig]:
@@ -272,9 +279,9 @@ def select_config(
         return interpreter_config(variant, m)
     path = cache_file(device)
     with _cache_lock:
-        table = _mem.get(str(path))
+        table = _mem.get(path)
         if table is None:
-            table = _mem[str(path)] = _load(path)
+            table = _mem[path] = _load(path)
         hit = table.get(key)
     if hit is not None:
         return hit
@@ -322,7 +329,7 @@ def launch_fitting(key: str, device: torch.device, cfg: KernelConfig, launch: Ca
             continue
         if shrunk and device.type == "cuda":
             with _cache_lock:
-                _mem.setdefault(str(cache_file(device)), {})[key] = cfg
+                _mem.setdefault(cache_file(device), {})[key] = cfg
         return out
 
 

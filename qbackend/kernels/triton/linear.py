@@ -2,7 +2,8 @@
 
 See the package docstring for the contract. Every function flattens ``x`` to [M, K], picks a kernel
 variant by M (GEMV for M == 1, split-K tl.dot for M <= 64, tiled GEMM above), picks a config
-(see :mod:`.autotune`) and launches. No host synchronisation happens on the launch path (nested
+(see :mod:`.autotune`) and launches. From a per-format M on (``_decode_min_m``) a call instead decodes
+W to the activation dtype and hands the GEMM to cuBLAS. No host synchronisation happens on the launch path (nested
 offset and scales are read by the kernel), so the functions can be captured in CUDA graphs once
 their configs are tuned (capturing before that uses the heuristic config).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -145,6 +147,9 @@ def _wo_forward(x: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch
     if m == 0:
         return x.new_zeros(*lead, w.n)
     kern, interp = kernels_for(x.device)
+    if m >= _decode_min_m(w, grad=False):
+        b = None if bias is None else bias.to(x2.dtype)
+        return F.linear(x2, _decoded(kern, w, x2.dtype), b).reshape(*lead, w.n)
     variant = at.GEMV if m == 1 else at.WO_SMALL if m <= at.SMALL_M_MAX else at.WO_LARGE
     dot_dtype, prec = _dot_dtype(x.dtype, interp)
 
@@ -200,6 +205,39 @@ def _launch_wo_forward(
 
 
 # ---------------------------------------------------------------------------------------------
+# large M: decode W once, then the library GEMM
+# ---------------------------------------------------------------------------------------------
+
+# From M on, decoding W to the activation dtype and running cuBLAS beats the fused kernels (H200:
+# at 8192^2, M=4096 the fused int4/int8 GEMMs ran at 0.5-0.6x bf16 and nested NF4 at 0.09x; nested
+# NF4 was also 0.13-0.2x from M=16 up, and its grad-input kernel 0.11-0.15x at every M).
+_DECODE_M = 512
+_NESTED_DECODE_M = 16
+_NESTED_GRAD_DECODE_M = 1
+_DECODE_ROWS = 64  # rows of W per program; columns: up to 128, inside one block where possible
+
+
+def _decode_min_m(w: _Weight, grad: bool) -> int:
+    """Smallest M at which a call decodes W and calls cuBLAS instead of a fused kernel."""
+    if w.layout == CODEBOOK and w.nested:
+        return _NESTED_GRAD_DECODE_M if grad else _NESTED_DECODE_M
+    return _DECODE_M
+
+
+def _decoded(kern, w: _Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W as a dense [N, K] tensor of ``dtype`` (a transient: one layer's weight at a time)."""
+    out = torch.empty((w.n, w.k), dtype=dtype, device=w.codes.device)
+    bn, bk = _DECODE_ROWS, min(128, w.bk_cap(32))
+    grid = (triton.cdiv(w.n, bn), triton.cdiv(w.k, bk))
+    kern.wo_decode_kernel[grid](
+        out, *w.ptr_args(), w.n, w.k, w.k // 2, w.groups,
+        LAYOUT=w.layout, PAIRS=w.pairs, ALIGNED=w.aligned(bk), BS=max(w.bs, 1), NBS=w.nbs, NESTED=w.nested,
+        HAS_ZP=w.zp is not None, IDX64=w.idx64, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # weight-only grad_input: grad_x = grad_y @ W
 # ---------------------------------------------------------------------------------------------
 
@@ -212,6 +250,8 @@ def _wo_grad(grad_y: torch.Tensor, w: _Weight) -> torch.Tensor:
     if m == 0:
         return grad_y.new_zeros(*lead, w.k)
     kern, interp = kernels_for(grad_y.device)
+    if m >= _decode_min_m(w, grad=True):
+        return torch.mm(g2, _decoded(kern, w, g2.dtype)).reshape(*lead, w.k)
     variant = at.GRAD_SMALL if m <= at.SMALL_M_MAX else at.GRAD_LARGE
     dot_dtype, prec = _dot_dtype(grad_y.dtype, interp)
 

@@ -12,6 +12,7 @@ N, K = 33..96 cover partial tiles, several K splits and straddling/odd-K blocks.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -297,7 +298,7 @@ def test_3d_inputs_and_bias_all_ops() -> None:
 def test_config_paths(variant: str, cfg: at.KernelConfig, m: int) -> None:
     """Specialisations the fixed interpreter configs do not reach (split 1, BK > block size, ...)."""
     n, k, bs = 40, 64, 32
-    w = _codebook(n, k, "nf4", bs, True)
+    w = _codebook(n, k, "nf4", bs, nested=variant != at.WO_LARGE)  # nested NF4 decodes first at large M
     x = _x((m,), k, torch.float16, seed=m)
     args = (*w, _bias(n, True), n, k, bs, 32)
     with at.override_config(variant, cfg):
@@ -411,7 +412,7 @@ def test_kernels_compile_for_sm90() -> None:
     pytest.importorskip("triton.backends.nvidia")
     from qbackend.kernels.triton import aot
 
-    wanted = {"gemv-nf4n-b64-bf16-al", "dot-small-nf4n-b64-bf16-al", "w8a8-small-bf16"}
+    wanted = {"gemv-nf4n-b64-bf16-al", "dot-small-nf4n-b64-bf16-al", "decode-nf4n-b64-bf16-al", "w8a8-small-bf16"}
     reports = [aot.compile_spec(s) for s in aot.specs(quick=True) if s.name in wanted]
     assert len(reports) == len(wanted)
     bad = [(r.name, r.error or r.missing) for r in reports if not r.ok]
@@ -486,3 +487,47 @@ def test_gpu_cuda_graph_replay(tmp_config_cache) -> None:
     graph.replay()
     torch.cuda.synchronize()
     _check(y, R.codebook_linear(x, *w, None, n, k, 64, 32))
+
+
+# ---------------------------------------------------------------------------------------------
+# large M: decode W, then the library GEMM (thresholds lowered so small shapes take that path)
+# ---------------------------------------------------------------------------------------------
+
+
+def _decode_cases() -> list[tuple[str, tuple, tuple, Callable]]:
+    """(id, forward weight args, trailing ints, reference decode) for every layout the decode kernel serves."""
+    out = []
+    for n, k, bs, kind, nested in CODEBOOK_CASES:
+        w = _codebook(n, k, kind, bs, nested)
+        out.append((f"{kind}-{n}x{k}-bs{bs}-nest{int(nested)}", T.codebook_linear, T.codebook_linear_grad_input,
+                    R.codebook_linear, w, (n, k, bs, 32),
+                    lambda w=w, n=n, k=k, bs=bs: R.decode_codebook(*w, n, k, bs, 32)))  # fmt: skip
+    for n, k, g, sym in INT4_CASES:
+        w = _int4(n, k, g, sym)
+        out.append((f"int4-{n}x{k}-g{g}-sym{int(sym)}", T.int4_linear, T.int4_linear_grad_input, R.int4_linear, w,
+                    (n, k, g), lambda w=w, n=n, k=k, g=g: R.decode_int4(*w, n, k, g)))
+    for n, k in [(40, 64), (23, 75)]:
+        w = _int8(n, k)
+        out.append((f"int8-{n}x{k}", T.int8_linear, T.int8_linear_grad_input, R.int8_linear, w, (n, k),
+                    lambda w=w, n=n: w[0].reshape(n, -1).float() * w[1].reshape(-1, 1).float()))
+    return out
+
+
+@pytest.mark.parametrize("m", [1, 6])
+@pytest.mark.parametrize("case", _decode_cases(), ids=lambda c: c[0])
+def test_decode_then_gemm(case: tuple, m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qbackend.kernels.triton import linear as L
+
+    _, fwd, grad, ref_fwd, w, ints, dense = case
+    for name in ("_DECODE_M", "_NESTED_DECODE_M", "_NESTED_GRAD_DECODE_M"):
+        monkeypatch.setattr(L, name, 1)
+    decoded: list[torch.Tensor] = []
+    real = L._decoded
+    monkeypatch.setattr(L, "_decoded", lambda *a: decoded.append(real(*a)) or decoded[-1])
+    x = _x((m,), ints[1], torch.float32, seed=m)
+    b = _bias(ints[0], on=True)
+    _check(fwd(x, *w, b, *ints), ref_fwd(x, *w, b, *ints))
+    gy = _x((2, m), ints[0], torch.float32, seed=m + 1)
+    _check(grad(gy, *w, *ints), gy @ dense())
+    assert len(decoded) == 2  # both directions took the decode path
+    assert torch.equal(decoded[0].cpu(), dense().cpu())  # the fp32 decode is exact
