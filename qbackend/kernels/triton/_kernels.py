@@ -149,6 +149,26 @@ def _decode_elems(
     return _decode(code, s, zp, tab_ptr, LAYOUT, HAS_ZP)
 
 
+@triton.jit
+def _decode_tile(
+    codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+    n, offs_n, k, k0, nmask, mask, K, G,
+    LAYOUT: tl.constexpr, ALIGNED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
+    NESTED: tl.constexpr, HAS_ZP: tl.constexpr,
+):  # fmt: skip
+    """fp32 weights of the tile rows ``n`` x columns ``k`` (1-D each) for any layout and K; int8 is
+    scaled per channel here (``offs_n``: the rows as the scale is indexed)."""
+    if LAYOUT == 2:
+        q = tl.load(codes_ptr + n[:, None] * K + k[None, :], mask=mask, other=0).to(tl.float32)
+        w = q * tl.load(s_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    else:
+        w = _decode_elems(
+            codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+            n[:, None], k[None, :], k0, nmask[:, None], mask, K, G, LAYOUT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+        )  # fmt: skip
+    return w
+
+
 # ---------------------------------------------------------------------------------------------
 # weight-only forward: GEMV (M = 1 typically; one program per (N tile, K split, row)), no tl.dot
 # ---------------------------------------------------------------------------------------------
@@ -251,14 +271,10 @@ def wo_decode_kernel(
             LAYOUT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
         )  # fmt: skip
         w = tl.reshape(tl.join(w_hi, w_lo), [BLOCK_N, BLOCK_K])  # re-interleave even/odd columns
-    elif LAYOUT == 2:
-        q = tl.load(codes_ptr + n[:, None] * K + offs_k[None, :], mask=mask, other=0).to(tl.float32)
-        w = q * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     else:
-        w = _decode_elems(
+        w = _decode_tile(
             codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
-            n[:, None], offs_k[None, :], k0, n_mask[:, None], mask, K, G,
-            LAYOUT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+            n, offs_n, offs_k, k0, n_mask, mask, K, G, LAYOUT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
         )  # fmt: skip
     tl.store(out_ptr + n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -409,16 +425,11 @@ def wo_grad_kernel(
             if IDX64:
                 n = n.to(tl.int64)
             w_mask = n_mask[:, None] & k_mask[None, :]
-            if LAYOUT == 2:
-                # The per-channel scale runs along the reduction axis here: apply it before the dot.
-                q = tl.load(codes_ptr + n[:, None] * K + offs_k[None, :], mask=w_mask, other=0).to(tl.float32)
-                w = q * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            else:
-                w = _decode_elems(
-                    codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
-                    n[:, None], offs_k[None, :], k0, n_mask[:, None], w_mask, K, G,
-                    LAYOUT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
-                )  # fmt: skip
+            # int8's per-channel scale runs along the reduction axis here: applied before the dot.
+            w = _decode_tile(
+                codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+                n, offs_n, offs_k, k0, n_mask, w_mask, K, G, LAYOUT, ALIGNED, BS, NBS, NESTED, HAS_ZP,
+            )  # fmt: skip
             acc += tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PREC)
         o_mask = m_mask[:, None] & k_mask[None, :]
         if ATOMIC:
