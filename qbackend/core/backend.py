@@ -33,7 +33,7 @@ from ..passes import LoweringResult, graph_params
 from ..passes.decode_attention import use_decode_attention
 from ..passes.grouped_kv import use_grouped_kv
 from ..passes.weight_cache import StaleWeightError
-from ..passes.weight_stamp import FoldedCheck, check_mode
+from ..passes.weight_stamp import DeviceProbes, FoldedCheck, check_mode
 from . import registry
 from .config import QuantConfig
 
@@ -133,20 +133,27 @@ def guard_weights(
         log.info("qbackend: weight of %s changed after compiling; re-quantizing", entry.name)
         entry.refresh(param, check)
 
+    probes = DeviceProbes()
+
     def run(*args: Any) -> Any:
-        for idx, entry in from_args:
-            p = args[idx]
-            if entry.is_stale(p, check):
+        pairs = [(args[idx], entry) for idx, entry in from_args] + held
+        # Device fingerprints are read for all weights at once after the loop (one sync, not one per weight).
+        with probes.collecting():
+            verdicts = [(entry.is_stale(p, check), len(probes.deferred)) for p, entry in pairs]
+            folded_ok = [(fc.ok(p, check), len(probes.deferred)) for fc, p in folded]
+        bad = probes.stale()
+        start = 0
+        for (p, entry), (stale, end) in zip(pairs, verdicts, strict=True):
+            if stale or (bad and any(i in bad for i in range(start, end))):
                 changed(entry, p)
-        for p, entry in held:
-            if entry.is_stale(p, check):
-                changed(entry, p)
-        for fc, p in folded:
-            if not fc.ok(p, check):
+            start = end
+        for (fc, _), (ok, end) in zip(folded, folded_ok, strict=True):
+            if not ok or (bad and any(i in bad for i in range(start, end))):
                 raise StaleWeightError(
                     f"qbackend: parameter {fc.name!r} was changed in place after compiling, but Inductor freezing "
                     "baked it into the compiled code; recompile (torch._dynamo.reset()) to use the new value"
                 )
+            start = end
         return compiled(*args)
 
     return run

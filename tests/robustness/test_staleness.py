@@ -296,3 +296,29 @@ def test_concurrent_calls_after_a_write_agree():
     want = _expected(m, X)
     for o in outs:
         torch.testing.assert_close(o, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def device_probes(monkeypatch):
+    """CPU weights fingerprinted as device weights are (byte runs read by one batched Triton launch,
+    here through the interpreter); yields the list of launches made."""
+    from qbackend.passes import weight_stamp
+
+    monkeypatch.setattr(weight_stamp, "PROBED_DEVICES", {"cpu", "cuda"})
+    launches: list[int] = []
+    real = weight_stamp._read_runs
+    monkeypatch.setattr(weight_stamp, "_read_runs", lambda addrs: launches.append(len(addrs)) or real(addrs))
+    return launches
+
+
+@pytest.mark.parametrize("idiom", list(IDIOMS))
+def test_each_update_idiom_is_seen_with_batched_device_probes(idiom, device_probes):
+    m = _net()
+    c = torch.compile(m, backend="qbackend", options=OPTS)
+    _check_fresh(m, c, X)
+    calls = len(device_probes)
+    with torch.no_grad():
+        c(X)
+    assert device_probes[calls:] == [16]  # one launch reads both layers' 8 runs
+    IDIOMS[idiom](m)
+    _check_fresh(m, c, X)

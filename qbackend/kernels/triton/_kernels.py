@@ -522,3 +522,17 @@ def w8a8_kernel(
         tl.atomic_add(out_ptrs, y, mask=o_mask, sem="relaxed")
     else:
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# weight fingerprints: RUN bytes read at each of many absolute addresses, in one launch
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def read_runs_kernel(addr_ptr, out_ptr, RUN: tl.constexpr):
+    r = tl.program_id(0)
+    base = tl.load(addr_ptr + r).to(tl.pointer_type(tl.uint8))  # another tensor's memory, by address
+    offs = tl.arange(0, RUN)
+    tl.store(out_ptr + r.to(tl.int64) * RUN + offs, tl.load(base + offs))
+

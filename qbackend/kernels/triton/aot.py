@@ -147,6 +147,8 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                     wtypes | {"N": "i32", "K": "i32", "KH": "i32", "G": "i32"},
                     base | {"PAIRS": pairs, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, expect=[r"STG"],
                 )  # fmt: skip
+    yield Spec("read-runs", K.read_runs_kernel, {"addr_ptr": "*i64", "out_ptr": "*u8"}, {"RUN": 64}, num_warps=1,
+               expect=[r"LDG"])  # fmt: skip
     for dt in dtypes:
         _, ptr = _DT[dt]
         yield Spec(

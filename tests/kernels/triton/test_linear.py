@@ -412,7 +412,8 @@ def test_kernels_compile_for_sm90() -> None:
     pytest.importorskip("triton.backends.nvidia")
     from qbackend.kernels.triton import aot
 
-    wanted = {"gemv-nf4n-b64-bf16-al", "dot-small-nf4n-b64-bf16-al", "decode-nf4n-b64-bf16-al", "w8a8-small-bf16"}
+    wanted = {"gemv-nf4n-b64-bf16-al", "dot-small-nf4n-b64-bf16-al", "decode-nf4n-b64-bf16-al", "w8a8-small-bf16",
+              "read-runs"}  # fmt: skip
     reports = [aot.compile_spec(s) for s in aot.specs(quick=True) if s.name in wanted]
     assert len(reports) == len(wanted)
     bad = [(r.name, r.error or r.missing) for r in reports if not r.ok]
