@@ -152,3 +152,16 @@ def call_linear(
             if y is not None:
                 return y
     return call(op, (x, *tensors, bias, *statics, compute), 1 + len(tensors))
+
+
+def call_args_fast(op: torch._ops.OpOverload, args: tuple[Any, ...], bias_at: int) -> torch.Tensor:
+    """:func:`call`, first trying the CPU kernel's fast form on the positional arguments (its
+    ``linear_args``: None where it does not take the call). Same result either way."""
+    if not torch.compiler.is_compiling():  # first: Dynamo folds it, and must not trace the rest
+        fast = ops.fast_kernel(op._opname, "cpu")
+        run = getattr(fast, "linear_args", None)
+        if run is not None and not _dispatch_needed(args[0], args[bias_at]):
+            y = run(*args)
+            if y is not None:
+                return y
+    return call(op, args, bias_at)

@@ -305,3 +305,63 @@ def test_property_any_shape_matches_the_regular_path(fmt, mode, n, k, m, lead, b
         _same(q(x), _regular(q, x))
         direct_fn = ops.direct_kernel(q.op._opname, "cpu")
         _same(direct_fn(x, *_tensors(q), q.bias, *q.statics, compute=q.compute), _regular(q, x))
+
+
+# ---- w8a8_linear's fast form (no per-call validation) ------------------------------------------------
+
+
+def _w8a8_layer(n: int, k: int, bias: bool, static: bool, seed: int):
+    from qbackend import W8A8Linear
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (n * k,), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, generator=g) * 0.01 + 1e-3
+    b = torch.randn(n, generator=g) if bias else None
+    act = torch.tensor([0.02]) if static else None
+    return W8A8Linear(codes, scale, b, out_features=n, in_features=k, act_scale=act)
+
+
+@pytest.mark.skipif(not LIB, reason="no C++ kernel library")
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.sampled_from([0, 1, 2, 5, 8, 13, 64, 127, 128, 130]),
+    n=st.integers(1, 70),
+    k=st.integers(1, 200),
+    bias=st.booleans(),
+    static=st.booleans(),
+    special=st.sampled_from([None, "nan", "inf", "big"]),
+    seed=st.integers(0, 2**16),
+)
+def test_w8a8_module_fast_form_is_bit_identical_to_the_op(m, n, k, bias, static, special, seed):
+    mod = _w8a8_layer(n, k, bias, static, seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1))
+    if special is not None and m > 0:
+        x[m // 2, k // 2] = {"nan": math.nan, "inf": math.inf, "big": 3e37}[special]
+    want = torch.ops.qbackend.w8a8_linear(x, mod.codes, mod.scale, mod.bias, mod.act_scale, n, k)
+    with torch.no_grad():
+        got = mod(x)
+        got3 = mod(x.reshape(1, m, k))
+    _same(got, want)
+    _same(got3, want.reshape(1, m, n))
+
+
+@pytest.mark.skipif(not LIB, reason="no C++ kernel library")
+def test_w8a8_fast_form_takes_small_calls_and_declines_the_rest():
+    mod = _w8a8_layer(48, 96, True, False, 0)
+    fast = ops.fast_kernel("w8a8_linear", "cpu")
+    assert fast is not None and ops.direct_kernel("w8a8_linear", "cpu") is fast
+    args = (mod.codes, mod.scale, mod.bias, mod.act_scale, 48, 96)
+    x = torch.randn(8, 96)
+    if kcpu._w8a8.available():
+        _same(fast.linear_args(x, *args), torch.ops.qbackend.w8a8_linear(x, *args))
+    # not taken: other dtypes, non-contiguous x, M at the library GEMM, a wrong weight size, M = 0
+    assert fast.linear_args(x.bfloat16(), *args) is None
+    assert fast.linear_args(torch.randn(96, 8).t(), *args) is None
+    assert fast.linear_args(torch.randn(200, 96), *args) is None
+    assert fast.linear_args(x, mod.codes[:-1], *args[1:]) is None
+    assert fast.linear_args(torch.randn(0, 96), *args) is None
+    # the fast form's __call__ (compiled code) still runs everything, through the regular kernel where needed
+    _same(fast(x.bfloat16(), *args), torch.ops.qbackend.w8a8_linear(x.bfloat16(), *args))
+    with pytest.raises((TypeError, ValueError, RuntimeError)):
+        mod.codes = mod.codes[:-1]
+        mod(x)

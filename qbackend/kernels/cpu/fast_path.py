@@ -267,11 +267,38 @@ _PREPARE: dict[tuple[str, str], Callable[[tuple, tuple], Prepared | None]] = {
 }
 
 
-def find(op_name: str, direct: _Kernel) -> FastKernel | None:
+class W8A8Fast:
+    """The fast form of ``w8a8_linear``'s CPU kernel: :func:`.w8a8.fast_linear` (no per-call validation or
+    conversions; it checks what it relies on), else the regular kernel. Nothing is prepared per weight."""
+
+    def __init__(self, direct: _Kernel) -> None:
+        self.direct = direct
+        self.__name__ = "w8a8_linear_fast_kernel"
+
+    def __call__(self, *args: object, **kwargs: object) -> Tensor:
+        y = self.linear_args(*args) if not kwargs and len(args) == 7 else None
+        return self.direct(*args, **kwargs) if y is None else y
+
+    def linear_args(self, *args: object) -> Tensor | None:
+        """The op's positional arguments (x, codes, scale, bias, act_scale, out_features, in_features) through
+        the fast call, or None: the caller runs the regular kernel."""
+        from .w8a8 import fast_linear
+
+        x, codes, scale, bias, act_scale, n, k = args
+        if type(x) is not torch.Tensor or type(codes) is not torch.Tensor or type(scale) is not torch.Tensor:
+            return None
+        if not (type(n) is int and type(k) is int):
+            return None
+        return fast_linear(x, codes, scale, bias, act_scale, n, k)  # type: ignore[arg-type]
+
+
+def find(op_name: str, direct: _Kernel) -> FastKernel | W8A8Fast | None:
     """The fast form of ``direct`` (op ``op_name``'s direct CPU kernel), or None: no prepared call for
     that op, or the C++ kernels switched off. The library itself loads (and may compile) on the first
     call, not here at import."""
     global _PKG
+    if op_name == "w8a8_linear" and not _build.disabled():
+        return W8A8Fast(direct)
     family = next((f for f in FAMILIES.values() if f.op_name == op_name), None)
     if _build.disabled() or family is None or not any(kernel == family.kernel for kernel, _ in _PREPARE):
         return None

@@ -93,3 +93,38 @@ def _library_gemm(lib, xf: Tensor, codes: Tensor, sc: Tensor, b: Tensor | None, 
     acc = torch._int_mm(xq, codes.view(n, k).t())
     lib.qbw8_epilogue(acc.data_ptr(), m, n, sx.data_ptr(), sc.data_ptr(), None if b is None else b.data_ptr(),
                       bad.data_ptr(), y.data_ptr(), nt)  # fmt: skip
+
+
+_F32, _I8 = torch.float32, torch.int8
+
+
+def fast_linear(
+    x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, act_scale: Tensor | None,
+    out_features: int, in_features: int,
+) -> Tensor | None:  # fmt: skip
+    """:func:`w8a8_linear` for the common small call (fp32 contiguous CPU tensors, 0 < M < LIBRARY_MIN_M,
+    weights the op's validation would accept) with attribute checks only, or None: then the caller runs
+    the regular path, which computes the same (this is its kernel call) or raises the op's error.
+    A non-finite output also returns None (the regular path's overflow retry, ``finite.py``, handles it).
+    At MiniLM's sizes the regular path's Python (validation, conversions) took as long as the kernel."""
+    n, k = out_features, in_features
+    if (
+        x.dtype is not _F32 or not x.is_cpu or not x.is_contiguous() or not x.dim() or x.shape[-1] != k
+        or codes.dtype is not _I8 or not codes.is_cpu or not codes.is_contiguous() or codes.numel() != n * k
+        or scale.dtype is not _F32 or not scale.is_cpu or not scale.is_contiguous() or scale.numel() != n
+    ):  # fmt: skip
+        return None
+    for t, size in ((bias, n), (act_scale, 1)):
+        if t is not None and (t.dtype is not _F32 or not t.is_cpu or not t.is_contiguous() or t.numel() != size):
+            return None
+    m = x.numel() // k if k > 0 else 0
+    lib = _lib()
+    if lib is None or m <= 0 or m >= LIBRARY_MIN_M or k > 131072:
+        return None
+    y = torch.empty(m, n)
+    rc = lib.qbw8_linear(x.data_ptr(), m, k, codes.data_ptr(), scale.data_ptr(), n,
+                         None if bias is None else bias.data_ptr(), None if act_scale is None else act_scale.data_ptr(),
+                         y.data_ptr(), torch.get_num_threads())  # fmt: skip
+    if rc != 0 or not _build.load().qb_all_finite(y.data_ptr(), m * n):
+        return None
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)

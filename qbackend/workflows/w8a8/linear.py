@@ -83,7 +83,7 @@ class W8A8Linear(nn.Module):
             x = x * self.smooth.to(x.dtype)
         n, k = self.out_features, self.in_features
         if self.threshold is None:  # the kernel without the dispatcher round trip where nothing needs it
-            return direct.call(torch.ops.qbackend.w8a8_linear.default,
+            return direct.call_args_fast(torch.ops.qbackend.w8a8_linear.default,
                                (x, self.codes, self.scale, self.bias, self.act_scale, n, k), 3)  # fmt: skip
         return torch.ops.qbackend.w8a8_outlier_linear(
             x, self.codes, self.scale, self.bias, self.act_scale, self.threshold, n, k
