@@ -28,7 +28,7 @@ import torch
 
 from qbackend.formats import Scheme, quantize
 from qbackend.kernels import prepare_weight
-from qbackend.kernels.cpu import _build, int8_compute
+from qbackend.kernels.cpu import _build, int8_compute, int16_compute
 
 SHAPES = ("4096x4096", "2048x2048", "256x2048", "5632x2048", "2048x5632", "32000x2048")  # N x K
 SCHEMES = {
@@ -57,6 +57,7 @@ def load_library(path: Path | None) -> ctypes.CDLL:
     qw = ctypes.POINTER(int8_compute.QI8W)
     lib.qbi8_linear.argtypes = [qw, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.qbi8_linear.restype = ctypes.c_int64
+    int16_compute.declare(lib)
     return lib
 
 
@@ -92,6 +93,9 @@ class Layer:
         if path == "int8":
             ref = ctypes.byref(self.qi8)
             return lambda: lib.qbi8_linear(ref, xp, m, None, yp, nt)
+        if path == "int16":  # int8 weights only (what "auto" runs them in)
+            n, k, c, s = self.n, self.k, self.codes, self.scale
+            return lambda: lib.qbi16_linear8(3, c, s, n, k, xp, m, None, yp, nt, 0)
         if self.fmt == "int8":
             n, k, c, s = self.n, self.k, self.codes, self.scale
             return lambda: lib.qb8_linear(c, s, n, k, xp, m, None, yp, nt, 0)
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of NxK")
     p.add_argument("--formats", default="nf4,int4,int8")
-    p.add_argument("--paths", default="int8,fp32", help="compute paths: int8 (VNNI), fp32 (exact)")
+    p.add_argument("--paths", default="int8,fp32", help="compute paths: int8 (VNNI), fp32 (exact), int16 (int8 weights only)")
     p.add_argument("--ms", default="1", help="rows of x (comma list)")
     p.add_argument("--mb", type=float, default=256.0, help="weight MB cycled per method")
     p.add_argument("--rounds", type=int, default=7)
