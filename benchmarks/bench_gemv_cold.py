@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of NxK")
     p.add_argument("--formats", default="nf4,int4,int8")
-    p.add_argument("--paths", default="int8,fp32", 
+    p.add_argument("--paths", default="int8,fp32",
                    help="compute paths: int8 (VNNI), fp32 (exact), int16 (int8 weights only)")
     p.add_argument("--ms", default="1", help="rows of x (comma list)")
     p.add_argument("--mb", type=float, default=256.0, help="weight MB cycled per method")
