@@ -18,7 +18,8 @@
 //   applied per lane (fma with a 16-lane scale vector), one horizontal sum per output only.
 //   This is the kernel for M < 8 (GEMV-like; no per-call work on W at all). With cold weights
 //   (LLM decode) each tile software-prefetches the codes and block constants of the next tile's
-//   rows: a row of codes is a stream too short for the hardware prefetchers (measured 1.2-2x).
+//   rows: a row of codes is a stream too short for the hardware prefetchers (measured 1.2-2x). At
+//   M = 1 a tile is one row (run4_gemv): each thread then reads one sequential stream.
 // * Larger M: a GEMM (see gemm_tile): x transposed once per call so that each vector holds L rows of
 //   x (L = 8 or 16 from M = 8; 4 and 2 when the threshold is lowered: no idle lanes at small M),
 //   nested NF4 constants decoded 16 at a time, rows of W
