@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build-before", default="", help="also a library compiled from this other checkout ('before')")
     p.add_argument("--lib", action="append", default=[], help="NAME=PATH of another compiled library")
     p.add_argument("--knobs", default="", help="comma list of PF:LANES[:NR]: small-M streaming settings "
-                   "(qbi8_set_stream, rows per tile at M = 1: 1 (default), 2 or 4) of this tree's library, each its own column")  # fmt: skip
+                   "(qbi8_set_stream; NR: rows per tile at M = 1, 1 (default), 2 or 4) of this tree's "
+                   "library, each its own column")  # fmt: skip
     p.add_argument("--stream-mb", type=float, default=1024.0, help="size of the streaming-read anchor (MB)")
     p.add_argument("--json", default="")
     _common.add_threads_option(p)
