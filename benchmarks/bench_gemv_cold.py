@@ -4,13 +4,15 @@ Each (shape, format) is quantized once and copied until the copies hold ``--mb``
 32 MB L3), so every call streams its weight from DRAM. The kernels are called directly through
 ctypes (no Python op dispatch), for every library given with ``--lib`` (default: this tree's) and
 each compute path: ``int8`` (the VNNI kernels, ``qbi8_linear``) and ``fp32`` (the exact kernels,
-``qb4_linear`` / ``qb8_linear``). The machine's streaming read bandwidth (an fp32 ``sum`` over
+``qb4_linear`` / ``qb8_linear``), and for int8 weights ``int16`` (``qbi16_linear8``, what "auto" runs
+them in). The machine's streaming read bandwidth (an fp32 ``sum`` over
 ``--stream-mb``, default 1 GiB) is timed in the same interleaved rounds; figures are medians. Bytes =
 codes + block constants.
 
     python benchmarks/bench_gemv_cold.py                                   # this tree, TinyLlama shapes + 4096^2
     python benchmarks/bench_gemv_cold.py --build-before /tmp/old-tree      # + the library built from an old tree
     python benchmarks/bench_gemv_cold.py --shapes 4096x4096 --formats nf4 --ms 1,8
+    python benchmarks/bench_gemv_cold.py --formats int8 --paths int16 --build-before /tmp/old-tree
 """
 
 from __future__ import annotations
