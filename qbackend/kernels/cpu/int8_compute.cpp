@@ -797,7 +797,7 @@ QBI8_TARGET void run4_nr(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
 
 // M = 1 (decode): one row of W at a time, so that each thread reads its rows as one sequential
 // stream (rows are contiguous), which the hardware prefetchers follow; tiles of several rows made
-// that many interleaved streams and lost 1.3-1.6x with cold weights. The block constants are decoded
+// that many interleaved streams and lost 1.1-1.5x with cold weights. The block constants are decoded
 // for GEMV_RB rows at once (the nested table is loaded into registers once per GEMV_RB rows).
 constexpr int GEMV_RB = 8;
 
