@@ -4,13 +4,15 @@ Each (shape, format) is quantized once and copied until the copies hold ``--mb``
 32 MB L3), so every call streams its weight from DRAM. The kernels are called directly through
 ctypes (no Python op dispatch), for every library given with ``--lib`` (default: this tree's) and
 each compute path: ``int8`` (the VNNI kernels, ``qbi8_linear``) and ``fp32`` (the exact kernels,
-``qb4_linear`` / ``qb8_linear``). The machine's streaming read bandwidth (an fp32 ``sum`` over
+``qb4_linear`` / ``qb8_linear``), and for int8 weights ``int16`` (``qbi16_linear8``, what "auto" runs
+them in). The machine's streaming read bandwidth (an fp32 ``sum`` over
 ``--stream-mb``, default 1 GiB) is timed in the same interleaved rounds; figures are medians. Bytes =
 codes + block constants.
 
     python benchmarks/bench_gemv_cold.py                                   # this tree, TinyLlama shapes + 4096^2
     python benchmarks/bench_gemv_cold.py --build-before /tmp/old-tree      # + the library built from an old tree
     python benchmarks/bench_gemv_cold.py --shapes 4096x4096 --formats nf4 --ms 1,8
+    python benchmarks/bench_gemv_cold.py --formats int8 --paths int16 --build-before /tmp/old-tree
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 
 from qbackend.formats import Scheme, quantize
 from qbackend.kernels import prepare_weight
-from qbackend.kernels.cpu import _build, int8_compute
+from qbackend.kernels.cpu import _build, int8_compute, int16_compute
 
 SHAPES = ("4096x4096", "2048x2048", "256x2048", "5632x2048", "2048x5632", "32000x2048")  # N x K
 SCHEMES = {
@@ -57,6 +59,7 @@ def load_library(path: Path | None) -> ctypes.CDLL:
     qw = ctypes.POINTER(int8_compute.QI8W)
     lib.qbi8_linear.argtypes = [qw, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.qbi8_linear.restype = ctypes.c_int64
+    int16_compute.declare(lib)
     return lib
 
 
@@ -92,6 +95,9 @@ class Layer:
         if path == "int8":
             ref = ctypes.byref(self.qi8)
             return lambda: lib.qbi8_linear(ref, xp, m, None, yp, nt)
+        if path == "int16":  # int8 weights only (what "auto" runs them in)
+            n, k, c, s = self.n, self.k, self.codes, self.scale
+            return lambda: lib.qbi16_linear8(3, c, s, n, k, xp, m, None, yp, nt, 0)
         if self.fmt == "int8":
             n, k, c, s = self.n, self.k, self.codes, self.scale
             return lambda: lib.qb8_linear(c, s, n, k, xp, m, None, yp, nt, 0)
@@ -149,14 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of NxK")
     p.add_argument("--formats", default="nf4,int4,int8")
-    p.add_argument("--paths", default="int8,fp32", help="compute paths: int8 (VNNI), fp32 (exact)")
+    p.add_argument("--paths", default="int8,fp32",
+                   help="compute paths: int8 (VNNI), fp32 (exact), int16 (int8 weights only)")
     p.add_argument("--ms", default="1", help="rows of x (comma list)")
     p.add_argument("--mb", type=float, default=256.0, help="weight MB cycled per method")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--build-before", default="", help="also a library compiled from this other checkout ('before')")
     p.add_argument("--lib", action="append", default=[], help="NAME=PATH of another compiled library")
     p.add_argument("--knobs", default="", help="comma list of PF:LANES[:NR]: small-M streaming settings "
-                   "(qbi8_set_stream, tile height) of this tree's library, each its own column")  # fmt: skip
+                   "(qbi8_set_stream; NR: rows per tile at M = 1, 1 (default), 2 or 4) of this tree's "
+                   "library, each its own column")  # fmt: skip
     p.add_argument("--stream-mb", type=float, default=1024.0, help="size of the streaming-read anchor (MB)")
     p.add_argument("--json", default="")
     _common.add_threads_option(p)
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.knobs:
         this.qbi8_set_stream.argtypes = [ctypes.c_int, ctypes.c_int]
         for kb in a.knobs.split(","):
-            pf, lanes, nr = (int(v) for v in (kb + ":4").split(":")[:3])
+            pf, lanes, nr = (int(v) for v in (kb + ":1").split(":")[:3])
             libs[f"pf{pf} lanes{lanes} nr{nr}"] = (this, (pf, lanes, nr))
     else:
         libs["after" if libs else "this"] = (this, None)

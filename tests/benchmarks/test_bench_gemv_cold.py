@@ -30,3 +30,14 @@ def test_one_round_on_a_tiny_layer():
             row = re.search(rf"^\| 40x256 \| {fmt} \| {m} \|(.*)\| ([\d.]+) \|$", r.stdout, re.M)
             assert row, (fmt, m, r.stdout[-2000:])
             assert len(re.findall(r"\d+ \([\d.]+, \d+%\)", row.group(1))) == 4, row.group(0)  # 2 settings x 2 paths
+
+
+@pytest.mark.skipif(int8_compute._lib() is None, reason="no AVX-512 build of the CPU kernels here")
+def test_int16_path_of_int8_weights():
+    r = subprocess.run([sys.executable, str(SCRIPT), "--shapes", "40x256", "--formats", "int8", "--paths", "int16,fp32",
+                        "--mb", "1", "--rounds", "1", "--stream-mb", "8", "--knobs", "0:0,1:1:4", "--threads", "2"],
+                       capture_output=True, text=True, cwd=SCRIPT.parents[1], timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    row = re.search(r"^\| 40x256 \| int8 \| 1 \|(.*)\| ([\d.]+) \|$", r.stdout, re.M)
+    assert row, r.stdout[-2000:]
+    assert len(re.findall(r"\d+ \([\d.]+, \d+%\)", row.group(1))) == 4, row.group(0)  # 2 settings x 2 paths

@@ -307,3 +307,33 @@ def test_gemm_output_buffer_edges(name, n, k, m, threads, bad_row, seed):
     y32 = _reference(x[~good], kw, bias, "fp32")
     assert torch.equal(torch.isnan(y[~good]), torch.isnan(y32)) and torch.equal(torch.isinf(y[~good]), torch.isinf(y32))
     _assert_matches(y[good], x[good], kw, bias)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    name=st.sampled_from(["nf4 nested b64", "nf4 nested b32 nb32", "nf4 b128", "fp4 nested b128", "int4 affine g128",
+                          "int4 sym g96", "int8 per-channel"]),
+    n=st.integers(1, 150),
+    k=st.sampled_from([64, 160, 256, 416, 100, 2048]),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_rows_one_at_a_time(name, n, k, threads, seed):
+    """M = 1 walks the rows of W one at a time (one sequential stream per thread): the same sums per row
+    as the tiles of 4 rows, so bit-identical results, and the reference's within its tolerance."""
+    kw = _kw(n, k, SCHEMES[name], seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1, k, generator=g) * 2
+    bias = torch.randn(n, generator=g)
+    old_threads = torch.get_num_threads()
+    lib = ic._lib()
+    try:
+        torch.set_num_threads(threads)
+        y1 = _kernel(x, kw, bias)
+        lib.qbi8_set_small_nr(4)
+        y4 = _kernel(x, kw, bias)
+    finally:
+        lib.qbi8_set_small_nr(1)
+        torch.set_num_threads(old_threads)
+    assert torch.equal(y1, y4)
+    _assert_matches(y1, x, kw, bias)

@@ -239,3 +239,29 @@ def test_auto_runs_the_rows_where_int16_is_slower_in_fp32():
         for m, mode in ((lo - 1, "int16"), (lo, "fp32"), (hi, "fp32"), (hi + 1, "int16")):
             x = torch.randn(m, 256)
             assert torch.equal(layer(x), layer.op(x, *tensors, layer.bias, *layer.statics, mode)), (m, mode)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    wi=st.integers(0, len(WIDTHS) - 1),
+    n=st.integers(1, 150),
+    k=st.sampled_from([7, 32, 100, 512, 520, 1100, 2048]),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_rows_one_at_a_time(wi, n, k, threads, seed):
+    """M = 1 reads the rows of W one after the other (one stream per thread) with the same per-row slices
+    as the tiles of several rows that M = 2 runs: bit-identical to row 0 of an M = 2 call on the same row."""
+    codes, scale = _weight(n, k, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1, k, generator=g) * 3
+    bias = torch.randn(n, generator=g)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y1 = _run(WIDTHS[wi], x, codes, scale, bias, 10**9)
+        y2 = _run(WIDTHS[wi], x.expand(2, k).contiguous(), codes, scale, bias, 10**9)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(y1[0], y2[0]) and torch.equal(y2[0], y2[1])
+    _assert_matches(y1, x, codes, scale, bias)

@@ -207,6 +207,15 @@ template <int MR>
 QBI16_ATTR void gemv_n(const W16& w, const Act16& a, const float* bias, float* y, int64_t m0, int64_t n0, int64_t n1) {
     constexpr int NR = gemv_nr(MR);
     const int64_t bps = std::max<int64_t>(1, 1024 / a.Ba);  // blocks per slice
+    if (MR == 1) {
+        // One row of x (decode): x is small and stays in L1 anyway, so the rows of W are read one after
+        // the other, whole: one sequential stream that the hardware prefetchers follow (slices of
+        // NR interleaved rows made 2 * NR short streams). The same slices per row: the same sums.
+        for (int64_t n = n0; n < n1; ++n)
+            for (int64_t b0 = 0; b0 < a.nab; b0 += bps)
+                gemv_tile<1, 1>(w, a, bias, y, m0, n, b0, std::min(a.nab, b0 + bps), b0 == 0);
+        return;
+    }
     for (int64_t b0 = 0; b0 < a.nab; b0 += bps) {
         const int64_t b1 = std::min(a.nab, b0 + bps);
         int64_t n = n0;

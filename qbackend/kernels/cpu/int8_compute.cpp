@@ -18,7 +18,8 @@
 //   applied per lane (fma with a 16-lane scale vector), one horizontal sum per output only.
 //   This is the kernel for M < 8 (GEMV-like; no per-call work on W at all). With cold weights
 //   (LLM decode) each tile software-prefetches the codes and block constants of the next tile's
-//   rows: a row of codes is a stream too short for the hardware prefetchers (measured 1.2-2x).
+//   rows: a row of codes is a stream too short for the hardware prefetchers (measured 1.2-2x). At
+//   M = 1 a tile is one row (run4_gemv): each thread then reads one sequential stream.
 // * Larger M: a GEMM (see gemm_tile): x transposed once per call so that each vector holds L rows of
 //   x (L = 8 or 16 from M = 8; 4 and 2 when the threshold is lowered: no idle lanes at small M),
 //   nested NF4 constants decoded 16 at a time, rows of W
@@ -808,9 +809,49 @@ QBI8_TARGET void run4_nr(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
     }
 }
 
+// M = 1 (decode): one row of W at a time, so that each thread reads its rows as one sequential
+// stream (rows are contiguous), which the hardware prefetchers follow; tiles of several rows made
+// that many interleaved streams and lost 1.1-1.5x with cold weights. The block constants are decoded
+// for GEMV_RB rows at once (the nested table is loaded into registers once per GEMV_RB rows).
+constexpr int GEMV_RB = 8;
+
+template <int KIND>
+QBI8_TARGET void run4_gemv(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0) {
+    const QI8W& w = *cx.w;
+    const size_t len = (size_t)(w.K / 32 + 16);
+    float* wsb = scratch<float>(0, GEMV_RB * len);
+    int32_t* zbb = scratch<int32_t>(1, GEMV_RB * len);
+    const float* ws[GEMV_RB];
+    const int32_t* zb[GEMV_RB];
+    const bool tile_nested = KIND == 0 && rs.compact && w.ncodes != nullptr && is_pow2(w.nbs);
+    for (int64_t n = n0; n < n1; n += GEMV_RB) {
+        const int64_t nr = std::min<int64_t>(GEMV_RB, n1 - n);
+        if (cx.pf_tiles) prefetch_consts(w, n + GEMV_RB, n + 2 * GEMV_RB);
+        if (tile_nested) {  // as run4_nr: the rows' nested constants are consecutive blocks
+            const int64_t nblk = w.K / w.bs, b0 = n * nblk, cnt = nr * nblk;
+            const int nsh = ilog2(w.nbs);
+            const float off = w.noffset[0];
+            for (int64_t j = denest16(w, b0, cnt, nsh, wsb); j < cnt; ++j)
+                wsb[j] = w.ntable[w.ncodes[b0 + j]] * w.nabsmax[(b0 + j) >> nsh] + off;
+            std::memset(wsb + cnt, 0, sizeof(float) * 8);
+            for (int r = 0; r < nr; ++r) ws[r] = wsb + r * nblk;
+        } else {
+            for (int r = 0; r < nr; ++r) {
+                row_scales(w, rs, n + r, wsb + r * len, KIND == 2 ? zbb + r * len : nullptr);
+                ws[r] = wsb + r * len;
+                zb[r] = zbb + r * len;
+            }
+        }
+        for (int r = 0; r < nr; ++r) tile4<1, 1, KIND>(cx, m0, n + r, ws + r, zb + r);
+    }
+}
+
+int g_gemv_nr = 1;  // rows of W per tile when M = 1 (tuning knob, qbi8_set_small_nr): 1, 2 or 4
+
 template <int KIND>
 QBI8_TARGET void run4(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
-    if (m1 - m0 <= 2 && g_small_nr == 4) run4_nr<4, KIND>(cx, rs, n0, n1, m0, m1);
+    if (m1 - m0 == 1 && g_gemv_nr == 1) run4_gemv<KIND>(cx, rs, n0, n1, m0);
+    else if (m1 - m0 <= 2 && g_small_nr == 4) run4_nr<4, KIND>(cx, rs, n0, n1, m0, m1);
     else run4_nr<2, KIND>(cx, rs, n0, n1, m0, m1);
 }
 
@@ -840,7 +881,8 @@ QBI8_TARGET void run8_nr(const Ctx8& cx, int64_t n0, int64_t n1, int64_t m0, int
 }
 
 QBI8_TARGET void run8(const Ctx8& cx, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
-    if (m1 - m0 <= 2 && g_small_nr == 4) run8_nr<4>(cx, n0, n1, m0, m1);
+    if (m1 - m0 == 1 && g_gemv_nr == 1) run8_nr<1>(cx, n0, n1, m0, m1);  // as run4_gemv: one stream
+    else if (m1 - m0 <= 2 && g_small_nr == 4) run8_nr<4>(cx, n0, n1, m0, m1);
     else run8_nr<2>(cx, n0, n1, m0, m1);
 }
 
@@ -1083,8 +1125,8 @@ int qbi8_supported(const QI8W* w) { return cpu_ok() && shape_ok(*w); }
 void qbi8_set_gemm_min_m(int64_t m4, int64_t m8) { g_gemm_min_m = m4, g_gemm_min_m8 = m8; }
 int64_t qbi8_gemm_min_m(int eight) { return eight ? g_gemm_min_m8 : g_gemm_min_m; }
 
-// Rows of W per tile when M <= 2 (benchmarks tune it): 2 or 4.
-void qbi8_set_small_nr(int nr) { g_small_nr = nr; }
+// Rows of W per tile when M <= 2 (benchmarks tune it): 1 (M = 1 only; M = 2 then takes 4), 2 or 4.
+void qbi8_set_small_nr(int nr) { g_gemv_nr = nr, g_small_nr = nr == 1 ? 4 : nr; }
 
 // Small-M streaming (benchmarks tune it): prefetch distance in tiles (0: none), contiguous lanes (0/1).
 void qbi8_set_stream(int pf_tiles, int lanes) { g_pf_tiles = pf_tiles, g_lanes = lanes; }
