@@ -759,6 +759,25 @@ inline void prefetch_consts(const QI8W& w, int64_t n0, int64_t n1) {
     }
 }
 
+// Block constants of rows [n, n + nr) into wsb (zero points into zbb), ws[r] / zb[r] pointing at row
+// r's. Nested codebook constants of consecutive rows are consecutive blocks: decoded in one pass
+// (nested_scales); row r's window may read into row r + 1's constants (finite, against zero
+// activations) and the last row's padding.
+template <int KIND>
+QBI8_TARGET inline void tile_scales(const QI8W& w, const RowScales& rs, int64_t n, int nr, bool nested, size_t len,
+                                    float* wsb, int32_t* zbb, const float** ws, const int32_t** zb) {
+    if (nested) {
+        nested_scales(w, n, nr, wsb);
+        for (int r = 0; r < nr; ++r) ws[r] = wsb + r * (w.K / w.bs);
+        return;
+    }
+    for (int r = 0; r < nr; ++r) {
+        row_scales(w, rs, n + r, wsb + r * len, KIND == 2 ? zbb + r * len : nullptr);
+        ws[r] = wsb + r * len;
+        zb[r] = zbb + r * len;
+    }
+}
+
 // M <= 2: the only tile heights.
 template <int NR, int KIND>
 QBI8_TARGET void rows4_small(const Ctx4& cx, int64_t m0, int64_t m1, int64_t n0, const float* const* ws,
@@ -780,24 +799,7 @@ QBI8_TARGET void run4_nr(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
     int64_t n = n0;
     for (; n + NR <= n1; n += NR) {
         if (cx.pf_tiles) prefetch_consts(w, n + cx.pf_tiles * NR, n + (cx.pf_tiles + 1) * NR);
-        if (tile_nested) {
-            // The NR rows' nested constants are consecutive blocks: decoded in one pass (the table
-            // is loaded into registers once per tile, not per row); row r's window may read into
-            // row r + 1's constants (finite, against zero activations) and the last row's padding.
-            const int64_t nblk = w.K / w.bs, b0 = n * nblk, cnt = NR * nblk;
-            const int nsh = ilog2(w.nbs);
-            const float off = w.noffset[0];
-            for (int64_t j = denest16(w, b0, cnt, nsh, wsb); j < cnt; ++j)
-                wsb[j] = w.ntable[w.ncodes[b0 + j]] * w.nabsmax[(b0 + j) >> nsh] + off;
-            std::memset(wsb + cnt, 0, sizeof(float) * 8);
-            for (int r = 0; r < NR; ++r) ws[r] = wsb + r * nblk;
-        } else {
-            for (int r = 0; r < NR; ++r) {
-                row_scales(w, rs, n + r, wsb + r * len, KIND == 2 ? zbb + r * len : nullptr);
-                ws[r] = wsb + r * len;
-                zb[r] = zbb + r * len;
-            }
-        }
+        tile_scales<KIND>(w, rs, n, NR, tile_nested, len, wsb, zbb, ws, zb);
         if (small) rows4_small<NR, KIND>(cx, m0, m1, n, ws, zb);
         else rows4_mtile<NR, KIND>(cx, m0, m1, n, ws, zb);
     }
@@ -827,21 +829,7 @@ QBI8_TARGET void run4_gemv(const Ctx4& cx, const RowScales& rs, int64_t n0, int6
     for (int64_t n = n0; n < n1; n += GEMV_RB) {
         const int64_t nr = std::min<int64_t>(GEMV_RB, n1 - n);
         if (cx.pf_tiles) prefetch_consts(w, n + GEMV_RB, n + 2 * GEMV_RB);
-        if (tile_nested) {  // as run4_nr: the rows' nested constants are consecutive blocks
-            const int64_t nblk = w.K / w.bs, b0 = n * nblk, cnt = nr * nblk;
-            const int nsh = ilog2(w.nbs);
-            const float off = w.noffset[0];
-            for (int64_t j = denest16(w, b0, cnt, nsh, wsb); j < cnt; ++j)
-                wsb[j] = w.ntable[w.ncodes[b0 + j]] * w.nabsmax[(b0 + j) >> nsh] + off;
-            std::memset(wsb + cnt, 0, sizeof(float) * 8);
-            for (int r = 0; r < nr; ++r) ws[r] = wsb + r * nblk;
-        } else {
-            for (int r = 0; r < nr; ++r) {
-                row_scales(w, rs, n + r, wsb + r * len, KIND == 2 ? zbb + r * len : nullptr);
-                ws[r] = wsb + r * len;
-                zb[r] = zbb + r * len;
-            }
-        }
+        tile_scales<KIND>(w, rs, n, (int)nr, tile_nested, len, wsb, zbb, ws, zb);
         for (int r = 0; r < nr; ++r) tile4<1, 1, KIND>(cx, m0, n + r, ws + r, zb + r);
     }
 }
