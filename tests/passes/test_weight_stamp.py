@@ -38,8 +38,10 @@ def test_read_byte_runs_reads_each_address() -> None:
     assert torch.equal(got[0], a.view(torch.uint8)[16:80])
     assert torch.equal(got[1], b[500:564]) and torch.equal(got[2], b[:64])
     assert read_byte_runs(addrs[:0], 64).shape == (0, 64)
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match="run must be a power of two, got 48"):
         read_byte_runs(addrs, 48)
+    with pytest.raises(ValueError, match=r"addresses must be 1-D int64, got torch.int32 \(3,\)"):
+        read_byte_runs(addrs.int(), 64)
 
 
 def test_device_probes_find_exactly_the_changed_weights(monkeypatch) -> None:
