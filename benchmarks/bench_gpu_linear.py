@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma list from {FORMATS + GRAD_FORMATS}")
     ap.add_argument("--grad", action="store_true", help=f"also time the grad-input kernels ({', '.join(GRAD_FORMATS)})")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--shapes", default="", help="comma list of KxN (default: all four; --quick: 8192x8192)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
     ap.add_argument("--out", default="", help="write all rows as JSON here")
     ap.add_argument("--no-autotune", action="store_true", help="heuristic configs (no tuning on first use)")
@@ -330,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_gpu_linear: no CUDA GPU is available on this machine; nothing was measured.")
         return 0
     shapes = [(8192, 8192)] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]  # type: ignore[misc]
     ms = [1, 16] if args.quick else [int(v) for v in args.ms.split(",")]
     formats = [f for f in args.formats.split(",") if f] + (GRAD_FORMATS if args.grad else [])
     if "bf16" not in formats:

@@ -536,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=int, default=4, help="teacher-forced steps whose logits cosine is reported")
     ap.add_argument("--exclude", default="", help="qbackend exclude list, comma separated (e.g. lm_head)")
     ap.add_argument("--min-params", type=int, default=None, help="qbackend min_params (0 for the tiny shape)")
+    ap.add_argument("--weight-check", default=None, help="qbackend weight_check: sampled (default), full or version")
     ap.add_argument("--no-autotune", action="store_true", help="qbackend Triton kernels: heuristic configs")
     _common.add_threads_option(ap)
     ap.add_argument("--out", default="", help="write machine, settings and rows as JSON here")
@@ -568,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     options: dict[str, Any] = {"exclude": _csv(a.exclude)} if a.exclude else {}
     if a.min_params is not None:
         options["min_params"] = a.min_params
+    if a.weight_check is not None:
+        options["weight_check"] = a.weight_check
     settings = {"shape": shape, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
                 "intermediate": cfg.intermediate_size, "heads": cfg.num_attention_heads,
                 "kv_heads": cfg.num_key_value_heads, "vocab": cfg.vocab_size, "batches": a.batches,
