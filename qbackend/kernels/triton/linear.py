@@ -210,9 +210,10 @@ def _launch_wo_forward(
 
 # From M on, decoding W to the activation dtype and running cuBLAS beats the fused kernels (H200:
 # at 8192^2, M=4096 the fused int4/int8 GEMMs ran at 0.5-0.6x bf16 and nested NF4 at 0.09x; nested
-# NF4 was also 0.13-0.2x from M=16 up, and its grad-input kernel 0.11-0.15x at every M).
+# NF4 was also 0.13-0.2x from M=2 up (decode first: 0.30-0.55x at M=2..15; at M=1 the fused GEMV
+# wins, 0.63-0.79x against 0.32-0.49x), and its grad-input kernel 0.11-0.15x at every M).
 _DECODE_M = 512
-_NESTED_DECODE_M = 16
+_NESTED_DECODE_M = 2
 _NESTED_GRAD_DECODE_M = 1
 _DECODE_ROWS = 64  # rows of W per program; columns: up to 128, inside one block where possible
 
@@ -233,6 +234,7 @@ def _decoded(kern, w: _Weight, dtype: torch.dtype) -> torch.Tensor:
         out, *w.ptr_args(), w.n, w.k, w.k // 2, w.groups,
         LAYOUT=w.layout, PAIRS=w.pairs, ALIGNED=w.aligned(bk), BS=max(w.bs, 1), NBS=w.nbs, NESTED=w.nested,
         HAS_ZP=w.zp is not None, IDX64=w.idx64, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+        enable_fp_fusion=False,  # the nested constant's product and sum stay separately rounded (exact)
     )  # fmt: skip
     return out
 
