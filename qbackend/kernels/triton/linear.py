@@ -24,6 +24,16 @@ CODEBOOK, INT4, INT8 = 0, 1, 2  # the kernels' LAYOUT constexpr (kernel stems; c
 _LAYOUT_NAME = {CODEBOOK: "codebook", INT4: "int4", INT8: "int8"}
 _IDX32_LIMIT = 2**31 - 1
 
+# Small-M (decode) path switches, read on every call so one process can A/B them (the benchmark's
+# ``-old`` / ``-sel`` format suffixes flip them):
+# WIDE_GEMV: M <= autotune.WIDE_M_MAX runs ``wo_gemv_wide_kernel`` (K tiles spanning several
+#   constant blocks, M rows per program) wherever the weight allows it (see ``_Weight.wide``);
+#   False = the previous kernels (``wo_gemv_kernel`` for M == 1, the split-K tl.dot kernel above).
+# LUT_SELECT: the wide kernel picks NF4/FP4 table entries by a select tree over the code bits
+#   (registers only) instead of a gather from the 16-entry table in global memory (L1).
+WIDE_GEMV = True
+LUT_SELECT = False
+
 
 @dataclass
 class _Weight:
@@ -56,6 +66,16 @@ class _Weight:
     def pairs(self) -> bool:
         """Byte-pair path: rows start on a byte (K even) and a pair never straddles two blocks (bs even)."""
         return self.layout != INT8 and self.k % 2 == 0 and self.bs % 2 == 0
+
+    @property
+    def wide(self) -> bool:
+        """Can the wide GEMV take this weight? int8 always; 4-bit with byte pairs, a power-of-two block
+        size, and (codebook) blocks that do not straddle rows."""
+        if self.layout == INT8:
+            return True
+        if not self.pairs or self.bs & (self.bs - 1):
+            return False
+        return self.layout == INT4 or self.k % self.bs == 0
 
     @property
     def idx64(self) -> bool:
@@ -150,6 +170,8 @@ def _wo_forward(x: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch
     if m >= _decode_min_m(w, grad=False):
         b = None if bias is None else bias.to(x2.dtype)
         return F.linear(x2, _decoded(kern, w, x2.dtype), b).reshape(*lead, w.n)
+    if WIDE_GEMV and m <= at.WIDE_M_MAX and w.wide:
+        return _wo_forward_wide(kern, interp, x2, w, bias).reshape(*lead, w.n)
     variant = at.GEMV if m == 1 else at.WO_SMALL if m <= at.SMALL_M_MAX else at.WO_LARGE
     dot_dtype, prec = _dot_dtype(x.dtype, interp)
 
@@ -166,6 +188,54 @@ def _wo_forward(x: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch
         bench=launch,
     )  # fmt: skip
     return at.launch_fitting(key, x.device, cfg, launch).reshape(*lead, w.n)
+
+
+def _wo_forward_wide(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    m = x2.shape[0]
+    lut_select = LUT_SELECT and w.layout == CODEBOOK
+
+    def launch(cfg: at.KernelConfig) -> torch.Tensor:
+        return _launch_wo_wide(kern, cfg, x2, w, bias, lut_select)
+
+    sms = _sms(x2.device, interp)
+    per_byte = 1 if w.layout == INT8 else 2  # weight columns per byte (the wide variant's "bk_cap")
+    layout, bs, nested, zp = w.key_parts()
+    key = at.make_key(at.GEMV_WIDE, layout + ("-sel" if lut_select else ""), bs, nested, zp, x2.dtype, m, w.n, w.k)
+    cfg = at.select_config(
+        at.GEMV_WIDE, key, x2.device, interp, m,
+        default=lambda: at.heuristic_config(at.GEMV_WIDE, m, w.n, w.k, per_byte, sms),
+        candidates=lambda: at.candidate_configs(at.GEMV_WIDE, m, w.n, w.k, per_byte, sms),
+        bench=launch,
+    )  # fmt: skip
+    return at.launch_fitting(key, x2.device, cfg, launch)
+
+
+def _launch_wo_wide(
+    kern, cfg: at.KernelConfig, x2: torch.Tensor, w: _Weight, bias: torch.Tensor | None, lut_select: bool
+) -> torch.Tensor:
+    m, k = x2.shape
+    n = w.n
+    bk = cfg.block_k
+    bm = at.wide_block_m(min(m, cfg.block_m))
+    # K_SPLIT is a multiple of BLOCK_K, so every tile starts on a slab (SUB columns) boundary.
+    k_split, split = _split(k, cfg.split, bk)
+    atomic = split > 1
+    if atomic:
+        out = torch.zeros((m, n), dtype=torch.float32, device=x2.device)
+    else:
+        out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    # Constants per row: codebook blocks are row-local here (K % bs == 0); int4 has a shorter tail group.
+    g = 0 if w.layout == INT8 else k // w.bs if w.layout == CODEBOOK else w.groups
+    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, bm))
+    kern.wo_gemv_wide_kernel[grid](
+        x2, out, bias, *w.ptr_args(), m, n, k, k // 2, g, x2.stride(0), out.stride(0), k_split,
+        LAYOUT=w.layout, BS=max(w.bs, 1), SUB=min(max(w.bs, 1), bk), NBS=w.nbs, NESTED=w.nested,
+        HAS_ZP=w.zp is not None, HAS_BIAS=bias is not None, ATOMIC=atomic, IDX64=w.idx64,
+        LUT_SELECT=lut_select, SIGNED=w.codes.dtype == torch.int8,
+        BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
+    )  # fmt: skip
+    return out.to(x2.dtype) if atomic and x2.dtype != torch.float32 else out
 
 
 def _launch_wo_forward(
