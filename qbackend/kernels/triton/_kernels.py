@@ -327,9 +327,8 @@ def wo_gemv_wide_kernel(
                 w = _small_int_f32(b.to(tl.int32), 0.0)
             for mi in tl.static_range(BLOCK_M):
                 xm = k_mask & ((offs_k * 0 + (m0 + mi)) < M)
-                xv = tl.load(
-                    x_ptr + (m0 + mi).to(tl.int64) * stride_xm + offs_k, mask=xm, other=0.0, eviction_policy="evict_last"
-                ).to(tl.float32)  # fmt: skip
+                x_row = x_ptr + (m0 + mi).to(tl.int64) * stride_xm
+                xv = tl.load(x_row + offs_k, mask=xm, other=0.0, eviction_policy="evict_last").to(tl.float32)
                 part = tl.reduce(w * xv[None, :], 1, _add)
                 acc += tl.where(rows[:, None] == m0 + mi, part[None, :], 0.0)
         acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -697,4 +696,3 @@ def read_runs_kernel(addr_ptr, out_ptr, RUN: tl.constexpr):
     base = tl.load(addr_ptr + r).to(tl.pointer_type(tl.uint8))  # another tensor's memory, by address
     offs = tl.arange(0, RUN)
     tl.store(out_ptr + r.to(tl.int64) * RUN + offs, tl.load(base + offs))
-
