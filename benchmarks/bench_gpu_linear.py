@@ -17,6 +17,13 @@ as a fraction of the device-to-device copy bandwidth (read + write) measured in 
     python benchmarks/bench_gpu_linear.py --quick         # 8192^2, M in {1, 16}
     python benchmarks/bench_gpu_linear.py --out results.json
     python benchmarks/bench_gpu_linear.py --quick --grad  # + grad-input kernels
+    python benchmarks/bench_gpu_linear.py --shapes 8192x8192 --ms 1,4 \
+        --formats nf4-nested-old,nf4-nested,nf4-nested-sel,int4-old,int4,int8-old,int8  # decode A/B
+
+Format suffixes for the small-M (decode) kernels, switched per call in the same process:
+``-old`` = the previous kernels (``linear.WIDE_GEMV = False``), ``-sel`` = the wide GEMV with the
+NF4/FP4 table picked by a register select tree (``linear.LUT_SELECT = True``); no suffix = the
+default (wide GEMV, table gathered from global memory/L1).
 
 Without a CUDA GPU it prints why and exits with status 0 having measured nothing.
 """
@@ -108,7 +115,10 @@ class Case:
 
     def __init__(self, fmt: str, k: int, n: int, copies: int) -> None:
         self.grad = fmt.endswith("-grad")  # grad-input direction: the call takes grad_y [M, N]
-        self.fmt, self.k, self.n = fmt.removesuffix("-grad"), k, n
+        fmt = fmt.removesuffix("-grad")
+        # Kernel-path suffix (see the module docstring): (WIDE_GEMV, LUT_SELECT) for this format's calls.
+        self.path = (False, False) if fmt.endswith("-old") else (True, True) if fmt.endswith("-sel") else None
+        self.fmt, self.k, self.n = fmt.removesuffix("-old").removesuffix("-sel"), k, n
         self.weights: list[tuple] = []
         self.w_bytes = 0
         w = torch.randn(n, k, device=DEV, dtype=ACT) * 0.02
@@ -191,6 +201,24 @@ class Case:
         return x.float() @ self.dequant if self.grad else F.linear(x.float(), self.dequant)
 
     def call(self, i: int, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        fn = self._call(i, x)
+        if self.path is None:
+            return fn
+        from qbackend.kernels.triton import linear as L
+
+        wide, sel = self.path
+
+        def switched() -> torch.Tensor:
+            old = L.WIDE_GEMV, L.LUT_SELECT
+            L.WIDE_GEMV, L.LUT_SELECT = wide, sel
+            try:
+                return fn()
+            finally:
+                L.WIDE_GEMV, L.LUT_SELECT = old
+
+        return switched
+
+    def _call(self, i: int, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         from qbackend.kernels import triton as T
 
         ops, f, n, k = self.weights[i], self.fmt, self.n, self.k
@@ -309,7 +337,10 @@ def _f(v: float | None, w: int, p: int, kind: str = "f") -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8192^2 only, M in {1, 16}")
-    ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma list from {FORMATS + GRAD_FORMATS}")
+    ap.add_argument(
+        "--formats", default=",".join(FORMATS),
+        help=f"comma list from {FORMATS + GRAD_FORMATS}; qbackend weight-only formats also take -old / -sel",
+    )  # fmt: skip
     ap.add_argument("--grad", action="store_true", help=f"also time the grad-input kernels ({', '.join(GRAD_FORMATS)})")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default="", help="comma list of KxN (default: all four; --quick: 8192x8192)")
