@@ -286,7 +286,7 @@ def _lut16(c, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t
 def wo_gemv_wide_kernel(
     x_ptr, out_ptr, bias_ptr,
     codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
-    M, N, K, KH, G, stride_xm, stride_om, K_SPLIT,
+    M, N, K, KH, G, stride_xm, stride_om, K_SPLIT, KP_SPLIT,
     LAYOUT: tl.constexpr, BS: tl.constexpr, SUB: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr,
     HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, IDX64: tl.constexpr,
     LUT_SELECT: tl.constexpr, SIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -298,7 +298,8 @@ def wo_gemv_wide_kernel(
     each slab lies in one constant block and its constants form a [BLOCK_N, NB] tile. Each slab is
     reduced with the raw code values (table entry or code - zero point), then scaled once per block.
     int8 (LAYOUT 2): a plain [BLOCK_N, BLOCK_K] tile, per-channel scale after the reduction.
-    ``K_SPLIT`` is a multiple of BLOCK_K, so every tile starts on a slab boundary.
+    ``K_SPLIT`` is a multiple of BLOCK_K, so every tile starts on a slab boundary; the 4-bit loop
+    runs in bytes (``KP_SPLIT = K_SPLIT // 2``) so the compiler sees 16-byte aligned row segments.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -355,18 +356,20 @@ def wo_gemv_wide_kernel(
         i = tl.arange(0, SUB // 2)
         n3 = n[:, None, None]
         nm2 = n_mask[:, None]
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kp = k0 // 2 + j[:, None] * (SUB // 2) + i[None, :]  # [NB, HALF] byte offsets inside a row
-            k_mask = kp < k_hi // 2  # K is even here, so k_hi is too
+        kp_lo = pid_k * KP_SPLIT
+        kp_hi = tl.minimum(kp_lo + KP_SPLIT, KH)
+        for kp0 in range(kp_lo, kp_hi, BLOCK_K // 2):
+            kp = kp0 + j[:, None] * (SUB // 2) + i[None, :]  # [NB, SUB // 2] byte offsets inside a row
+            k_mask = kp < kp_hi
             b = tl.load(
                 codes_ptr + n3 * KH + kp[None, :, :], mask=nm2[:, :, None] & k_mask[None, :, :], other=0,
                 eviction_policy="evict_first",
             ).to(tl.int32)  # fmt: skip
             hi = b >> 4  # first element of the pair sits in the high nibble (bitsandbytes order)
             lo = b & 15
-            kb = k0 + j * SUB  # first column of each slab
+            kb = 2 * kp0 + j * SUB  # first column of each slab
             cidx = n[:, None] * G + (kb // BS)[None, :]
-            cmask = nm2 & (kb < k_hi)[None, :]
+            cmask = nm2 & (kb < 2 * kp_hi)[None, :]
             s, zp = _block_consts(
                 cidx, cmask, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, ntab_ptr, NESTED, NBS, HAS_ZP
             )  # fmt: skip

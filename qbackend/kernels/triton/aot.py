@@ -119,6 +119,21 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                     base | {"PAIRS": pairs, "HAS_BIAS": True, "ATOMIC": True, "BLOCK_N": 64, "BLOCK_K": 64},
                     num_warps=4, num_stages=2, expect=[r"LDG\.E(\.EF)?\.128|LDG\.E\.64|LDG"],
                 )  # fmt: skip
+                if mode == "al" or layout == INT8:
+                    # Wide decode GEMV (M <= 4): heuristic tiles, table gathered / selected in registers.
+                    wsizes = {"M": "i32", "N": "i32", "K": "i32", "KH": "i32", "G": "i32", "stride_xm": "i32",
+                              "stride_om": "i32", "K_SPLIT": "i32", "KP_SPLIT": "i32"}  # fmt: skip
+                    wbk = 256 if layout == INT8 else 512
+                    wbase = {k: v for k, v in base.items() if k != "ALIGNED"}
+                    for sel in (False, True) if layout == CODEBOOK else (False,):
+                        for bm in (1, 4):
+                            yield Spec(
+                                f"wide{'-sel' if sel else ''}-m{bm}-{tag}", K.wo_gemv_wide_kernel,
+                                _wo_types(layout, nested, zp, True, ptr, "*fp32", False) | wsizes,
+                                wbase | {"SUB": min(bs, wbk), "HAS_BIAS": True, "ATOMIC": True, "LUT_SELECT": sel,
+                                         "SIGNED": True, "BLOCK_M": bm, "BLOCK_N": 16, "BLOCK_K": wbk},
+                                num_warps=4, num_stages=2, expect=[r"LDG\.E(\.EF)?\.128"],
+                            )  # fmt: skip
                 dsizes = {"M": "i32"} | sizes
                 for vname, bm, bn, bk, atomic, nw, ns in (
                     ("small", 16, 64, 64, True, 4, 3),

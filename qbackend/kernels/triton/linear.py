@@ -228,7 +228,7 @@ def _launch_wo_wide(
     g = 0 if w.layout == INT8 else k // w.bs if w.layout == CODEBOOK else w.groups
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, bm))
     kern.wo_gemv_wide_kernel[grid](
-        x2, out, bias, *w.ptr_args(), m, n, k, k // 2, g, x2.stride(0), out.stride(0), k_split,
+        x2, out, bias, *w.ptr_args(), m, n, k, k // 2, g, x2.stride(0), out.stride(0), k_split, k_split // 2,
         LAYOUT=w.layout, BS=max(w.bs, 1), SUB=min(max(w.bs, 1), bk), NBS=w.nbs, NESTED=w.nested,
         HAS_ZP=w.zp is not None, HAS_BIAS=bias is not None, ATOMIC=atomic, IDX64=w.idx64,
         LUT_SELECT=lut_select, SIGNED=w.codes.dtype == torch.int8,
