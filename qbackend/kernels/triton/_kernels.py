@@ -289,7 +289,7 @@ def wo_gemv_wide_kernel(
     M, N, K, KH, G, stride_xm, stride_om, K_SPLIT, KP_SPLIT,
     LAYOUT: tl.constexpr, BS: tl.constexpr, SUB: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr,
     HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, IDX64: tl.constexpr,
-    LUT_SELECT: tl.constexpr, SIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LUT: tl.constexpr, SIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """y[m, n] for BLOCK_M rows of x at once (the weight tile is decoded once and used for each row).
 
@@ -297,6 +297,8 @@ def wo_gemv_wide_kernel(
     the byte tile is [BLOCK_N, NB, SUB // 2] with ``SUB = min(BS, BLOCK_K)`` columns per slab, so
     each slab lies in one constant block and its constants form a [BLOCK_N, NB] tile. Each slab is
     reduced with the raw code values (table entry or code - zero point), then scaled once per block.
+    ``LUT`` (codebook): how table entries are found: 0 = gather from the 16-entry table in global
+    memory (L1), 1 = select tree over the code bits on 16 scalars, 2 = ``tl.gather`` on a register copy.
     int8 (LAYOUT 2): a plain [BLOCK_N, BLOCK_K] tile, per-channel scale after the reduction.
     ``K_SPLIT`` is a multiple of BLOCK_K, so every tile starts on a slab boundary; the 4-bit loop
     runs in bytes (``KP_SPLIT = K_SPLIT // 2``) so the compiler sees 16-byte aligned row segments.
@@ -335,7 +337,7 @@ def wo_gemv_wide_kernel(
         acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     else:
         if LAYOUT == 0:
-            if LUT_SELECT:
+            if LUT == 1:
                 t0 = tl.load(tab_ptr + 0).to(tl.float32)
                 t1 = tl.load(tab_ptr + 1).to(tl.float32)
                 t2 = tl.load(tab_ptr + 2).to(tl.float32)
@@ -352,6 +354,8 @@ def wo_gemv_wide_kernel(
                 t13 = tl.load(tab_ptr + 13).to(tl.float32)
                 t14 = tl.load(tab_ptr + 14).to(tl.float32)
                 t15 = tl.load(tab_ptr + 15).to(tl.float32)
+            if LUT == 2:
+                tab = tl.load(tab_ptr + tl.arange(0, 16)).to(tl.float32)
         j = tl.arange(0, BLOCK_K // SUB)
         i = tl.arange(0, SUB // 2)
         n3 = n[:, None, None]
@@ -374,9 +378,15 @@ def wo_gemv_wide_kernel(
                 cidx, cmask, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, ntab_ptr, NESTED, NBS, HAS_ZP
             )  # fmt: skip
             if LAYOUT == 0:
-                if LUT_SELECT:
+                if LUT == 1:
                     v_hi = _lut16(hi, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15)
                     v_lo = _lut16(lo, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15)
+                elif LUT == 2:
+                    # tl.gather from the table held as a register tensor (shuffles or shared memory,
+                    # 32-bit indices) instead of a 64-bit address per element.
+                    tab3 = tl.broadcast_to(tab[None, None, :], [BLOCK_N, BLOCK_K // SUB, 16])
+                    v_hi = tl.gather(tab3, hi, 2)
+                    v_lo = tl.gather(tab3, lo, 2)
                 else:
                     v_hi = tl.load(tab_ptr + hi).to(tl.float32)
                     v_lo = tl.load(tab_ptr + lo).to(tl.float32)

@@ -25,14 +25,16 @@ _LAYOUT_NAME = {CODEBOOK: "codebook", INT4: "int4", INT8: "int8"}
 _IDX32_LIMIT = 2**31 - 1
 
 # Small-M (decode) path switches, read on every call so one process can A/B them (the benchmark's
-# ``-old`` / ``-sel`` format suffixes flip them):
+# ``-old`` / ``-sel`` / ``-tlg`` format suffixes flip them):
 # WIDE_GEMV: M <= autotune.WIDE_M_MAX runs ``wo_gemv_wide_kernel`` (K tiles spanning several
 #   constant blocks, M rows per program) wherever the weight allows it (see ``_Weight.wide``);
 #   False = the previous kernels (``wo_gemv_kernel`` for M == 1, the split-K tl.dot kernel above).
-# LUT_SELECT: the wide kernel picks NF4/FP4 table entries by a select tree over the code bits
-#   (registers only) instead of a gather from the 16-entry table in global memory (L1).
+# LUT: how the wide kernel finds NF4/FP4 table entries: "global" = gather from the 16-entry table in
+#   global memory (L1-resident), "select" = a select tree over the code bits on 16 scalars (registers
+#   only), "gather" = tl.gather on a register copy of the table.
 WIDE_GEMV = True
-LUT_SELECT = False
+LUT = "global"
+_LUTS = {"global": 0, "select": 1, "gather": 2}
 
 
 @dataclass
@@ -192,15 +194,17 @@ def _wo_forward(x: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch
 
 def _wo_forward_wide(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch.Tensor:
     m = x2.shape[0]
-    lut_select = LUT_SELECT and w.layout == CODEBOOK
+    if LUT not in _LUTS:
+        _fail(f"linear.LUT is {LUT!r}; expected one of {sorted(_LUTS)}")
+    lut = _LUTS[LUT] if w.layout == CODEBOOK else 0
 
     def launch(cfg: at.KernelConfig) -> torch.Tensor:
-        return _launch_wo_wide(kern, cfg, x2, w, bias, lut_select)
+        return _launch_wo_wide(kern, cfg, x2, w, bias, lut)
 
     sms = _sms(x2.device, interp)
     per_byte = 1 if w.layout == INT8 else 2  # weight columns per byte (the wide variant's "bk_cap")
     layout, bs, nested, zp = w.key_parts()
-    key = at.make_key(at.GEMV_WIDE, layout + ("-sel" if lut_select else ""), bs, nested, zp, x2.dtype, m, w.n, w.k)
+    key = at.make_key(at.GEMV_WIDE, layout + ("" if lut == 0 else f"-lut{lut}"), bs, nested, zp, x2.dtype, m, w.n, w.k)
     cfg = at.select_config(
         at.GEMV_WIDE, key, x2.device, interp, m,
         default=lambda: at.heuristic_config(at.GEMV_WIDE, m, w.n, w.k, per_byte, sms),
@@ -211,7 +215,7 @@ def _wo_forward_wide(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias: tor
 
 
 def _launch_wo_wide(
-    kern, cfg: at.KernelConfig, x2: torch.Tensor, w: _Weight, bias: torch.Tensor | None, lut_select: bool
+    kern, cfg: at.KernelConfig, x2: torch.Tensor, w: _Weight, bias: torch.Tensor | None, lut: int
 ) -> torch.Tensor:
     m, k = x2.shape
     n = w.n
@@ -231,7 +235,7 @@ def _launch_wo_wide(
         x2, out, bias, *w.ptr_args(), m, n, k, k // 2, g, x2.stride(0), out.stride(0), k_split, k_split // 2,
         LAYOUT=w.layout, BS=max(w.bs, 1), SUB=min(max(w.bs, 1), bk), NBS=w.nbs, NESTED=w.nested,
         HAS_ZP=w.zp is not None, HAS_BIAS=bias is not None, ATOMIC=atomic, IDX64=w.idx64,
-        LUT_SELECT=lut_select, SIGNED=w.codes.dtype == torch.int8,
+        LUT=lut, SIGNED=w.codes.dtype == torch.int8,
         BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
     )  # fmt: skip

@@ -350,7 +350,7 @@ def _wide_operands(fmt: str, n: int, k: int, bs: int, nested: bool, seed: int) -
     m=st.integers(1, 4),
     bs=st.sampled_from([2, 4, 16, 32, 64]),
     nested=st.booleans(),
-    lut_select=st.booleans(),
+    lut=st.sampled_from(["global", "select", "gather"]),
     bias=st.booleans(),
     block_n=st.sampled_from([8, 16, 32]),
     block_k=st.sampled_from([16, 32, 64, 128]),
@@ -358,7 +358,7 @@ def _wide_operands(fmt: str, n: int, k: int, bs: int, nested: bool, seed: int) -
     dtype=st.sampled_from(WIDE_DTYPES),
 )
 def test_wide_gemv_hypothesis(
-    fmt: str, n: int, kb: int, k_extra: int, m: int, bs: int, nested: bool, lut_select: bool, bias: bool,
+    fmt: str, n: int, kb: int, k_extra: int, m: int, bs: int, nested: bool, lut: str, bias: bool,
     block_n: int, block_k: int, split: int, dtype: torch.dtype,
 ) -> None:  # fmt: skip
     """Against the reference for K = several blocks (+ a partial block, odd K), N not dividing BLOCK_N,
@@ -378,7 +378,7 @@ def test_wide_gemv_hypothesis(
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(L, "_launch_wo_wide", spy)
-        mp.setattr(L, "LUT_SELECT", lut_select)
+        mp.setattr(L, "LUT", lut)
         cfg = at.KernelConfig(block_m=4, block_n=block_n, block_k=block_k, split=split)
         with at.override_config(at.GEMV_WIDE, cfg):
             out = call(x, b)
@@ -389,16 +389,16 @@ def test_wide_gemv_hypothesis(
 
 @pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
 def test_wide_gemv_switch_and_nonfinite(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """WIDE_GEMV / LUT_SELECT give the same results as the previous kernels; NaN and Inf in x spread
+    """WIDE_GEMV / LUT give the same results as the previous kernels; NaN and Inf in x spread
     to the outputs as in the reference."""
     n, k, bs = 37, 192, 64
     call, ref = _wide_operands(fmt, n, k, bs, True, seed=5)
     x = _x((3,), k, torch.float32, seed=4)
     b = _bias(n, True)
     outs = []
-    for wide, sel in ((False, False), (True, False), (True, True)):
+    for wide, lut in ((False, "global"), (True, "global"), (True, "select"), (True, "gather")):
         monkeypatch.setattr(L, "WIDE_GEMV", wide)
-        monkeypatch.setattr(L, "LUT_SELECT", sel)
+        monkeypatch.setattr(L, "LUT", lut)
         outs.append(call(x[:1], b))
         _check(outs[-1], ref(x[:1], b))
         _check(call(x, b), ref(x, b))
