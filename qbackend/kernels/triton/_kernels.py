@@ -285,7 +285,7 @@ def _lut16(c, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t
 @triton.jit
 def wo_gemv_wide_kernel(
     x_ptr, out_ptr, bias_ptr,
-    codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr,
+    codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr, ptab_ptr,
     M, N, K, KH, G, stride_xm, stride_om, K_SPLIT, KP_SPLIT,
     LAYOUT: tl.constexpr, BS: tl.constexpr, SUB: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr,
     HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, IDX64: tl.constexpr,
@@ -298,7 +298,9 @@ def wo_gemv_wide_kernel(
     each slab lies in one constant block and its constants form a [BLOCK_N, NB] tile. Each slab is
     reduced with the raw code values (table entry or code - zero point), then scaled once per block.
     ``LUT`` (codebook): how table entries are found: 0 = gather from the 16-entry table in global
-    memory (L1), 1 = select tree over the code bits on 16 scalars, 2 = ``tl.gather`` on a register copy.
+    memory (L1), 1 = select tree over the code bits on 16 scalars, 2 = ``tl.gather`` on a register copy,
+    3 = one 8-byte gather per code byte from ``ptab`` [256, 2] = (table[b >> 4], table[b & 15]): half
+    the lookups and no nibble extraction.
     int8 (LAYOUT 2): a plain [BLOCK_N, BLOCK_K] tile, per-channel scale after the reduction.
     ``K_SPLIT`` is a multiple of BLOCK_K, so every tile starts on a slab boundary; the 4-bit loop
     runs in bytes (``KP_SPLIT = K_SPLIT // 2``) so the compiler sees 16-byte aligned row segments.
@@ -371,6 +373,11 @@ def wo_gemv_wide_kernel(
             ).to(tl.int32)  # fmt: skip
             hi = b >> 4  # first element of the pair sits in the high nibble (bitsandbytes order)
             lo = b & 15
+            if LAYOUT == 0:
+                if LUT == 3:
+                    # [.., 2] offsets contiguous in the last dim: one 64-bit load per byte.
+                    pair = tl.load(ptab_ptr + (2 * b)[:, :, :, None] + tl.arange(0, 2)[None, None, None, :])
+                    v_hi, v_lo = tl.split(pair.to(tl.float32))
             kb = 2 * kp0 + j * SUB  # first column of each slab
             cidx = n[:, None] * G + (kb // BS)[None, :]
             cmask = nm2 & (kb < 2 * kp_hi)[None, :]
@@ -381,6 +388,8 @@ def wo_gemv_wide_kernel(
                 if LUT == 1:
                     v_hi = _lut16(hi, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15)
                     v_lo = _lut16(lo, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15)
+                elif LUT == 3:
+                    pass  # looked up right after the load
                 elif LUT == 2:
                     # tl.gather from the table held as a register tensor (shuffles or shared memory,
                     # 32-bit indices) instead of a 64-bit address per element.

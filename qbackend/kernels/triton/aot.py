@@ -125,11 +125,12 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                               "stride_om": "i32", "K_SPLIT": "i32", "KP_SPLIT": "i32"}  # fmt: skip
                     wbk = 256 if layout == INT8 else 512
                     wbase = {k: v for k, v in base.items() if k != "ALIGNED"}
-                    for lut in (0, 1, 2) if layout == CODEBOOK else (0,):
+                    for lut in (0, 1, 2, 3) if layout == CODEBOOK else (0,):
                         for bm in (1, 4):
                             yield Spec(
-                                f"wide{('', '-sel', '-tlg')[lut]}-m{bm}-{tag}", K.wo_gemv_wide_kernel,
-                                _wo_types(layout, nested, zp, True, ptr, "*fp32", False) | wsizes,
+                                f"wide{('-glb', '-sel', '-tlg', '')[lut]}-m{bm}-{tag}", K.wo_gemv_wide_kernel,
+                                _wo_types(layout, nested, zp, True, ptr, "*fp32", False)
+                                | {"ptab_ptr": "*fp32" if lut == 3 else None} | wsizes,
                                 wbase | {"SUB": min(bs, wbk), "HAS_BIAS": True, "ATOMIC": True, "LUT": lut,
                                          "SIGNED": True, "BLOCK_M": bm, "BLOCK_N": 16, "BLOCK_K": wbk},
                                 num_warps=4, num_stages=2, expect=[r"LDG\.E(\.EF)?\.128"],

@@ -25,16 +25,37 @@ _LAYOUT_NAME = {CODEBOOK: "codebook", INT4: "int4", INT8: "int8"}
 _IDX32_LIMIT = 2**31 - 1
 
 # Small-M (decode) path switches, read on every call so one process can A/B them (the benchmark's
-# ``-old`` / ``-sel`` / ``-tlg`` format suffixes flip them):
+# ``-old`` / ``-glb`` / ``-sel`` / ``-tlg`` format suffixes flip them):
 # WIDE_GEMV: M <= autotune.WIDE_M_MAX runs ``wo_gemv_wide_kernel`` (K tiles spanning several
 #   constant blocks, M rows per program) wherever the weight allows it (see ``_Weight.wide``);
 #   False = the previous kernels (``wo_gemv_kernel`` for M == 1, the split-K tl.dot kernel above).
 # LUT: how the wide kernel finds NF4/FP4 table entries: "global" = gather from the 16-entry table in
 #   global memory (L1-resident), "select" = a select tree over the code bits on 16 scalars (registers
-#   only), "gather" = tl.gather on a register copy of the table.
+#   only), "gather" = tl.gather on a register copy of the table, "pairs" = one 8-byte gather per code
+#   byte from a 256-entry table of (table[hi], table[lo]) pairs (built once per table, see _pair_table).
 WIDE_GEMV = True
-LUT = "global"
-_LUTS = {"global": 0, "select": 1, "gather": 2}
+LUT = "pairs"
+_LUTS = {"global": 0, "select": 1, "gather": 2, "pairs": 3}
+_pair_tables: dict[tuple, torch.Tensor] = {}
+
+
+def _pair_table(table: torch.Tensor) -> torch.Tensor | None:
+    """fp32 [256, 2]: row b = (table[b >> 4], table[b & 15]), cached per table tensor and version.
+
+    None while a CUDA graph is being captured (the table would only be filled on replay): the
+    caller then uses the plain table.
+    """
+    key = (table.data_ptr(), table.device, table.dtype, table._version)
+    pt = _pair_tables.get(key)
+    if pt is None:
+        if table.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        t = table.reshape(-1).float()
+        pt = torch.stack([t.repeat_interleave(16), t.repeat(16)], 1).contiguous()
+        if len(_pair_tables) > 64:  # tables are a handful of constants; guard against churn
+            _pair_tables.clear()
+        _pair_tables[key] = pt
+    return pt
 
 
 @dataclass
@@ -197,9 +218,12 @@ def _wo_forward_wide(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias: tor
     if LUT not in _LUTS:
         _fail(f"linear.LUT is {LUT!r}; expected one of {sorted(_LUTS)}")
     lut = _LUTS[LUT] if w.layout == CODEBOOK else 0
+    ptab = _pair_table(w.table) if lut == 3 else None
+    if lut == 3 and ptab is None:
+        lut = 0
 
     def launch(cfg: at.KernelConfig) -> torch.Tensor:
-        return _launch_wo_wide(kern, cfg, x2, w, bias, lut)
+        return _launch_wo_wide(kern, cfg, x2, w, bias, lut, ptab)
 
     sms = _sms(x2.device, interp)
     per_byte = 1 if w.layout == INT8 else 2  # weight columns per byte (the wide variant's "bk_cap")
@@ -215,8 +239,9 @@ def _wo_forward_wide(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias: tor
 
 
 def _launch_wo_wide(
-    kern, cfg: at.KernelConfig, x2: torch.Tensor, w: _Weight, bias: torch.Tensor | None, lut: int
-) -> torch.Tensor:
+    kern, cfg: at.KernelConfig, x2: torch.Tensor, w: _Weight, bias: torch.Tensor | None, lut: int,
+    ptab: torch.Tensor | None,
+) -> torch.Tensor:  # fmt: skip
     m, k = x2.shape
     n = w.n
     bk = cfg.block_k
@@ -232,7 +257,7 @@ def _launch_wo_wide(
     g = 0 if w.layout == INT8 else k // w.bs if w.layout == CODEBOOK else w.groups
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, bm))
     kern.wo_gemv_wide_kernel[grid](
-        x2, out, bias, *w.ptr_args(), m, n, k, k // 2, g, x2.stride(0), out.stride(0), k_split, k_split // 2,
+        x2, out, bias, *w.ptr_args(), ptab, m, n, k, k // 2, g, x2.stride(0), out.stride(0), k_split, k_split // 2,
         LAYOUT=w.layout, BS=max(w.bs, 1), SUB=min(max(w.bs, 1), bk), NBS=w.nbs, NESTED=w.nested,
         HAS_ZP=w.zp is not None, HAS_BIAS=bias is not None, ATOMIC=atomic, IDX64=w.idx64,
         LUT=lut, SIGNED=w.codes.dtype == torch.int8,

@@ -350,7 +350,7 @@ def _wide_operands(fmt: str, n: int, k: int, bs: int, nested: bool, seed: int) -
     m=st.integers(1, 4),
     bs=st.sampled_from([2, 4, 16, 32, 64]),
     nested=st.booleans(),
-    lut=st.sampled_from(["global", "select", "gather"]),
+    lut=st.sampled_from(["pairs", "global", "select", "gather"]),
     bias=st.booleans(),
     block_n=st.sampled_from([8, 16, 32]),
     block_k=st.sampled_from([16, 32, 64, 128]),
@@ -396,7 +396,7 @@ def test_wide_gemv_switch_and_nonfinite(fmt: str, monkeypatch: pytest.MonkeyPatc
     x = _x((3,), k, torch.float32, seed=4)
     b = _bias(n, True)
     outs = []
-    for wide, lut in ((False, "global"), (True, "global"), (True, "select"), (True, "gather")):
+    for wide, lut in ((False, "pairs"), (True, "pairs"), (True, "global"), (True, "select"), (True, "gather")):
         monkeypatch.setattr(L, "WIDE_GEMV", wide)
         monkeypatch.setattr(L, "LUT", lut)
         outs.append(call(x[:1], b))
