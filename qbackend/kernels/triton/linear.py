@@ -10,12 +10,14 @@ their configs are tuned (capturing before that uses the heuristic config).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import autotune as at
 from ._runtime import kernels_for
@@ -36,25 +38,28 @@ _IDX32_LIMIT = 2**31 - 1
 WIDE_GEMV = True
 LUT = "pairs"
 _LUTS = {"global": 0, "select": 1, "gather": 2, "pairs": 3}
-_pair_tables: dict[tuple, torch.Tensor] = {}
+# Keyed by the caller's table tensor itself (code_table() hands out cached tensors), so an entry dies
+# with its table and a new table at a recycled address can never meet a stale pair table.
+_pair_tables: WeakIdKeyDictionary = WeakIdKeyDictionary()  # by identity: Tensor.__eq__ is elementwise
+_pair_lock = threading.Lock()
 
 
 def _pair_table(table: torch.Tensor) -> torch.Tensor | None:
     """fp32 [256, 2]: row b = (table[b >> 4], table[b & 15]), cached per table tensor and version.
 
-    None while a CUDA graph is being captured (the table would only be filled on replay): the
-    caller then uses the plain table.
+    None while a CUDA graph is being captured and no pair table exists yet (it would only be filled
+    on replay): the caller then uses the plain table.
     """
-    key = (table.data_ptr(), table.device, table.dtype, table._version)
-    pt = _pair_tables.get(key)
-    if pt is None:
-        if table.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None
-        t = table.reshape(-1).float()
-        pt = torch.stack([t.repeat_interleave(16), t.repeat(16)], 1).contiguous()
-        if len(_pair_tables) > 64:  # tables are a handful of constants; guard against churn
-            _pair_tables.clear()
-        _pair_tables[key] = pt
+    with _pair_lock:
+        hit = _pair_tables.get(table)
+    if hit is not None and hit[0] == table._version:
+        return hit[1]
+    if table.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    t = table.detach().reshape(-1).float()
+    pt = torch.stack([t.repeat_interleave(16), t.repeat(16)], 1).contiguous()
+    with _pair_lock:
+        _pair_tables[table] = (table._version, pt)
     return pt
 
 
@@ -74,6 +79,7 @@ class _Weight:
     table: torch.Tensor | None = None
     ntable: torch.Tensor | None = None
     bs: int = 0  # codebook block size / int4 group size (0 for int8)
+    table_src: torch.Tensor | None = None  # the caller's table tensor (key of the pair-table cache)
     nbs: int = 256
 
     @property
@@ -218,7 +224,7 @@ def _wo_forward_wide(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias: tor
     if LUT not in _LUTS:
         _fail(f"linear.LUT is {LUT!r}; expected one of {sorted(_LUTS)}")
     lut = _LUTS[LUT] if w.layout == CODEBOOK else 0
-    ptab = _pair_table(w.table) if lut == 3 else None
+    ptab = _pair_table(w.table_src if w.table_src is not None else w.table) if lut == 3 else None
     if lut == 3 and ptab is None:
         lut = 0
 
@@ -420,13 +426,14 @@ def _codebook_weight(
         return _Weight(
             CODEBOOK, out_features, in_features, _flat(codes), ncodes=_flat(nested_codes), nabs=_flat(nested_absmax),
             noff=_flat(nested_offset), table=_flat(table), ntable=_flat(nested_table), bs=blocksize,
-            nbs=nested_blocksize,
+            nbs=nested_blocksize, table_src=table,
         )  # fmt: skip
     if absmax is None or absmax.numel() < nblocks:
         _fail(f"absmax must hold {nblocks} block constants")
     return _Weight(
-        CODEBOOK, out_features, in_features, _flat(codes), scale=_flat(absmax), table=_flat(table), bs=blocksize
-    )
+        CODEBOOK, out_features, in_features, _flat(codes), scale=_flat(absmax), table=_flat(table), bs=blocksize,
+        table_src=table,
+    )  # fmt: skip
 
 
 def _int4_weight(

@@ -409,6 +409,24 @@ def test_wide_gemv_switch_and_nonfinite(fmt: str, monkeypatch: pytest.MonkeyPatc
     assert torch.isfinite(out[0]).all()
 
 
+def test_pair_table_cache() -> None:
+    """One pair table per table tensor and version; an entry dies with its table."""
+    import gc
+
+    t = code_table("nf4", DEVICE)
+    a = L._pair_table(t)
+    assert a is L._pair_table(t) and a.shape == (256, 2) and a.dtype == torch.float32
+    assert torch.equal(a[0x7F], torch.stack([t[7], t[15]])) and torch.equal(a[0xA0], torch.stack([t[10], t[0]]))
+    u = t.clone()
+    assert torch.equal(L._pair_table(u), a)
+    u.mul_(2)  # in-place change: a new version, a new pair table
+    assert torch.equal(L._pair_table(u), 2 * a)
+    n = len(L._pair_tables)
+    del u
+    gc.collect()
+    assert len(L._pair_tables) == n - 1
+
+
 def test_wide_gemv_configs() -> None:
     for per_byte in (1, 2):
         for m in (1, 2, 3, 4):
