@@ -126,9 +126,10 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                     wbk = 256 if layout == INT8 else 512
                     wbase = {k: v for k, v in base.items() if k != "ALIGNED"}
                     for lut in (0, 1, 2, 3) if layout == CODEBOOK else (0,):
+                        lname = ("-glb", "-sel", "-tlg", "")[lut] if layout == CODEBOOK else ""
                         for bm in (1, 4):
                             yield Spec(
-                                f"wide{('-glb', '-sel', '-tlg', '')[lut]}-m{bm}-{tag}", K.wo_gemv_wide_kernel,
+                                f"wide{lname}-m{bm}-{tag}", K.wo_gemv_wide_kernel,
                                 _wo_types(layout, nested, zp, True, ptr, "*fp32", False)
                                 | {"ptab_ptr": "*fp32" if lut == 3 else None} | wsizes,
                                 wbase | {"SUB": min(bs, wbk), "HAS_BIAS": True, "ATOMIC": True, "LUT": lut,
