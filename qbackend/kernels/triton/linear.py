@@ -51,17 +51,26 @@ def _pair_table(table: torch.Tensor) -> torch.Tensor | None:
     None while a CUDA graph is being captured and no pair table exists yet (it would only be filled
     on replay): the caller then uses the plain table.
     """
+    version = _version(table)
     with _pair_lock:
         hit = _pair_tables.get(table)
-    if hit is not None and hit[0] == table._version:
+    if hit is not None and hit[0] == version:
         return hit[1]
     if table.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     t = table.detach().reshape(-1).float()
     pt = torch.stack([t.repeat_interleave(16), t.repeat(16)], 1).contiguous()
     with _pair_lock:
-        _pair_tables[table] = (table._version, pt)
+        _pair_tables[table] = (version, pt)
     return pt
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place modification counter; inference tensors have none (-1: treated as never modified)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 @dataclass

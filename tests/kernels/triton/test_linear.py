@@ -425,6 +425,9 @@ def test_pair_table_cache() -> None:
     del u
     gc.collect()
     assert len(L._pair_tables) == n - 1
+    with torch.inference_mode():  # no version counter on inference tensors
+        v = t.clone()
+    assert torch.equal(L._pair_table(v), a)
 
 
 def test_wide_gemv_configs() -> None:
