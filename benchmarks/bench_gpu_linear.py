@@ -18,13 +18,14 @@ as a fraction of the device-to-device copy bandwidth (read + write) measured in 
     python benchmarks/bench_gpu_linear.py --out results.json
     python benchmarks/bench_gpu_linear.py --quick --grad  # + grad-input kernels
     python benchmarks/bench_gpu_linear.py --shapes 8192x8192 --ms 1,4 \
-        --formats nf4-nested-old,nf4-nested,nf4-nested-glb,nf4-nested-sel,nf4-nested-tlg,int4-old,int4,int8-old,int8
+        --formats nf4-nested-old,nf4-nested,nf4-nested-npf,nf4-nested-glb,nf4-nested-tlg,int4-old,int4,int8-old,int8
 
 Format suffixes for the small-M (decode) kernels, switched per call in the same process:
 ``-old`` = the previous kernels (``linear.WIDE_GEMV = False``); the wide GEMV with the NF4/FP4
 table looked up per nibble from global memory (``-glb``: ``linear.LUT = "global"``), by a register
 select tree (``-sel``: ``"select"``) or by ``tl.gather`` on a register copy (``-tlg``: ``"gather"``);
-no suffix = the defaults (wide GEMV, ``LUT = "pairs"``: one 8-byte lookup per code byte).
+no suffix = the defaults (wide GEMV, ``LUT = "pairs"``: one 8-byte lookup per code byte);
+``-npf`` = the default without the next-tile prefetch of the 4-bit codes (``linear.PREFETCH = False``).
 The last command above is the decode A/B.
 
 Without a CUDA GPU it prints why and exits with status 0 having measured nothing.
@@ -118,8 +119,11 @@ class Case:
     def __init__(self, fmt: str, k: int, n: int, copies: int) -> None:
         self.grad = fmt.endswith("-grad")  # grad-input direction: the call takes grad_y [M, N]
         fmt = fmt.removesuffix("-grad")
-        # Kernel-path suffix (see the module docstring): (WIDE_GEMV, LUT) for this format's calls.
-        paths = {"-old": (False, "pairs"), "-glb": (True, "global"), "-sel": (True, "select"), "-tlg": (True, "gather")}
+        # Kernel-path suffix (see the module docstring): (WIDE_GEMV, LUT, PREFETCH) for this format's calls.
+        paths = {
+            "-old": (False, "pairs", True), "-glb": (True, "global", True), "-sel": (True, "select", True),
+            "-tlg": (True, "gather", True), "-npf": (True, "pairs", False),
+        }  # fmt: skip
         sfx = next((s for s in paths if fmt.endswith(s)), "")
         self.path = paths.get(sfx)
         self.fmt, self.k, self.n = fmt.removesuffix(sfx) if sfx else fmt, k, n
@@ -210,15 +214,15 @@ class Case:
             return fn
         from qbackend.kernels.triton import linear as L
 
-        wide, lut = self.path
+        wide, lut, prefetch = self.path
 
         def switched() -> torch.Tensor:
-            old = L.WIDE_GEMV, L.LUT
-            L.WIDE_GEMV, L.LUT = wide, lut
+            old = L.WIDE_GEMV, L.LUT, L.PREFETCH
+            L.WIDE_GEMV, L.LUT, L.PREFETCH = wide, lut, prefetch
             try:
                 return fn()
             finally:
-                L.WIDE_GEMV, L.LUT = old
+                L.WIDE_GEMV, L.LUT, L.PREFETCH = old
 
         return switched
 
@@ -343,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="8192^2 only, M in {1, 16}")
     ap.add_argument(
         "--formats", default=",".join(FORMATS),
-        help=f"comma list from {FORMATS + GRAD_FORMATS}; weight-only ones also take -old / -glb / -sel / -tlg",
+        help=f"comma list from {FORMATS + GRAD_FORMATS}; weight-only ones also take -old/-glb/-sel/-tlg/-npf",
     )  # fmt: skip
     ap.add_argument("--grad", action="store_true", help=f"also time the grad-input kernels ({', '.join(GRAD_FORMATS)})")
     ap.add_argument("--ms", default=",".join(map(str, MS)))

@@ -289,7 +289,8 @@ def wo_gemv_wide_kernel(
     M, N, K, KH, G, stride_xm, stride_om, K_SPLIT, KP_SPLIT,
     LAYOUT: tl.constexpr, BS: tl.constexpr, SUB: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr,
     HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, IDX64: tl.constexpr,
-    LUT: tl.constexpr, SIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LUT: tl.constexpr, SIGNED: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """y[m, n] for BLOCK_M rows of x at once (the weight tile is decoded once and used for each row).
 
@@ -304,6 +305,8 @@ def wo_gemv_wide_kernel(
     int8 (LAYOUT 2): a plain [BLOCK_N, BLOCK_K] tile, per-channel scale after the reduction.
     ``K_SPLIT`` is a multiple of BLOCK_K, so every tile starts on a slab boundary; the 4-bit loop
     runs in bytes (``KP_SPLIT = K_SPLIT // 2``) so the compiler sees 16-byte aligned row segments.
+    ``PREFETCH`` (4-bit): the next tile's code bytes are loaded before the current tile is decoded,
+    so two tiles per program are in flight (the loop is not software-pipelined by the compiler).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -364,13 +367,29 @@ def wo_gemv_wide_kernel(
         nm2 = n_mask[:, None]
         kp_lo = pid_k * KP_SPLIT
         kp_hi = tl.minimum(kp_lo + KP_SPLIT, KH)
-        for kp0 in range(kp_lo, kp_hi, BLOCK_K // 2):
-            kp = kp0 + j[:, None] * (SUB // 2) + i[None, :]  # [NB, SUB // 2] byte offsets inside a row
-            k_mask = kp < kp_hi
-            b = tl.load(
-                codes_ptr + n3 * KH + kp[None, :, :], mask=nm2[:, :, None] & k_mask[None, :, :], other=0,
+        jk = j[:, None] * (SUB // 2) + i[None, :]  # [NB, SUB // 2] byte offsets inside a tile
+        if PREFETCH:
+            kp_n = kp_lo + jk
+            b_next = tl.load(
+                codes_ptr + n3 * KH + kp_n[None, :, :], mask=nm2[:, :, None] & (kp_n < kp_hi)[None, :, :], other=0,
                 eviction_policy="evict_first",
-            ).to(tl.int32)  # fmt: skip
+            )  # fmt: skip
+        for kp0 in range(kp_lo, kp_hi, BLOCK_K // 2):
+            kp = kp0 + jk
+            k_mask = kp < kp_hi
+            if PREFETCH:
+                b_raw = b_next
+                kp_n = kp + BLOCK_K // 2
+                b_next = tl.load(
+                    codes_ptr + n3 * KH + kp_n[None, :, :], mask=nm2[:, :, None] & (kp_n < kp_hi)[None, :, :],
+                    other=0, eviction_policy="evict_first",
+                )  # fmt: skip
+            else:
+                b_raw = tl.load(
+                    codes_ptr + n3 * KH + kp[None, :, :], mask=nm2[:, :, None] & k_mask[None, :, :], other=0,
+                    eviction_policy="evict_first",
+                )  # fmt: skip
+            b = b_raw.to(tl.int32)
             hi = b >> 4  # first element of the pair sits in the high nibble (bitsandbytes order)
             lo = b & 15
             if LAYOUT == 0:

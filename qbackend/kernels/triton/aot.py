@@ -133,7 +133,8 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                                 _wo_types(layout, nested, zp, True, ptr, "*fp32", False)
                                 | {"ptab_ptr": "*fp32" if lut == 3 else None} | wsizes,
                                 wbase | {"SUB": min(bs, wbk), "HAS_BIAS": True, "ATOMIC": True, "LUT": lut,
-                                         "SIGNED": True, "BLOCK_M": bm, "BLOCK_N": 16, "BLOCK_K": wbk},
+                                         "SIGNED": True, "PREFETCH": layout != INT8, "BLOCK_M": bm, "BLOCK_N": 16,
+                                         "BLOCK_K": wbk},
                                 num_warps=4, num_stages=2, expect=[r"LDG\.E(\.EF)?\.128"],
                             )  # fmt: skip
                 dsizes = {"M": "i32"} | sizes

@@ -28,7 +28,7 @@ _LAYOUT_NAME = {CODEBOOK: "codebook", INT4: "int4", INT8: "int8"}
 _IDX32_LIMIT = 2**31 - 1
 
 # Small-M (decode) path switches, read on every call so one process can A/B them (the benchmark's
-# ``-old`` / ``-glb`` / ``-sel`` / ``-tlg`` format suffixes flip them):
+# ``-old`` / ``-glb`` / ``-sel`` / ``-tlg`` / ``-npf`` format suffixes flip them):
 # WIDE_GEMV: M <= autotune.WIDE_M_MAX runs ``wo_gemv_wide_kernel`` (K tiles spanning several
 #   constant blocks, M rows per program) wherever the weight allows it (see ``_Weight.wide``);
 #   False = the previous kernels (``wo_gemv_kernel`` for M == 1, the split-K tl.dot kernel above).
@@ -36,8 +36,10 @@ _IDX32_LIMIT = 2**31 - 1
 #   global memory (L1-resident), "select" = a select tree over the code bits on 16 scalars (registers
 #   only), "gather" = tl.gather on a register copy of the table, "pairs" = one 8-byte gather per code
 #   byte from a 256-entry table of (table[hi], table[lo]) pairs (built once per table, see _pair_table).
+# PREFETCH: the wide 4-bit kernel loads the next K tile's codes before decoding the current one.
 WIDE_GEMV = True
 LUT = "pairs"
+PREFETCH = True
 _LUTS = {"global": 0, "select": 1, "gather": 2, "pairs": 3}
 # Keyed by the caller's table tensor itself (code_table() hands out cached tensors), so an entry dies
 # with its table and a new table at a recycled address can never meet a stale pair table.
@@ -244,7 +246,8 @@ def _wo_forward_wide(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias: tor
     sms = _sms(x2.device, interp)
     per_byte = 1 if w.layout == INT8 else 2  # weight columns per byte (the wide variant's "bk_cap")
     layout, bs, nested, zp = w.key_parts()
-    key = at.make_key(at.GEMV_WIDE, layout + ("" if lut == 0 else f"-lut{lut}"), bs, nested, zp, x2.dtype, m, w.n, w.k)
+    tag = layout + ("" if lut == 0 else f"-lut{lut}") + ("" if PREFETCH else "-npf")
+    key = at.make_key(at.GEMV_WIDE, tag, bs, nested, zp, x2.dtype, m, w.n, w.k)
     cfg = at.select_config(
         at.GEMV_WIDE, key, x2.device, interp, m,
         default=lambda: at.heuristic_config(at.GEMV_WIDE, m, w.n, w.k, per_byte, sms),
@@ -276,7 +279,7 @@ def _launch_wo_wide(
         x2, out, bias, *w.ptr_args(), ptab, m, n, k, k // 2, g, x2.stride(0), out.stride(0), k_split, k_split // 2,
         LAYOUT=w.layout, BS=max(w.bs, 1), SUB=min(max(w.bs, 1), bk), NBS=w.nbs, NESTED=w.nested,
         HAS_ZP=w.zp is not None, HAS_BIAS=bias is not None, ATOMIC=atomic, IDX64=w.idx64,
-        LUT=lut, SIGNED=w.codes.dtype == torch.int8,
+        LUT=lut, SIGNED=w.codes.dtype == torch.int8, PREFETCH=PREFETCH and w.layout != INT8,
         BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
     )  # fmt: skip

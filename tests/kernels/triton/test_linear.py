@@ -351,6 +351,7 @@ def _wide_operands(fmt: str, n: int, k: int, bs: int, nested: bool, seed: int) -
     bs=st.sampled_from([2, 4, 16, 32, 64]),
     nested=st.booleans(),
     lut=st.sampled_from(["pairs", "global", "select", "gather"]),
+    prefetch=st.booleans(),
     bias=st.booleans(),
     block_n=st.sampled_from([8, 16, 32]),
     block_k=st.sampled_from([16, 32, 64, 128]),
@@ -358,7 +359,7 @@ def _wide_operands(fmt: str, n: int, k: int, bs: int, nested: bool, seed: int) -
     dtype=st.sampled_from(WIDE_DTYPES),
 )
 def test_wide_gemv_hypothesis(
-    fmt: str, n: int, kb: int, k_extra: int, m: int, bs: int, nested: bool, lut: str, bias: bool,
+    fmt: str, n: int, kb: int, k_extra: int, m: int, bs: int, nested: bool, lut: str, prefetch: bool, bias: bool,
     block_n: int, block_k: int, split: int, dtype: torch.dtype,
 ) -> None:  # fmt: skip
     """Against the reference for K = several blocks (+ a partial block, odd K), N not dividing BLOCK_N,
@@ -379,6 +380,7 @@ def test_wide_gemv_hypothesis(
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(L, "_launch_wo_wide", spy)
         mp.setattr(L, "LUT", lut)
+        mp.setattr(L, "PREFETCH", prefetch)
         cfg = at.KernelConfig(block_m=4, block_n=block_n, block_k=block_k, split=split)
         with at.override_config(at.GEMV_WIDE, cfg):
             out = call(x, b)
@@ -389,16 +391,19 @@ def test_wide_gemv_hypothesis(
 
 @pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
 def test_wide_gemv_switch_and_nonfinite(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """WIDE_GEMV / LUT give the same results as the previous kernels; NaN and Inf in x spread
+    """WIDE_GEMV / LUT / PREFETCH give the same results as the previous kernels; NaN and Inf in x spread
     to the outputs as in the reference."""
     n, k, bs = 37, 192, 64
     call, ref = _wide_operands(fmt, n, k, bs, True, seed=5)
     x = _x((3,), k, torch.float32, seed=4)
     b = _bias(n, True)
     outs = []
-    for wide, lut in ((False, "pairs"), (True, "pairs"), (True, "global"), (True, "select"), (True, "gather")):
+    paths = [(False, "pairs", True), (True, "pairs", True), (True, "pairs", False), (True, "global", True),
+             (True, "select", True), (True, "gather", True)]  # fmt: skip
+    for wide, lut, prefetch in paths:
         monkeypatch.setattr(L, "WIDE_GEMV", wide)
         monkeypatch.setattr(L, "LUT", lut)
+        monkeypatch.setattr(L, "PREFETCH", prefetch)
         outs.append(call(x[:1], b))
         _check(outs[-1], ref(x[:1], b))
         _check(call(x, b), ref(x, b))
