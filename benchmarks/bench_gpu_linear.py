@@ -17,6 +17,16 @@ as a fraction of the device-to-device copy bandwidth (read + write) measured in 
     python benchmarks/bench_gpu_linear.py --quick         # 8192^2, M in {1, 16}
     python benchmarks/bench_gpu_linear.py --out results.json
     python benchmarks/bench_gpu_linear.py --quick --grad  # + grad-input kernels
+    python benchmarks/bench_gpu_linear.py --shapes 8192x8192 --ms 1,4 \
+        --formats nf4-nested-old,nf4-nested,nf4-nested-npf,nf4-nested-glb,nf4-nested-tlg,int4-old,int4,int8-old,int8
+
+Format suffixes for the small-M (decode) kernels, switched per call in the same process:
+``-old`` = the previous kernels (``linear.WIDE_GEMV = False``); the wide GEMV with the NF4/FP4
+table looked up per nibble from global memory (``-glb``: ``linear.LUT = "global"``), by a register
+select tree (``-sel``: ``"select"``) or by ``tl.gather`` on a register copy (``-tlg``: ``"gather"``);
+no suffix = the defaults (wide GEMV, ``LUT = "pairs"``: one 8-byte lookup per code byte);
+``-npf`` = the default without the next-tile prefetch of the 4-bit codes (``linear.PREFETCH = False``).
+The last command above is the decode A/B.
 
 Without a CUDA GPU it prints why and exits with status 0 having measured nothing.
 """
@@ -108,7 +118,15 @@ class Case:
 
     def __init__(self, fmt: str, k: int, n: int, copies: int) -> None:
         self.grad = fmt.endswith("-grad")  # grad-input direction: the call takes grad_y [M, N]
-        self.fmt, self.k, self.n = fmt.removesuffix("-grad"), k, n
+        fmt = fmt.removesuffix("-grad")
+        # Kernel-path suffix (see the module docstring): (WIDE_GEMV, LUT, PREFETCH) for this format's calls.
+        paths = {
+            "-old": (False, "pairs", True), "-glb": (True, "global", True), "-sel": (True, "select", True),
+            "-tlg": (True, "gather", True), "-npf": (True, "pairs", False),
+        }  # fmt: skip
+        sfx = next((s for s in paths if fmt.endswith(s)), "")
+        self.path = paths.get(sfx)
+        self.fmt, self.k, self.n = fmt.removesuffix(sfx) if sfx else fmt, k, n
         self.weights: list[tuple] = []
         self.w_bytes = 0
         w = torch.randn(n, k, device=DEV, dtype=ACT) * 0.02
@@ -191,6 +209,24 @@ class Case:
         return x.float() @ self.dequant if self.grad else F.linear(x.float(), self.dequant)
 
     def call(self, i: int, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        fn = self._call(i, x)
+        if self.path is None:
+            return fn
+        from qbackend.kernels.triton import linear as L
+
+        wide, lut, prefetch = self.path
+
+        def switched() -> torch.Tensor:
+            old = L.WIDE_GEMV, L.LUT, L.PREFETCH
+            L.WIDE_GEMV, L.LUT, L.PREFETCH = wide, lut, prefetch
+            try:
+                return fn()
+            finally:
+                L.WIDE_GEMV, L.LUT, L.PREFETCH = old
+
+        return switched
+
+    def _call(self, i: int, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         from qbackend.kernels import triton as T
 
         ops, f, n, k = self.weights[i], self.fmt, self.n, self.k
@@ -309,7 +345,10 @@ def _f(v: float | None, w: int, p: int, kind: str = "f") -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8192^2 only, M in {1, 16}")
-    ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma list from {FORMATS + GRAD_FORMATS}")
+    ap.add_argument(
+        "--formats", default=",".join(FORMATS),
+        help=f"comma list from {FORMATS + GRAD_FORMATS}; weight-only ones also take -old/-glb/-sel/-tlg/-npf",
+    )  # fmt: skip
     ap.add_argument("--grad", action="store_true", help=f"also time the grad-input kernels ({', '.join(GRAD_FORMATS)})")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default="", help="comma list of KxN (default: all four; --quick: 8192x8192)")

@@ -243,6 +243,208 @@ def wo_gemv_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+# weight-only forward, wide GEMV for M <= 4 (decode): each K tile spans several constant blocks
+# ---------------------------------------------------------------------------------------------
+
+# 2**23 as fp32 bits: OR-ing a small non-negative integer c into the mantissa gives the float
+# 2**23 + c exactly, so ``bits - 2**23`` converts c with full-rate integer/FP ops instead of the
+# quarter-rate int->float conversion (which bounds a 4-bit GEMV per byte read).
+_MAGIC_BITS = tl.constexpr(0x4B000000)
+
+
+@triton.jit
+def _small_int_f32(c, minus: tl.constexpr):
+    """float(c) - minus for int32 c in [0, 2**22), exact."""
+    return (c | _MAGIC_BITS).to(tl.float32, bitcast=True) - (8388608.0 + minus)
+
+
+@triton.jit
+def _lut16(c, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15):
+    """t[c] for 4-bit codes by a select tree over the code bits: no memory access per element."""
+    b0 = (c & 1) != 0
+    b1 = (c & 2) != 0
+    b2 = (c & 4) != 0
+    b3 = (c & 8) != 0
+    a0 = tl.where(b0, t1, t0)
+    a1 = tl.where(b0, t3, t2)
+    a2 = tl.where(b0, t5, t4)
+    a3 = tl.where(b0, t7, t6)
+    a4 = tl.where(b0, t9, t8)
+    a5 = tl.where(b0, t11, t10)
+    a6 = tl.where(b0, t13, t12)
+    a7 = tl.where(b0, t15, t14)
+    c0 = tl.where(b1, a1, a0)
+    c1 = tl.where(b1, a3, a2)
+    c2 = tl.where(b1, a5, a4)
+    c3 = tl.where(b1, a7, a6)
+    d0 = tl.where(b2, c1, c0)
+    d1 = tl.where(b2, c3, c2)
+    return tl.where(b3, d1, d0)
+
+
+@triton.jit
+def wo_gemv_wide_kernel(
+    x_ptr, out_ptr, bias_ptr,
+    codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr, ptab_ptr,
+    M, N, K, KH, G, stride_xm, stride_om, K_SPLIT, KP_SPLIT,
+    LAYOUT: tl.constexpr, BS: tl.constexpr, SUB: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr,
+    HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, IDX64: tl.constexpr,
+    LUT: tl.constexpr, SIGNED: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """y[m, n] for BLOCK_M rows of x at once (the weight tile is decoded once and used for each row).
+
+    4-bit layouts (K even, power-of-two block size; codebook blocks row-local, i.e. K % BS == 0):
+    the byte tile is [BLOCK_N, NB, SUB // 2] with ``SUB = min(BS, BLOCK_K)`` columns per slab, so
+    each slab lies in one constant block and its constants form a [BLOCK_N, NB] tile. Each slab is
+    reduced with the raw code values (table entry or code - zero point), then scaled once per block.
+    ``LUT`` (codebook): how table entries are found: 0 = gather from the 16-entry table in global
+    memory (L1), 1 = select tree over the code bits on 16 scalars, 2 = ``tl.gather`` on a register copy,
+    3 = one 8-byte gather per code byte from ``ptab`` [256, 2] = (table[b >> 4], table[b & 15]): half
+    the lookups and no nibble extraction.
+    int8 (LAYOUT 2): a plain [BLOCK_N, BLOCK_K] tile, per-channel scale after the reduction.
+    ``K_SPLIT`` is a multiple of BLOCK_K, so every tile starts on a slab boundary; the 4-bit loop
+    runs in bytes (``KP_SPLIT = K_SPLIT // 2``) so the compiler sees 16-byte aligned row segments.
+    ``PREFETCH`` (4-bit): the next tile's code bytes are loaded before the current tile is decoded,
+    so two tiles per program are in flight (the loop is not software-pipelined by the compiler).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m0 = tl.program_id(2) * BLOCK_M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    n = offs_n
+    if IDX64:
+        n = n.to(tl.int64)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    acc = tl.full([BLOCK_M, BLOCK_N], 0, tl.float32)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    if LAYOUT == 2:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_hi
+            b = tl.load(
+                codes_ptr + n[:, None] * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0,
+                eviction_policy="evict_first",
+            )  # fmt: skip
+            if SIGNED:
+                # int8 -> (q + 128) as a byte, then the exact magic-number conversion.
+                w = _small_int_f32(b.to(tl.uint8, bitcast=True).to(tl.int32) ^ 128, 128.0)
+            else:
+                w = _small_int_f32(b.to(tl.int32), 0.0)
+            for mi in tl.static_range(BLOCK_M):
+                xm = k_mask & ((offs_k * 0 + (m0 + mi)) < M)
+                x_row = x_ptr + (m0 + mi).to(tl.int64) * stride_xm
+                xv = tl.load(x_row + offs_k, mask=xm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                part = tl.reduce(w * xv[None, :], 1, _add)
+                acc += tl.where(rows[:, None] == m0 + mi, part[None, :], 0.0)
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        if LAYOUT == 0:
+            if LUT == 1:
+                t0 = tl.load(tab_ptr + 0).to(tl.float32)
+                t1 = tl.load(tab_ptr + 1).to(tl.float32)
+                t2 = tl.load(tab_ptr + 2).to(tl.float32)
+                t3 = tl.load(tab_ptr + 3).to(tl.float32)
+                t4 = tl.load(tab_ptr + 4).to(tl.float32)
+                t5 = tl.load(tab_ptr + 5).to(tl.float32)
+                t6 = tl.load(tab_ptr + 6).to(tl.float32)
+                t7 = tl.load(tab_ptr + 7).to(tl.float32)
+                t8 = tl.load(tab_ptr + 8).to(tl.float32)
+                t9 = tl.load(tab_ptr + 9).to(tl.float32)
+                t10 = tl.load(tab_ptr + 10).to(tl.float32)
+                t11 = tl.load(tab_ptr + 11).to(tl.float32)
+                t12 = tl.load(tab_ptr + 12).to(tl.float32)
+                t13 = tl.load(tab_ptr + 13).to(tl.float32)
+                t14 = tl.load(tab_ptr + 14).to(tl.float32)
+                t15 = tl.load(tab_ptr + 15).to(tl.float32)
+            if LUT == 2:
+                tab = tl.load(tab_ptr + tl.arange(0, 16)).to(tl.float32)
+        j = tl.arange(0, BLOCK_K // SUB)
+        i = tl.arange(0, SUB // 2)
+        n3 = n[:, None, None]
+        nm2 = n_mask[:, None]
+        kp_lo = pid_k * KP_SPLIT
+        kp_hi = tl.minimum(kp_lo + KP_SPLIT, KH)
+        jk = j[:, None] * (SUB // 2) + i[None, :]  # [NB, SUB // 2] byte offsets inside a tile
+        if PREFETCH:
+            kp_n = kp_lo + jk
+            b_next = tl.load(
+                codes_ptr + n3 * KH + kp_n[None, :, :], mask=nm2[:, :, None] & (kp_n < kp_hi)[None, :, :], other=0,
+                eviction_policy="evict_first",
+            )  # fmt: skip
+        for kp0 in range(kp_lo, kp_hi, BLOCK_K // 2):
+            kp = kp0 + jk
+            k_mask = kp < kp_hi
+            if PREFETCH:
+                b_raw = b_next
+                kp_n = kp + BLOCK_K // 2
+                b_next = tl.load(
+                    codes_ptr + n3 * KH + kp_n[None, :, :], mask=nm2[:, :, None] & (kp_n < kp_hi)[None, :, :],
+                    other=0, eviction_policy="evict_first",
+                )  # fmt: skip
+            else:
+                b_raw = tl.load(
+                    codes_ptr + n3 * KH + kp[None, :, :], mask=nm2[:, :, None] & k_mask[None, :, :], other=0,
+                    eviction_policy="evict_first",
+                )  # fmt: skip
+            b = b_raw.to(tl.int32)
+            hi = b >> 4  # first element of the pair sits in the high nibble (bitsandbytes order)
+            lo = b & 15
+            if LAYOUT == 0:
+                if LUT == 3:
+                    # [.., 2] offsets contiguous in the last dim: one 64-bit load per byte.
+                    pair = tl.load(ptab_ptr + (2 * b)[:, :, :, None] + tl.arange(0, 2)[None, None, None, :])
+                    v_hi, v_lo = tl.split(pair.to(tl.float32))
+            kb = 2 * kp0 + j * SUB  # first column of each slab
+            cidx = n[:, None] * G + (kb // BS)[None, :]
+            cmask = nm2 & (kb < 2 * kp_hi)[None, :]
+            s, zp = _block_consts(
+                cidx, cmask, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, ntab_ptr, NESTED, NBS, HAS_ZP
+            )  # fmt: skip
+            if LAYOUT == 0:
+                if LUT == 1:
+                    v_hi = _lut16(hi, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15)
+                    v_lo = _lut16(lo, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15)
+                elif LUT == 3:
+                    pass  # looked up right after the load
+                elif LUT == 2:
+                    # tl.gather from the table held as a register tensor (shuffles or shared memory,
+                    # 32-bit indices) instead of a 64-bit address per element.
+                    tab3 = tl.broadcast_to(tab[None, None, :], [BLOCK_N, BLOCK_K // SUB, 16])
+                    v_hi = tl.gather(tab3, hi, 2)
+                    v_lo = tl.gather(tab3, lo, 2)
+                else:
+                    v_hi = tl.load(tab_ptr + hi).to(tl.float32)
+                    v_lo = tl.load(tab_ptr + lo).to(tl.float32)
+            else:
+                if HAS_ZP:
+                    v_hi = _small_int_f32(hi, 0.0) - zp[:, :, None]
+                    v_lo = _small_int_f32(lo, 0.0) - zp[:, :, None]
+                else:
+                    v_hi = _small_int_f32(hi, 8.0)
+                    v_lo = _small_int_f32(lo, 8.0)
+            for mi in tl.static_range(BLOCK_M):
+                x_row = x_ptr + (m0 + mi).to(tl.int64) * stride_xm
+                xm = k_mask & ((kp * 0 + (m0 + mi)) < M)  # a tensor compare: the interpreter rejects a scalar bool here
+                xe = tl.load(x_row + 2 * kp, mask=xm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                xo = tl.load(x_row + 2 * kp + 1, mask=xm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                slab = tl.reduce(v_hi * xe[None, :, :] + v_lo * xo[None, :, :], 2, _add)  # [BLOCK_N, NB]
+                part = tl.reduce(slab * s, 1, _add)
+                acc += tl.where(rows[:, None] == m0 + mi, part[None, :], 0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]  # only the first K split adds the bias
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    o_mask = (rows < M)[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=o_mask, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+# ---------------------------------------------------------------------------------------------
 # weight-only decode: W [N, K] in the activation dtype, for large M (then cuBLAS runs the GEMM)
 # ---------------------------------------------------------------------------------------------
 
@@ -535,4 +737,3 @@ def read_runs_kernel(addr_ptr, out_ptr, RUN: tl.constexpr):
     base = tl.load(addr_ptr + r).to(tl.pointer_type(tl.uint8))  # another tensor's memory, by address
     offs = tl.arange(0, RUN)
     tl.store(out_ptr + r.to(tl.int64) * RUN + offs, tl.load(base + offs))
-

@@ -119,6 +119,24 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                     base | {"PAIRS": pairs, "HAS_BIAS": True, "ATOMIC": True, "BLOCK_N": 64, "BLOCK_K": 64},
                     num_warps=4, num_stages=2, expect=[r"LDG\.E(\.EF)?\.128|LDG\.E\.64|LDG"],
                 )  # fmt: skip
+                if mode == "al" or layout == INT8:
+                    # Wide decode GEMV (M <= 4): heuristic tiles, table gathered / selected in registers.
+                    wsizes = {"M": "i32", "N": "i32", "K": "i32", "KH": "i32", "G": "i32", "stride_xm": "i32",
+                              "stride_om": "i32", "K_SPLIT": "i32", "KP_SPLIT": "i32"}  # fmt: skip
+                    wbk = 256 if layout == INT8 else 512
+                    wbase = {k: v for k, v in base.items() if k != "ALIGNED"}
+                    for lut in (0, 1, 2, 3) if layout == CODEBOOK else (0,):
+                        lname = ("-glb", "-sel", "-tlg", "")[lut] if layout == CODEBOOK else ""
+                        for bm in (1, 4):
+                            yield Spec(
+                                f"wide{lname}-m{bm}-{tag}", K.wo_gemv_wide_kernel,
+                                _wo_types(layout, nested, zp, True, ptr, "*fp32", False)
+                                | {"ptab_ptr": "*fp32" if lut == 3 else None} | wsizes,
+                                wbase | {"SUB": min(bs, wbk), "HAS_BIAS": True, "ATOMIC": True, "LUT": lut,
+                                         "SIGNED": True, "PREFETCH": layout != INT8, "BLOCK_M": bm, "BLOCK_N": 16,
+                                         "BLOCK_K": wbk},
+                                num_warps=4, num_stages=2, expect=[r"LDG\.E(\.EF)?\.128"],
+                            )  # fmt: skip
                 dsizes = {"M": "i32"} | sizes
                 for vname, bm, bn, bk, atomic, nw, ns in (
                     ("small", 16, 64, 64, True, 4, 3),

@@ -28,15 +28,17 @@ import torch
 
 # Variant names (the launcher picks one by M).
 GEMV = "wo_gemv"  # weight-only, M == 1: split-K, no tl.dot
+GEMV_WIDE = "wo_gemv_wide"  # weight-only, M <= WIDE_M_MAX: K tiles spanning several blocks, no tl.dot
 WO_SMALL = "wo_small"  # weight-only, 2 <= M <= 64: tl.dot, M padded to 16, split-K
 WO_LARGE = "wo_large"  # weight-only, M > 64: tiled GEMM, grouped program order
 GRAD_SMALL = "wo_grad_small"  # grad_x, M <= 64: split over N
 GRAD_LARGE = "wo_grad_large"
 W8A8_SMALL = "w8a8_small"
 W8A8_LARGE = "w8a8_large"
-VARIANTS = (GEMV, WO_SMALL, WO_LARGE, GRAD_SMALL, GRAD_LARGE, W8A8_SMALL, W8A8_LARGE)
+VARIANTS = (GEMV, GEMV_WIDE, WO_SMALL, WO_LARGE, GRAD_SMALL, GRAD_LARGE, W8A8_SMALL, W8A8_LARGE)
 
 SMALL_M_MAX = 64
+WIDE_M_MAX = 4
 T = TypeVar("T")
 
 
@@ -98,6 +100,8 @@ def interpreter_config(variant: str, m: int) -> KernelConfig:
     """One fixed small config per variant: the interpreter cannot autotune and is slow."""
     if variant == GEMV:
         return KernelConfig(block_m=1, block_n=32, block_k=32, split=2)
+    if variant == GEMV_WIDE:
+        return KernelConfig(block_m=wide_block_m(m), block_n=16, block_k=64, split=2)
     if variant in (WO_SMALL, GRAD_SMALL, W8A8_SMALL):
         return KernelConfig(block_m=block_m_for(m), block_n=32, block_k=32, split=2, group_m=1)
     return KernelConfig(block_m=32, block_n=32, block_k=32, split=1, group_m=2)
@@ -121,13 +125,39 @@ def split_for(tiles: int, depth: int, block: int, sms: int, max_split: int = 32)
     return split
 
 
+def wide_block_m(m: int) -> int:
+    """Rows of x per wide-GEMV program: all of M (a power of two, at most WIDE_M_MAX)."""
+    return 1 << max(min(m, WIDE_M_MAX) - 1, 0).bit_length()
+
+
+def _wide_warps(block_n: int, block_k: int, byte_cols: int) -> int:
+    """Warps for a wide-GEMV tile: about 32 bytes of weights per thread and iteration."""
+    nbytes = block_n * block_k // byte_cols
+    return 8 if nbytes >= 16384 else 4 if nbytes >= 4096 else 2
+
+
+def wide_block_ks(k: int, byte_cols: int) -> list[int]:
+    """K tiles of the wide GEMV: 256..1024 columns (4-bit, ``byte_cols`` 2) or 128..512 (int8),
+    none much wider than K itself."""
+    top = max(16, 1 << max(k - 1, 1).bit_length())
+    base = (256, 512, 1024) if byte_cols == 2 else (128, 256, 512)
+    return sorted({min(b, top) for b in base})
+
+
 def heuristic_config(variant: str, m: int, n: int, k: int, bk_cap: int, sms: int) -> KernelConfig:
     """A reasonable untuned config for an [M, K] x [K, N] problem (grads: output [M, K], reduction N).
 
-    ``bk_cap`` bounds ``block_k`` so that K tiles stay inside one constant block (aligned path).
+    ``bk_cap`` bounds ``block_k`` so that K tiles stay inside one constant block (aligned path);
+    for GEMV_WIDE it is the number of weight columns per byte instead (2: 4-bit, 1: int8).
     """
     cap = lambda b: max(16, min(b, bk_cap))
     cdiv = lambda a, b: -(-a // b)
+    if variant == GEMV_WIDE:
+        # 4-bit when bk_cap is 2 (columns per byte), int8 when 1: 256 bytes per row per step.
+        bm, bn = wide_block_m(m), 16
+        bk = wide_block_ks(k, bk_cap)[1 if len(wide_block_ks(k, bk_cap)) > 1 else 0]
+        split = split_for(cdiv(n, bn), k, bk, sms)
+        return KernelConfig(bm, bn, bk, split, 1, _wide_warps(bn, bk, bk_cap), 2)
     if variant == GEMV:
         bn, bk = 64, cap(128)
         return KernelConfig(1, bn, bk, split_for(cdiv(n, bn), k, bk, sms), 1, 4, 2)
@@ -158,7 +188,14 @@ def candidate_configs(variant: str, m: int, n: int, k: int, bk_cap: int, sms: in
     bks = sorted({max(16, min(b, bk_cap)) for b in (32, 64, 128, 256)})
     big = [b for b in bks if b >= 32][-2:]  # the two largest K tiles allowed
     out: list[KernelConfig] = []
-    if variant == GEMV:
+    if variant == GEMV_WIDE:  # bk_cap carries columns per byte (2: 4-bit, 1: int8), see linear.py
+        bm = wide_block_m(m)
+        for bk in wide_block_ks(k, bk_cap):
+            for bn in (8, 16, 32):
+                base = split_for(cdiv(n, bn), k, bk, sms)
+                for split in sorted({base, base * 2}) if bn == 16 else [base]:
+                    out.append(KernelConfig(bm, bn, bk, split, 1, _wide_warps(bn, bk, bk_cap), 2))
+    elif variant == GEMV:
         for bn in (32, 64, 128):
             for bk in bks[-2:]:
                 base = split_for(cdiv(n, bn), k, bk, sms)
@@ -355,6 +392,7 @@ def clear_memory_cache() -> None:
 
 __all__ = [
     "GEMV",
+    "GEMV_WIDE",
     "GRAD_LARGE",
     "GRAD_SMALL",
     "KernelConfig",

@@ -1,7 +1,8 @@
 """Launchers: the public functions with the reference signatures, and their grad-input kernels.
 
 See the package docstring for the contract. Every function flattens ``x`` to [M, K], picks a kernel
-variant by M (GEMV for M == 1, split-K tl.dot for M <= 64, tiled GEMM above), picks a config
+variant by M (the wide GEMV for M <= 4 where the weight allows it, else GEMV for M == 1, split-K
+tl.dot for M <= 64, tiled GEMM above; see WIDE_GEMV below), picks a config
 (see :mod:`.autotune`) and launches. From a per-format M on (``_decode_min_m``) a call instead decodes
 W to the activation dtype and hands the GEMM to cuBLAS. No host synchronisation happens on the launch path (nested
 offset and scales are read by the kernel), so the functions can be captured in CUDA graphs once
@@ -10,12 +11,14 @@ their configs are tuned (capturing before that uses the heuristic config).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import autotune as at
 from ._runtime import kernels_for
@@ -23,6 +26,53 @@ from ._runtime import kernels_for
 CODEBOOK, INT4, INT8 = 0, 1, 2  # the kernels' LAYOUT constexpr (kernel stems; codebook = nf4, fp4)
 _LAYOUT_NAME = {CODEBOOK: "codebook", INT4: "int4", INT8: "int8"}
 _IDX32_LIMIT = 2**31 - 1
+
+# Small-M (decode) path switches, read on every call so one process can A/B them (the benchmark's
+# ``-old`` / ``-glb`` / ``-sel`` / ``-tlg`` / ``-npf`` format suffixes flip them):
+# WIDE_GEMV: M <= autotune.WIDE_M_MAX runs ``wo_gemv_wide_kernel`` (K tiles spanning several
+#   constant blocks, M rows per program) wherever the weight allows it (see ``_Weight.wide``);
+#   False = the previous kernels (``wo_gemv_kernel`` for M == 1, the split-K tl.dot kernel above).
+# LUT: how the wide kernel finds NF4/FP4 table entries: "global" = gather from the 16-entry table in
+#   global memory (L1-resident), "select" = a select tree over the code bits on 16 scalars (registers
+#   only), "gather" = tl.gather on a register copy of the table, "pairs" = one 8-byte gather per code
+#   byte from a 256-entry table of (table[hi], table[lo]) pairs (built once per table, see _pair_table).
+# PREFETCH: the wide 4-bit kernel loads the next K tile's codes before decoding the current one.
+WIDE_GEMV = True
+LUT = "pairs"
+PREFETCH = True
+_LUTS = {"global": 0, "select": 1, "gather": 2, "pairs": 3}
+# Keyed by the caller's table tensor itself (code_table() hands out cached tensors), so an entry dies
+# with its table and a new table at a recycled address can never meet a stale pair table.
+_pair_tables: WeakIdKeyDictionary = WeakIdKeyDictionary()  # by identity: Tensor.__eq__ is elementwise
+_pair_lock = threading.Lock()
+
+
+def _pair_table(table: torch.Tensor) -> torch.Tensor | None:
+    """fp32 [256, 2]: row b = (table[b >> 4], table[b & 15]), cached per table tensor and version.
+
+    None while a CUDA graph is being captured and no pair table exists yet (it would only be filled
+    on replay): the caller then uses the plain table.
+    """
+    version = _version(table)
+    with _pair_lock:
+        hit = _pair_tables.get(table)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    if table.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    t = table.detach().reshape(-1).float()
+    pt = torch.stack([t.repeat_interleave(16), t.repeat(16)], 1).contiguous()
+    with _pair_lock:
+        _pair_tables[table] = (version, pt)
+    return pt
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place modification counter; inference tensors have none (-1: treated as never modified)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 @dataclass
@@ -41,6 +91,7 @@ class _Weight:
     table: torch.Tensor | None = None
     ntable: torch.Tensor | None = None
     bs: int = 0  # codebook block size / int4 group size (0 for int8)
+    table_src: torch.Tensor | None = None  # the caller's table tensor (key of the pair-table cache)
     nbs: int = 256
 
     @property
@@ -56,6 +107,16 @@ class _Weight:
     def pairs(self) -> bool:
         """Byte-pair path: rows start on a byte (K even) and a pair never straddles two blocks (bs even)."""
         return self.layout != INT8 and self.k % 2 == 0 and self.bs % 2 == 0
+
+    @property
+    def wide(self) -> bool:
+        """Can the wide GEMV take this weight? int8 always; 4-bit with byte pairs, a power-of-two block
+        size, and (codebook) blocks that do not straddle rows."""
+        if self.layout == INT8:
+            return True
+        if not self.pairs or self.bs & (self.bs - 1):
+            return False
+        return self.layout == INT4 or self.k % self.bs == 0
 
     @property
     def idx64(self) -> bool:
@@ -150,6 +211,8 @@ def _wo_forward(x: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch
     if m >= _decode_min_m(w, grad=False):
         b = None if bias is None else bias.to(x2.dtype)
         return F.linear(x2, _decoded(kern, w, x2.dtype), b).reshape(*lead, w.n)
+    if WIDE_GEMV and m <= at.WIDE_M_MAX and w.wide:
+        return _wo_forward_wide(kern, interp, x2, w, bias).reshape(*lead, w.n)
     variant = at.GEMV if m == 1 else at.WO_SMALL if m <= at.SMALL_M_MAX else at.WO_LARGE
     dot_dtype, prec = _dot_dtype(x.dtype, interp)
 
@@ -166,6 +229,61 @@ def _wo_forward(x: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch
         bench=launch,
     )  # fmt: skip
     return at.launch_fitting(key, x.device, cfg, launch).reshape(*lead, w.n)
+
+
+def _wo_forward_wide(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    m = x2.shape[0]
+    if LUT not in _LUTS:
+        _fail(f"linear.LUT is {LUT!r}; expected one of {sorted(_LUTS)}")
+    lut = _LUTS[LUT] if w.layout == CODEBOOK else 0
+    ptab = _pair_table(w.table_src if w.table_src is not None else w.table) if lut == 3 else None
+    if lut == 3 and ptab is None:
+        lut = 0
+
+    def launch(cfg: at.KernelConfig) -> torch.Tensor:
+        return _launch_wo_wide(kern, cfg, x2, w, bias, lut, ptab)
+
+    sms = _sms(x2.device, interp)
+    per_byte = 1 if w.layout == INT8 else 2  # weight columns per byte (the wide variant's "bk_cap")
+    layout, bs, nested, zp = w.key_parts()
+    tag = layout + ("" if lut == 0 else f"-lut{lut}") + ("" if PREFETCH else "-npf")
+    key = at.make_key(at.GEMV_WIDE, tag, bs, nested, zp, x2.dtype, m, w.n, w.k)
+    cfg = at.select_config(
+        at.GEMV_WIDE, key, x2.device, interp, m,
+        default=lambda: at.heuristic_config(at.GEMV_WIDE, m, w.n, w.k, per_byte, sms),
+        candidates=lambda: at.candidate_configs(at.GEMV_WIDE, m, w.n, w.k, per_byte, sms),
+        bench=launch,
+    )  # fmt: skip
+    return at.launch_fitting(key, x2.device, cfg, launch)
+
+
+def _launch_wo_wide(
+    kern, cfg: at.KernelConfig, x2: torch.Tensor, w: _Weight, bias: torch.Tensor | None, lut: int,
+    ptab: torch.Tensor | None,
+) -> torch.Tensor:  # fmt: skip
+    m, k = x2.shape
+    n = w.n
+    bk = cfg.block_k
+    bm = at.wide_block_m(min(m, cfg.block_m))
+    # K_SPLIT is a multiple of BLOCK_K, so every tile starts on a slab (SUB columns) boundary.
+    k_split, split = _split(k, cfg.split, bk)
+    atomic = split > 1
+    if atomic:
+        out = torch.zeros((m, n), dtype=torch.float32, device=x2.device)
+    else:
+        out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    # Constants per row: codebook blocks are row-local here (K % bs == 0); int4 has a shorter tail group.
+    g = 0 if w.layout == INT8 else k // w.bs if w.layout == CODEBOOK else w.groups
+    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, bm))
+    kern.wo_gemv_wide_kernel[grid](
+        x2, out, bias, *w.ptr_args(), ptab, m, n, k, k // 2, g, x2.stride(0), out.stride(0), k_split, k_split // 2,
+        LAYOUT=w.layout, BS=max(w.bs, 1), SUB=min(max(w.bs, 1), bk), NBS=w.nbs, NESTED=w.nested,
+        HAS_ZP=w.zp is not None, HAS_BIAS=bias is not None, ATOMIC=atomic, IDX64=w.idx64,
+        LUT=lut, SIGNED=w.codes.dtype == torch.int8, PREFETCH=PREFETCH and w.layout != INT8,
+        BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
+    )  # fmt: skip
+    return out.to(x2.dtype) if atomic and x2.dtype != torch.float32 else out
 
 
 def _launch_wo_forward(
@@ -323,13 +441,14 @@ def _codebook_weight(
         return _Weight(
             CODEBOOK, out_features, in_features, _flat(codes), ncodes=_flat(nested_codes), nabs=_flat(nested_absmax),
             noff=_flat(nested_offset), table=_flat(table), ntable=_flat(nested_table), bs=blocksize,
-            nbs=nested_blocksize,
+            nbs=nested_blocksize, table_src=table,
         )  # fmt: skip
     if absmax is None or absmax.numel() < nblocks:
         _fail(f"absmax must hold {nblocks} block constants")
     return _Weight(
-        CODEBOOK, out_features, in_features, _flat(codes), scale=_flat(absmax), table=_flat(table), bs=blocksize
-    )
+        CODEBOOK, out_features, in_features, _flat(codes), scale=_flat(absmax), table=_flat(table), bs=blocksize,
+        table_src=table,
+    )  # fmt: skip
 
 
 def _int4_weight(

@@ -33,6 +33,7 @@ from qbackend.formats.codebooks import code_table  # noqa: E402
 from qbackend.kernels import reference as R  # noqa: E402
 from qbackend.kernels import triton as T  # noqa: E402
 from qbackend.kernels.triton import autotune as at  # noqa: E402
+from qbackend.kernels.triton import linear as L  # noqa: E402
 
 DEVICE = torch.device("cuda" if _CUDA else "cpu")
 DTYPES = [torch.float32, torch.float16]
@@ -295,8 +296,9 @@ def test_3d_inputs_and_bias_all_ops() -> None:
     ],
     ids=["gemv-nosplit", "gemv-bk64", "small-nosplit", "large-split"],
 )
-def test_config_paths(variant: str, cfg: at.KernelConfig, m: int) -> None:
+def test_config_paths(variant: str, cfg: at.KernelConfig, m: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Specialisations the fixed interpreter configs do not reach (split 1, BK > block size, ...)."""
+    monkeypatch.setattr(L, "WIDE_GEMV", False)  # these configs are the previous small-M kernels'
     n, k, bs = 40, 64, 32
     w = _codebook(n, k, "nf4", bs, nested=variant != at.WO_LARGE)  # nested NF4 decodes first at large M
     x = _x((m,), k, torch.float16, seed=m)
@@ -312,6 +314,141 @@ def test_grad_config_paths() -> None:
     ref = (gy.float() @ R.decode_int4(codes, scale, zp, n, k, g)).half()
     with at.override_config(at.GRAD_SMALL, at.KernelConfig(block_m=16, block_n=16, block_k=64, split=1)):
         _check(T.int4_linear_grad_input(gy, codes, scale, zp, n, k, g), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# wide GEMV (M <= 4): K tiles over several constant blocks, table gathered or selected in registers
+# ---------------------------------------------------------------------------------------------
+
+WIDE_DTYPES = DTYPES + ([torch.bfloat16] if _CUDA else [])  # the interpreter computes bf16 wrongly
+
+
+def _wide_operands(fmt: str, n: int, k: int, bs: int, nested: bool, seed: int) -> tuple[Callable, Callable]:
+    """(kernel call, reference call), each taking (x, bias), for one weight-only format."""
+    if fmt in ("nf4", "fp4"):
+        w = _codebook(n, k, fmt, bs, nested, seed=seed)
+        return (
+            lambda x, b: T.codebook_linear(x, *w, b, n, k, bs, 32),
+            lambda x, b: R.codebook_linear(x, *w, b, n, k, bs, 32),
+        )
+    if fmt == "int4":
+        c, s_, zp = _int4(n, k, bs, sym=not nested, seed=seed)  # ``nested`` picks the zero-point variant
+        return (
+            lambda x, b: T.int4_linear(x, c, s_, zp, b, n, k, bs),
+            lambda x, b: R.int4_linear(x, c, s_, zp, b, n, k, bs),
+        )
+    c, s_ = _int8(n, k, seed=seed)
+    return lambda x, b: T.int8_linear(x, c, s_, b, n, k), lambda x, b: R.int8_linear(x, c, s_, b, n, k)
+
+
+@settings(max_examples=25 if _CUDA else 80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    fmt=st.sampled_from(["nf4", "fp4", "int4", "int8"]),
+    n=st.integers(1, 40),
+    kb=st.integers(1, 5),
+    k_extra=st.sampled_from([0, 0, 2, 6, 1]),
+    m=st.integers(1, 4),
+    bs=st.sampled_from([2, 4, 16, 32, 64]),
+    nested=st.booleans(),
+    lut=st.sampled_from(["pairs", "global", "select", "gather"]),
+    prefetch=st.booleans(),
+    bias=st.booleans(),
+    block_n=st.sampled_from([8, 16, 32]),
+    block_k=st.sampled_from([16, 32, 64, 128]),
+    split=st.sampled_from([1, 2, 3]),
+    dtype=st.sampled_from(WIDE_DTYPES),
+)
+def test_wide_gemv_hypothesis(
+    fmt: str, n: int, kb: int, k_extra: int, m: int, bs: int, nested: bool, lut: str, prefetch: bool, bias: bool,
+    block_n: int, block_k: int, split: int, dtype: torch.dtype,
+) -> None:  # fmt: skip
+    """Against the reference for K = several blocks (+ a partial block, odd K), N not dividing BLOCK_N,
+    BLOCK_K below, at and above the block size, 1-3 K splits; the wide kernel must run where eligible."""
+    if fmt in ("nf4", "fp4") and bs < 32:
+        bs = 32 if bs == 16 else 64  # the quantizer's smallest codebook blocks; the small ones are int4 groups
+    k = kb * bs + k_extra
+    call, ref = _wide_operands(fmt, n, k, bs, nested, seed=n * 100 + k)
+    x = _x((m,), k, dtype, seed=m + k)
+    b = _bias(n, bias)
+    launched: list[int] = []
+    orig = L._launch_wo_wide
+
+    def spy(*a, **kw):  # noqa: ANN002, ANN003 - passes through
+        launched.append(1)
+        return orig(*a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(L, "_launch_wo_wide", spy)
+        mp.setattr(L, "LUT", lut)
+        mp.setattr(L, "PREFETCH", prefetch)
+        cfg = at.KernelConfig(block_m=4, block_n=block_n, block_k=block_k, split=split)
+        with at.override_config(at.GEMV_WIDE, cfg):
+            out = call(x, b)
+    _check(out, ref(x, b))
+    eligible = fmt == "int8" or (k % 2 == 0 and (fmt == "int4" or k % bs == 0))
+    assert bool(launched) == eligible, (fmt, k, bs)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
+def test_wide_gemv_switch_and_nonfinite(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WIDE_GEMV / LUT / PREFETCH give the same results as the previous kernels; NaN and Inf in x spread
+    to the outputs as in the reference."""
+    n, k, bs = 37, 192, 64
+    call, ref = _wide_operands(fmt, n, k, bs, True, seed=5)
+    x = _x((3,), k, torch.float32, seed=4)
+    b = _bias(n, True)
+    outs = []
+    paths = [(False, "pairs", True), (True, "pairs", True), (True, "pairs", False), (True, "global", True),
+             (True, "select", True), (True, "gather", True)]  # fmt: skip
+    for wide, lut, prefetch in paths:
+        monkeypatch.setattr(L, "WIDE_GEMV", wide)
+        monkeypatch.setattr(L, "LUT", lut)
+        monkeypatch.setattr(L, "PREFETCH", prefetch)
+        outs.append(call(x[:1], b))
+        _check(outs[-1], ref(x[:1], b))
+        _check(call(x, b), ref(x, b))
+    x[1, 5] = float("nan")
+    x[2, 7] = float("inf")
+    out, r = call(x, b).cpu(), ref(x, b).cpu()
+    assert torch.equal(torch.isnan(out), torch.isnan(r)) and torch.equal(torch.isinf(out), torch.isinf(r))
+    assert torch.isfinite(out[0]).all()
+
+
+def test_pair_table_cache() -> None:
+    """One pair table per table tensor and version; an entry dies with its table."""
+    import gc
+
+    t = code_table("nf4", DEVICE)
+    a = L._pair_table(t)
+    assert a is L._pair_table(t) and a.shape == (256, 2) and a.dtype == torch.float32
+    assert torch.equal(a[0x7F], torch.stack([t[7], t[15]])) and torch.equal(a[0xA0], torch.stack([t[10], t[0]]))
+    u = t.clone()
+    assert torch.equal(L._pair_table(u), a)
+    u.mul_(2)  # in-place change: a new version, a new pair table
+    assert torch.equal(L._pair_table(u), 2 * a)
+    n = len(L._pair_tables)
+    del u
+    gc.collect()
+    assert len(L._pair_tables) == n - 1
+    with torch.inference_mode():  # no version counter on inference tensors
+        v = t.clone()
+    assert torch.equal(L._pair_table(v), a)
+
+
+def test_wide_gemv_configs() -> None:
+    for per_byte in (1, 2):
+        for m in (1, 2, 3, 4):
+            for n, k in ((8192, 8192), (4096, 14336), (64, 96)):
+                cfgs = [at.heuristic_config(at.GEMV_WIDE, m, n, k, per_byte, 132)]
+                cfgs += at.candidate_configs(at.GEMV_WIDE, m, n, k, per_byte, 132)
+                assert 1 < len(cfgs) <= 13
+                for c in cfgs:
+                    assert c.block_m == at.wide_block_m(m) and c.block_m >= m and c.split >= 1
+                    assert c.block_k & (c.block_k - 1) == 0 and 16 <= c.block_k <= 1024
+                    assert c.block_n & (c.block_n - 1) == 0 and c.num_warps in (2, 4, 8)
+    # 8192^2 at M=1 on 132 SMs: about four programs per SM.
+    c = at.heuristic_config(at.GEMV_WIDE, 1, 8192, 8192, 2, 132)
+    assert 2 * 132 <= (8192 // c.block_n) * c.split <= 8 * 132
 
 
 def test_empty_input() -> None:
@@ -363,7 +500,7 @@ def test_config_cache_roundtrip(tmp_path) -> None:
 
 
 def test_heuristics_and_candidates_respect_caps() -> None:
-    for variant in at.VARIANTS:
+    for variant in (v for v in at.VARIANTS if v != at.GEMV_WIDE):  # its bk_cap means something else
         for m in (1, 16, 64, 4096):
             for bk_cap in (32, 64, 256):
                 cfgs = [at.heuristic_config(variant, m, 8192, 8192, bk_cap, 132)]
@@ -413,7 +550,7 @@ def test_kernels_compile_for_sm90() -> None:
     from qbackend.kernels.triton import aot
 
     wanted = {"gemv-nf4n-b64-bf16-al", "dot-small-nf4n-b64-bf16-al", "decode-nf4n-b64-bf16-al", "w8a8-small-bf16",
-              "read-runs"}  # fmt: skip
+              "read-runs", "wide-m1-nf4n-b64-bf16-al", "wide-m4-int4-g128-bf16-al"}  # fmt: skip
     reports = [aot.compile_spec(s) for s in aot.specs(quick=True) if s.name in wanted]
     assert len(reports) == len(wanted)
     bad = [(r.name, r.error or r.missing) for r in reports if not r.ok]
