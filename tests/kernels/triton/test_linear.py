@@ -378,6 +378,7 @@ def test_wide_gemv_hypothesis(
         return orig(*a, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(L, "_NESTED_DECODE_M", at.WIDE_M_MAX + 1)  # nested M >= 2 may decode first instead
         mp.setattr(L, "_launch_wo_wide", spy)
         mp.setattr(L, "LUT", lut)
         mp.setattr(L, "PREFETCH", prefetch)
@@ -394,6 +395,7 @@ def test_wide_gemv_switch_and_nonfinite(fmt: str, monkeypatch: pytest.MonkeyPatc
     """WIDE_GEMV / LUT / PREFETCH give the same results as the previous kernels; NaN and Inf in x spread
     to the outputs as in the reference."""
     n, k, bs = 37, 192, 64
+    monkeypatch.setattr(L, "_NESTED_DECODE_M", at.WIDE_M_MAX + 1)  # M = 3 reaches the small-M kernels
     call, ref = _wide_operands(fmt, n, k, bs, True, seed=5)
     x = _x((3,), k, torch.float32, seed=4)
     b = _bias(n, True)
