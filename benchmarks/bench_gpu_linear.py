@@ -18,14 +18,17 @@ as a fraction of the device-to-device copy bandwidth (read + write) measured in 
     python benchmarks/bench_gpu_linear.py --out results.json
     python benchmarks/bench_gpu_linear.py --quick --grad  # + grad-input kernels
     python benchmarks/bench_gpu_linear.py --shapes 8192x8192 --ms 1,4 \
-        --formats nf4-nested-old,nf4-nested,nf4-nested-npf,nf4-nested-glb,nf4-nested-tlg,int4-old,int4,int8-old,int8
+        --formats nf4-nested-old,nf4-nested,nf4-nested-prs,nf4-nested-npf,nf4-nested-tlg,int4-old,int4-glb,int8-old,\
+        int8-glb
 
 Format suffixes for the small-M (decode) kernels, switched per call in the same process:
-``-old`` = the previous kernels (``linear.WIDE_GEMV = False``); the wide GEMV with the NF4/FP4
-table looked up per nibble from global memory (``-glb``: ``linear.LUT = "global"``), by a register
-select tree (``-sel``: ``"select"``) or by ``tl.gather`` on a register copy (``-tlg``: ``"gather"``);
-no suffix = the defaults (wide GEMV, ``LUT = "pairs"``: one 8-byte lookup per code byte);
-``-npf`` = the default without the next-tile prefetch of the 4-bit codes (``linear.PREFETCH = False``).
+no suffix = the defaults (the wide GEMV where ``linear.WIDE_ROWS`` sends a layout to it: nested
+NF4/FP4 at M <= 2, with ``LUT = "global"``); ``-old`` = the previous kernels everywhere
+(``linear.WIDE_GEMV = False``); the wide GEMV for every layout at M <= 4 with the NF4/FP4 table looked
+up per nibble from global memory (``-glb``), as one 8-byte lookup per code byte from a 256-entry pair
+table (``-prs``: ``LUT = "pairs"``), by a register select tree (``-sel``) or by ``tl.gather`` on a
+register copy (``-tlg``); ``-npf`` = ``-glb`` without the next-tile prefetch of the 4-bit codes
+(``linear.PREFETCH = False``). Nested NF4/FP4 from M = 3 decodes first whatever the suffix.
 The last command above is the decode A/B.
 
 Without a CUDA GPU it prints why and exits with status 0 having measured nothing.
@@ -119,10 +122,12 @@ class Case:
     def __init__(self, fmt: str, k: int, n: int, copies: int) -> None:
         self.grad = fmt.endswith("-grad")  # grad-input direction: the call takes grad_y [M, N]
         fmt = fmt.removesuffix("-grad")
-        # Kernel-path suffix (see the module docstring): (WIDE_GEMV, LUT, PREFETCH) for this format's calls.
+        # Kernel-path suffix (see the module docstring): (WIDE_GEMV, LUT, PREFETCH, wide for every
+        # layout) for this format's calls.
         paths = {
-            "-old": (False, "pairs", True), "-glb": (True, "global", True), "-sel": (True, "select", True),
-            "-tlg": (True, "gather", True), "-npf": (True, "pairs", False),
+            "-old": (False, "global", True, False), "-glb": (True, "global", True, True),
+            "-prs": (True, "pairs", True, True), "-sel": (True, "select", True, True),
+            "-tlg": (True, "gather", True, True), "-npf": (True, "global", False, True),
         }  # fmt: skip
         sfx = next((s for s in paths if fmt.endswith(s)), "")
         self.path = paths.get(sfx)
@@ -212,17 +217,19 @@ class Case:
         fn = self._call(i, x)
         if self.path is None:
             return fn
+        from qbackend.kernels.triton import autotune as at
         from qbackend.kernels.triton import linear as L
 
-        wide, lut, prefetch = self.path
+        wide, lut, prefetch, every = self.path
+        rows = dict.fromkeys(L.WIDE_ROWS, at.WIDE_M_MAX) if every else L.WIDE_ROWS
 
         def switched() -> torch.Tensor:
-            old = L.WIDE_GEMV, L.LUT, L.PREFETCH
-            L.WIDE_GEMV, L.LUT, L.PREFETCH = wide, lut, prefetch
+            old = L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS
+            L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS = wide, lut, prefetch, rows
             try:
                 return fn()
             finally:
-                L.WIDE_GEMV, L.LUT, L.PREFETCH = old
+                L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS = old
 
         return switched
 

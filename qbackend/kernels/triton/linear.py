@@ -38,8 +38,14 @@ _IDX32_LIMIT = 2**31 - 1
 #   byte from a 256-entry table of (table[hi], table[lo]) pairs (built once per table, see _pair_table).
 # PREFETCH: the wide 4-bit kernel loads the next K tile's codes before decoding the current one.
 WIDE_GEMV = True
-LUT = "pairs"
+LUT = "global"
 PREFETCH = True
+# WIDE_ROWS: per layout, the M up to which WIDE_GEMV takes the wide kernel (H200 with CUDA graphs,
+# heuristic configs; `results/gpu_kernels.md`): nested NF4 at M=1 0.74-0.83x bf16 with the "global"
+# table against 0.62-0.80x before, at M=2 0.50-0.65x against 0.13-0.18x (decode-then-cuBLAS: 0.30-0.55x);
+# at M=4 no better than decoding first. int4 and int8 lost to their previous kernels at every M = 1..4
+# (8192^2, M=4: 0.39x and 0.57x against 0.99x and 1.20x), so they keep those.
+WIDE_ROWS = {CODEBOOK: 2, INT4: 0, INT8: 0}
 _LUTS = {"global": 0, "select": 1, "gather": 2, "pairs": 3}
 # Keyed by the caller's table tensor itself (code_table() hands out cached tensors), so an entry dies
 # with its table and a new table at a recycled address can never meet a stale pair table.
@@ -211,7 +217,7 @@ def _wo_forward(x: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch
     if m >= _decode_min_m(w, grad=False):
         b = None if bias is None else bias.to(x2.dtype)
         return F.linear(x2, _decoded(kern, w, x2.dtype), b).reshape(*lead, w.n)
-    if WIDE_GEMV and m <= at.WIDE_M_MAX and w.wide:
+    if WIDE_GEMV and m <= min(at.WIDE_M_MAX, WIDE_ROWS[w.layout]) and w.wide:
         return _wo_forward_wide(kern, interp, x2, w, bias).reshape(*lead, w.n)
     variant = at.GEMV if m == 1 else at.WO_SMALL if m <= at.SMALL_M_MAX else at.WO_LARGE
     dot_dtype, prec = _dot_dtype(x.dtype, interp)
@@ -328,10 +334,10 @@ def _launch_wo_forward(
 
 # From M on, decoding W to the activation dtype and running cuBLAS beats the fused kernels (H200:
 # at 8192^2, M=4096 the fused int4/int8 GEMMs ran at 0.5-0.6x bf16 and nested NF4 at 0.09x; nested
-# NF4 was also 0.13-0.2x from M=2 up (decode first: 0.30-0.55x at M=2..15; at M=1 the fused GEMV
-# wins, 0.63-0.79x against 0.32-0.49x), and its grad-input kernel 0.11-0.15x at every M).
+# NF4 was also 0.13-0.2x from M=2 up (decode first: 0.30-0.55x at M=2..15; at M=1-2 the wide GEMV
+# wins, see WIDE_ROWS), and its grad-input kernel 0.11-0.15x at every M).
 _DECODE_M = 512
-_NESTED_DECODE_M = 2
+_NESTED_DECODE_M = 3
 _NESTED_GRAD_DECODE_M = 1
 _DECODE_ROWS = 64  # rows of W per program; columns: up to 128, inside one block where possible
 

@@ -12,6 +12,7 @@ N, K = 33..96 cover partial tiles, several K splits and straddling/odd-K blocks.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 
 import torch
@@ -378,7 +379,8 @@ def test_wide_gemv_hypothesis(
         return orig(*a, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(L, "_NESTED_DECODE_M", at.WIDE_M_MAX + 1)  # nested M >= 2 may decode first instead
+        mp.setattr(L, "_NESTED_DECODE_M", at.WIDE_M_MAX + 1)  # nested M >= 3 may decode first instead
+        mp.setattr(L, "WIDE_ROWS", dict.fromkeys(L.WIDE_ROWS, at.WIDE_M_MAX))  # every layout, M = 1..4
         mp.setattr(L, "_launch_wo_wide", spy)
         mp.setattr(L, "LUT", lut)
         mp.setattr(L, "PREFETCH", prefetch)
@@ -396,6 +398,7 @@ def test_wide_gemv_switch_and_nonfinite(fmt: str, monkeypatch: pytest.MonkeyPatc
     to the outputs as in the reference."""
     n, k, bs = 37, 192, 64
     monkeypatch.setattr(L, "_NESTED_DECODE_M", at.WIDE_M_MAX + 1)  # M = 3 reaches the small-M kernels
+    monkeypatch.setattr(L, "WIDE_ROWS", dict.fromkeys(L.WIDE_ROWS, at.WIDE_M_MAX))
     call, ref = _wide_operands(fmt, n, k, bs, True, seed=5)
     x = _x((3,), k, torch.float32, seed=4)
     b = _bias(n, True)
@@ -603,7 +606,7 @@ def test_gpu_autotune_writes_cache(tmp_config_cache, monkeypatch) -> None:
     y = T.codebook_linear(x, *w, None, n, k, 64, 32)
     _check(y, R.codebook_linear(x, *w, None, n, k, 64, 32))
     files = list(tmp_path.glob("*.json"))
-    assert len(files) == 1 and "wo_gemv|codebook|bs64" in files[0].read_text()
+    assert len(files) == 1 and re.search(r"wo_gemv(_wide)?\|codebook[^|]*\|bs64", files[0].read_text())
     at.clear_memory_cache()
     _check(T.codebook_linear(x, *w, None, n, k, 64, 32), y)  # served from the file
 
