@@ -27,12 +27,13 @@ grad-input kernel (its weights are not trained through).
 Also exported: :func:`quantize_activations` (the per-token int8 activation quantizer of
 ``w8a8_linear``) and :mod:`.autotune` (configs, cache, ``override_config``).
 
-Kernel variants (see ``_kernels.py``): for M <= 4 a wide GEMV (``linear.WIDE_GEMV``; K tiles over
-several constant blocks, M rows per program, NF4/FP4 table per ``linear.LUT``) where the weight allows
-it (int8; 4-bit with even K, a power-of-two block size and, for NF4/FP4, K % blocksize == 0), else
+Kernel variants (see ``_kernels.py``): for small M a wide GEMV (``linear.WIDE_GEMV``; K tiles over
+several constant blocks, M rows per program, NF4/FP4 table per ``linear.LUT``) for the layouts and M
+that ``linear.WIDE_ROWS`` sends to it (measured: NF4/FP4 at M <= 2) where the weight allows it (int8;
+4-bit with even K, a power-of-two block size and, for NF4/FP4, K % blocksize == 0), else
 GEMV for M == 1 (split-K, ``tl.sum``, fp32 atomics), split-K
 ``tl.dot`` for M <= 64 (M padded to 16), a tiled GEMM with grouped program order above; from M = 512
-(16 for nested NF4/FP4) a decode kernel writes W in the activation dtype and cuBLAS runs the GEMM
+(3 for nested NF4/FP4) a decode kernel writes W in the activation dtype and cuBLAS runs the GEMM
 (the weight rounds to 16 bits there as in the fused 16-bit dots); every one
 specialised per format, block size, nesting, zero point and alignment (K % blocksize == 0 and even K:
 one constant load per row and K tile; otherwise per-element flat indices, blocks may straddle rows).
