@@ -126,9 +126,22 @@ def test_w8a8_packed_copy_follows_the_weight():
     # freed with the weight
     key = id(codes)
     assert key in w8a8._PACKED
+    held = w8a8.packed_nbytes()
+    assert held >= 48 * 72
     del codes
     gc.collect()
     assert key not in w8a8._PACKED
+    assert w8a8.packed_nbytes() <= held - 48 * 72
+
+
+@needs_vnni
+def test_w8a8_packing_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(w8a8, "PACKING", False)
+    codes, scale = _weight(30, 50, 6)
+    x = _x(200, 50, 6)
+    assert w8a8.packed_weight(codes, 30, 50) is None
+    _same(w8a8.w8a8_linear(x, codes, scale, None, None, 30, 50),
+          reference.w8a8_linear(x, codes, scale, None, None, 30, 50))  # fmt: skip
 
 
 @needs_vnni

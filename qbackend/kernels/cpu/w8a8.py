@@ -115,6 +115,11 @@ _F32, _I8 = torch.float32, torch.int8
 # load) the packed tiles beat torch's int8 GEMM at M = 480 too.
 PACKED_MAX_M = 4096
 
+# Whether calls make and use the packed copy (False: the canonical kernel, no extra memory). The copy
+# costs about the int8 weight's size again (n and k rounded up to 16 and 4) per packed layer; measured
+# (1 thread, under load) it is also faster at 4096x4096: M = 1 0.63 vs 1.19 ms, M = 64 6.0 vs 12 ms.
+PACKING = True
+
 # id(codes) -> (weak reference to codes, its data_ptr, its version, n, k, the packed copy). An entry goes
 # when its codes tensor is freed; a new address, version (in-place writes, ``copy_``, ``resize_``/``set_``)
 # or shape packs again, as the prepared calls of ``fast_path.py`` are keyed.
@@ -125,7 +130,7 @@ def packed_weight(codes: Tensor, n: int, k: int) -> Tensor | None:
     """The panel-packed copy of ``codes`` [n, k] for ``qbw8_linear_packed`` (made on first use, about the
     size of ``codes``: n and k rounded up to 16 and 4), or None: no library, or an inference tensor (no
     version counter to see an in-place write by: the canonical kernel reads it instead)."""
-    if codes.dtype is not _I8 or not codes.is_cpu or not codes.is_contiguous() or codes.numel() != n * k:
+    if not PACKING or codes.dtype is not _I8 or not codes.is_cpu or not codes.is_contiguous() or codes.numel() != n * k:
         return None
     try:
         version = codes._version
@@ -150,6 +155,11 @@ def packed_weight(codes: Tensor, n: int, k: int) -> Tensor | None:
 
     _PACKED[key] = (weakref.ref(codes, drop), codes.data_ptr(), version, n, k, packed)
     return packed
+
+
+def packed_nbytes() -> int:
+    """Bytes held by the packed weight copies alive now (each is freed with its weight)."""
+    return sum(e[5].untyped_storage().nbytes() for e in list(_PACKED.values()) if e[0]() is not None)
 
 
 def fast_linear(
