@@ -110,6 +110,7 @@ def test_w8a8_packed_tiles_equal_reference(n, k, m, use_bias, static_scale, spec
 def test_w8a8_packed_copy_follows_the_weight():
     n, k = 40, 70
     codes, scale = _weight(n, k, 21)
+    codes = codes.clone()  # not a view (a view's copy is keyed on its base)
     x = _x(5, k, 21)
     p1 = w8a8.packed_weight(codes, n, k)
     assert p1 is not None and p1.numel() == 48 * 72  # n and k rounded up to 16 and 4
@@ -142,6 +143,26 @@ def test_w8a8_packing_can_be_switched_off(monkeypatch):
     assert w8a8.packed_weight(codes, 30, 50) is None
     _same(w8a8.w8a8_linear(x, codes, scale, None, None, 30, 50),
           reference.w8a8_linear(x, codes, scale, None, None, 30, 50))  # fmt: skip
+
+
+@needs_vnni
+def test_w8a8_packed_copy_of_a_view_made_per_call():
+    # callers that pass codes.view(...) each call get the base's one packed copy, and see writes through views
+    n, k = 24, 36
+    codes, scale = _weight(n, k, 8)
+    base = codes.view(n, k)
+    x = _x(3, k, 8)
+    p1 = w8a8.packed_weight(base.view(-1), n, k)
+    assert p1 is not None and w8a8.packed_weight(base.view(-1), n, k) is p1
+    base.view(-1)[10] = -100
+    assert w8a8.packed_weight(base.view(-1), n, k) is not p1
+    _same(w8a8.fast_linear(x, codes.view(-1), scale, None, None, n, k),
+          reference.w8a8_linear(x, codes, scale, None, None, n, k))  # fmt: skip
+    # a view of only part of a tensor is packed on its own
+    big = torch.zeros(2 * n * k, dtype=torch.int8)
+    big[n * k :] = codes
+    part = big[n * k :]
+    _same(w8a8.fast_linear(x, part, scale, None, None, n, k), reference.w8a8_linear(x, codes, scale, None, None, n, k))
 
 
 @needs_vnni

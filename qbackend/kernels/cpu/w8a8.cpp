@@ -3,8 +3,9 @@
 // reference's operation order (so the result matches qbackend.kernels.reference.w8a8_linear bit for bit).
 //
 // vpdpbusd multiplies unsigned by signed bytes. The weight is the unsigned operand: w ^ 0x80 == w + 128
-// (one vpxorq per 64 weights, no repacked copy), and the bias this adds, 128 * sum_k xq[m, k], is taken
-// off per row of x (computed in the prologue). int32 wrap-around is harmless: the true sum fits in int32
+// (the canonical kernel: one vpxorq per 64 weights on the [N, K] codes; the packed kernel below
+// qbw8_pack: stored as w + 128 in a prepared panel copy), and the bias this adds, 128 * sum_k xq[m, k],
+// is taken off per row of x (computed in the prologue). int32 wrap-around is harmless: the true sum fits in int32
 // for K <= 131072 (127 * 127 * K < 2^31), and modular arithmetic gives it exactly.
 //
 // Prologue: each row of x is quantized here (per-token scale amax / 127, or a static scale), with a
