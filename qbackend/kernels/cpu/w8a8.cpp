@@ -218,9 +218,9 @@ QBW8_TARGET void rows(const int8_t* codes, const float* scale, const float* bias
 // against 16 columns: the accumulators are [MR rows of x] x [NB blocks of 16 columns] with no horizontal
 // reduction (MLAS/ggml style). The same int32 sums (minus 128 * sum_k xq) as the canonical kernel.
 
-// MR rows of xq x NB blocks of 16 columns starting at block b; epilogue applied, columns >= N not stored.
 // The int32 sums of MR rows of xq x NB blocks (16 columns each) starting at packed block b, into out
-// [MR][NB][16]. (Loops fully unrolled so that GCC keeps acc in registers, not in a stack array.)
+// [MR][NB][16]. (Loops fully unrolled so that GCC keeps acc in registers, not in a stack array; with the
+// epilogue in the same function GCC spills acc to the stack on every step of k.)
 template <int MR, int NB>
 QBW8_TARGET inline void psums(const uint8_t* packed, int64_t K4, const int8_t* xr, int64_t ld, int64_t b,
                               int32_t* out) {
