@@ -26,6 +26,7 @@
 #endif
 
 extern "C" {
+int qb_all_finite(const float* p, int64_t n);  // finite_check.cpp
 void qb_pool_run(int64_t nchunks, int nthreads, void (*fn)(void*, int64_t, int), void* ctx);  // qlinear.cpp
 }
 
@@ -468,6 +469,15 @@ int qbw8_linear_packed(const float* x, int64_t M, int64_t K, const uint8_t* pack
     (void)nthreads;
     return 1;
 #endif
+}
+
+// qbw8_linear_packed for the fast call: returns 0 only when it ran and every output is finite (else the
+// caller's regular path, with its overflow retry, computes the call); one ctypes call instead of two.
+int qbw8_linear_packed_finite(const float* x, int64_t M, int64_t K, const uint8_t* packed, const float* scale,
+                              int64_t N, const float* bias, const float* act_scale, float* y, int nthreads) {
+    const int rc = qbw8_linear_packed(x, M, K, packed, scale, N, bias, act_scale, y, nthreads);
+    if (rc != 0) return rc;
+    return qb_all_finite(y, M * N) ? 0 : 2;
 }
 
 }  // extern "C"

@@ -50,6 +50,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.qbw8_pack.restype = None
     lib.qbw8_linear_packed.argtypes = [P, I64, I64, P, P, I64, P, P, P, INT]
     lib.qbw8_linear_packed.restype = INT
+    lib.qbw8_linear_packed_finite.argtypes = [P, I64, I64, P, P, I64, P, P, P, INT]
+    lib.qbw8_linear_packed_finite.restype = INT
     return lib if lib.qbw8_available() else None
 
 
@@ -195,17 +197,18 @@ def fast_linear(
     y = torch.empty(m, n)
     packed = packed_weight(codes, n, k)
     if packed is not None:
-        rc = lib.qbw8_linear_packed(x.data_ptr(), m, k, packed.data_ptr(), scale.data_ptr(), n,
-                                    None if bias is None else bias.data_ptr(),
-                                    None if act_scale is None else act_scale.data_ptr(), y.data_ptr(),
-                                    torch.get_num_threads())  # fmt: skip
-    elif m >= LIBRARY_MIN_M:
+        rc = lib.qbw8_linear_packed_finite(x.data_ptr(), m, k, packed.data_ptr(), scale.data_ptr(), n,
+                                           None if bias is None else bias.data_ptr(),
+                                           None if act_scale is None else act_scale.data_ptr(), y.data_ptr(),
+                                           torch.get_num_threads())  # fmt: skip
+        if rc != 0:  # (2: a non-finite output)
+            return None
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+    if m >= LIBRARY_MIN_M:
         return None
-    else:
-        rc = lib.qbw8_linear(x.data_ptr(), m, k, codes.data_ptr(), scale.data_ptr(), n,
-                             None if bias is None else bias.data_ptr(),
-                             None if act_scale is None else act_scale.data_ptr(), y.data_ptr(),
-                             torch.get_num_threads())  # fmt: skip
+    rc = lib.qbw8_linear(x.data_ptr(), m, k, codes.data_ptr(), scale.data_ptr(), n,
+                         None if bias is None else bias.data_ptr(), None if act_scale is None else act_scale.data_ptr(),
+                         y.data_ptr(), torch.get_num_threads())  # fmt: skip
     if rc != 0 or not _build.load().qb_all_finite(y.data_ptr(), m * n):
         return None
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
