@@ -3,9 +3,10 @@
 One process, interleaved rounds, medians; ratio = fp32 ``F.linear`` time / method time (higher is
 faster). Methods (all compute x_int8 @ W_int8^T in int32, exact):
 
-* ``qbackend w8a8 VNNI tiles`` / ``prologue+_int_mm+epilogue``: the ``torch.ops.qbackend.w8a8_linear``
-  op (activation quantization included) with its own VNNI kernel, or with its prologue, ``torch._int_mm``
-  and its epilogue (the op switches at ``w8a8.LIBRARY_MIN_M``);
+* ``qbackend w8a8 packed VNNI tiles`` / ``VNNI tiles`` / ``prologue+_int_mm+epilogue``: the
+  ``torch.ops.qbackend.w8a8_linear`` op (activation quantization included) on its packed weight copy
+  (its default), or without it on its canonical-layout VNNI kernel, or with its prologue,
+  ``torch._int_mm`` and its epilogue (without the packed copy the op switches at ``w8a8.LIBRARY_MIN_M``);
 * ``torch._int_mm``: oneDNN/own s8s8 GEMM of torch (int32 out) on the already-quantized activations;
 * ``onednn qlinear s8`` / ``u8``: ``torch.ops.onednn.qlinear_pointwise`` (what Inductor's x86 int8
   lowering calls) on a prepacked weight, int8 or uint8 (+128 zero point) activations, fp32 out;
@@ -31,14 +32,15 @@ import qbackend  # noqa: F401  (registers torch.ops.qbackend.*)
 from qbackend.kernels.cpu import w8a8
 
 
-def _w8a8_with(library_min_m: int, x, codes, scale, n: int, k: int):
-    """The qbackend w8a8 op with its large-M switch forced (the op's own dispatch picks one of the two)."""
-    old = w8a8.LIBRARY_MIN_M
-    w8a8.LIBRARY_MIN_M = library_min_m
+def _w8a8_with(library_min_m: int, x, codes, scale, n: int, k: int, packing: bool = False):
+    """The qbackend w8a8 op with its large-M switch and its packed weight copy forced (the op's own
+    dispatch uses the packed copy where it can be made)."""
+    old = w8a8.LIBRARY_MIN_M, w8a8.PACKING
+    w8a8.LIBRARY_MIN_M, w8a8.PACKING = library_min_m, packing
     try:
         return torch.ops.qbackend.w8a8_linear(x, codes.view(-1), scale, None, None, n, k)
     finally:
-        w8a8.LIBRARY_MIN_M = old
+        w8a8.LIBRARY_MIN_M, w8a8.PACKING = old
 
 
 def _methods(n: int, k: int, m: int, compiled: bool) -> dict:
@@ -60,6 +62,7 @@ def _methods(n: int, k: int, m: int, compiled: bool) -> dict:
     meths = {
         "fp32 F.linear": lambda: F.linear(x, w),
         "bf16 F.linear": (lambda wb, xb: lambda: F.linear(xb, wb))(w.bfloat16(), x.bfloat16()),
+        "qbackend w8a8 packed VNNI tiles": lambda: _w8a8_with(1 << 30, x, codes, scale, n, k, packing=True),
         "qbackend w8a8 VNNI tiles": lambda: _w8a8_with(1 << 30, x, codes, scale, n, k),
         "qbackend w8a8 prologue+_int_mm+epilogue": lambda: _w8a8_with(0, x, codes, scale, n, k),
         "torch._int_mm (W^T view)": lambda: torch._int_mm(xq, wt),

@@ -69,6 +69,10 @@ def kernel_call(preset, compute, kw, x, b, y):
     if preset == "w8a8":
         L = kw8a8._lib()
         codes, scale = kw
+        packed = kw8a8.packed_weight(codes, n, k)  # what the op's calls use (its canonical kernel without it)
+        if packed is not None:
+            return lambda: L.qbw8_linear_packed(x.data_ptr(), m, k, packed.data_ptr(), scale.data_ptr(), n,
+                                                b.data_ptr(), None, y.data_ptr(), nt)  # fmt: skip
         return lambda: L.qbw8_linear(x.data_ptr(), m, k, codes.data_ptr(), scale.data_ptr(), n, b.data_ptr(), None,
                                      y.data_ptr(), nt)  # fmt: skip
     if preset == "nf4":

@@ -354,10 +354,13 @@ def test_w8a8_fast_form_takes_small_calls_and_declines_the_rest():
     x = torch.randn(8, 96)
     if kcpu._w8a8.available():
         _same(fast.linear_args(x, *args), torch.ops.qbackend.w8a8_linear(x, *args))
-    # not taken: other dtypes, non-contiguous x, M at the library GEMM, a wrong weight size, M = 0
+        # M past the canonical kernel's range: the packed weight's tiles take it
+        x200 = torch.randn(200, 96)
+        _same(fast.linear_args(x200, *args), torch.ops.qbackend.w8a8_linear(x200, *args))
+    # not taken: other dtypes, non-contiguous x, M past the packed tiles, a wrong weight size, M = 0
     assert fast.linear_args(x.bfloat16(), *args) is None
     assert fast.linear_args(torch.randn(96, 8).t(), *args) is None
-    assert fast.linear_args(torch.randn(200, 96), *args) is None
+    assert fast.linear_args(torch.randn(kcpu._w8a8.PACKED_MAX_M + 1, 96), *args) is None
     assert fast.linear_args(x, mod.codes[:-1], *args[1:]) is None
     assert fast.linear_args(torch.randn(0, 96), *args) is None
     # the fast form's __call__ (compiled code) still runs everything, through the regular kernel where needed

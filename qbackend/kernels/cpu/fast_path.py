@@ -269,7 +269,9 @@ _PREPARE: dict[tuple[str, str], Callable[[tuple, tuple], Prepared | None]] = {
 
 class W8A8Fast:
     """The fast form of ``w8a8_linear``'s CPU kernel: :func:`.w8a8.fast_linear` (no per-call validation or
-    conversions; it checks what it relies on), else the regular kernel. Nothing is prepared per weight."""
+    conversions; it checks what it relies on), else the regular kernel. The one thing prepared per weight,
+    the packed copy of the codes, is kept by :func:`.w8a8.packed_weight` (keyed as the prepared calls
+    above: address, version counter, the same object)."""
 
     def __init__(self, direct: _Kernel) -> None:
         self.direct = direct

@@ -3,8 +3,9 @@
 // reference's operation order (so the result matches qbackend.kernels.reference.w8a8_linear bit for bit).
 //
 // vpdpbusd multiplies unsigned by signed bytes. The weight is the unsigned operand: w ^ 0x80 == w + 128
-// (one vpxorq per 64 weights, no repacked copy), and the bias this adds, 128 * sum_k xq[m, k], is taken
-// off per row of x (computed in the prologue). int32 wrap-around is harmless: the true sum fits in int32
+// (the canonical kernel: one vpxorq per 64 weights on the [N, K] codes; the packed kernel below
+// qbw8_pack: stored as w + 128 in a prepared panel copy), and the bias this adds, 128 * sum_k xq[m, k],
+// is taken off per row of x (computed in the prologue). int32 wrap-around is harmless: the true sum fits in int32
 // for K <= 131072 (127 * 127 * K < 2^31), and modular arithmetic gives it exactly.
 //
 // Prologue: each row of x is quantized here (per-token scale amax / 127, or a static scale), with a
@@ -25,6 +26,7 @@
 #endif
 
 extern "C" {
+int qb_all_finite(const float* p, int64_t n);  // finite_check.cpp
 void qb_pool_run(int64_t nchunks, int nthreads, void (*fn)(void*, int64_t, int), void* ctx);  // qlinear.cpp
 }
 
@@ -210,6 +212,103 @@ QBW8_TARGET void rows(const int8_t* codes, const float* scale, const float* bias
     }
 }
 
+
+// ---- the packed-weight kernel (a prepared copy of the weight, see qbw8_pack) --------------------------------
+// Panel layout: for each block of 16 output columns, for each group of 4 k, the 16 columns' 4 bytes
+// (64 bytes, one zmm), as unsigned w + 128. One broadcast of 4 bytes of a row of xq then feeds vpdpbusd
+// against 16 columns: the accumulators are [MR rows of x] x [NB blocks of 16 columns] with no horizontal
+// reduction (MLAS/ggml style). The same int32 sums (minus 128 * sum_k xq) as the canonical kernel.
+
+// The int32 sums of MR rows of xq x NB blocks (16 columns each) starting at packed block b, into out
+// [MR][NB][16]. (Loops fully unrolled so that GCC keeps acc in registers, not in a stack array; with the
+// epilogue in the same function GCC spills acc to the stack on every step of k.)
+template <int MR, int NB>
+QBW8_TARGET inline void psums(const uint8_t* packed, int64_t K4, const int8_t* xr, int64_t ld, int64_t b,
+                              int32_t* out) {
+    __m512i acc[MR][NB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_si512();
+    const int64_t panel = 16 * K4;  // bytes per block of 16 columns
+    const uint8_t* w = packed + b * panel;
+    for (int64_t kb = 0; kb < K4; kb += 4) {
+        __m512i wv[NB];
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; ++j) wv[j] = _mm512_load_si512(w + j * panel + kb * 16);
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; ++m) {
+            int32_t x4;
+            std::memcpy(&x4, xr + m * ld + kb, 4);
+            const __m512i xb = _mm512_set1_epi32(x4);
+#pragma GCC unroll 4
+            for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], wv[j], xb);
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; ++j) _mm512_store_si512(out + (m * NB + j) * 16, acc[m][j]);
+}
+
+// MR rows of xq x NB blocks of 16 columns starting at block b; epilogue applied, columns >= N not stored.
+template <int MR, int NB>
+QBW8_TARGET void ptile(const uint8_t* packed, int64_t K4, const int8_t* xq, int64_t ld, const int32_t* xsum,
+                       const float* sx, const float* scale, const float* bias, int64_t N, int64_t m0, int64_t b,
+                       float* y) {
+    alignas(64) int32_t sums[MR * NB * 16];
+    psums<MR, NB>(packed, K4, xq + m0 * ld, ld, b, sums);
+    for (int j = 0; j < NB; ++j) {
+        const int64_t n = (b + j) * 16;
+        const __mmask16 mk = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+        const __m512 sc = _mm512_maskz_loadu_ps(mk, scale + n);
+        const __m512 bv = bias ? _mm512_maskz_loadu_ps(mk, bias + n) : _mm512_setzero_ps();
+        for (int m = 0; m < MR; ++m) {
+            const int32_t corr = (int32_t)(128u * (uint32_t)xsum[m0 + m]);
+            const __m512i acc = _mm512_load_si512(sums + (m * NB + j) * 16);
+            const __m512i a = _mm512_sub_epi32(acc, _mm512_set1_epi32(corr));  // wraps: exact mod 2^32
+            // The reference's order: float(acc) * s_x, then * scale, then + bias (-ffp-contract=off: no FMA).
+            __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(sx[m0 + m]));
+            t = _mm512_mul_ps(t, sc);
+            if (bias) t = _mm512_add_ps(t, bv);
+            _mm512_mask_storeu_ps(y + (m0 + m) * N + n, mk, t);
+        }
+    }
+}
+
+template <int MR>
+QBW8_TARGET void ptile_nb(int nb, const uint8_t* packed, int64_t K4, const int8_t* xq, int64_t ld,
+                          const int32_t* xsum, const float* sx, const float* scale, const float* bias, int64_t N,
+                          int64_t m0, int64_t b, float* y) {
+    switch (nb) {
+        case 4: ptile<MR, 4>(packed, K4, xq, ld, xsum, sx, scale, bias, N, m0, b, y); break;
+        case 3: ptile<MR, 3>(packed, K4, xq, ld, xsum, sx, scale, bias, N, m0, b, y); break;
+        case 2: ptile<MR, 2>(packed, K4, xq, ld, xsum, sx, scale, bias, N, m0, b, y); break;
+        case 1: ptile<MR, 1>(packed, K4, xq, ld, xsum, sx, scale, bias, N, m0, b, y); break;
+        default: break;
+    }
+}
+
+// Rows [m0, m1) of xq x blocks [b0, b1) of the packed weight, in tiles of up to 6 rows x 4 blocks.
+QBW8_TARGET void packed_range(const uint8_t* packed, int64_t K4, const int8_t* xq, int64_t ld, const int32_t* xsum,
+                              const float* sx, const float* scale, const float* bias, int64_t N, int64_t m0,
+                              int64_t m1, int64_t b0, int64_t b1, float* y) {
+    constexpr int NBMAX = 4, MRMAX = 6;
+    for (int64_t b = b0; b < b1; b += NBMAX) {
+        const int nb = (int)std::min<int64_t>(NBMAX, b1 - b);
+        // tiles of even height (8 rows: 4 + 4, not 6 + 2: each weight load feeds as many rows as it can)
+        const int64_t ntiles = (m1 - m0 + MRMAX - 1) / MRMAX, mr = (m1 - m0 + ntiles - 1) / ntiles;
+        for (int64_t m = m0; m < m1; m += mr) {
+            switch ((int)std::min<int64_t>(mr, m1 - m)) {
+#define QBW8_CASE(MR) case MR: ptile_nb<MR>(nb, packed, K4, xq, ld, xsum, sx, scale, bias, N, m, b, y); break;
+                QBW8_CASE(1) QBW8_CASE(2) QBW8_CASE(3) QBW8_CASE(4) QBW8_CASE(5) QBW8_CASE(6)
+#undef QBW8_CASE
+                default: break;
+            }
+        }
+    }
+}
+
 #endif  // QBW8_AVX512
 
 }  // namespace
@@ -307,6 +406,78 @@ int qbw8_linear(const float* x, int64_t M, int64_t K, const int8_t* codes, const
     (void)nthreads;
     return 1;
 #endif
+}
+
+
+// Bytes of the packed copy qbw8_pack writes for an [N, K] weight: N and K rounded up to 16 and 4.
+int64_t qbw8_packed_bytes(int64_t N, int64_t K) { return (N + 15) / 16 * 16 * ((K + 3) / 4 * 4); }
+
+// The packed copy (layout above ptile) of codes [N, K] int8, into packed (64-byte aligned,
+// qbw8_packed_bytes long). Padding: w = 0 (stored 128), against zero-padded xq.
+void qbw8_pack(const int8_t* codes, int64_t N, int64_t K, uint8_t* packed) {
+    const int64_t K4 = (K + 3) / 4 * 4, nblk = (N + 15) / 16;
+    for (int64_t b = 0; b < nblk; ++b)
+        for (int64_t kb = 0; kb < K4; kb += 4)
+            for (int64_t c = 0; c < 16; ++c)
+                for (int64_t i = 0; i < 4; ++i) {
+                    const int64_t n = b * 16 + c, k = kb + i;
+                    const int w = (n < N && k < K) ? codes[n * K + k] : 0;
+                    packed[b * 16 * K4 + kb * 16 + c * 4 + i] = (uint8_t)(w + 128);
+                }
+}
+
+// qbw8_linear on the packed copy of the weight (qbw8_pack). Returns 0, or 1 (nothing done) when this
+// build/CPU/shape is not covered.
+int qbw8_linear_packed(const float* x, int64_t M, int64_t K, const uint8_t* packed, const float* scale, int64_t N,
+                       const float* bias, const float* act_scale, float* y, int nthreads) {
+#if QBW8_AVX512
+    if (!qbw8_available() || K > kMaxK || K <= 0 || M <= 0 || N <= 0 || ((uintptr_t)packed & 63)) return 1;
+    const int64_t K4 = (K + 3) / 4 * 4, nblk = (N + 15) / 16;
+    // stack buffers for the common small call (no allocation), else the heap
+    constexpr int64_t kStack = 16384;
+    alignas(64) int8_t xq_s[kStack];
+    int32_t xsum_s[64];
+    float sx_s[64];
+    uint8_t bad_s[64];
+    const bool small = M <= 64 && M * K4 <= kStack;
+    int8_t* xq = small ? xq_s : (int8_t*)std::aligned_alloc(64, (size_t)((M * K4 + 63) / 64 * 64));
+    int32_t* xsum = small ? xsum_s : (int32_t*)std::malloc(sizeof(int32_t) * (size_t)M);
+    float* sx = small ? sx_s : (float*)std::malloc(sizeof(float) * (size_t)M);
+    uint8_t* bad = small ? bad_s : (uint8_t*)std::malloc((size_t)M);
+    qbw8_quantize(x, M, K, act_scale, xq, K4, xsum, sx, bad, M >= 32 ? nthreads : 1);
+    // Chunks: 4 blocks (64 columns) x up to 48 rows; the 64-column panel stays in L1/L2 across the row tiles.
+    const int64_t cb = 4, mb = 48;
+    const int64_t ncb = (nblk + cb - 1) / cb, nmb = (M + mb - 1) / mb;
+    par_chunks(ncb * nmb, nthreads, [&](int64_t c, int) {
+        const int64_t ci = c % ncb, cm = c / ncb;
+        packed_range(packed, K4, xq, K4, xsum, sx, scale, bias, N, cm * mb, std::min(M, (cm + 1) * mb), ci * cb,
+                     std::min(nblk, (ci + 1) * cb), y);
+    });
+    const float qnan = std::numeric_limits<float>::quiet_NaN();
+    for (int64_t m = 0; m < M; ++m)
+        if (bad[m])
+            for (int64_t n = 0; n < N; ++n) y[m * N + n] = qnan;
+    if (!small) {
+        std::free(xq);
+        std::free(xsum);
+        std::free(sx);
+        std::free(bad);
+    }
+    return 0;
+#else
+    (void)x, (void)M, (void)K, (void)packed, (void)scale, (void)N, (void)bias, (void)act_scale, (void)y;
+    (void)nthreads;
+    return 1;
+#endif
+}
+
+// qbw8_linear_packed for the fast call: returns 0 only when it ran and every output is finite (else the
+// caller's regular path, with its overflow retry, computes the call); one ctypes call instead of two.
+int qbw8_linear_packed_finite(const float* x, int64_t M, int64_t K, const uint8_t* packed, const float* scale,
+                              int64_t N, const float* bias, const float* act_scale, float* y, int nthreads) {
+    const int rc = qbw8_linear_packed(x, M, K, packed, scale, N, bias, act_scale, y, nthreads);
+    if (rc != 0) return rc;
+    return qb_all_finite(y, M * N) ? 0 : 2;
 }
 
 }  // extern "C"
