@@ -311,6 +311,22 @@ QBW8_TARGET void packed_range(const uint8_t* packed, int64_t K4, const int8_t* x
 
 #endif  // QBW8_AVX512
 
+// Rows of x holding NaN (bad[m]) give NaN rows of y, as the reference does.
+void nan_rows(const uint8_t* bad, int64_t M, int64_t N, float* y) {
+    const float qnan = std::numeric_limits<float>::quiet_NaN();
+    for (int64_t m = 0; m < M; ++m)
+        if (bad[m])
+            for (int64_t n = 0; n < N; ++n) y[m * N + n] = qnan;
+}
+
+// The prologue's heap buffers.
+void free_prologue(void* xq, void* xsum, void* sx, void* bad) {
+    std::free(xq);
+    std::free(xsum);
+    std::free(sx);
+    std::free(bad);
+}
+
 }  // namespace
 
 extern "C" {
@@ -392,14 +408,8 @@ int qbw8_linear(const float* x, int64_t M, int64_t K, const int8_t* codes, const
         if (M == 1) rows<8>(codes, scale, bias, N, K, xq, Kp, xsum, sx, m0, m1, n0, n1, y);
         else rows<4>(codes, scale, bias, N, K, xq, Kp, xsum, sx, m0, m1, n0, n1, y);
     });
-    const float qnan = std::numeric_limits<float>::quiet_NaN();
-    for (int64_t m = 0; m < M; ++m)
-        if (bad[m])
-            for (int64_t n = 0; n < N; ++n) y[m * N + n] = qnan;
-    std::free(xq);
-    std::free(xsum);
-    std::free(sx);
-    std::free(bad);
+    nan_rows(bad, M, N, y);
+    free_prologue(xq, xsum, sx, bad);
     return 0;
 #else
     (void)x, (void)M, (void)K, (void)codes, (void)scale, (void)N, (void)bias, (void)act_scale, (void)y;
@@ -453,16 +463,8 @@ int qbw8_linear_packed(const float* x, int64_t M, int64_t K, const uint8_t* pack
         packed_range(packed, K4, xq, K4, xsum, sx, scale, bias, N, cm * mb, std::min(M, (cm + 1) * mb), ci * cb,
                      std::min(nblk, (ci + 1) * cb), y);
     });
-    const float qnan = std::numeric_limits<float>::quiet_NaN();
-    for (int64_t m = 0; m < M; ++m)
-        if (bad[m])
-            for (int64_t n = 0; n < N; ++n) y[m * N + n] = qnan;
-    if (!small) {
-        std::free(xq);
-        std::free(xsum);
-        std::free(sx);
-        std::free(bad);
-    }
+    nan_rows(bad, M, N, y);
+    if (!small) free_prologue(xq, xsum, sx, bad);
     return 0;
 #else
     (void)x, (void)M, (void)K, (void)packed, (void)scale, (void)N, (void)bias, (void)act_scale, (void)y;

@@ -263,6 +263,13 @@ def _wo_forward_wide(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias: tor
     return at.launch_fitting(key, x2.device, cfg, launch)
 
 
+
+def _split_out(x2: torch.Tensor, m: int, n: int, atomic: bool) -> torch.Tensor:
+    """The output of a launch: fp32 zeros when split-K programs add into it atomically, else empty."""
+    if atomic:
+        return torch.zeros((m, n), dtype=torch.float32, device=x2.device)
+    return torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+
 def _launch_wo_wide(
     kern, cfg: at.KernelConfig, x2: torch.Tensor, w: _Weight, bias: torch.Tensor | None, lut: int,
     ptab: torch.Tensor | None,
@@ -274,10 +281,7 @@ def _launch_wo_wide(
     # K_SPLIT is a multiple of BLOCK_K, so every tile starts on a slab (SUB columns) boundary.
     k_split, split = _split(k, cfg.split, bk)
     atomic = split > 1
-    if atomic:
-        out = torch.zeros((m, n), dtype=torch.float32, device=x2.device)
-    else:
-        out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    out = _split_out(x2, m, n, atomic)
     # Constants per row: codebook blocks are row-local here (K % bs == 0); int4 has a shorter tail group.
     g = 0 if w.layout == INT8 else k // w.bs if w.layout == CODEBOOK else w.groups
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, bm))
@@ -303,10 +307,7 @@ def _launch_wo_forward(
     pairs = w.pairs
     k_split, split = _split(k, cfg.split, bk)
     atomic = split > 1
-    if atomic:
-        out = torch.zeros((m, n), dtype=torch.float32, device=x2.device)
-    else:
-        out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    out = _split_out(x2, m, n, atomic)
     common = dict(
         LAYOUT=w.layout, PAIRS=pairs, ALIGNED=w.aligned(bk), BS=max(w.bs, 1), NBS=w.nbs, NESTED=w.nested,
         HAS_ZP=w.zp is not None, HAS_BIAS=bias is not None, ATOMIC=atomic, IDX64=w.idx64,
