@@ -86,6 +86,7 @@ struct Act {
     int64_t M = 0, K = 0, Kp = 0, nch = 0, ch = 0;
     int8_t* xq = nullptr;   // [M, Kp]
     float* sv = nullptr;    // [M, nch, 16]
+    float* s4 = nullptr;    // [M, nch, 4]: the 4 distinct values of a chunk's sv (4-bit weights)
     int32_t* cv = nullptr;  // [M, nch, 16]
     uint8_t* bad = nullptr; // [M]: row holds NaN/Inf
 };
@@ -167,6 +168,8 @@ QBI8_TARGET void quantize_rows(const float* x, Act& a, int64_t m0, int64_t m1, i
             }
             alignas(64) float svl[16];
             for (int l = 0; l < 16; ++l) svl[l] = s[l / lanes_per_block] * sv_mul;
+            if (ch == 128)
+                for (int b = 0; b < 4; ++b) a.s4[(m * nch + c) * 4 + b] = svl[4 * b];
             _mm512_storeu_ps(a.sv + (m * nch + c) * 16, _mm512_load_ps(svl));
             const __m512i cvv = affine ? lsum : _mm512_mullo_epi32(lsum, _mm512_set1_epi32(-off));
             _mm512_storeu_si512(a.cv + (m * nch + c) * 16, cvv);
@@ -882,64 +885,76 @@ QBI8_TARGET void run4_nr(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
 // for GEMV_RB rows at once (the nested table is loaded into registers once per GEMV_RB rows).
 constexpr int GEMV_RB = 8;
 
-// The rows [n0, n0 + nr) of W times row m0 of x, P rows at a time (P = 2: the activation loads shared):
+// The rows [n0, n0 + nr) of W times row m0 of x, P rows at a time (P > 1: the activation loads shared):
 // the same per-lane operations in the same order as tile4<1, NR, KIND> (bit-identical results), with
-// fewer instructions per 64 code bytes: the nibbles go through a 64-entry vpermb table (the index's bits
-// 4-5 are ignored by repeating the 16 entries, so no masking of either nibble), the set-up hoisted out
-// of the row loop, the partial last chunk out of the chunk loop.
-template <int KIND, int P>
-QBI8_TARGET void gemv_rows(const Ctx4& cx, int64_t m0, int64_t n0, int nr, const float* const* ws, const int32_t* const* zb) {
+// fewer instructions and loaded bytes per 64 code bytes: the nibbles go through a 64-entry vpermb table
+// (the index's bits 4-5 are ignored by repeating the 16 entries, so no masking of either nibble); the
+// lane scales (activation scale x weight scale) as the 4 products of the chunk's 32-blocks in one 128-bit
+// multiply, spread over the 16 lanes by one permute (SH: min(cx.sh, 2), how the 4 weight scales come
+// from the row's compact ones); the set-up hoisted out of the row loop and the partial last chunk out
+// of the chunk loop.
+template <int KIND, int P, int SH>
+QBI8_TARGET void gemv_rows(const Ctx4& cx, int64_t m0, int64_t n0, int nr, const float* const* ws,
+                           const int32_t* const* zb) {
     const QI8W& w = *cx.w;
     const Act& a = *cx.a;
     const int64_t K = w.K, nch = a.nch, nfull = cx.nfull;
     const int sh = cx.sh;
-    const __m512i lane_idx = _mm512_srli_epi32(
-        _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2), std::min(sh, 2));
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i blk_idx = _mm512_srli_epi32(iota, 2);  // lane -> 32-block of the chunk
+    const __m512i lane_idx = _mm512_srli_epi32(blk_idx, std::min(sh, 2));  // lane -> entry of the compact zb
     const __m128i l16 = KIND == 0 ? _mm_add_epi8(_mm_loadu_si128((const __m128i*)w.lut), _mm_set1_epi8((char)0x80))
                                   : _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i lut = _mm512_broadcast_i32x4(l16);
     const int8_t* xr = a.xq + m0 * a.Kp;
-    const float* svr = a.sv + m0 * nch * 16;
+    const float* s4 = a.s4 + m0 * nch * 4;
     const int32_t* cvr = a.cv + m0 * nch * 16;
     const int64_t pf = (int64_t)cx.pf_tiles * P * (K / 2);
-    auto chunk = [&](__m512i v, int64_t c, const float* wsr, const int32_t* zbr, __m512 acc) QBI8_TARGET {
-        __asm__("" : "+v"(v));  // one load of the codes (GCC otherwise reloads them for the shift)
-        const __m512i lo = _mm512_permutexvar_epi8(v, lut);
-        const __m512i hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), lut);
-        const int64_t base = (4 * c) >> sh;
-        const __m512 wsv = _mm512_permutexvar_ps(lane_idx, _mm512_broadcast_f32x4(_mm_loadu_ps(wsr + base)));
-        __m512i ia = _mm512_loadu_si512(cvr + 16 * c);
-        if (KIND == 2)
-            ia = _mm512_madd_epi16(ia, _mm512_permutexvar_epi32(lane_idx, _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(zbr + base)))));
-        ia = _mm512_dpbusd_epi32(ia, hi, _mm512_loadu_si512(xr + 128 * c));
-        ia = _mm512_dpbusd_epi32(ia, lo, _mm512_loadu_si512(xr + 128 * c + 64));
-        return _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(_mm512_loadu_ps(svr + 16 * c), wsv), acc);
-    };
     const int64_t N = w.N;
     int r = 0;
     for (; r + P <= nr; r += P) {
         const uint8_t* wr[P];
         __m512 acc[P];
         for (int p = 0; p < P; ++p) wr[p] = w.codes + (n0 + r + p) * (K / 2), acc[p] = _mm512_setzero_ps();
-        int64_t c = 0;
-        for (; c < nfull; ++c)
+        auto step = [&](int64_t c, bool tail) QBI8_TARGET {
+            const __m512i xe = _mm512_loadu_si512(xr + 128 * c), xo = _mm512_loadu_si512(xr + 128 * c + 64);
+            const __m512i cv = _mm512_loadu_si512(cvr + 16 * c);
+            const __m128 sa = _mm_loadu_ps(s4 + 4 * c);
             for (int p = 0; p < P; ++p) {
-                if (pf) _mm_prefetch((const char*)(wr[p] + 64 * c + pf), _MM_HINT_T0);
-                acc[p] = chunk(_mm512_loadu_si512(wr[p] + 64 * c), c, ws[r + p], KIND == 2 ? zb[r + p] : nullptr, acc[p]);
+                if (pf && !tail) _mm_prefetch((const char*)(wr[p] + 64 * c + pf), _MM_HINT_T0);
+                __m512i v = tail ? _mm512_maskz_loadu_epi8(cx.tail_mask, wr[p] + 64 * c) : _mm512_loadu_si512(wr[p] + 64 * c);
+                __asm__("" : "+v"(v));  // one load of the codes (GCC otherwise reloads them for the shift)
+                const __m512i lo = _mm512_permutexvar_epi8(v, lut);
+                const __m512i hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), lut);
+                const int64_t base = (4 * c) >> sh;
+                __m128 w4;  // the weight scales of the chunk's 4 32-blocks
+                if (SH == 0) w4 = _mm_loadu_ps(ws[r + p] + base);
+                else if (SH == 1) {
+                    const __m128 w2 = _mm_castpd_ps(_mm_load_sd((const double*)(ws[r + p] + base)));
+                    w4 = _mm_unpacklo_ps(w2, w2);
+                } else w4 = _mm_broadcast_ss(ws[r + p] + base);
+                const __m512 sc = _mm512_permutexvar_ps(blk_idx, _mm512_castps128_ps512(_mm_mul_ps(sa, w4)));
+                __m512i ia = cv;
+                if (KIND == 2) {
+                    ia = _mm512_madd_epi16(ia, _mm512_permutexvar_epi32(lane_idx, _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(zb[r + p] + base)))));
+                }
+                ia = _mm512_dpbusd_epi32(ia, hi, xe);
+                ia = _mm512_dpbusd_epi32(ia, lo, xo);
+                acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), sc, acc[p]);
             }
-        for (; c < nch; ++c)
-            for (int p = 0; p < P; ++p)
-                acc[p] = chunk(_mm512_maskz_loadu_epi8(cx.tail_mask, wr[p] + 64 * c), c, ws[r + p], KIND == 2 ? zb[r + p] : nullptr, acc[p]);
+        };
+        int64_t c = 0;
+        for (; c < nfull; ++c) step(c, false);
+        for (; c < nch; ++c) step(c, true);
         for (int p = 0; p < P; ++p) {
             float v = _mm512_reduce_add_ps(acc[p]);
             if (cx.bias) v += cx.bias[n0 + r + p];
             cx.y[m0 * N + n0 + r + p] = v;
         }
     }
-    if (P > 1 && r < nr) gemv_rows<KIND, P / 2>(cx, m0, n0 + r, nr - r, ws + r, zb + r);
+    if (P > 1 && r < nr) gemv_rows<KIND, P / 2, SH>(cx, m0, n0 + r, nr - r, ws + r, zb + r);
 }
 
-static int g_gemv_impl = getenv("QB_GEMV") ? atoi(getenv("QB_GEMV")) : 1;  // EXPERIMENT
 
 template <int KIND>
 QBI8_TARGET void run4_gemv(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0) {
@@ -954,10 +969,11 @@ QBI8_TARGET void run4_gemv(const Ctx4& cx, const RowScales& rs, int64_t n0, int6
         const int64_t nr = std::min<int64_t>(GEMV_RB, n1 - n);
         if (cx.pf_tiles) prefetch_consts(w, n + GEMV_RB, n + 2 * GEMV_RB);
         tile_scales<KIND>(w, rs, n, (int)nr, tile_nested, len, wsb, zbb, ws, zb, cx.nplanes);
-        if (g_gemv_impl == 1) gemv_rows<KIND, 1>(cx, m0, n, (int)nr, ws, zb);
-        else if (g_gemv_impl == 2) gemv_rows<KIND, 2>(cx, m0, n, (int)nr, ws, zb);
-        else if (g_gemv_impl == 4) gemv_rows<KIND, 4>(cx, m0, n, (int)nr, ws, zb);
-        else for (int r = 0; r < nr; ++r) tile4<1, 1, KIND>(cx, m0, n + r, ws + r, zb + r);
+        // P = 1: rows of 2 or 4 sharing the activation loads measured 1.2-2x faster with warm weights but
+        // 1.5-2.3x slower with cold ones (interleaved streams, as the tiles of several rows)
+        if (cx.sh == 0) gemv_rows<KIND, 1, 0>(cx, m0, n, (int)nr, ws, zb);
+        else if (cx.sh == 1) gemv_rows<KIND, 1, 1>(cx, m0, n, (int)nr, ws, zb);
+        else gemv_rows<KIND, 1, 2>(cx, m0, n, (int)nr, ws, zb);
     }
 }
 
@@ -1158,10 +1174,10 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
     a.ch = four ? 128 : 64;
     a.Kp = (w.K + a.ch - 1) / a.ch * a.ch;
     a.nch = a.Kp / a.ch;
-    const size_t qbytes = (size_t)(M * a.Kp), vbytes = (size_t)(M * a.nch * 16 * 4);
+    const size_t qbytes = (size_t)(M * a.Kp), vbytes = (size_t)(M * a.nch * 16 * 4), s4bytes = (size_t)(M * a.nch * 16 + 63) / 64 * 64;
     // One allocation per call for the activations (64-byte aligned pieces).
     thread_local std::vector<uint8_t> buf;
-    const size_t need = qbytes + 2 * vbytes + (size_t)M + 256 + NPLANES_BYTES;
+    const size_t need = qbytes + 2 * vbytes + s4bytes + (size_t)M + 256 + NPLANES_BYTES;
     if (buf.size() < need) buf.resize(need);
     uint8_t* p = (uint8_t*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
     a.xq = (int8_t*)p;
@@ -1170,6 +1186,8 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
     p += vbytes;
     a.cv = (int32_t*)p;
     p += vbytes;
+    a.s4 = (float*)p;
+    p += s4bytes;
     uint8_t* planes = nullptr;
     if (w.kind == KIND_CODEBOOK && w.ncodes != nullptr) {
         planes = p;
