@@ -19,7 +19,7 @@
 //   This is the kernel for M < 8 (GEMV-like; no per-call work on W at all). With cold weights
 //   (LLM decode) each tile software-prefetches the codes and block constants of the next tile's
 //   rows: a row of codes is a stream too short for the hardware prefetchers (measured 1.2-2x). At
-//   M = 1 a tile is one row (run4_gemv): each thread then reads one sequential stream.
+//   M = 1 a tile is one row (run4_gemv, gemv_rows): each thread then reads one sequential stream.
 // * Larger M: a GEMM (see gemm_tile): x transposed once per call so that each vector holds L rows of
 //   x (L = 8 or 16 from M = 8; 4 and 2 when the threshold is lowered: no idle lanes at small M),
 //   nested NF4 constants decoded 16 at a time, rows of W
@@ -237,7 +237,8 @@ QBI8_TARGET void nested_planes(const QI8W& w, uint8_t* planes) {
 // As denest16, 64 constants at a time from the byte planes: a byte lookup of 64 codes (2 vpermi2b + a
 // blend on the code's top bit per plane) and the bytes interleaved into fp32 (8 unpacks; the codes are
 // permuted first so that the unpacks' in-lane order comes out natural). The same table values, products
-// and sums as denest16: bit-exact. Measured ~4x fewer instructions than denest16 per constant.
+// and sums as denest16: bit-exact. Measured 2.3x less time than denest16 (M = 1 profile: 19% of the
+// kernel's time before, 8% after).
 QBI8_TARGET int64_t denest64(const QI8W& w, const uint8_t* planes, int64_t b0, int64_t n, int nsh, float* out) {
     if (n < 64 || planes == nullptr) return 0;
     __m512i P[4][4];
@@ -952,7 +953,8 @@ QBI8_TARGET void gemv_rows(const Ctx4& cx, int64_t m0, int64_t n0, int nr, const
             cx.y[m0 * N + n0 + r + p] = v;
         }
     }
-    if (P > 1 && r < nr) gemv_rows<KIND, P / 2, SH>(cx, m0, n0 + r, nr - r, ws + r, zb + r);
+    if constexpr (P > 1)
+        if (r < nr) gemv_rows<KIND, P / 2, SH>(cx, m0, n0 + r, nr - r, ws + r, zb + r);
 }
 
 
