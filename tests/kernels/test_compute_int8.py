@@ -349,9 +349,9 @@ def test_decode_rows_one_at_a_time(name, n, k, threads, seed):
     seed=st.integers(0, 2**16),
 )
 def test_decode_row_kernel_nested_forms(blocksize, nested_blocksize, n, k, bias, seed):
-    """M = 1 on nested NF4 (constants decoded 64 at a time through byte planes, then 16, then one by one;
-    lane scales from compact block scales of every blocksize class): bit-identical to the tiles of 4
-    rows, within the reference's tolerance; a NaN input row gives the fp32 result; M = 0 is empty."""
+    """M = 1 on nested NF4 (constants decoded 64 at a time through byte planes, then 16, then one by one)
+    at every blocksize class: bit-identical to the tiles of 4 rows, within the reference's tolerance; a
+    NaN input row gives the fp32 result; M = 0 is empty."""
     scheme = Scheme("nf4", blocksize=blocksize, nested=True, nested_blocksize=nested_blocksize)
     kw = _kw(n, k, scheme, seed)
     g = torch.Generator().manual_seed(seed + 1)

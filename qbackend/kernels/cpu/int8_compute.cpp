@@ -19,7 +19,7 @@
 //   This is the kernel for M < 8 (GEMV-like; no per-call work on W at all). With cold weights
 //   (LLM decode) each tile software-prefetches the codes and block constants of the next tile's
 //   rows: a row of codes is a stream too short for the hardware prefetchers (measured 1.2-2x). At
-//   M = 1 a tile is one row (run4_gemv, gemv_rows): each thread then reads one sequential stream.
+//   M = 1 a tile is one row (run4_gemv): each thread then reads one sequential stream.
 // * Larger M: a GEMM (see gemm_tile): x transposed once per call so that each vector holds L rows of
 //   x (L = 8 or 16 from M = 8; 4 and 2 when the threshold is lowered: no idle lanes at small M),
 //   nested NF4 constants decoded 16 at a time, rows of W
@@ -86,7 +86,6 @@ struct Act {
     int64_t M = 0, K = 0, Kp = 0, nch = 0, ch = 0;
     int8_t* xq = nullptr;   // [M, Kp]
     float* sv = nullptr;    // [M, nch, 16]
-    float* s4 = nullptr;    // [M, nch, 4]: the 4 distinct values of a chunk's sv (4-bit weights)
     int32_t* cv = nullptr;  // [M, nch, 16]
     uint8_t* bad = nullptr; // [M]: row holds NaN/Inf
 };
@@ -168,8 +167,6 @@ QBI8_TARGET void quantize_rows(const float* x, Act& a, int64_t m0, int64_t m1, i
             }
             alignas(64) float svl[16];
             for (int l = 0; l < 16; ++l) svl[l] = s[l / lanes_per_block] * sv_mul;
-            if (ch == 128)
-                for (int b = 0; b < 4; ++b) a.s4[(m * nch + c) * 4 + b] = svl[4 * b];
             _mm512_storeu_ps(a.sv + (m * nch + c) * 16, _mm512_load_ps(svl));
             const __m512i cvv = affine ? lsum : _mm512_mullo_epi32(lsum, _mm512_set1_epi32(-off));
             _mm512_storeu_si512(a.cv + (m * nch + c) * 16, cvv);
@@ -886,78 +883,6 @@ QBI8_TARGET void run4_nr(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
 // for GEMV_RB rows at once (the nested table is loaded into registers once per GEMV_RB rows).
 constexpr int GEMV_RB = 8;
 
-// The rows [n0, n0 + nr) of W times row m0 of x, P rows at a time (P > 1: the activation loads shared):
-// the same per-lane operations in the same order as tile4<1, NR, KIND> (bit-identical results), with
-// fewer instructions and loaded bytes per 64 code bytes: the nibbles go through a 64-entry vpermb table
-// (the index's bits 4-5 are ignored by repeating the 16 entries, so no masking of either nibble); the
-// lane scales (activation scale x weight scale) as the 4 products of the chunk's 32-blocks in one 128-bit
-// multiply, spread over the 16 lanes by one permute (SH: min(cx.sh, 2), how the 4 weight scales come
-// from the row's compact ones); the set-up hoisted out of the row loop and the partial last chunk out
-// of the chunk loop.
-template <int KIND, int P, int SH>
-QBI8_TARGET void gemv_rows(const Ctx4& cx, int64_t m0, int64_t n0, int nr, const float* const* ws,
-                           const int32_t* const* zb) {
-    const QI8W& w = *cx.w;
-    const Act& a = *cx.a;
-    const int64_t K = w.K, nch = a.nch, nfull = cx.nfull;
-    const int sh = cx.sh;
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i blk_idx = _mm512_srli_epi32(iota, 2);  // lane -> 32-block of the chunk
-    const __m512i lane_idx = _mm512_srli_epi32(blk_idx, std::min(sh, 2));  // lane -> entry of the compact zb
-    const __m128i l16 = KIND == 0 ? _mm_add_epi8(_mm_loadu_si128((const __m128i*)w.lut), _mm_set1_epi8((char)0x80))
-                                  : _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i lut = _mm512_broadcast_i32x4(l16);
-    const int8_t* xr = a.xq + m0 * a.Kp;
-    const float* s4 = a.s4 + m0 * nch * 4;
-    const int32_t* cvr = a.cv + m0 * nch * 16;
-    const int64_t pf = (int64_t)cx.pf_tiles * P * (K / 2);
-    const int64_t N = w.N;
-    int r = 0;
-    for (; r + P <= nr; r += P) {
-        const uint8_t* wr[P];
-        __m512 acc[P];
-        for (int p = 0; p < P; ++p) wr[p] = w.codes + (n0 + r + p) * (K / 2), acc[p] = _mm512_setzero_ps();
-        auto step = [&](int64_t c, bool tail) QBI8_TARGET {
-            const __m512i xe = _mm512_loadu_si512(xr + 128 * c), xo = _mm512_loadu_si512(xr + 128 * c + 64);
-            const __m512i cv = _mm512_loadu_si512(cvr + 16 * c);
-            const __m128 sa = _mm_loadu_ps(s4 + 4 * c);
-            for (int p = 0; p < P; ++p) {
-                if (pf && !tail) _mm_prefetch((const char*)(wr[p] + 64 * c + pf), _MM_HINT_T0);
-                __m512i v = tail ? _mm512_maskz_loadu_epi8(cx.tail_mask, wr[p] + 64 * c) : _mm512_loadu_si512(wr[p] + 64 * c);
-                __asm__("" : "+v"(v));  // one load of the codes (GCC otherwise reloads them for the shift)
-                const __m512i lo = _mm512_permutexvar_epi8(v, lut);
-                const __m512i hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), lut);
-                const int64_t base = (4 * c) >> sh;
-                __m128 w4;  // the weight scales of the chunk's 4 32-blocks
-                if (SH == 0) w4 = _mm_loadu_ps(ws[r + p] + base);
-                else if (SH == 1) {
-                    const __m128 w2 = _mm_castpd_ps(_mm_load_sd((const double*)(ws[r + p] + base)));
-                    w4 = _mm_unpacklo_ps(w2, w2);
-                } else w4 = _mm_broadcast_ss(ws[r + p] + base);
-                const __m512 sc = _mm512_permutexvar_ps(blk_idx, _mm512_castps128_ps512(_mm_mul_ps(sa, w4)));
-                __m512i ia = cv;
-                if (KIND == 2) {
-                    ia = _mm512_madd_epi16(ia, _mm512_permutexvar_epi32(lane_idx, _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(zb[r + p] + base)))));
-                }
-                ia = _mm512_dpbusd_epi32(ia, hi, xe);
-                ia = _mm512_dpbusd_epi32(ia, lo, xo);
-                acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), sc, acc[p]);
-            }
-        };
-        int64_t c = 0;
-        for (; c < nfull; ++c) step(c, false);
-        for (; c < nch; ++c) step(c, true);
-        for (int p = 0; p < P; ++p) {
-            float v = _mm512_reduce_add_ps(acc[p]);
-            if (cx.bias) v += cx.bias[n0 + r + p];
-            cx.y[m0 * N + n0 + r + p] = v;
-        }
-    }
-    if constexpr (P > 1)
-        if (r < nr) gemv_rows<KIND, P / 2, SH>(cx, m0, n0 + r, nr - r, ws + r, zb + r);
-}
-
-
 template <int KIND>
 QBI8_TARGET void run4_gemv(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0) {
     const QI8W& w = *cx.w;
@@ -971,11 +896,7 @@ QBI8_TARGET void run4_gemv(const Ctx4& cx, const RowScales& rs, int64_t n0, int6
         const int64_t nr = std::min<int64_t>(GEMV_RB, n1 - n);
         if (cx.pf_tiles) prefetch_consts(w, n + GEMV_RB, n + 2 * GEMV_RB);
         tile_scales<KIND>(w, rs, n, (int)nr, tile_nested, len, wsb, zbb, ws, zb, cx.nplanes);
-        // P = 1: rows of 2 or 4 sharing the activation loads measured 1.2-2x faster with warm weights but
-        // 1.5-2.3x slower with cold ones (interleaved streams, as the tiles of several rows)
-        if (cx.sh == 0) gemv_rows<KIND, 1, 0>(cx, m0, n, (int)nr, ws, zb);
-        else if (cx.sh == 1) gemv_rows<KIND, 1, 1>(cx, m0, n, (int)nr, ws, zb);
-        else gemv_rows<KIND, 1, 2>(cx, m0, n, (int)nr, ws, zb);
+        for (int r = 0; r < nr; ++r) tile4<1, 1, KIND>(cx, m0, n + r, ws + r, zb + r);
     }
 }
 
@@ -1176,10 +1097,10 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
     a.ch = four ? 128 : 64;
     a.Kp = (w.K + a.ch - 1) / a.ch * a.ch;
     a.nch = a.Kp / a.ch;
-    const size_t qbytes = (size_t)(M * a.Kp), vbytes = (size_t)(M * a.nch * 16 * 4), s4bytes = (size_t)(M * a.nch * 16 + 63) / 64 * 64;
+    const size_t qbytes = (size_t)(M * a.Kp), vbytes = (size_t)(M * a.nch * 16 * 4);
     // One allocation per call for the activations (64-byte aligned pieces).
     thread_local std::vector<uint8_t> buf;
-    const size_t need = qbytes + 2 * vbytes + s4bytes + (size_t)M + 256 + NPLANES_BYTES;
+    const size_t need = qbytes + 2 * vbytes + (size_t)M + 256 + NPLANES_BYTES;
     if (buf.size() < need) buf.resize(need);
     uint8_t* p = (uint8_t*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
     a.xq = (int8_t*)p;
@@ -1188,8 +1109,6 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
     p += vbytes;
     a.cv = (int32_t*)p;
     p += vbytes;
-    a.s4 = (float*)p;
-    p += s4bytes;
     uint8_t* planes = nullptr;
     if (w.kind == KIND_CODEBOOK && w.ncodes != nullptr) {
         planes = p;
