@@ -337,3 +337,36 @@ def test_decode_rows_one_at_a_time(name, n, k, threads, seed):
         torch.set_num_threads(old_threads)
     assert torch.equal(y1, y4)
     _assert_matches(y1, x, kw, bias)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    blocksize=st.sampled_from([32, 64, 128, 256, 1024]),
+    nested_blocksize=st.sampled_from([32, 64, 256, 512]),
+    n=st.integers(1, 90),
+    k=st.sampled_from([32, 96, 160, 2048, 2080, 5632]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_row_kernel_nested_forms(blocksize, nested_blocksize, n, k, bias, seed):
+    """M = 1 on nested NF4 (constants decoded 64 at a time through byte planes, then 16, then one by one)
+    at every blocksize class: bit-identical to the tiles of 4 rows, within the reference's tolerance; a
+    NaN input row gives the fp32 result; M = 0 is empty."""
+    scheme = Scheme("nf4", blocksize=blocksize, nested=True, nested_blocksize=nested_blocksize)
+    kw = _kw(n, k, scheme, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    lib = ic._lib()
+    try:
+        y1 = _kernel(x, kw, b)
+        lib.qbi8_set_small_nr(4)
+        y4 = _kernel(x, kw, b)
+    finally:
+        lib.qbi8_set_small_nr(1)
+    assert torch.equal(y1, y4)
+    _assert_matches(y1, x, kw, b)
+    xn = x.clone()
+    xn[0, k // 2] = float("nan")
+    assert bool(torch.isnan(_kernel(xn, kw, b)).all())
+    assert _kernel(torch.empty(0, k), kw, b).shape == (0, n)
