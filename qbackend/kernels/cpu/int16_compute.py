@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .. import reference as ref
 from . import _build
+from ._packed import PackedCache
 from ._tensors import bias32 as _bias32
 from ._tensors import ptr as _ptr
 from ._tensors import run_rows as _run_rows
@@ -42,6 +43,12 @@ def declare(L: ctypes.CDLL) -> ctypes.CDLL:
     L.qbi16_gemm_min_m.restype = I64
     L.qbi16_linear8.argtypes = [INT, P, P, I64, I64, P, I64, P, P, INT, I64]
     L.qbi16_linear8.restype = I64
+    L.qbi16_packed_bytes.argtypes = [I64, I64]
+    L.qbi16_packed_bytes.restype = I64
+    L.qbi16_pack.argtypes = [P, I64, I64, P]
+    L.qbi16_pack.restype = None
+    L.qbi16_linear8_packed.argtypes = [P, P, I64, I64, P, I64, P, P, INT, I64]
+    L.qbi16_linear8_packed.restype = I64
     return L
 
 
@@ -58,6 +65,33 @@ def _lib() -> tuple[ctypes.CDLL, int] | None:
     if variant == "avx2":
         isa = min(isa, ISA_AVX2)
     return (L, isa) if isa >= ISA_AVX2 else None
+
+
+# Whether the AVX512-VNNI width makes and uses the packed copy of int8 codes (False: the canonical kernels
+# read the codes, no extra memory). The copy is the int8 weight's size again (n rounded up to 16, k to 32)
+# per layer run in this mode.
+PACKING = True
+
+
+def _packer() -> tuple | None:
+    lib = _lib()
+    return None if lib is None else (lib[0].qbi16_packed_bytes, lib[0].qbi16_pack)
+
+
+# The copies, keyed per codes tensor (address, version, shape, object: ``_packed.PackedCache``).
+_CACHE = PackedCache(_packer)
+
+
+def packed_weight(codes: Tensor, n: int, k: int) -> Tensor | None:
+    """The panel-packed copy of ``codes`` [n, k] for ``qbi16_linear8_packed`` (made on first use; n rounded
+    up to 16, k to 32), or None: packing off, no library, or an inference tensor (no version counter to see
+    an in-place write by: the canonical kernels read it instead)."""
+    return _CACHE.get(codes, n, k) if PACKING else None
+
+
+def packed_nbytes() -> int:
+    """Bytes held by the packed copies alive now (each is freed with its weight)."""
+    return _CACHE.nbytes()
 
 
 def _block() -> int:
@@ -98,8 +132,14 @@ def linear8(
 
     c, s = codes.contiguous(), scale.to(torch.float32).contiguous()
     b = _bias32(bias)
+    packed = packed_weight(c, n, k) if isa == ISA_AVX512_VNNI else None
 
     def kernel(x2: Tensor, m: int, y: Tensor) -> int:
+        if packed is not None:
+            rc = L.qbi16_linear8_packed(packed.data_ptr(), s.data_ptr(), n, k, x2.data_ptr(), m, _ptr(b),
+                                        y.data_ptr(), torch.get_num_threads(), _block())  # fmt: skip
+            if rc >= 0:
+                return rc
         return L.qbi16_linear8(isa, c.data_ptr(), s.data_ptr(), n, k, x2.data_ptr(), m, _ptr(b), y.data_ptr(),
                                torch.get_num_threads(), _block())  # fmt: skip
 
