@@ -84,10 +84,12 @@ def test_fast_path_is_bit_identical_to_the_regular_kernel(fmt, mode, shape):
 
 @pytest.mark.skipif(not LIB, reason="no C++ kernel library")
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("mode", ("fp32", "int8"))
+@pytest.mark.parametrize("mode", ("fp32", "int8", "int16"))
 def test_fast_path_takes_small_calls(fmt, mode):
-    if mode == "int8" and not VNNI:
+    if mode in ("int8", "int16") and not VNNI:
         pytest.skip("no AVX512-VNNI")
+    if mode == "int16" and fmt != "int8":
+        pytest.skip("only int8 weights have int16 kernels (the packed copy's prepared call)")
     q = _layer(fmt, mode)
     if mode == "fp32" and fmt == "int8" and not kcpu.lib().qb_has_avx512():
         pytest.skip("the fused int8 kernel needs AVX-512")
@@ -100,7 +102,7 @@ def test_fast_path_takes_small_calls(fmt, mode):
 
 @pytest.mark.skipif(not LIB, reason="no C++ kernel library")
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("mode", ("fp32", "int8"))
+@pytest.mark.parametrize("mode", ("fp32", "int8", "int16"))
 def test_nan_inf_and_overflow_rows_match_the_regular_path(fmt, mode):
     q = _layer(fmt, mode)
     x = torch.randn(5, 128)
@@ -115,7 +117,7 @@ def test_nan_inf_and_overflow_rows_match_the_regular_path(fmt, mode):
 
 @pytest.mark.skipif(not LIB, reason="no C++ kernel library")
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("mode", ("fp32", "int8"))
+@pytest.mark.parametrize("mode", ("fp32", "int8", "int16"))
 def test_in_place_weight_changes_are_seen(fmt, mode):
     q = _layer(fmt, mode)
     other = _layer(fmt, mode, seed=1)
