@@ -233,7 +233,25 @@ def test_policy_int16_needs_avx2_and_names_what_is_missing(cpu_compute, caplog):
 
 
 @pytest.mark.auto_compute
-def test_auto_runs_the_rows_where_int16_is_slower_in_fp32():
+def test_auto_runs_every_row_count_in_int16_on_the_packed_kernel(monkeypatch):
+    """The packed kernel beats fp32 at every M (compute_policy's docstring): no row count runs in fp32."""
+    monkeypatch.setattr(ic, "PACKING", True)
+    if not ic.packs():
+        pytest.skip("no AVX512-VNNI: the packed int16 kernel does not run here")
+    assert cp.fp32_rows("auto", "int8", "int16") is None and cp.call_mode("auto", "int8", "int16", 16) == "int16"
+    model = torch.nn.Sequential(torch.nn.Linear(256, 96))
+    qbackend.quantize_(model, {"preset": "int8"})
+    layer = model[0]
+    tensors = [getattr(layer, n) for n in layer._arg_names]
+    with torch.no_grad():
+        for m in (1, 8, 16, 32, 33):
+            x = torch.randn(m, 256)
+            assert torch.equal(layer(x), layer.op(x, *tensors, layer.bias, *layer.statics, "int16")), m
+
+
+@pytest.mark.auto_compute
+def test_auto_runs_the_rows_where_int16_is_slower_in_fp32(monkeypatch):
+    monkeypatch.setattr(ic, "PACKING", False)  # the canonical kernels (as on a CPU without AVX512-VNNI)
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(256, 96))
     qbackend.quantize_(model, {"preset": "int8"})

@@ -82,6 +82,12 @@ def _packer() -> tuple | None:
 _CACHE = PackedCache(_packer)
 
 
+def packs() -> bool:
+    """Whether int8-weight calls run on the packed copy here (the AVX512-VNNI width, :data:`PACKING` on)."""
+    lib = _lib()
+    return PACKING and lib is not None and lib[1] == ISA_AVX512_VNNI
+
+
 def packed_weight(codes: Tensor, n: int, k: int) -> Tensor | None:
     """The panel-packed copy of ``codes`` [n, k] for ``qbi16_linear8_packed`` (made on first use; n rounded
     up to 16, k to 32), or None: packing off, no library, or an inference tensor (no version counter to see
