@@ -5,7 +5,9 @@
 // * AVX512-VNNI: vpdpwssd (pairs of s16 x s16 -> s32), 16 lanes;
 // * AVX2: vpmaddwd + vpaddd, 8 lanes (any CPU with AVX2 + FMA; no VNNI needed).
 // Small M: a GEMV-like tile (lanes along K, MR rows of x x NR rows of W); from M = g_gemm_min_m: a
-// GEMM with lanes along M (x transposed once per call). The weights stay in their canonical layout.
+// GEMM with lanes along M (x transposed once per call). The weights stay in their canonical layout;
+// with AVX512-VNNI the caller may pass a panel-packed copy instead (qbi16_pack, qbi16_linear8_packed: 16
+// output columns x 2 values of K per vector, no horizontal reductions, the GEMM's results bit for bit).
 // Threads: the library's RowPool (qb_pool_run in qlinear.cpp).
 //
 // Each width is compiled with target attributes and runs only where the CPU has its instructions
