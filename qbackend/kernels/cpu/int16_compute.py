@@ -8,13 +8,14 @@ from ``gemm_min_m`` rows. With AVX512-VNNI, calls run instead on a panel-packed 
 first use (:func:`packed_weight`: 16 output columns x 2 values of K per vector, sign-extended on load, one
 broadcast of a pair of x feeding ``vpdpwssd`` against 16 columns, no horizontal reductions; the same
 results as the GEMM bit for bit). Memory: about one more int8 weight per layer (n rounded up to 16, k to
-32; MiniLM-L6's 36 encoder layers: 10.6 MB, a 4096x4096 layer 16 MB); :data:`PACKING` = False turns it
-off, :func:`packed_nbytes` reports it. Measured (1 thread, CPU time): 2-2.3x faster than the canonical
+32; the 36 linear layers of MiniLM-L6: 10.6 MB, a 4096x4096 layer 16 MB); :data:`PACKING` = False turns it
+off, :func:`packed_nbytes` reports it. Measured (1 thread, CPU time): 1.4-2.5x faster than the canonical
 kernels at M = 1-8, 1.1-1.2x at M = 64-480, and faster than ONNX Runtime's dynamic int8 MatMul at M = 1
 (0.75-0.86x its time on MiniLM's layers); from M = 8 slower than it (1.15-1.5x at M = 8, 1.6-1.9x at
 M >= 64): ``vpdpwssd`` does half the multiply-adds of ORT's ``vpdpbusd``, and the kernel runs at that
-instruction's throughput from M = 4 or so. Only int8 weights have kernels; NF4/FP4/int4 layers in this mode run the
-reference (correct, slow; :func:`has_fast_kernel` says so, so ``"auto"`` never picks it for them).
+instruction's throughput from M = 4 or so. Only int8 weights have kernels; NF4/FP4/int4 layers in
+this mode run the reference (correct, slow; :func:`has_fast_kernel` says so, so ``"auto"`` never picks
+it for them).
 Rows of x holding NaN/Inf are recomputed by the reference, which computes them in fp32 as the
 contract says.
 """
