@@ -100,6 +100,24 @@ def test_fast_path_takes_small_calls(fmt, mode):
     _same(y, _regular(q, x))
 
 
+@pytest.mark.skipif(not LIB or not VNNI, reason="no AVX512-VNNI")
+def test_int16_prepared_call_follows_the_packing_switch_and_the_packed_copy(monkeypatch):
+    from qbackend.kernels.cpu import int16_compute
+
+    q = _layer("int8", "int16")
+    x = torch.randn(4, 128)
+    y = _fast(q).linear(x, _tensors(q), q.bias, q.statics, "int16")
+    assert y is not None
+    _same(y, _regular(q, x))
+    monkeypatch.setattr(int16_compute, "PACKING", False)  # declines: the regular (canonical) kernels run
+    assert _fast(q).linear(x, _tensors(q), q.bias, q.statics, "int16") is None
+    monkeypatch.setattr(int16_compute, "PACKING", True)
+    int16_compute._CACHE.entries.clear()  # the copy gone (held weakly by the prepared call): made again
+    assert int16_compute.packed_nbytes() == 0
+    _same(_fast(q).linear(x, _tensors(q), q.bias, q.statics, "int16"), y)
+    assert int16_compute.packed_nbytes() > 0
+
+
 @pytest.mark.skipif(not LIB, reason="no C++ kernel library")
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("mode", ("fp32", "int8", "int16"))

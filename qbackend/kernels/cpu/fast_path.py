@@ -269,10 +269,15 @@ def _int8_int16(tensors: tuple, statics: tuple) -> Prepared | None:
     packed = i16.packed_weight(codes, n, k)
     if packed is None:
         return None
-    fn, ref, sp = lib[0].qbi16_linear8_packed, weakref.ref(packed), scale.data_ptr()
+    fn, sp, cref = lib[0].qbi16_linear8_packed, scale.data_ptr(), weakref.ref(codes)
+    ref = weakref.ref(packed)
 
     def call(xp: int, m: int, bp: int | None, yp: int, nt: int) -> int:
+        nonlocal ref
         p = ref()
+        if p is None and (c := cref()) is not None:  # the cache let the copy go: made again, as the regular path does
+            p = i16.packed_weight(c, n, k)
+            ref = weakref.ref(p) if p is not None else ref
         if p is None or not i16.PACKING:
             return 1
         # the kernel's count of rows of x holding NaN/Inf: any, and the regular kernel handles them
