@@ -258,7 +258,8 @@ def _int8_int8(tensors: tuple, statics: tuple) -> Prepared | None:
 
 def _int8_int16(tensors: tuple, statics: tuple) -> Prepared | None:
     """int8 weights in "int16" compute on the packed copy of the codes (``int16_compute.packed_weight``,
-    which keeps it per codes tensor: held here only weakly, a call finding it gone declines)."""
+    which keeps it per codes tensor and frees it with them: held here only weakly, a call finding it gone
+    asks for it again)."""
     from . import int16_compute as i16
 
     lib = i16._lib()
