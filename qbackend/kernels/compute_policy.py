@@ -73,10 +73,15 @@ int8 loses only at M = 1 on MiniLM's shapes (384x384 0.47x vs 0.67x, 1536x384 1.
 :data:`AUTO_FP32_ROWS` has no entry for nf4 (a rule by M alone would slow LLM decoding down).
 int8-weight layers: int8 compute loses at M = 2-12 on these shapes, but "auto" keeps them out of int8.
 int8-weight layers in "int16" (one thread, CPU time, vs the exact fused fp32 int8 kernel, which is
-strong at small M; ``benchmarks/bench_cpu_int16_cputime.py``): from M = 64 int16 wins (4096x4096
+strong at small M): on AVX512-VNNI with the packed weight copy (``int16_compute.PACKING``, the
+default) int16 wins at every M (the prepared calls of both, 2026-12-04, load 2-2.6: 384x384 1.4x at
+M = 1, 1.9x at M = 8, 2.3x at M = 24; 384->1536 1.8x / 2.2x / 2.6x; 1536->384 1.8x / 1.9x / 2.0x;
+4096x4096 2.5x / 2.0x / 2.1x; never below 1.37x for M = 1..64), so no row count runs in fp32 there.
+Without it (the canonical kernels, ``benchmarks/bench_cpu_int16_cputime.py``; the AVX2 kernels,
+0.67-1.14x of the AVX2 fp32 kernel at M = 1..64 on these shapes): from M = 64 int16 wins (4096x4096
 1.4x at M = 64, 2.7x at M = 480; 384->1536 1.6x at M = 64, 2.4x at M = 256); at M = 1-16 about even
 (runs disagree between -20% and +20%); at M = 24 it loses (0.69x: a half-empty 16-row group). So
-"auto" runs int8-weight calls of 8..32 rows in fp32 (:data:`AUTO_FP32_ROWS`, conservative).
+there "auto" runs int8-weight calls of 8..32 rows in fp32 (:data:`AUTO_FP32_ROWS`, conservative).
 Cold weights (LLM decode, ``benchmarks/bench_gemv_cold.py``, 2 threads, M = 1): with the small-M
 kernel's software prefetch the nf4 int8 kernel is faster than fp32 at K = 5632 and on the 32000x2048
 head and within a loaded machine's noise at 4096x4096, 2048x2048 and 5632x2048 (before the prefetch it
@@ -126,7 +131,8 @@ REQUIRED_FEATURES: Mapping[str, tuple[tuple[str, ...], str]] = {
 
 #: (format, mode) -> (lowest, highest) row count M at which "auto" runs a call in "fp32" instead of
 #: ``mode``: that mode's kernel is slower than the fp32 kernel there (measurements in the module
-#: docstring). Formats/modes not listed: the mode at every M.
+#: docstring). Formats/modes not listed: the mode at every M. Not applied where a faster kernel of the
+#: mode runs that wins at every M (:func:`_wins_at_every_m`: int8 weights in "int16" on the packed copy).
 AUTO_FP32_ROWS: Mapping[tuple[str, str], tuple[int, int]] = {("int8", "int16"): (8, 32)}
 
 
@@ -135,7 +141,18 @@ def fp32_rows(option: str, family: str, mode: str) -> tuple[int, int] | None:
     fp32 instead (None: never; an explicit mode always runs as asked)."""
     if option != "auto" or mode == "fp32":
         return None
-    return AUTO_FP32_ROWS.get((family, mode))
+    span = AUTO_FP32_ROWS.get((family, mode))
+    return None if span is None or _wins_at_every_m(family, mode) else span
+
+
+def _wins_at_every_m(family: str, mode: str) -> bool:
+    """Whether this machine runs ``family`` layers in ``mode`` on a kernel measured faster than fp32 at every
+    M: int8 weights in "int16" on the packed weight copy (AVX512-VNNI, ``int16_compute.PACKING``)."""
+    if (family, mode) != ("int8", "int16"):
+        return False
+    from .cpu import int16_compute  # the CPU kernels load their library on import: only when asked
+
+    return int16_compute.packs()
 
 
 def call_mode(option: str, family: str, mode: str, rows: int) -> str:

@@ -84,10 +84,12 @@ def test_fast_path_is_bit_identical_to_the_regular_kernel(fmt, mode, shape):
 
 @pytest.mark.skipif(not LIB, reason="no C++ kernel library")
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("mode", ("fp32", "int8"))
+@pytest.mark.parametrize("mode", ("fp32", "int8", "int16"))
 def test_fast_path_takes_small_calls(fmt, mode):
-    if mode == "int8" and not VNNI:
+    if mode in ("int8", "int16") and not VNNI:
         pytest.skip("no AVX512-VNNI")
+    if mode == "int16" and fmt != "int8":
+        pytest.skip("only int8 weights have int16 kernels (the packed copy's prepared call)")
     q = _layer(fmt, mode)
     if mode == "fp32" and fmt == "int8" and not kcpu.lib().qb_has_avx512():
         pytest.skip("the fused int8 kernel needs AVX-512")
@@ -98,9 +100,27 @@ def test_fast_path_takes_small_calls(fmt, mode):
     _same(y, _regular(q, x))
 
 
+@pytest.mark.skipif(not LIB or not VNNI, reason="no AVX512-VNNI")
+def test_int16_prepared_call_follows_the_packing_switch_and_the_packed_copy(monkeypatch):
+    from qbackend.kernels.cpu import int16_compute
+
+    q = _layer("int8", "int16")
+    x = torch.randn(4, 128)
+    y = _fast(q).linear(x, _tensors(q), q.bias, q.statics, "int16")
+    assert y is not None
+    _same(y, _regular(q, x))
+    monkeypatch.setattr(int16_compute, "PACKING", False)  # declines: the regular (canonical) kernels run
+    assert _fast(q).linear(x, _tensors(q), q.bias, q.statics, "int16") is None
+    monkeypatch.setattr(int16_compute, "PACKING", True)
+    int16_compute._CACHE.entries.clear()  # the copy gone (held weakly by the prepared call): made again
+    assert int16_compute.packed_nbytes() == 0
+    _same(_fast(q).linear(x, _tensors(q), q.bias, q.statics, "int16"), y)
+    assert int16_compute.packed_nbytes() > 0
+
+
 @pytest.mark.skipif(not LIB, reason="no C++ kernel library")
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("mode", ("fp32", "int8"))
+@pytest.mark.parametrize("mode", ("fp32", "int8", "int16"))
 def test_nan_inf_and_overflow_rows_match_the_regular_path(fmt, mode):
     q = _layer(fmt, mode)
     x = torch.randn(5, 128)
@@ -115,7 +135,7 @@ def test_nan_inf_and_overflow_rows_match_the_regular_path(fmt, mode):
 
 @pytest.mark.skipif(not LIB, reason="no C++ kernel library")
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("mode", ("fp32", "int8"))
+@pytest.mark.parametrize("mode", ("fp32", "int8", "int16"))
 def test_in_place_weight_changes_are_seen(fmt, mode):
     q = _layer(fmt, mode)
     other = _layer(fmt, mode, seed=1)

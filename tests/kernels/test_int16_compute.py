@@ -9,6 +9,7 @@ the AVX2 kernels of the library's "avx2" build (what a CPU without AVX-512 runs)
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import pytest
@@ -72,16 +73,20 @@ def _assert_matches(y, x, codes, scale, bias) -> None:
     assert excess <= 0, f"max |y - y_ref| over tolerance by {excess:.3g}"
 
 
-def _run(width, x, codes, scale, bias, gemm_from: int | None = None):
+def _run(width, x, codes, scale, bias, gemm_from: int | None = None, packing: bool = False):
+    """The kernels of ``width``: the canonical ones (GEMV below ``gemm_from`` rows, else GEMM), or with
+    ``packing`` those on the packed weight copy (AVX512-VNNI only; the AVX2 width ignores it)."""
     _name, L, isa = width
     n, k = scale.numel(), x.shape[-1]
-    old = L.qbi16_gemm_min_m(isa)
+    old, old_packing = L.qbi16_gemm_min_m(isa), ic.PACKING
     if gemm_from is not None:
         L.qbi16_set_gemm_min_m(isa, gemm_from)
+    ic.PACKING = packing
     try:
         return ic.linear8(L, isa, x, codes, scale, bias, n, k)
     finally:
         L.qbi16_set_gemm_min_m(isa, old)
+        ic.PACKING = old_packing
 
 
 @settings(max_examples=80, deadline=None)
@@ -91,18 +96,19 @@ def _run(width, x, codes, scale, bias, gemm_from: int | None = None):
     k=st.sampled_from([1, 7, 30, 32, 40, 64, 100, 128, 224, 511, 512, 520, 1100]),
     m=st.sampled_from([0, 1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 33, 64, 70]),
     gemm_from=st.sampled_from([None, 1, 10**9]),
+    packing=st.booleans(),
     dtype=st.sampled_from(DTYPES),
     with_bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_matches_reference(wi, n, k, m, gemm_from, dtype, with_bias, seed):
+def test_matches_reference(wi, n, k, m, gemm_from, packing, dtype, with_bias, seed):
     codes, scale = _weight(n, k, seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = (torch.randn(m, k, generator=g) * 3).to(dtype)
     if m > 2:
         x[2, k // 2] = 300.0  # an outlier activation
     bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
-    _assert_matches(_run(WIDTHS[wi], x, codes, scale, bias, gemm_from), x, codes, scale, bias)
+    _assert_matches(_run(WIDTHS[wi], x, codes, scale, bias, gemm_from, packing), x, codes, scale, bias)
 
 
 @pytest.mark.parametrize("width", WIDTHS, ids=[w[0] for w in WIDTHS])
@@ -129,8 +135,8 @@ def test_no_int32_overflow_over_long_rows(width):
     x[1] = -2.0
     xq, s = reference.quantize_activations(x, reference.INT16_BLOCK, 32767)
     exact = (xq.double() * s.double()) @ (codes.view(4, k).double() * scale.double().view(-1, 1)).t()
-    for gemm_from in (1, 10**9):
-        y = _run(width, x, codes, scale, None, gemm_from)
+    for gemm_from, packing in ((1, False), (10**9, False), (None, True)):
+        y = _run(width, x, codes, scale, None, gemm_from, packing)
         # against float64: an fp32 sum of 16384 equal terms (the reference's F.linear) is off by ~2e-5
         assert float(((y.double() - exact).abs() / exact.abs()).max()) < 1e-6
         assert float(y[0, 0]) == pytest.approx(k * 1.27, rel=1e-5)
@@ -143,8 +149,8 @@ def test_non_finite_rows_as_fp32(width):
     x[1, 7] = float("nan")
     x[3, 100] = float("inf")
     x[17, 129] = -float("inf")
-    for gemm_from in (1, 10**9):
-        y = _run(width, x, codes, scale, None, gemm_from)
+    for gemm_from, packing in ((1, False), (10**9, False), (None, True)):
+        y = _run(width, x, codes, scale, None, gemm_from, packing)
         y32 = _reference(x, codes, scale, None, "fp32")
         assert torch.equal(torch.isnan(y), torch.isnan(y32)) and torch.equal(torch.isinf(y), torch.isinf(y32))
         assert bool(torch.isnan(y[1]).all()) and not bool(torch.isfinite(y[3]).any())
@@ -159,7 +165,7 @@ def test_huge_and_zero_activations(width):
     x[0] *= 1e30
     x[2, 5] = 1e30
     x[3] = 0.0
-    y = _run(width, x, codes, scale, None)
+    y = _run(width, x, codes, scale, None, packing=True)
     assert bool(torch.isfinite(_reference(x, codes, scale, None, "fp32")).all())
     assert bool(torch.isfinite(y).all()) and bool((y[3] == 0).all())
     _assert_matches(y, x, codes, scale, None)
@@ -227,7 +233,25 @@ def test_policy_int16_needs_avx2_and_names_what_is_missing(cpu_compute, caplog):
 
 
 @pytest.mark.auto_compute
-def test_auto_runs_the_rows_where_int16_is_slower_in_fp32():
+def test_auto_runs_every_row_count_in_int16_on_the_packed_kernel(monkeypatch):
+    """The packed kernel beats fp32 at every M (compute_policy's docstring): no row count runs in fp32."""
+    monkeypatch.setattr(ic, "PACKING", True)
+    if not ic.packs():
+        pytest.skip("no AVX512-VNNI: the packed int16 kernel does not run here")
+    assert cp.fp32_rows("auto", "int8", "int16") is None and cp.call_mode("auto", "int8", "int16", 16) == "int16"
+    model = torch.nn.Sequential(torch.nn.Linear(256, 96))
+    qbackend.quantize_(model, {"preset": "int8"})
+    layer = model[0]
+    tensors = [getattr(layer, n) for n in layer._arg_names]
+    with torch.no_grad():
+        for m in (1, 8, 16, 32, 33):
+            x = torch.randn(m, 256)
+            assert torch.equal(layer(x), layer.op(x, *tensors, layer.bias, *layer.statics, "int16")), m
+
+
+@pytest.mark.auto_compute
+def test_auto_runs_the_rows_where_int16_is_slower_in_fp32(monkeypatch):
+    monkeypatch.setattr(ic, "PACKING", False)  # the canonical kernels (as on a CPU without AVX512-VNNI)
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(256, 96))
     qbackend.quantize_(model, {"preset": "int8"})
@@ -247,9 +271,10 @@ def test_auto_runs_the_rows_where_int16_is_slower_in_fp32():
     n=st.integers(1, 150),
     k=st.sampled_from([7, 32, 100, 512, 520, 1100, 2048]),
     threads=st.sampled_from([1, 2]),
+    packing=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_decode_rows_one_at_a_time(wi, n, k, threads, seed):
+def test_decode_rows_one_at_a_time(wi, n, k, threads, packing, seed):
     """M = 1 reads the rows of W one after the other (one stream per thread) with the same per-row slices
     as the tiles of several rows that M = 2 runs: bit-identical to row 0 of an M = 2 call on the same row."""
     codes, scale = _weight(n, k, seed)
@@ -259,9 +284,103 @@ def test_decode_rows_one_at_a_time(wi, n, k, threads, seed):
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        y1 = _run(WIDTHS[wi], x, codes, scale, bias, 10**9)
-        y2 = _run(WIDTHS[wi], x.expand(2, k).contiguous(), codes, scale, bias, 10**9)
+        y1 = _run(WIDTHS[wi], x, codes, scale, bias, 10**9, packing)
+        y2 = _run(WIDTHS[wi], x.expand(2, k).contiguous(), codes, scale, bias, 10**9, packing)
     finally:
         torch.set_num_threads(old)
     assert torch.equal(y1[0], y2[0]) and torch.equal(y2[0], y2[1])
     _assert_matches(y1, x, codes, scale, bias)
+
+
+# ---- the packed weight copy (AVX512-VNNI width) -------------------------------------------------------------
+
+needs_vnni = pytest.mark.skipif(WIDTHS[-1][2] != ic.ISA_AVX512_VNNI, reason="no AVX512-VNNI on this CPU")
+
+
+@needs_vnni
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 150),
+    k=st.sampled_from([1, 3, 31, 33, 64, 101, 383, 384, 511, 513, 1025, 1536]),
+    m=st.sampled_from([0, 1, 2, 5, 6, 7, 8, 12, 13, 47, 48, 49, 70]),
+    threads=st.sampled_from([1, 2]),
+    with_bias=st.booleans(),
+    bad_rows=st.sampled_from([(), ("nan",), ("inf", "-inf"), ("zero",)]),
+    seed=st.integers(0, 2**16),
+)
+def test_packed_equals_the_gemm_kernel_bit_for_bit(n, k, m, threads, with_bias, bad_rows, seed):
+    """N not a multiple of 16/64, K odd or not a multiple of 32 or of the 512-element accumulation block,
+    tile heights 1-6, NaN/Inf/zero rows: the packed kernel applies the scales as the canonical GEMM
+    (per accumulation block, then the bias), so the results are the same bits, and match the reference."""
+    codes, scale = _weight(n, k, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=g) * 3
+    for i, kind in enumerate(bad_rows):
+        if i < m:
+            x[(seed + 3 * i) % m] = 0.0 if kind == "zero" else x[(seed + 3 * i) % m]
+            if kind != "zero":
+                x[(seed + 3 * i) % m, (seed + i) % k] = float(kind)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        yp = _run(WIDTHS[-1], x, codes, scale, bias, packing=True)
+        yg = _run(WIDTHS[-1], x, codes, scale, bias, 1, packing=False)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(yp, yg, rtol=0, atol=0, equal_nan=True)  # the same bits (NaN rows: NaN)
+    good = torch.isfinite(x).all(dim=1)
+    _assert_matches(yp[good], x[good], codes, scale, bias)
+    y32 = _reference(x[~good], codes, scale, bias, "fp32")
+    assert torch.equal(torch.isnan(yp[~good]), torch.isnan(y32))
+    assert torch.equal(torch.isinf(yp[~good]), torch.isinf(y32))
+    if m:
+        assert ic.packed_weight(codes, n, k) is not None
+
+
+@needs_vnni
+def test_packed_copy_follows_the_weight():
+    n, k = 40, 70
+    codes, scale = _weight(n, k, 21)
+    codes = codes.clone()  # not a view (a view's copy is keyed on its base)
+    x = torch.randn(5, k)
+    p1 = ic.packed_weight(codes, n, k)
+    assert p1 is not None and p1.numel() == 48 * 96  # n and k rounded up to 16 and 32
+    assert p1.data_ptr() % 64 == 0
+    assert ic.packed_weight(codes, n, k) is p1  # made once, reused
+    _assert_matches(_run(WIDTHS[-1], x, codes, scale, None, packing=True), x, codes, scale, None)
+    # an in-place write (as a re-quantization does: copy_ under no_grad) is seen on the next call
+    with torch.no_grad():
+        codes.copy_(torch.flip(codes, [0]))
+    assert ic.packed_weight(codes, n, k) is not p1
+    _assert_matches(_run(WIDTHS[-1], x, codes, scale, None, packing=True), x, codes, scale, None)
+    codes.view(n, k)[3, 5] = 77
+    y = _run(WIDTHS[-1], x, codes, scale, None, packing=True)
+    _assert_matches(y, x, codes, scale, None)
+    assert torch.equal(y, _run(WIDTHS[-1], x, codes, scale, None, 1, packing=False))
+    # freed with the weight
+    key = id(codes)
+    assert key in ic._CACHE.entries
+    held = ic.packed_nbytes()
+    assert held >= 48 * 96
+    del codes
+    gc.collect()
+    assert key not in ic._CACHE.entries
+    assert ic.packed_nbytes() <= held - 48 * 96
+
+
+@needs_vnni
+def test_packing_can_be_switched_off_and_inference_tensors_are_not_packed(monkeypatch):
+    codes, scale = _weight(30, 50, 6)
+    x = torch.randn(9, 50)
+    monkeypatch.setattr(ic, "PACKING", False)
+    assert ic.packed_weight(codes, 30, 50) is None
+    monkeypatch.setattr(ic, "PACKING", True)
+    with torch.inference_mode():  # no version counter to see an in-place write by: the canonical kernels
+        c2, s2 = _weight(20, 33, 4)
+        assert ic.packed_weight(c2, 20, 33) is None
+        x2 = torch.randn(3, 33)
+        _assert_matches(ic.int8_linear(x2, c2, s2, None, 20, 33), x2, c2, s2, None)
+        c2.view(20, 33)[0, 0] = -5
+        _assert_matches(ic.int8_linear(x2, c2, s2, None, 20, 33), x2, c2, s2, None)
+    _assert_matches(ic.int8_linear(x, codes, scale, None, 30, 50), x, codes, scale, None)

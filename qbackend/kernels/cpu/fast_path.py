@@ -256,6 +256,37 @@ def _int8_int8(tensors: tuple, statics: tuple) -> Prepared | None:
     return _qbi8(int8_compute.int8_weight(*tensors, *statics), statics[0], statics[1])
 
 
+def _int8_int16(tensors: tuple, statics: tuple) -> Prepared | None:
+    """int8 weights in "int16" compute on the packed copy of the codes (``int16_compute.packed_weight``,
+    which keeps it per codes tensor and frees it with them: held here only weakly, a call finding it gone
+    asks for it again)."""
+    from . import int16_compute as i16
+
+    lib = i16._lib()
+    codes, scale = tensors
+    n, k = statics
+    if lib is None or lib[1] != i16.ISA_AVX512_VNNI or scale.dtype is not _F32:
+        return None
+    packed = i16.packed_weight(codes, n, k)
+    if packed is None:
+        return None
+    fn, sp, cref = lib[0].qbi16_linear8_packed, scale.data_ptr(), weakref.ref(codes)
+    ref = weakref.ref(packed)
+
+    def call(xp: int, m: int, bp: int | None, yp: int, nt: int) -> int:
+        nonlocal ref
+        p = ref()
+        if p is None and (c := cref()) is not None:  # the cache let the copy go: made again, as the regular path does
+            p = i16.packed_weight(c, n, k)
+            ref = weakref.ref(p) if p is not None else ref
+        if p is None or not i16.PACKING:
+            return 1
+        # the kernel's count of rows of x holding NaN/Inf: any, and the regular kernel handles them
+        return fn(p.data_ptr(), sp, n, k, xp, m, bp, yp, nt, i16._block())
+
+    return Prepared(call, n, k, None)
+
+
 #: (kernel, compute mode) -> prepare(tensors, statics): the cases with a prepared call
 _PREPARE: dict[tuple[str, str], Callable[[tuple, tuple], Prepared | None]] = {
     ("codebook", "fp32"): _codebook_fp32,
@@ -264,6 +295,7 @@ _PREPARE: dict[tuple[str, str], Callable[[tuple, tuple], Prepared | None]] = {
     ("codebook", "int8"): _codebook_int8,
     ("int4", "int8"): _int4_int8,
     ("int8", "int8"): _int8_int8,
+    ("int8", "int16"): _int8_int16,
 }
 
 

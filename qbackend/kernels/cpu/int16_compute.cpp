@@ -5,7 +5,9 @@
 // * AVX512-VNNI: vpdpwssd (pairs of s16 x s16 -> s32), 16 lanes;
 // * AVX2: vpmaddwd + vpaddd, 8 lanes (any CPU with AVX2 + FMA; no VNNI needed).
 // Small M: a GEMV-like tile (lanes along K, MR rows of x x NR rows of W); from M = g_gemm_min_m: a
-// GEMM with lanes along M (x transposed once per call). The weights stay in their canonical layout.
+// GEMM with lanes along M (x transposed once per call). The weights stay in their canonical layout;
+// with AVX512-VNNI the caller may pass a panel-packed copy instead (qbi16_pack, qbi16_linear8_packed: 16
+// output columns x 2 values of K per vector, no horizontal reductions, the GEMM's results bit for bit).
 // Threads: the library's RowPool (qb_pool_run in qlinear.cpp).
 //
 // Each width is compiled with target attributes and runs only where the CPU has its instructions
@@ -102,7 +104,8 @@ int64_t pick_nb(int64_t N, int nthreads) {
 }
 
 template <int ISA>
-int64_t linear_slab(const W16& w, const float* x, int64_t M, const float* bias, float* y, int nthreads, int64_t Bq) {
+int64_t linear_slab(const W16& w, const float* x, int64_t M, const float* bias, float* y, int nthreads, int64_t Bq,
+                    const int8_t* packed = nullptr) {
     Act16 a;
     a.M = M;
     a.K = w.K;
@@ -136,6 +139,18 @@ int64_t linear_slab(const W16& w, const float* x, int64_t M, const float* bias, 
     int64_t nbad = 0;
     for (int64_t m = 0; m < M; ++m) nbad += a.bad[m];
 
+    if (ISA == ISA_AVX512_VNNI && packed != nullptr) {
+        // Units: 4 blocks (64 columns) x up to 48 rows; the 64-column panel stays in L1/L2 across the row tiles.
+        const int64_t nblk = (w.N + 15) / 16, cb = qbi16_avx512::PACKED_NB, mb = 48;
+        const int64_t ncb = (nblk + cb - 1) / cb, nmb = (M + mb - 1) / mb;
+        auto body = [&](int64_t c, int) {
+            const int64_t ci = c % ncb, cm = c / ncb;
+            qbi16_avx512::packed_range(packed, a, w.scale, bias, w.N, cm * mb, std::min(M, (cm + 1) * mb), ci * cb,
+                                       std::min(nblk, (ci + 1) * cb), y);
+        };
+        pool_run(ncb * nmb, nthreads, body);
+        return nbad;
+    }
     const int64_t nb = pick_nb(w.N, nthreads);
     const int64_t units_n = (w.N + nb - 1) / nb;
     if (M < g_gemm_min_m[ISA]) {
@@ -217,6 +232,36 @@ int64_t qbi16_linear8(int isa, const int8_t* codes, const float* scale, int64_t 
         const int64_t mm = std::min(slab, M - m0);
         nbad += isa == ISA_AVX512_VNNI ? linear_slab<ISA_AVX512_VNNI>(w, x + m0 * K, mm, bias, y + m0 * N, nthreads, Bq)
                                        : linear_slab<ISA_AVX2>(w, x + m0 * K, mm, bias, y + m0 * N, nthreads, Bq);
+    }
+    return nbad;
+}
+
+// Bytes of the packed copy qbi16_pack writes for [N, K] codes: N rounded up to 16, K to 32.
+int64_t qbi16_packed_bytes(int64_t N, int64_t K) { return (N + 15) / 16 * 16 * ((K + 31) / 32 * 32); }
+
+// The packed copy (layout above qbi16_avx512::psums) of codes [N, K] int8 into packed (64-byte aligned,
+// qbi16_packed_bytes long); padding 0 (against zero-padded xq).
+void qbi16_pack(const int8_t* codes, int64_t N, int64_t K, int8_t* packed) {
+    const int64_t Kp = (K + 31) / 32 * 32;
+    std::memset(packed, 0, (size_t)qbi16_packed_bytes(N, K));
+    for (int64_t n = 0; n < N; ++n) {
+        int8_t* dst = packed + (n / 16) * 16 * Kp + (n % 16) * 2;
+        const int8_t* src = codes + n * K;
+        for (int64_t k = 0; k < K; ++k) dst[(k / 2) * 32 + (k & 1)] = src[k];
+    }
+}
+
+// qbi16_linear8 at the AVX512-VNNI width on the packed copy of the codes (qbi16_pack). Returns as
+// qbi16_linear8 (-1: this CPU/shape is not covered, nothing computed).
+int64_t qbi16_linear8_packed(const int8_t* packed, const float* scale, int64_t N, int64_t K, const float* x, int64_t M,
+                             const float* bias, float* y, int nthreads, int64_t Bq) {
+    if (!qbi16_supported(ISA_AVX512_VNNI, N, K, Bq) || ((uintptr_t)packed & 63)) return -1;
+    const W16 w{nullptr, scale, N, K};
+    const int64_t slab = std::max<int64_t>(64, (int64_t(8) << 20) / K);
+    int64_t nbad = 0;
+    for (int64_t m0 = 0; m0 < M; m0 += slab) {
+        const int64_t mm = std::min(slab, M - m0);
+        nbad += linear_slab<ISA_AVX512_VNNI>(w, x + m0 * K, mm, bias, y + m0 * N, nthreads, Bq, packed);
     }
     return nbad;
 }

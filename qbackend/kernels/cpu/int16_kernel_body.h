@@ -351,4 +351,112 @@ QBI16_ATTR void gemm_range(const W16& w, const ActT16& t, int64_t Ba, const floa
     }
 }
 
+#if QBI16_WIDE
+// ---- the packed-weight kernel (a prepared copy of the weight, qbi16_pack) --------------------------------
+//
+// Layout: for each block of 16 output columns, for each pair of k (K zero padded to Kp), the 16 columns'
+// two int8 codes (32 bytes, (column, k, k + 1) order). Sign-extended on load (vpmovsxbw) it is one zmm of
+// 16 int32 lanes = 16 columns x (k, k + 1), so one broadcast of a pair of a row of xq feeds vpdpwssd
+// against 16 columns: accumulators [MR rows of x] x [NB blocks of 16 columns], no horizontal reduction.
+// The scales as the GEMM above (per accumulation block: fmadd(float(sum), s_x * s_w, acc), then + bias):
+// the same results as gemm_range, bit for bit.
+
+// The int32 sums over pairs [p0, p1) of MR rows of xq (row stride ld) x NB blocks from w (panel bytes
+// apart), into out [MR][NB][16]. (Fully unrolled so that GCC keeps acc in registers; the epilogue is in the
+// caller, else GCC spills acc to the stack on every step.)
+template <int MR, int NB>
+QBI16_ATTR inline void psums(const int8_t* w, int64_t panel, int64_t p0, int64_t p1, const int16_t* xr, int64_t ld,
+                             int32_t* out) {
+    __m512i acc[MR][NB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_si512();
+    for (int64_t p = p0; p < p1; ++p) {
+        __m512i wv[NB];
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; ++j) wv[j] = _mm512_cvtepi8_epi16(_mm256_load_si256((const __m256i*)(w + j * panel + p * 32)));
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; ++m) {
+            const __m512i xb = bcast(xr + m * ld + 2 * p);
+#pragma GCC unroll 4
+            for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_dpwssd_epi32(acc[m][j], wv[j], xb);
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; ++j) _mm512_store_si512(out + (m * NB + j) * 16, acc[m][j]);
+}
+
+// MR rows of x from m0 x NB blocks of 16 columns from block b; columns >= N not stored.
+template <int MR, int NB>
+QBI16_ATTR void ptile(const int8_t* packed, const Act16& a, const float* scale, const float* bias, int64_t N, int64_t m0,
+                      int64_t b, float* y) {
+    const int64_t panel = 16 * a.Kp, np = a.Kp / 2, ppb = a.Ba / 2;
+    alignas(64) int32_t sums[MR * NB * 16];
+    alignas(64) float acc[MR * NB * 16];
+    __mmask16 mk[NB];
+    VF ws[NB];
+    for (int j = 0; j < NB; ++j) {
+        const int64_t n = (b + j) * 16;
+        mk[j] = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+        ws[j] = _mm512_maskz_loadu_ps(mk[j], scale + n);
+    }
+    for (int64_t blk = 0; blk < a.nab; ++blk) {
+        const int64_t p0 = blk * ppb, p1 = std::min(np, p0 + ppb);
+        psums<MR, NB>(packed + b * panel, panel, p0, p1, a.xq + m0 * a.Kp, a.Kp, sums);
+        for (int m = 0; m < MR; ++m) {
+            const VF st = fset(a.sa[(m0 + m) * a.nab + blk]);
+            for (int j = 0; j < NB; ++j) {
+                float* ap = acc + (m * NB + j) * 16;
+                const VF prev = blk == 0 ? fzero() : _mm512_load_ps(ap);
+                _mm512_store_ps(ap, fmadd(cvt(_mm512_load_si512(sums + (m * NB + j) * 16)), fmul(st, ws[j]), prev));
+            }
+        }
+    }
+    for (int j = 0; j < NB; ++j) {
+        const int64_t n = (b + j) * 16;
+        const VF bv = bias ? _mm512_maskz_loadu_ps(mk[j], bias + n) : fzero();
+        for (int m = 0; m < MR; ++m)
+            _mm512_mask_storeu_ps(y + (m0 + m) * N + n, mk[j], _mm512_add_ps(_mm512_load_ps(acc + (m * NB + j) * 16), bv));
+    }
+}
+
+template <int MR>
+QBI16_ATTR void ptile_nb(int nb, const int8_t* packed, const Act16& a, const float* scale, const float* bias, int64_t N,
+                         int64_t m0, int64_t b, float* y) {
+    switch (nb) {
+        case 4: ptile<MR, 4>(packed, a, scale, bias, N, m0, b, y); break;
+        case 3: ptile<MR, 3>(packed, a, scale, bias, N, m0, b, y); break;
+        case 2: ptile<MR, 2>(packed, a, scale, bias, N, m0, b, y); break;
+        case 1: ptile<MR, 1>(packed, a, scale, bias, N, m0, b, y); break;
+        default: break;
+    }
+}
+
+constexpr int64_t PACKED_NB = 4;  // blocks of 16 columns per tile (4 x 6 int32 accumulators + 4 weights + 1)
+
+// Rows [m0, m1) of x x blocks [b0, b1) of the packed weight, in tiles of up to 6 rows x 4 blocks.
+QBI16_ATTR void packed_range(const int8_t* packed, const Act16& a, const float* scale, const float* bias, int64_t N,
+                             int64_t m0, int64_t m1, int64_t b0, int64_t b1, float* y) {
+    constexpr int64_t MRMAX = 6;
+    for (int64_t b = b0; b < b1; b += PACKED_NB) {
+        const int nb = (int)std::min<int64_t>(PACKED_NB, b1 - b);
+        // tiles of even height (8 rows: 4 + 4, not 6 + 2: each weight load feeds as many rows as it can)
+        const int64_t ntiles = (m1 - m0 + MRMAX - 1) / MRMAX, mr = (m1 - m0 + ntiles - 1) / ntiles;
+        for (int64_t m = m0; m < m1; m += mr) {
+            switch ((int)std::min<int64_t>(mr, m1 - m)) {
+                case 6: ptile_nb<6>(nb, packed, a, scale, bias, N, m, b, y); break;
+                case 5: ptile_nb<5>(nb, packed, a, scale, bias, N, m, b, y); break;
+                case 4: ptile_nb<4>(nb, packed, a, scale, bias, N, m, b, y); break;
+                case 3: ptile_nb<3>(nb, packed, a, scale, bias, N, m, b, y); break;
+                case 2: ptile_nb<2>(nb, packed, a, scale, bias, N, m, b, y); break;
+                default: ptile_nb<1>(nb, packed, a, scale, bias, N, m, b, y); break;
+            }
+        }
+    }
+}
+#endif
+
 }  // namespace QBI16_NS

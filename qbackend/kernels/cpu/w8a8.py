@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import weakref
 
 import torch
 from torch import Tensor
 
 from . import _build
+from ._packed import PackedCache
 from ._tensors import out as _out
 
 # From this many rows of x, torch's int8 GEMM (oneDNN) instead of the VNNI tiles. Measured on the
@@ -125,49 +125,27 @@ PACKED_MAX_M = 4096
 # (1 thread, under load) it is also faster at 4096x4096: M = 1 0.63 vs 1.19 ms, M = 64 6.0 vs 12 ms.
 PACKING = True
 
-# id(codes) -> (weak reference to codes, its data_ptr, its version, n, k, the packed copy). An entry goes
-# when its codes tensor is freed; a new address, version (in-place writes, ``copy_``, ``resize_``/``set_``)
-# or shape packs again, as the prepared calls of ``fast_path.py`` are keyed.
-_PACKED: dict[int, tuple] = {}
+
+def _packer() -> tuple | None:
+    lib = _lib()
+    return None if lib is None else (lib.qbw8_packed_bytes, lib.qbw8_pack)
+
+
+# The copies, keyed per codes tensor (address, version, shape, object: ``_packed.PackedCache``).
+_CACHE = PackedCache(_packer)
+_PACKED = _CACHE.entries
 
 
 def packed_weight(codes: Tensor, n: int, k: int) -> Tensor | None:
     """The panel-packed copy of ``codes`` [n, k] for ``qbw8_linear_packed`` (made on first use, about the
     size of ``codes``: n and k rounded up to 16 and 4), or None: no library, or an inference tensor (no
     version counter to see an in-place write by: the canonical kernel reads it instead)."""
-    if not PACKING or codes.dtype is not _I8 or not codes.is_cpu or not codes.is_contiguous() or codes.numel() != n * k:
-        return None
-    base = codes._base
-    if base is not None and base.data_ptr() == codes.data_ptr() and base.numel() == n * k and base.is_contiguous():
-        codes = base  # a view made per call (``codes.view(-1)``) shares its base's bytes and version counter
-    try:
-        version = codes._version
-    except RuntimeError:
-        return None
-    key = id(codes)
-    e = _PACKED.get(key)
-    if e is not None and e[0]() is codes and e[1] == codes.data_ptr() and e[2] == version and e[3] == n and e[4] == k:
-        return e[5]
-    lib = _lib()
-    if lib is None:
-        return None
-    size = lib.qbw8_packed_bytes(n, k)
-    buf = torch.empty(size + 64, dtype=torch.uint8)
-    off = -buf.data_ptr() % 64  # the kernel loads aligned panels
-    packed = buf[off : off + size]
-    lib.qbw8_pack(codes.data_ptr(), n, k, packed.data_ptr())
-
-    def drop(r: weakref.ref, key: int = key) -> None:
-        if _PACKED.get(key, (None,))[0] is r:
-            _PACKED.pop(key, None)
-
-    _PACKED[key] = (weakref.ref(codes, drop), codes.data_ptr(), version, n, k, packed)
-    return packed
+    return _CACHE.get(codes, n, k) if PACKING else None
 
 
 def packed_nbytes() -> int:
     """Bytes held by the packed weight copies alive now (each is freed with its weight)."""
-    return sum(e[5].untyped_storage().nbytes() for e in list(_PACKED.values()) if e[0]() is not None)
+    return _CACHE.nbytes()
 
 
 def fast_linear(
