@@ -31,6 +31,7 @@ class LLMRow:
     tokens_per_s: float
     speedup: float = 1.0  # over fp32 eager
     logits_cosine: float = 1.0  # next-token logits after the prompt vs fp32's
+    kernel_copies_mb: float = 0.0  # kernel-layout weight copies made on first use, on top of weights_mb
 
 
 @dataclass
@@ -87,7 +88,14 @@ def run_llm_decode(presets: tuple[str, ...] = LLM_PRESETS, prompt: int = 16, ste
         m = copy.deepcopy(base)
         qbackend.quantize_(m, p)
         models[f"qbackend {p} (quantize_, eager)"] = m
-    logits = {name: greedy(m, ids, 3)[0] for name, m in models.items()}  # warm-up
+    from ..kernels import cpu
+
+    logits: dict[str, torch.Tensor] = {}
+    copies: dict[str, float] = {}
+    for name, m in models.items():  # warm-up; every model stays alive, so do the weight copies its layers made
+        before = cpu.packed_nbytes()
+        logits[name] = greedy(m, ids, 3)[0]
+        copies[name] = (cpu.packed_nbytes() - before) / 1e6
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):  # interleaved: a burst of load hits every row alike
         for name, m in models.items():
@@ -97,7 +105,7 @@ def run_llm_decode(presets: tuple[str, ...] = LLM_PRESETS, prompt: int = 16, ste
     for name, m in models.items():
         tps = (steps - 1) / statistics.median(times[name])
         cos = float(torch.nn.functional.cosine_similarity(logits[name].double(), ref.double(), dim=0))
-        res.rows.append(LLMRow(name, _mb(m), tps, logits_cosine=cos))
+        res.rows.append(LLMRow(name, _mb(m), tps, logits_cosine=cos, kernel_copies_mb=copies[name]))
     for r in res.rows:
         r.speedup = r.tokens_per_s / res.rows[0].tokens_per_s
     return res

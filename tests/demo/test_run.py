@@ -29,3 +29,18 @@ def test_step_count_matches_the_stages(compile_):
 
 def test_w8a8_is_a_demo_preset_and_in_the_default_run():
     assert "w8a8" in DEMO_PRESETS and "w8a8" in DemoOptions().presets
+
+
+def test_table_shows_the_kernel_weight_copies_beside_the_size():
+    from rich.console import Console
+
+    from qbackend.demo.run import DemoResult, DemoRow, render
+
+    plain = DemoRow("qbackend nf4", 53.4, 5.55, 4.13, {1: 5.0}, {1: 2.0}, {"cosine_mean": 0.97, "cosine_min": 0.96})
+    quality = {"cosine_mean": 0.9996, "cosine_min": 0.9995}
+    packed = DemoRow("qbackend int8", 58.7, 10.85, 8.06, {1: 6.0}, {1: 1.7}, quality, kernel_copies_mb=10.6)
+    console = Console(width=250, record=True)
+    console.print(render(DemoResult("m", 1, 2, 2, [plain, packed])))
+    lines = console.export_text().splitlines()
+    assert any("qbackend int8" in ln and "58.7 + 10.6" in ln for ln in lines)
+    assert any("qbackend nf4" in ln and "53.4 " in ln and "53.4 +" not in ln for ln in lines)

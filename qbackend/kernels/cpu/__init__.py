@@ -59,6 +59,14 @@ def lib() -> ctypes.CDLL | None:
     return _build.load()
 
 
+def packed_nbytes() -> int:
+    """Bytes held now by the kernel-layout weight copies (W8A8, int8 weights in "int16"), made on first use
+    beside the canonical codes and freed with them: memory on top of the model's own tensors."""
+    from . import int16_compute
+
+    return _w8a8.packed_nbytes() + int16_compute.packed_nbytes()
+
+
 # The kernel descriptor holds only pointers and sizes, so one built for the same pointers and sizes
 # is valid whatever tensors now live there: cache them (saves microseconds per call at M=1), with
 # what depends on the descriptor alone: its ctypes reference and whether the fused kernels take it.
