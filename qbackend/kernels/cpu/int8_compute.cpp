@@ -520,9 +520,10 @@ QBI8_TARGET void transpose_groups(const Act& a, ActT& t, int64_t g0, int64_t g1)
     }
 }
 
-// Row n of W as unsigned bytes (weight + offset), block-major: block j at d + 32 j, its 8 words in
-// word_offset order.
-template <int KIND>  // 0 codebook, 1/2 int4, 3 int8
+// Row n of W as unsigned bytes (weight + offset). NAT (4-bit): each 128-chunk as it unpacks, [64 high
+// nibbles (even k), 64 low nibbles (odd k)], the order of Act.xq, so no permute: block j's words at
+// d + nat_off(j, w) (see gemm_tile). Else block-major: block j at d + 32 j, its 8 words in word_offset order.
+template <int KIND, bool NAT = false>  // 0 codebook, 1/2 int4, 3 int8
 QBI8_TARGET void decode_row(const QI8W& w, int64_t n, uint8_t* d) {
     const int64_t K = w.K;
     if (KIND == 3) {
@@ -538,6 +539,8 @@ QBI8_TARGET void decode_row(const QI8W& w, int64_t n, uint8_t* d) {
     const __m512i lut = _mm512_broadcast_i32x4(_mm_add_epi8(_mm_loadu_si128((const __m128i*)w.lut), _mm_set1_epi8((char)0x80)));
     const __m512i nib = _mm512_set1_epi8(0x0f);
     const __m512i i0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), i1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    const __m512i lane_q = _mm512_set_epi32(0x03030303, 0x03030303, 0x03030303, 0x03030303, 0x02020202, 0x02020202,
+                                            0x02020202, 0x02020202, 0x01010101, 0x01010101, 0x01010101, 0x01010101, 0, 0, 0, 0);
     // int4: the byte added per 32-block, 128 - zero point (groups are whole 32-blocks), looked up per
     // chunk (a per-row table cost a thread-local lookup and memsets: ~8% of a 384x384 call at M = 8).
     // Blocks past K read no zero point: their codes are masked to 0 against zero activations.
@@ -556,6 +559,23 @@ QBI8_TARGET void decode_row(const QI8W& w, int64_t n, uint8_t* d) {
         if (KIND == 0) {
             lo = _mm512_shuffle_epi8(lut, lo);
             hi = _mm512_shuffle_epi8(lut, hi);
+        }
+        if constexpr (NAT) {
+            // 128-bit lane q of hi and of lo holds block 4c + q: its int4 byte offset, one per lane
+            if (KIND == 1) {
+                hi = _mm512_add_epi8(hi, _mm512_set1_epi8((char)120));
+                lo = _mm512_add_epi8(lo, _mm512_set1_epi8((char)120));
+            } else if (KIND == 2) {
+                const int64_t b = 4 * c;
+                const uint32_t zz = (uint32_t)(uint8_t)zb_of(b) | (uint32_t)(uint8_t)zb_of(b + 1) << 8 |
+                                    (uint32_t)(uint8_t)zb_of(b + 2) << 16 | (uint32_t)(uint8_t)zb_of(b + 3) << 24;
+                const __m512i zv = _mm512_shuffle_epi8(_mm512_set1_epi32((int)zz), lane_q);
+                hi = _mm512_add_epi8(hi, zv);
+                lo = _mm512_add_epi8(lo, zv);
+            }
+            _mm512_store_si512(d + 128 * c, hi);
+            _mm512_store_si512(d + 128 * c + 64, lo);
+            continue;
         }
         __m512i d0 = _mm512_permutex2var_epi64(hi, i0, lo), d1 = _mm512_permutex2var_epi64(hi, i1, lo);
         if (KIND != 0) {  // int4: code - zero point + 128, per 32-block (groups are multiples of 32)
@@ -625,6 +645,11 @@ template <int L, int NR, int MV, bool ROWSCALE>
 QBI8_TARGET void gemm_tile(const CtxG& cx, int64_t n0, int64_t g0, const uint8_t* const* d, const float* const* ws,
                            const uint8_t* pf, int64_t pf_lines, const YT& yt) {
     constexpr int S = L / 2, BB = 64 / L, LPR = 16 / L;
+    // 4-bit rows decoded in the NAT order (decode_row): a block's first S / 2 steps in the high-nibble
+    // half of its chunk, the rest in the low-nibble half (L = 2: one step spans both, block-major then)
+    constexpr bool NAT = !ROWSCALE && L >= 4;
+    int soff[S];
+    for (int s = 0; s < S; ++s) soff[s] = NAT && s >= S / 2 ? 64 + BB * (s - S / 2) : BB * s;
     const ActT& t = *cx.t;
     const int64_t nblk = t.nblk;
     const int sh = cx.sh;
@@ -650,7 +675,7 @@ QBI8_TARGET void gemm_tile(const CtxG& cx, int64_t n0, int64_t g0, const uint8_t
                 __m512i xv[MV];
                 for (int v = 0; v < MV; ++v) xv[v] = _mm512_load_si512(t.xT + (((g0 + v) * nblk + j) * S + s) * 16);
                 for (int r = 0; r < NR; ++r) {
-                    const __m512i wb = bcast_bytes<BB>(d[r] + 32 * j + BB * s);
+                    const __m512i wb = bcast_bytes<BB>(d[r] + (NAT ? 128 * (j >> 2) + 16 * (j & 3) : 32 * j) + soff[s]);
                     for (int v = 0; v < MV; ++v) ia[r][v] = _mm512_dpbusd_epi32(ia[r][v], wb, xv[v]);
                 }
             }
@@ -713,7 +738,11 @@ QBI8_TARGET void run_gemm(const CtxG& cx, const RowScales& rs, int64_t n0, int64
     constexpr bool ROWSCALE = KIND == 3;
     const size_t len = (size_t)(w.K / 32 + 16);
     const size_t dlen = (size_t)((w.K + 127) / 128 * 128);
-    float* wsb = scratch<float>(0, NRD * len);
+    // Nested NF4 constants of the unit's rows are consecutive blocks: decoded in one pass, 64 at a time
+    // (per 8 rows, a short K left them to denest16: ~13% of a MiniLM-sized call at M = 8).
+    const bool nested_rows = KIND == 0 && rs.compact && w.ncodes != nullptr && is_pow2(w.nbs);
+    float* wsb = scratch<float>(0, std::max(NRD * len, nested_rows ? (size_t)((n1 - n0) * (w.K / w.bs) + 16) : 0));
+    if (nested_rows) nested_scales(w, n0, (int)(n1 - n0), wsb, cx.nplanes);
     uint8_t* db = (uint8_t*)(((uintptr_t)scratch<uint8_t>(2, NRD * dlen + 64) + 63) & ~(uintptr_t)63);
     const uint8_t* d[NRD];
     const float* ws[NRD];
@@ -724,17 +753,13 @@ QBI8_TARGET void run_gemm(const CtxG& cx, const RowScales& rs, int64_t n0, int64
         yt.n0 = n0;
         yt.m0 = 16 * g0;
     }
-    // Nested NF4 constants of the nr rows are consecutive blocks: decoded in one pass, 16 at a time
-    // (per row, a short K left most of them to the scalar loop: ~10% of a MiniLM-sized call at M = 8).
-    const bool nested_rows = KIND == 0 && rs.compact && w.ncodes != nullptr && is_pow2(w.nbs);
     int64_t n = n0;
     while (n < n1) {
         const int nr = (int)std::min<int64_t>(NRD, n1 - n);
-        if (nested_rows) nested_scales(w, n, nr, wsb, cx.nplanes);
         for (int r = 0; r < nr; ++r) {
             uint8_t* dr = db + r * dlen;
-            decode_row<KIND>(w, n + r, dr);
-            if (nested_rows) ws[r] = wsb + r * (w.K / w.bs);
+            decode_row<KIND, KIND != 3 && L >= 4>(w, n + r, dr);
+            if (nested_rows) ws[r] = wsb + (n - n0 + r) * (w.K / w.bs);
             else {
                 if (!ROWSCALE) row_scales(w, rs, n + r, wsb + r * len, nullptr);
                 ws[r] = wsb + r * len;
