@@ -547,6 +547,8 @@ QBI8_TARGET void decode_row(const QI8W& w, int64_t n, uint8_t* d) {
     const uint8_t* z = KIND == 2 ? w.zp + n * w.G : nullptr;
     const int64_t nb32 = K / 32;
     const int zsh = is_pow2(w.bs) ? ilog2(w.bs / 32) : -1;
+    // groups of 128 or more (powers of 2): chunk c lies in group c >> zch (a chunk past K reads group G - 1 at most)
+    const int zch = zsh >= 2 ? zsh - 2 : -1;
     auto zb_of = [&](int64_t b) -> char {
         if (KIND == 1 || b >= nb32) return (char)120;
         return (char)(uint8_t)(128 - z[zsh >= 0 ? b >> zsh : (32 * b) / w.bs]);
@@ -565,6 +567,10 @@ QBI8_TARGET void decode_row(const QI8W& w, int64_t n, uint8_t* d) {
             if (KIND == 1) {
                 hi = _mm512_add_epi8(hi, _mm512_set1_epi8((char)120));
                 lo = _mm512_add_epi8(lo, _mm512_set1_epi8((char)120));
+            } else if (KIND == 2 && zch >= 0) {  // a whole chunk in one group: one byte
+                const __m512i zv = _mm512_set1_epi8((char)(uint8_t)(128 - z[c >> zch]));
+                hi = _mm512_add_epi8(hi, zv);
+                lo = _mm512_add_epi8(lo, zv);
             } else if (KIND == 2) {
                 const int64_t b = 4 * c;
                 const uint32_t zz = (uint32_t)(uint8_t)zb_of(b) | (uint32_t)(uint8_t)zb_of(b + 1) << 8 |
