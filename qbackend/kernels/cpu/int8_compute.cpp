@@ -16,15 +16,15 @@
 //   gives two u8 vectors (high and low nibbles) that line up with the two activation vectors.
 //   Lanes 4b..4b+3 of the int32 accumulator then hold block b of the chunk: the block scales are
 //   applied per lane (fma with a 16-lane scale vector), one horizontal sum per output only.
-//   This is the kernel for M < 8 (GEMV-like; no per-call work on W at all). With cold weights
+//   This is the kernel for M < 6 of 4-bit weights, M < 8 of int8 (GEMV-like; no per-call work on W). With cold weights
 //   (LLM decode) each tile software-prefetches the codes and block constants of the next tile's
 //   rows: a row of codes is a stream too short for the hardware prefetchers (measured 1.2-2x). At
 //   M = 1 a tile is one row (run4_gemv): each thread then reads one sequential stream.
 // * Larger M: a GEMM (see gemm_tile): x transposed once per call so that each vector holds L rows of
-//   x (L = 8 or 16 from M = 8; 4 and 2 when the threshold is lowered: no idle lanes at small M),
-//   nested NF4 constants decoded 16 at a time, rows of W
-//   decoded once per work unit (up to 128 rows of x) into a small per-thread buffer (unsigned bytes, block-major; int4 zero
-//   points folded into the bytes), the bytes of one vpdpbusd step broadcast against the L-row vectors,
+//   x (L = 8 from M = 6 (4-bit), 16 from M = 9; 4 and 2 when the threshold is lowered), nested NF4
+//   constants of a unit's rows decoded 64 at a time, rows of W decoded once per work unit (up to 128
+//   rows of x) into a small per-thread buffer (unsigned bytes; 4-bit rows in the order the nibbles
+//   unpack, which the activations already have: no permute; int4 zero points folded into the bytes), the bytes of one vpdpbusd step broadcast against the L-row vectors,
 //   so an int32 lane sums its share of a whole 32-block; the codes of the next rows are prefetched
 //   while a tile computes (the weight streams from L3/DRAM under the compute). No copy of W outlives
 //   the call.
@@ -460,14 +460,14 @@ QBI8_TARGET void tile8(const Ctx8& cx, int64_t m0, int64_t n0) {
 // ---- larger M: a GEMM with the rows of x across the lanes ---------------------------------------
 //
 // For M >= g_gemm_min_m the activations are transposed once per call into groups of L rows of x
-// (L = 16, 8, 4 or 2: the smallest that holds M, up to 16): each row owns 16 / L int32 lanes of a
+// (L = 16, 8, 4 or 2: the smallest that holds M, up to 16; 16 from M = 9): each row owns 16 / L int32 lanes of a
 // vector, and one vpdpbusd step covers 64 / L bytes of K per row, L / 2 steps per 32-block:
 // xT[group][block j][step s][16 lanes]. Rows of W are decoded once per work unit into unsigned bytes
-// in the same block-major word order (reused by every group of the unit); the 64 / L bytes of a step
+// in the same word order (decode_row) (reused by every group of the unit); the 64 / L bytes of a step
 // are broadcast against the group vectors, so each int32 lane sums its share of a whole 32-block of
 // one row of x before the one fp32 scaling of that block (a row's 16 / L lanes are added at the end).
 // Small M fills every lane too (M = 8: two words per row per step), with the same tile template.
-int64_t g_gemm_min_m = 8;   // 4-bit weights (tuning knob, qbi8_set_gemm_min_m): below, the GEMV-like tile4 (measured faster at M = 3, and at M = 4 on K = 384..1536 layers)
+int64_t g_gemm_min_m = 6;   // 4-bit weights (tuning knob, qbi8_set_gemm_min_m): below, the GEMV-like tile4 (measured faster at M = 3, at M = 4 on K = 384..1536 layers, at M = 5 on 4096x4096 and 384->1536; slower from 6)
 int64_t g_gemm_min_m8 = 8;  // int8 weights (below: tile8)
 
 struct ActT {
@@ -778,7 +778,7 @@ QBI8_TARGET void run_gemm(const CtxG& cx, const RowScales& rs, int64_t n0, int64
         const uint8_t* pf = w.codes + (n + nr) * row_bytes;
         // (only for weights beyond the L2 caches: a small layer's codes stay in cache between calls)
         int64_t pf_lines = nnext > 0 && w.N * row_bytes > (int64_t(4) << 20) ? (nnext * row_bytes + 63) / 64 : 0;
-        if (nr == 8 && g1 - g0 == 1 && L < 16) {  // measured: 8 rows of W best below M = 16, 4 from 16
+        if (nr == 8 && g1 - g0 == 1) {  // measured: 8 rows of W best for one group (3-5% at M = 16), 4 from 2
             gemm_tile<L, 8, 1, ROWSCALE>(cx, n, g0, d, ws, pf, pf_lines, yt);
         } else {
             for (int q = 0; q < nr; q += 4) {
@@ -814,6 +814,10 @@ constexpr int MR_MAX = 4;
 template <int NR, int KIND>
 QBI8_TARGET void rows4_mtile(const Ctx4& cx, int64_t m0, int64_t m1, int64_t n0, const float* const* ws,
                              const int32_t* const* zb) {
+    if (m1 - m0 == 5) {  // one pass over the weights (4 + 1 decoded them twice)
+        tile4<5, NR, KIND>(cx, m0, n0, ws, zb);
+        return;
+    }
     int64_t m = m0;
     for (; m + MR_MAX <= m1; m += MR_MAX) tile4<MR_MAX, NR, KIND>(cx, m, n0, ws, zb);
     switch (m1 - m) {
@@ -1046,7 +1050,8 @@ QBI8_TARGET void run_gemm_kind(const CtxG& cx, const RowScales& rs, int64_t n0, 
 QBI8_TARGET void gemm_all(const QI8W& w, const Act& a, const float* bias, float* y, int nthreads, bool affine,
                           const uint8_t* planes) {
     ActT t;
-    t.L = a.M >= 16 ? 16 : a.M > 4 ? 8 : a.M > 2 ? 4 : 2;
+    // From 9 rows 16 (idle lanes at M < 16): two groups of 8 measured ~10% slower at M = 12
+    t.L = a.M > 8 ? 16 : a.M > 4 ? 8 : a.M > 2 ? 4 : 2;
     t.G = (a.M + t.L - 1) / t.L;
     t.nblk = w.K / 32;
     thread_local std::vector<int32_t> tbuf;
