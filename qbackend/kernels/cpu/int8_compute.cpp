@@ -523,19 +523,24 @@ QBI8_TARGET void transpose_groups(const Act& a, ActT& t, int64_t g0, int64_t g1)
 // Row n of W as unsigned bytes (weight + offset). NAT (4-bit): each 128-chunk as it unpacks, [64 high
 // nibbles (even k), 64 low nibbles (odd k)], the order of Act.xq, so no permute: block j's words at
 // d + nat_off(j, w) (see gemm_tile). Else block-major: block j at d + 32 j, its 8 words in word_offset order.
+// Rows n .. n + nr - 1 at d, d + dstride, ...: the constants set up once (a short K spent a good part
+// of each row's decode on them).
 template <int KIND, bool NAT = false>  // 0 codebook, 1/2 int4, 3 int8
-QBI8_TARGET void decode_row(const QI8W& w, int64_t n, uint8_t* d) {
+QBI8_TARGET void decode_row(const QI8W& w, int64_t n0, uint8_t* dst, int nr = 1, size_t dstride = 0) {
     const int64_t K = w.K;
     if (KIND == 3) {
+      for (int r = 0; r < nr; ++r) {
+        const int64_t n = n0 + r;
+        uint8_t* d = dst + r * dstride;
         const uint8_t* src = w.codes + n * K;
         const __m512i flip = _mm512_set1_epi8((char)0x80);
         for (int64_t k = 0; k < K; k += 64) {
             const __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (__mmask64)((uint64_t(1) << (K - k)) - 1);
             _mm512_store_si512(d + k, _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, src + k), flip));
         }
-        return;
+      }
+      return;
     }
-    const uint8_t* src = w.codes + n * (K / 2);
     const __m512i lut = _mm512_broadcast_i32x4(_mm_add_epi8(_mm_loadu_si128((const __m128i*)w.lut), _mm_set1_epi8((char)0x80)));
     const __m512i nib = _mm512_set1_epi8(0x0f);
     const __m512i i0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), i1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
@@ -544,11 +549,15 @@ QBI8_TARGET void decode_row(const QI8W& w, int64_t n, uint8_t* d) {
     // int4: the byte added per 32-block, 128 - zero point (groups are whole 32-blocks), looked up per
     // chunk (a per-row table cost a thread-local lookup and memsets: ~8% of a 384x384 call at M = 8).
     // Blocks past K read no zero point: their codes are masked to 0 against zero activations.
-    const uint8_t* z = KIND == 2 ? w.zp + n * w.G : nullptr;
     const int64_t nb32 = K / 32;
     const int zsh = is_pow2(w.bs) ? ilog2(w.bs / 32) : -1;
     // groups of 128 or more (powers of 2): chunk c lies in group c >> zch (a chunk past K reads group G - 1 at most)
     const int zch = zsh >= 2 ? zsh - 2 : -1;
+    for (int r = 0; r < nr; ++r) {
+    const int64_t n = n0 + r;
+    uint8_t* d = dst + r * dstride;
+    const uint8_t* src = w.codes + n * (K / 2);
+    const uint8_t* z = KIND == 2 ? w.zp + n * w.G : nullptr;
     auto zb_of = [&](int64_t b) -> char {
         if (KIND == 1 || b >= nb32) return (char)120;
         return (char)(uint8_t)(128 - z[zsh >= 0 ? b >> zsh : (32 * b) / w.bs]);
@@ -592,6 +601,7 @@ QBI8_TARGET void decode_row(const QI8W& w, int64_t n, uint8_t* d) {
         }
         _mm512_store_si512(d + 128 * c, d0);
         _mm512_store_si512(d + 128 * c + 64, d1);
+    }
     }
 }
 
@@ -762,9 +772,9 @@ QBI8_TARGET void run_gemm(const CtxG& cx, const RowScales& rs, int64_t n0, int64
     int64_t n = n0;
     while (n < n1) {
         const int nr = (int)std::min<int64_t>(NRD, n1 - n);
+        decode_row<KIND, KIND != 3 && L >= 4>(w, n, db, nr, dlen);
         for (int r = 0; r < nr; ++r) {
             uint8_t* dr = db + r * dlen;
-            decode_row<KIND, KIND != 3 && L >= 4>(w, n + r, dr);
             if (nested_rows) ws[r] = wsb + (n - n0 + r) * (w.K / w.bs);
             else {
                 if (!ROWSCALE) row_scales(w, rs, n + r, wsb + r * len, nullptr);
