@@ -16,16 +16,17 @@
 //   gives two u8 vectors (high and low nibbles) that line up with the two activation vectors.
 //   Lanes 4b..4b+3 of the int32 accumulator then hold block b of the chunk: the block scales are
 //   applied per lane (fma with a 16-lane scale vector), one horizontal sum per output only.
-//   This is the kernel for M < 6 of 4-bit weights, M < 8 of int8 (GEMV-like; no per-call work on W). With cold weights
-//   (LLM decode) each tile software-prefetches the codes and block constants of the next tile's
+//   This is the kernel for M < 6 (4-bit weights) or M < 8 (int8): GEMV-like, no per-call work on W.
+//   With cold weights (LLM decode) each tile software-prefetches the codes and block constants of the next tile's
 //   rows: a row of codes is a stream too short for the hardware prefetchers (measured 1.2-2x). At
 //   M = 1 a tile is one row (run4_gemv): each thread then reads one sequential stream.
 // * Larger M: a GEMM (see gemm_tile): x transposed once per call so that each vector holds L rows of
 //   x (L = 8 from M = 6 (4-bit), 16 from M = 9; 4 and 2 when the threshold is lowered), nested NF4
 //   constants of a unit's rows decoded 64 at a time, rows of W decoded once per work unit (up to 128
 //   rows of x) into a small per-thread buffer (unsigned bytes; 4-bit rows in the order the nibbles
-//   unpack, which the activations already have: no permute; int4 zero points folded into the bytes), the bytes of one vpdpbusd step broadcast against the L-row vectors,
-//   so an int32 lane sums its share of a whole 32-block; the codes of the next rows are prefetched
+//   unpack, which the activations already have: no permute; int4 zero points folded into the bytes),
+//   the bytes of one vpdpbusd step broadcast against the L-row vectors, so an int32 lane sums its
+//   share of a whole 32-block; the codes of the next rows are prefetched
 //   while a tile computes (the weight streams from L3/DRAM under the compute). No copy of W outlives
 //   the call.
 // Threads: the library's RowPool (qb_pool_run in qlinear.cpp), rows of W split into units.
@@ -460,14 +461,16 @@ QBI8_TARGET void tile8(const Ctx8& cx, int64_t m0, int64_t n0) {
 // ---- larger M: a GEMM with the rows of x across the lanes ---------------------------------------
 //
 // For M >= g_gemm_min_m the activations are transposed once per call into groups of L rows of x
-// (L = 16, 8, 4 or 2: the smallest that holds M, up to 16; 16 from M = 9): each row owns 16 / L int32 lanes of a
-// vector, and one vpdpbusd step covers 64 / L bytes of K per row, L / 2 steps per 32-block:
+// (L = 16, 8, 4 or 2: the smallest that holds M, up to 16; 16 from M = 9): each row owns 16 / L int32
+// lanes of a vector, and one vpdpbusd step covers 64 / L bytes of K per row, L / 2 steps per 32-block:
 // xT[group][block j][step s][16 lanes]. Rows of W are decoded once per work unit into unsigned bytes
 // in the same word order (decode_row) (reused by every group of the unit); the 64 / L bytes of a step
 // are broadcast against the group vectors, so each int32 lane sums its share of a whole 32-block of
 // one row of x before the one fp32 scaling of that block (a row's 16 / L lanes are added at the end).
 // Small M fills every lane too (M = 8: two words per row per step), with the same tile template.
-int64_t g_gemm_min_m = 6;   // 4-bit weights (tuning knob, qbi8_set_gemm_min_m): below, the GEMV-like tile4 (measured faster at M = 3, at M = 4 on K = 384..1536 layers, at M = 5 on 4096x4096 and 384->1536; slower from 6)
+// 4-bit weights (tuning knob, qbi8_set_gemm_min_m): below, the GEMV-like tile4 (measured faster at M = 3,
+// at M = 4 on K = 384..1536 layers, at M = 5 on 4096x4096 and K = 1536; slower from M = 6)
+int64_t g_gemm_min_m = 6;
 int64_t g_gemm_min_m8 = 8;  // int8 weights (below: tile8)
 
 struct ActT {
@@ -520,26 +523,25 @@ QBI8_TARGET void transpose_groups(const Act& a, ActT& t, int64_t g0, int64_t g1)
     }
 }
 
-// Row n of W as unsigned bytes (weight + offset). NAT (4-bit): each 128-chunk as it unpacks, [64 high
-// nibbles (even k), 64 low nibbles (odd k)], the order of Act.xq, so no permute: block j's words at
-// d + nat_off(j, w) (see gemm_tile). Else block-major: block j at d + 32 j, its 8 words in word_offset order.
-// Rows n .. n + nr - 1 at d, d + dstride, ...: the constants set up once (a short K spent a good part
-// of each row's decode on them).
+// Rows n0 .. n0 + nr - 1 of W as unsigned bytes (weight + offset) at dst, dst + dstride, ... (one call:
+// a short K spent a good part of each row's decode setting up the constants). NAT (4-bit): each
+// 128-chunk as it unpacks, [64 high nibbles (even k), 64 low nibbles (odd k)], the order of Act.xq, so
+// no permute (gemm_tile's soff reads a block's words there). Else block-major: block j at 32 j, its 8
+// words in word_in_block order.
 template <int KIND, bool NAT = false>  // 0 codebook, 1/2 int4, 3 int8
 QBI8_TARGET void decode_row(const QI8W& w, int64_t n0, uint8_t* dst, int nr = 1, size_t dstride = 0) {
     const int64_t K = w.K;
     if (KIND == 3) {
-      for (int r = 0; r < nr; ++r) {
-        const int64_t n = n0 + r;
-        uint8_t* d = dst + r * dstride;
-        const uint8_t* src = w.codes + n * K;
         const __m512i flip = _mm512_set1_epi8((char)0x80);
-        for (int64_t k = 0; k < K; k += 64) {
-            const __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (__mmask64)((uint64_t(1) << (K - k)) - 1);
-            _mm512_store_si512(d + k, _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, src + k), flip));
+        for (int r = 0; r < nr; ++r) {
+            const uint8_t* src = w.codes + (n0 + r) * K;
+            uint8_t* d = dst + r * dstride;
+            for (int64_t k = 0; k < K; k += 64) {
+                const __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (__mmask64)((uint64_t(1) << (K - k)) - 1);
+                _mm512_store_si512(d + k, _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, src + k), flip));
+            }
         }
-      }
-      return;
+        return;
     }
     const __m512i lut = _mm512_broadcast_i32x4(_mm_add_epi8(_mm_loadu_si128((const __m128i*)w.lut), _mm_set1_epi8((char)0x80)));
     const __m512i nib = _mm512_set1_epi8(0x0f);
@@ -554,54 +556,54 @@ QBI8_TARGET void decode_row(const QI8W& w, int64_t n0, uint8_t* dst, int nr = 1,
     // groups of 128 or more (powers of 2): chunk c lies in group c >> zch (a chunk past K reads group G - 1 at most)
     const int zch = zsh >= 2 ? zsh - 2 : -1;
     for (int r = 0; r < nr; ++r) {
-    const int64_t n = n0 + r;
-    uint8_t* d = dst + r * dstride;
-    const uint8_t* src = w.codes + n * (K / 2);
-    const uint8_t* z = KIND == 2 ? w.zp + n * w.G : nullptr;
-    auto zb_of = [&](int64_t b) -> char {
-        if (KIND == 1 || b >= nb32) return (char)120;
-        return (char)(uint8_t)(128 - z[zsh >= 0 ? b >> zsh : (32 * b) / w.bs]);
-    };
-    for (int64_t c = 0; 128 * c < K; ++c) {
-        const int64_t nb = std::min<int64_t>(64, (K - 128 * c) / 2);
-        const __mmask64 mk = nb == 64 ? ~(__mmask64)0 : (__mmask64)((uint64_t(1) << nb) - 1);
-        const __m512i v = _mm512_maskz_loadu_epi8(mk, src + 64 * c);
-        __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-        if (KIND == 0) {
-            lo = _mm512_shuffle_epi8(lut, lo);
-            hi = _mm512_shuffle_epi8(lut, hi);
-        }
-        if constexpr (NAT) {
-            // 128-bit lane q of hi and of lo holds block 4c + q: its int4 byte offset, one per lane
-            if (KIND == 1) {
-                hi = _mm512_add_epi8(hi, _mm512_set1_epi8((char)120));
-                lo = _mm512_add_epi8(lo, _mm512_set1_epi8((char)120));
-            } else if (KIND == 2 && zch >= 0) {  // a whole chunk in one group: one byte
-                const __m512i zv = _mm512_set1_epi8((char)(uint8_t)(128 - z[c >> zch]));
-                hi = _mm512_add_epi8(hi, zv);
-                lo = _mm512_add_epi8(lo, zv);
-            } else if (KIND == 2) {
-                const int64_t b = 4 * c;
-                const uint32_t zz = (uint32_t)(uint8_t)zb_of(b) | (uint32_t)(uint8_t)zb_of(b + 1) << 8 |
-                                    (uint32_t)(uint8_t)zb_of(b + 2) << 16 | (uint32_t)(uint8_t)zb_of(b + 3) << 24;
-                const __m512i zv = _mm512_shuffle_epi8(_mm512_set1_epi32((int)zz), lane_q);
-                hi = _mm512_add_epi8(hi, zv);
-                lo = _mm512_add_epi8(lo, zv);
+        const int64_t n = n0 + r;
+        uint8_t* d = dst + r * dstride;
+        const uint8_t* src = w.codes + n * (K / 2);
+        const uint8_t* z = KIND == 2 ? w.zp + n * w.G : nullptr;
+        auto zb_of = [&](int64_t b) -> char {
+            if (KIND == 1 || b >= nb32) return (char)120;
+            return (char)(uint8_t)(128 - z[zsh >= 0 ? b >> zsh : (32 * b) / w.bs]);
+        };
+        for (int64_t c = 0; 128 * c < K; ++c) {
+            const int64_t nb = std::min<int64_t>(64, (K - 128 * c) / 2);
+            const __mmask64 mk = nb == 64 ? ~(__mmask64)0 : (__mmask64)((uint64_t(1) << nb) - 1);
+            const __m512i v = _mm512_maskz_loadu_epi8(mk, src + 64 * c);
+            __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+            if (KIND == 0) {
+                lo = _mm512_shuffle_epi8(lut, lo);
+                hi = _mm512_shuffle_epi8(lut, hi);
             }
-            _mm512_store_si512(d + 128 * c, hi);
-            _mm512_store_si512(d + 128 * c + 64, lo);
-            continue;
+            if constexpr (NAT) {
+                // 128-bit lane q of hi and of lo holds block 4c + q: its int4 byte offset, one per lane
+                if (KIND == 1) {
+                    hi = _mm512_add_epi8(hi, _mm512_set1_epi8((char)120));
+                    lo = _mm512_add_epi8(lo, _mm512_set1_epi8((char)120));
+                } else if (KIND == 2 && zch >= 0) {  // a whole chunk in one group: one byte
+                    const __m512i zv = _mm512_set1_epi8((char)(uint8_t)(128 - z[c >> zch]));
+                    hi = _mm512_add_epi8(hi, zv);
+                    lo = _mm512_add_epi8(lo, zv);
+                } else if (KIND == 2) {
+                    const int64_t b = 4 * c;
+                    const uint32_t zz = (uint32_t)(uint8_t)zb_of(b) | (uint32_t)(uint8_t)zb_of(b + 1) << 8 |
+                                        (uint32_t)(uint8_t)zb_of(b + 2) << 16 | (uint32_t)(uint8_t)zb_of(b + 3) << 24;
+                    const __m512i zv = _mm512_shuffle_epi8(_mm512_set1_epi32((int)zz), lane_q);
+                    hi = _mm512_add_epi8(hi, zv);
+                    lo = _mm512_add_epi8(lo, zv);
+                }
+                _mm512_store_si512(d + 128 * c, hi);
+                _mm512_store_si512(d + 128 * c + 64, lo);
+                continue;
+            }
+            __m512i d0 = _mm512_permutex2var_epi64(hi, i0, lo), d1 = _mm512_permutex2var_epi64(hi, i1, lo);
+            if (KIND != 0) {  // int4: code - zero point + 128, per 32-block (groups are multiples of 32)
+                const __mmask64 upper = ~(__mmask64)0xffffffffu;
+                const int64_t b = 4 * c;
+                d0 = _mm512_add_epi8(d0, _mm512_mask_blend_epi8(upper, _mm512_set1_epi8(zb_of(b)), _mm512_set1_epi8(zb_of(b + 1))));
+                d1 = _mm512_add_epi8(d1, _mm512_mask_blend_epi8(upper, _mm512_set1_epi8(zb_of(b + 2)), _mm512_set1_epi8(zb_of(b + 3))));
+            }
+            _mm512_store_si512(d + 128 * c, d0);
+            _mm512_store_si512(d + 128 * c + 64, d1);
         }
-        __m512i d0 = _mm512_permutex2var_epi64(hi, i0, lo), d1 = _mm512_permutex2var_epi64(hi, i1, lo);
-        if (KIND != 0) {  // int4: code - zero point + 128, per 32-block (groups are multiples of 32)
-            const __mmask64 upper = ~(__mmask64)0xffffffffu;
-            const int64_t b = 4 * c;
-            d0 = _mm512_add_epi8(d0, _mm512_mask_blend_epi8(upper, _mm512_set1_epi8(zb_of(b)), _mm512_set1_epi8(zb_of(b + 1))));
-            d1 = _mm512_add_epi8(d1, _mm512_mask_blend_epi8(upper, _mm512_set1_epi8(zb_of(b + 2)), _mm512_set1_epi8(zb_of(b + 3))));
-        }
-        _mm512_store_si512(d + 128 * c, d0);
-        _mm512_store_si512(d + 128 * c + 64, d1);
-    }
     }
 }
 
