@@ -30,6 +30,7 @@ SCHEMES = {
     "int4 sym g32": Scheme("int", bits=4, symmetric=True, blocksize=32),
     "int4 affine g64": Scheme("int", bits=4, symmetric=False, blocksize=64),
     "int4 affine g128": Scheme("int", bits=4, symmetric=False, blocksize=128),
+    "int4 affine g256": Scheme("int", bits=4, symmetric=False, blocksize=256),
     "int4 sym g96": Scheme("int", bits=4, symmetric=True, blocksize=96),
     "int4 affine g48": Scheme("int", bits=4, symmetric=False, blocksize=48),
     "int4 per-channel": Scheme("int", bits=4, symmetric=True, granularity="channel"),
@@ -303,6 +304,43 @@ def test_gemm_output_buffer_edges(name, n, k, m, threads, bad_row, seed):
         y = _kernel(x, kw, bias)
     finally:
         torch.set_num_threads(old)
+    good = torch.isfinite(x).all(dim=1)
+    y32 = _reference(x[~good], kw, bias, "fp32")
+    assert torch.equal(torch.isnan(y[~good]), torch.isnan(y32)) and torch.equal(torch.isinf(y[~good]), torch.isinf(y32))
+    _assert_matches(y[good], x[good], kw, bias)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(["nf4 nested b64", "nf4 nested b32 nb32", "nf4 b256", "fp4 b64", "int4 affine g128",
+                          "int4 affine g256", "int4 affine g64", "int4 affine g48", "int4 sym g32", "int4 sym g96"]),
+    n=st.integers(1, 150).map(lambda v: v | 1),
+    k=st.sampled_from([32, 96, 160, 416, 544, 100]),
+    m=st.integers(5, 16),
+    gemm_from=st.sampled_from([None, 5, 17]),
+    threads=st.sampled_from([1, 2]),
+    bad_row=st.sampled_from([None, 0, 4, 15]),
+    seed=st.integers(0, 2**16),
+)
+def test_small_m_4bit(name, n, k, m, gemm_from, threads, bad_row, seed):
+    """4-bit weights at M = 5..16 (odd N, K not dividing the 128-element chunks or the groups) by the
+    default choice of kernel, the GEMM forced from M = 5 and the GEMV-like tiles forced up to 16: the
+    reference's results, a NaN/Inf row of x as in fp32 and the others unaffected."""
+    kw = _kw(n, k, SCHEMES[name], seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=g) * 2
+    if bad_row is not None and bad_row < m:
+        x[bad_row, seed % k] = float("nan") if seed % 2 else float("inf")
+    bias = torch.randn(n, generator=g) if seed % 3 else None
+    old_threads = torch.get_num_threads()
+    old = ic.set_gemm_min_m(gemm_from, 8) if gemm_from is not None else None
+    try:
+        torch.set_num_threads(threads)
+        y = _kernel(x, kw, bias)
+    finally:
+        torch.set_num_threads(old_threads)
+        if old is not None:
+            ic.set_gemm_min_m(*old)
     good = torch.isfinite(x).all(dim=1)
     y32 = _reference(x[~good], kw, bias, "fp32")
     assert torch.equal(torch.isnan(y[~good]), torch.isnan(y32)) and torch.equal(torch.isinf(y[~good]), torch.isinf(y32))

@@ -2,8 +2,8 @@
 
 Activations are quantized to int8 per row and per 32-block of K in the kernel's prologue (once per
 call); the weights stay in their canonical layout and go to AVX512-VNNI ``vpdpbusd`` as unsigned
-bytes (see ``int8_compute.cpp``: a GEMV-like kernel below M = 8, a GEMM from M = 8 with 8 or 16
-rows of x per vector and each row of W decoded once per 128 rows of x; no repacked
+bytes (see ``int8_compute.cpp``: a GEMV-like kernel below M = 6 (4-bit weights) or 8 (int8), a GEMM
+from there with 8 or 16 rows of x per vector and each row of W decoded once per 128 rows of x; no repacked
 copy of the weight is kept). Needs a CPU with AVX512-VNNI and VBMI and the library's AVX-512
 build; shapes with ``in_features % 32 != 0`` or block/group sizes that are not multiples of 32 run
 the reference (:func:`has_fast_kernel` says which). Rows of x holding NaN/Inf are recomputed by
