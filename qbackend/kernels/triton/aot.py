@@ -137,6 +137,21 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                                          "BLOCK_K": wbk},
                                 num_warps=4, num_stages=2, expect=[r"LDG\.E(\.EF)?\.128"],
                             )  # fmt: skip
+                if mode == "al" and layout == CODEBOOK:
+                    # Wide-K tl.dot (small M): the heuristic tiles (linear.WIDE_DOT_ROWS), table in global
+                    # memory or as byte pairs.
+                    for lut, lname in ((0, ""), (3, "-prs")):
+                        for bm, nw in ((16, 4), (64, 8)):
+                            yield Spec(
+                                f"dotwide{lname}-m{bm}-{tag}", K.wo_dot_wide_kernel,
+                                _wo_types(layout, nested, zp, True, ptr, "*fp32", False)
+                                | {"ptab_ptr": "*fp32" if lut == 3 else None} | wsizes,
+                                {k: base[k] for k in ("BS", "NBS", "NESTED", "IDX64")} | {"SUB": min(bs, 256), "HAS_BIAS": True, "ATOMIC": True, "LUT": lut,
+                                         "PREFETCH": True, "DOT_DTYPE": tl_dt, "DOT_PREC": prec, "BLOCK_M": bm,
+                                         "BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 1},
+                                num_warps=nw, num_stages=2,
+                                expect=[r"LDG\.E(\.EF)?\.128"] + ([] if dt == "fp32" else [r"HGMMA|HMMA"]),
+                            )  # fmt: skip
                 dsizes = {"M": "i32"} | sizes
                 for vname, bm, bn, bk, atomic, nw, ns in (
                     ("small", 16, 64, 64, True, 4, 3),
