@@ -140,13 +140,14 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                 if mode == "al" and layout == CODEBOOK:
                     # Wide-K tl.dot (small M): the heuristic tiles (linear.WIDE_DOT_ROWS), table in global
                     # memory or as byte pairs.
+                    dwbase = {k: base[k] for k in ("BS", "NBS", "NESTED", "IDX64")}
                     for lut, lname in ((0, ""), (3, "-prs")):
                         for bm, nw in ((16, 4), (64, 8)):
                             yield Spec(
                                 f"dotwide{lname}-m{bm}-{tag}", K.wo_dot_wide_kernel,
                                 _wo_types(layout, nested, zp, True, ptr, "*fp32", False)
                                 | {"ptab_ptr": "*fp32" if lut == 3 else None} | wsizes,
-                                {k: base[k] for k in ("BS", "NBS", "NESTED", "IDX64")} | {"SUB": min(bs, 256), "HAS_BIAS": True, "ATOMIC": True, "LUT": lut,
+                                dwbase | {"SUB": min(bs, 256), "HAS_BIAS": True, "ATOMIC": True, "LUT": lut,
                                          "PREFETCH": True, "DOT_DTYPE": tl_dt, "DOT_PREC": prec, "BLOCK_M": bm,
                                          "BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 1},
                                 num_warps=nw, num_stages=2,

@@ -153,7 +153,9 @@ def dot_wide_block_k(k: int, block_k: int) -> int:
     return max(32, min(block_k, 1 << max(k - 1, 1).bit_length()))
 
 
-def _dot_wide_config(m: int, n: int, k: int, block_n: int, block_k: int, warps: int, sms: int, more_split: bool) -> KernelConfig:
+def _dot_wide_config(
+    m: int, n: int, k: int, block_n: int, block_k: int, warps: int, sms: int, more_split: bool
+) -> KernelConfig:
     bm, bk = block_m_for(m), dot_wide_block_k(k, block_k)
     # About two programs per SM: a wide K tile is a lot of work per step already.
     split = split_for(-(-n // block_n) * -(-m // bm), k, bk, sms, per_sm=2) * (2 if more_split else 1)
