@@ -28,8 +28,13 @@ NF4/FP4 at M <= 2, with ``LUT = "global"``); ``-old`` = the previous kernels eve
 up per nibble from global memory (``-glb``), as one 8-byte lookup per code byte from a 256-entry pair
 table (``-prs``: ``LUT = "pairs"``), by a register select tree (``-sel``) or by ``tl.gather`` on a
 register copy (``-tlg``); ``-npf`` = ``-glb`` without the next-tile prefetch of the 4-bit codes
-(``linear.PREFETCH = False``). Nested NF4/FP4 from M = 3 decodes first whatever the suffix.
-The last command above is the decode A/B.
+(``linear.PREFETCH = False``). Nested NF4/FP4 from M = 3 decodes first whatever the suffix, except
+with ``-wdt`` / ``-wdp``: the wide-K tl.dot kernel for NF4/FP4 at every M <= 64 (``linear.WIDE_DOT_ROWS``
+64, the wide GEMV off so M = 1-2 take it too), table from global memory (``-wdt``) or by byte pairs
+(``-wdp``). The last command above is the decode A/B; the wide-dot A/B against decode-first is
+
+    python benchmarks/bench_gpu_linear.py --no-autotune --formats bf16,nf4-nested,nf4-nested-wdt,nf4-nested-wdp \
+        --ms 2,3,4,8,16,32,64
 
 Without a CUDA GPU it prints why and exits with status 0 having measured nothing.
 """
@@ -123,11 +128,12 @@ class Case:
         self.grad = fmt.endswith("-grad")  # grad-input direction: the call takes grad_y [M, N]
         fmt = fmt.removesuffix("-grad")
         # Kernel-path suffix (see the module docstring): (WIDE_GEMV, LUT, PREFETCH, wide for every
-        # layout) for this format's calls.
+        # layout, WIDE_DOT_ROWS for codebooks) for this format's calls.
         paths = {
-            "-old": (False, "global", True, False), "-glb": (True, "global", True, True),
-            "-prs": (True, "pairs", True, True), "-sel": (True, "select", True, True),
-            "-tlg": (True, "gather", True, True), "-npf": (True, "global", False, True),
+            "-old": (False, "global", True, False, 0), "-glb": (True, "global", True, True, 0),
+            "-prs": (True, "pairs", True, True, 0), "-sel": (True, "select", True, True, 0),
+            "-tlg": (True, "gather", True, True, 0), "-npf": (True, "global", False, True, 0),
+            "-wdt": (False, "global", True, False, 64), "-wdp": (False, "pairs", True, False, 64),
         }  # fmt: skip
         sfx = next((s for s in paths if fmt.endswith(s)), "")
         self.path = paths.get(sfx)
@@ -220,16 +226,17 @@ class Case:
         from qbackend.kernels.triton import autotune as at
         from qbackend.kernels.triton import linear as L
 
-        wide, lut, prefetch, every = self.path
+        wide, lut, prefetch, every, dot_rows = self.path
         rows = dict.fromkeys(L.WIDE_ROWS, at.WIDE_M_MAX) if every else L.WIDE_ROWS
+        dot = {L.CODEBOOK: dot_rows}
 
         def switched() -> torch.Tensor:
-            old = L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS
-            L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS = wide, lut, prefetch, rows
+            old = L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS, L.WIDE_DOT_ROWS
+            L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS, L.WIDE_DOT_ROWS = wide, lut, prefetch, rows, dot
             try:
                 return fn()
             finally:
-                L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS = old
+                L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS, L.WIDE_DOT_ROWS = old
 
         return switched
 
@@ -354,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="8192^2 only, M in {1, 16}")
     ap.add_argument(
         "--formats", default=",".join(FORMATS),
-        help=f"comma list from {FORMATS + GRAD_FORMATS}; weight-only ones also take -old/-glb/-sel/-tlg/-npf",
+        help=f"comma list from {FORMATS + GRAD_FORMATS}; weight-only ones also take -old/-glb/-sel/-tlg/-npf/-wdt/-wdp",
     )  # fmt: skip
     ap.add_argument("--grad", action="store_true", help=f"also time the grad-input kernels ({', '.join(GRAD_FORMATS)})")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
