@@ -31,7 +31,8 @@ register copy (``-tlg``); ``-npf`` = ``-glb`` without the next-tile prefetch of 
 (``linear.PREFETCH = False``). Nested NF4/FP4 from M = 3 decodes first whatever the suffix, except
 with ``-wdt`` / ``-wdp``: the wide-K tl.dot kernel for NF4/FP4 at every M <= 64 (``linear.WIDE_DOT_ROWS``
 64, the wide GEMV off so M = 1-2 take it too), table from global memory (``-wdt``) or by byte pairs
-(``-wdp``). The last command above is the decode A/B; the wide-dot A/B against decode-first is
+(``-wdp``), or with the 32 x 256 weight tile (4 warps) the heuristic uses up to M = 8 at every M (``-wds``).
+The last command above is the decode A/B; the wide-dot A/B against decode-first is
 
     python benchmarks/bench_gpu_linear.py --no-autotune --formats bf16,nf4-nested,nf4-nested-wdt,nf4-nested-wdp \
         --ms 2,3,4,8,16,32,64
@@ -42,6 +43,7 @@ Without a CUDA GPU it prints why and exits with status 0 having measured nothing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -128,12 +130,14 @@ class Case:
         self.grad = fmt.endswith("-grad")  # grad-input direction: the call takes grad_y [M, N]
         fmt = fmt.removesuffix("-grad")
         # Kernel-path suffix (see the module docstring): (WIDE_GEMV, LUT, PREFETCH, wide for every
-        # layout, WIDE_DOT_ROWS for codebooks) for this format's calls.
+        # layout, WIDE_DOT_ROWS for codebooks, wide-dot weight tile (BLOCK_N, BLOCK_K, warps) or None for
+        # the heuristic's) for this format's calls.
         paths = {
-            "-old": (False, "global", True, False, 0), "-glb": (True, "global", True, True, 0),
-            "-prs": (True, "pairs", True, True, 0), "-sel": (True, "select", True, True, 0),
-            "-tlg": (True, "gather", True, True, 0), "-npf": (True, "global", False, True, 0),
-            "-wdt": (False, "global", True, False, 64), "-wdp": (False, "pairs", True, False, 64),
+            "-old": (False, "global", True, False, 0, None), "-glb": (True, "global", True, True, 0, None),
+            "-prs": (True, "pairs", True, True, 0, None), "-sel": (True, "select", True, True, 0, None),
+            "-tlg": (True, "gather", True, True, 0, None), "-npf": (True, "global", False, True, 0, None),
+            "-wdt": (False, "global", True, False, 64, None), "-wdp": (False, "pairs", True, False, 64, None),
+            "-wds": (False, "global", True, False, 64, (32, 256, 4)),
         }  # fmt: skip
         sfx = next((s for s in paths if fmt.endswith(s)), "")
         self.path = paths.get(sfx)
@@ -226,15 +230,20 @@ class Case:
         from qbackend.kernels.triton import autotune as at
         from qbackend.kernels.triton import linear as L
 
-        wide, lut, prefetch, every, dot_rows = self.path
+        wide, lut, prefetch, every, dot_rows, tile = self.path
         rows = dict.fromkeys(L.WIDE_ROWS, at.WIDE_M_MAX) if every else L.WIDE_ROWS
         dot = {L.CODEBOOK: dot_rows}
+        cfg = None
+        if tile is not None:  # the same wide-dot tile at every M (the heuristic's split-K for it)
+            sms = 1 if DRY else at.sm_count(x.device)
+            cfg = at.dot_wide_config(x.shape[0], self.n, self.k, *tile, sms)
 
         def switched() -> torch.Tensor:
             old = L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS, L.WIDE_DOT_ROWS
             L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS, L.WIDE_DOT_ROWS = wide, lut, prefetch, rows, dot
             try:
-                return fn()
+                with contextlib.nullcontext() if cfg is None else at.override_config(at.DOT_WIDE, cfg):
+                    return fn()
             finally:
                 L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS, L.WIDE_DOT_ROWS = old
 
@@ -361,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="8192^2 only, M in {1, 16}")
     ap.add_argument(
         "--formats", default=",".join(FORMATS),
-        help=f"comma list from {FORMATS + GRAD_FORMATS}; weight-only ones also take -old/-glb/-sel/-tlg/-npf/-wdt/-wdp",
+        help=f"comma list from {FORMATS + GRAD_FORMATS}; weight-only ones also take -old/-glb/-sel/-tlg/-npf/-wdt/-wdp/-wds",  # noqa: E501
     )  # fmt: skip
     ap.add_argument("--grad", action="store_true", help=f"also time the grad-input kernels ({', '.join(GRAD_FORMATS)})")
     ap.add_argument("--ms", default=",".join(map(str, MS)))

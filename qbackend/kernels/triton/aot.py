@@ -142,14 +142,14 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                     # memory or as byte pairs.
                     dwbase = {k: base[k] for k in ("BS", "NBS", "NESTED", "IDX64")}
                     for lut, lname in ((0, ""), (3, "-prs")):
-                        for bm, nw in ((16, 4), (64, 8)):
+                        for bm, bn, bk, nw in ((16, 32, 256, 4), (16, 64, 256, 8), (64, 128, 128, 8)):
                             yield Spec(
-                                f"dotwide{lname}-m{bm}-{tag}", K.wo_dot_wide_kernel,
+                                f"dotwide{lname}-m{bm}-n{bn}-{tag}", K.wo_dot_wide_kernel,
                                 _wo_types(layout, nested, zp, True, ptr, "*fp32", False)
                                 | {"ptab_ptr": "*fp32" if lut == 3 else None} | wsizes,
-                                dwbase | {"SUB": min(bs, 256), "HAS_BIAS": True, "ATOMIC": True, "LUT": lut,
-                                         "PREFETCH": True, "DOT_DTYPE": tl_dt, "DOT_PREC": prec, "BLOCK_M": bm,
-                                         "BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 1},
+                                dwbase | {"SUB": min(bs, bk), "HAS_BIAS": True, "ATOMIC": True, "LUT": lut,
+                                          "PREFETCH": True, "DOT_DTYPE": tl_dt, "DOT_PREC": prec, "BLOCK_M": bm,
+                                          "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1},
                                 num_warps=nw, num_stages=2,
                                 expect=[r"LDG\.E(\.EF)?\.128"] + ([] if dt == "fp32" else [r"HGMMA|HMMA"]),
                             )  # fmt: skip

@@ -153,13 +153,27 @@ def dot_wide_block_k(k: int, block_k: int) -> int:
     return max(32, min(block_k, 1 << max(k - 1, 1).bit_length()))
 
 
-def _dot_wide_config(
-    m: int, n: int, k: int, block_n: int, block_k: int, warps: int, sms: int, more_split: bool
+def dot_wide_config(
+    m: int, n: int, k: int, block_n: int, block_k: int, warps: int, sms: int, more_split: bool = False
 ) -> KernelConfig:
+    """A wide-dot config with the given weight tile: BLOCK_M holds M (up to 64), split-K until about two
+    programs per SM (a wide K tile is a lot of work per step already)."""
     bm, bk = block_m_for(m), dot_wide_block_k(k, block_k)
-    # About two programs per SM: a wide K tile is a lot of work per step already.
     split = split_for(-(-n // block_n) * -(-m // bm), k, bk, sms, per_sm=2) * (2 if more_split else 1)
     return KernelConfig(bm, block_n, bk, split, 1, max(warps, 8 if bm >= 64 else 4), 2)
+
+
+def dot_wide_tile(m: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) of the wide dot's heuristic. Each program re-reads its [M, BLOCK_K] slice
+    of x per N tile, 4 * M / BLOCK_N times the weight bytes in all (L2 traffic), so N tiles widen with M;
+    the decoded tile (fp32 before the dot) keeps to ~64 values per thread: sm_90 compiles (aot.py) of
+    32 x 256 with 4 warps, 64 x 256 and 128 x 128 with 8 take 130-240 registers without spills, while
+    128 x 256 or 512-column tiles spill."""
+    if m <= 8:
+        return 32, 256, 4
+    if m <= 16:
+        return 64, 256, 8
+    return 128, 128, 8
 
 
 def heuristic_config(variant: str, m: int, n: int, k: int, bk_cap: int, sms: int) -> KernelConfig:
@@ -178,9 +192,7 @@ def heuristic_config(variant: str, m: int, n: int, k: int, bk_cap: int, sms: int
         split = split_for(cdiv(n, bn), k, bk, sms)
         return KernelConfig(bm, bn, bk, split, 1, _wide_warps(bn, bk, bk_cap), 2)
     if variant == DOT_WIDE:
-        # sm_90 compiles (aot.py): a 32 x 256 weight tile decodes in ~130 registers with 4 warps (BLOCK_M
-        # 16), 64 x 256 needs 8 warps and a 512-column tile spills.
-        return _dot_wide_config(m, n, k, 32, 256, 4, sms, False)
+        return dot_wide_config(m, n, k, *dot_wide_tile(m), sms)
     if variant == GEMV:
         bn, bk = 64, cap(128)
         return KernelConfig(1, bn, bk, split_for(cdiv(n, bn), k, bk, sms), 1, 4, 2)
@@ -219,9 +231,9 @@ def candidate_configs(variant: str, m: int, n: int, k: int, bk_cap: int, sms: in
                 for split in sorted({base, base * 2}) if bn == 16 else [base]:
                     out.append(KernelConfig(bm, bn, bk, split, 1, _wide_warps(bn, bk, bk_cap), 2))
     elif variant == DOT_WIDE:
-        for bn, bk, warps in ((32, 256, 4), (32, 256, 8), (64, 256, 8), (32, 512, 8), (16, 256, 4)):
+        for bn, bk, warps in ((32, 256, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8), (32, 512, 8), (16, 256, 4)):
             for more in (False, True):
-                out.append(_dot_wide_config(m, n, k, bn, bk, warps, sms, more))
+                out.append(dot_wide_config(m, n, k, bn, bk, warps, sms, more))
     elif variant == GEMV:
         for bn in (32, 64, 128):
             for bk in bks[-2:]:
@@ -432,6 +444,8 @@ __all__ = [
     "autotune_enabled",
     "cache_file",
     "candidate_configs",
+    "dot_wide_config",
+    "dot_wide_tile",
     "heuristic_config",
     "interpreter_config",
     "launch_fitting",
