@@ -2,7 +2,7 @@
 
 See the package docstring for the contract. Every function flattens ``x`` to [M, K], picks a kernel
 variant by M (the wide GEMV for M <= 4 where the weight allows it, else GEMV for M == 1, split-K
-tl.dot for M <= 64, tiled GEMM above; see WIDE_GEMV below), picks a config
+tl.dot for M <= 64, tiled GEMM above; see WIDE_GEMV and WIDE_DOT_ROWS below), picks a config
 (see :mod:`.autotune`) and launches. From a per-format M on (``_decode_min_m``) a call instead decodes
 W to the activation dtype and hands the GEMM to cuBLAS. No host synchronisation happens on the launch path (nested
 offset and scales are read by the kernel), so the functions can be captured in CUDA graphs once
