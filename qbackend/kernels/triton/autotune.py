@@ -154,21 +154,27 @@ def dot_wide_block_k(k: int, block_k: int) -> int:
 
 
 def dot_wide_config(
-    m: int, n: int, k: int, block_n: int, block_k: int, warps: int, sms: int, more_split: bool = False
+    m: int, n: int, k: int, block_n: int, block_k: int, warps: int, sms: int, stages: int = 1
 ) -> KernelConfig:
     """A wide-dot config with the given weight tile: BLOCK_M holds M (up to 64), split-K until about two
-    programs per SM (a wide K tile is a lot of work per step already)."""
+    programs per SM (a wide K tile is a lot of work per step already).
+
+    One stage by default: with more, Triton's pipeliner turns every per-element table gather into a
+    4-byte async copy through shared memory (sm_90 SASS: LDGSTS + LDS per code instead of an L1-hit
+    LDG); the kernel prefetches the next tile's codes itself."""
     bm, bk = block_m_for(m), dot_wide_block_k(k, block_k)
-    split = split_for(-(-n // block_n) * -(-m // bm), k, bk, sms, per_sm=2) * (2 if more_split else 1)
-    return KernelConfig(bm, block_n, bk, split, 1, max(warps, 8 if bm >= 64 else 4), 2)
+    split = split_for(-(-n // block_n) * -(-m // bm), k, bk, sms, per_sm=2)
+    return KernelConfig(bm, block_n, bk, split, 1, max(warps, 8 if bm >= 64 else 4), stages)
 
 
-def dot_wide_tile(m: int) -> tuple[int, int, int]:
+def dot_wide_tile(m: int, fp32: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, warps) of the wide dot's heuristic. Each program re-reads its [M, BLOCK_K] slice
     of x per N tile, 4 * M / BLOCK_N times the weight bytes in all (L2 traffic), so N tiles widen with M;
-    the decoded tile (fp32 before the dot) keeps to ~64 values per thread: sm_90 compiles (aot.py) of
-    32 x 256 with 4 warps, 64 x 256 and 128 x 128 with 8 take 130-240 registers without spills, while
-    128 x 256 or 512-column tiles spill."""
+    the decoded tile (fp32 before the dot) keeps to ~64 values per thread: sm_90 compiles (aot.py, one
+    stage) of 32 x 256 with 4 warps, 64 x 256 and 128 x 128 with 8 take 220-253 registers without spills,
+    while 128 x 256 or 512-column tiles spill. fp32 activations (IEEE dots on CUDA cores) need smaller tiles."""
+    if fp32:
+        return (32, 128, 4) if m <= 16 else (32, 64, 8)
     if m <= 8:
         return 32, 256, 4
     if m <= 16:
@@ -231,9 +237,9 @@ def candidate_configs(variant: str, m: int, n: int, k: int, bk_cap: int, sms: in
                 for split in sorted({base, base * 2}) if bn == 16 else [base]:
                     out.append(KernelConfig(bm, bn, bk, split, 1, _wide_warps(bn, bk, bk_cap), 2))
     elif variant == DOT_WIDE:
-        for bn, bk, warps in ((32, 256, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8), (32, 512, 8), (16, 256, 4)):
-            for more in (False, True):
-                out.append(dot_wide_config(m, n, k, bn, bk, warps, sms, more))
+        for bn, bk, warps in ((32, 256, 4), (32, 128, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8), (16, 256, 4)):
+            for stages in (1, 2):
+                out.append(dot_wide_config(m, n, k, bn, bk, warps, sms, stages))
     elif variant == GEMV:
         for bn in (32, 64, 128):
             for bk in bks[-2:]:

@@ -311,7 +311,7 @@ def _wo_forward_wide_dot(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias:
     key = at.make_key(at.DOT_WIDE, tag, bs, nested, zp, x2.dtype, m, w.n, w.k)
     cfg = at.select_config(
         at.DOT_WIDE, key, x2.device, interp, m,
-        default=lambda: at.heuristic_config(at.DOT_WIDE, m, w.n, w.k, 0, sms),
+        default=lambda: at.dot_wide_config(m, w.n, w.k, *at.dot_wide_tile(m, x2.dtype == torch.float32), sms),
         candidates=lambda: at.candidate_configs(at.DOT_WIDE, m, w.n, w.k, 0, sms),
         bench=launch,
     )  # fmt: skip
