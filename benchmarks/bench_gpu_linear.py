@@ -32,7 +32,8 @@ register copy (``-tlg``); ``-npf`` = ``-glb`` without the next-tile prefetch of 
 with ``-wd``: the wide-K tl.dot kernel for NF4/FP4 at every M <= 64 (``linear.WIDE_DOT_ROWS`` 64, the
 wide GEMV off so M = 1-2 take it too) with its heuristic config; ``-wd`` takes optional parts in this
 order: a weight tile ``<BLOCK_N>x<BLOCK_K>w<warps>``, ``s<pipeline stages>``, ``p`` for the byte-pair
-table (``LUT = "pairs"``), e.g. ``-wds2`` (the heuristic tile, 2 stages), ``-wd32x256w4p``.
+table (``LUT = "pairs"``) or ``t`` for the select tree (``"select"``), e.g. ``-wds2`` (the heuristic
+tile, 2 stages), ``-wds2t``, ``-wd32x256w4p``.
 The last command above is the decode A/B; the wide-dot A/B against decode-first is
 
     python benchmarks/bench_gpu_linear.py --no-autotune --formats bf16,nf4-nested,nf4-nested-wd,nf4-nested-wds2 \
@@ -142,11 +143,12 @@ class Case:
             "-tlg": (True, "gather", True, True, 0, None, None),
             "-npf": (True, "global", False, True, 0, None, None),
         }  # fmt: skip
-        wd = re.search(r"-wd(?:(\d+)x(\d+)w(\d+))?(?:s(\d+))?(p?)$", fmt)
+        wd = re.search(r"-wd(?:(\d+)x(\d+)w(\d+))?(?:s(\d+))?([pt]?)$", fmt)
         if wd:
             tile = tuple(int(v) for v in wd.group(1, 2, 3)) if wd.group(1) else None
             stages = int(wd.group(4)) if wd.group(4) else None
-            paths[wd.group(0)] = (False, "pairs" if wd.group(5) else "global", True, False, 64, tile, stages)
+            lut = {"p": "pairs", "t": "select"}.get(wd.group(5), "global")
+            paths[wd.group(0)] = (False, lut, True, False, 64, tile, stages)
         sfx = next((s for s in paths if fmt.endswith(s)), "")
         self.path = paths.get(sfx)
         self.fmt, self.k, self.n = fmt.removesuffix(sfx) if sfx else fmt, k, n

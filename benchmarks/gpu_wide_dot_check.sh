@@ -5,11 +5,11 @@
 #
 #   OUT=/tmp/out bash benchmarks/gpu_wide_dot_check.sh
 #
-# 1. its tests compiled on the GPU (hypothesis grid, routing, bf16 heuristic configs + CUDA graph), 90 s;
+# 1. its tests compiled on the GPU (hypothesis grid, routing, bf16 heuristic configs + CUDA graph), 80 s;
 # 2. A/B at M = 2..64 on the four benchmark shapes: nf4-nested (today: wide GEMV at M <= 2, decode W then
 #    cuBLAS from M = 3) against the wide dot with its heuristic config (-wd: one pipeline stage, the
 #    kernel's own code prefetch) and the same tiles with 2 stages (-wds2: Triton pipelines the loads,
-#    table gathers included, through shared memory), 150 s;
+#    table gathers included, through shared memory), and -wdp (table by byte pairs), 170 s;
 # 3. if time is left: 4 Llama-3-8B layers, batch 16, with the wide dot switched on by
 #    QBACKEND_WIDE_DOT_ROWS=64 (compare with the nf4 qbackend decode figure of the last session).
 set -u
@@ -24,10 +24,11 @@ stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 {
   stamp "tests: wide dot (compiled)"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
-  timeout 90 python3 -m pytest -q -n 8 -p no:cacheprovider tests/kernels/triton -k "wide_dot" -rfE 2>&1 | tail -30
+  timeout 80 python3 -m pytest -q -n 8 -p no:cacheprovider tests/kernels/triton -k "wide_dot" -rfE 2>&1 | tail -30
 } > "$OUT/wide_dot_tests.log" 2>&1
 stamp "A/B: decode-first vs wide dot, heuristic configs" > "$OUT/wide_dot.log"
-timeout 150 python3 benchmarks/bench_gpu_linear.py --no-autotune --formats bf16,nf4-nested,nf4-nested-wd,nf4-nested-wds2 \
+timeout 170 python3 benchmarks/bench_gpu_linear.py --no-autotune \
+  --formats bf16,nf4-nested,nf4-nested-wd,nf4-nested-wds2,nf4-nested-wdp \
   --ms 2,3,4,8,16,32,64 --out "$OUT/wide_dot.json" >> "$OUT/wide_dot.log" 2>&1
 left=$(( 345 - ($(date +%s) - T0) ))
 if [ "$left" -ge 60 ]; then

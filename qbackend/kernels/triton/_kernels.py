@@ -585,7 +585,8 @@ def wo_dot_wide_kernel(
     (nested ones decoded here) are computed once per block instead of once per element or per
     64-column step, and the tile reshapes to [BLOCK_K // 2, BLOCK_N] for two half-depth dots (even
     columns x high nibbles, odd x low). ``LUT``: 0 = table entries gathered from global memory (L1),
-    3 = one 8-byte gather per code byte from ``ptab`` [256, 2]. ``K_SPLIT`` is a multiple of BLOCK_K.
+    1 = select tree on 16 scalars (no memory access, so nothing for the pipeliner to stage through shared
+    memory), 3 = one 8-byte gather per code byte from ``ptab`` [256, 2]. ``K_SPLIT`` is a multiple of BLOCK_K.
     ``PREFETCH``: the next tile's code bytes are loaded before the current tile is decoded.
     """
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -605,6 +606,23 @@ def wo_dot_wide_kernel(
     nm3 = n_mask[None, None, :]
     kp_lo = pid_k * KP_SPLIT
     kp_hi = tl.minimum(kp_lo + KP_SPLIT, KH)
+    if LUT == 1:
+        t0 = tl.load(tab_ptr + 0).to(tl.float32)
+        t1 = tl.load(tab_ptr + 1).to(tl.float32)
+        t2 = tl.load(tab_ptr + 2).to(tl.float32)
+        t3 = tl.load(tab_ptr + 3).to(tl.float32)
+        t4 = tl.load(tab_ptr + 4).to(tl.float32)
+        t5 = tl.load(tab_ptr + 5).to(tl.float32)
+        t6 = tl.load(tab_ptr + 6).to(tl.float32)
+        t7 = tl.load(tab_ptr + 7).to(tl.float32)
+        t8 = tl.load(tab_ptr + 8).to(tl.float32)
+        t9 = tl.load(tab_ptr + 9).to(tl.float32)
+        t10 = tl.load(tab_ptr + 10).to(tl.float32)
+        t11 = tl.load(tab_ptr + 11).to(tl.float32)
+        t12 = tl.load(tab_ptr + 12).to(tl.float32)
+        t13 = tl.load(tab_ptr + 13).to(tl.float32)
+        t14 = tl.load(tab_ptr + 14).to(tl.float32)
+        t15 = tl.load(tab_ptr + 15).to(tl.float32)
     if PREFETCH:
         kp_n = kp_lo + jk
         b_next = tl.load(
@@ -633,6 +651,9 @@ def wo_dot_wide_kernel(
         if LUT == 3:
             pair = tl.load(ptab_ptr + (2 * b)[:, :, :, None] + tl.arange(0, 2)[None, None, None, :])
             v_hi, v_lo = tl.split(pair.to(tl.float32))
+        elif LUT == 1:
+            v_hi = _lut16(b >> 4, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15)
+            v_lo = _lut16(b & 15, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15)
         else:
             # first element of a pair sits in the high nibble (bitsandbytes order)
             v_hi = tl.load(tab_ptr + (b >> 4)).to(tl.float32)

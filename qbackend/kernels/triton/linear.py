@@ -294,9 +294,9 @@ def _wo_forward_wide_dot(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias:
     m = x2.shape[0]
     if LUT not in _LUTS:
         _fail(f"linear.LUT is {LUT!r}; expected one of {sorted(_LUTS)}")
-    # The dot kernel gathers table entries from global memory, or by code byte from the pair table;
-    # the register variants ("select", "gather") use the global table here.
-    lut = 3 if LUT == "pairs" else 0
+    # The dot kernel gathers table entries from global memory, by code byte from the pair table, or
+    # selects them in registers; "gather" (tl.gather) uses the global table here.
+    lut = {"pairs": 3, "select": 1}.get(LUT, 0)
     ptab = _pair_table(w.table_src if w.table_src is not None else w.table) if lut == 3 else None
     if ptab is None:
         lut = 0

@@ -470,7 +470,7 @@ def test_wide_gemv_configs() -> None:
     k_extra=st.sampled_from([0, 0, 0, 2, 1]),
     m=st.integers(1, 70),
     bs=st.sampled_from([32, 64]),
-    lut=st.sampled_from(["global", "pairs"]),
+    lut=st.sampled_from(["global", "pairs", "select"]),
     prefetch=st.booleans(),
     bias=st.booleans(),
     block_n=st.sampled_from([16, 32]),
@@ -701,7 +701,7 @@ def test_gpu_bf16_all_formats(m: int, tmp_config_cache) -> None:
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("lut", ["global", "pairs"])
+@pytest.mark.parametrize("lut", ["global", "pairs", "select"])
 def test_gpu_wide_dot_bf16(lut: str, tmp_config_cache, monkeypatch: pytest.MonkeyPatch) -> None:
     """The wide-K dot with its heuristic configs (bf16 tensor cores, split-K atomics) and in a CUDA graph."""
     monkeypatch.setattr(L, "WIDE_DOT_ROWS", {L.CODEBOOK: 64})
