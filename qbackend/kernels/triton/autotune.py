@@ -436,9 +436,9 @@ def clear_memory_cache() -> None:
 
 
 __all__ = [
+    "DOT_WIDE",
     "GEMV",
     "GEMV_WIDE",
-    "DOT_WIDE",
     "GRAD_LARGE",
     "GRAD_SMALL",
     "KernelConfig",
