@@ -24,7 +24,8 @@ stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 {
   stamp "tests: wide dot (compiled)"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
-  timeout 80 python3 -m pytest -q -n 8 -p no:cacheprovider tests/kernels/triton -k "wide_dot" -rfE 2>&1 | tail -30
+  xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")  # parallel compiles where pytest-xdist is installed
+  timeout 80 python3 -m pytest -q $xdist -p no:cacheprovider tests/kernels/triton -k "wide_dot" -rfE 2>&1 | tail -30
 } > "$OUT/wide_dot_tests.log" 2>&1
 stamp "A/B: decode-first vs wide dot, heuristic configs" > "$OUT/wide_dot.log"
 timeout 170 python3 benchmarks/bench_gpu_linear.py --no-autotune \
