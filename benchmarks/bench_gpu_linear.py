@@ -28,8 +28,16 @@ NF4/FP4 at M <= 2, with ``LUT = "global"``); ``-old`` = the previous kernels eve
 up per nibble from global memory (``-glb``), as one 8-byte lookup per code byte from a 256-entry pair
 table (``-prs``: ``LUT = "pairs"``), by a register select tree (``-sel``) or by ``tl.gather`` on a
 register copy (``-tlg``); ``-npf`` = ``-glb`` without the next-tile prefetch of the 4-bit codes
-(``linear.PREFETCH = False``). Nested NF4/FP4 from M = 3 decodes first whatever the suffix.
-The last command above is the decode A/B.
+(``linear.PREFETCH = False``). Nested NF4/FP4 from M = 3 decodes first whatever the suffix, except
+with ``-wd``: the wide-K tl.dot kernel for NF4/FP4 at every M <= 64 (``linear.WIDE_DOT_ROWS`` 64, the
+wide GEMV off so M = 1-2 take it too) with its heuristic config; ``-wd`` takes optional parts in this
+order: a weight tile ``<BLOCK_N>x<BLOCK_K>w<warps>``, ``s<pipeline stages>``, ``p`` for the byte-pair
+table (``LUT = "pairs"``) or ``t`` for the select tree (``"select"``), e.g. ``-wds2`` (the heuristic
+tile, 2 stages), ``-wds2t``, ``-wd32x256w4p``.
+The last command above is the decode A/B; the wide-dot A/B against decode-first is
+
+    python benchmarks/bench_gpu_linear.py --no-autotune --formats bf16,nf4-nested,nf4-nested-wd,nf4-nested-wds2 \
+        --ms 2,3,4,8,16,32,64
 
 Without a CUDA GPU it prints why and exits with status 0 having measured nothing.
 """
@@ -37,8 +45,10 @@ Without a CUDA GPU it prints why and exits with status 0 having measured nothing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -123,12 +133,22 @@ class Case:
         self.grad = fmt.endswith("-grad")  # grad-input direction: the call takes grad_y [M, N]
         fmt = fmt.removesuffix("-grad")
         # Kernel-path suffix (see the module docstring): (WIDE_GEMV, LUT, PREFETCH, wide for every
-        # layout) for this format's calls.
+        # layout, WIDE_DOT_ROWS for codebooks, wide-dot weight tile (BLOCK_N, BLOCK_K, warps) and stages,
+        # None for the heuristic's) for this format's calls.
         paths = {
-            "-old": (False, "global", True, False), "-glb": (True, "global", True, True),
-            "-prs": (True, "pairs", True, True), "-sel": (True, "select", True, True),
-            "-tlg": (True, "gather", True, True), "-npf": (True, "global", False, True),
+            "-old": (False, "global", True, False, 0, None, None),
+            "-glb": (True, "global", True, True, 0, None, None),
+            "-prs": (True, "pairs", True, True, 0, None, None),
+            "-sel": (True, "select", True, True, 0, None, None),
+            "-tlg": (True, "gather", True, True, 0, None, None),
+            "-npf": (True, "global", False, True, 0, None, None),
         }  # fmt: skip
+        wd = re.search(r"-wd(?:(\d+)x(\d+)w(\d+))?(?:s(\d+))?([pt]?)$", fmt)
+        if wd:
+            tile = tuple(int(v) for v in wd.group(1, 2, 3)) if wd.group(1) else None
+            stages = int(wd.group(4)) if wd.group(4) else None
+            lut = {"p": "pairs", "t": "select"}.get(wd.group(5), "global")
+            paths[wd.group(0)] = (False, lut, True, False, 64, tile, stages)
         sfx = next((s for s in paths if fmt.endswith(s)), "")
         self.path = paths.get(sfx)
         self.fmt, self.k, self.n = fmt.removesuffix(sfx) if sfx else fmt, k, n
@@ -220,16 +240,23 @@ class Case:
         from qbackend.kernels.triton import autotune as at
         from qbackend.kernels.triton import linear as L
 
-        wide, lut, prefetch, every = self.path
+        wide, lut, prefetch, every, dot_rows, tile, stages = self.path
         rows = dict.fromkeys(L.WIDE_ROWS, at.WIDE_M_MAX) if every else L.WIDE_ROWS
+        dot = {L.CODEBOOK: dot_rows}
+        cfg = None
+        if tile is not None or stages is not None:  # pinned wide-dot tile / stages (the heuristic's split-K)
+            m, sms = x.shape[0], 1 if DRY else at.sm_count(x.device)
+            tile = tile or at.dot_wide_tile(m, ACT == torch.float32)
+            cfg = at.dot_wide_config(m, self.n, self.k, *tile, sms, stages or 1)
 
         def switched() -> torch.Tensor:
-            old = L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS
-            L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS = wide, lut, prefetch, rows
+            old = L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS, L.WIDE_DOT_ROWS
+            L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS, L.WIDE_DOT_ROWS = wide, lut, prefetch, rows, dot
             try:
-                return fn()
+                with contextlib.nullcontext() if cfg is None else at.override_config(at.DOT_WIDE, cfg):
+                    return fn()
             finally:
-                L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS = old
+                L.WIDE_GEMV, L.LUT, L.PREFETCH, L.WIDE_ROWS, L.WIDE_DOT_ROWS = old
 
         return switched
 
@@ -354,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="8192^2 only, M in {1, 16}")
     ap.add_argument(
         "--formats", default=",".join(FORMATS),
-        help=f"comma list from {FORMATS + GRAD_FORMATS}; weight-only ones also take -old/-glb/-sel/-tlg/-npf",
+        help=f"comma list from {FORMATS + GRAD_FORMATS}; weight-only ones also take -old/-glb/-sel/-tlg/-npf/-wd...",
     )  # fmt: skip
     ap.add_argument("--grad", action="store_true", help=f"also time the grad-input kernels ({', '.join(GRAD_FORMATS)})")
     ap.add_argument("--ms", default=",".join(map(str, MS)))

@@ -34,7 +34,9 @@ that ``linear.WIDE_ROWS`` sends to it (measured: NF4/FP4 at M <= 2) where the we
 GEMV for M == 1 (split-K, ``tl.sum``, fp32 atomics), split-K
 ``tl.dot`` for M <= 64 (M padded to 16), a tiled GEMM with grouped program order above; from M = 512
 (3 for nested NF4/FP4) a decode kernel writes W in the activation dtype and cuBLAS runs the GEMM
-(the weight rounds to 16 bits there as in the fused 16-bit dots); every one
+(the weight rounds to 16 bits there as in the fused 16-bit dots). NF4/FP4 up to ``linear.WIDE_DOT_ROWS``
+rows (default 0: off) instead take a wide-K ``tl.dot`` kernel (K tiles over several constant blocks, as
+the wide GEMV) where the wide GEMV's weight conditions hold and it does not take the rows; every one
 specialised per format, block size, nesting, zero point and alignment (K % blocksize == 0 and even K:
 one constant load per row and K tile; otherwise per-element flat indices, blocks may straddle rows).
 Activations fp16/bf16/fp32 (fp32 dots use IEEE precision, 16-bit dots round the decoded weight to the
@@ -47,7 +49,8 @@ Launches do no host synchronisation, so they can be captured in CUDA graphs (con
 capture are reused; during a capture an uncached key gets the heuristic config, never a tuning run).
 
 Environment: ``QBACKEND_TRITON_AUTOTUNE=0`` (heuristic configs, no tuning), ``QBACKEND_TRITON_CACHE_DIR``
-(per-GPU JSON cache of tuned configs; default ``~/.cache/qbackend/triton``).
+(per-GPU JSON cache of tuned configs; default ``~/.cache/qbackend/triton``), ``QBACKEND_WIDE_DOT_ROWS``
+(start value of ``linear.WIDE_DOT_ROWS`` for NF4/FP4, e.g. 64; read at import).
 
 Not provided here: an offline re-layout of the codes (the kernels read the canonical bitsandbytes
 layout directly) and ``torch.library`` registration (:mod:`qbackend.kernels.cuda` registers these

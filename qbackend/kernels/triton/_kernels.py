@@ -563,6 +563,121 @@ def wo_dot_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+# weight-only forward with tl.dot, wide K tiles (codebook, small M): each K tile spans several
+# constant blocks, their constants decoded once per block and tile
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def wo_dot_wide_kernel(
+    x_ptr, out_ptr, bias_ptr,
+    codes_ptr, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, tab_ptr, ntab_ptr, ptab_ptr,
+    M, N, K, KH, G, stride_xm, stride_om, K_SPLIT, KP_SPLIT,
+    BS: tl.constexpr, SUB: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ATOMIC: tl.constexpr, IDX64: tl.constexpr, LUT: tl.constexpr, PREFETCH: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """y = x @ W^T for NF4/FP4 codes (K even, power-of-two block size, K % BS == 0: blocks row-local).
+
+    The wide GEMV's decode under tl.dot: the byte tile is [NB, SUB // 2, BLOCK_N] (``SUB = min(BS,
+    BLOCK_K)`` columns per slab, so each slab lies in one constant block), the [NB, BLOCK_N] constants
+    (nested ones decoded here) are computed once per block instead of once per element or per
+    64-column step, and the tile reshapes to [BLOCK_K // 2, BLOCK_N] for two half-depth dots (even
+    columns x high nibbles, odd x low). ``LUT``: 0 = table entries gathered from global memory (L1),
+    1 = select tree on 16 scalars (no memory access, so nothing for the pipeliner to stage through shared
+    memory), 3 = one 8-byte gather per code byte from ``ptab`` [256, 2]. ``K_SPLIT`` is a multiple of BLOCK_K.
+    ``PREFETCH``: the next tile's code bytes are loaded before the current tile is decoded.
+    """
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    n = offs_n
+    if IDX64:
+        n = n.to(tl.int64)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.full([BLOCK_M, BLOCK_N], 0, tl.float32)
+    j = tl.arange(0, BLOCK_K // SUB)
+    jk = j[:, None] * (SUB // 2) + tl.arange(0, SUB // 2)[None, :]  # [NB, SUB // 2] byte offsets in a tile
+    w_rows = codes_ptr + n[None, None, :] * KH
+    nm3 = n_mask[None, None, :]
+    kp_lo = pid_k * KP_SPLIT
+    kp_hi = tl.minimum(kp_lo + KP_SPLIT, KH)
+    if LUT == 1:
+        t0 = tl.load(tab_ptr + 0).to(tl.float32)
+        t1 = tl.load(tab_ptr + 1).to(tl.float32)
+        t2 = tl.load(tab_ptr + 2).to(tl.float32)
+        t3 = tl.load(tab_ptr + 3).to(tl.float32)
+        t4 = tl.load(tab_ptr + 4).to(tl.float32)
+        t5 = tl.load(tab_ptr + 5).to(tl.float32)
+        t6 = tl.load(tab_ptr + 6).to(tl.float32)
+        t7 = tl.load(tab_ptr + 7).to(tl.float32)
+        t8 = tl.load(tab_ptr + 8).to(tl.float32)
+        t9 = tl.load(tab_ptr + 9).to(tl.float32)
+        t10 = tl.load(tab_ptr + 10).to(tl.float32)
+        t11 = tl.load(tab_ptr + 11).to(tl.float32)
+        t12 = tl.load(tab_ptr + 12).to(tl.float32)
+        t13 = tl.load(tab_ptr + 13).to(tl.float32)
+        t14 = tl.load(tab_ptr + 14).to(tl.float32)
+        t15 = tl.load(tab_ptr + 15).to(tl.float32)
+    if PREFETCH:
+        kp_n = kp_lo + jk
+        b_next = tl.load(
+            w_rows + kp_n[:, :, None], mask=nm3 & (kp_n < kp_hi)[:, :, None], other=0, eviction_policy="evict_first"
+        )  # fmt: skip
+    for kp0 in range(kp_lo, kp_hi, BLOCK_K // 2):
+        kp = kp0 + jk
+        if PREFETCH:
+            b_raw = b_next
+            kp_n = kp + BLOCK_K // 2
+            b_next = tl.load(
+                w_rows + kp_n[:, :, None], mask=nm3 & (kp_n < kp_hi)[:, :, None], other=0,
+                eviction_policy="evict_first",
+            )  # fmt: skip
+        else:
+            b_raw = tl.load(
+                w_rows + kp[:, :, None], mask=nm3 & (kp < kp_hi)[:, :, None], other=0, eviction_policy="evict_first"
+            )  # fmt: skip
+        offs_k = 2 * kp0 + tl.arange(0, BLOCK_K)
+        a = tl.load(
+            x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < 2 * kp_hi)[None, :], other=0.0,
+            eviction_policy="evict_last",
+        )  # fmt: skip
+        xe, xo = tl.split(tl.reshape(a.to(DOT_DTYPE), [BLOCK_M, BLOCK_K // 2, 2]))
+        b = b_raw.to(tl.int32)
+        if LUT == 3:
+            pair = tl.load(ptab_ptr + (2 * b)[:, :, :, None] + tl.arange(0, 2)[None, None, None, :])
+            v_hi, v_lo = tl.split(pair.to(tl.float32))
+        elif LUT == 1:
+            v_hi = _lut16(b >> 4, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15)
+            v_lo = _lut16(b & 15, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15)
+        else:
+            # first element of a pair sits in the high nibble (bitsandbytes order)
+            v_hi = tl.load(tab_ptr + (b >> 4)).to(tl.float32)
+            v_lo = tl.load(tab_ptr + (b & 15)).to(tl.float32)
+        kb = 2 * kp0 + j * SUB  # first column of each slab
+        cidx = n[None, :] * G + (kb // BS)[:, None]
+        cmask = n_mask[None, :] & (kb < 2 * kp_hi)[:, None]
+        s, _zp = _block_consts(cidx, cmask, s_ptr, zp_ptr, ncode_ptr, nabs_ptr, noff_ptr, ntab_ptr, NESTED, NBS, False)
+        w_hi = tl.reshape(v_hi * s[:, None, :], [BLOCK_K // 2, BLOCK_N])
+        w_lo = tl.reshape(v_lo * s[:, None, :], [BLOCK_K // 2, BLOCK_N])
+        acc += tl.dot(xe, w_hi.to(DOT_DTYPE), input_precision=DOT_PREC)
+        acc += tl.dot(xo, w_lo.to(DOT_DTYPE), input_precision=DOT_PREC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]  # only the first K split adds the bias
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=o_mask, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+# ---------------------------------------------------------------------------------------------
 # weight-only backward: grad_x[M, K] = grad_y[M, N] @ W[N, K], W decoded tile by tile (the
 # reduction runs over N; SPLIT over N with fp32 atomics for small M)
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 import triton
 import triton.language as tl
 
+from . import autotune as at
 from ._runtime import compiled_kernels
 from .linear import CODEBOOK, INT4, INT8
 
@@ -136,6 +137,24 @@ def specs(quick: bool = False) -> Iterator[Spec]:
                                          "SIGNED": True, "PREFETCH": layout != INT8, "BLOCK_M": bm, "BLOCK_N": 16,
                                          "BLOCK_K": wbk},
                                 num_warps=4, num_stages=2, expect=[r"LDG\.E(\.EF)?\.128"],
+                            )  # fmt: skip
+                if mode == "al" and layout == CODEBOOK:
+                    # Wide-K tl.dot (small M): the heuristic tiles (linear.WIDE_DOT_ROWS), table in global
+                    # memory or as byte pairs.
+                    dwbase = {k: base[k] for k in ("BS", "NBS", "NESTED", "IDX64")}
+                    for lut, lname in ((0, ""), (3, "-prs")):
+                        for m in (8, 16, 64):
+                            bm, (bn, bk, nw) = at.block_m_for(m), at.dot_wide_tile(m, dt == "fp32")
+                            yield Spec(
+                                f"dotwide{lname}-m{m}-{tag}", K.wo_dot_wide_kernel,
+                                _wo_types(layout, nested, zp, True, ptr, "*fp32", False)
+                                | {"ptab_ptr": "*fp32" if lut == 3 else None} | wsizes,
+                                dwbase | {"SUB": min(bs, bk), "HAS_BIAS": True, "ATOMIC": True, "LUT": lut,
+                                          "PREFETCH": True, "DOT_DTYPE": tl_dt, "DOT_PREC": prec, "BLOCK_M": bm,
+                                          "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1},
+                                num_warps=max(nw, 8 if bm >= 64 else 4), num_stages=1,
+                                expect=[r"LDG\.E(\.EF)?\.128" if bk >= 128 else r"LDG"]
+                                + ([] if dt == "fp32" else [r"HGMMA|HMMA"]),
                             )  # fmt: skip
                 dsizes = {"M": "i32"} | sizes
                 for vname, bm, bn, bk, atomic, nw, ns in (

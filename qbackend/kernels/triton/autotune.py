@@ -30,12 +30,13 @@ import torch
 GEMV = "wo_gemv"  # weight-only, M == 1: split-K, no tl.dot
 GEMV_WIDE = "wo_gemv_wide"  # weight-only, M <= WIDE_M_MAX: K tiles spanning several blocks, no tl.dot
 WO_SMALL = "wo_small"  # weight-only, 2 <= M <= 64: tl.dot, M padded to 16, split-K
+DOT_WIDE = "wo_dot_wide"  # codebook weight-only, small M: tl.dot with K tiles spanning several blocks
 WO_LARGE = "wo_large"  # weight-only, M > 64: tiled GEMM, grouped program order
 GRAD_SMALL = "wo_grad_small"  # grad_x, M <= 64: split over N
 GRAD_LARGE = "wo_grad_large"
 W8A8_SMALL = "w8a8_small"
 W8A8_LARGE = "w8a8_large"
-VARIANTS = (GEMV, GEMV_WIDE, WO_SMALL, WO_LARGE, GRAD_SMALL, GRAD_LARGE, W8A8_SMALL, W8A8_LARGE)
+VARIANTS = (GEMV, GEMV_WIDE, WO_SMALL, DOT_WIDE, WO_LARGE, GRAD_SMALL, GRAD_LARGE, W8A8_SMALL, W8A8_LARGE)
 
 SMALL_M_MAX = 64
 WIDE_M_MAX = 4
@@ -104,6 +105,8 @@ def interpreter_config(variant: str, m: int) -> KernelConfig:
         return KernelConfig(block_m=wide_block_m(m), block_n=16, block_k=64, split=2)
     if variant in (WO_SMALL, GRAD_SMALL, W8A8_SMALL):
         return KernelConfig(block_m=block_m_for(m), block_n=32, block_k=32, split=2, group_m=1)
+    if variant == DOT_WIDE:
+        return KernelConfig(block_m=block_m_for(m), block_n=16, block_k=128, split=2, group_m=1)
     return KernelConfig(block_m=32, block_n=32, block_k=32, split=1, group_m=2)
 
 
@@ -117,10 +120,10 @@ def sm_count(device: torch.device) -> int:
     return _sm_counts[idx]
 
 
-def split_for(tiles: int, depth: int, block: int, sms: int, max_split: int = 32) -> int:
-    """Split the reduction until the grid has about 4 programs per SM, keeping >= 2 tiles per split."""
+def split_for(tiles: int, depth: int, block: int, sms: int, max_split: int = 32, per_sm: int = 4) -> int:
+    """Split the reduction until the grid has about ``per_sm`` programs per SM, keeping >= 2 tiles per split."""
     split = 1
-    while tiles * split < 4 * sms and split * 2 <= max_split and depth // (block * split * 2) >= 2:
+    while tiles * split < per_sm * sms and split * 2 <= max_split and depth // (block * split * 2) >= 2:
         split *= 2
     return split
 
@@ -144,11 +147,47 @@ def wide_block_ks(k: int, byte_cols: int) -> list[int]:
     return sorted({min(b, top) for b in base})
 
 
+def dot_wide_block_k(k: int, block_k: int) -> int:
+    """A wide-dot K tile of ``block_k`` columns, none much wider than K (at least 32: tl.dot's depth of 16
+    per half-depth dot)."""
+    return max(32, min(block_k, 1 << max(k - 1, 1).bit_length()))
+
+
+def dot_wide_config(
+    m: int, n: int, k: int, block_n: int, block_k: int, warps: int, sms: int, stages: int = 1
+) -> KernelConfig:
+    """A wide-dot config with the given weight tile: BLOCK_M holds M (up to 64), split-K until about two
+    programs per SM (a wide K tile is a lot of work per step already).
+
+    One stage by default: with more, Triton's pipeliner turns every per-element table gather into a
+    4-byte async copy through shared memory (sm_90 SASS: LDGSTS + LDS per code instead of an L1-hit
+    LDG); the kernel prefetches the next tile's codes itself."""
+    bm, bk = block_m_for(m), dot_wide_block_k(k, block_k)
+    split = split_for(-(-n // block_n) * -(-m // bm), k, bk, sms, per_sm=2)
+    return KernelConfig(bm, block_n, bk, split, 1, max(warps, 8 if bm >= 64 else 4), stages)
+
+
+def dot_wide_tile(m: int, fp32: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) of the wide dot's heuristic. Each program re-reads its [M, BLOCK_K] slice
+    of x per N tile, 4 * M / BLOCK_N times the weight bytes in all (L2 traffic), so N tiles widen with M;
+    the decoded tile (fp32 before the dot) keeps to ~64 values per thread: sm_90 compiles (aot.py, one
+    stage) of 32 x 256 with 4 warps, 64 x 256 and 128 x 128 with 8 take 220-253 registers without spills,
+    while 128 x 256 or 512-column tiles spill. fp32 activations (IEEE dots on CUDA cores) need smaller tiles."""
+    if fp32:
+        return (32, 128, 4) if m <= 16 else (32, 64, 8)
+    if m <= 8:
+        return 32, 256, 4
+    if m <= 16:
+        return 64, 256, 8
+    return 128, 128, 8
+
+
 def heuristic_config(variant: str, m: int, n: int, k: int, bk_cap: int, sms: int) -> KernelConfig:
     """A reasonable untuned config for an [M, K] x [K, N] problem (grads: output [M, K], reduction N).
 
     ``bk_cap`` bounds ``block_k`` so that K tiles stay inside one constant block (aligned path);
-    for GEMV_WIDE it is the number of weight columns per byte instead (2: 4-bit, 1: int8).
+    for GEMV_WIDE it is the number of weight columns per byte instead (2: 4-bit, 1: int8); DOT_WIDE
+    ignores it (its K tiles span blocks).
     """
     cap = lambda b: max(16, min(b, bk_cap))
     cdiv = lambda a, b: -(-a // b)
@@ -158,6 +197,8 @@ def heuristic_config(variant: str, m: int, n: int, k: int, bk_cap: int, sms: int
         bk = wide_block_ks(k, bk_cap)[1 if len(wide_block_ks(k, bk_cap)) > 1 else 0]
         split = split_for(cdiv(n, bn), k, bk, sms)
         return KernelConfig(bm, bn, bk, split, 1, _wide_warps(bn, bk, bk_cap), 2)
+    if variant == DOT_WIDE:
+        return dot_wide_config(m, n, k, *dot_wide_tile(m), sms)
     if variant == GEMV:
         bn, bk = 64, cap(128)
         return KernelConfig(1, bn, bk, split_for(cdiv(n, bn), k, bk, sms), 1, 4, 2)
@@ -195,6 +236,10 @@ def candidate_configs(variant: str, m: int, n: int, k: int, bk_cap: int, sms: in
                 base = split_for(cdiv(n, bn), k, bk, sms)
                 for split in sorted({base, base * 2}) if bn == 16 else [base]:
                     out.append(KernelConfig(bm, bn, bk, split, 1, _wide_warps(bn, bk, bk_cap), 2))
+    elif variant == DOT_WIDE:
+        for bn, bk, warps in ((32, 256, 4), (32, 128, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8), (16, 256, 4)):
+            for stages in (1, 2):
+                out.append(dot_wide_config(m, n, k, bn, bk, warps, sms, stages))
     elif variant == GEMV:
         for bn in (32, 64, 128):
             for bk in bks[-2:]:
@@ -391,6 +436,7 @@ def clear_memory_cache() -> None:
 
 
 __all__ = [
+    "DOT_WIDE",
     "GEMV",
     "GEMV_WIDE",
     "GRAD_LARGE",
@@ -404,6 +450,8 @@ __all__ = [
     "autotune_enabled",
     "cache_file",
     "candidate_configs",
+    "dot_wide_config",
+    "dot_wide_tile",
     "heuristic_config",
     "interpreter_config",
     "launch_fitting",

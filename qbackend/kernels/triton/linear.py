@@ -2,7 +2,7 @@
 
 See the package docstring for the contract. Every function flattens ``x`` to [M, K], picks a kernel
 variant by M (the wide GEMV for M <= 4 where the weight allows it, else GEMV for M == 1, split-K
-tl.dot for M <= 64, tiled GEMM above; see WIDE_GEMV below), picks a config
+tl.dot for M <= 64, tiled GEMM above; see WIDE_GEMV and WIDE_DOT_ROWS below), picks a config
 (see :mod:`.autotune`) and launches. From a per-format M on (``_decode_min_m``) a call instead decodes
 W to the activation dtype and hands the GEMM to cuBLAS. No host synchronisation happens on the launch path (nested
 offset and scales are read by the kernel), so the functions can be captured in CUDA graphs once
@@ -11,6 +11,7 @@ their configs are tuned (capturing before that uses the heuristic config).
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
@@ -46,6 +47,22 @@ PREFETCH = True
 # at M=4 no better than decoding first. int4 and int8 lost to their previous kernels at every M = 1..4
 # (8192^2, M=4: 0.39x and 0.57x against 0.99x and 1.20x), so they keep those.
 WIDE_ROWS = {CODEBOOK: 2, INT4: 0, INT8: 0}
+
+
+def _env_rows(name: str) -> int:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return max(int(raw or 0), 0)
+    except ValueError:
+        raise ValueError(f"qbackend triton kernels: {name}={raw!r} is not an integer (rows of x, e.g. 64)") from None
+
+
+# WIDE_DOT_ROWS: per layout, the M up to which ``wo_dot_wide_kernel`` (tl.dot over K tiles spanning
+# several constant blocks, nested constants decoded once per block) runs instead of decoding W first
+# (nested) or the split-K tl.dot kernel, where ``_Weight.wide`` holds; rows the wide GEMV takes stay
+# with it. Codebook only. 0 = off (not yet measured on a GPU); the start value comes from the
+# environment variable QBACKEND_WIDE_DOT_ROWS (e.g. 64) so whole-model benchmarks can switch it on.
+WIDE_DOT_ROWS = {CODEBOOK: _env_rows("QBACKEND_WIDE_DOT_ROWS")}
 _LUTS = {"global": 0, "select": 1, "gather": 2, "pairs": 3}
 # Keyed by the caller's table tensor itself (code_table() hands out cached tensors), so an entry dies
 # with its table and a new table at a recycled address can never meet a stale pair table.
@@ -214,6 +231,8 @@ def _wo_forward(x: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch
     if m == 0:
         return x.new_zeros(*lead, w.n)
     kern, interp = kernels_for(x.device)
+    if _wide_dot_here(w, m):
+        return _wo_forward_wide_dot(kern, interp, x2, w, bias).reshape(*lead, w.n)
     if m >= _decode_min_m(w, grad=False):
         b = None if bias is None else bias.to(x2.dtype)
         return F.linear(x2, _decoded(kern, w, x2.dtype), b).reshape(*lead, w.n)
@@ -262,6 +281,64 @@ def _wo_forward_wide(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias: tor
     )  # fmt: skip
     return at.launch_fitting(key, x2.device, cfg, launch)
 
+
+
+def _wide_dot_here(w: _Weight, m: int) -> bool:
+    """Does ``wo_dot_wide_kernel`` take this call (see WIDE_DOT_ROWS)?"""
+    if w.layout != CODEBOOK or m > WIDE_DOT_ROWS.get(w.layout, 0) or not w.wide:
+        return False
+    return not (WIDE_GEMV and m <= min(at.WIDE_M_MAX, WIDE_ROWS[w.layout]))
+
+
+def _wo_forward_wide_dot(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    m = x2.shape[0]
+    if LUT not in _LUTS:
+        _fail(f"linear.LUT is {LUT!r}; expected one of {sorted(_LUTS)}")
+    # The dot kernel gathers table entries from global memory, by code byte from the pair table, or
+    # selects them in registers; "gather" (tl.gather) uses the global table here.
+    lut = {"pairs": 3, "select": 1}.get(LUT, 0)
+    ptab = _pair_table(w.table_src if w.table_src is not None else w.table) if lut == 3 else None
+    if ptab is None:
+        lut = 0
+    dot_dtype, prec = _dot_dtype(x2.dtype, interp)
+
+    def launch(cfg: at.KernelConfig) -> torch.Tensor:
+        return _launch_wo_dot_wide(kern, cfg, x2, w, bias, lut, ptab, dot_dtype, prec)
+
+    sms = _sms(x2.device, interp)
+    layout, bs, nested, zp = w.key_parts()
+    tag = layout + ("" if lut == 0 else f"-lut{lut}") + ("" if PREFETCH else "-npf")
+    key = at.make_key(at.DOT_WIDE, tag, bs, nested, zp, x2.dtype, m, w.n, w.k)
+    cfg = at.select_config(
+        at.DOT_WIDE, key, x2.device, interp, m,
+        default=lambda: at.dot_wide_config(m, w.n, w.k, *at.dot_wide_tile(m, x2.dtype == torch.float32), sms),
+        candidates=lambda: at.candidate_configs(at.DOT_WIDE, m, w.n, w.k, 0, sms),
+        bench=launch,
+    )  # fmt: skip
+    return at.launch_fitting(key, x2.device, cfg, launch)
+
+
+def _launch_wo_dot_wide(
+    kern, cfg: at.KernelConfig, x2: torch.Tensor, w: _Weight, bias: torch.Tensor | None, lut: int,
+    ptab: torch.Tensor | None, dot_dtype: tl.dtype, prec: str,
+) -> torch.Tensor:  # fmt: skip
+    m, k = x2.shape
+    n = w.n
+    bk = max(cfg.block_k, 32)  # two half-depth dots of at least 16
+    # K_SPLIT is a multiple of BLOCK_K, so every tile starts on a slab (SUB columns) boundary.
+    k_split, split = _split(k, cfg.split, bk)
+    atomic = split > 1
+    out = _split_out(x2, m, n, atomic)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    kern.wo_dot_wide_kernel[grid](
+        x2, out, bias, *w.ptr_args(), ptab, m, n, k, k // 2, k // w.bs, x2.stride(0), out.stride(0),
+        k_split, k_split // 2,
+        BS=w.bs, SUB=min(w.bs, bk), NBS=w.nbs, NESTED=w.nested, HAS_BIAS=bias is not None, ATOMIC=atomic,
+        IDX64=w.idx64, LUT=lut, PREFETCH=PREFETCH, DOT_DTYPE=dot_dtype, DOT_PREC=prec,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
+    )  # fmt: skip
+    return out.to(x2.dtype) if atomic and x2.dtype != torch.float32 else out
 
 
 def _split_out(x2: torch.Tensor, m: int, n: int, atomic: bool) -> torch.Tensor:

@@ -456,6 +456,109 @@ def test_wide_gemv_configs() -> None:
     assert 2 * 132 <= (8192 // c.block_n) * c.split <= 8 * 132
 
 
+# ---------------------------------------------------------------------------------------------
+# wide-K tl.dot (codebook, small M): K tiles over several constant blocks
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=10 if _CUDA else 60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    kind=st.sampled_from(["nf4", "fp4"]),
+    nested=st.booleans(),
+    n=st.integers(1, 40),
+    kb=st.integers(1, 5),
+    k_extra=st.sampled_from([0, 0, 0, 2, 1]),
+    m=st.integers(1, 70),
+    bs=st.sampled_from([32, 64]),
+    lut=st.sampled_from(["global", "pairs", "select"]),
+    prefetch=st.booleans(),
+    bias=st.booleans(),
+    block_n=st.sampled_from([16, 32]),
+    block_k=st.sampled_from([32, 64, 128, 256]),
+    split=st.sampled_from([1, 2, 3]),
+    dtype=st.sampled_from(WIDE_DTYPES),
+)
+def test_wide_dot_hypothesis(
+    kind: str, nested: bool, n: int, kb: int, k_extra: int, m: int, bs: int, lut: str, prefetch: bool, bias: bool,
+    block_n: int, block_k: int, split: int, dtype: torch.dtype,
+) -> None:  # fmt: skip
+    """Against the reference for K = several blocks (a partial or odd K falls back to the other paths),
+    K not a multiple of BLOCK_K, N not dividing BLOCK_N, M = 1..70 (two row tiles), 1-3 K splits; the
+    wide dot must run exactly where eligible."""
+    k = kb * bs + k_extra
+    call, ref = _wide_operands(kind, n, k, bs, nested, seed=n * 100 + k)
+    x = _x((m,), k, dtype, seed=m + k)
+    b = _bias(n, bias)
+    launched: list[int] = []
+    orig = L._launch_wo_dot_wide
+
+    def spy(*a, **kw):  # noqa: ANN002, ANN003 - passes through
+        launched.append(1)
+        return orig(*a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(L, "WIDE_DOT_ROWS", {L.CODEBOOK: 70})
+        mp.setattr(L, "WIDE_GEMV", False)  # M = 1, 2 reach the wide dot too
+        mp.setattr(L, "_launch_wo_dot_wide", spy)
+        mp.setattr(L, "LUT", lut)
+        mp.setattr(L, "PREFETCH", prefetch)
+        cfg = at.KernelConfig(block_m=at.block_m_for(m), block_n=block_n, block_k=block_k, split=split, group_m=2)
+        with at.override_config(at.DOT_WIDE, cfg):
+            out = call(x, b)
+    _check(out, ref(x, b))
+    assert bool(launched) == (k % bs == 0), (k, bs)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN matmul
+def test_wide_dot_routing_and_nonfinite(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WIDE_DOT_ROWS (off by default) takes nested M = 3..64 from decode-first, leaves the wide GEMV its
+    rows and larger M to decoding; NaN and Inf in x spread as in the reference."""
+    n, k, bs = 37, 192, 64
+    call, ref = _wide_operands("nf4", n, k, bs, True, seed=5)
+    x = _x((66,), k, torch.float32, seed=4)
+    b = _bias(n, True)
+    paths: list[str] = []
+    for name in ("_launch_wo_dot_wide", "_launch_wo_wide", "_decoded"):
+        real = getattr(L, name)
+        monkeypatch.setattr(L, name, lambda *a, _r=real, _n=name, **kw: paths.append(_n) or _r(*a, **kw))
+    assert L.WIDE_DOT_ROWS[L.CODEBOOK] == L._env_rows("QBACKEND_WIDE_DOT_ROWS")
+    monkeypatch.setattr(L, "WIDE_DOT_ROWS", {L.CODEBOOK: 0})
+    _check(call(x[:3], b), ref(x[:3], b))
+    assert paths == ["_decoded"]
+    monkeypatch.setattr(L, "WIDE_DOT_ROWS", {L.CODEBOOK: 64})
+    for rows, want in ((1, "_launch_wo_wide"), (3, "_launch_wo_dot_wide"), (64, "_launch_wo_dot_wide"),
+                       (65, "_decoded")):  # fmt: skip
+        paths.clear()
+        _check(call(x[:rows], b), ref(x[:rows], b))
+        assert paths == [want], (rows, paths)
+    x[1, 5] = float("nan")
+    x[2, 7] = float("inf")
+    out, r = call(x[:4], b).cpu(), ref(x[:4], b).cpu()
+    assert torch.equal(torch.isnan(out), torch.isnan(r)) and torch.equal(torch.isinf(out), torch.isinf(r))
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[3]).all()
+    monkeypatch.setenv("QBACKEND_WIDE_DOT_ROWS", "32")
+    assert L._env_rows("QBACKEND_WIDE_DOT_ROWS") == 32
+    monkeypatch.setenv("QBACKEND_WIDE_DOT_ROWS", "many")
+    with pytest.raises(ValueError, match="QBACKEND_WIDE_DOT_ROWS"):
+        L._env_rows("QBACKEND_WIDE_DOT_ROWS")
+
+
+def test_wide_dot_configs() -> None:
+    for m in (2, 3, 16, 17, 64):
+        for n, k in ((4096, 4096), (8192, 8192), (28672, 8192), (8192, 28672), (40, 96)):
+            cfgs = [at.heuristic_config(at.DOT_WIDE, m, n, k, 0, 132)]
+            cfgs += at.candidate_configs(at.DOT_WIDE, m, n, k, 0, 132)
+            assert 1 < len(cfgs) <= 13
+            for c in cfgs:
+                assert c.block_m == at.block_m_for(m) and c.block_m >= min(m, 64) and c.split >= 1
+                assert c.block_k & (c.block_k - 1) == 0 and 32 <= c.block_k <= 512
+                assert c.block_n & (c.block_n - 1) == 0 and 16 <= c.block_n and c.num_warps in (4, 8)
+    # Big shapes: the heuristic grid has about two programs per SM or more (split-K where N is small).
+    for n, k in ((4096, 4096), (8192, 8192), (8192, 28672)):
+        c = at.heuristic_config(at.DOT_WIDE, 16, n, k, 0, 132)
+        assert c.block_k >= 256 and 2 * 132 <= (n // c.block_n) * c.split <= 8 * 132
+
+
 def test_empty_input() -> None:
     n, k = 8, 64
     c8, s8 = _int8(n, k)
@@ -505,7 +608,7 @@ def test_config_cache_roundtrip(tmp_path) -> None:
 
 
 def test_heuristics_and_candidates_respect_caps() -> None:
-    for variant in (v for v in at.VARIANTS if v != at.GEMV_WIDE):  # its bk_cap means something else
+    for variant in (v for v in at.VARIANTS if v not in (at.GEMV_WIDE, at.DOT_WIDE)):  # bk_cap means else there
         for m in (1, 16, 64, 4096):
             for bk_cap in (32, 64, 256):
                 cfgs = [at.heuristic_config(variant, m, 8192, 8192, bk_cap, 132)]
@@ -555,7 +658,8 @@ def test_kernels_compile_for_sm90() -> None:
     from qbackend.kernels.triton import aot
 
     wanted = {"gemv-nf4n-b64-bf16-al", "dot-small-nf4n-b64-bf16-al", "decode-nf4n-b64-bf16-al", "w8a8-small-bf16",
-              "read-runs", "wide-m1-nf4n-b64-bf16-al", "wide-m4-int4-g128-bf16-al"}  # fmt: skip
+              "read-runs", "wide-m1-nf4n-b64-bf16-al", "wide-m4-int4-g128-bf16-al",
+              "dotwide-m8-nf4n-b64-bf16-al"}  # fmt: skip
     reports = [aot.compile_spec(s) for s in aot.specs(quick=True) if s.name in wanted]
     assert len(reports) == len(wanted)
     bad = [(r.name, r.error or r.missing) for r in reports if not r.ok]
@@ -593,6 +697,31 @@ def test_gpu_bf16_all_formats(m: int, tmp_config_cache) -> None:
     gy = _x((m,), n, torch.bfloat16, seed=5)
     ref = (gy.float() @ R.decode_codebook(*w, n, k, 64, 32)).bfloat16()
     _check(T.codebook_linear_grad_input(gy, *w, n, k, 64, 32), ref)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("lut", ["global", "pairs", "select"])
+def test_gpu_wide_dot_bf16(lut: str, tmp_config_cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wide-K dot with its heuristic configs (bf16 tensor cores, split-K atomics) and in a CUDA graph."""
+    monkeypatch.setattr(L, "WIDE_DOT_ROWS", {L.CODEBOOK: 64})
+    monkeypatch.setattr(L, "WIDE_GEMV", False)
+    monkeypatch.setattr(L, "LUT", lut)
+    n, k = 520, 2048
+    w = _codebook(n, k, "nf4", 64, True)
+    b = _bias(n, True)
+    for m in (2, 16, 33, 64):
+        x = _x((m,), k, torch.bfloat16, seed=m)
+        _check(T.codebook_linear(x, *w, b, n, k, 64, 32), R.codebook_linear(x, *w, b, n, k, 64, 32))
+    x = _x((16,), k, torch.bfloat16, seed=1)
+    T.codebook_linear(x, *w, b, n, k, 64, 32)  # configs and pair table exist before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = T.codebook_linear(x, *w, b, n, k, 64, 32)
+    x.copy_(_x((16,), k, torch.bfloat16, seed=2))
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(out, R.codebook_linear(x, *w, b, n, k, 64, 32))
 
 
 @pytest.mark.gpu
