@@ -49,10 +49,10 @@ PREFETCH = True
 WIDE_ROWS = {CODEBOOK: 2, INT4: 0, INT8: 0}
 
 
-def _env_rows(name: str) -> int:
+def _env_rows(name: str, default: int = 0) -> int:
     raw = os.environ.get(name, "").strip()
     try:
-        return max(int(raw or 0), 0)
+        return max(int(raw) if raw else default, 0)
     except ValueError:
         raise ValueError(f"qbackend triton kernels: {name}={raw!r} is not an integer (rows of x, e.g. 64)") from None
 
@@ -60,9 +60,14 @@ def _env_rows(name: str) -> int:
 # WIDE_DOT_ROWS: per layout, the M up to which ``wo_dot_wide_kernel`` (tl.dot over K tiles spanning
 # several constant blocks, nested constants decoded once per block) runs instead of decoding W first
 # (nested) or the split-K tl.dot kernel, where ``_Weight.wide`` holds; rows the wide GEMV takes stay
-# with it. Codebook only. 0 = off (not yet measured on a GPU); the start value comes from the
-# environment variable QBACKEND_WIDE_DOT_ROWS (e.g. 64) so whole-model benchmarks can switch it on.
-WIDE_DOT_ROWS = {CODEBOOK: _env_rows("QBACKEND_WIDE_DOT_ROWS")}
+# with it. Codebook only, and nested constants only unless WIDE_DOT_PLAIN (plain NF4/FP4 was not
+# measured). Measured on the H200 (CUDA graphs, heuristic configs, `results/gpu_kernels.md`): against
+# decode-then-cuBLAS at M = 3..8 0.43-0.48x of bf16 vs 0.33-0.34x on 8192^2, 8192x28672 and 28672x8192,
+# level on 4096^2 (0.54-0.55x); at M = 16-32 it wins by 5-18% on the large shapes but loses on 4096^2
+# (0.43-0.45x vs 0.54-0.55x), at M = 64 it loses everywhere. Hence 8. The environment variable
+# QBACKEND_WIDE_DOT_ROWS overrides the start value (0 = off) for benchmarks.
+WIDE_DOT_ROWS = {CODEBOOK: _env_rows("QBACKEND_WIDE_DOT_ROWS", 8)}
+WIDE_DOT_PLAIN = False
 _LUTS = {"global": 0, "select": 1, "gather": 2, "pairs": 3}
 # Keyed by the caller's table tensor itself (code_table() hands out cached tensors), so an entry dies
 # with its table and a new table at a recycled address can never meet a stale pair table.
@@ -286,6 +291,8 @@ def _wo_forward_wide(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias: tor
 def _wide_dot_here(w: _Weight, m: int) -> bool:
     """Does ``wo_dot_wide_kernel`` take this call (see WIDE_DOT_ROWS)?"""
     if w.layout != CODEBOOK or m > WIDE_DOT_ROWS.get(w.layout, 0) or not w.wide:
+        return False
+    if not (w.nested or WIDE_DOT_PLAIN):
         return False
     return not (WIDE_GEMV and m <= min(at.WIDE_M_MAX, WIDE_ROWS[w.layout]))
 

@@ -498,6 +498,7 @@ def test_wide_dot_hypothesis(
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(L, "WIDE_DOT_ROWS", {L.CODEBOOK: 70})
+        mp.setattr(L, "WIDE_DOT_PLAIN", True)  # plain NF4/FP4 too
         mp.setattr(L, "WIDE_GEMV", False)  # M = 1, 2 reach the wide dot too
         mp.setattr(L, "_launch_wo_dot_wide", spy)
         mp.setattr(L, "LUT", lut)
@@ -511,7 +512,7 @@ def test_wide_dot_hypothesis(
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN matmul
 def test_wide_dot_routing_and_nonfinite(monkeypatch: pytest.MonkeyPatch) -> None:
-    """WIDE_DOT_ROWS (off by default) takes nested M = 3..64 from decode-first, leaves the wide GEMV its
+    """WIDE_DOT_ROWS (8 by default) takes nested M = 3..rows from decode-first, leaves the wide GEMV its
     rows and larger M to decoding; NaN and Inf in x spread as in the reference."""
     n, k, bs = 37, 192, 64
     call, ref = _wide_operands("nf4", n, k, bs, True, seed=5)
@@ -521,7 +522,7 @@ def test_wide_dot_routing_and_nonfinite(monkeypatch: pytest.MonkeyPatch) -> None
     for name in ("_launch_wo_dot_wide", "_launch_wo_wide", "_decoded"):
         real = getattr(L, name)
         monkeypatch.setattr(L, name, lambda *a, _r=real, _n=name, **kw: paths.append(_n) or _r(*a, **kw))
-    assert L.WIDE_DOT_ROWS[L.CODEBOOK] == L._env_rows("QBACKEND_WIDE_DOT_ROWS")
+    assert L.WIDE_DOT_ROWS[L.CODEBOOK] == L._env_rows("QBACKEND_WIDE_DOT_ROWS", 8)
     monkeypatch.setattr(L, "WIDE_DOT_ROWS", {L.CODEBOOK: 0})
     _check(call(x[:3], b), ref(x[:3], b))
     assert paths == ["_decoded"]
@@ -537,7 +538,9 @@ def test_wide_dot_routing_and_nonfinite(monkeypatch: pytest.MonkeyPatch) -> None
     assert torch.equal(torch.isnan(out), torch.isnan(r)) and torch.equal(torch.isinf(out), torch.isinf(r))
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[3]).all()
     monkeypatch.setenv("QBACKEND_WIDE_DOT_ROWS", "32")
-    assert L._env_rows("QBACKEND_WIDE_DOT_ROWS") == 32
+    assert L._env_rows("QBACKEND_WIDE_DOT_ROWS", 8) == 32
+    monkeypatch.delenv("QBACKEND_WIDE_DOT_ROWS")
+    assert L._env_rows("QBACKEND_WIDE_DOT_ROWS", 8) == 8
     monkeypatch.setenv("QBACKEND_WIDE_DOT_ROWS", "many")
     with pytest.raises(ValueError, match="QBACKEND_WIDE_DOT_ROWS"):
         L._env_rows("QBACKEND_WIDE_DOT_ROWS")
@@ -793,6 +796,7 @@ def test_decode_then_gemm(case: tuple, m: int, monkeypatch: pytest.MonkeyPatch) 
     _, fwd, grad, ref_fwd, w, ints, dense = case
     for name in ("_DECODE_M", "_NESTED_DECODE_M", "_NESTED_GRAD_DECODE_M"):
         monkeypatch.setattr(L, name, 1)
+    monkeypatch.setattr(L, "WIDE_DOT_ROWS", {L.CODEBOOK: 0})  # it would take nested M = 6 before decoding
     decoded: list[torch.Tensor] = []
     real = L._decoded
     monkeypatch.setattr(L, "_decoded", lambda *a: decoded.append(real(*a)) or decoded[-1])
