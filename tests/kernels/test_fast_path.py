@@ -22,6 +22,8 @@ from qbackend.workflows.weight_only import QuantizedLinear
 
 FORMATS = ("nf4", "fp4", "int4", "int8")
 MODES = ("fp32", "int8", "int16", "bf16")
+# (format, mode) pairs with a prepared call: every format in fp32 and int8; int16 for int8 weights only
+PREPARED_CASES = [(f, m) for f in FORMATS for m in ("fp32", "int8")] + [("int8", "int16")]
 LIB = kcpu.lib() is not None
 VNNI = int8_compute._lib() is not None
 
@@ -83,13 +85,10 @@ def test_fast_path_is_bit_identical_to_the_regular_kernel(fmt, mode, shape):
 
 
 @pytest.mark.skipif(not LIB, reason="no C++ kernel library")
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("mode", ("fp32", "int8", "int16"))
+@pytest.mark.parametrize(("fmt", "mode"), PREPARED_CASES)
 def test_fast_path_takes_small_calls(fmt, mode):
     if mode in ("int8", "int16") and not VNNI:
         pytest.skip("no AVX512-VNNI")
-    if mode == "int16" and fmt != "int8":
-        pytest.skip("only int8 weights have int16 kernels (the packed copy's prepared call)")
     q = _layer(fmt, mode)
     if mode == "fp32" and fmt == "int8" and not kcpu.lib().qb_has_avx512():
         pytest.skip("the fused int8 kernel needs AVX-512")
