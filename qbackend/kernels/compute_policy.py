@@ -48,7 +48,8 @@ and weight-also rounding) and :data:`AUTO_MODES` follows from them:
 * int8-weight layers: "int16" (int16 activations, one scale per row): their own error is so small
   (7e-3) that int8 activations (0.94 of it) and bf16 (0.29) add far more than a tenth; int16 adds
   0.0095 (measured like the table above, ``INT16_BLOCK`` None; 0.0062 with a scale per 128 of K),
-  else "fp32".
+  else "fp32" — also on CPUs whose int16 kernels are the AVX2 width: no faster than the fp32 int8
+  kernel there (:func:`_faster_than_fp32`), so "auto" keeps the exact arithmetic.
 
 "int16" for the 4-bit formats (their NF4/FP4 table through the int8 image, as "int8"): nf4 0.056,
 fp4 0.035, int4 0.0008 (the table image is what remains). Allowed, but only int8 weights have an
@@ -249,6 +250,8 @@ def resolve(requested: str, family: str, ints: Mapping[str, int], device_type: s
             missing.append(f"{mode}: CPU lacks {REQUIRED_FEATURES[mode][1]}")
         elif not _fast(mode, family, ints):
             missing.append(f"{mode}: no fast kernel")
+        elif not _faster_than_fp32(mode, family):
+            missing.append(f"{mode}: no faster than fp32 on this CPU")
         else:
             return Resolved(mode)
     why = "; ".join(missing)
@@ -262,6 +265,16 @@ def resolve_weight(requested: str, op_name: str, statics: tuple[int, ...], devic
 
     family, _grad = by_op_name(op_name)
     return resolve(requested, family.name, dict(zip(family.ints, statics, strict=True)), device_type)
+
+
+def _faster_than_fp32(mode: str, family: str) -> bool:
+    """Whether ``mode``'s kernel here beats the exact fp32 kernel for ``family`` layers at all (else "auto"
+    keeps fp32): int8 weights in "int16" need the AVX-512 widths (``int16_compute.faster_than_fp32``)."""
+    if (family, mode) != ("int8", "int16"):
+        return True
+    from .cpu import int16_compute
+
+    return int16_compute.faster_than_fp32()
 
 
 def _fast(mode: str, family: str, ints: Mapping[str, int]) -> bool:

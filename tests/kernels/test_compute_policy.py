@@ -36,6 +36,18 @@ def test_auto_picks_the_fastest_mode_within_the_bound(cpu):
     assert cp.resolve("auto", "int4", INTS).mode == "bf16"
 
 
+def test_auto_keeps_fp32_for_int8_weights_where_int16_is_no_faster(cpu, monkeypatch):
+    from qbackend.kernels.cpu import int16_compute
+
+    cpu(features={"avx2"}, fast=[("int16", "int8")])
+    monkeypatch.setattr(int16_compute, "_lib", lambda: (None, int16_compute.ISA_AVX2))  # the AVX2 width
+    r = cp.resolve("auto", "int8", INTS)
+    assert r.mode == "fp32" and "int16: no faster than fp32" in r.note
+    assert cp.resolve("int16", "int8", INTS).mode == "int16"  # asked for explicitly: it runs
+    monkeypatch.setattr(int16_compute, "_lib", lambda: (None, int16_compute.ISA_AVX512_VNNI))
+    assert cp.resolve("auto", "int8", INTS).mode == "int16"
+
+
 def test_auto_skips_modes_the_cpu_lacks_and_logs_the_fallback_once(cpu, caplog):
     cpu(features={"avx512f", "avx2"}, fast=[("int8", "int4"), ("bf16", "int4")])
     with caplog.at_level(logging.INFO, logger="qbackend"):

@@ -98,6 +98,15 @@ def packs() -> bool:
     return PACKING and lib is not None and lib[1] == ISA_AVX512_VNNI
 
 
+def faster_than_fp32() -> bool:
+    """Whether this machine's int16 kernels beat the exact fp32 int8 kernel (so "auto" may pick them): the
+    AVX-512 widths do (from M = 64 canonical, at every M packed); the AVX2 width measured 0.84-1.15x of the
+    AVX2 fp32 kernel at M = 1..128 (0.84-0.87x at M = 1; 1 thread, MiniLM shapes and 4096^2, an AVX2 build
+    on a Zen 4), no faster, so there "auto" keeps fp32, which is exact."""
+    lib = _lib()
+    return lib is not None and lib[1] > ISA_AVX2
+
+
 def packed_weight(codes: Tensor, n: int, k: int) -> Tensor | None:
     """The panel-packed copy of ``codes`` [n, k] for ``qbi16_linear8_packed`` (made on first use; n rounded
     up to 16, k to 32), or None: packing off, no library, or an inference tensor (no version counter to see
