@@ -47,6 +47,7 @@
 extern "C" {
 // The library's thread pool (qlinear.cpp).
 void qb_pool_run(int64_t nchunks, int nthreads, void (*fn)(void*, int64_t, int), void* ctx);
+int qb_all_finite(const float* p, int64_t n);  // finite_check.cpp
 
 // Weight kinds; mirrors qbackend.kernels.cpu.int8_compute.
 enum QI8Kind : int32_t { KIND_CODEBOOK = 0, KIND_INT4 = 1, KIND_INT8 = 2 };
@@ -1358,5 +1359,16 @@ int64_t qbi8_linear(const QI8W* wp, const float* x, int64_t M, const float* bias
     return nbad;
 }
 
-}  // extern "C"
+// The prepared call (fast_path.py) in one foreign call: first whether the code table (table_bytes at
+// table; none: null) still holds the bytes its int8 image in w was made from (saved), then qbi8_linear,
+// then whether y is finite. Returns 0 when y is complete and finite; else nonzero and the caller runs
+// the regular kernel: -2 the table changed (prepare again), -3 y not finite, else qbi8_linear's code.
+int64_t qbi8_linear_prepared(const QI8W* wp, const float* x, int64_t M, const float* bias, float* y, int nthreads,
+                             const void* table, const void* saved, int64_t table_bytes) {
+    if (table != nullptr && std::memcmp(table, saved, (size_t)table_bytes) != 0) return -2;
+    const int64_t rc = qbi8_linear(wp, x, M, bias, y, nthreads);
+    if (rc != 0) return rc;
+    return qb_all_finite(y, M * wp->N) ? 0 : -3;
+}
 
+}  // extern "C"
