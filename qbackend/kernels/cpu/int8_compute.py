@@ -75,6 +75,8 @@ def _lib() -> ctypes.CDLL | None:
     L.qbi8_set_gemm_min_m.restype = None
     L.qbi8_gemm_min_m.argtypes = [ctypes.c_int]
     L.qbi8_gemm_min_m.restype = ctypes.c_int64
+    L.qbi8_set_gemv16.argtypes = [ctypes.c_int]
+    L.qbi8_set_gemv16.restype = None
     L.qbi8_set_stream.argtypes = [ctypes.c_int, ctypes.c_int]
     L.qbi8_set_stream.restype = None
     return L
