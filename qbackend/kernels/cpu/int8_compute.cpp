@@ -969,14 +969,16 @@ QBI8_TARGET inline __m512 reduce16(const __m512* A) {
     return _mm512_permutexvar_ps(rows, E);
 }
 
-// M = 1 with short rows (K <= GEMV16_MAX_K): 16 rows of W at a time, in the same order (one sequential
-// stream, as run4_gemv), each row's chunks as tile4<1, 1> but the 16 row sums reduced together
-// (reduce16) and the block constants decoded for the 16 rows at once. With a few chunks per row the
-// per-row reduction, call and set-up were most of the time. Bit-identical to run4_gemv.
+// M <= 5 with short rows (K <= GEMV16_MAX_K): 16 rows of W at a time, in order (one sequential stream,
+// as run4_gemv), each row's chunks against the MR rows of x as tile4<MR, 1>, but each x row's 16 sums
+// reduced together (reduce16) and the block constants decoded for the 16 rows at once. With a few
+// chunks per row the per-row reduction, call and set-up were most of the time. The same operations per
+// output as tile4 in the same order: bit-identical to run4_gemv / run4_nr. Rows [n0, n1) must be a
+// multiple of 16 (the caller runs the rest).
 constexpr int64_t GEMV16_MAX_K = 1536;
 
-template <int KIND>
-QBI8_TARGET void run4_gemv16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0) {
+template <int MR, int KIND>
+QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0) {
     const QI8W& w = *cx.w;
     const Act& a = *cx.a;
     const size_t len = (size_t)(w.K / 32 + 16);
@@ -994,12 +996,7 @@ QBI8_TARGET void run4_gemv16(const Ctx4& cx, const RowScales& rs, int64_t n0, in
         _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2), std::min(sh, 2));
     const __m512i lut = _mm512_broadcast_i32x4(_mm_add_epi8(_mm_loadu_si128((const __m128i*)w.lut), _mm_set1_epi8((char)0x80)));
     const __m512i nib = _mm512_set1_epi8(0x0f);
-    const int8_t* xr = a.xq + m0 * a.Kp;
-    const float* svp = a.sv + m0 * nch * 16;
-    const int32_t* cvp = a.cv + m0 * nch * 16;
-    float* yr = cx.y + m0 * w.N;
-    int64_t n = n0;
-    for (; n + 16 <= n1; n += 16) {
+    for (int64_t n = n0; n + 16 <= n1; n += 16) {
         if (cx.pf_tiles) prefetch_consts(w, n + 16, n + 32);
         if (flat) {  // the 16 rows' constants are one contiguous run
             const int64_t per = KIND == 0 ? K / w.bs : w.G;
@@ -1014,10 +1011,11 @@ QBI8_TARGET void run4_gemv16(const Ctx4& cx, const RowScales& rs, int64_t n0, in
         } else {
             tile_scales<KIND>(w, rs, n, 16, tile_nested, len, wsb, zbb, ws, zb, cx.nplanes);
         }
-        __m512 acc[16];
+        __m512 acc[MR][16];
         for (int r = 0; r < 16; ++r) {
             const uint8_t* wr = w.codes + (n + r) * half;
-            __m512 ac = _mm512_setzero_ps();
+            __m512 ac[MR];
+            for (int i = 0; i < MR; ++i) ac[i] = _mm512_setzero_ps();
             for (int64_t c = 0; c < nch; ++c) {
                 const __m512i v = c < cx.nfull ? _mm512_loadu_si512(wr + 64 * c)
                                                : _mm512_maskz_loadu_epi8(cx.tail_mask, wr + 64 * c);
@@ -1029,33 +1027,54 @@ QBI8_TARGET void run4_gemv16(const Ctx4& cx, const RowScales& rs, int64_t n0, in
                 }
                 const int64_t base = (4 * c) >> sh;
                 const __m512 wsv = _mm512_permutexvar_ps(lane_idx, _mm512_broadcast_f32x4(_mm_loadu_ps(ws[r] + base)));
-                const __m512i cv = _mm512_loadu_si512(cvp + c * 16);
-                __m512i ia = cv;
+                __m512i zv = _mm512_setzero_si512();
                 if (KIND == 2)
-                    ia = _mm512_madd_epi16(cv, _mm512_permutexvar_epi32(
-                                                   lane_idx, _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(zb[r] + base)))));
-                ia = _mm512_dpbusd_epi32(ia, hi, _mm512_loadu_si512(xr + 128 * c));
-                ia = _mm512_dpbusd_epi32(ia, lo, _mm512_loadu_si512(xr + 128 * c + 64));
-                ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(_mm512_loadu_ps(svp + c * 16), wsv), ac);
+                    zv = _mm512_permutexvar_epi32(lane_idx, _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(zb[r] + base))));
+                for (int i = 0; i < MR; ++i) {
+                    const int8_t* xr = a.xq + (m0 + i) * a.Kp + 128 * c;
+                    const int64_t vo = ((m0 + i) * nch + c) * 16;
+                    const __m512i cv = _mm512_loadu_si512(a.cv + vo);
+                    __m512i ia = KIND == 2 ? _mm512_madd_epi16(cv, zv) : cv;
+                    ia = _mm512_dpbusd_epi32(ia, hi, _mm512_loadu_si512(xr));
+                    ia = _mm512_dpbusd_epi32(ia, lo, _mm512_loadu_si512(xr + 64));
+                    ac[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(_mm512_loadu_ps(a.sv + vo), wsv), ac[i]);
+                }
             }
-            acc[r] = ac;
+            for (int i = 0; i < MR; ++i) acc[i][r] = ac[i];
         }
-        __m512 sum = reduce16(acc);
-        if (cx.bias) sum = _mm512_add_ps(sum, _mm512_loadu_ps(cx.bias + n));
-        _mm512_storeu_ps(yr + n, sum);
+        for (int i = 0; i < MR; ++i) {
+            __m512 sum = reduce16(acc[i]);
+            if (cx.bias) sum = _mm512_add_ps(sum, _mm512_loadu_ps(cx.bias + n));
+            _mm512_storeu_ps(cx.y + (m0 + i) * w.N + n, sum);
+        }
     }
-    if (n < n1) run4_gemv<KIND>(cx, rs, n, n1, m0);
 }
 
 int g_gemv_nr = 1;  // rows of W per tile when M = 1 (tuning knob, qbi8_set_small_nr): 1, 2 or 4
-int g_gemv16 = 1;  // M = 1, short rows: run4_gemv16 (tuning knob for A/B, qbi8_set_gemv16)
+int g_gemv16 = 1;  // M <= 5, short rows: run4_16 (tuning knob for A/B, qbi8_set_gemv16)
+
+template <int KIND>
+QBI8_TARGET void run4_tiles(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
+    if (m1 - m0 == 1 && g_gemv_nr == 1) run4_gemv<KIND>(cx, rs, n0, n1, m0);
+    else if (m1 - m0 <= 2 && g_small_nr == 4) run4_nr<4, KIND>(cx, rs, n0, n1, m0, m1);
+    else run4_nr<2, KIND>(cx, rs, n0, n1, m0, m1);
+}
 
 template <int KIND>
 QBI8_TARGET void run4(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
-    if (m1 - m0 == 1 && g_gemv_nr == 1 && g_gemv16 && cx.w->K <= GEMV16_MAX_K) run4_gemv16<KIND>(cx, rs, n0, n1, m0);
-    else if (m1 - m0 == 1 && g_gemv_nr == 1) run4_gemv<KIND>(cx, rs, n0, n1, m0);
-    else if (m1 - m0 <= 2 && g_small_nr == 4) run4_nr<4, KIND>(cx, rs, n0, n1, m0, m1);
-    else run4_nr<2, KIND>(cx, rs, n0, n1, m0, m1);
+    const int64_t m = m1 - m0, n16 = n0 + (n1 - n0) / 16 * 16;
+    if (!g_gemv16 || cx.w->K > GEMV16_MAX_K || m > 5 || (m == 1 && g_gemv_nr != 1) || n16 == n0) {
+        run4_tiles<KIND>(cx, rs, n0, n1, m0, m1);
+        return;
+    }
+    switch (m) {
+        case 1: run4_16<1, KIND>(cx, rs, n0, n16, m0); break;
+        case 2: run4_16<2, KIND>(cx, rs, n0, n16, m0); break;
+        case 3: run4_16<3, KIND>(cx, rs, n0, n16, m0); break;
+        case 4: run4_16<4, KIND>(cx, rs, n0, n16, m0); break;
+        default: run4_16<5, KIND>(cx, rs, n0, n16, m0); break;
+    }
+    if (n16 < n1) run4_tiles<KIND>(cx, rs, n16, n1, m0, m1);
 }
 
 template <int NR>
@@ -1339,7 +1358,7 @@ int64_t qbi8_gemm_min_m(int eight) { return eight ? g_gemm_min_m8 : g_gemm_min_m
 // Rows of W per tile when M <= 2 (benchmarks tune it): 1 (M = 1 only; M = 2 then takes 4), 2 or 4.
 void qbi8_set_small_nr(int nr) { g_gemv_nr = nr, g_small_nr = nr == 1 ? 4 : nr; }
 
-// M = 1 on short rows: 16 rows at a time (1, default) or one (0); for A/B measurements.
+// M <= 5 on short rows: 16 rows of W at a time (1, default) or the tiles (0); for A/B measurements.
 void qbi8_set_gemv16(int on) { g_gemv16 = on; }
 
 // Small-M streaming (benchmarks tune it): prefetch distance in tiles (0: none), contiguous lanes (0/1).
