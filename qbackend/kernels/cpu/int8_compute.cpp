@@ -988,6 +988,8 @@ QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
     const int32_t* zb[16];
     const bool tile_nested = KIND == 0 && rs.compact && w.ncodes != nullptr && is_pow2(w.nbs);
     const int64_t K = w.K, nch = a.nch, half = K / 2;
+    // as tile4: the same chunk of a later row (M = 1: the next row, as tile4<1, 1>; else 4 rows on)
+    const int64_t pf = (int64_t)cx.pf_tiles * (MR == 1 ? 1 : 4) * half;
     // Compact plain constants (int4, non-nested codebook) with no partial chunk: a row's chunks read only
     // its own entries (the 4-entry loads' unused lanes may see the next row's), so rows need no padding.
     const bool flat = rs.compact && K % 128 == 0 && (KIND != 0 || w.ncodes == nullptr);
@@ -1017,6 +1019,7 @@ QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
             __m512 ac[MR];
             for (int i = 0; i < MR; ++i) ac[i] = _mm512_setzero_ps();
             for (int64_t c = 0; c < nch; ++c) {
+                if (pf) _mm_prefetch((const char*)(wr + 64 * c + pf), _MM_HINT_T0);
                 const __m512i v = c < cx.nfull ? _mm512_loadu_si512(wr + 64 * c)
                                                : _mm512_maskz_loadu_epi8(cx.tail_mask, wr + 64 * c);
                 __m512i lo = _mm512_and_si512(v, nib);
