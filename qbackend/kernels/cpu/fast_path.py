@@ -8,7 +8,8 @@ function, its weight tensors validated once. It is keyed on what those depend on
 mode, the ints, and each weight tensor's address and version counter (``resize_``/``set_`` bump the
 version, so a weight changed in shape or place is prepared again). Weight values are read through
 the pointers at call time, as on the regular path, so in-place updates are seen; the one value baked
-into a descriptor (the int8 image of a codebook's table) is compared byte for byte on each call.
+into a descriptor (the int8 image of a codebook's table) is compared byte for byte on each call (in
+the int8 compute mode by the kernel call itself, which also checks the output finite).
 
 A call checks x and the bias (attribute reads), runs the kernel into a fresh output and checks that
 output in C. Anything outside the common case (x not contiguous fp32, M beyond the fused kernels or
