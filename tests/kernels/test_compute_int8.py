@@ -408,3 +408,52 @@ def test_decode_row_kernel_nested_forms(blocksize, nested_blocksize, n, k, bias,
     xn[0, k // 2] = float("nan")
     assert bool(torch.isnan(_kernel(xn, kw, b)).all())
     assert _kernel(torch.empty(0, k), kw, b).shape == (0, n)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(["nf4 nested b64", "nf4 b64", "nf4 nested b32 nb32", "nf4 b128", "fp4 nested b128",
+                          "int4 affine g128", "int4 affine g64", "int4 sym g32", "int4 sym g96", "int4 affine g256",
+                          "int4 per-channel"]),
+    n=st.integers(1, 120),
+    k=st.sampled_from([32, 64, 96, 128, 160, 256, 384, 416, 1024, 1536, 1568]),
+    m=st.integers(1, 6),
+    threads=st.sampled_from([1, 2]),
+    bias=st.booleans(),
+    bad_const=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_short_rows_16_at_once(name, n, k, m, threads, bias, bad_const, seed):
+    """M <= 5 on short rows runs 16 rows of W at a time with one 16-row reduction per row of x: bit-identical
+    to the tiles (also next to a row of W whose constants are not finite), within the reference's
+    tolerance; a NaN or Inf row of x gives the fp32 result (the other rows unchanged); M = 0 is empty."""
+    kw = _kw(n, k, SCHEMES[name], seed)
+    if bad_const and n > 1:  # row 0's first constant Inf: no other row's result may change
+        consts = kw.tensors[3] if kw.tensors[2] is not None and _stem(kw) == "codebook" else kw.tensors[1]
+        consts.view(-1)[0] = float("inf")
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=g) * 3
+    b = torch.randn(n, generator=g) if bias else None
+    lib = ic._lib()
+    old_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y16 = _kernel(x, kw, b)
+        lib.qbi8_set_gemv16(0)
+        y1 = _kernel(x, kw, b)
+    finally:
+        lib.qbi8_set_gemv16(1)
+        torch.set_num_threads(old_threads)
+    assert torch.equal(y16.isnan(), y1.isnan()) and torch.equal(y16.nan_to_num(0.0), y1.nan_to_num(0.0))
+    if not bad_const:
+        _assert_matches(y16, x, kw, b)
+    for v in (float("nan"), float("inf")):
+        xn = x.clone()
+        xn[m // 2, k // 3] = v
+        y = _kernel(xn, kw, b)
+        y32 = _reference(xn[m // 2 :][:1], kw, b, "fp32")
+        assert torch.equal(torch.isnan(y[m // 2]), torch.isnan(y32[0]))
+        assert torch.equal(torch.isinf(y[m // 2]), torch.isinf(y32[0]))
+        keep = torch.arange(m) != m // 2
+        assert torch.equal(y[keep].nan_to_num(0.0), y16[keep].nan_to_num(0.0))
+    assert _kernel(torch.empty(0, k), kw, b).shape == (0, n)

@@ -160,6 +160,12 @@ def test_code_table_changed_behind_the_version_counter_is_seen(fmt, mode):
         q(x)
         q.table.data.mul_(-0.5)  # no version bump
         _same(q(x), _regular(q, x))
+        _same(q(x[:1]), _regular(q, x[:1]))  # prepared again after the change: the fast call, new table
+        p = _fast(q).prepared(_tensors(q), q.statics, mode)
+        if p is not None:
+            y = torch.empty(1, q.out_features)
+            rc = p.call(x.data_ptr(), 1, q.bias.data_ptr(), y.data_ptr(), 1)
+            assert rc == 0 and torch.equal(y, _regular(q, x[:1]))
 
 
 @pytest.mark.skipif(not LIB, reason="no C++ kernel library")

@@ -8,7 +8,8 @@ function, its weight tensors validated once. It is keyed on what those depend on
 mode, the ints, and each weight tensor's address and version counter (``resize_``/``set_`` bump the
 version, so a weight changed in shape or place is prepared again). Weight values are read through
 the pointers at call time, as on the regular path, so in-place updates are seen; the one value baked
-into a descriptor (the int8 image of a codebook's table) is compared byte for byte on each call.
+into a descriptor (the int8 image of a codebook's table) is compared byte for byte on each call (in
+the int8 compute mode by the kernel call itself, which also checks the output finite).
 
 A call checks x and the bias (attribute reads), runs the kernel into a fresh output and checks that
 output in C. Anything outside the common case (x not contiguous fp32, M beyond the fused kernels or
@@ -38,7 +39,7 @@ _Kernel = Callable[..., Tensor]
 class Prepared:
     """One weight's kernel call with everything but x, the bias, the output and the thread count bound."""
 
-    __slots__ = ("call", "n", "k", "limit", "refs", "table", "table_bytes")
+    __slots__ = ("call", "checked", "n", "k", "limit", "refs", "table", "table_bytes")
 
     def __init__(self, call: Callable[[int, int, int | None, int, int], int], n: int, k: int, limit: str | None,
                  table: Tensor | None = None) -> None:  # fmt: skip
@@ -49,6 +50,8 @@ class Prepared:
         # the table's bytes baked into the descriptor: a change (even through .data) re-prepares
         self.table = None if table is None else (ctypes.c_char * (table.numel() * 4)).from_address(table.data_ptr())
         self.table_bytes = None if self.table is None else self.table.raw
+        # the call itself checks y finite (0: it is) and any table it baked (TABLE_CHANGED: prepare again)
+        self.checked = False
 
 
 def _version(t: Tensor) -> int:
@@ -147,14 +150,19 @@ class FastKernel:
             return None
         y = torch.empty(m, n) if len(shape) == 2 else torch.empty((*shape[:-1], n))  # allocated in shape: no view
         yp = y.data_ptr()
-        if p.call(x.data_ptr(), m, bp, yp, torch.get_num_threads()) != 0:
+        rc = p.call(x.data_ptr(), m, bp, yp, torch.get_num_threads())
+        if rc != 0:
+            if rc == TABLE_CHANGED and p.checked:  # the next call prepares again (this one: the regular kernel)
+                self._cache.clear()
             return None
-        if not _LIB.qb_all_finite(yp, m * n):  # the regular kernel redoes what overflowed
+        if not p.checked and not _LIB.qb_all_finite(yp, m * n):  # the regular kernel redoes what overflowed
             return None
         return y
 
 
 _F32, _STRIDED = torch.float32, torch.strided
+#: a checked call's code for "the code table baked into the descriptor changed" (qbi8_linear_prepared)
+TABLE_CHANGED = -2
 
 
 def _weights_ok(family: OpFamily, tensors: tuple, statics: tuple, compute: str) -> bool:
@@ -224,18 +232,24 @@ def _int8_fp32(tensors: tuple, statics: tuple) -> Prepared | None:
 
 
 def _qbi8(q, n: int, k: int, table: Tensor | None = None) -> Prepared | None:
+    """The int8-compute call: one foreign call that also compares the code table (the int8 image baked
+    into ``q`` was made from its bytes, saved here) and checks the output finite (``qbi8_linear_prepared``)."""
     from . import int8_compute
 
     L = int8_compute._lib()
     if L is None or not L.qbi8_supported(ctypes.byref(q)):
         return None
-    fn, ref = L.qbi8_linear, ctypes.byref(q)
+    fn, ref = L.qbi8_linear_prepared, ctypes.byref(q)
+    tp, nb = (None, 0) if table is None else (table.data_ptr(), table.numel() * table.element_size())
+    saved = None if tp is None else (ctypes.c_char * nb).from_buffer_copy((ctypes.c_char * nb).from_address(tp))
 
-    def call(xp: int, m: int, bp: int | None, yp: int, nt: int, q=q) -> int:  # q: kept alive with the call
-        # the kernel's count of rows of x holding NaN/Inf: any, and the regular kernel handles them
-        return fn(ref, xp, m, bp, yp, nt)
+    def call(xp: int, m: int, bp: int | None, yp: int, nt: int, q=q, saved=saved) -> int:  # q, saved: kept alive
+        # nonzero: rows of x holding NaN/Inf, y not finite, the table changed, ...: the regular kernel runs
+        return fn(ref, xp, m, bp, yp, nt, tp, saved, nb)
 
-    return Prepared(call, n, k, None, table)
+    p = Prepared(call, n, k, None)
+    p.checked = True
+    return p
 
 
 def _codebook_int8(tensors: tuple, statics: tuple) -> Prepared | None:

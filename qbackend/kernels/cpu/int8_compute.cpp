@@ -47,6 +47,7 @@
 extern "C" {
 // The library's thread pool (qlinear.cpp).
 void qb_pool_run(int64_t nchunks, int nthreads, void (*fn)(void*, int64_t, int), void* ctx);
+int qb_all_finite(const float* p, int64_t n);  // finite_check.cpp
 
 // Weight kinds; mirrors qbackend.kernels.cpu.int8_compute.
 enum QI8Kind : int32_t { KIND_CODEBOOK = 0, KIND_INT4 = 1, KIND_INT8 = 2 };
@@ -947,13 +948,136 @@ QBI8_TARGET void run4_gemv(const Ctx4& cx, const RowScales& rs, int64_t n0, int6
     }
 }
 
+// The row sums of 16 accumulators, each in the tree order of _mm512_reduce_add_ps (halves 256, 128, 64,
+// 32 bits; IEEE addition commutes exactly), so bit-identical to reducing each row on its own, for
+// about a quarter of the shuffles and a 16-wide store. Returns row r's sum in lane r.
+QBI8_TARGET inline __m512 reduce16(const __m512* A) {
+    __m512 B[8], C[4], D[2];
+    for (int i = 0; i < 8; ++i)  // rows 2i, 2i+1: [lo 256 of each] + [hi 256 of each]
+        B[i] = _mm512_add_ps(_mm512_shuffle_f32x4(A[2 * i], A[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)),
+                             _mm512_shuffle_f32x4(A[2 * i], A[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)));
+    for (int i = 0; i < 4; ++i)  // 128-bit lane k of C[i]: row 4i + k's 4 partial sums
+        C[i] = _mm512_add_ps(_mm512_shuffle_f32x4(B[2 * i], B[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)),
+                             _mm512_shuffle_f32x4(B[2 * i], B[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)));
+    for (int i = 0; i < 2; ++i)  // lane k: rows 8i + k and 8i + k + 4, two partial sums each
+        D[i] = _mm512_add_ps(_mm512_shuffle_ps(C[2 * i], C[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)),
+                             _mm512_shuffle_ps(C[2 * i], C[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)));
+    // lane k: rows k, k + 4, k + 8, k + 12; element 4k + p is row k + 4p
+    const __m512 E = _mm512_add_ps(_mm512_shuffle_ps(D[0], D[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_ps(D[0], D[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512i rows = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_ps(rows, E);
+}
+
+// M <= 5 with short rows (K <= GEMV16_MAX_K): 16 rows of W at a time, in order (one sequential stream,
+// as run4_gemv), each row's chunks against the MR rows of x as tile4<MR, 1>, but each x row's 16 sums
+// reduced together (reduce16) and the block constants decoded for the 16 rows at once. With a few
+// chunks per row the per-row reduction, call and set-up were most of the time. The same operations per
+// output as tile4 in the same order: bit-identical to run4_gemv / run4_nr. Rows [n0, n1) must be a
+// multiple of 16 (the caller runs the rest).
+constexpr int64_t GEMV16_MAX_K = 1536;
+
+template <int MR, int KIND>
+QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0) {
+    const QI8W& w = *cx.w;
+    const Act& a = *cx.a;
+    const size_t len = (size_t)(w.K / 32 + 16);
+    float* wsb = scratch<float>(0, 16 * len);
+    int32_t* zbb = scratch<int32_t>(1, 16 * len);
+    const float* ws[16];
+    const int32_t* zb[16];
+    const bool tile_nested = KIND == 0 && rs.compact && w.ncodes != nullptr && is_pow2(w.nbs);
+    const int64_t K = w.K, nch = a.nch, half = K / 2;
+    // as tile4: the same chunk of a later row (M = 1: the next row, as tile4<1, 1>; else 4 rows on)
+    const int64_t pf = (int64_t)cx.pf_tiles * (MR == 1 ? 1 : 4) * half;
+    // Compact plain constants (int4, non-nested codebook) with no partial chunk: a row's chunks read only
+    // its own entries (the 4-entry loads' unused lanes may see the next row's), so rows need no padding.
+    const bool flat = rs.compact && K % 128 == 0 && (KIND != 0 || w.ncodes == nullptr);
+    const int sh = cx.sh;
+    const __m512i lane_idx = _mm512_srli_epi32(
+        _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2), std::min(sh, 2));
+    const __m512i lut = _mm512_broadcast_i32x4(_mm_add_epi8(_mm_loadu_si128((const __m128i*)w.lut), _mm_set1_epi8((char)0x80)));
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    for (int64_t n = n0; n + 16 <= n1; n += 16) {
+        if (cx.pf_tiles) prefetch_consts(w, n + 16, n + 32);
+        if (flat) {  // the 16 rows' constants are one contiguous run
+            const int64_t per = KIND == 0 ? K / w.bs : w.G;
+            std::memcpy(wsb, (KIND == 0 ? w.absmax : w.scale) + n * per, sizeof(float) * (size_t)(16 * per));
+            std::memset(wsb + 16 * per, 0, sizeof(float) * 8);
+            if (KIND == 2) {
+                const uint8_t* z = w.zp + n * per;
+                for (int64_t j = 0; j < 16 * per; ++j) zbb[j] = neg16(z[j]);
+                std::memset(zbb + 16 * per, 0, sizeof(int32_t) * 8);
+            }
+            for (int r = 0; r < 16; ++r) ws[r] = wsb + r * per, zb[r] = zbb + r * per;
+        } else {
+            tile_scales<KIND>(w, rs, n, 16, tile_nested, len, wsb, zbb, ws, zb, cx.nplanes);
+        }
+        __m512 acc[MR][16];
+        for (int r = 0; r < 16; ++r) {
+            const uint8_t* wr = w.codes + (n + r) * half;
+            __m512 ac[MR];
+            for (int i = 0; i < MR; ++i) ac[i] = _mm512_setzero_ps();
+            for (int64_t c = 0; c < nch; ++c) {
+                if (pf) _mm_prefetch((const char*)(wr + 64 * c + pf), _MM_HINT_T0);
+                const __m512i v = c < cx.nfull ? _mm512_loadu_si512(wr + 64 * c)
+                                               : _mm512_maskz_loadu_epi8(cx.tail_mask, wr + 64 * c);
+                __m512i lo = _mm512_and_si512(v, nib);
+                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                if (KIND == 0) {
+                    lo = _mm512_shuffle_epi8(lut, lo);
+                    hi = _mm512_shuffle_epi8(lut, hi);
+                }
+                const int64_t base = (4 * c) >> sh;
+                const __m512 wsv = _mm512_permutexvar_ps(lane_idx, _mm512_broadcast_f32x4(_mm_loadu_ps(ws[r] + base)));
+                __m512i zv = _mm512_setzero_si512();
+                if (KIND == 2)
+                    zv = _mm512_permutexvar_epi32(lane_idx, _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(zb[r] + base))));
+                for (int i = 0; i < MR; ++i) {
+                    const int8_t* xr = a.xq + (m0 + i) * a.Kp + 128 * c;
+                    const int64_t vo = ((m0 + i) * nch + c) * 16;
+                    const __m512i cv = _mm512_loadu_si512(a.cv + vo);
+                    __m512i ia = KIND == 2 ? _mm512_madd_epi16(cv, zv) : cv;
+                    ia = _mm512_dpbusd_epi32(ia, hi, _mm512_loadu_si512(xr));
+                    ia = _mm512_dpbusd_epi32(ia, lo, _mm512_loadu_si512(xr + 64));
+                    ac[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(_mm512_loadu_ps(a.sv + vo), wsv), ac[i]);
+                }
+            }
+            for (int i = 0; i < MR; ++i) acc[i][r] = ac[i];
+        }
+        for (int i = 0; i < MR; ++i) {
+            __m512 sum = reduce16(acc[i]);
+            if (cx.bias) sum = _mm512_add_ps(sum, _mm512_loadu_ps(cx.bias + n));
+            _mm512_storeu_ps(cx.y + (m0 + i) * w.N + n, sum);
+        }
+    }
+}
+
 int g_gemv_nr = 1;  // rows of W per tile when M = 1 (tuning knob, qbi8_set_small_nr): 1, 2 or 4
+int g_gemv16 = 1;  // M <= 5, short rows: run4_16 (tuning knob for A/B, qbi8_set_gemv16)
 
 template <int KIND>
-QBI8_TARGET void run4(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
+QBI8_TARGET void run4_tiles(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
     if (m1 - m0 == 1 && g_gemv_nr == 1) run4_gemv<KIND>(cx, rs, n0, n1, m0);
     else if (m1 - m0 <= 2 && g_small_nr == 4) run4_nr<4, KIND>(cx, rs, n0, n1, m0, m1);
     else run4_nr<2, KIND>(cx, rs, n0, n1, m0, m1);
+}
+
+template <int KIND>
+QBI8_TARGET void run4(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
+    const int64_t m = m1 - m0, n16 = n0 + (n1 - n0) / 16 * 16;
+    if (!g_gemv16 || cx.w->K > GEMV16_MAX_K || m > 5 || (m == 1 && g_gemv_nr != 1) || n16 == n0) {
+        run4_tiles<KIND>(cx, rs, n0, n1, m0, m1);
+        return;
+    }
+    switch (m) {
+        case 1: run4_16<1, KIND>(cx, rs, n0, n16, m0); break;
+        case 2: run4_16<2, KIND>(cx, rs, n0, n16, m0); break;
+        case 3: run4_16<3, KIND>(cx, rs, n0, n16, m0); break;
+        case 4: run4_16<4, KIND>(cx, rs, n0, n16, m0); break;
+        default: run4_16<5, KIND>(cx, rs, n0, n16, m0); break;
+    }
+    if (n16 < n1) run4_tiles<KIND>(cx, rs, n16, n1, m0, m1);
 }
 
 template <int NR>
@@ -1237,6 +1361,9 @@ int64_t qbi8_gemm_min_m(int eight) { return eight ? g_gemm_min_m8 : g_gemm_min_m
 // Rows of W per tile when M <= 2 (benchmarks tune it): 1 (M = 1 only; M = 2 then takes 4), 2 or 4.
 void qbi8_set_small_nr(int nr) { g_gemv_nr = nr, g_small_nr = nr == 1 ? 4 : nr; }
 
+// M <= 5 on short rows: 16 rows of W at a time (1, default) or the tiles (0); for A/B measurements.
+void qbi8_set_gemv16(int on) { g_gemv16 = on; }
+
 // Small-M streaming (benchmarks tune it): prefetch distance in tiles (0: none), contiguous lanes (0/1).
 void qbi8_set_stream(int pf_tiles, int lanes) { g_pf_tiles = pf_tiles, g_lanes = lanes; }
 
@@ -1254,5 +1381,16 @@ int64_t qbi8_linear(const QI8W* wp, const float* x, int64_t M, const float* bias
     return nbad;
 }
 
-}  // extern "C"
+// The prepared call (fast_path.py) in one foreign call: first whether the code table (table_bytes at
+// table; none: null) still holds the bytes its int8 image in w was made from (saved), then qbi8_linear,
+// then whether y is finite. Returns 0 when y is complete and finite; else nonzero and the caller runs
+// the regular kernel: -2 the table changed (prepare again), -3 y not finite, else qbi8_linear's code.
+int64_t qbi8_linear_prepared(const QI8W* wp, const float* x, int64_t M, const float* bias, float* y, int nthreads,
+                             const void* table, const void* saved, int64_t table_bytes) {
+    if (table != nullptr && std::memcmp(table, saved, (size_t)table_bytes) != 0) return -2;
+    const int64_t rc = qbi8_linear(wp, x, M, bias, y, nthreads);
+    if (rc != 0) return rc;
+    return qb_all_finite(y, M * wp->N) ? 0 : -3;
+}
 
+}  // extern "C"

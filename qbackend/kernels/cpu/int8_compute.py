@@ -68,10 +68,14 @@ def _lib() -> ctypes.CDLL | None:
     L.qbi8_supported.restype = ctypes.c_int
     L.qbi8_linear.argtypes = [qw, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     L.qbi8_linear.restype = ctypes.c_int64
+    L.qbi8_linear_prepared.argtypes = [*L.qbi8_linear.argtypes, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    L.qbi8_linear_prepared.restype = ctypes.c_int64
     L.qbi8_set_gemm_min_m.argtypes = [ctypes.c_int64, ctypes.c_int64]
     L.qbi8_set_gemm_min_m.restype = None
     L.qbi8_gemm_min_m.argtypes = [ctypes.c_int]
     L.qbi8_gemm_min_m.restype = ctypes.c_int64
+    L.qbi8_set_gemv16.argtypes = [ctypes.c_int]
+    L.qbi8_set_gemv16.restype = None
     L.qbi8_set_stream.argtypes = [ctypes.c_int, ctypes.c_int]
     L.qbi8_set_stream.restype = None
     return L
