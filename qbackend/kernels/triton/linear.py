@@ -261,14 +261,24 @@ def _wo_forward(x: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch
     return at.launch_fitting(key, x.device, cfg, launch).reshape(*lead, w.n)
 
 
-def _wo_forward_wide(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    m = x2.shape[0]
+def _table_lookup(w: _Weight, gather: bool) -> tuple[int, torch.Tensor | None]:
+    """(the wide kernels' LUT code for ``linear.LUT``, the pair table or None) for weight ``w``: layouts
+    without a code table use 0; without ``gather`` (the dot kernel has no tl.gather path) "gather" reads
+    the global table; "pairs" falls back to it where no pair table can be made."""
     if LUT not in _LUTS:
         _fail(f"linear.LUT is {LUT!r}; expected one of {sorted(_LUTS)}")
     lut = _LUTS[LUT] if w.layout == CODEBOOK else 0
+    if lut == 2 and not gather:
+        lut = 0
     ptab = _pair_table(w.table_src if w.table_src is not None else w.table) if lut == 3 else None
     if lut == 3 and ptab is None:
         lut = 0
+    return lut, ptab
+
+
+def _wo_forward_wide(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    m = x2.shape[0]
+    lut, ptab = _table_lookup(w, gather=True)
 
     def launch(cfg: at.KernelConfig) -> torch.Tensor:
         return _launch_wo_wide(kern, cfg, x2, w, bias, lut, ptab)
@@ -299,14 +309,7 @@ def _wide_dot_here(w: _Weight, m: int) -> bool:
 
 def _wo_forward_wide_dot(kern, interp: bool, x2: torch.Tensor, w: _Weight, bias: torch.Tensor | None) -> torch.Tensor:
     m = x2.shape[0]
-    if LUT not in _LUTS:
-        _fail(f"linear.LUT is {LUT!r}; expected one of {sorted(_LUTS)}")
-    # The dot kernel gathers table entries from global memory, by code byte from the pair table, or
-    # selects them in registers; "gather" (tl.gather) uses the global table here.
-    lut = {"pairs": 3, "select": 1}.get(LUT, 0)
-    ptab = _pair_table(w.table_src if w.table_src is not None else w.table) if lut == 3 else None
-    if ptab is None:
-        lut = 0
+    lut, ptab = _table_lookup(w, gather=False)
     dot_dtype, prec = _dot_dtype(x2.dtype, interp)
 
     def launch(cfg: at.KernelConfig) -> torch.Tensor:

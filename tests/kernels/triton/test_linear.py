@@ -417,6 +417,10 @@ def test_wide_gemv_switch_and_nonfinite(fmt: str, monkeypatch: pytest.MonkeyPatc
     out, r = call(x, b).cpu(), ref(x, b).cpu()
     assert torch.equal(torch.isnan(out), torch.isnan(r)) and torch.equal(torch.isinf(out), torch.isinf(r))
     assert torch.isfinite(out[0]).all()
+    monkeypatch.setattr(L, "WIDE_GEMV", True)
+    monkeypatch.setattr(L, "LUT", "shared")
+    with pytest.raises(ValueError, match=r"linear\.LUT is 'shared'; expected one of \['gather', 'global'"):
+        call(x[:1], b)
 
 
 def test_pair_table_cache() -> None:
