@@ -107,17 +107,23 @@ def _codegen(op_name: str) -> Callable[[Any, Callable[[str], None]], None]:
 
 def _dispatch_needed(x: object, bias: torch.Tensor | None) -> bool:
     """Whether a call must go through the dispatcher: autograd, tracing, subclasses, modes, transforms."""
-    if type(x) is not torch.Tensor or not x.is_cpu or x.is_nested or x.layout != torch.strided:
+    if type(x) is not _TENSOR or not x.is_cpu or x.is_nested or x.layout is not _STRIDED:
         return True
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+    if _grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return True
     return bool(
-        torch._C._is_torch_function_mode_enabled()
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._are_functorch_transforms_active()
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
+        _function_mode_enabled() or _dispatch_stack_len() or _functorch_active() or _compiling() or _tracing()
     )
+
+
+# bound once: this check runs on every eager quantized call (attribute lookups cost ~0.2 us of ~0.8)
+_TENSOR, _STRIDED = torch.Tensor, torch.strided
+_grad_enabled = torch.is_grad_enabled
+_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+_compiling = torch.compiler.is_compiling
+_tracing = torch.jit.is_tracing
 
 
 def call(op: torch._ops.OpOverload, args: tuple[Any, ...], bias_at: int) -> torch.Tensor:

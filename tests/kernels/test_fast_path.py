@@ -187,6 +187,29 @@ def test_replaced_buffers_and_new_tensors_at_old_addresses_are_prepared_again():
 
 
 @pytest.mark.skipif(not LIB, reason="no C++ kernel library")
+@pytest.mark.parametrize("mode", ("fp32", "int8"))
+def test_repeat_lookups_see_any_weight_replaced_or_resized(mode):
+    """The per-weight front cache (first tensor's id) must not hide a change to another weight tensor."""
+    q = _layer("nf4", mode)
+    other = _layer("nf4", mode, seed=1)
+    fast = _fast(q)
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        p = fast.prepared(_tensors(q), q.statics, mode)
+        assert p is not None and fast.prepared(_tensors(q), q.statics, mode) is p
+        q.nested_codes = other.nested_codes.clone()  # a later tensor replaced, the first (codes) kept
+        _same(q(x), _regular(q, x))
+        assert fast.prepared(_tensors(q), q.statics, mode) is not p
+        p2 = fast.prepared(_tensors(q), q.statics, mode)
+        q.nested_absmax.resize_(q.nested_absmax.numel() + 1)  # same object, version bumped: validated again
+        assert fast.prepared(_tensors(q), q.statics, mode) is not p2
+        with torch.inference_mode():  # weights without version counters: the full key, same results
+            qi = _layer("nf4", mode)
+        _same(qi(x), _regular(qi, x))
+        _same(qi(x), _regular(qi, x))
+
+
+@pytest.mark.skipif(not LIB, reason="no C++ kernel library")
 def test_errors_and_other_inputs_go_through_the_validated_path():
     q = _layer("nf4", "fp32")
     with torch.no_grad():

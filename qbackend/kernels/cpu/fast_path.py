@@ -6,7 +6,8 @@ the C++ kernel started: binding and validating ~15 arguments, building the kerne
 check the output finite. Here a `Prepared` call per weight holds the descriptor and the ctypes
 function, its weight tensors validated once. It is keyed on what those depend on: the op, the compute
 mode, the ints, and each weight tensor's address and version counter (``resize_``/``set_`` bump the
-version, so a weight changed in shape or place is prepared again). Weight values are read through
+version, so a weight changed in shape or place is prepared again); a repeat call with the same
+tensor objects at the same versions finds its entry without rebuilding that key. Weight values are read through
 the pointers at call time, as on the regular path, so in-place updates are seen; the one value baked
 into a descriptor (the int8 image of a codebook's table) is compared byte for byte on each call (in
 the int8 compute mode by the kernel call itself, which also checks the output finite).
@@ -71,6 +72,9 @@ class FastKernel:
         self._nw = len(family.weights)
         self._nargs = len(family.arg_names())  # x, weights, bias, ints, compute (weight-only families)
         self._cache: dict[tuple, Prepared | None] = {}
+        # the last prepared call per first weight tensor (by id), with the objects and versions it was
+        # looked up for: a repeat call checks those (identity, version) instead of rebuilding the key
+        self._front: dict[int, tuple] = {}
         self.__name__ = f"{family.name}_fast_kernel"
 
     def __call__(self, *args: object, **kwargs: object) -> Tensor:
@@ -88,6 +92,33 @@ class FastKernel:
 
     def prepared(self, tensors: Sequence[Tensor | None], statics: tuple[int, ...], compute: str) -> Prepared | None:
         """The prepared call for these weight tensors, ints and mode (None: none for them)."""
+        front = self._front.get(id(tensors[0]))
+        if front is not None and front[1] == compute and front[2] == statics:
+            p, _, _, refs, versions = front
+            try:
+                for t, r, v in zip(tensors, refs, versions, strict=True):
+                    if t is None:
+                        if r is not None:
+                            break
+                    elif r is None or r() is not t or t._version != v:
+                        break
+                else:
+                    if p is None or p.table is None or p.table.raw == p.table_bytes:
+                        return p
+            except (RuntimeError, ValueError):  # an inference tensor (no version counter), another count
+                pass
+        p = self._prepared(tensors, statics, compute)
+        try:
+            entry = (p, compute, statics, tuple(None if t is None else weakref.ref(t) for t in tensors),
+                     tuple(None if t is None else t._version for t in tensors))  # fmt: skip
+        except (RuntimeError, TypeError):  # inference tensors: the full key each time
+            return p
+        if len(self._front) > 1024:
+            self._front.clear()
+        self._front[id(tensors[0])] = entry
+        return p
+
+    def _prepared(self, tensors: Sequence[Tensor | None], statics: tuple[int, ...], compute: str) -> Prepared | None:
         key: list = [compute, statics]
         add = key.append
         try:
@@ -154,6 +185,7 @@ class FastKernel:
         if rc != 0:
             if rc == TABLE_CHANGED and p.checked:  # the next call prepares again (this one: the regular kernel)
                 self._cache.clear()
+                self._front.clear()
             return None
         if not p.checked and not _LIB.qb_all_finite(yp, m * n):  # the regular kernel redoes what overflowed
             return None
