@@ -21,8 +21,10 @@ Per batch size B (1 and 8): prefill B x ``--prompt`` tokens in one forward call,
 greedy steps of B tokens; tokens/s = tokens / time; a warm-up run first (compilation, repacking),
 then ``--repeats`` timed runs (median). Peak RSS: the process's high-water mark during the timed
 runs (reset after set-up through /proc/self/clear_refs), and over the whole process (set-up
-included: the fp32 model is built before quantizing). Methods run one after the other, not
-interleaved: compare figures of one run, note the load.
+included: the fp32 model is built before quantizing). Methods run one after the other; with
+``--rounds N`` the whole list runs N times in turn (method processes interleaved: A, B, A, B, ...)
+and each figure is the median over the rounds, every round's figures kept in the JSON: on a shared
+machine a single run of each method says more about the load than about the methods.
 
     python benchmarks/bench_llm.py                               # all methods, batch 1 and 8 (~40 min)
     python benchmarks/bench_llm.py --methods 'fp32 eager,qbackend nf4 eager,llama.cpp Q4_0' --batches 1
@@ -37,6 +39,7 @@ mask transformers does not use SDPA's ``enable_gqa`` and copies K and V to every
 (TinyLlama: 2 x 4.8 MB written and read per layer per token, which eager decoding with its dynamic
 cache and no mask does not do). ``--sdpa-gqa`` sets ``TRANSFORMERS_SDPA_FORCE_GQA=1`` in the method
 processes, so the compiled graphs call SDPA with ``enable_gqa`` instead.
+    python benchmarks/bench_llm.py --rounds 3 --batches 1 --methods 'qbackend nf4 compiled,llama.cpp Q4_0'
     python benchmarks/bench_llm.py --list-methods
 """
 
@@ -485,6 +488,35 @@ def run_method(method: str, a: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+#: per-batch figures taken as the median over rounds (the rest: from the round nearest that median)
+_ROUND_MEDIANS = ("prefill_tok_s", "decode_tok_s", "prefill_s", "decode_ms_per_step", "warmup_s")
+
+
+def combine_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's rounds as one row: medians of the figures over the rounds that ran, the peak RSS the
+    highest seen, each round's batch figures under ``rounds`` (errors counted; all failed: the first error)."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {**runs[0], "rounds": len(runs)}
+    out = dict(ok[0])
+    out["batches"] = {}
+    for b in ok[0]["batches"]:
+        per = [r["batches"][b] for r in ok if b in r["batches"]]
+        row = dict(per[0])
+        for key in _ROUND_MEDIANS:
+            row[key] = statistics.median(x[key] for x in per)
+        row["peak_rss_mb_run"] = max(x["peak_rss_mb_run"] for x in per)
+        row["rounds"] = [{k: x[k] for k in ("prefill_tok_s", "decode_tok_s")} for x in per]
+        out["batches"][b] = row
+    out["setup_s"] = statistics.median(r["setup_s"] for r in ok)
+    out["peak_rss_mb_process"] = max(r["peak_rss_mb_process"] for r in ok)
+    out["wall_s"] = sum(r.get("wall_s", 0.0) for r in runs)
+    out["rounds"] = len(ok)
+    if len(ok) < len(runs):
+        out["failed_rounds"] = [r["error"] for r in runs if "error" in r]
+    return out
+
+
 def markdown(rows: list[dict[str, Any]], batches: list[int]) -> str:
     ref = next((r for r in rows if r["method"] == "fp32 eager" and "error" not in r), None)
     head = "| method | " + " | ".join(f"B={b} prefill tok/s | B={b} decode tok/s (vs fp32) | B={b} peak RSS MB"
@@ -514,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=512, help="prefill tokens per sequence")
     p.add_argument("--decode", type=int, default=128, help="decode steps")
     p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (median)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the method list this many times in turn (interleaved processes); medians")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compute", default="auto", choices=("auto", "fp32", "bf16", "int8"),
                    help="arithmetic of qbackend's weight-only layers (default auto: the fastest within the error "
@@ -548,14 +582,21 @@ def main(argv: list[str] | None = None) -> int:
     gqa = "; SDPA enable_gqa forced" if a.sdpa_gqa else ""
     print(_common.header(extra=f"model {json.dumps(dims)}; prefill {a.prompt}, decode {a.decode}, "
                                f"batches {a.batches}, repeats {a.repeats}{gqa}"), flush=True)  # fmt: skip
-    rows = []
-    for m in methods:
-        res = run_method(m, a)
-        rows.append(res)
-        msg = res.get("error") or ", ".join(
-            f"B={b}: prefill {x['prefill_tok_s']:.1f} tok/s, decode {x['decode_tok_s']:.2f} tok/s, "
-            f"RSS {x['peak_rss_mb_run']:.0f} MB" for b, x in res["batches"].items())  # fmt: skip
-        print(f"# {m} ({res['wall_s']:.0f} s): {msg}", file=sys.stderr, flush=True)
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    for k in range(a.rounds):
+        for m in methods:
+            res = run_method(m, a)
+            runs[m].append(res)
+            msg = res.get("error") or ", ".join(
+                f"B={b}: prefill {x['prefill_tok_s']:.1f} tok/s, decode {x['decode_tok_s']:.2f} tok/s, "
+                f"RSS {x['peak_rss_mb_run']:.0f} MB" for b, x in res["batches"].items())  # fmt: skip
+            where = f"round {k + 1}/{a.rounds}, " if a.rounds > 1 else ""
+            print(f"# {m} ({where}{res['wall_s']:.0f} s): {msg}", file=sys.stderr, flush=True)
+    rows = [combine_rounds(runs[m]) for m in methods]
+    if a.rounds > 1:
+        print(f"\nmedians over {a.rounds} interleaved rounds")
     print("\n" + markdown(rows, [int(b) for b in a.batches.split(",")]))
     print(f"\n# {_common.load_line('load average at the end')}")
     if a.json:

@@ -40,7 +40,8 @@ def test_method_list_covers_the_anchors():
 
 def test_smoke_qbackend_eager_rows(tmp_path):
     out = tmp_path / "llm.json"
-    r = _run("--small", "--only", r"^qbackend nf4 eager$", "--batches", "1,2", "--compute", "fp32", "--json", str(out))
+    r = _run("--small", "--only", r"^qbackend nf4 eager$", "--batches", "1,2", "--compute", "fp32", "--json", str(out),
+             "--rounds", "2")  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     assert [x["method"] for x in rows] == ["qbackend nf4 eager"]
     for x in rows:
@@ -49,7 +50,12 @@ def test_smoke_qbackend_eager_rows(tmp_path):
         for b in x["batches"].values():
             assert b["prefill_tok_s"] > 0 and b["decode_tok_s"] > 0
             assert 0 < b["peak_rss_mb_run"] <= x["peak_rss_mb_process"] + 1
+            assert len(b["rounds"]) == 2 and b["decode_tok_s"] == pytest.approx(
+                sum(rd["decode_tok_s"] for rd in b["rounds"]) / 2)  # the median of two rounds
+        assert x["rounds"] == 2
     assert "B=2 decode tok/s" in r.stdout
+    assert "medians over 2 interleaved rounds" in r.stdout
+    assert r.stderr.count("qbackend nf4 eager (round") == 2
     assert rows[0]["compute"] == {"fp32": 15}  # --compute reached every quantized layer (2 blocks x 7, lm_head)
     assert "(compute fp32 x15)" in r.stdout
 
@@ -59,3 +65,33 @@ def test_smoke_qbackend_eager_rows(tmp_path):
 def test_gguf_conversion_matches_transformers(tmp_path):
     res = json.loads(_run("--small", "--check-gguf", cache=tmp_path).stdout.strip().splitlines()[-1])
     assert res["cosine"] > 0.9999, res
+
+
+def _bench_module():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("_bench_llm", SCRIPT)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["_bench_llm"] = mod  # its dataclasses look their module up
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return mod
+
+
+def test_rounds_combine_to_medians_and_keep_failures():
+    combine = _bench_module().combine_rounds
+
+    def run(decode: float, rss: float) -> dict:
+        b = {"prefill_tok_s": 2 * decode, "decode_tok_s": decode, "prefill_s": 1.0, "decode_ms_per_step": 1e3 / decode,
+             "warmup_s": 0.5, "peak_rss_mb_run": rss}  # fmt: skip
+        return {"method": "m", "batches": {"1": b}, "setup_s": 3.0, "peak_rss_mb_process": rss + 10, "wall_s": 5.0}
+
+    bad = {"method": "m", "error": "exit 1: boom", "wall_s": 1.0}
+    row = combine([run(10.0, 100), bad, run(30.0, 90), run(20.0, 95)])
+    b = row["batches"]["1"]
+    assert b["decode_tok_s"] == 20.0 and b["prefill_tok_s"] == 40.0 and b["peak_rss_mb_run"] == 100
+    assert [r["decode_tok_s"] for r in b["rounds"]] == [10.0, 30.0, 20.0]
+    assert row["rounds"] == 3 and row["failed_rounds"] == ["exit 1: boom"] and row["wall_s"] == 16.0
+    failed = combine([{"method": "m", "error": "timed out", "wall_s": 1.0}])
+    assert failed["error"] == "timed out"
