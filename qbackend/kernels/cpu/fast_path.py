@@ -352,7 +352,10 @@ class W8A8Fast:
     above: address, version counter, the same object)."""
 
     def __init__(self, direct: _Kernel) -> None:
+        from .w8a8 import fast_linear  # here, not per call: an import statement costs ~1 us
+
         self.direct = direct
+        self._fast_linear = fast_linear
         self.__name__ = "w8a8_linear_fast_kernel"
 
     def __call__(self, *args: object, **kwargs: object) -> Tensor:
@@ -362,14 +365,12 @@ class W8A8Fast:
     def linear_args(self, *args: object) -> Tensor | None:
         """The op's positional arguments (x, codes, scale, bias, act_scale, out_features, in_features) through
         the fast call, or None: the caller runs the regular kernel."""
-        from .w8a8 import fast_linear
-
         x, codes, scale, bias, act_scale, n, k = args
         if type(x) is not torch.Tensor or type(codes) is not torch.Tensor or type(scale) is not torch.Tensor:
             return None
         if not (type(n) is int and type(k) is int):
             return None
-        return fast_linear(x, codes, scale, bias, act_scale, n, k)  # type: ignore[arg-type]
+        return self._fast_linear(x, codes, scale, bias, act_scale, n, k)  # type: ignore[arg-type]
 
 
 def find(op_name: str, direct: _Kernel) -> FastKernel | W8A8Fast | None:
