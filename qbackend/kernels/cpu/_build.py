@@ -174,6 +174,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qb_set_omp.argtypes = [P, P, P]
     lib.qb_set_omp.restype = INT
     lib.qb_omp_stats.argtypes = [P]
+    lib.qb_set_omp_skip_min.argtypes = [I64]
+    lib.qb_set_omp_skip_min.restype = None
     lib.qb_omp_stats.restype = None
     lib.qb_all_finite.argtypes = [P, I64]
     lib.qb_all_finite.restype = INT

@@ -545,6 +545,11 @@ struct OmpEntry {
 OmpEntry g_omp;
 std::atomic<int64_t> g_omp_skip{0};     // calls left to run on RowPool
 std::atomic<int64_t> g_omp_backoff{0};  // length of the next such period
+// The first period's length. Short: on a quiet machine a lone late thread (a VM's stolen time slice)
+// should cost a few calls on RowPool, which decodes at about one thread's speed next to the team's
+// spinning workers, not a token's worth; a machine that stays busy doubles it to the cap within a
+// few regions anyway.
+std::atomic<int64_t> g_omp_skip_min{16};
 std::atomic<int64_t> g_omp_regions{0}, g_omp_slow{0};  // counters for tests and tuning
 
 using Clock = std::chrono::steady_clock;
@@ -590,7 +595,7 @@ bool omp_run(int64_t n, int nthreads, void (*fn)(void*, int64_t, int), void* ctx
     int64_t b = g_omp_backoff.load(std::memory_order_relaxed);
     if (wait > 300 + 4 * chunk) {
         g_omp_slow.fetch_add(1, std::memory_order_relaxed);
-        b = std::min<int64_t>(std::max<int64_t>(256, 2 * b), int64_t(1) << 16);
+        b = std::min<int64_t>(std::max<int64_t>(g_omp_skip_min.load(std::memory_order_relaxed), 2 * b), int64_t(1) << 16);
         g_omp_skip.store(b, std::memory_order_relaxed);
     } else {
         b /= 2;
@@ -803,6 +808,9 @@ int qb_set_omp(void* parallel, void* thread_num, void* in_parallel) {
     g_omp_backoff = 0;
     return g_omp.parallel != nullptr;
 }
+
+// The first RowPool period after a slow region, in calls (see omp_run; a tuning knob for A/B runs).
+void qb_set_omp_skip_min(int64_t calls) { g_omp_skip_min = std::max<int64_t>(1, calls); }
 
 // Regions run on the OpenMP team so far, and those whose end waited for a thread the OS had not
 // scheduled (see omp_run).
