@@ -977,16 +977,24 @@ QBI8_TARGET inline __m512 reduce16(const __m512* A) {
 // multiple of 16 (the caller runs the rest).
 constexpr int64_t GEMV16_MAX_K = 1536;
 constexpr int64_t NB16 = 64;  // rows whose nested constants run4_16 decodes at once
+#ifndef GEMV16_R2
+#define GEMV16_R2 4
+#define GEMV16_R3 4
+#define GEMV16_R4 2
+#define GEMV16_R5 2
+#endif
 
-// run4_16 at M = 1, one tile of 16 rows of W from row n: chunk-major (x's chunk, its start and scale
-// vectors loaded once for the 16 rows; 16 independent accumulators), per row the same operations in
-// the same order as run4_16's row-major loop (bit-identical). The block constants of row r at
-// ws0 + r * wstr (zero points at zb0 + r * wstr; each row's window is read 16 entries wide: every
-// form of them has at least 16 entries of padding or further rows after a row's last used one);
-// SPLAT: sh >= 2, one constant per chunk.
-template <int KIND, bool SPLAT>
+// run4_16's tile: 16 rows of W from row n against MR rows of x from m0, chunk-major in groups of R rows
+// of W (per chunk: x's MR chunks held in registers for the group, each row of the group decoded once for
+// the MR rows of x; MR * R independent accumulators). Per output the same operations in the same order
+// as tile4 (bit-identical). The block constants of row r at ws0 + r * wstr (zero points at zb0 + r *
+// wstr), each row's window read 16 entries wide: every form of them has at least 16 entries of padding
+// or further rows after a row's last used one. SPLAT: sh >= 2, one constant per chunk (tile4's lane
+// index is all zero), a broadcast; else a permute of the 16-entry load (measured faster than tile4's
+// 4-entry broadcast and permute, or two 8-lane broadcasts). acc[i][r]: row r's sums against row i.
+template <int MR, int R, int KIND, bool SPLAT>
 QBI8_TARGET inline void gemv16_chunks(const Ctx4& cx, int64_t m0, int64_t n, const float* ws0, const int32_t* zb0,
-                                      int64_t wstr, __m512* acc) {
+                                      int64_t wstr, __m512 (*acc)[16]) {
     const QI8W& w = *cx.w;
     const Act& a = *cx.a;
     const int64_t nch = a.nch, half = w.K / 2;
@@ -999,54 +1007,65 @@ QBI8_TARGET inline void gemv16_chunks(const Ctx4& cx, int64_t m0, int64_t n, con
     const int8_t* xr = a.xq + m0 * a.Kp;
     const float* svp = a.sv + m0 * nch * 16;
     const int32_t* cvp = a.cv + m0 * nch * 16;
-    const uint8_t* wt = w.codes + n * half;
     const int64_t pft = cx.pf_tiles ? (int64_t)cx.pf_tiles * 16 * half : 0;  // the next tile's rows
-    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < nch; ++c) {
-        const __m512i xe = _mm512_loadu_si512(xr + 128 * c), xo = _mm512_loadu_si512(xr + 128 * c + 64);
-        const __m512 sv = _mm512_loadu_ps(svp + 16 * c);
-        const __m512i cv = _mm512_loadu_si512(cvp + 16 * c);
-        const __mmask64 mk = c < cx.nfull ? ~(__mmask64)0 : cx.tail_mask;
-        const int64_t base = (4 * c) >> sh;
-        const float* wsc = ws0 + base;
-        const int32_t* zbc = KIND == 2 ? zb0 + base : nullptr;
-        const uint8_t* p = wt + 64 * c;
+    for (int g = 0; g < 16; g += R) {
+        __m512 ac[MR][R];
+        for (int i = 0; i < MR; ++i)
+            for (int r = 0; r < R; ++r) ac[i][r] = _mm512_setzero_ps();
+        const uint8_t* wt = w.codes + (n + g) * half;
+        for (int64_t c = 0; c < nch; ++c) {
+            __m512i xe[MR], xo[MR];
+            for (int i = 0; i < MR; ++i) {
+                xe[i] = _mm512_loadu_si512(xr + i * a.Kp + 128 * c);
+                xo[i] = _mm512_loadu_si512(xr + i * a.Kp + 128 * c + 64);
+            }
+            const __mmask64 mk = c < cx.nfull ? ~(__mmask64)0 : cx.tail_mask;
+            const int64_t base = (4 * c) >> sh;
+            const float* wsc = ws0 + g * wstr + base;
+            const int32_t* zbc = KIND == 2 ? zb0 + g * wstr + base : nullptr;
+            const uint8_t* p = wt + 64 * c;
 #pragma GCC unroll 16
-        for (int r = 0; r < 16; ++r, p += half, wsc += wstr) {
-            if (pft) _mm_prefetch((const char*)(p + pft), _MM_HINT_T0);
-            const __m512i v = _mm512_maskz_loadu_epi8(mk, p);
-            __m512i lo, hi;
-            if (KIND == 0) {  // vpermb: measured 11% faster here than vpshufb after a nibble mask
-                lo = _mm512_permutexvar_epi8(v, lut64);
-                hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), lut64);
-            } else {
-                lo = _mm512_and_si512(v, nib);
-                hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+            for (int r = 0; r < R; ++r, p += half, wsc += wstr) {
+                if (pft) _mm_prefetch((const char*)(p + pft), _MM_HINT_T0);
+                const __m512i v = _mm512_maskz_loadu_epi8(mk, p);
+                __m512i lo, hi;
+                if (KIND == 0) {  // vpermb: measured 11% faster here than vpshufb after a nibble mask
+                    lo = _mm512_permutexvar_epi8(v, lut64);
+                    hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), lut64);
+                } else {
+                    lo = _mm512_and_si512(v, nib);
+                    hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                }
+                const __m512 wsv = SPLAT ? _mm512_set1_ps(wsc[0]) : _mm512_permutexvar_ps(lane_idx, _mm512_loadu_ps(wsc));
+                __m512i zv = _mm512_setzero_si512();
+                if (KIND == 2) {
+                    zv = SPLAT ? _mm512_set1_epi32(zbc[0]) : _mm512_permutexvar_epi32(lane_idx, _mm512_loadu_si512(zbc));
+                    zbc += wstr;
+                }
+#pragma GCC unroll 8
+                for (int i = 0; i < MR; ++i) {
+                    const __m512i cv = _mm512_loadu_si512(cvp + (i * nch + c) * 16);
+                    __m512i ia = KIND == 2 ? _mm512_madd_epi16(cv, zv) : cv;
+                    ia = _mm512_dpbusd_epi32(ia, hi, xe[i]);
+                    ia = _mm512_dpbusd_epi32(ia, lo, xo[i]);
+                    const __m512 sv = _mm512_loadu_ps(svp + (i * nch + c) * 16);
+                    ac[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(sv, wsv), ac[i][r]);
+                }
             }
-            // SPLAT: one constant per chunk (tile4's lane index is all zero); else a permute of a full
-            // 16-entry load (measured faster than a 4-entry broadcast first, or two 8-lane broadcasts)
-            const __m512 wsv = SPLAT ? _mm512_set1_ps(wsc[0]) : _mm512_permutexvar_ps(lane_idx, _mm512_loadu_ps(wsc));
-            __m512i ia = cv;
-            if (KIND == 2) {
-                ia = _mm512_madd_epi16(cv, SPLAT ? _mm512_set1_epi32(zbc[0]) : _mm512_permutexvar_epi32(lane_idx, _mm512_loadu_si512(zbc)));
-                zbc += wstr;
-            }
-            ia = _mm512_dpbusd_epi32(ia, hi, xe);
-            ia = _mm512_dpbusd_epi32(ia, lo, xo);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(sv, wsv), acc[r]);
         }
+        for (int i = 0; i < MR; ++i)
+            for (int r = 0; r < R; ++r) acc[i][g + r] = ac[i][r];
     }
 }
 
 template <int MR, int KIND>
 QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0) {
     const QI8W& w = *cx.w;
-    const Act& a = *cx.a;
     const size_t len = (size_t)(w.K / 32 + 16);
     const float* ws[16];
     const int32_t* zb[16];
     const bool tile_nested = KIND == 0 && rs.compact && w.ncodes != nullptr && is_pow2(w.nbs);
-    const int64_t K = w.K, nch = a.nch, half = K / 2;
+    const int64_t K = w.K;
     // Nested constants with no partial chunk (no row reads past its own constants in a lane it uses,
     // so a tile's last row sees the same values whether the next row's or padding follow): decoded for
     // up to NB16 rows at once (the decoder's table set-up was ~40% of its time with 16 rows).
@@ -1056,16 +1075,9 @@ QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
     int32_t* zbb = scratch<int32_t>(1, 16 * len);
     int64_t bn1 = n0;  // batch_nested: rows [.., bn1) decoded, row j's at wsb + (j - bn0) * nblk
     int64_t bn0 = n0;
-    // as tile4: the same chunk of a later row (M = 1: the next row, as tile4<1, 1>; else 4 rows on)
-    const int64_t pf = (int64_t)cx.pf_tiles * (MR == 1 ? 1 : 4) * half;
     // Compact plain constants (int4, non-nested codebook) with no partial chunk: a row's chunks read only
     // its own entries (the 4-entry loads' unused lanes may see the next row's), so rows need no padding.
     const bool flat = rs.compact && K % 128 == 0 && (KIND != 0 || w.ncodes == nullptr);
-    const int sh = cx.sh;
-    const __m512i lane_idx = _mm512_srli_epi32(
-        _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2), std::min(sh, 2));
-    const __m512i lut = _mm512_broadcast_i32x4(_mm_add_epi8(_mm_loadu_si128((const __m128i*)w.lut), _mm_set1_epi8((char)0x80)));
-    const __m512i nib = _mm512_set1_epi8(0x0f);
     for (int64_t n = n0; n + 16 <= n1; n += 16) {
         if (cx.pf_tiles) prefetch_consts(w, n + 16, n + 32);
         if (flat) {  // the 16 rows' constants are one contiguous run
@@ -1087,50 +1099,13 @@ QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
         } else {
             tile_scales<KIND>(w, rs, n, 16, tile_nested, len, wsb, zbb, ws, zb, cx.nplanes);
         }
-        if constexpr (MR == 1) {
-            // every form above lays the rows' constants (and zero points) out at one stride
-            const int64_t wstr = ws[1] - ws[0];
-            __m512 acc[16];
-            const int32_t* z0 = KIND == 2 ? zb[0] : nullptr;
-            if (sh >= 2) gemv16_chunks<KIND, true>(cx, m0, n, ws[0], z0, wstr, acc);
-            else gemv16_chunks<KIND, false>(cx, m0, n, ws[0], z0, wstr, acc);
-            __m512 sum = reduce16(acc);
-            if (cx.bias) sum = _mm512_add_ps(sum, _mm512_loadu_ps(cx.bias + n));
-            _mm512_storeu_ps(cx.y + m0 * w.N + n, sum);
-            continue;
-        }
+        // every form above lays the rows' constants (and zero points) out at one stride
+        const int64_t wstr = ws[1] - ws[0];
+        const int32_t* z0 = KIND == 2 ? zb[0] : nullptr;
+        constexpr int R = MR == 1 ? 16 : MR == 2 ? GEMV16_R2 : MR == 3 ? GEMV16_R3 : MR == 4 ? GEMV16_R4 : GEMV16_R5;
         __m512 acc[MR][16];
-        for (int r = 0; r < 16; ++r) {
-            const uint8_t* wr = w.codes + (n + r) * half;
-            __m512 ac[MR];
-            for (int i = 0; i < MR; ++i) ac[i] = _mm512_setzero_ps();
-            for (int64_t c = 0; c < nch; ++c) {
-                if (pf) _mm_prefetch((const char*)(wr + 64 * c + pf), _MM_HINT_T0);
-                const __m512i v = c < cx.nfull ? _mm512_loadu_si512(wr + 64 * c)
-                                               : _mm512_maskz_loadu_epi8(cx.tail_mask, wr + 64 * c);
-                __m512i lo = _mm512_and_si512(v, nib);
-                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-                if (KIND == 0) {
-                    lo = _mm512_shuffle_epi8(lut, lo);
-                    hi = _mm512_shuffle_epi8(lut, hi);
-                }
-                const int64_t base = (4 * c) >> sh;
-                const __m512 wsv = _mm512_permutexvar_ps(lane_idx, _mm512_broadcast_f32x4(_mm_loadu_ps(ws[r] + base)));
-                __m512i zv = _mm512_setzero_si512();
-                if (KIND == 2)
-                    zv = _mm512_permutexvar_epi32(lane_idx, _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(zb[r] + base))));
-                for (int i = 0; i < MR; ++i) {
-                    const int8_t* xr = a.xq + (m0 + i) * a.Kp + 128 * c;
-                    const int64_t vo = ((m0 + i) * nch + c) * 16;
-                    const __m512i cv = _mm512_loadu_si512(a.cv + vo);
-                    __m512i ia = KIND == 2 ? _mm512_madd_epi16(cv, zv) : cv;
-                    ia = _mm512_dpbusd_epi32(ia, hi, _mm512_loadu_si512(xr));
-                    ia = _mm512_dpbusd_epi32(ia, lo, _mm512_loadu_si512(xr + 64));
-                    ac[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(_mm512_loadu_ps(a.sv + vo), wsv), ac[i]);
-                }
-            }
-            for (int i = 0; i < MR; ++i) acc[i][r] = ac[i];
-        }
+        if (cx.sh >= 2) gemv16_chunks<MR, R, KIND, true>(cx, m0, n, ws[0], z0, wstr, acc);
+        else gemv16_chunks<MR, R, KIND, false>(cx, m0, n, ws[0], z0, wstr, acc);
         for (int i = 0; i < MR; ++i) {
             __m512 sum = reduce16(acc[i]);
             if (cx.bias) sum = _mm512_add_ps(sum, _mm512_loadu_ps(cx.bias + n));
