@@ -969,20 +969,17 @@ QBI8_TARGET inline __m512 reduce16(const __m512* A) {
     return _mm512_permutexvar_ps(rows, E);
 }
 
-// M <= 5 with short rows (K <= GEMV16_MAX_K): 16 rows of W at a time, in order (one sequential stream,
-// as run4_gemv), each row's chunks against the MR rows of x as tile4<MR, 1>, but each x row's 16 sums
-// reduced together (reduce16) and the block constants decoded for the 16 rows at once. With a few
-// chunks per row the per-row reduction, call and set-up were most of the time. The same operations per
-// output as tile4 in the same order: bit-identical to run4_gemv / run4_nr. Rows [n0, n1) must be a
-// multiple of 16 (the caller runs the rest).
+// M <= 5 with short rows (K <= GEMV16_MAX_K): 16 rows of W at a time, in order (one stream, as
+// run4_gemv), each x row's 16 sums reduced together (reduce16) and the block constants decoded for 16
+// rows (nested: 64) at once; chunk-major within the tile (gemv16_chunks). With a few chunks per row the
+// per-row reduction, call and set-up were most of the time. The same operations per output as tile4
+// in the same order: bit-identical to run4_gemv / run4_nr. Rows [n0, n1) must be a multiple of 16 (the
+// caller runs the rest).
 constexpr int64_t GEMV16_MAX_K = 1536;
 constexpr int64_t NB16 = 64;  // rows whose nested constants run4_16 decodes at once
-#ifndef GEMV16_R2
-#define GEMV16_R2 4
-#define GEMV16_R3 4
-#define GEMV16_R4 2
-#define GEMV16_R5 2
-#endif
+// Rows of W per group in gemv16_chunks by rows of x (M = 1: 16), measured at 384..1536 x 384..1536:
+// the MR * R accumulators and 2 * MR x vectors stay in the 32 registers.
+constexpr int gemv16_rows(int mr) { return mr == 1 ? 16 : mr <= 3 ? 4 : 2; }
 
 // run4_16's tile: 16 rows of W from row n against MR rows of x from m0, chunk-major in groups of R rows
 // of W (per chunk: x's MR chunks held in registers for the group, each row of the group decoded once for
@@ -1102,7 +1099,7 @@ QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
         // every form above lays the rows' constants (and zero points) out at one stride
         const int64_t wstr = ws[1] - ws[0];
         const int32_t* z0 = KIND == 2 ? zb[0] : nullptr;
-        constexpr int R = MR == 1 ? 16 : MR == 2 ? GEMV16_R2 : MR == 3 ? GEMV16_R3 : MR == 4 ? GEMV16_R4 : GEMV16_R5;
+        constexpr int R = gemv16_rows(MR);
         __m512 acc[MR][16];
         if (cx.sh >= 2) gemv16_chunks<MR, R, KIND, true>(cx, m0, n, ws[0], z0, wstr, acc);
         else gemv16_chunks<MR, R, KIND, false>(cx, m0, n, ws[0], z0, wstr, acc);
