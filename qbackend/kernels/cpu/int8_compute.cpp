@@ -351,7 +351,10 @@ struct Ctx4 {
     const uint8_t* nplanes = nullptr;  // nested codebook: the table's byte planes (nested_planes)
 };
 
-template <int MR, int NR, int KIND>  // KIND: 0 LUT, 1 int4 symmetric, 2 int4 affine
+// KIND: 0 LUT, 1 int4 symmetric, 2 int4 affine. From MR = 2 (M = 1's streaming path kept as it was
+// measured): the codebook decoded with vpermb (no nibble mask), and with SPLAT (sh >= 2: one constant
+// per chunk, the lane index all zero) the constants broadcast.
+template <int MR, int NR, int KIND, bool SPLAT = false>
 QBI8_TARGET void tile4(const Ctx4& cx, int64_t m0, int64_t n0, const float* const* ws, const int32_t* const* zb) {
     const QI8W& w = *cx.w;
     const Act& a = *cx.a;
@@ -378,11 +381,21 @@ QBI8_TARGET void tile4(const Ctx4& cx, int64_t m0, int64_t n0, const float* cons
         for (int r = 0; r < NR; ++r) {
             const __m512i v = c < cx.nfull ? _mm512_loadu_si512(wr[r] + 64 * c)
                                            : _mm512_maskz_loadu_epi8(cx.tail_mask, wr[r] + 64 * c);
-            lo[r] = _mm512_and_si512(v, nib);
-            hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-            if (KIND == 0) {
-                lo[r] = _mm512_shuffle_epi8(lut, lo[r]);
-                hi[r] = _mm512_shuffle_epi8(lut, hi[r]);
+            if (MR >= 2 && KIND == 0) {  // vpermb reads the low 6 bits: lut holds the 16 entries 4 times
+                lo[r] = _mm512_permutexvar_epi8(v, lut);
+                hi[r] = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), lut);
+            } else {
+                lo[r] = _mm512_and_si512(v, nib);
+                hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                if (KIND == 0) {
+                    lo[r] = _mm512_shuffle_epi8(lut, lo[r]);
+                    hi[r] = _mm512_shuffle_epi8(lut, hi[r]);
+                }
+            }
+            if (SPLAT) {
+                wsv[r] = _mm512_set1_ps(ws[r][base]);
+                if (KIND == 2) zv[r] = _mm512_set1_epi32(zb[r][base]);
+                continue;
             }
             wsv[r] = _mm512_permutexvar_ps(lane_idx, _mm512_broadcast_f32x4(_mm_loadu_ps(ws[r] + base)));
             if (KIND == 2) zv[r] = _mm512_permutexvar_epi32(lane_idx, _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(zb[r] + base))));
@@ -828,7 +841,13 @@ template <int NR, int KIND>
 QBI8_TARGET void rows4_mtile(const Ctx4& cx, int64_t m0, int64_t m1, int64_t n0, const float* const* ws,
                              const int32_t* const* zb) {
     if (m1 - m0 == 5) {  // one pass over the weights (4 + 1 decoded them twice)
-        tile4<5, NR, KIND>(cx, m0, n0, ws, zb);
+        if (cx.sh >= 2) tile4<5, NR, KIND, true>(cx, m0, n0, ws, zb);
+        else tile4<5, NR, KIND>(cx, m0, n0, ws, zb);
+        return;
+    }
+    if ((m1 - m0 == 3 || m1 - m0 == 4) && cx.sh >= 2) {
+        if (m1 - m0 == 4) tile4<4, NR, KIND, true>(cx, m0, n0, ws, zb);
+        else tile4<3, NR, KIND, true>(cx, m0, n0, ws, zb);
         return;
     }
     int64_t m = m0;
@@ -896,7 +915,8 @@ QBI8_TARGET inline void tile_scales(const QI8W& w, const RowScales& rs, int64_t 
 template <int NR, int KIND>
 QBI8_TARGET void rows4_small(const Ctx4& cx, int64_t m0, int64_t m1, int64_t n0, const float* const* ws,
                              const int32_t* const* zb) {
-    if (m1 - m0 == 2) tile4<2, NR, KIND>(cx, m0, n0, ws, zb);
+    if (m1 - m0 == 2 && cx.sh >= 2) tile4<2, NR, KIND, true>(cx, m0, n0, ws, zb);
+    else if (m1 - m0 == 2) tile4<2, NR, KIND>(cx, m0, n0, ws, zb);
     else tile4<1, NR, KIND>(cx, m0, n0, ws, zb);
 }
 
