@@ -19,7 +19,8 @@
 //   This is the kernel for M < 6 (4-bit weights) or M < 8 (int8): GEMV-like, no per-call work on W.
 //   With cold weights (LLM decode) each tile software-prefetches the codes and block constants of the next tile's
 //   rows: a row of codes is a stream too short for the hardware prefetchers (measured 1.2-2x). At
-//   M = 1 a tile is one row (run4_gemv): each thread then reads one sequential stream.
+//   M = 1 a tile is one row (run4_gemv): each thread then reads one sequential stream. Short rows
+//   (K <= 1536, M <= 5): tiles of 16 rows walked chunk-major, one 16-row reduction (run4_16).
 // * Larger M: a GEMM (see gemm_tile): x transposed once per call so that each vector holds L rows of
 //   x (L = 8 from M = 6 (4-bit), 16 from M = 9; 4 and 2 when the threshold is lowered), nested NF4
 //   constants of a unit's rows decoded 64 at a time, rows of W decoded once per work unit (up to 128
