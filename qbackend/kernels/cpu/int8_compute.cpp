@@ -1009,8 +1009,11 @@ constexpr int gemv16_rows(int mr) { return mr == 1 ? 16 : mr <= 3 ? 4 : 2; }
 // wstr), each row's window read 16 entries wide: every form of them has at least 16 entries of padding
 // or further rows after a row's last used one. SPLAT: sh >= 2, one constant per chunk (tile4's lane
 // index is all zero), a broadcast; else a permute of the 16-entry load (measured faster than tile4's
-// 4-entry broadcast and permute, or two 8-lane broadcasts). acc[i][r]: row r's sums against row i.
-template <int MR, int R, int KIND, bool SPLAT>
+// 4-entry broadcast and permute, or two 8-lane broadcasts). HALVES (M = 1, sh = 1: lanes 0-7 and 8-15
+// each one constant): the activation scales times the constants by a multiply and a masked multiply
+// with broadcast operands, no permute (measured 4-5% faster at M = 1). acc[i][r]: row r's sums
+// against row i.
+template <int MR, int R, int KIND, bool SPLAT, bool HALVES>
 QBI8_TARGET inline void gemv16_chunks(const Ctx4& cx, int64_t m0, int64_t n, const float* ws0, const int32_t* zb0,
                                       int64_t wstr, __m512 (*acc)[16]) {
     const QI8W& w = *cx.w;
@@ -1067,7 +1070,11 @@ QBI8_TARGET inline void gemv16_chunks(const Ctx4& cx, int64_t m0, int64_t n, con
                     ia = _mm512_dpbusd_epi32(ia, hi, xe[i]);
                     ia = _mm512_dpbusd_epi32(ia, lo, xo[i]);
                     const __m512 sv = _mm512_loadu_ps(svp + (i * nch + c) * 16);
-                    ac[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(sv, wsv), ac[i][r]);
+                    // HALVES: the same lane products, the 8-lane halves' constants broadcast from memory
+                    const __m512 pr = HALVES ? _mm512_mask_mul_ps(_mm512_mul_ps(sv, _mm512_set1_ps(wsc[0])), 0xff00, sv,
+                                                                  _mm512_set1_ps(wsc[1]))
+                                             : _mm512_mul_ps(sv, wsv);
+                    ac[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), pr, ac[i][r]);
                 }
             }
         }
@@ -1122,8 +1129,9 @@ QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
         const int32_t* z0 = KIND == 2 ? zb[0] : nullptr;
         constexpr int R = gemv16_rows(MR);
         __m512 acc[MR][16];
-        if (cx.sh >= 2) gemv16_chunks<MR, R, KIND, true>(cx, m0, n, ws[0], z0, wstr, acc);
-        else gemv16_chunks<MR, R, KIND, false>(cx, m0, n, ws[0], z0, wstr, acc);
+        if (cx.sh >= 2) gemv16_chunks<MR, R, KIND, true, false>(cx, m0, n, ws[0], z0, wstr, acc);
+        else if (cx.sh == 1 && MR == 1) gemv16_chunks<MR, R, KIND, false, true>(cx, m0, n, ws[0], z0, wstr, acc);
+        else gemv16_chunks<MR, R, KIND, false, false>(cx, m0, n, ws[0], z0, wstr, acc);
         for (int i = 0; i < MR; ++i) {
             __m512 sum = reduce16(acc[i]);
             if (cx.bias) sum = _mm512_add_ps(sum, _mm512_loadu_ps(cx.bias + n));
