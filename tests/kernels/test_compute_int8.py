@@ -472,3 +472,36 @@ def test_short_rows_16_at_once(name, n, k, m, threads, bias, bad_const, seed):
         keep = torch.arange(m) != m // 2
         assert same(y[keep], y16[keep])
     assert _kernel(torch.empty(0, k), kw, b).shape == (0, n)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(["nf4 nested b64", "nf4 b64", "nf4 nested b32 nb32", "nf4 b128", "fp4 b64", "int4 affine g128",
+                          "int4 affine g64", "int4 sym g32", "int4 sym g128", "int4 per-channel"]),
+    n=st.one_of(st.integers(1, 80), st.sampled_from([64, 96, 144])),
+    k=st.sampled_from([64, 160, 384, 416, 1536, 1568, 2048]),
+    m=st.integers(2, 5),
+    threads=st.sampled_from([1, 2]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_small_m_rows_independent_of_m(name, n, k, m, threads, bias, seed):
+    """Up to M = 5 every output goes through the same fp32 operations in the same order whatever the
+    number of rows of x (one 16-row tile or tile4, the constants permuted, broadcast or applied per
+    8-lane half, the codebook through vpshufb or vpermb): each row of an M-row call is bit-identical to a
+    call with that row alone."""
+    scheme = SCHEMES.get(name) or Scheme("int", bits=4, symmetric=True, blocksize=128)
+    kw = _kw(n, k, scheme, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=g) * 3
+    b = torch.randn(n, generator=g) if bias else None
+    old_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y = _kernel(x, kw, b)
+        rows = [_kernel(x[i : i + 1], kw, b) for i in range(m)]
+    finally:
+        torch.set_num_threads(old_threads)
+    assert torch.isfinite(y).all()
+    for i in range(m):
+        assert torch.equal(y[i : i + 1].view(torch.int32), rows[i].view(torch.int32)), f"row {i} of {m}"
