@@ -19,7 +19,8 @@
 //   This is the kernel for M < 6 (4-bit weights) or M < 8 (int8): GEMV-like, no per-call work on W.
 //   With cold weights (LLM decode) each tile software-prefetches the codes and block constants of the next tile's
 //   rows: a row of codes is a stream too short for the hardware prefetchers (measured 1.2-2x). At
-//   M = 1 a tile is one row (run4_gemv): each thread then reads one sequential stream.
+//   M = 1 a tile is one row (run4_gemv): each thread then reads one sequential stream. Short rows
+//   (K <= 1536, M <= 5): tiles of 16 rows walked chunk-major, one 16-row reduction (run4_16).
 // * Larger M: a GEMM (see gemm_tile): x transposed once per call so that each vector holds L rows of
 //   x (L = 8 from M = 6 (4-bit), 16 from M = 9; 4 and 2 when the threshold is lowered), nested NF4
 //   constants of a unit's rows decoded 64 at a time, rows of W decoded once per work unit (up to 128
@@ -351,7 +352,10 @@ struct Ctx4 {
     const uint8_t* nplanes = nullptr;  // nested codebook: the table's byte planes (nested_planes)
 };
 
-template <int MR, int NR, int KIND>  // KIND: 0 LUT, 1 int4 symmetric, 2 int4 affine
+// KIND: 0 LUT, 1 int4 symmetric, 2 int4 affine. From MR = 2 (M = 1's streaming path kept as it was
+// measured): the codebook decoded with vpermb (no nibble mask), and with SPLAT (sh >= 2: one constant
+// per chunk, the lane index all zero) the constants broadcast.
+template <int MR, int NR, int KIND, bool SPLAT = false>
 QBI8_TARGET void tile4(const Ctx4& cx, int64_t m0, int64_t n0, const float* const* ws, const int32_t* const* zb) {
     const QI8W& w = *cx.w;
     const Act& a = *cx.a;
@@ -378,11 +382,21 @@ QBI8_TARGET void tile4(const Ctx4& cx, int64_t m0, int64_t n0, const float* cons
         for (int r = 0; r < NR; ++r) {
             const __m512i v = c < cx.nfull ? _mm512_loadu_si512(wr[r] + 64 * c)
                                            : _mm512_maskz_loadu_epi8(cx.tail_mask, wr[r] + 64 * c);
-            lo[r] = _mm512_and_si512(v, nib);
-            hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-            if (KIND == 0) {
-                lo[r] = _mm512_shuffle_epi8(lut, lo[r]);
-                hi[r] = _mm512_shuffle_epi8(lut, hi[r]);
+            if (MR >= 2 && KIND == 0) {  // vpermb reads the low 6 bits: lut holds the 16 entries 4 times
+                lo[r] = _mm512_permutexvar_epi8(v, lut);
+                hi[r] = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), lut);
+            } else {
+                lo[r] = _mm512_and_si512(v, nib);
+                hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                if (KIND == 0) {
+                    lo[r] = _mm512_shuffle_epi8(lut, lo[r]);
+                    hi[r] = _mm512_shuffle_epi8(lut, hi[r]);
+                }
+            }
+            if (SPLAT) {
+                wsv[r] = _mm512_set1_ps(ws[r][base]);
+                if (KIND == 2) zv[r] = _mm512_set1_epi32(zb[r][base]);
+                continue;
             }
             wsv[r] = _mm512_permutexvar_ps(lane_idx, _mm512_broadcast_f32x4(_mm_loadu_ps(ws[r] + base)));
             if (KIND == 2) zv[r] = _mm512_permutexvar_epi32(lane_idx, _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(zb[r] + base))));
@@ -828,7 +842,13 @@ template <int NR, int KIND>
 QBI8_TARGET void rows4_mtile(const Ctx4& cx, int64_t m0, int64_t m1, int64_t n0, const float* const* ws,
                              const int32_t* const* zb) {
     if (m1 - m0 == 5) {  // one pass over the weights (4 + 1 decoded them twice)
-        tile4<5, NR, KIND>(cx, m0, n0, ws, zb);
+        if (cx.sh >= 2) tile4<5, NR, KIND, true>(cx, m0, n0, ws, zb);
+        else tile4<5, NR, KIND>(cx, m0, n0, ws, zb);
+        return;
+    }
+    if ((m1 - m0 == 3 || m1 - m0 == 4) && cx.sh >= 2) {
+        if (m1 - m0 == 4) tile4<4, NR, KIND, true>(cx, m0, n0, ws, zb);
+        else tile4<3, NR, KIND, true>(cx, m0, n0, ws, zb);
         return;
     }
     int64_t m = m0;
@@ -896,7 +916,8 @@ QBI8_TARGET inline void tile_scales(const QI8W& w, const RowScales& rs, int64_t 
 template <int NR, int KIND>
 QBI8_TARGET void rows4_small(const Ctx4& cx, int64_t m0, int64_t m1, int64_t n0, const float* const* ws,
                              const int32_t* const* zb) {
-    if (m1 - m0 == 2) tile4<2, NR, KIND>(cx, m0, n0, ws, zb);
+    if (m1 - m0 == 2 && cx.sh >= 2) tile4<2, NR, KIND, true>(cx, m0, n0, ws, zb);
+    else if (m1 - m0 == 2) tile4<2, NR, KIND>(cx, m0, n0, ws, zb);
     else tile4<1, NR, KIND>(cx, m0, n0, ws, zb);
 }
 
@@ -969,35 +990,119 @@ QBI8_TARGET inline __m512 reduce16(const __m512* A) {
     return _mm512_permutexvar_ps(rows, E);
 }
 
-// M <= 5 with short rows (K <= GEMV16_MAX_K): 16 rows of W at a time, in order (one sequential stream,
-// as run4_gemv), each row's chunks against the MR rows of x as tile4<MR, 1>, but each x row's 16 sums
-// reduced together (reduce16) and the block constants decoded for the 16 rows at once. With a few
-// chunks per row the per-row reduction, call and set-up were most of the time. The same operations per
-// output as tile4 in the same order: bit-identical to run4_gemv / run4_nr. Rows [n0, n1) must be a
-// multiple of 16 (the caller runs the rest).
+// M <= 5 with short rows (K <= GEMV16_MAX_K): 16 rows of W at a time, in order (one stream, as
+// run4_gemv), each x row's 16 sums reduced together (reduce16) and the block constants decoded for 16
+// rows (nested: 64) at once; chunk-major within the tile (gemv16_chunks). With a few chunks per row the
+// per-row reduction, call and set-up were most of the time. The same operations per output as tile4
+// in the same order: bit-identical to run4_gemv / run4_nr. Rows [n0, n1) must be a multiple of 16 (the
+// caller runs the rest).
 constexpr int64_t GEMV16_MAX_K = 1536;
+constexpr int64_t NB16 = 64;  // rows whose nested constants run4_16 decodes at once
+// Rows of W per group in gemv16_chunks by rows of x (M = 1: 16), measured at 384..1536 x 384..1536:
+// the MR * R accumulators and 2 * MR x vectors stay in the 32 registers.
+constexpr int gemv16_rows(int mr) { return mr == 1 ? 16 : mr <= 3 ? 4 : 2; }
+
+// run4_16's tile: 16 rows of W from row n against MR rows of x from m0, chunk-major in groups of R rows
+// of W (per chunk: x's MR chunks held in registers for the group, each row of the group decoded once for
+// the MR rows of x; MR * R independent accumulators). Per output the same operations in the same order
+// as tile4 (bit-identical). The block constants of row r at ws0 + r * wstr (zero points at zb0 + r *
+// wstr), each row's window read 16 entries wide: every form of them has at least 16 entries of padding
+// or further rows after a row's last used one. SPLAT: sh >= 2, one constant per chunk (tile4's lane
+// index is all zero), a broadcast; else a permute of the 16-entry load (measured faster than tile4's
+// 4-entry broadcast and permute, or two 8-lane broadcasts). HALVES (M = 1, sh = 1: lanes 0-7 and 8-15
+// each one constant): the activation scales times the constants by a multiply and a masked multiply
+// with broadcast operands, no permute (measured 4-5% faster at M = 1). acc[i][r]: row r's sums
+// against row i.
+template <int MR, int R, int KIND, bool SPLAT, bool HALVES>
+QBI8_TARGET inline void gemv16_chunks(const Ctx4& cx, int64_t m0, int64_t n, const float* ws0, const int32_t* zb0,
+                                      int64_t wstr, __m512 (*acc)[16]) {
+    const QI8W& w = *cx.w;
+    const Act& a = *cx.a;
+    const int64_t nch = a.nch, half = w.K / 2;
+    const int sh = cx.sh;
+    const __m512i lane_idx = _mm512_srli_epi32(
+        _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2), std::min(sh, 2));
+    // vpermb reads the low 6 bits of an index: the 16 entries repeated 4 times need no nibble mask
+    const __m512i lut64 = _mm512_broadcast_i32x4(_mm_add_epi8(_mm_loadu_si128((const __m128i*)w.lut), _mm_set1_epi8((char)0x80)));
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    const int8_t* xr = a.xq + m0 * a.Kp;
+    const float* svp = a.sv + m0 * nch * 16;
+    const int32_t* cvp = a.cv + m0 * nch * 16;
+    const int64_t pft = cx.pf_tiles ? (int64_t)cx.pf_tiles * 16 * half : 0;  // the next tile's rows
+    for (int g = 0; g < 16; g += R) {
+        __m512 ac[MR][R];
+        for (int i = 0; i < MR; ++i)
+            for (int r = 0; r < R; ++r) ac[i][r] = _mm512_setzero_ps();
+        const uint8_t* wt = w.codes + (n + g) * half;
+        for (int64_t c = 0; c < nch; ++c) {
+            __m512i xe[MR], xo[MR];
+            for (int i = 0; i < MR; ++i) {
+                xe[i] = _mm512_loadu_si512(xr + i * a.Kp + 128 * c);
+                xo[i] = _mm512_loadu_si512(xr + i * a.Kp + 128 * c + 64);
+            }
+            const __mmask64 mk = c < cx.nfull ? ~(__mmask64)0 : cx.tail_mask;
+            const int64_t base = (4 * c) >> sh;
+            const float* wsc = ws0 + g * wstr + base;
+            const int32_t* zbc = KIND == 2 ? zb0 + g * wstr + base : nullptr;
+            const uint8_t* p = wt + 64 * c;
+#pragma GCC unroll 16
+            for (int r = 0; r < R; ++r, p += half, wsc += wstr) {
+                if (pft) _mm_prefetch((const char*)(p + pft), _MM_HINT_T0);
+                const __m512i v = _mm512_maskz_loadu_epi8(mk, p);
+                __m512i lo, hi;
+                if (KIND == 0) {  // vpermb: measured 11% faster here than vpshufb after a nibble mask
+                    lo = _mm512_permutexvar_epi8(v, lut64);
+                    hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), lut64);
+                } else {
+                    lo = _mm512_and_si512(v, nib);
+                    hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                }
+                const __m512 wsv = SPLAT ? _mm512_set1_ps(wsc[0]) : _mm512_permutexvar_ps(lane_idx, _mm512_loadu_ps(wsc));
+                __m512i zv = _mm512_setzero_si512();
+                if (KIND == 2) {
+                    zv = SPLAT ? _mm512_set1_epi32(zbc[0]) : _mm512_permutexvar_epi32(lane_idx, _mm512_loadu_si512(zbc));
+                    zbc += wstr;
+                }
+#pragma GCC unroll 8
+                for (int i = 0; i < MR; ++i) {
+                    const __m512i cv = _mm512_loadu_si512(cvp + (i * nch + c) * 16);
+                    __m512i ia = KIND == 2 ? _mm512_madd_epi16(cv, zv) : cv;
+                    ia = _mm512_dpbusd_epi32(ia, hi, xe[i]);
+                    ia = _mm512_dpbusd_epi32(ia, lo, xo[i]);
+                    const __m512 sv = _mm512_loadu_ps(svp + (i * nch + c) * 16);
+                    // HALVES: the same lane products, the 8-lane halves' constants broadcast from memory
+                    const __m512 pr = HALVES ? _mm512_mask_mul_ps(_mm512_mul_ps(sv, _mm512_set1_ps(wsc[0])), 0xff00, sv,
+                                                                  _mm512_set1_ps(wsc[1]))
+                                             : _mm512_mul_ps(sv, wsv);
+                    ac[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), pr, ac[i][r]);
+                }
+            }
+        }
+        for (int i = 0; i < MR; ++i)
+            for (int r = 0; r < R; ++r) acc[i][g + r] = ac[i][r];
+    }
+}
 
 template <int MR, int KIND>
 QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0) {
     const QI8W& w = *cx.w;
-    const Act& a = *cx.a;
     const size_t len = (size_t)(w.K / 32 + 16);
-    float* wsb = scratch<float>(0, 16 * len);
-    int32_t* zbb = scratch<int32_t>(1, 16 * len);
     const float* ws[16];
     const int32_t* zb[16];
     const bool tile_nested = KIND == 0 && rs.compact && w.ncodes != nullptr && is_pow2(w.nbs);
-    const int64_t K = w.K, nch = a.nch, half = K / 2;
-    // as tile4: the same chunk of a later row (M = 1: the next row, as tile4<1, 1>; else 4 rows on)
-    const int64_t pf = (int64_t)cx.pf_tiles * (MR == 1 ? 1 : 4) * half;
+    const int64_t K = w.K;
+    // Nested constants with no partial chunk (no row reads past its own constants in a lane it uses,
+    // so a tile's last row sees the same values whether the next row's or padding follow): decoded for
+    // up to NB16 rows at once (the decoder's table set-up was ~40% of its time with 16 rows).
+    const bool batch_nested = tile_nested && K % 128 == 0;
+    const int64_t nblk = tile_nested ? K / w.bs : 0;
+    float* wsb = scratch<float>(0, (batch_nested ? NB16 : 16) * len);
+    int32_t* zbb = scratch<int32_t>(1, 16 * len);
+    int64_t bn1 = n0;  // batch_nested: rows [.., bn1) decoded, row j's at wsb + (j - bn0) * nblk
+    int64_t bn0 = n0;
     // Compact plain constants (int4, non-nested codebook) with no partial chunk: a row's chunks read only
     // its own entries (the 4-entry loads' unused lanes may see the next row's), so rows need no padding.
     const bool flat = rs.compact && K % 128 == 0 && (KIND != 0 || w.ncodes == nullptr);
-    const int sh = cx.sh;
-    const __m512i lane_idx = _mm512_srli_epi32(
-        _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2), std::min(sh, 2));
-    const __m512i lut = _mm512_broadcast_i32x4(_mm_add_epi8(_mm_loadu_si128((const __m128i*)w.lut), _mm_set1_epi8((char)0x80)));
-    const __m512i nib = _mm512_set1_epi8(0x0f);
     for (int64_t n = n0; n + 16 <= n1; n += 16) {
         if (cx.pf_tiles) prefetch_consts(w, n + 16, n + 32);
         if (flat) {  // the 16 rows' constants are one contiguous run
@@ -1010,41 +1115,23 @@ QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
                 std::memset(zbb + 16 * per, 0, sizeof(int32_t) * 8);
             }
             for (int r = 0; r < 16; ++r) ws[r] = wsb + r * per, zb[r] = zbb + r * per;
+        } else if (batch_nested) {
+            if (n >= bn1) {
+                bn0 = n, bn1 = std::min(n1, n + NB16);
+                nested_scales(w, bn0, (int)(bn1 - bn0), wsb, cx.nplanes);
+            }
+            for (int r = 0; r < 16; ++r) ws[r] = wsb + (n - bn0 + r) * nblk;
         } else {
             tile_scales<KIND>(w, rs, n, 16, tile_nested, len, wsb, zbb, ws, zb, cx.nplanes);
         }
+        // every form above lays the rows' constants (and zero points) out at one stride
+        const int64_t wstr = ws[1] - ws[0];
+        const int32_t* z0 = KIND == 2 ? zb[0] : nullptr;
+        constexpr int R = gemv16_rows(MR);
         __m512 acc[MR][16];
-        for (int r = 0; r < 16; ++r) {
-            const uint8_t* wr = w.codes + (n + r) * half;
-            __m512 ac[MR];
-            for (int i = 0; i < MR; ++i) ac[i] = _mm512_setzero_ps();
-            for (int64_t c = 0; c < nch; ++c) {
-                if (pf) _mm_prefetch((const char*)(wr + 64 * c + pf), _MM_HINT_T0);
-                const __m512i v = c < cx.nfull ? _mm512_loadu_si512(wr + 64 * c)
-                                               : _mm512_maskz_loadu_epi8(cx.tail_mask, wr + 64 * c);
-                __m512i lo = _mm512_and_si512(v, nib);
-                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-                if (KIND == 0) {
-                    lo = _mm512_shuffle_epi8(lut, lo);
-                    hi = _mm512_shuffle_epi8(lut, hi);
-                }
-                const int64_t base = (4 * c) >> sh;
-                const __m512 wsv = _mm512_permutexvar_ps(lane_idx, _mm512_broadcast_f32x4(_mm_loadu_ps(ws[r] + base)));
-                __m512i zv = _mm512_setzero_si512();
-                if (KIND == 2)
-                    zv = _mm512_permutexvar_epi32(lane_idx, _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(zb[r] + base))));
-                for (int i = 0; i < MR; ++i) {
-                    const int8_t* xr = a.xq + (m0 + i) * a.Kp + 128 * c;
-                    const int64_t vo = ((m0 + i) * nch + c) * 16;
-                    const __m512i cv = _mm512_loadu_si512(a.cv + vo);
-                    __m512i ia = KIND == 2 ? _mm512_madd_epi16(cv, zv) : cv;
-                    ia = _mm512_dpbusd_epi32(ia, hi, _mm512_loadu_si512(xr));
-                    ia = _mm512_dpbusd_epi32(ia, lo, _mm512_loadu_si512(xr + 64));
-                    ac[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(_mm512_loadu_ps(a.sv + vo), wsv), ac[i]);
-                }
-            }
-            for (int i = 0; i < MR; ++i) acc[i][r] = ac[i];
-        }
+        if (cx.sh >= 2) gemv16_chunks<MR, R, KIND, true, false>(cx, m0, n, ws[0], z0, wstr, acc);
+        else if (cx.sh == 1 && MR == 1) gemv16_chunks<MR, R, KIND, false, true>(cx, m0, n, ws[0], z0, wstr, acc);
+        else gemv16_chunks<MR, R, KIND, false, false>(cx, m0, n, ws[0], z0, wstr, acc);
         for (int i = 0; i < MR; ++i) {
             __m512 sum = reduce16(acc[i]);
             if (cx.bias) sum = _mm512_add_ps(sum, _mm512_loadu_ps(cx.bias + n));
