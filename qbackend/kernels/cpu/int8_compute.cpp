@@ -20,7 +20,8 @@
 //   With cold weights (LLM decode) each tile software-prefetches the codes and block constants of the next tile's
 //   rows: a row of codes is a stream too short for the hardware prefetchers (measured 1.2-2x). At
 //   M = 1 a tile is one row (run4_gemv): each thread then reads one sequential stream. Short rows
-//   (K <= 1536, M <= 5): tiles of 16 rows walked chunk-major, one 16-row reduction (run4_16).
+//   (K <= 1536, M <= 5): tiles of 16 rows walked chunk-major, one 16-row reduction (run4_16); M = 1
+//   with longer rows: the same in groups of 4 rows, the codes prefetched in address order into L2.
 // * Larger M: a GEMM (see gemm_tile): x transposed once per call so that each vector holds L rows of
 //   x (L = 8 from M = 6 (4-bit), 16 from M = 9; 4 and 2 when the threshold is lowered), nested NF4
 //   constants of a unit's rows decoded 64 at a time, rows of W decoded once per work unit (up to 128
@@ -948,7 +949,9 @@ QBI8_TARGET void run4_nr(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
 
 // M = 1 (decode): one row of W at a time, so that each thread reads its rows as one sequential
 // stream (rows are contiguous), which the hardware prefetchers follow; tiles of several rows made
-// that many interleaved streams and lost 1.1-1.5x with cold weights. The block constants are decoded
+// that many interleaved streams and lost 1.1-1.5x with cold weights. Now only the rows after the last
+// whole 16 (and all with the knob qbi8_set_gemv_long(0)): run4_16 in groups of 4 rows with a prefetch
+// in address order replaced it (gemv16_chunks' LIN). The block constants are decoded
 // for GEMV_RB rows at once (the nested table is loaded into registers once per GEMV_RB rows).
 constexpr int GEMV_RB = 8;
 
@@ -1012,8 +1015,11 @@ constexpr int gemv16_rows(int mr) { return mr == 1 ? 16 : mr <= 3 ? 4 : 2; }
 // 4-entry broadcast and permute, or two 8-lane broadcasts). HALVES (M = 1, sh = 1: lanes 0-7 and 8-15
 // each one constant): the activation scales times the constants by a multiply and a masked multiply
 // with broadcast operands, no permute (measured 4-5% faster at M = 1). acc[i][r]: row r's sums
-// against row i.
-template <int MR, int R, int KIND, bool SPLAT, bool HALVES>
+// against row i. LIN (M = 1, long rows, groups of R = 4): the prefetch walks the tile 16 rows on in address
+// order (line s of the group's chunk-major steps), into L2: the R interleaved row streams (several in one
+// page) defeat the hardware prefetchers, and per-row prefetches into L1 held the fill buffers (cold
+// 4096x4096 1.8x slower than run4_gemv; this way 5-30% faster than it, hot 1.2-1.8x).
+template <int MR, int R, int KIND, bool SPLAT, bool HALVES, bool LIN>
 QBI8_TARGET inline void gemv16_chunks(const Ctx4& cx, int64_t m0, int64_t n, const float* ws0, const int32_t* zb0,
                                       int64_t wstr, __m512 (*acc)[16]) {
     const QI8W& w = *cx.w;
@@ -1047,7 +1053,8 @@ QBI8_TARGET inline void gemv16_chunks(const Ctx4& cx, int64_t m0, int64_t n, con
             const uint8_t* p = wt + 64 * c;
 #pragma GCC unroll 16
             for (int r = 0; r < R; ++r, p += half, wsc += wstr) {
-                if (pft) _mm_prefetch((const char*)(p + pft), _MM_HINT_T0);
+                if (pft && LIN) _mm_prefetch((const char*)(wt + (c * R + r) * 64 + pft), _MM_HINT_T1);
+                else if (pft) _mm_prefetch((const char*)(p + pft), _MM_HINT_T0);
                 const __m512i v = _mm512_maskz_loadu_epi8(mk, p);
                 __m512i lo, hi;
                 if (KIND == 0) {  // vpermb: measured 11% faster here than vpshufb after a nibble mask
@@ -1083,7 +1090,7 @@ QBI8_TARGET inline void gemv16_chunks(const Ctx4& cx, int64_t m0, int64_t n, con
     }
 }
 
-template <int MR, int KIND>
+template <int MR, int KIND, int R = gemv16_rows(MR), bool LIN = false>
 QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0) {
     const QI8W& w = *cx.w;
     const size_t len = (size_t)(w.K / 32 + 16);
@@ -1127,11 +1134,10 @@ QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
         // every form above lays the rows' constants (and zero points) out at one stride
         const int64_t wstr = ws[1] - ws[0];
         const int32_t* z0 = KIND == 2 ? zb[0] : nullptr;
-        constexpr int R = gemv16_rows(MR);
         __m512 acc[MR][16];
-        if (cx.sh >= 2) gemv16_chunks<MR, R, KIND, true, false>(cx, m0, n, ws[0], z0, wstr, acc);
-        else if (cx.sh == 1 && MR == 1) gemv16_chunks<MR, R, KIND, false, true>(cx, m0, n, ws[0], z0, wstr, acc);
-        else gemv16_chunks<MR, R, KIND, false, false>(cx, m0, n, ws[0], z0, wstr, acc);
+        if (cx.sh >= 2) gemv16_chunks<MR, R, KIND, true, false, LIN>(cx, m0, n, ws[0], z0, wstr, acc);
+        else if (cx.sh == 1 && MR == 1) gemv16_chunks<MR, R, KIND, false, true, LIN>(cx, m0, n, ws[0], z0, wstr, acc);
+        else gemv16_chunks<MR, R, KIND, false, false, LIN>(cx, m0, n, ws[0], z0, wstr, acc);
         for (int i = 0; i < MR; ++i) {
             __m512 sum = reduce16(acc[i]);
             if (cx.bias) sum = _mm512_add_ps(sum, _mm512_loadu_ps(cx.bias + n));
@@ -1142,6 +1148,7 @@ QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
 
 int g_gemv_nr = 1;  // rows of W per tile when M = 1 (tuning knob, qbi8_set_small_nr): 1, 2 or 4
 int g_gemv16 = 1;  // M <= 5, short rows: run4_16 (tuning knob for A/B, qbi8_set_gemv16)
+int g_gemv_long = 4;  // M = 1, K > GEMV16_MAX_K: run4_16 in groups of 4 (or 2) rows; 0: run4_gemv (knob qbi8_set_gemv_long)
 
 template <int KIND>
 QBI8_TARGET void run4_tiles(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
@@ -1153,6 +1160,12 @@ QBI8_TARGET void run4_tiles(const Ctx4& cx, const RowScales& rs, int64_t n0, int
 template <int KIND>
 QBI8_TARGET void run4(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
     const int64_t m = m1 - m0, n16 = n0 + (n1 - n0) / 16 * 16;
+    if (m == 1 && cx.w->K > GEMV16_MAX_K && g_gemv_long && g_gemv_nr == 1 && n16 > n0) {
+        if (g_gemv_long == 2) run4_16<1, KIND, 2, true>(cx, rs, n0, n16, m0);
+        else run4_16<1, KIND, 4, true>(cx, rs, n0, n16, m0);
+        if (n16 < n1) run4_gemv<KIND>(cx, rs, n16, n1, m0);
+        return;
+    }
     if (!g_gemv16 || cx.w->K > GEMV16_MAX_K || m > 5 || (m == 1 && g_gemv_nr != 1) || n16 == n0) {
         run4_tiles<KIND>(cx, rs, n0, n1, m0, m1);
         return;
@@ -1450,6 +1463,8 @@ void qbi8_set_small_nr(int nr) { g_gemv_nr = nr, g_small_nr = nr == 1 ? 4 : nr; 
 
 // M <= 5 on short rows: 16 rows of W at a time (1, default) or the tiles (0); for A/B measurements.
 void qbi8_set_gemv16(int on) { g_gemv16 = on; }
+// M = 1 on long rows: run4_16 in groups of 4 (default) or 2 rows, or run4_gemv (0); for A/B measurements.
+void qbi8_set_gemv_long(int rows) { g_gemv_long = rows; }
 
 // Small-M streaming (benchmarks tune it): prefetch distance in tiles (0: none), contiguous lanes (0/1).
 void qbi8_set_stream(int pf_tiles, int lanes) { g_pf_tiles = pf_tiles, g_lanes = lanes; }
