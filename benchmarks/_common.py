@@ -95,7 +95,8 @@ def wall_and_cpu_us(fn: Callable[[], object], n: int, warmup: int = 50) -> tuple
 def interleaved(
     methods: Mapping[str, Callable[[], object]], rounds: int, calls: int, *, warmup: int = 0,
     alternate: bool = False, calls_for: Callable[[str], int] | None = None,
-    give_up: Callable[[str, dict[str, list[float]]], bool] | None = None,
+    give_up: Callable[[str, dict[str, list[float]]], bool] | None = None, settle_s: float = 0.0,
+    rewarm: int = 0,
 ) -> dict[str, list[float]]:  # fmt: skip
     """Seconds of every timed call, per method, measured in rounds that take turns.
 
@@ -103,7 +104,10 @@ def interleaved(
     from other processes hits all of them alike. ``warmup`` untimed calls each first. ``alternate``:
     odd rounds go in reverse order (two methods: each goes first half the time). ``calls_for(name)``
     overrides ``calls`` per method. ``give_up(name, samples)``, asked after the first round: stop
-    timing a method (one so slow that a round of it is enough).
+    timing a method (one so slow that a round of it is enough). ``settle_s`` / ``rewarm``: before each
+    method's timed calls in every round, a pause and that many untimed calls: thread pools that spin
+    after their calls (ONNX Runtime's, OpenMP's) then no longer hold the cores the next method needs,
+    and a pool woken from sleep is awake again.
     """
     samples: dict[str, list[float]] = {name: [] for name in methods}
     for fn in methods.values():
@@ -116,6 +120,10 @@ def interleaved(
             order.reverse()
         for name, fn in order:
             if name not in dropped:
+                if settle_s:
+                    time.sleep(settle_s)
+                for _ in range(rewarm):
+                    fn()
                 samples[name] += time_calls(fn, calls_for(name) if calls_for else calls)
         if r == 0 and give_up is not None:
             dropped |= {name for name in methods if give_up(name, samples)}

@@ -178,12 +178,19 @@ def bench_hot(methods: dict[str, Linear], k: int, ms: tuple[int, ...], rounds: i
                 errs[name] = rel_error(lin.fn(x), x, lin.weight)
             n_calls = max(3, calls // max(1, m // 8))  # fewer calls where each is long
             fns = {name: (lambda f=lin.fn, x=x: f(x)) for name, lin in methods.items()}
-            times = _common.interleaved(fns, rounds, n_calls, give_up=_too_slow)
+            # settle: the peers' spinning pools (and ours) must not hold the cores during another's calls
+            times = _common.interleaved(fns, rounds, n_calls, give_up=_too_slow, settle_s=SETTLE_S, rewarm=2)
             base = statistics.median(times[ANCHOR])
             out[m] = {name: {"ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3,
                              "ratio": base / statistics.median(ts), "err": errs[name]}
                       for name, ts in times.items()}  # fmt: skip
     return out
+
+
+#: pause before each method's calls in a round (s): longer than the spin-wait of ONNX Runtime's and
+#: OpenMP's thread pools, which otherwise run on after their method's calls (seen: 2.5x slower calls
+#: of the next method at M = 480 on a 2-core machine)
+SETTLE_S = 0.03
 
 
 def _too_slow(name: str, samples: dict[str, list[float]]) -> bool:
