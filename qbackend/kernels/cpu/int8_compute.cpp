@@ -17,11 +17,12 @@
 //   Lanes 4b..4b+3 of the int32 accumulator then hold block b of the chunk: the block scales are
 //   applied per lane (fma with a 16-lane scale vector), one horizontal sum per output only.
 //   This is the kernel for M < 6 (4-bit weights) or M < 8 (int8): GEMV-like, no per-call work on W.
-//   With cold weights (LLM decode) each tile software-prefetches the codes and block constants of the next tile's
-//   rows: a row of codes is a stream too short for the hardware prefetchers (measured 1.2-2x). At
-//   M = 1 a tile is one row (run4_gemv): each thread then reads one sequential stream. Short rows
-//   (K <= 1536, M <= 5): tiles of 16 rows walked chunk-major, one 16-row reduction (run4_16); M = 1
-//   with longer rows: the same in groups of 4 rows, the codes prefetched in address order into L2.
+//   With cold weights (LLM decode) each tile software-prefetches the codes and block constants of rows
+//   ahead: a row of codes is a stream too short for the hardware prefetchers (measured 1.2-2x). Short
+//   rows (K <= 1536, M <= 5): tiles of 16 rows walked chunk-major, one 16-row reduction (run4_16); M = 1
+//   with longer rows: the same in groups of 4 rows; both prefetch the codes in address order into L2.
+//   The rows after the last whole 16 (M = 1: run4_gemv, one row at a time) and M <= 5 with longer rows
+//   take the older tiles.
 // * Larger M: a GEMM (see gemm_tile): x transposed once per call so that each vector holds L rows of
 //   x (L = 8 from M = 6 (4-bit), 16 from M = 9; 4 and 2 when the threshold is lowered), nested NF4
 //   constants of a unit's rows decoded 64 at a time, rows of W decoded once per work unit (up to 128
@@ -951,7 +952,7 @@ QBI8_TARGET void run4_nr(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
 // stream (rows are contiguous), which the hardware prefetchers follow; tiles of several rows made
 // that many interleaved streams and lost 1.1-1.5x with cold weights. Now only the rows after the last
 // whole 16 (and all with the knob qbi8_set_gemv_long(0)): run4_16 in groups of 4 rows with a prefetch
-// in address order replaced it (gemv16_chunks' LIN). The block constants are decoded
+// in address order replaced it (gemv16_chunks). The block constants are decoded
 // for GEMV_RB rows at once (the nested table is loaded into registers once per GEMV_RB rows).
 constexpr int GEMV_RB = 8;
 
@@ -1004,6 +1005,12 @@ constexpr int64_t NB16 = 64;  // rows whose nested constants run4_16 decodes at 
 // Rows of W per group in gemv16_chunks by rows of x (M = 1: 16), measured at 384..1536 x 384..1536:
 // the MR * R accumulators and 2 * MR x vectors stay in the 32 registers.
 constexpr int gemv16_rows(int mr) { return mr == 1 ? 16 : mr <= 3 ? 4 : 2; }
+// How far ahead (rows of W) run4_16 prefetches the codes, per pf_tiles: about 12 KB, 16 to 64 rows, a
+// multiple of 16 (cold, 2 threads, measured at K = 384..5632: 16 rows of K = 384 (3 KB) left 1536x384
+// 1.15x slower, 64 rows of K = 1536 1.05x).
+inline int64_t pf_rows_ahead(int64_t row_bytes) {
+    return std::clamp<int64_t>((12288 / std::max<int64_t>(row_bytes, 1) + 15) / 16 * 16, 16, 64);
+}
 
 // run4_16's tile: 16 rows of W from row n against MR rows of x from m0, chunk-major in groups of R rows
 // of W (per chunk: x's MR chunks held in registers for the group, each row of the group decoded once for
@@ -1015,11 +1022,12 @@ constexpr int gemv16_rows(int mr) { return mr == 1 ? 16 : mr <= 3 ? 4 : 2; }
 // 4-entry broadcast and permute, or two 8-lane broadcasts). HALVES (M = 1, sh = 1: lanes 0-7 and 8-15
 // each one constant): the activation scales times the constants by a multiply and a masked multiply
 // with broadcast operands, no permute (measured 4-5% faster at M = 1). acc[i][r]: row r's sums
-// against row i. LIN (M = 1, long rows, groups of R = 4): the prefetch walks the tile 16 rows on in address
-// order (line s of the group's chunk-major steps), into L2: the R interleaved row streams (several in one
-// page) defeat the hardware prefetchers, and per-row prefetches into L1 held the fill buffers (cold
-// 4096x4096 1.8x slower than run4_gemv; this way 5-30% faster than it, hot 1.2-1.8x).
-template <int MR, int R, int KIND, bool SPLAT, bool HALVES, bool LIN>
+// against row i. The prefetch walks the rows pf_rows_ahead rows on in address order (line s of the group's
+// chunk-major steps), into L2: the R interleaved row streams (several in one page) defeat the hardware
+// prefetchers, and per-row prefetches into L1 held the fill buffers (M = 1, cold 4096x4096: 1.8x slower
+// than run4_gemv; this way 5-30% faster than it, hot 1.2-1.8x; cold short rows 4096x1024 1.6x faster
+// than per-row prefetches into L1, M = 2 1.5x).
+template <int MR, int R, int KIND, bool SPLAT, bool HALVES>
 QBI8_TARGET inline void gemv16_chunks(const Ctx4& cx, int64_t m0, int64_t n, const float* ws0, const int32_t* zb0,
                                       int64_t wstr, __m512 (*acc)[16]) {
     const QI8W& w = *cx.w;
@@ -1034,7 +1042,7 @@ QBI8_TARGET inline void gemv16_chunks(const Ctx4& cx, int64_t m0, int64_t n, con
     const int8_t* xr = a.xq + m0 * a.Kp;
     const float* svp = a.sv + m0 * nch * 16;
     const int32_t* cvp = a.cv + m0 * nch * 16;
-    const int64_t pft = cx.pf_tiles ? (int64_t)cx.pf_tiles * 16 * half : 0;  // the next tile's rows
+    const int64_t pft = (int64_t)cx.pf_tiles * pf_rows_ahead(half) * half;
     for (int g = 0; g < 16; g += R) {
         __m512 ac[MR][R];
         for (int i = 0; i < MR; ++i)
@@ -1053,8 +1061,7 @@ QBI8_TARGET inline void gemv16_chunks(const Ctx4& cx, int64_t m0, int64_t n, con
             const uint8_t* p = wt + 64 * c;
 #pragma GCC unroll 16
             for (int r = 0; r < R; ++r, p += half, wsc += wstr) {
-                if (pft && LIN) _mm_prefetch((const char*)(wt + (c * R + r) * 64 + pft), _MM_HINT_T1);
-                else if (pft) _mm_prefetch((const char*)(p + pft), _MM_HINT_T0);
+                if (pft) _mm_prefetch((const char*)(wt + (c * R + r) * 64 + pft), _MM_HINT_T1);
                 const __m512i v = _mm512_maskz_loadu_epi8(mk, p);
                 __m512i lo, hi;
                 if (KIND == 0) {  // vpermb: measured 11% faster here than vpshufb after a nibble mask
@@ -1090,7 +1097,7 @@ QBI8_TARGET inline void gemv16_chunks(const Ctx4& cx, int64_t m0, int64_t n, con
     }
 }
 
-template <int MR, int KIND, int R = gemv16_rows(MR), bool LIN = false>
+template <int MR, int KIND, int R = gemv16_rows(MR)>
 QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0) {
     const QI8W& w = *cx.w;
     const size_t len = (size_t)(w.K / 32 + 16);
@@ -1110,8 +1117,9 @@ QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
     // Compact plain constants (int4, non-nested codebook) with no partial chunk: a row's chunks read only
     // its own entries (the 4-entry loads' unused lanes may see the next row's), so rows need no padding.
     const bool flat = rs.compact && K % 128 == 0 && (KIND != 0 || w.ncodes == nullptr);
+    const int64_t pfr = (int64_t)cx.pf_tiles * pf_rows_ahead(K / 2);
     for (int64_t n = n0; n + 16 <= n1; n += 16) {
-        if (cx.pf_tiles) prefetch_consts(w, n + 16, n + 32);
+        if (cx.pf_tiles) prefetch_consts(w, n + pfr, n + pfr + 16);
         if (flat) {  // the 16 rows' constants are one contiguous run
             const int64_t per = KIND == 0 ? K / w.bs : w.G;
             std::memcpy(wsb, (KIND == 0 ? w.absmax : w.scale) + n * per, sizeof(float) * (size_t)(16 * per));
@@ -1135,9 +1143,9 @@ QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
         const int64_t wstr = ws[1] - ws[0];
         const int32_t* z0 = KIND == 2 ? zb[0] : nullptr;
         __m512 acc[MR][16];
-        if (cx.sh >= 2) gemv16_chunks<MR, R, KIND, true, false, LIN>(cx, m0, n, ws[0], z0, wstr, acc);
-        else if (cx.sh == 1 && MR == 1) gemv16_chunks<MR, R, KIND, false, true, LIN>(cx, m0, n, ws[0], z0, wstr, acc);
-        else gemv16_chunks<MR, R, KIND, false, false, LIN>(cx, m0, n, ws[0], z0, wstr, acc);
+        if (cx.sh >= 2) gemv16_chunks<MR, R, KIND, true, false>(cx, m0, n, ws[0], z0, wstr, acc);
+        else if (cx.sh == 1 && MR == 1) gemv16_chunks<MR, R, KIND, false, true>(cx, m0, n, ws[0], z0, wstr, acc);
+        else gemv16_chunks<MR, R, KIND, false, false>(cx, m0, n, ws[0], z0, wstr, acc);
         for (int i = 0; i < MR; ++i) {
             __m512 sum = reduce16(acc[i]);
             if (cx.bias) sum = _mm512_add_ps(sum, _mm512_loadu_ps(cx.bias + n));
@@ -1161,8 +1169,8 @@ template <int KIND>
 QBI8_TARGET void run4(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_t n1, int64_t m0, int64_t m1) {
     const int64_t m = m1 - m0, n16 = n0 + (n1 - n0) / 16 * 16;
     if (m == 1 && cx.w->K > GEMV16_MAX_K && g_gemv_long && g_gemv_nr == 1 && n16 > n0) {
-        if (g_gemv_long == 2) run4_16<1, KIND, 2, true>(cx, rs, n0, n16, m0);
-        else run4_16<1, KIND, 4, true>(cx, rs, n0, n16, m0);
+        if (g_gemv_long == 2) run4_16<1, KIND, 2>(cx, rs, n0, n16, m0);
+        else run4_16<1, KIND, 4>(cx, rs, n0, n16, m0);
         if (n16 < n1) run4_gemv<KIND>(cx, rs, n16, n1, m0);
         return;
     }
@@ -1401,7 +1409,9 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
     const Units u(w.N, M, pick_nb(w.N, M, nthreads), mb);
     const int64_t tail = w.K % a.ch;
     const bool lanes = g_lanes && M <= mb && nthreads > 1 && w.N <= 0x7fffffff;
-    Lanes ln(w.N, lanes ? std::max(1, std::min<int>(nthreads, (int)((w.N + 15) / 16))) : 1, 16);
+    // 4-bit: a lane is taken 64 rows at a time (run4_16 then decodes 64 rows' nested constants at once,
+    // and a unit's set-up is shared by more rows): hot 1.05-1.35x faster than 16 at M = 1..4 on K <= 1536.
+    Lanes ln(w.N, lanes ? std::max(1, std::min<int>(nthreads, (int)((w.N + 15) / 16))) : 1, four ? 64 : 16);
     if (four) {
         const RowScales rs = row_scale_form(w);
         Ctx4 cx{&w, &a, bias, y, rs.sh, tail ? (__mmask64)((uint64_t(1) << (tail / 2)) - 1) : (__mmask64)0, w.K / 128,
