@@ -441,7 +441,7 @@ def test_decode_row_kernel_nested_forms(blocksize, nested_blocksize, n, k, bias,
                           "fp4 nested b128", "int4 affine g128", "int4 affine g64", "int4 sym g32", "int4 sym g96",
                           "int4 affine g256", "int4 affine g48", "int4 per-channel"]),
     n=st.one_of(st.integers(1, 120), st.sampled_from([64, 80, 128, 144, 200])),
-    k=st.sampled_from([32, 64, 96, 128, 160, 256, 384, 416, 1024, 1536, 1568]),
+    k=st.sampled_from([32, 64, 96, 128, 160, 256, 384, 416, 1024, 1536, 1568, 2048, 2080, 4160]),
     m=st.integers(1, 6),
     threads=st.sampled_from([1, 2]),
     bias=st.booleans(),
@@ -449,8 +449,8 @@ def test_decode_row_kernel_nested_forms(blocksize, nested_blocksize, n, k, bias,
     seed=st.integers(0, 2**16),
 )
 def test_short_rows_16_at_once(name, n, k, m, threads, bias, bad_const, seed):
-    """M <= 5 on short rows runs 16 rows of W at a time (chunk-major, nested constants decoded 64 rows at
-    once) with one 16-row reduction per row of x: bit-identical to the tiles (also with the constants of
+    """M = 2..5 (and M = 1 on short rows) runs 16 rows of W at a time (chunk-major, nested constants decoded
+    64 rows at once) with one 16-row reduction per row of x: bit-identical to the tiles (also with the constants of
     one row not finite: the first, either side of a 16- or 64-row boundary, or the last), within the
     reference's tolerance; a NaN or Inf row of x gives the fp32 result (the other rows unchanged); M = 0
     is empty."""
