@@ -30,6 +30,7 @@ machine a single run of each method says more about the load than about the meth
     python benchmarks/bench_llm.py --methods 'fp32 eager,qbackend nf4 eager,llama.cpp Q4_0' --batches 1
     python benchmarks/bench_llm.py --quick                       # batch 1, 128+32 tokens, 5 methods
     python benchmarks/bench_llm.py --small                       # smoke: 2 layers, hidden 256, short runs
+    python benchmarks/bench_llm.py --dims qwen0.5b ...           # Qwen2.5-0.5B's dims: a small LLM, short rows
     python benchmarks/bench_llm.py --compute fp32 ...            # qbackend's layers in exact fp32 (default auto)
     python benchmarks/bench_llm.py --check-gguf                  # llama.cpp on the F32 GGUF vs transformers
     python benchmarks/bench_llm.py --sdpa-gqa ...                # grouped-query SDPA also with a mask (static cache)
@@ -69,6 +70,11 @@ TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=3
                  num_hidden_layers=22, vocab_size=32000)  # fmt: skip
 SMALL = dict(hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=2,
              num_hidden_layers=2, vocab_size=1024)  # fmt: skip
+#: Qwen2.5-0.5B's layer dims (hidden 896, 24 layers, 14 heads / 2 KV heads, intermediate 4864) in the Llama
+#: architecture, vocab 32000 as above: a small LLM whose rows are short (K = 896 for all but down_proj)
+QWEN05 = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+              num_hidden_layers=24, vocab_size=32000)  # fmt: skip
+DIMS = {"tinyllama": TINYLLAMA, "qwen0.5b": QWEN05}
 QB_PRESETS = ("nf4", "int4", "int8", "w8a8")
 # enum llama_ftype: ALL_F32, MOSTLY_Q4_0, MOSTLY_Q8_0, MOSTLY_Q4_K_M ("F32" is the converted file itself)
 LLAMA_CPP_TYPES = {"F32": 0, "Q4_0": 2, "Q8_0": 7, "Q4_K": 15}
@@ -408,7 +414,7 @@ def run_once(r: Any, ids: torch.Tensor, decode: int) -> Timing:
 def child(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(a.threads or torch.get_num_threads())
     threads = torch.get_num_threads()
-    dims = SMALL if a.small else TINYLLAMA
+    dims = SMALL if a.small else DIMS[a.dims]
     max_len = a.prompt + a.decode + 8
     cfg = llama_config(dims, max_len)
     t0 = time.perf_counter()
@@ -451,7 +457,7 @@ def check_gguf(a: argparse.Namespace) -> dict[str, float]:
     """The converted F32 GGUF run by llama.cpp vs the same model in transformers: last-position logits of a
     prompt (cosine, max abs difference): "the same weights" checked, rope permutation included."""
     torch.set_num_threads(a.threads or torch.get_num_threads())
-    dims = SMALL if a.small else TINYLLAMA
+    dims = SMALL if a.small else DIMS[a.dims]
     cfg = llama_config(dims, 64)
     ids = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(a.seed + 1))
     with torch.inference_mode():
@@ -472,6 +478,7 @@ def run_method(method: str, a: argparse.Namespace) -> dict[str, Any]:
             "--seed", str(a.seed), "--compute", a.compute]  # fmt: skip
     if a.small:
         args.append("--small")
+    args += ["--dims", a.dims]
     env = dict(os.environ, TRANSFORMERS_SDPA_FORCE_GQA="1") if a.sdpa_gqa else None
     if a.threads:
         args += ["--threads", str(a.threads)]
@@ -553,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="arithmetic of qbackend's weight-only layers (default auto: the fastest within the error "
                    "bound on this CPU; W8A8 is int8 whatever this says)")  # fmt: skip
     p.add_argument("--sdpa-gqa", action="store_true", help="TRANSFORMERS_SDPA_FORCE_GQA=1: no K/V copy per head")
+    p.add_argument("--dims", default="tinyllama", choices=sorted(DIMS),
+                   help="the model's dims: TinyLlama-1.1B's (default) or Qwen2.5-0.5B's (short rows)")
     p.add_argument("--small", action="store_true", help="smoke run: 2 layers, hidden 256, vocab 1024, 16+4 tokens")
     p.add_argument("--quick", action="store_true", help=f"batch 1, 128+32 tokens, methods: {', '.join(QUICK)}")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per method")
@@ -578,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.list_methods:
         print(json.dumps(methods))
         return 0
-    dims = SMALL if a.small else TINYLLAMA
+    dims = SMALL if a.small else DIMS[a.dims]
     gqa = "; SDPA enable_gqa forced" if a.sdpa_gqa else ""
     print(_common.header(extra=f"model {json.dumps(dims)}; prefill {a.prompt}, decode {a.decode}, "
                                f"batches {a.batches}, repeats {a.repeats}{gqa}"), flush=True)  # fmt: skip

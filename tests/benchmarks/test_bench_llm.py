@@ -95,3 +95,25 @@ def test_rounds_combine_to_medians_and_keep_failures():
     assert row["rounds"] == 3 and row["failed_rounds"] == ["exit 1: boom"] and row["wall_s"] == 16.0
     failed = combine([{"method": "m", "error": "timed out", "wall_s": 1.0}])
     assert failed["error"] == "timed out"
+
+
+def test_model_dims_are_llama_configs_and_reach_the_child(monkeypatch):
+    """Every ``--dims`` choice builds a Llama config (whole heads, grouped KV heads), and a method's
+    subprocess gets the same choice."""
+    mod = _bench_module()
+    for name, dims in mod.DIMS.items():
+        cfg = mod.llama_config(dims, 64)
+        assert cfg.hidden_size % cfg.num_attention_heads == 0, name
+        assert cfg.num_attention_heads % cfg.num_key_value_heads == 0, name
+    assert mod.DIMS["qwen0.5b"]["hidden_size"] == 896
+    seen = []
+
+    def fake_run(args, **kw):
+        seen.append(args)
+        return subprocess.CompletedProcess(args, 1, "", "stopped here")
+
+    monkeypatch.setattr(mod.subprocess, "run", fake_run)
+    a = mod.argparse.Namespace(prompt=16, decode=4, batches="1", repeats=1, seed=0, compute="auto", small=False,
+                               dims="qwen0.5b", sdpa_gqa=False, threads=None, timeout=5)  # fmt: skip
+    assert mod.run_method("qbackend nf4 eager", a)["error"] == "exit 1: stopped here"
+    assert seen and seen[0][seen[0].index("--dims") + 1] == "qwen0.5b"
