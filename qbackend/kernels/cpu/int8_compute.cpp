@@ -1043,6 +1043,9 @@ QBI8_TARGET inline void gemv16_chunks(const Ctx4& cx, int64_t m0, int64_t n, con
     const float* svp = a.sv + m0 * nch * 16;
     const int32_t* cvp = a.cv + m0 * nch * 16;
     const int64_t pft = (int64_t)cx.pf_tiles * pf_rows_ahead(half) * half;
+    // M >= 4 on long rows waits on L2 (cold nf4, K = 4864..5632, 1.05-1.1x slower than tile4's per-row
+    // prefetches into L1): the row's chunk 8 on goes into L1 too
+    const bool l1pf = MR >= 4 && pft && w.K > GEMV16_MAX_K;
     for (int g = 0; g < 16; g += R) {
         __m512 ac[MR][R];
         for (int i = 0; i < MR; ++i)
@@ -1062,6 +1065,7 @@ QBI8_TARGET inline void gemv16_chunks(const Ctx4& cx, int64_t m0, int64_t n, con
 #pragma GCC unroll 16
             for (int r = 0; r < R; ++r, p += half, wsc += wstr) {
                 if (pft) _mm_prefetch((const char*)(wt + (c * R + r) * 64 + pft), _MM_HINT_T1);
+                if (l1pf) _mm_prefetch((const char*)(p + 512), _MM_HINT_T0);
                 const __m512i v = _mm512_maskz_loadu_epi8(mk, p);
                 __m512i lo, hi;
                 if (KIND == 0) {  // vpermb: measured 11% faster here than vpshufb after a nibble mask
