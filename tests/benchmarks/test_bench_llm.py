@@ -99,7 +99,7 @@ def test_rounds_combine_to_medians_and_keep_failures():
 
 def test_model_dims_are_llama_configs_and_reach_the_child(monkeypatch):
     """Every ``--dims`` choice builds a Llama config (whole heads, grouped KV heads), and a method's
-    subprocess gets the same choice."""
+    subprocess gets the same choice (and ``--skip-module-guards``)."""
     mod = _bench_module()
     for name, dims in mod.DIMS.items():
         cfg = mod.llama_config(dims, 64)
@@ -114,6 +114,8 @@ def test_model_dims_are_llama_configs_and_reach_the_child(monkeypatch):
 
     monkeypatch.setattr(mod.subprocess, "run", fake_run)
     a = mod.argparse.Namespace(prompt=16, decode=4, batches="1", repeats=1, seed=0, compute="auto", small=False,
-                               dims="qwen0.5b", sdpa_gqa=False, threads=None, timeout=5)  # fmt: skip
+                               dims="qwen0.5b", sdpa_gqa=False, skip_module_guards=True, threads=None,
+                               timeout=5)  # fmt: skip
     assert mod.run_method("qbackend nf4 eager", a)["error"] == "exit 1: stopped here"
     assert seen and seen[0][seen[0].index("--dims") + 1] == "qwen0.5b"
+    assert "--skip-module-guards" in seen[0]
