@@ -22,6 +22,7 @@ import ctypes
 import math
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,9 +43,10 @@ STREAM = "stream read (fp32 sum)"
 
 
 def build_library(tree: Path) -> Path:
-    """Compiles the kernel sources of another checkout (``tree`` = its repository root) like _build does."""
+    """Compiles the kernel sources of another checkout (``tree`` = its repository root) like _build does,
+    into a temporary folder (not into that checkout, where it would show up as a new file)."""
     src = tree / "qbackend" / "kernels" / "cpu"
-    out = tree / "qlinear_bench.so"
+    out = Path(tempfile.mkdtemp(prefix="qb-bench-lib-")) / "qlinear_bench.so"
     cpp = sorted(src.glob("*.cpp"))
     flags = [*_build._BASE_FLAGS, *_build._VARIANTS["avx512"]]
     cmd = [_build._compiler() or "g++", *flags, *map(str, cpp), "-o", str(out)]
