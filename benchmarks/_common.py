@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,6 +23,7 @@ from qbackend.cli.machine import load_average, machine_info, machine_line, versi
 __all__ = [
     "add_threads_option",
     "apply_threads",
+    "build_kernel_library",
     "fmt",
     "header",
     "interleaved",
@@ -91,6 +93,16 @@ def wall_and_cpu_us(fn: Callable[[], object], n: int, warmup: int = 50) -> tuple
         cpus.append((time.thread_time() - c) / per * 1e6)
     return statistics.median(walls), statistics.median(cpus)
 
+
+def build_kernel_library(src_dir: Path, out_dir: Path) -> Path:
+    """The C++ kernels in ``src_dir`` (another version's ``qbackend/kernels/cpu``) compiled with this tree's
+    compiler and flags for this CPU, as ``out_dir / "qlinear_bench.so"``: an old library to A/B against."""
+    from qbackend.kernels.cpu import _build
+
+    _, cmd, _ = _build.library_path(_build.cpu_variant())
+    out = out_dir / "qlinear_bench.so"
+    subprocess.run([*cmd, *map(str, sorted(src_dir.glob("*.cpp"))), "-o", str(out)], check=True, timeout=600)
+    return out
 
 def interleaved(
     methods: Mapping[str, Callable[[], object]], rounds: int, calls: int, *, warmup: int = 0,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import math
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -45,13 +44,8 @@ STREAM = "stream read (fp32 sum)"
 def build_library(tree: Path) -> Path:
     """Compiles the kernel sources of another checkout (``tree`` = its repository root) like _build does,
     into a temporary folder (not into that checkout, where it would show up as a new file)."""
-    src = tree / "qbackend" / "kernels" / "cpu"
-    out = Path(tempfile.mkdtemp(prefix="qb-bench-lib-")) / "qlinear_bench.so"
-    cpp = sorted(src.glob("*.cpp"))
-    flags = [*_build._BASE_FLAGS, *_build._VARIANTS["avx512"]]
-    cmd = [_build._compiler() or "g++", *flags, *map(str, cpp), "-o", str(out)]
-    subprocess.run(cmd, check=True, timeout=600)
-    return out
+    return _common.build_kernel_library(tree / "qbackend" / "kernels" / "cpu",
+                                        Path(tempfile.mkdtemp(prefix="qb-bench-lib-")))
 
 
 def load_library(path: Path | None) -> ctypes.CDLL:

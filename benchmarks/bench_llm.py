@@ -600,10 +600,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(methods))
         return 0
     dims = SMALL if a.small else DIMS[a.dims]
-    gqa = "; SDPA enable_gqa forced" if a.sdpa_gqa else ""
-    gqa += "; no guards on nn modules (skip_guard_on_all_nn_modules_unsafe)" if a.skip_module_guards else ""
+    notes = "; SDPA enable_gqa forced" if a.sdpa_gqa else ""
+    notes += "; no guards on nn modules (skip_guard_on_all_nn_modules_unsafe)" if a.skip_module_guards else ""
     print(_common.header(extra=f"model {json.dumps(dims)}; prefill {a.prompt}, decode {a.decode}, "
-                               f"batches {a.batches}, repeats {a.repeats}{gqa}"), flush=True)  # fmt: skip
+                               f"batches {a.batches}, repeats {a.repeats}{notes}"), flush=True)  # fmt: skip
     if a.rounds < 1:
         p.error("--rounds must be at least 1")
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}

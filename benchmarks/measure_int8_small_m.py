@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common
 import torch
 
 from qbackend.formats import Scheme, quantize
 from qbackend.kernels import prepare_weight
-from qbackend.kernels.cpu import _build
 from qbackend.kernels.cpu import int8_compute as ic
 from qbackend.kernels.cpu._tensors import contig
 
@@ -46,18 +46,11 @@ def base_library(rev: str, out: Path) -> ctypes.CDLL:
     """The kernel library of commit ``rev`` (same compiler and flags as this tree's build)."""
     names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "qbackend/kernels/cpu/"],
                            check=True, capture_output=True, text=True).stdout.split()  # fmt: skip
-    srcs = []
     for name in names:
         if name.endswith((".cpp", ".h")):
-            dst = out / Path(name).name
-            dst.write_bytes(subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{name}"], check=True,
-                                           capture_output=True).stdout)  # fmt: skip
-            if name.endswith(".cpp"):
-                srcs.append(str(dst))
-    _, cmd, _ = _build.library_path(_build.cpu_variant())
-    so = out / "base.so"
-    subprocess.run([*cmd, *srcs, "-o", str(so)], check=True, timeout=600)
-    return _declare(ctypes.CDLL(str(so)))
+            (out / Path(name).name).write_bytes(subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{name}"],
+                                                               check=True, capture_output=True).stdout)  # fmt: skip
+    return _declare(ctypes.CDLL(str(_common.build_kernel_library(out, out))))
 
 
 def descriptor(fmt: str, n: int, k: int) -> tuple[ic.QI8W, tuple]:

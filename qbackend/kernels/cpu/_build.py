@@ -174,9 +174,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qb_set_omp.argtypes = [P, P, P]
     lib.qb_set_omp.restype = INT
     lib.qb_omp_stats.argtypes = [P]
+    lib.qb_omp_stats.restype = None
     lib.qb_set_omp_skip_min.argtypes = [I64]
     lib.qb_set_omp_skip_min.restype = None
-    lib.qb_omp_stats.restype = None
     lib.qb_all_finite.argtypes = [P, I64]
     lib.qb_all_finite.restype = INT
     lib.qb_decode_attention.argtypes = [P] * 6 + [INT, ctypes.c_float, INT, INT]

@@ -351,6 +351,7 @@ struct Ctx4 {
     int64_t nfull;        // full chunks
     int pf_tiles = 0;     // small M: software prefetch of the codes this many tiles ahead (0: none)
     const uint8_t* nplanes = nullptr;  // nested codebook: the table's byte planes (nested_planes)
+    int64_t pf_rows = 0;  // run4_16: prefetch distance in rows of W (pf_tiles * pf_rows_ahead(K / 2))
 };
 
 // KIND: 0 LUT, 1 int4 symmetric, 2 int4 affine. From MR = 2 (M = 1's streaming path kept as it was
@@ -1042,7 +1043,7 @@ QBI8_TARGET inline void gemv16_chunks(const Ctx4& cx, int64_t m0, int64_t n, con
     const int8_t* xr = a.xq + m0 * a.Kp;
     const float* svp = a.sv + m0 * nch * 16;
     const int32_t* cvp = a.cv + m0 * nch * 16;
-    const int64_t pft = (int64_t)cx.pf_tiles * pf_rows_ahead(half) * half;
+    const int64_t pft = cx.pf_rows * half;
     // M >= 4 on long rows waits on L2 (cold nf4, K = 4864..5632, 1.05-1.1x slower than tile4's per-row
     // prefetches into L1): the row's chunk 8 on goes into L1 too
     const bool l1pf = MR >= 4 && pft && w.K > GEMV16_MAX_K;
@@ -1121,9 +1122,8 @@ QBI8_TARGET void run4_16(const Ctx4& cx, const RowScales& rs, int64_t n0, int64_
     // Compact plain constants (int4, non-nested codebook) with no partial chunk: a row's chunks read only
     // its own entries (the 4-entry loads' unused lanes may see the next row's), so rows need no padding.
     const bool flat = rs.compact && K % 128 == 0 && (KIND != 0 || w.ncodes == nullptr);
-    const int64_t pfr = (int64_t)cx.pf_tiles * pf_rows_ahead(K / 2);
     for (int64_t n = n0; n + 16 <= n1; n += 16) {
-        if (cx.pf_tiles) prefetch_consts(w, n + pfr, n + pfr + 16);
+        if (cx.pf_rows) prefetch_consts(w, n + cx.pf_rows, n + cx.pf_rows + 16);
         if (flat) {  // the 16 rows' constants are one contiguous run
             const int64_t per = KIND == 0 ? K / w.bs : w.G;
             std::memcpy(wsb, (KIND == 0 ? w.absmax : w.scale) + n * per, sizeof(float) * (size_t)(16 * per));
@@ -1420,6 +1420,7 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
         const RowScales rs = row_scale_form(w);
         Ctx4 cx{&w, &a, bias, y, rs.sh, tail ? (__mmask64)((uint64_t(1) << (tail / 2)) - 1) : (__mmask64)0, w.K / 128,
                 g_pf_tiles, planes};
+        cx.pf_rows = (int64_t)g_pf_tiles * pf_rows_ahead(w.K / 2);
         auto lane_body = [&](int64_t l, int) {
             int64_t n0, n1;
             while (ln.next((int)l, n0, n1)) {
