@@ -31,6 +31,7 @@ import torch.fx as fx
 from ..kernels import direct
 from ..passes import LoweringResult, graph_params
 from ..passes.decode_attention import use_decode_attention
+from ..passes.group_linears import group_linears
 from ..passes.grouped_kv import use_grouped_kv
 from ..passes.weight_cache import StaleWeightError
 from ..passes.weight_stamp import DeviceProbes, FoldedCheck, check_mode
@@ -69,6 +70,8 @@ def qbackend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | None 
         log.debug("qbackend: decode attention by qbackend::decode_attention")
     result = workflow.compile(gm, config, log.isEnabledFor(logging.DEBUG))
     _log(result, gm)
+    if grouped := group_linears(gm):  # exact: linears reading one input at decode in one kernel call
+        log.debug("qbackend: %d linears in groups reading the same input", grouped)
     key = {}
     if patches.get("post_grad_custom_post_pass", torch._inductor.config.post_grad_custom_post_pass) is None:
         # keys Inductor's cache on the direct kernel calls (code cached without them is not reused)

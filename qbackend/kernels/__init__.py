@@ -41,6 +41,7 @@ from ..formats import QuantizedWeight, Scheme, code_table
 from . import attention as attention  # registers torch.ops.qbackend.decode_attention
 from . import cpu as cpu  # registers the "cpu" kernels
 from . import cuda as cuda  # registers the "cuda" kernels (Triton resolved on first call)
+from . import linear_group as linear_group  # registers torch.ops.qbackend.linear_group
 from . import ops as ops  # registers torch.ops.qbackend.*
 from .families import FAMILIES, OpFamily, by_op_name
 from .spec import COMPUTE_MODES, DEFAULT_COMPUTE

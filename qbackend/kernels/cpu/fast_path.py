@@ -40,7 +40,7 @@ _Kernel = Callable[..., Tensor]
 class Prepared:
     """One weight's kernel call with everything but x, the bias, the output and the thread count bound."""
 
-    __slots__ = ("call", "checked", "n", "k", "limit", "refs", "table", "table_bytes")
+    __slots__ = ("call", "checked", "member", "n", "k", "limit", "refs", "table", "table_bytes")
 
     def __init__(self, call: Callable[[int, int, int | None, int, int], int], n: int, k: int, limit: str | None,
                  table: Tensor | None = None) -> None:  # fmt: skip
@@ -53,6 +53,8 @@ class Prepared:
         self.table_bytes = None if self.table is None else self.table.raw
         # the call itself checks y finite (0: it is) and any table it baked (TABLE_CHANGED: prepare again)
         self.checked = False
+        # the int8-compute kernel's group member (int8_compute.QI8Member, no bias): calls in a group take it
+        self.member: ctypes.Structure | None = None
 
 
 def _version(t: Tensor) -> int:
@@ -192,6 +194,68 @@ class FastKernel:
         return y
 
 
+def group_linear(fast: FastKernel, x: Tensor, tensors: Sequence[Tensor | None], ints: Sequence[int],
+                 compute: str) -> Tensor | None:  # fmt: skip
+    """The outputs ``x @ W_i^T + b_i`` of a group's members (``tensors``: each member's weight tensors then
+    its bias; ``ints``: each member's ints), each ``[M, n_i]`` row-major, one after another in one flat
+    tensor, from one foreign call (``qbi8_linear_group``); or None: the caller runs each member's kernel,
+    which computes exactly what this does. Only the int8 compute mode's kernels have the group call; the
+    caller is below autograd and dispatch."""
+    if x.dtype is not _F32 or not x.is_cpu or x.layout is not _STRIDED or not x.is_contiguous() or not x.dim():
+        return None
+    nw, ni = fast._nw, len(fast.family.ints)
+    step = nw + 1
+    count, k = len(tensors) // step, x.shape[-1]
+    if count == 0 or len(tensors) != count * step or len(ints) != count * ni or k <= 0 or _PKG._force_portable:
+        return None
+    m = x.numel() // k
+    if m <= 0:
+        return None
+    preps, bps = [], []
+    for i in range(count):
+        at = i * step
+        p = fast.prepared(tensors[at : at + nw], tuple(ints[i * ni : i * ni + ni]), compute)
+        if p is None or p.member is None or p.k != k:
+            return None
+        b = tensors[at + nw]
+        if b is None:
+            bps.append(None)
+        elif b.dtype is _F32 and b.is_cpu and b.is_contiguous() and b.numel() == p.n:
+            bps.append(b.data_ptr())
+        else:
+            return None
+        preps.append(p)
+    key = (*preps, *bps)
+    members = _GROUPS.get(key)
+    if members is None:  # the members' descriptors stay valid while their Prepared objects (the key) live
+        if len(_GROUPS) > 256:
+            _GROUPS.clear()
+        members = _GROUPS[key] = _group_members(preps, bps)
+    total = sum(p.n for p in preps)
+    y = torch.empty(m * total)
+    rc = _GROUP_FN(members, count, x.data_ptr(), m, y.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        if rc == TABLE_CHANGED:  # the members' own calls prepare again
+            fast._cache.clear()
+            fast._front.clear()
+            _GROUPS.clear()
+        return None
+    return y
+
+
+def _group_members(preps: list[Prepared], bps: list[int | None]) -> ctypes.Array:
+    from .int8_compute import QI8Member
+
+    arr = (QI8Member * len(preps))(*(p.member for p in preps))  # copies of the members' fields
+    for i, b in enumerate(bps):
+        arr[i].bias = b
+    return arr
+
+
+#: (the members' Prepared objects, their bias addresses) -> the C array of the group's members
+_GROUPS: dict[tuple, ctypes.Array] = {}
+
+
 _F32, _STRIDED = torch.float32, torch.strided
 #: a checked call's code for "the code table baked into the descriptor changed" (qbi8_linear_prepared)
 TABLE_CHANGED = -2
@@ -219,6 +283,7 @@ def _weights_ok(family: OpFamily, tensors: tuple, statics: tuple, compute: str) 
 
 _LIB: ctypes.CDLL = None  # type: ignore[assignment]  # set when a first call is prepared (with the library)
 _PKG: ModuleType = None  # type: ignore[assignment]  # the CPU package (its switches are read per call); set by find()
+_GROUP_FN: Callable[..., int] = None  # type: ignore[assignment]  # qbi8_linear_group; set with the first member
 
 
 def _qb4(L: ctypes.CDLL, q: _build.QW4, n: int, k: int) -> Prepared | None:
@@ -279,8 +344,13 @@ def _qbi8(q, n: int, k: int, table: Tensor | None = None) -> Prepared | None:
         # nonzero: rows of x holding NaN/Inf, y not finite, the table changed, ...: the regular kernel runs
         return fn(ref, xp, m, bp, yp, nt, tp, saved, nb)
 
+    global _GROUP_FN
+    _GROUP_FN = L.qbi8_linear_group
     p = Prepared(call, n, k, None)
     p.checked = True
+    # q and saved live as long as p (the call's defaults hold them): the member's pointers stay valid
+    sp = None if saved is None else ctypes.addressof(saved)
+    p.member = int8_compute.QI8Member(ctypes.pointer(q), None, tp, sp, nb)
     return p
 
 

@@ -32,6 +32,9 @@
 //   while a tile computes (the weight streams from L3/DRAM under the compute). No copy of W outlives
 //   the call.
 // Threads: the library's RowPool (qb_pool_run in qlinear.cpp), rows of W split into units.
+// Groups (qbi8_linear_group: weights reading one x, as q/k/v at LLM decode): at small M, x quantized
+// once and the members' rows walked as one range in one region (measured at hidden 896, M = 1, hot:
+// q/k/v 12 us against 18.5 us in three calls).
 //
 // The code is compiled for the library's variant flags; the VNNI/VBMI parts carry target
 // attributes and run only when the CPU has them (qbi8_supported).
@@ -1372,9 +1375,10 @@ class Lanes {
     std::unique_ptr<std::atomic<uint64_t>[]> st_;
 };
 
-QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const float* bias, float* y, int nthreads) {
+// The activations' buffers of one call in a per-thread allocation (64-byte aligned pieces), followed by
+// `nplanes` nested-table plane sets (NPLANES_BYTES each) at *planes.
+Act act_buffers(const QI8W& w, int64_t M, int64_t nplanes, uint8_t** planes) {
     const bool four = w.kind != KIND_INT8;
-    const bool affine = w.kind == KIND_INT4 && w.zp != nullptr;
     Act a;
     a.M = M;
     a.K = w.K;
@@ -1382,9 +1386,8 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
     a.Kp = (w.K + a.ch - 1) / a.ch * a.ch;
     a.nch = a.Kp / a.ch;
     const size_t qbytes = (size_t)(M * a.Kp), vbytes = (size_t)(M * a.nch * 16 * 4);
-    // One allocation per call for the activations (64-byte aligned pieces).
     thread_local std::vector<uint8_t> buf;
-    const size_t need = qbytes + 2 * vbytes + (size_t)M + 256 + NPLANES_BYTES;
+    const size_t need = qbytes + 2 * vbytes + (size_t)M + 256 + (size_t)nplanes * NPLANES_BYTES;
     if (buf.size() < need) buf.resize(need);
     uint8_t* p = (uint8_t*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
     a.xq = (int8_t*)p;
@@ -1393,17 +1396,56 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
     p += vbytes;
     a.cv = (int32_t*)p;
     p += vbytes;
-    uint8_t* planes = nullptr;
-    if (w.kind == KIND_CODEBOOK && w.ncodes != nullptr) {
-        planes = p;
-        nested_planes(w, planes);
-        p += NPLANES_BYTES;
-    }
-    a.bad = p;
+    *planes = p;
+    a.bad = p + nplanes * NPLANES_BYTES;
+    return a;
+}
+
+// x quantized into a for weights of w's kind; returns the rows of x holding NaN/Inf.
+QBI8_TARGET int64_t quantize_for(const QI8W& w, const float* x, Act& a, int nthreads) {
+    const bool affine = w.kind == KIND_INT4 && w.zp != nullptr;
     const int32_t off = w.kind == KIND_INT4 ? 8 : 128;
     quantize_all(x, a, off, affine, w.kind == KIND_CODEBOOK ? w.inv_c : 1.0f, nthreads);
     int64_t nbad = 0;
-    for (int64_t m = 0; m < M; ++m) nbad += a.bad[m];
+    for (int64_t m = 0; m < a.M; ++m) nbad += a.bad[m];
+    return nbad;
+}
+
+bool has_nested(const QI8W& w) { return w.kind == KIND_CODEBOOK && w.ncodes != nullptr; }
+
+Ctx4 ctx4(const QI8W& w, const Act& a, const float* bias, float* y, const RowScales& rs, const uint8_t* planes) {
+    const int64_t tail = w.K % a.ch;
+    Ctx4 cx{&w, &a, bias, y, rs.sh, tail ? (__mmask64)((uint64_t(1) << (tail / 2)) - 1) : (__mmask64)0, w.K / 128,
+            g_pf_tiles, planes};
+    cx.pf_rows = (int64_t)g_pf_tiles * pf_rows_ahead(w.K / 2);
+    return cx;
+}
+
+Ctx8 ctx8(const QI8W& w, const Act& a, const float* bias, float* y) {
+    const int64_t tail = w.K % a.ch;
+    return Ctx8{&w, &a, bias, y, tail ? (__mmask64)((uint64_t(1) << tail) - 1) : (__mmask64)0, w.K / 64, g_pf_tiles};
+}
+
+// Rows [n0, n1) of W against all M rows of x (the small-M kernels).
+QBI8_TARGET void run_small(const Ctx4* c4, const Ctx8* c8, const RowScales& rs, int64_t n0, int64_t n1, int64_t M) {
+    if (c8 != nullptr) {
+        run8(*c8, n0, n1, 0, M);
+        return;
+    }
+    const QI8W& w = *c4->w;
+    if (w.kind == KIND_CODEBOOK) run4<0>(*c4, rs, n0, n1, 0, M);
+    else if (w.zp != nullptr) run4<2>(*c4, rs, n0, n1, 0, M);
+    else run4<1>(*c4, rs, n0, n1, 0, M);
+}
+
+QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const float* bias, float* y, int nthreads) {
+    const bool four = w.kind != KIND_INT8;
+    const bool affine = w.kind == KIND_INT4 && w.zp != nullptr;
+    uint8_t* planes = nullptr;
+    Act a = act_buffers(w, M, 1, &planes);
+    if (has_nested(w)) nested_planes(w, planes);
+    else planes = nullptr;
+    const int64_t nbad = quantize_for(w, x, a, nthreads);
 
     if (M >= (four ? g_gemm_min_m : g_gemm_min_m8)) {
         gemm_all(w, a, bias, y, nthreads, affine, planes);
@@ -1411,23 +1453,16 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
     }
     const int64_t mb = 64;
     const Units u(w.N, M, pick_nb(w.N, M, nthreads), mb);
-    const int64_t tail = w.K % a.ch;
     const bool lanes = g_lanes && M <= mb && nthreads > 1 && w.N <= 0x7fffffff;
     // 4-bit: a lane is taken 64 rows at a time (run4_16 then decodes 64 rows' nested constants at once,
     // and a unit's set-up is shared by more rows): hot 1.05-1.35x faster than 16 at M = 1..4 on K <= 1536.
     Lanes ln(w.N, lanes ? std::max(1, std::min<int>(nthreads, (int)((w.N + 15) / 16))) : 1, four ? 64 : 16);
     if (four) {
         const RowScales rs = row_scale_form(w);
-        Ctx4 cx{&w, &a, bias, y, rs.sh, tail ? (__mmask64)((uint64_t(1) << (tail / 2)) - 1) : (__mmask64)0, w.K / 128,
-                g_pf_tiles, planes};
-        cx.pf_rows = (int64_t)g_pf_tiles * pf_rows_ahead(w.K / 2);
+        const Ctx4 cx = ctx4(w, a, bias, y, rs, planes);
         auto lane_body = [&](int64_t l, int) {
             int64_t n0, n1;
-            while (ln.next((int)l, n0, n1)) {
-                if (w.kind == KIND_CODEBOOK) run4<0>(cx, rs, n0, n1, 0, M);
-                else if (affine) run4<2>(cx, rs, n0, n1, 0, M);
-                else run4<1>(cx, rs, n0, n1, 0, M);
-            }
+            while (ln.next((int)l, n0, n1)) run_small(&cx, nullptr, rs, n0, n1, M);
         };
         if (lanes) {
             pool_run(ln.count(), nthreads, lane_body);
@@ -1443,10 +1478,10 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
         };
         pool_run(u.count(), nthreads, body);
     } else {
-        Ctx8 cx{&w, &a, bias, y, tail ? (__mmask64)((uint64_t(1) << tail) - 1) : (__mmask64)0, w.K / 64, g_pf_tiles};
+        const Ctx8 cx = ctx8(w, a, bias, y);
         auto lane_body = [&](int64_t l, int) {
             int64_t n0, n1;
-            while (ln.next((int)l, n0, n1)) run8(cx, n0, n1, 0, M);
+            while (ln.next((int)l, n0, n1)) run_small(nullptr, &cx, RowScales{}, n0, n1, M);
         };
         if (lanes) {
             pool_run(ln.count(), nthreads, lane_body);
@@ -1461,6 +1496,77 @@ QBI8_TARGET int64_t linear_slab(const QI8W& w, const float* x, int64_t M, const 
         pool_run(u.count(), nthreads, body);
     }
     return nbad;
+}
+
+}  // namespace
+
+extern "C" {
+// One member of a group call (qbi8_linear_group); mirrors qbackend.kernels.cpu.int8_compute.QI8Member.
+struct QI8Member {
+    const QI8W* w;
+    const float* bias;    // null: none
+    const void* table;    // the code table w's int8 image was made from (null: none to check)
+    const void* saved;    // its bytes then
+    int64_t table_bytes;
+};
+}
+
+namespace {
+
+// Whether members' weights take the same quantized activations (kind, int4 zero points, table scale).
+bool same_activations(const QI8W& a, const QI8W& b) {
+    return a.K == b.K && a.kind == b.kind && (a.zp != nullptr) == (b.zp != nullptr) &&
+           (a.kind != KIND_CODEBOOK || a.inv_c == b.inv_c);
+}
+
+// Small M, members taking the same activations: x quantized once, and the members' rows (one after
+// another, as one N) walked in the lanes of one thread-pool region. Each output row of W is computed by
+// the same kernels as a single call's (results bit-identical; tile boundaries never change a value).
+std::atomic<int64_t> g_group_regions{0};  // group_small calls (tests: the one-region path ran)
+
+QBI8_TARGET int64_t group_small(const QI8Member* ms, int64_t count, const float* x, int64_t M, float* y,
+                                int nthreads) {
+    g_group_regions.fetch_add(1, std::memory_order_relaxed);
+    const QI8W& w0 = *ms[0].w;
+    const bool four = w0.kind != KIND_INT8;
+    uint8_t* planes = nullptr;
+    Act a = act_buffers(w0, M, count, &planes);
+    const int64_t nbad = quantize_for(w0, x, a, nthreads);
+    if (nbad) return nbad;
+    std::vector<Ctx4> c4(four ? count : 0);
+    std::vector<Ctx8> c8(four ? 0 : count);
+    std::vector<RowScales> rs(count);
+    std::vector<int64_t> start(count + 1);
+    int64_t total = 0;
+    for (int64_t i = 0; i < count; ++i) {
+        const QI8W& w = *ms[i].w;
+        start[i] = total;
+        uint8_t* pl = nullptr;
+        if (has_nested(w)) {
+            pl = planes + i * NPLANES_BYTES;
+            nested_planes(w, pl);
+        }
+        rs[i] = row_scale_form(w);
+        if (four) c4[i] = ctx4(w, a, ms[i].bias, y + M * total, rs[i], pl);
+        else c8[i] = ctx8(w, a, ms[i].bias, y + M * total);
+        total += w.N;
+    }
+    start[count] = total;
+    const int nl = nthreads > 1 ? std::max(1, std::min<int>(nthreads, (int)((total + 15) / 16))) : 1;
+    Lanes ln(total, nl, four ? 64 : 16);
+    auto lane_body = [&](int64_t l, int) {
+        int64_t n0, n1;
+        while (ln.next((int)l, n0, n1)) {
+            for (int64_t i = 0; i < count; ++i) {
+                const int64_t lo = std::max(n0, start[i]), hi = std::min(n1, start[i + 1]);
+                if (lo < hi) run_small(four ? &c4[i] : nullptr, four ? nullptr : &c8[i], rs[i], lo - start[i],
+                                       hi - start[i], M);
+            }
+        }
+    };
+    if (nl > 1) pool_run(nl, nthreads, lane_body);
+    else lane_body(0, 0);
+    return 0;
 }
 
 }  // namespace
@@ -1502,6 +1608,41 @@ int64_t qbi8_linear(const QI8W* wp, const float* x, int64_t M, const float* bias
 // table; none: null) still holds the bytes its int8 image in w was made from (saved), then qbi8_linear,
 // then whether y is finite. Returns 0 when y is complete and finite; else nonzero and the caller runs
 // the regular kernel: -2 the table changed (prepare again), -3 y not finite, else qbi8_linear's code.
+// y = the outputs x @ W_i^T (+ bias_i) of `count` members reading the same x, each [M, N_i] row-major, one
+// after another (member i at y + M * (N_0 + ... + N_{i-1})): what qbi8_linear_prepared computes for each,
+// in one foreign call. At small M with members of one weight kind (q/k/v, gate/up at decode) x is
+// quantized once and one thread-pool region runs them all. Returns 0 when y is complete and finite;
+// else nonzero and the caller runs each member's own call: -1 a weight the kernels do not cover or a K
+// differing from the first's, -2 a member's code table changed, -3 y not finite, > 0 rows of x with NaN/Inf.
+int64_t qbi8_linear_group(const QI8Member* ms, int64_t count, const float* x, int64_t M, float* y, int nthreads) {
+    if (count <= 0 || M <= 0) return -1;
+    const QI8W& w0 = *ms[0].w;
+    bool together = M <= 64 && M < (w0.kind == KIND_INT8 ? g_gemm_min_m8 : g_gemm_min_m);
+    int64_t total = 0;
+    for (int64_t i = 0; i < count; ++i) {
+        const QI8W& w = *ms[i].w;
+        if (!(cpu_ok() && shape_ok(w)) || w.K != w0.K) return -1;
+        if (ms[i].table != nullptr && std::memcmp(ms[i].table, ms[i].saved, (size_t)ms[i].table_bytes) != 0) return -2;
+        together = together && same_activations(w0, w);
+        total += w.N;
+    }
+    if (together) {
+        const int64_t rc = group_small(ms, count, x, M, y, nthreads);
+        if (rc != 0) return rc;
+    } else {
+        int64_t off = 0;
+        for (int64_t i = 0; i < count; ++i) {
+            const int64_t rc = qbi8_linear(ms[i].w, x, M, ms[i].bias, y + M * off, nthreads);
+            if (rc != 0) return rc;
+            off += ms[i].w->N;
+        }
+    }
+    return qb_all_finite(y, M * total) ? 0 : -3;
+}
+
+// How many group calls ran as one region (x quantized once) since the library loaded (tests).
+int64_t qbi8_group_regions() { return g_group_regions.load(std::memory_order_relaxed); }
+
 int64_t qbi8_linear_prepared(const QI8W* wp, const float* x, int64_t M, const float* bias, float* y, int nthreads,
                              const void* table, const void* saved, int64_t table_bytes) {
     if (table != nullptr && std::memcmp(table, saved, (size_t)table_bytes) != 0) return -2;

@@ -56,6 +56,18 @@ class QI8W(ctypes.Structure):
     ]
 
 
+class QI8Member(ctypes.Structure):
+    """Mirror of ``struct QI8Member`` in int8_compute.cpp: one member of a group call."""
+
+    _fields_ = [
+        ("w", ctypes.POINTER(QI8W)),
+        ("bias", ctypes.c_void_p),
+        ("table", ctypes.c_void_p),
+        ("saved", ctypes.c_void_p),
+        ("table_bytes", ctypes.c_int64),
+    ]
+
+
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
     """The kernel library with this module's symbols declared, or None (no library, or a build below
@@ -70,6 +82,11 @@ def _lib() -> ctypes.CDLL | None:
     L.qbi8_linear.restype = ctypes.c_int64
     L.qbi8_linear_prepared.argtypes = [*L.qbi8_linear.argtypes, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     L.qbi8_linear_prepared.restype = ctypes.c_int64
+    L.qbi8_linear_group.argtypes = [ctypes.POINTER(QI8Member), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                    ctypes.c_void_p, ctypes.c_int]  # fmt: skip
+    L.qbi8_linear_group.restype = ctypes.c_int64
+    L.qbi8_group_regions.argtypes = []
+    L.qbi8_group_regions.restype = ctypes.c_int64
     L.qbi8_set_gemm_min_m.argtypes = [ctypes.c_int64, ctypes.c_int64]
     L.qbi8_set_gemm_min_m.restype = None
     L.qbi8_gemm_min_m.argtypes = [ctypes.c_int]
