@@ -35,6 +35,7 @@ machine a single run of each method says more about the load than about the meth
     python benchmarks/bench_llm.py --check-gguf                  # llama.cpp on the F32 GGUF vs transformers
     python benchmarks/bench_llm.py --sdpa-gqa ...                # grouped-query SDPA also with a mask (static cache)
     python benchmarks/bench_llm.py --skip-module-guards ...      # compiled: torch's opt-in to skip module guards
+    python benchmarks/bench_llm.py --no-size-asserts ...         # compiled: Inductor's size_asserts off
 
 Compiled methods use transformers' static cache, whose decode steps pass an attention mask; with a
 mask transformers does not use SDPA's ``enable_gqa`` and copies K and V to every query head first
@@ -130,7 +131,7 @@ class TorchRunner:
 
     def __init__(self, model: torch.nn.Module, cfg: Any, compiled: bool, dtype: torch.dtype, max_len: int,
                  backend: str | None = None, options: dict[str, Any] | None = None,
-                 skip_module_guards: bool = False) -> None:  # fmt: skip
+                 skip_module_guards: bool = False, size_asserts: bool = True) -> None:  # fmt: skip
         self.model, self.cfg, self.dtype, self.max_len = model, cfg, dtype, max_len
         self.static = compiled
         if compiled:
@@ -139,6 +140,12 @@ class TorchRunner:
                 kw.update(backend=backend, options=dict(options or {}))
             if skip_module_guards:  # torch.compile takes it out of the options before the backend sees them
                 kw.setdefault("options", {})["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+            if not size_asserts:  # Inductor's config, through qbackend's "inductor" option or Inductor's own options
+                opts = kw.setdefault("options", {})
+                if backend == "qbackend":
+                    opts["inductor"] = {**opts.get("inductor", {}), "size_asserts": False}
+                else:
+                    opts["size_asserts"] = False
             self.fn = torch.compile(model, **kw)
         else:
             self.fn = model
@@ -208,13 +215,13 @@ def _bnb(model: torch.nn.Module) -> None:
 
 
 def torch_runner(method: str, cfg: Any, seed: int, max_len: int, compute: str = "auto",
-                 skip_module_guards: bool = False) -> TorchRunner:  # fmt: skip
+                 skip_module_guards: bool = False, size_asserts: bool = True) -> TorchRunner:  # fmt: skip
     model = build_model(cfg, seed)
     if method == "fp32 eager":
         return TorchRunner(model, cfg, False, torch.float32, max_len)
     if method == "bf16 inductor":
         return TorchRunner(model.to(torch.bfloat16), cfg, True, torch.bfloat16, max_len,
-                           skip_module_guards=skip_module_guards)  # fmt: skip
+                           skip_module_guards=skip_module_guards, size_asserts=size_asserts)  # fmt: skip
     if method == "bnb nf4":
         _bnb(model)
         return TorchRunner(model, cfg, False, torch.float32, max_len)
@@ -227,7 +234,8 @@ def torch_runner(method: str, cfg: Any, seed: int, max_len: int, compute: str = 
         return TorchRunner(model, cfg, False, torch.float32, max_len)
     _register_backend()
     return TorchRunner(model, cfg, True, torch.float32, max_len, backend="qbackend",
-                       options=_options(preset, compute), skip_module_guards=skip_module_guards)  # fmt: skip
+                       options=_options(preset, compute), skip_module_guards=skip_module_guards,
+                       size_asserts=size_asserts)  # fmt: skip
 
 
 def _compute_modes(model: torch.nn.Module) -> dict[str, int]:
@@ -430,7 +438,7 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
         file_mb = path.stat().st_size / 2**20
         runner: Any = LlamaCppRunner(path, max(batches), max_len, threads, a.prompt)
     else:
-        runner = torch_runner(a.child, cfg, a.seed, max_len, a.compute, a.skip_module_guards)
+        runner = torch_runner(a.child, cfg, a.seed, max_len, a.compute, a.skip_module_guards, not a.no_size_asserts)
         file_mb = None
     gen = torch.Generator().manual_seed(a.seed + 1)
     out: dict[str, Any] = {"method": a.child, "threads": threads, "batches": {}, "file_mb": file_mb}
@@ -487,6 +495,8 @@ def run_method(method: str, a: argparse.Namespace) -> dict[str, Any]:
     args += ["--dims", a.dims]
     if a.skip_module_guards:
         args.append("--skip-module-guards")
+    if a.no_size_asserts:
+        args.append("--no-size-asserts")
     env = dict(os.environ, TRANSFORMERS_SDPA_FORCE_GQA="1") if a.sdpa_gqa else None
     if a.threads:
         args += ["--threads", str(a.threads)]
@@ -572,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="compiled methods: guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe "
                         "(no guards on the model's modules: less per-call overhead; a user's opt-in, unsafe if "
                         "modules change after compiling)")  # fmt: skip
+    p.add_argument("--no-size-asserts", action="store_true",
+                   help="compiled methods: Inductor's size_asserts=False (no per-call size/stride asserts on the "
+                        "graph's ~800 inputs; Dynamo's guards check them unless skipped)")  # fmt: skip
     p.add_argument("--dims", default="tinyllama", choices=sorted(DIMS),
                    help="the model's dims: TinyLlama-1.1B's (default) or Qwen2.5-0.5B's (short rows)")
     p.add_argument("--small", action="store_true", help="smoke run: 2 layers, hidden 256, vocab 1024, 16+4 tokens")
@@ -602,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     dims = SMALL if a.small else DIMS[a.dims]
     notes = "; SDPA enable_gqa forced" if a.sdpa_gqa else ""
     notes += "; no guards on nn modules (skip_guard_on_all_nn_modules_unsafe)" if a.skip_module_guards else ""
+    notes += "; Inductor size_asserts off" if a.no_size_asserts else ""
     print(_common.header(extra=f"model {json.dumps(dims)}; prefill {a.prompt}, decode {a.decode}, "
                                f"batches {a.batches}, repeats {a.repeats}{notes}"), flush=True)  # fmt: skip
     if a.rounds < 1:

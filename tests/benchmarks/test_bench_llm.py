@@ -99,7 +99,7 @@ def test_rounds_combine_to_medians_and_keep_failures():
 
 def test_model_dims_are_llama_configs_and_reach_the_child(monkeypatch):
     """Every ``--dims`` choice builds a Llama config (whole heads, grouped KV heads), and a method's
-    subprocess gets the same choice (and ``--skip-module-guards``)."""
+    subprocess gets the same choice (and ``--skip-module-guards``, ``--no-size-asserts``)."""
     mod = _bench_module()
     for name, dims in mod.DIMS.items():
         cfg = mod.llama_config(dims, 64)
@@ -114,8 +114,23 @@ def test_model_dims_are_llama_configs_and_reach_the_child(monkeypatch):
 
     monkeypatch.setattr(mod.subprocess, "run", fake_run)
     a = mod.argparse.Namespace(prompt=16, decode=4, batches="1", repeats=1, seed=0, compute="auto", small=False,
-                               dims="qwen0.5b", sdpa_gqa=False, skip_module_guards=True, threads=None,
-                               timeout=5)  # fmt: skip
+                               dims="qwen0.5b", sdpa_gqa=False, skip_module_guards=True, no_size_asserts=True,
+                               threads=None, timeout=5)  # fmt: skip
     assert mod.run_method("qbackend nf4 eager", a)["error"] == "exit 1: stopped here"
     assert seen and seen[0][seen[0].index("--dims") + 1] == "qwen0.5b"
-    assert "--skip-module-guards" in seen[0]
+    assert "--skip-module-guards" in seen[0] and "--no-size-asserts" in seen[0]
+
+
+def test_size_asserts_off_reaches_inductor_through_either_backend(monkeypatch):
+    """``--no-size-asserts``: qbackend gets it in its ``inductor`` option, Inductor itself as an option."""
+    mod = _bench_module()
+    seen = []
+    monkeypatch.setattr(mod.torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    lin = mod.torch.nn.Linear(2, 2)
+    mod.TorchRunner(lin, None, True, mod.torch.float32, 8, backend="qbackend", options={"preset": "nf4"},
+                    size_asserts=False)  # fmt: skip
+    mod.TorchRunner(lin, None, True, mod.torch.bfloat16, 8, size_asserts=False)
+    mod.TorchRunner(lin, None, True, mod.torch.bfloat16, 8)
+    assert seen[0]["options"] == {"preset": "nf4", "inductor": {"size_asserts": False}}
+    assert seen[1]["options"] == {"size_asserts": False}
+    assert "options" not in seen[2]
