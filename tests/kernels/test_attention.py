@@ -178,3 +178,44 @@ def test_op_fake_and_opcheck():
     torch.library.opcheck(torch.ops.qbackend.decode_attention.default, (q, k, v, None, 0.5, True))
     m = torch.zeros(2, 1, 3, 6)
     torch.library.opcheck(torch.ops.qbackend.decode_attention.default, (q, k, v, m))
+
+
+@needs_lib
+@settings(max_examples=60, deadline=None)
+@given(
+    s=st.integers(2, 700), cut=st.integers(1, 700), kind=st.sampled_from(["bool", "float", "causal"]),
+    n=st.integers(1, 4), layout=st.sampled_from(["contiguous", "cache"]), threads=st.sampled_from([1, 2]),
+    nan=st.sampled_from([None, "k", "v"]), seed=st.integers(0, 99),
+)  # fmt: skip
+def test_unattended_tail_of_a_static_cache_is_skipped_exactly(s, cut, kind, n, layout, threads, nan, seed):
+    """A static KV cache's positions after the last attended one add exactly zero: with finite K/V there the
+    kernel skips them (same result as sdpa over all of them); NaN there still comes out as NaN, as in sdpa."""
+    cut = min(cut, s - 1)
+    q, k, v, _ = _make(1, 2, 7, n, s, 64, 64, "none", None, layout, seed)
+    m, causal = None, kind == "causal"
+    if kind == "bool":
+        m = torch.ones(1, 1, n, s, dtype=torch.bool)
+        m[..., cut:] = False
+    elif kind == "float":
+        m = torch.zeros(1, 1, n, s)
+        m[..., cut:] = float("-inf")
+    end = n if causal else cut  # causal (top-left): row l attends positions <= l
+    tail = end < s
+    if nan and tail:
+        (k if nan == "k" else v)[0, 1, end + (s - end) // 2, 3] = float("nan")
+    want = _sdpa(q, k, v, m, None, causal)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _, lib in LIBS:
+            before = lib.qb_decode_attention_trimmed()
+            got = attn.run_kernel(lib, q, k, v, m, None, causal)
+            # is_causal: sdpa never reads past the last row's positions (NaN there stays out, as here)
+            assert lib.qb_decode_attention_trimmed() - before == (1 if tail and (not nan or causal) else 0)
+            if nan and tail:
+                assert want.isnan().any() != causal
+                _close(got, want)  # NaN where sdpa has NaN (the fp64 bound needs finite inputs)
+            else:
+                _close(got, want, q, k, v, m, None, causal)
+    finally:
+        torch.set_num_threads(old)

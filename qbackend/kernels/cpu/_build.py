@@ -181,6 +181,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qb_all_finite.restype = INT
     lib.qb_decode_attention.argtypes = [P] * 6 + [INT, ctypes.c_float, INT, INT]
     lib.qb_decode_attention.restype = INT
+    lib.qb_decode_attention_trimmed.argtypes = []
+    lib.qb_decode_attention_trimmed.restype = I64
 
 
 @functools.cache

@@ -9,12 +9,16 @@
 // several tasks (flash-decoding) and the partial (max, sum, output) combined at the end.
 //
 // A bool mask is applied as sdpa does it (False -> -inf added to the score, so a NaN score stays
-// NaN); a row with every score -inf gives zeros, like sdpa. Every K/V position is read (also masked
-// ones), so NaN/Inf propagate exactly as in sdpa.
+// NaN); a row with every score -inf gives zeros, like sdpa. Masked positions count as in sdpa: NaN/Inf
+// in K or V there propagate. The positions after the last one any query row attends (a static KV
+// cache's unused tail) add exactly zero to every sum, so when K and V are finite there they are not
+// computed (a finiteness scan, ~10x cheaper); else they are, and NaN comes out as in sdpa. With
+// is_causal the positions after the last query row's are never read (as sdpa's CPU kernel).
 //
 // Widths: AVX-512 (16 lanes) in the avx512 build, AVX2+FMA (8) in the avx2 build, scalar otherwise.
 // Threads: the library's RowPool (qb_pool_run in qlinear.cpp).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -33,6 +37,7 @@
 
 extern "C" {
 void qb_pool_run(int64_t nchunks, int nthreads, void (*fn)(void*, int64_t, int), void* ctx);  // qlinear.cpp
+int qb_all_finite(const float* p, int64_t n);                                                  // finite_check.cpp
 }
 
 namespace {
@@ -426,6 +431,70 @@ void combine(const Args& a, int64_t row) {
     for (int64_t d = 0; d < a.Dv; ++d) o[d] *= inv;
 }
 
+// 1 + the last KV position some query row attends by the mask (bool: nonzero; float: not -inf) and
+// causality; 0 when none does. msize/mstr: the mask's 4-D sizes (1: broadcast) and strides.
+int64_t attended_end(const void* mask, int mask_kind, const int64_t* msize, const int64_t* mstr, int64_t S,
+                     int64_t L, int causal) {
+    int64_t end = S;
+    if (mask_kind != 0) {
+        int64_t last = -1;
+        for (int64_t b = 0; b < msize[0]; ++b)
+            for (int64_t h = 0; h < msize[1]; ++h)
+                for (int64_t l = 0; l < msize[2]; ++l) {
+                    const int64_t base = b * mstr[0] + h * mstr[1] + l * mstr[2], ss = msize[3] == 1 ? 0 : mstr[3];
+                    for (int64_t t = S - 1; t > last; --t) {
+                        const bool on = mask_kind == 1 ? static_cast<const uint8_t*>(mask)[base + t * ss] != 0
+                                                       : static_cast<const float*>(mask)[base + t * ss] != NEG_INF;
+                        if (on) {
+                            last = t;
+                            break;
+                        }
+                    }
+                    if (last == S - 1) return causal ? std::min(S, L) : S;
+                }
+        end = last + 1;
+    }
+    return causal ? std::min(end, L) : end;
+}
+
+// Whether p[0, n) is all finite (x - x is 0 for a finite x, NaN for NaN/Inf).
+inline bool finite_run(const float* p, int64_t n) {
+#if QBA_W > 1
+    V a0 = vzero(), a1 = vzero();
+    int64_t i = 0;
+    for (; i + 2 * W <= n; i += 2 * W) {
+        const V x = vload(p + i), y = vload(p + i + W);
+        a0 = vadd(a0, vsub(x, x));
+        a1 = vadd(a1, vsub(y, y));
+    }
+    for (; i < n; i += W) {
+        const V x = vload_n(p + i, (int)std::min<int64_t>(W, n - i));
+        a0 = vadd(a0, vsub(x, x));
+    }
+    return vsum(vadd(a0, a1)) == 0.0f;
+#else
+    return qb_all_finite(p, n) != 0;
+#endif
+}
+
+// Whether K and V hold only finite values at positions [t0, S) of every (batch, KV head).
+bool tail_finite(const float* base, int64_t B, int64_t Hk, int64_t sb, int64_t sh, int64_t ss, int64_t d, int64_t t0,
+                 int64_t S) {
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < Hk; ++h) {
+            const float* p = base + b * sb + h * sh + t0 * ss;
+            if (ss == d) {
+                if (!finite_run(p, (S - t0) * d)) return false;
+            } else {
+                for (int64_t t = t0; t < S; ++t, p += ss)
+                    if (!finite_run(p, d)) return false;
+            }
+        }
+    return true;
+}
+
+std::atomic<int64_t> g_trimmed{0};  // calls that skipped an unattended tail (tests)
+
 }  // namespace
 
 extern "C" {
@@ -437,7 +506,8 @@ extern "C" {
 // uses the reference).
 int qb_decode_attention(const float* q, const float* k, const float* v, const void* mask, float* out,
                         const int64_t* dims, int mask_kind, float scale, int causal, int nthreads) {
-    const int64_t B = dims[0], Hq = dims[1], Hk = dims[2], L = dims[3], S = dims[4], D = dims[5], Dv = dims[6];
+    const int64_t B = dims[0], Hq = dims[1], Hk = dims[2], L = dims[3], D = dims[5], Dv = dims[6];
+    int64_t S = dims[4];
     const int64_t qsb = dims[7], qsh = dims[8], qsl = dims[9], ksb = dims[10], ksh = dims[11], kss = dims[12];
     const int64_t vsb = dims[13], vsh = dims[14], vss = dims[15];
     const int64_t* msize = dims + 16;
@@ -455,6 +525,13 @@ int qb_decode_attention(const float* q, const float* k, const float* v, const vo
     if (S == 0) {  // softmax over nothing: sdpa gives zeros
         std::fill(out, out + B * Hq * L * Dv, 0.0f);
         return 0;
+    }
+    // sdpa's is_causal (no mask) never reads the positions past the last row's: not even for NaN
+    const int64_t end = attended_end(mask, mask_kind, msize, mstr, S, L, causal);
+    if (end > 0 && end < S && ((causal && mask_kind == 0) || (tail_finite(k, B, Hk, ksb, ksh, kss, D, end, S) &&
+                                                               tail_finite(v, B, Hk, vsb, vsh, vss, Dv, end, S)))) {
+        S = end;
+        g_trimmed.fetch_add(1, std::memory_order_relaxed);
     }
     Args a{q, k, v, mask, out, B, Hq, Hk, L, S, D, Dv, qsb, qsh, qsl, ksb, ksh, kss, vsb, vsh, vss,
            msb, msh, msl, mss, mask_kind, scale, causal, 1, S, nullptr};
@@ -486,5 +563,8 @@ int qb_decode_attention(const float* q, const float* k, const float* v, const vo
 }
 
 int qb_decode_attention_width() { return QBA_W; }
+
+// Calls that skipped an unattended, finite tail of the KV positions since the library loaded (tests).
+int64_t qb_decode_attention_trimmed() { return g_trimmed.load(std::memory_order_relaxed); }
 
 }  // extern "C"
