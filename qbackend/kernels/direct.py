@@ -65,6 +65,18 @@ def install() -> None:
     _installed = True
 
 
+def install_op(op_name: str) -> None:
+    """Make compiled code call op ``op_name``'s direct CPU kernel (registered in ``ops._DIRECT`` by the
+    op's own module) without the dispatcher (idempotent; loads Inductor)."""
+    try:
+        from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN, CustomCodegen
+    except ImportError:  # a torch without the hook: compiled code calls the op (correct, slower)
+        return
+    key = f"torch.ops.{NAMESPACE}.{op_name}.default"
+    if key not in CUSTOM_EXTERN_KERNEL_CODEGEN:
+        CUSTOM_EXTERN_KERNEL_CODEGEN[key] = CustomCodegen(python=_codegen(op_name))
+
+
 #: changes whenever the code written by :func:`_codegen` changes (part of Inductor's cache key)
 CODEGEN_VERSION = "qbackend-direct-cpu-kernels-1"
 

@@ -119,10 +119,4 @@ def install_direct() -> None:
     """Make compiled code call the CPU kernel without the dispatcher (idempotent; loads Inductor)."""
     from . import direct
 
-    try:
-        from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN, CustomCodegen
-    except ImportError:  # a torch without the hook: compiled code calls the op (correct, slower)
-        return
-    key = f"torch.ops.{NAMESPACE}.{OP_NAME}.default"
-    if key not in CUSTOM_EXTERN_KERNEL_CODEGEN:
-        CUSTOM_EXTERN_KERNEL_CODEGEN[key] = CustomCodegen(python=direct._codegen(OP_NAME))
+    direct.install_op(OP_NAME)

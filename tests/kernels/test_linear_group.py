@@ -23,9 +23,13 @@ VNNI = int8_compute._lib() is not None
 
 
 def _layer(fmt: str, compute: str, n: int, k: int, bias: bool, seed: int) -> QuantizedLinear:
+    cfg = QuantConfig(format=fmt, blocksize=32) if fmt == "int4" else QuantConfig(format=fmt)
+    return _member(cfg, n, k, bias, seed, compute)
+
+
+def _member(cfg: QuantConfig, n: int, k: int, bias: bool, seed: int, compute: str = "int8") -> QuantizedLinear:
     torch.manual_seed(seed)
     w, b = torch.randn(n, k) * 0.05, (torch.randn(n) if bias else None)
-    cfg = QuantConfig(format=fmt, blocksize=32) if fmt == "int4" else QuantConfig(format=fmt)
     try:
         q = QuantizedLinear.from_weight(w, b, cfg.scheme, compute=compute)
     except compute_policy.ComputeUnavailable:
@@ -160,15 +164,6 @@ def _config(fmt: str, nested: bool) -> QuantConfig:
     if fmt == "int4":
         return QuantConfig(format="int4", blocksize=64)
     return QuantConfig(format=fmt) if fmt == "int8" else QuantConfig(format=fmt, nested=nested)
-
-
-def _member(cfg: QuantConfig, n: int, k: int, bias: bool, seed: int) -> QuantizedLinear:
-    torch.manual_seed(seed)
-    q = QuantizedLinear.from_weight(torch.randn(n, k) * 0.05, torch.randn(n) if bias else None, cfg.scheme,
-                                    compute="int8")  # fmt: skip
-    for name, t in list(q.named_buffers()):
-        setattr(q, name, t.clone())
-    return q
 
 
 @pytest.mark.skipif(not VNNI, reason="no AVX512-VNNI")
