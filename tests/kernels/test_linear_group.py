@@ -218,3 +218,10 @@ def test_from_the_gemm_rows_on_members_run_one_by_one():
             y = fast_path.group_linear(fast, x, tensors, ints, "int8")
         assert y is not None and lib.qbi8_group_regions() - before == regions
         _same(y, _want(layers, x))
+
+
+def test_opcheck():
+    """The op's registration (schema, fake, no autograd) as torch.library.opcheck sees it."""
+    layers = _group("nf4", "int8" if VNNI else "fp32", widths=(16, 40), k=64)
+    tensors, ints = _args(layers)
+    torch.library.opcheck(GROUP, (torch.randn(2, 64), tensors, ints, layers[0].op._opname, layers[0].compute))
