@@ -51,17 +51,9 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    try:
-        from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN, CustomCodegen
-    except ImportError:  # a torch without the hook: compiled code calls the ops (correct, slower)
-        _installed = True
-        return
-
     for name in _OP_NAMES:
-        if ops.direct_kernel(name, "cpu") is None:
-            continue
-        key = f"torch.ops.{NAMESPACE}.{name}.default"
-        CUSTOM_EXTERN_KERNEL_CODEGEN[key] = CustomCodegen(python=_codegen(name))
+        if ops.direct_kernel(name, "cpu") is not None:
+            install_op(name)
     _installed = True
 
 

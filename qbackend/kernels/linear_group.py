@@ -71,7 +71,12 @@ def _check(x: Tensor, tensors: Sequence[Tensor | None], ints: Sequence[int], op:
 def linear_group(x: Tensor, tensors: Sequence[Tensor | None], ints: Sequence[int], op: str, compute: str) -> Tensor:
     """The member ops' outputs, flattened, one after another (see the module docstring)."""
     _check(x, tensors, ints, op, compute)
-    fn = getattr(getattr(torch.ops, NAMESPACE), op).default
+    return _each(getattr(getattr(torch.ops, NAMESPACE), op).default, x, tensors, ints, op, compute)
+
+
+def _each(fn: Callable[..., Tensor], x: Tensor, tensors: Sequence[Tensor | None], ints: Sequence[int], op: str,
+          compute: str) -> Tensor:  # fmt: skip
+    """The members' outputs by ``fn`` (a member op's kernel), flattened, one after another."""
     return torch.cat([fn(x, *ws, b, *st, compute).reshape(-1) for ws, b, st in members(op, tensors, ints)])
 
 
@@ -89,8 +94,8 @@ def _direct(x: Tensor, tensors: Sequence[Tensor | None], ints: Sequence[int], op
         y = _group_call()(fast, x, tensors, ints, compute)
         if y is not None:
             return y
-    fn = ops.direct_kernel(op, "cpu") or getattr(getattr(torch.ops, NAMESPACE), op).default
-    return torch.cat([fn(x, *ws, b, *st, compute).reshape(-1) for ws, b, st in members(op, tensors, ints)])
+    return _each(ops.direct_kernel(op, "cpu") or getattr(getattr(torch.ops, NAMESPACE), op).default, x, tensors, ints,
+                 op, compute)  # fmt: skip
 
 
 @functools.cache

@@ -19,6 +19,7 @@ two such calls. Everything else is left untouched.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -52,7 +53,7 @@ def _static(*dims: object) -> bool:
 
 
 def _key(node: fx.Node) -> tuple | None:
-    """(op, x node, compute, in_features) of a groupable call, else None."""
+    """(op, x node, compute, in_features) of a groupable call (op: the call's target), else None."""
     f = _FAMILIES.get(node.target)  # type: ignore[arg-type]
     if f is None:
         return None
@@ -77,7 +78,7 @@ def _key(node: fx.Node) -> tuple | None:
             return None
     if any(u.op == "output" for u in node.users) or not lg.has_cpu_group_kernel(f.op_name, ints, a.compute):
         return None
-    return (f.op_name, a.x, a.compute, k)
+    return (node.target, a.x, a.compute, k)
 
 
 def group_linears(gm: fx.GraphModule) -> int:
@@ -94,28 +95,26 @@ def group_linears(gm: fx.GraphModule) -> int:
                 groups.setdefault(key, []).append(node)
     grouped = 0
     g = gm.graph
-    for (op_name, x, compute, _), nodes in groups.items():
+    for (target, x, compute, _), nodes in groups.items():
         if len(nodes) < 2:
             continue
-        f = _FAMILIES[getattr(torch.ops.qbackend, op_name).default]
+        f = _FAMILIES[target]
+        bound = [f.bind(n.args, n.kwargs) for n in nodes]
         tensors, ints = [], []
-        for n in nodes:
-            a = f.bind(n.args, n.kwargs)
+        for a in bound:
             tensors += [*(a[t.name] for t in f.weights), a.bias]
             ints += [a[i] for i in f.ints]
         lead = tuple(_value(x).shape[:-1])  # type: ignore[union-attr]
-        rows = 1
-        for d in lead:
-            rows *= d
+        rows = math.prod(lead)
         order = {n: i for i, n in enumerate(g.nodes)}
         for t in tensors:  # attributes read after the first call: read before it (they have no inputs)
             if isinstance(t, fx.Node) and t.op == "get_attr" and order[t] > order[nodes[0]]:
                 nodes[0].prepend(t)
         with g.inserting_before(nodes[0]):
-            call = g.call_function(torch.ops.qbackend.linear_group.default, (x, tensors, ints, op_name, compute))
+            call = g.call_function(torch.ops.qbackend.linear_group.default, (x, tensors, ints, f.op_name, compute))
             off = 0
-            for n in nodes:
-                width = f.bind(n.args, n.kwargs).out_features
+            for n, a in zip(nodes, bound, strict=True):
+                width = a.out_features
                 part = g.call_function(operator.getitem, (call, slice(rows * off, rows * (off + width))))
                 view = g.call_function(torch.Tensor.view, (part, (*lead, width)))
                 view.meta.update(n.meta)

@@ -431,29 +431,32 @@ void combine(const Args& a, int64_t row) {
     for (int64_t d = 0; d < a.Dv; ++d) o[d] *= inv;
 }
 
-// 1 + the last KV position some query row attends by the mask (bool: nonzero; float: not -inf) and
-// causality; 0 when none does. msize/mstr: the mask's 4-D sizes (1: broadcast) and strides.
+// 1 + the last KV position some query row attends by the mask (bool: nonzero; float: not -inf); 0 when
+// none does. msize/mstr: the mask's 4-D sizes (1: broadcast) and strides.
+int64_t mask_end(const void* mask, int mask_kind, const int64_t* msize, const int64_t* mstr, int64_t S) {
+    const int64_t ss = msize[3] == 1 ? 0 : mstr[3];
+    int64_t last = -1;
+    for (int64_t b = 0; b < msize[0]; ++b)
+        for (int64_t h = 0; h < msize[1]; ++h)
+            for (int64_t l = 0; l < msize[2]; ++l) {
+                const int64_t base = b * mstr[0] + h * mstr[1] + l * mstr[2];
+                for (int64_t t = S - 1; t > last; --t) {
+                    const bool on = mask_kind == 1 ? static_cast<const uint8_t*>(mask)[base + t * ss] != 0
+                                                   : static_cast<const float*>(mask)[base + t * ss] != NEG_INF;
+                    if (on) {
+                        last = t;
+                        break;
+                    }
+                }
+                if (last == S - 1) return S;
+            }
+    return last + 1;
+}
+
+// 1 + the last KV position some query row attends by the mask and causality (top-left: row l sees <= l).
 int64_t attended_end(const void* mask, int mask_kind, const int64_t* msize, const int64_t* mstr, int64_t S,
                      int64_t L, int causal) {
-    int64_t end = S;
-    if (mask_kind != 0) {
-        int64_t last = -1;
-        for (int64_t b = 0; b < msize[0]; ++b)
-            for (int64_t h = 0; h < msize[1]; ++h)
-                for (int64_t l = 0; l < msize[2]; ++l) {
-                    const int64_t base = b * mstr[0] + h * mstr[1] + l * mstr[2], ss = msize[3] == 1 ? 0 : mstr[3];
-                    for (int64_t t = S - 1; t > last; --t) {
-                        const bool on = mask_kind == 1 ? static_cast<const uint8_t*>(mask)[base + t * ss] != 0
-                                                       : static_cast<const float*>(mask)[base + t * ss] != NEG_INF;
-                        if (on) {
-                            last = t;
-                            break;
-                        }
-                    }
-                    if (last == S - 1) return causal ? std::min(S, L) : S;
-                }
-        end = last + 1;
-    }
+    const int64_t end = mask_kind != 0 ? mask_end(mask, mask_kind, msize, mstr, S) : S;
     return causal ? std::min(end, L) : end;
 }
 

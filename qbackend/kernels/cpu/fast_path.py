@@ -165,7 +165,7 @@ class FastKernel:
 
         The caller is below autograd (or needs no grad) and dispatch (plain CPU tensors, no mode).
         """
-        if x.dtype is not _F32 or not x.is_cpu or x.layout is not _STRIDED or not x.is_contiguous():
+        if not _x_ok(x):
             return None
         p = self.prepared(tensors, statics, compute)
         shape = x.shape
@@ -177,7 +177,7 @@ class FastKernel:
             return None
         if bias is None:
             bp = None
-        elif bias.dtype is _F32 and bias.is_cpu and bias.is_contiguous() and bias.numel() == n:
+        elif _bias_ok(bias, n):
             bp = bias.data_ptr()
         else:
             return None
@@ -201,7 +201,7 @@ def group_linear(fast: FastKernel, x: Tensor, tensors: Sequence[Tensor | None], 
     tensor, from one foreign call (``qbi8_linear_group``); or None: the caller runs each member's kernel,
     which computes exactly what this does. Only the int8 compute mode's kernels have the group call; the
     caller is below autograd and dispatch."""
-    if x.dtype is not _F32 or not x.is_cpu or x.layout is not _STRIDED or not x.is_contiguous() or not x.dim():
+    if not _x_ok(x) or not x.dim():
         return None
     nw, ni = fast._nw, len(fast.family.ints)
     step = nw + 1
@@ -220,7 +220,7 @@ def group_linear(fast: FastKernel, x: Tensor, tensors: Sequence[Tensor | None], 
         b = tensors[at + nw]
         if b is None:
             bps.append(None)
-        elif b.dtype is _F32 and b.is_cpu and b.is_contiguous() and b.numel() == p.n:
+        elif _bias_ok(b, p.n):
             bps.append(b.data_ptr())
         else:
             return None
@@ -254,6 +254,16 @@ def _group_members(preps: list[Prepared], bps: list[int | None]) -> ctypes.Array
 
 #: (the members' Prepared objects, their bias addresses) -> the C array of the group's members
 _GROUPS: dict[tuple, ctypes.Array] = {}
+
+
+def _x_ok(x: Tensor) -> bool:
+    """x as the prepared kernels read it: a contiguous fp32 CPU tensor."""
+    return x.dtype is _F32 and x.is_cpu and x.layout is _STRIDED and x.is_contiguous()
+
+
+def _bias_ok(bias: Tensor, n: int) -> bool:
+    """A bias the prepared kernels read: n contiguous fp32 values on the CPU."""
+    return bias.dtype is _F32 and bias.is_cpu and bias.is_contiguous() and bias.numel() == n
 
 
 _F32, _STRIDED = torch.float32, torch.strided

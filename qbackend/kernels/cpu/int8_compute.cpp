@@ -1513,17 +1513,23 @@ struct QI8Member {
 
 namespace {
 
-// Whether members' weights take the same quantized activations (kind, int4 zero points, table scale).
+// Whether members' weights (of one K) take the same quantized activations (kind, int4 zero points,
+// table scale).
 bool same_activations(const QI8W& a, const QI8W& b) {
-    return a.K == b.K && a.kind == b.kind && (a.zp != nullptr) == (b.zp != nullptr) &&
+    return a.kind == b.kind && (a.zp != nullptr) == (b.zp != nullptr) &&
            (a.kind != KIND_CODEBOOK || a.inv_c == b.inv_c);
 }
+
+// Whether the code table (null: none) no longer holds the bytes a descriptor's int8 image was made from.
+bool table_changed(const void* table, const void* saved, int64_t bytes) {
+    return table != nullptr && std::memcmp(table, saved, (size_t)bytes) != 0;
+}
+
+std::atomic<int64_t> g_group_regions{0};  // group_small calls (tests: the one-region path ran)
 
 // Small M, members taking the same activations: x quantized once, and the members' rows (one after
 // another, as one N) walked in the lanes of one thread-pool region. Each output row of W is computed by
 // the same kernels as a single call's (results bit-identical; tile boundaries never change a value).
-std::atomic<int64_t> g_group_regions{0};  // group_small calls (tests: the one-region path ran)
-
 QBI8_TARGET int64_t group_small(const QI8Member* ms, int64_t count, const float* x, int64_t M, float* y,
                                 int nthreads) {
     g_group_regions.fetch_add(1, std::memory_order_relaxed);
@@ -1608,6 +1614,14 @@ int64_t qbi8_linear(const QI8W* wp, const float* x, int64_t M, const float* bias
 // table; none: null) still holds the bytes its int8 image in w was made from (saved), then qbi8_linear,
 // then whether y is finite. Returns 0 when y is complete and finite; else nonzero and the caller runs
 // the regular kernel: -2 the table changed (prepare again), -3 y not finite, else qbi8_linear's code.
+int64_t qbi8_linear_prepared(const QI8W* wp, const float* x, int64_t M, const float* bias, float* y, int nthreads,
+                             const void* table, const void* saved, int64_t table_bytes) {
+    if (table_changed(table, saved, table_bytes)) return -2;
+    const int64_t rc = qbi8_linear(wp, x, M, bias, y, nthreads);
+    if (rc != 0) return rc;
+    return qb_all_finite(y, M * wp->N) ? 0 : -3;
+}
+
 // y = the outputs x @ W_i^T (+ bias_i) of `count` members reading the same x, each [M, N_i] row-major, one
 // after another (member i at y + M * (N_0 + ... + N_{i-1})): what qbi8_linear_prepared computes for each,
 // in one foreign call. At small M with members of one weight kind (q/k/v, gate/up at decode) x is
@@ -1622,7 +1636,7 @@ int64_t qbi8_linear_group(const QI8Member* ms, int64_t count, const float* x, in
     for (int64_t i = 0; i < count; ++i) {
         const QI8W& w = *ms[i].w;
         if (!(cpu_ok() && shape_ok(w)) || w.K != w0.K) return -1;
-        if (ms[i].table != nullptr && std::memcmp(ms[i].table, ms[i].saved, (size_t)ms[i].table_bytes) != 0) return -2;
+        if (table_changed(ms[i].table, ms[i].saved, ms[i].table_bytes)) return -2;
         together = together && same_activations(w0, w);
         total += w.N;
     }
@@ -1642,13 +1656,5 @@ int64_t qbi8_linear_group(const QI8Member* ms, int64_t count, const float* x, in
 
 // How many group calls ran as one region (x quantized once) since the library loaded (tests).
 int64_t qbi8_group_regions() { return g_group_regions.load(std::memory_order_relaxed); }
-
-int64_t qbi8_linear_prepared(const QI8W* wp, const float* x, int64_t M, const float* bias, float* y, int nthreads,
-                             const void* table, const void* saved, int64_t table_bytes) {
-    if (table != nullptr && std::memcmp(table, saved, (size_t)table_bytes) != 0) return -2;
-    const int64_t rc = qbi8_linear(wp, x, M, bias, y, nthreads);
-    if (rc != 0) return rc;
-    return qb_all_finite(y, M * wp->N) ? 0 : -3;
-}
 
 }  // extern "C"
