@@ -1,4 +1,5 @@
-"""Decode A/B in one process: the same quantized Llama compiled twice, one setting off (A) and on (B).
+"""Decode A/B in one process: the same quantized Llama compiled twice, one setting off (A) and on (B), or
+llama.cpp (A) against qbackend (B).
 
 On this shared 2-core machine separate processes differ by +-10% from run to run, which hides a
 change of a few percent; in one process, with the two compiled models' decode rounds interleaved, it
@@ -10,10 +11,16 @@ Settings (``--ab``):
 
 * ``groups``: qbackend's grouping of the linears that read one input at decode (q/k/v, gate/up; the
   pass ``qbackend.passes.group_linears``), off -> on;
-* ``size-asserts``: Inductor's ``size_asserts``, on -> off.
+* ``size-asserts``: Inductor's ``size_asserts``, on -> off;
+* ``llama.cpp``: llama.cpp (A) against qbackend (B) on the same weights, in the llama.cpp type of the
+  preset (``--gguf-type``: Q4_0 for nf4 and int4, Q8_0 for int8). This VM's memory moves between a fast
+  and a slow state for minutes at a time, by 20-30%, so separate processes of the two (``bench_llm.py``)
+  may each catch another state; here both see every state. Needs llama-cpp-python and gguf
+  (``benchmarks/setup_peers.sh``).
 
     python benchmarks/bench_decode_ab.py --dims qwen0.5b --ab groups --rounds 9
     python benchmarks/bench_decode_ab.py --dims qwen0.5b --ab size-asserts --skip-module-guards
+    python benchmarks/bench_decode_ab.py --dims tinyllama --preset int8 --ab llama.cpp --prompt 128 --steps 64
     python benchmarks/bench_decode_ab.py --small --ab groups --rounds 2 --steps 4 --json out.json  # smoke
 
 Prints the median ms per decode token of each variant, every round's figure and B/A; ``--json`` writes them.
@@ -34,7 +41,24 @@ import _common
 import bench_llm
 import torch
 
-AB = ("groups", "size-asserts")
+AB = ("groups", "size-asserts", "llama.cpp")
+#: the llama.cpp type each preset is compared with by default (the same bits per weight, block scales)
+GGUF_TYPE = {"nf4": "Q4_0", "int4": "Q4_0", "int8": "Q8_0"}
+
+
+def llama_cpp_runner(a: argparse.Namespace, cfg: Any) -> bench_llm.LlamaCppRunner:
+    """llama.cpp on this model's weights (``bench_llm``'s cached GGUF in ``a.gguf_type``), warmed up."""
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"--ab llama.cpp needs llama-cpp-python and gguf ({e.name} is missing): "
+                         "bash benchmarks/setup_peers.sh <venv>") from None  # fmt: skip
+    threads = torch.get_num_threads()
+    path = bench_llm.gguf_file(cfg, a.seed, a.gguf_type, threads)
+    r = bench_llm.LlamaCppRunner(path, 1, a.prompt + a.steps + 8, threads, a.prompt)
+    bench_llm.run_once(r, _prompt(a, cfg), 4)
+    return r
 
 
 def _compiled(model: torch.nn.Module, name: str, options: dict[str, Any], skip_module_guards: bool) -> Any:
@@ -100,15 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-module-guards", action="store_true",
                    help="both variants: torch.compiler.skip_guard_on_all_nn_modules_unsafe as guard_filter_fn")
+    p.add_argument("--gguf-type", default="", choices=("", *sorted(bench_llm.LLAMA_CPP_TYPES)),
+                   help="--ab llama.cpp: llama.cpp's type (default: Q4_0 for nf4 and int4, Q8_0 for int8)")
     p.add_argument("--json", default="", help="write the figures as JSON here")
     a = p.parse_args(argv)
     if a.rounds < 1 or a.steps < 1 or a.prompt < 1:
         p.error("--rounds, --steps and --prompt must be at least 1")
+    a.gguf_type = a.gguf_type or GGUF_TYPE[a.preset]
     dims = bench_llm.SMALL if a.small else bench_llm.DIMS[a.dims]
     print(_common.header(extra=f"model {json.dumps(dims)}; {a.preset}, compute {a.compute}; A/B: {a.ab}"), flush=True)
     cfg = bench_llm.llama_config(dims, a.prompt + a.steps + 8)
-    labels = {"groups": ("groups off", "groups on"), "size-asserts": ("size asserts on", "size asserts off")}[a.ab]
-    variants = {labels[0]: (runner(a, cfg, "A", False), False), labels[1]: (runner(a, cfg, "B", True), True)}
+    labels = {"groups": ("groups off", "groups on"), "size-asserts": ("size asserts on", "size asserts off"),
+              "llama.cpp": (f"llama.cpp {a.gguf_type}", f"qbackend {a.preset}")}[a.ab]  # fmt: skip
+    first = llama_cpp_runner(a, cfg) if a.ab == "llama.cpp" else runner(a, cfg, "A", False)
+    variants = {labels[0]: (first, False), labels[1]: (runner(a, cfg, "B", True), True)}
     ids = _prompt(a, cfg)
     ms: dict[str, list[float]] = {k: [] for k in variants}
     regions: dict[str, int | None] = dict.fromkeys(variants, 0)
@@ -125,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
               f"group calls: {regions[k]})")  # fmt: skip
     ratio = med[labels[1]] / med[labels[0]]
     print(f"B/A: {ratio:.3f}  ({_common.load_line('load average at the end')})")
+    if a.ab == "llama.cpp":
+        print(f"decode tokens/s: {labels[1]} {1e3 / med[labels[1]]:.2f}, {labels[0]} {1e3 / med[labels[0]]:.2f} "
+              f"({1 / ratio:.3f}x)")  # fmt: skip
     if a.json:
         Path(a.json).write_text(json.dumps({"ab": a.ab, "dims": dims, "ms_per_token": ms, "median": med,
                                             "b_over_a": ratio, "group_calls": regions}, indent=1))  # fmt: skip

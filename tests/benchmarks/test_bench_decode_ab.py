@@ -29,3 +29,24 @@ def test_smoke_times_both_variants(tmp_path, ab):
     calls = list(res["group_calls"].values())
     if calls[0] is not None:  # int8-compute kernels here: nf4 layers group at decode unless the pass is off
         assert (calls[0] == 0 and calls[1] > 0) if ab == "groups" else calls[0] == calls[1] > 0
+
+
+def test_llama_cpp_against_qbackend(tmp_path):
+    """With llama-cpp-python and gguf (the peers' venv): both timed in one process, llama.cpp as A, with the
+    preset's llama.cpp type. Without them (CI's venv): a short error saying what to install."""
+    out = tmp_path / "ab.json"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--small", "--ab", "llama.cpp", "--preset", "int8", "--rounds",
+                        "2", "--steps", "2", "--prompt", "4", "--json", str(out)], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "QB_BENCH_CACHE": str(tmp_path)})  # fmt: skip
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        assert r.returncode != 0 and not out.exists()
+        assert "needs llama-cpp-python and gguf" in r.stderr and len(r.stderr.strip().splitlines()[-1]) < 200
+        return
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert list(res["ms_per_token"]) == ["llama.cpp Q8_0", "qbackend int8"]
+    assert min(x for v in res["ms_per_token"].values() for x in v) > 0 and "decode tokens/s:" in r.stdout
+    assert res["group_calls"]["llama.cpp Q8_0"] in (0, None)
