@@ -10,7 +10,8 @@ then its bias (None allowed); ``ints`` each member's ints (the family's, out_fea
 Why: at LLM decode a layer's q/k/v (and gate/up) projections read one input, and the Python and the
 thread-pool hand-off around each kernel call cost about as much as a small kernel; compiled code calls
 one CPU kernel for the group (:func:`.cpu.fast_path.group_linear`: one C call that quantizes x once and
-runs all the members' rows in one thread-pool region at decode sizes), where results are those of the
+runs all the members' rows in one thread-pool region at decode sizes; the int8 compute mode's kernels and
+the int16 mode's packed ones), where results are those of the
 separate calls bit for bit. The default kernel (every device) runs the member ops. No autograd: the
 pass that inserts it (:mod:`qbackend.passes.group_linears`) does so only where no gradient flows.
 """
@@ -107,13 +108,17 @@ def _group_call() -> Callable[..., Tensor | None]:
 
 def has_cpu_group_kernel(op: str, ints: Sequence[int], compute: str) -> bool:
     """Whether a member of ``op`` with these ints and ``compute`` runs in the CPU group call here (the int8
-    compute mode's kernel, on a CPU and shape it covers). Elsewhere a group costs a copy per member."""
-    from .cpu import _build, int8_compute
+    compute mode's kernels, the int16 mode's packed ones, on a CPU and shape they cover). Elsewhere a
+    group costs a copy per member."""
+    from .cpu import _build, int8_compute, int16_compute
 
     f = _BY_OP.get(op)
-    if f is None or compute != "int8" or _build.disabled() or ops.fast_kernel(op, "cpu") is None:
+    if f is None or compute not in ("int8", "int16") or _build.disabled() or ops.fast_kernel(op, "cpu") is None:
         return False
-    return int8_compute.has_fast_kernel(f.name, dict(zip(f.ints, ints, strict=True)))
+    named = dict(zip(f.ints, ints, strict=True))
+    if compute == "int16":
+        return int16_compute.packs() and int16_compute.has_fast_kernel(f.name, named)
+    return int8_compute.has_fast_kernel(f.name, named)
 
 
 # what compiled code runs for the op on CPU (qbackend.kernels.direct.KERNELS looks it up here)

@@ -14,12 +14,13 @@ from qbackend.core.config import QuantConfig
 from qbackend.kernels import compute_policy, ops
 from qbackend.kernels import cpu as kcpu
 from qbackend.kernels import linear_group as lg
-from qbackend.kernels.cpu import fast_path, int8_compute
+from qbackend.kernels.cpu import fast_path, int8_compute, int16_compute
 from qbackend.workflows.weight_only import QuantizedLinear
 
 GROUP = torch.ops.qbackend.linear_group
 LIB = kcpu.lib() is not None
 VNNI = int8_compute._lib() is not None
+PACKS16 = int16_compute.packs()  # int8 weights in int16 compute run on packed copies here (AVX512-VNNI)
 
 
 def _layer(fmt: str, compute: str, n: int, k: int, bias: bool, seed: int) -> QuantizedLinear:
@@ -218,6 +219,78 @@ def test_from_the_gemm_rows_on_members_run_one_by_one():
             y = fast_path.group_linear(fast, x, tensors, ints, "int8")
         assert y is not None and lib.qbi8_group_regions() - before == regions
         _same(y, _want(layers, x))
+
+
+@pytest.mark.skipif(not PACKS16, reason="no AVX512-VNNI")
+@settings(max_examples=40, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 260), min_size=1, max_size=4),
+    k=st.sampled_from((32, 100, 128, 896, 2048, 2100)), m=st.sampled_from((1, 2, 3, 5, 8, 48, 49)),
+    threads=st.sampled_from((1, 2)), bias=st.booleans(), special=st.sampled_from((None, "nan", "big")),
+)  # fmt: skip
+def test_property_int16_packed_group_equals_the_members_calls(widths, k, m, threads, bias, special):
+    """int8 weights in int16 compute: up to 48 rows the group is one call on the members' packed copies (x
+    quantized once, every member's panels in one region), each output bit-identical to the member's own
+    call, whatever widths (not multiples of the 16-column blocks), K (not multiples of 32) and threads.
+    More rows, rows with NaN/Inf and outputs overflowing: declined, and the members' own calls give them."""
+    layers = [_member(QuantConfig(format="int8"), n, k, bias and i % 2 == 0, seed=i, compute="int16")
+              for i, n in enumerate(widths)]  # fmt: skip
+    tensors, ints = _args(layers)
+    name = layers[0].op._opname
+    fast = ops.fast_kernel(name, "cpu")
+    x = torch.randn(m, k)
+    if special == "nan":
+        x[m // 2, k // 3] = math.nan
+    elif special == "big":  # finite, and outputs beyond fp32 where the products add up
+        x[m // 2] = x[m // 2].clamp(-1, 1) * 3e38
+    lib = int16_compute._lib()[0]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            want = _want(layers, x)
+            before = lib.qbi16_group_regions()
+            y = fast_path.group_linear(fast, x, tensors, ints, "int16")
+            regions = lib.qbi16_group_regions() - before
+            direct = lg._direct(x, tensors, ints, name, "int16")
+    finally:
+        torch.set_num_threads(old)
+    _same(direct, want)
+    if m > 48 or special == "nan":
+        assert y is None and regions == 0
+    elif special == "big":  # ran; declined exactly when an output is not finite
+        assert regions == 1 and (y is None) == (not bool(want.isfinite().all()))
+        if y is not None:
+            _same(y, want)
+    else:
+        assert y is not None and regions == 1
+        _same(y, want)
+
+
+@pytest.mark.skipif(not PACKS16, reason="no AVX512-VNNI")
+def test_int16_group_follows_packing_and_weight_changes():
+    """Packing switched off: the group declines (the members read the canonical codes). Codes changed in
+    place: the group runs on the new packed copies."""
+    layers = [_member(QuantConfig(format="int8"), n, 96, True, seed=i, compute="int16") for i, n in enumerate((40, 17))]
+    tensors, ints = _args(layers)
+    name = layers[0].op._opname
+    fast = ops.fast_kernel(name, "cpu")
+    x = torch.randn(2, 96)
+    with torch.no_grad():
+        first = fast_path.group_linear(fast, x, tensors, ints, "int16")
+        assert first is not None
+        _same(first, _want(layers, x))
+        int16_compute.PACKING = False
+        try:
+            assert fast_path.group_linear(fast, x, tensors, ints, "int16") is None
+            _same(lg._direct(x, tensors, ints, name, "int16"), _want(layers, x))
+        finally:
+            int16_compute.PACKING = True
+        layers[1].codes.neg_()
+        after = fast_path.group_linear(fast, x, tensors, ints, "int16")
+        assert after is not None
+        _same(after, _want(layers, x))
+        assert torch.equal(after[: 2 * 40], first[: 2 * 40]) and not torch.equal(after[2 * 40 :], first[2 * 40 :])
 
 
 def test_opcheck():

@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from qbackend.core.config import QuantConfig
-from qbackend.kernels.cpu import int8_compute
+from qbackend.kernels.cpu import int8_compute, int16_compute
 from qbackend.passes.group_linears import MAX_ROWS, group_linears
 from qbackend.testing import capture_graph
 from qbackend.workflows.weight_only import QuantizedLinear
@@ -85,9 +85,13 @@ def test_leaves_prefill_grad_and_graph_outputs_alone():
 
 
 @needs_group_kernel
-def test_llama_decode_under_the_backend_matches():
-    """A small Llama with a static cache: each decode layer's q/k/v and gate/up become groups; the logits
-    equal those compiled without the pass."""
+@pytest.mark.parametrize(("preset", "compute"), [("nf4", "int8"), ("int8", "int16")])
+def test_llama_decode_under_the_backend_matches(preset, compute):
+    """A small Llama with a static cache: each decode layer's q/k/v and gate/up become groups (nf4 in int8
+    compute, int8 weights in int16 compute on their packed copies); the logits equal those compiled
+    without the pass."""
+    if compute == "int16" and not int16_compute.packs():
+        pytest.skip("int16 compute runs no packed kernels here (AVX512-VNNI)")
     transformers = pytest.importorskip("transformers")
     import qbackend
     import qbackend.core.backend as backend_mod
@@ -96,7 +100,7 @@ def test_llama_decode_under_the_backend_matches():
                                    num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)  # fmt: skip
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    qbackend.quantize_(model, {"preset": "nf4", "compute": "int8", "min_params": 0})
+    qbackend.quantize_(model, {"preset": preset, "compute": compute, "min_params": 0})
     cache = transformers.StaticCache(config=cfg, max_cache_len=24)
     prompt = torch.randint(3, 128, (1, 12))
     counts: list[int] = []
@@ -127,5 +131,8 @@ def test_llama_decode_under_the_backend_matches():
     assert sorted(counts) == [0, 5 * cfg.num_hidden_layers]  # prefill: none; decode: q/k/v and gate/up per layer
     # The linears' outputs are bit-identical (above, and tests/kernels/test_linear_group.py); Inductor fuses the
     # pointwise code around them differently (e.g. q's and k's rotary embedding in one kernel), which may round
-    # the last bit of a few values differently.
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # the last bit of a few values differently. A compile after the first also rounds the prefill attention's
+    # last bits differently (with or without the pass); int16 activations are fine enough to carry that
+    # (a level of x is 1/32767 of its row's largest value) where int8 ones absorb it.
+    tol = 1e-6 if compute == "int8" else 3e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)

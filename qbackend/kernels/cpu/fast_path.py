@@ -40,7 +40,8 @@ _Kernel = Callable[..., Tensor]
 class Prepared:
     """One weight's kernel call with everything but x, the bias, the output and the thread count bound."""
 
-    __slots__ = ("call", "checked", "member", "n", "k", "limit", "refs", "table", "table_bytes")
+    __slots__ = ("call", "checked", "group_call", "member", "member_refs", "n", "k", "limit", "refs", "table",
+                 "table_bytes")
 
     def __init__(self, call: Callable[[int, int, int | None, int, int], int], n: int, k: int, limit: str | None,
                  table: Tensor | None = None) -> None:  # fmt: skip
@@ -53,8 +54,12 @@ class Prepared:
         self.table_bytes = None if self.table is None else self.table.raw
         # the call itself checks y finite (0: it is) and any table it baked (TABLE_CHANGED: prepare again)
         self.checked = False
-        # the int8-compute kernel's group member (int8_compute.QI8Member, no bias): calls in a group take it
+        # as a member of a group call (group_linear): its C struct (no bias), the group call of its kernel
+        # ((members, count, k, x ptr, m, y ptr, threads) -> 0 when it wrote every output, finite) and weak
+        # references to buffers the struct points into (one gone: the members' own calls run)
         self.member: ctypes.Structure | None = None
+        self.group_call: Callable[[ctypes.Array, int, int, int, int, int, int], int] | None = None
+        self.member_refs: tuple[weakref.ref, ...] = ()
 
 
 def _version(t: Tensor) -> int:
@@ -198,9 +203,9 @@ def group_linear(fast: FastKernel, x: Tensor, tensors: Sequence[Tensor | None], 
                  compute: str) -> Tensor | None:  # fmt: skip
     """The outputs ``x @ W_i^T + b_i`` of a group's members (``tensors``: each member's weight tensors then
     its bias; ``ints``: each member's ints), each ``[M, n_i]`` row-major, one after another in one flat
-    tensor, from one foreign call (``qbi8_linear_group``); or None: the caller runs each member's kernel,
-    which computes exactly what this does. Only the int8 compute mode's kernels have the group call; the
-    caller is below autograd and dispatch."""
+    tensor, from one foreign call (``qbi8_linear_group``, ``qbi16_linear8_packed_group``); or None: the
+    caller runs each member's kernel, which computes exactly what this does. Only the int8 compute mode's
+    kernels and the int16 mode's packed ones have a group call; the caller is below autograd and dispatch."""
     if not _x_ok(x) or not x.dim():
         return None
     nw, ni = fast._nw, len(fast.family.ints)
@@ -212,11 +217,13 @@ def group_linear(fast: FastKernel, x: Tensor, tensors: Sequence[Tensor | None], 
     if m <= 0:
         return None
     preps, bps = [], []
+    call = None
     for i in range(count):
         at = i * step
         p = fast.prepared(tensors[at : at + nw], tuple(ints[i * ni : i * ni + ni]), compute)
-        if p is None or p.member is None or p.k != k:
+        if p is None or p.member is None or p.k != k or (call is not None and p.group_call is not call):
             return None
+        call = p.group_call
         b = tensors[at + nw]
         if b is None:
             bps.append(None)
@@ -226,14 +233,19 @@ def group_linear(fast: FastKernel, x: Tensor, tensors: Sequence[Tensor | None], 
             return None
         preps.append(p)
     key = (*preps, *bps)
-    members = _GROUPS.get(key)
-    if members is None:  # the members' descriptors stay valid while their Prepared objects (the key) live
+    entry = _GROUPS.get(key)
+    if entry is None:  # the members' descriptors stay valid while their Prepared objects (the key) live
         if len(_GROUPS) > 256:
             _GROUPS.clear()
-        members = _GROUPS[key] = _group_members(preps, bps)
+        entry = _GROUPS[key] = (_group_members(preps, bps), tuple(r for p in preps for r in p.member_refs))
+    members, refs = entry
+    alive = [r() for r in refs]  # held through the call: the buffers the members point into
+    if None in alive:
+        _GROUPS.pop(key, None)
+        return None
     total = sum(p.n for p in preps)
     y = torch.empty(m * total)
-    rc = _GROUP_FN(members, count, x.data_ptr(), m, y.data_ptr(), torch.get_num_threads())
+    rc = call(members, count, k, x.data_ptr(), m, y.data_ptr(), torch.get_num_threads())  # type: ignore[misc]
     if rc != 0:
         if rc == TABLE_CHANGED:  # the members' own calls prepare again
             fast._cache.clear()
@@ -244,16 +256,15 @@ def group_linear(fast: FastKernel, x: Tensor, tensors: Sequence[Tensor | None], 
 
 
 def _group_members(preps: list[Prepared], bps: list[int | None]) -> ctypes.Array:
-    from .int8_compute import QI8Member
-
-    arr = (QI8Member * len(preps))(*(p.member for p in preps))  # copies of the members' fields
+    arr = (type(preps[0].member) * len(preps))(*(p.member for p in preps))  # copies of the members' fields
     for i, b in enumerate(bps):
         arr[i].bias = b
     return arr
 
 
-#: (the members' Prepared objects, their bias addresses) -> the C array of the group's members
-_GROUPS: dict[tuple, ctypes.Array] = {}
+#: (the members' Prepared objects, their bias addresses) -> (the C array of the group's members, weak
+#: references to the buffers they point into)
+_GROUPS: dict[tuple, tuple[ctypes.Array, tuple[weakref.ref, ...]]] = {}
 
 
 def _x_ok(x: Tensor) -> bool:
@@ -293,7 +304,10 @@ def _weights_ok(family: OpFamily, tensors: tuple, statics: tuple, compute: str) 
 
 _LIB: ctypes.CDLL = None  # type: ignore[assignment]  # set when a first call is prepared (with the library)
 _PKG: ModuleType = None  # type: ignore[assignment]  # the CPU package (its switches are read per call); set by find()
-_GROUP_FN: Callable[..., int] = None  # type: ignore[assignment]  # qbi8_linear_group; set with the first member
+# the group calls' C functions (and the int16 module: its switches are read per call); set with a first member
+_QBI8_GROUP: Callable[..., int] = None  # type: ignore[assignment]
+_QBI16_GROUP: Callable[..., int] = None  # type: ignore[assignment]
+_I16: ModuleType = None  # type: ignore[assignment]
 
 
 def _qb4(L: ctypes.CDLL, q: _build.QW4, n: int, k: int) -> Prepared | None:
@@ -354,14 +368,19 @@ def _qbi8(q, n: int, k: int, table: Tensor | None = None) -> Prepared | None:
         # nonzero: rows of x holding NaN/Inf, y not finite, the table changed, ...: the regular kernel runs
         return fn(ref, xp, m, bp, yp, nt, tp, saved, nb)
 
-    global _GROUP_FN
-    _GROUP_FN = L.qbi8_linear_group
     p = Prepared(call, n, k, None)
     p.checked = True
     # q and saved live as long as p (the call's defaults hold them): the member's pointers stay valid
     sp = None if saved is None else ctypes.addressof(saved)
     p.member = int8_compute.QI8Member(ctypes.pointer(q), None, tp, sp, nb)
+    global _QBI8_GROUP
+    _QBI8_GROUP = L.qbi8_linear_group
+    p.group_call = _qbi8_group
     return p
+
+
+def _qbi8_group(members: ctypes.Array, count: int, k: int, xp: int, m: int, yp: int, nt: int) -> int:
+    return _QBI8_GROUP(members, count, xp, m, yp, nt)  # each member's descriptor holds K
 
 
 def _codebook_int8(tensors: tuple, statics: tuple) -> Prepared | None:
@@ -410,7 +429,18 @@ def _int8_int16(tensors: tuple, statics: tuple) -> Prepared | None:
         # the kernel's count of rows of x holding NaN/Inf: any, and the regular kernel handles them
         return fn(p.data_ptr(), sp, n, k, xp, m, bp, yp, nt, i16._block())
 
-    return Prepared(call, n, k, None)
+    p = Prepared(call, n, k, None)
+    # a group member on the copy made now (remade later for the single call: that group's calls run its members)
+    p.member = i16.QI16Member(packed.data_ptr(), sp, None, n)
+    p.member_refs = (weakref.ref(packed),)  # the scale: one of the weight tensors prepared() checked
+    global _QBI16_GROUP, _I16
+    _QBI16_GROUP, _I16 = lib[0].qbi16_linear8_packed_group, i16
+    p.group_call = _qbi16_group
+    return p
+
+
+def _qbi16_group(members: ctypes.Array, count: int, k: int, xp: int, m: int, yp: int, nt: int) -> int:
+    return _QBI16_GROUP(members, count, k, xp, m, yp, nt, _I16._block()) if _I16.PACKING else 1
 
 
 #: (kernel, compute mode) -> prepare(tensors, statics): the cases with a prepared call

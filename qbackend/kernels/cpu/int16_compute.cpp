@@ -13,6 +13,7 @@
 // Each width is compiled with target attributes and runs only where the CPU has its instructions
 // (qbi16_isa), so the library still loads on any CPU.
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -23,6 +24,15 @@
 extern "C" {
 // The library's thread pool (qlinear.cpp).
 void qb_pool_run(int64_t nchunks, int nthreads, void (*fn)(void*, int64_t, int), void* ctx);
+int qb_all_finite(const float* p, int64_t n);  // finite_check.cpp
+
+// One member of a group call (qbi16_linear8_packed_group); mirrors qbackend.kernels.cpu.int16_compute.QI16Member.
+struct QI16Member {
+    const int8_t* packed;  // qbi16_pack's copy of the member's codes [N, K]
+    const float* scale;    // [N]
+    const float* bias;     // [N]; null: none
+    int64_t N;
+};
 }
 
 namespace {
@@ -91,6 +101,8 @@ int cpu_isa() {
     return isa;
 }
 
+std::atomic<int64_t> g_group_regions{0};  // groups run in one region (tests: that path ran)
+
 // Rows of x from which the GEMM runs, per width (tuning knobs, qbi16_set_gemm_min_m).
 int64_t g_gemm_min_m[4] = {0, 0, 16, 16};
 
@@ -103,17 +115,16 @@ int64_t pick_nb(int64_t N, int nthreads) {
     return nb;
 }
 
+// x [M, K] quantized into a (buffers per thread, reused across calls); returns the rows holding NaN/Inf.
 template <int ISA>
-int64_t linear_slab(const W16& w, const float* x, int64_t M, const float* bias, float* y, int nthreads, int64_t Bq,
-                    const int8_t* packed = nullptr) {
-    Act16 a;
+int64_t quantize_act(int64_t K, const float* x, int64_t M, int nthreads, int64_t Bq, Act16& a) {
     a.M = M;
-    a.K = w.K;
-    a.Kp = (w.K + 31) / 32 * 32;
-    a.Bq = (Bq == 0 || Bq >= w.K) ? w.K : Bq;
+    a.K = K;
+    a.Kp = (K + 31) / 32 * 32;
+    a.Bq = (Bq == 0 || Bq >= K) ? K : Bq;
     // accumulation blocks: the quantization blocks, or (one scale per row) 512 elements of K at most
     a.Ba = (a.Bq % 32 == 0 && a.Bq <= 512) ? a.Bq : std::min<int64_t>(512, a.Kp);
-    a.nab = (w.K + a.Ba - 1) / a.Ba;
+    a.nab = (K + a.Ba - 1) / a.Ba;
     thread_local std::vector<uint8_t> abuf;
     const size_t qbytes = (size_t)(M * a.Kp) * 2, sbytes = (size_t)(M * a.nab) * 4;
     const size_t need = qbytes + sbytes + (size_t)M + 256;
@@ -129,26 +140,44 @@ int64_t linear_slab(const W16& w, const float* x, int64_t M, const float* bias, 
         if (ISA == ISA_AVX512_VNNI) qbi16_avx512::quantize_rows(x, a, m0, m1);
         else qbi16_avx2::quantize_rows(x, a, m0, m1);
     };
-    if (M * w.K < 64 * 1024 || nthreads <= 1) {
+    if (M * K < 64 * 1024 || nthreads <= 1) {
         quant(0, M);
     } else {
-        const int64_t rb = std::max<int64_t>(1, (16 * 1024) / w.K);
+        const int64_t rb = std::max<int64_t>(1, (16 * 1024) / K);
         auto body = [&](int64_t b, int) { quant(b * rb, std::min(M, (b + 1) * rb)); };
         pool_run((M + rb - 1) / rb, nthreads, body);
     }
     int64_t nbad = 0;
     for (int64_t m = 0; m < M; ++m) nbad += a.bad[m];
+    return nbad;
+}
+
+// Units of the packed kernel for one weight: 4 blocks (64 columns) x up to 48 rows; the 64-column panel
+// stays in L1/L2 across the row tiles.
+constexpr int64_t PACKED_MB = 48;
+int64_t packed_units(int64_t N, int64_t M) {
+    const int64_t nblk = (N + 15) / 16, cb = qbi16_avx512::PACKED_NB;
+    return (nblk + cb - 1) / cb * ((M + PACKED_MB - 1) / PACKED_MB);
+}
+
+// Unit c of packed_units(N, M) (column panel major within a row tile).
+void packed_unit(const int8_t* packed, const Act16& a, const float* scale, const float* bias, int64_t N, int64_t c,
+                 float* y) {
+    const int64_t nblk = (N + 15) / 16, cb = qbi16_avx512::PACKED_NB, ncb = (nblk + cb - 1) / cb;
+    const int64_t ci = c % ncb, cm = c / ncb;
+    qbi16_avx512::packed_range(packed, a, scale, bias, N, cm * PACKED_MB, std::min(a.M, (cm + 1) * PACKED_MB),
+                               ci * cb, std::min(nblk, (ci + 1) * cb), y);
+}
+
+template <int ISA>
+int64_t linear_slab(const W16& w, const float* x, int64_t M, const float* bias, float* y, int nthreads, int64_t Bq,
+                    const int8_t* packed = nullptr) {
+    Act16 a;
+    const int64_t nbad = quantize_act<ISA>(w.K, x, M, nthreads, Bq, a);
 
     if (ISA == ISA_AVX512_VNNI && packed != nullptr) {
-        // Units: 4 blocks (64 columns) x up to 48 rows; the 64-column panel stays in L1/L2 across the row tiles.
-        const int64_t nblk = (w.N + 15) / 16, cb = qbi16_avx512::PACKED_NB, mb = 48;
-        const int64_t ncb = (nblk + cb - 1) / cb, nmb = (M + mb - 1) / mb;
-        auto body = [&](int64_t c, int) {
-            const int64_t ci = c % ncb, cm = c / ncb;
-            qbi16_avx512::packed_range(packed, a, w.scale, bias, w.N, cm * mb, std::min(M, (cm + 1) * mb), ci * cb,
-                                       std::min(nblk, (ci + 1) * cb), y);
-        };
-        pool_run(ncb * nmb, nthreads, body);
+        auto body = [&](int64_t c, int) { packed_unit(packed, a, w.scale, bias, w.N, c, y); };
+        pool_run(packed_units(w.N, M), nthreads, body);
         return nbad;
     }
     const int64_t nb = pick_nb(w.N, nthreads);
@@ -265,5 +294,38 @@ int64_t qbi16_linear8_packed(const int8_t* packed, const float* scale, int64_t N
     }
     return nbad;
 }
+
+// Members reading one x [M, K] (q/k/v at LLM decode), each as qbi16_linear8_packed computes it: x
+// quantized once, and every member's units run in one thread-pool region. y holds member i's [M, N_i]
+// output after the members before it (from M * (N_0 + ... + N_{i-1})). Returns 0 when it wrote every
+// member's output and all of it is finite; -1: a CPU, shape or M (at most 48 rows) it does not cover,
+// nothing computed; otherwise (rows of x with NaN/Inf, an output not finite) the caller runs each
+// member's own call, which handles those.
+int64_t qbi16_linear8_packed_group(const QI16Member* ms, int64_t count, int64_t K, const float* x, int64_t M,
+                                   float* y, int nthreads, int64_t Bq) {
+    if (count <= 0 || M <= 0 || M > PACKED_MB) return -1;
+    int64_t units = 0, total = 0;
+    for (int64_t i = 0; i < count; ++i) {
+        if (!qbi16_supported(ISA_AVX512_VNNI, ms[i].N, K, Bq) || ((uintptr_t)ms[i].packed & 63)) return -1;
+        units += packed_units(ms[i].N, M);
+        total += ms[i].N;
+    }
+    Act16 a;
+    if (quantize_act<ISA_AVX512_VNNI>(K, x, M, nthreads, Bq, a) != 0) return 1;
+    g_group_regions.fetch_add(1, std::memory_order_relaxed);
+    auto body = [&](int64_t c, int) {
+        int64_t i = 0, off = 0;
+        for (int64_t u; c >= (u = packed_units(ms[i].N, M)); ++i) {  // a few members: a short walk
+            c -= u;
+            off += M * ms[i].N;
+        }
+        packed_unit(ms[i].packed, a, ms[i].scale, ms[i].bias, ms[i].N, c, y + off);
+    };
+    pool_run(units, nthreads, body);
+    return qb_all_finite(y, M * total) ? 0 : 2;
+}
+
+// How many group calls ran in one region since the library loaded.
+int64_t qbi16_group_regions() { return g_group_regions.load(std::memory_order_relaxed); }
 
 }  // extern "C"

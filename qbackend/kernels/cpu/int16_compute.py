@@ -59,7 +59,22 @@ def declare(L: ctypes.CDLL) -> ctypes.CDLL:
     L.qbi16_pack.restype = None
     L.qbi16_linear8_packed.argtypes = [P, P, I64, I64, P, I64, P, P, INT, I64]
     L.qbi16_linear8_packed.restype = I64
+    L.qbi16_linear8_packed_group.argtypes = [ctypes.POINTER(QI16Member), I64, I64, P, I64, P, INT, I64]
+    L.qbi16_linear8_packed_group.restype = I64
+    L.qbi16_group_regions.argtypes = []
+    L.qbi16_group_regions.restype = I64
     return L
+
+
+class QI16Member(ctypes.Structure):
+    """Mirror of ``struct QI16Member`` in int16_compute.cpp: one member of a group call."""
+
+    _fields_ = [
+        ("packed", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("N", ctypes.c_int64),
+    ]
 
 
 @functools.cache
