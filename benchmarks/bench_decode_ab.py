@@ -100,11 +100,15 @@ def _grouping(a: argparse.Namespace, setting_on: bool) -> Iterator[None]:
 
 
 def _group_regions() -> int | None:
-    """The library's count of group calls run as one region (None: no int8-compute kernels here)."""
-    from qbackend.kernels.cpu import int8_compute
+    """The library's count of group calls run as one region, int8 and int16 compute together (None: no
+    such kernels here)."""
+    from qbackend.kernels.cpu import int8_compute, int16_compute
 
-    lib = int8_compute._lib()
-    return None if lib is None else int(lib.qbi8_group_regions())
+    lib8, lib16 = int8_compute._lib(), int16_compute._lib()
+    if lib8 is None and (lib16 is None or not int16_compute.packs()):
+        return None
+    return (0 if lib8 is None else int(lib8.qbi8_group_regions())) + (
+        int(lib16[0].qbi16_group_regions()) if lib16 is not None else 0)
 
 
 def _prompt(a: argparse.Namespace, cfg: Any) -> torch.Tensor:

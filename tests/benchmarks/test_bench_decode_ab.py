@@ -35,9 +35,10 @@ def test_llama_cpp_against_qbackend(tmp_path):
     """With llama-cpp-python and gguf (the peers' venv): both timed in one process, llama.cpp as A, with the
     preset's llama.cpp type. Without them (CI's venv): a short error saying what to install."""
     out = tmp_path / "ab.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "QB_BENCH_CACHE": str(tmp_path)}
     r = subprocess.run([sys.executable, str(SCRIPT), "--small", "--ab", "llama.cpp", "--preset", "int8", "--rounds",
                         "2", "--steps", "2", "--prompt", "4", "--json", str(out)], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "QB_BENCH_CACHE": str(tmp_path)})  # fmt: skip
+                       timeout=600, env=env)  # fmt: skip
     try:
         import gguf  # noqa: F401
         import llama_cpp  # noqa: F401

@@ -240,7 +240,7 @@ def group_linear(fast: FastKernel, x: Tensor, tensors: Sequence[Tensor | None], 
         entry = _GROUPS[key] = (_group_members(preps, bps), tuple(r for p in preps for r in p.member_refs))
     members, refs = entry
     alive = [r() for r in refs]  # held through the call: the buffers the members point into
-    if None in alive:
+    if any(a is None for a in alive):  # (not ``None in alive``: that compares each tensor with None)
         _GROUPS.pop(key, None)
         return None
     total = sum(p.n for p in preps)
