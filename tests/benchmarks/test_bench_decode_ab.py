@@ -25,7 +25,7 @@ def test_smoke_times_both_variants(tmp_path, ab):
     res = json.loads(out.read_text())
     a, b = res["ms_per_token"].values()
     assert len(a) == len(b) == 2 and min(a + b) > 0
-    assert res["b_over_a"] > 0 and "B/A:" in r.stdout
+    assert res["b_over_a"] > 0 and res["b_over_a_paired"] > 0 and "B/A:" in r.stdout
     calls = list(res["group_calls"].values())
     if calls[0] is not None:  # int8-compute kernels here: nf4 layers group at decode unless the pass is off
         assert (calls[0] == 0 and calls[1] > 0) if ab == "groups" else calls[0] == calls[1] > 0
