@@ -78,7 +78,7 @@ def runner(a: argparse.Namespace, cfg: Any, name: str, setting_on: bool) -> benc
     bench_llm._quantize(model, a.preset, a.compute)
     bench_llm._register_backend()
     options: dict[str, Any] = dict(bench_llm._options(a.preset, a.compute))
-    if a.ab == "size-asserts" and setting_on:
+    if (a.ab == "size-asserts" and setting_on) or a.no_size_asserts:
         options["inductor"] = {"size_asserts": False}
     r = bench_llm.TorchRunner(model, cfg, True, torch.float32, a.prompt + a.steps + 8)
     r.fn = _compiled(model, name, options, a.skip_module_guards)
@@ -129,12 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-module-guards", action="store_true",
                    help="both variants: torch.compiler.skip_guard_on_all_nn_modules_unsafe as guard_filter_fn")
+    p.add_argument("--no-size-asserts", action="store_true",
+                   help="both qbackend variants: Inductor's size_asserts off (bench_llm.py's option)")
     p.add_argument("--gguf-type", default="", choices=("", *sorted(bench_llm.LLAMA_CPP_TYPES)),
                    help="--ab llama.cpp: llama.cpp's type (default: Q4_0 for nf4 and int4, Q8_0 for int8)")
     p.add_argument("--json", default="", help="write the figures as JSON here")
     a = p.parse_args(argv)
     if a.rounds < 1 or a.steps < 1 or a.prompt < 1:
         p.error("--rounds, --steps and --prompt must be at least 1")
+    if a.no_size_asserts and a.ab == "size-asserts":
+        p.error("--no-size-asserts fixes what --ab size-asserts switches")
     a.gguf_type = a.gguf_type or GGUF_TYPE[a.preset]
     dims = bench_llm.SMALL if a.small else bench_llm.DIMS[a.dims]
     print(_common.header(extra=f"model {json.dumps(dims)}; {a.preset}, compute {a.compute}; A/B: {a.ab}"), flush=True)

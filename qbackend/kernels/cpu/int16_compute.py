@@ -18,6 +18,10 @@ this mode run the reference (correct, slow; :func:`has_fast_kernel` says so, so 
 it for them).
 Rows of x holding NaN/Inf are recomputed by the reference, which computes them in fp32 as the
 contract says.
+
+Layers reading one x (a Llama layer's q/k/v, and gate/up, at decode) run as one group call on their packed
+copies (``qbi16_linear8_packed_group``, through :func:`.fast_path.group_linear`): x quantized once, every
+member's panels in one thread-pool region, each output bit-identical to the member's own call.
 """
 
 from __future__ import annotations
