@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"decode tokens/s: {labels[1]} {1e3 / med[labels[1]]:.2f}, {labels[0]} {1e3 / med[labels[0]]:.2f} "
               f"({1 / ratio:.3f}x; rounds paired {1 / paired:.3f}x)")  # fmt: skip
     if a.json:
-        Path(a.json).write_text(json.dumps({"ab": a.ab, "dims": dims, "ms_per_token": ms, "median": med,
-                                            "b_over_a": ratio, "b_over_a_paired": paired, "group_calls": regions}, indent=1))  # fmt: skip
+        res = {"ab": a.ab, "dims": dims, "ms_per_token": ms, "median": med, "b_over_a": ratio,
+               "b_over_a_paired": paired, "group_calls": regions}  # fmt: skip
+        Path(a.json).write_text(json.dumps(res, indent=1))
     return 0
 
 
