@@ -11,9 +11,9 @@ Why: at LLM decode a layer's q/k/v (and gate/up) projections read one input, and
 thread-pool hand-off around each kernel call cost about as much as a small kernel; compiled code calls
 one CPU kernel for the group (:func:`.cpu.fast_path.group_linear`: one C call that quantizes x once and
 runs all the members' rows in one thread-pool region at decode sizes; the int8 compute mode's kernels and
-the int16 mode's packed ones), where results are those of the
-separate calls bit for bit. The default kernel (every device) runs the member ops. No autograd: the
-pass that inserts it (:mod:`qbackend.passes.group_linears`) does so only where no gradient flows.
+the int16 mode's packed ones), where results are those of the separate calls bit for bit. The default
+kernel (every device) runs the member ops. No autograd: the pass that inserts it
+(:mod:`qbackend.passes.group_linears`) does so only where no gradient flows.
 """
 
 from __future__ import annotations

@@ -12,10 +12,9 @@ as its members' ops, and its CPU kernel computes each output row with the member
 call is grouped only where that holds and it pays: calls of the same weight-only op with the same ``x``
 node, the same literal ``compute`` and the same in_features, each run by the CPU group kernel here
 (int8 compute, or int16 compute on the packed copies, on a CPU with those kernels: elsewhere a group
-would only add copies), fp32 CPU ``x`` of
-static shape with at most :data:`MAX_ROWS` rows, no output needing a gradient, weights and bias graph
-inputs or attributes (never computed by the graph), no output returned by the graph itself; at least
-two such calls. Everything else is left untouched.
+would only add copies), fp32 CPU ``x`` of static shape with at most :data:`MAX_ROWS` rows, no output
+needing a gradient, weights and bias graph inputs or attributes (never computed by the graph), no output
+returned by the graph itself; at least two such calls. Everything else is left untouched.
 """
 
 from __future__ import annotations
