@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = med[labels[1]] / med[labels[0]]
     # each round's B over its own A: this VM's memory changes state for seconds to minutes, and a round's
     # two figures see the same state more often than the medians of all rounds do
-    paired = statistics.median(b / a for a, b in zip(ms[labels[0]], ms[labels[1]], strict=True))
+    paired = statistics.median(tb / ta for ta, tb in zip(ms[labels[0]], ms[labels[1]], strict=True))
     print(f"B/A: {ratio:.3f} (medians), {paired:.3f} (median of the rounds' B/A)  "
           f"({_common.load_line('load average at the end')})")  # fmt: skip
     if a.ab == "llama.cpp":
