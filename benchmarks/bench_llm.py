@@ -24,7 +24,9 @@ runs (reset after set-up through /proc/self/clear_refs), and over the whole proc
 included: the fp32 model is built before quantizing). Methods run one after the other; with
 ``--rounds N`` the whole list runs N times in turn (method processes interleaved: A, B, A, B, ...)
 and each figure is the median over the rounds, every round's figures kept in the JSON: on a shared
-machine a single run of each method says more about the load than about the methods.
+machine a single run of each method says more about the load than about the methods. This VM's memory
+also changes speed for seconds to minutes, and separate processes may each catch another state: for a
+ratio against llama.cpp, ``bench_decode_ab.py --ab llama.cpp`` runs both in one process, rounds interleaved.
 
     python benchmarks/bench_llm.py                               # all methods, batch 1 and 8 (~40 min)
     python benchmarks/bench_llm.py --methods 'fp32 eager,qbackend nf4 eager,llama.cpp Q4_0' --batches 1
