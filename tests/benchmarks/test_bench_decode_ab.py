@@ -51,3 +51,12 @@ def test_llama_cpp_against_qbackend(tmp_path):
     assert list(res["ms_per_token"]) == ["llama.cpp Q8_0", "qbackend int8"]
     assert min(x for v in res["ms_per_token"].values() for x in v) > 0 and "decode tokens/s:" in r.stdout
     assert res["group_calls"]["llama.cpp Q8_0"] in (0, None)
+
+
+def test_contradicting_options_are_a_short_error():
+    r = subprocess.run([sys.executable, str(SCRIPT), "--small", "--ab", "size-asserts", "--no-size-asserts"],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and "--no-size-asserts fixes what --ab size-asserts switches" in r.stderr
+    r = subprocess.run([sys.executable, str(SCRIPT), "--small", "--ab", "groups", "--rounds", "0"],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and "must be at least 1" in r.stderr

@@ -237,13 +237,13 @@ def group_linear(fast: FastKernel, x: Tensor, tensors: Sequence[Tensor | None], 
     if entry is None:  # the members' descriptors stay valid while their Prepared objects (the key) live
         if len(_GROUPS) > 256:
             _GROUPS.clear()
-        entry = _GROUPS[key] = (_group_members(preps, bps), tuple(r for p in preps for r in p.member_refs))
-    members, refs = entry
+        refs = tuple(r for p in preps for r in p.member_refs)
+        entry = _GROUPS[key] = (_group_members(preps, bps), refs, sum(p.n for p in preps))
+    members, refs, total = entry
     alive = [r() for r in refs]  # held through the call: the buffers the members point into
     if any(a is None for a in alive):  # (not ``None in alive``: that compares each tensor with None)
         _GROUPS.pop(key, None)
         return None
-    total = sum(p.n for p in preps)
     y = torch.empty(m * total)
     rc = call(members, count, k, x.data_ptr(), m, y.data_ptr(), torch.get_num_threads())  # type: ignore[misc]
     if rc != 0:
@@ -263,8 +263,8 @@ def _group_members(preps: list[Prepared], bps: list[int | None]) -> ctypes.Array
 
 
 #: (the members' Prepared objects, their bias addresses) -> (the C array of the group's members, weak
-#: references to the buffers they point into)
-_GROUPS: dict[tuple, tuple[ctypes.Array, tuple[weakref.ref, ...]]] = {}
+#: references to the buffers they point into, the members' output widths added up)
+_GROUPS: dict[tuple, tuple[ctypes.Array, tuple[weakref.ref, ...], int]] = {}
 
 
 def _x_ok(x: Tensor) -> bool:
